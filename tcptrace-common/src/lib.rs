@@ -1,0 +1,245 @@
+//! The kernel/user contract of tcptrace.
+//!
+//! Everything that crosses the boundary between the eBPF program and userspace is defined
+//! here, once: the event record written into the ring buffer, the configuration the loader
+//! writes before attaching, and the small pure rules both sides must agree on (which
+//! transitions are kept by the in-kernel filter, which transitions run in the context of the
+//! socket's owner). The rules are plain functions so that userspace tests can check them
+//! without loading anything into the kernel.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    /// The highest state number the kernel uses.
+    pub const MAX: u8 = NEW_SYN_RECV;
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+/// Address families as the kernel numbers them.
+pub const AF_INET6: u16 = 10;
+
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+/// `IPPROTO_MPTCP`: the MPTCP meta socket. Its subflows are reported as plain TCP sockets.
+pub const IPPROTO_MPTCP: u16 = 262;
+
+/// What an [`Event`] describes.
+pub mod kind {
+    /// A state transition of a full TCP socket (`sock:inet_sock_set_state`).
+    pub const TRANSITION: u8 = 1;
+    /// Events that were dropped because the ring buffer was full. Produced by userspace from
+    /// the kernel's loss counters, never by the eBPF program; `aux` holds the count.
+    pub const LOST: u8 = 2;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flag {
+    /// `pid`/`comm` name the socket's owner, learnt from a transition that the owner's own
+    /// system call drove. Without this bit the process is unknown and `pid`/`comm` are zero.
+    pub const OWNER_KNOWN: u8 = 1 << 0;
+    /// The owner was inherited from the listening socket this socket was accepted from.
+    pub const OWNER_FROM_LISTENER: u8 = 1 << 1;
+    /// `in_from_ns` is known: the socket's previous transition was seen.
+    pub const DURATION_KNOWN: u8 = 1 << 2;
+    /// The socket belongs to an MPTCP connection (the meta socket, protocol 262).
+    pub const MPTCP: u8 = 1 << 3;
+}
+
+/// One record in the ring buffer (and, unchanged, in a recording).
+///
+/// The layout is fixed (`#[repr(C)]`, explicit padding) and little-endian on the hosts
+/// tcptrace supports; its size is checked at compile time below.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The kernel address of the socket: the key that ties a socket's events together.
+    pub skaddr: u64,
+    /// Nanoseconds spent in `oldstate` (valid when [`flag::DURATION_KNOWN`] is set).
+    pub in_from_ns: u64,
+    /// Kind-specific value (for [`kind::LOST`], the number of events lost).
+    pub aux: u64,
+    /// Local address: IPv4 in the first 4 bytes (rest zero) or IPv6, network order.
+    pub saddr: [u8; 16],
+    /// Remote address, same encoding.
+    pub daddr: [u8; 16],
+    /// The owner's command name, NUL-padded (valid with [`flag::OWNER_KNOWN`]).
+    pub comm: [u8; 16],
+    /// The owner's process id (tgid).
+    pub pid: u32,
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// The state left, as the kernel reports it.
+    pub oldstate: u8,
+    /// The state entered, as the kernel reports it (see [`effective_new_state`]).
+    pub newstate: u8,
+    /// Bits of [`flag`].
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// The size of one [`Event`] in bytes.
+pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
+const _: () = assert!(EVENT_SIZE == 96);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+/// Field offsets of the `sock:inet_sock_set_state` tracepoint record, read from its
+/// tracefs format file at start-up and handed to the program (nothing is assumed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SetStateOffsets {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+
+/// Bits of [`Config::port_filters`]: which port sets are active.
+pub mod port_filter {
+    /// Keep only events whose local port is in the set (`--lport`).
+    pub const LOCAL: u8 = 1 << 0;
+    /// Keep only events whose remote port is in the set (`--rport`).
+    pub const REMOTE: u8 = 1 << 1;
+    /// Keep only events with either port in the set (`--port`).
+    pub const ANY: u8 = 1 << 2;
+}
+
+/// The program's configuration, written by the loader into a read-only global before the
+/// program is loaded, so the verifier sees it as constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    pub offsets: SetStateOffsets,
+    /// Keep only this address family (0: both).
+    pub family: u16,
+    /// Bits of [`port_filter`]; the ports themselves are in the `PORTS` hash map, whose value
+    /// for a port is the set of [`port_filter`] bits it belongs to.
+    pub port_filters: u8,
+    /// Keep MPTCP meta sockets (protocol 262) as well as TCP (non-zero: yes).
+    pub mptcp: u8,
+    /// Bit `1 << s` keeps transitions from or to state `s` (0: every state).
+    pub state_mask: u32,
+    /// Wake the reader when at least this many bytes are waiting (0: on every event).
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
+}
+
+/// The state the connection really enters.
+///
+/// The kernel never reports TIME_WAIT through `inet_sock_set_state`: when a connection
+/// enters TIME_WAIT (or the FIN_WAIT2 timeout that uses the same mechanism), the full socket
+/// goes FIN_WAIT2→CLOSE or CLOSING→CLOSE at the moment a separate timewait socket replaces
+/// it. Those two transitions are therefore entries into TIME_WAIT.
+#[inline(always)]
+pub const fn effective_new_state(old: u8, new: u8) -> u8 {
+    if new == state::CLOSE && (old == state::FIN_WAIT2 || old == state::CLOSING) {
+        state::TIME_WAIT
+    } else {
+        new
+    }
+}
+
+/// Whether the in-kernel filter keeps a transition.
+///
+/// `ports(p)` returns the [`port_filter`] bits of port `p` (0 if it is in no set). The same
+/// function runs in the eBPF program (with a map lookup) and in userspace tests.
+#[inline(always)]
+pub fn filter_keeps(
+    cfg: &Config,
+    family: u16,
+    old: u8,
+    new: u8,
+    lport: u16,
+    rport: u16,
+    ports: impl Fn(u16) -> u8,
+) -> bool {
+    if cfg.family != 0 && cfg.family != family {
+        return false;
+    }
+    if cfg.state_mask != 0 {
+        let new = effective_new_state(old, new);
+        let bits = bit(old) | bit(new);
+        if cfg.state_mask & bits == 0 {
+            return false;
+        }
+    }
+    if cfg.port_filters != 0 {
+        let l = ports(lport);
+        let r = if rport == lport { l } else { ports(rport) };
+        let f = cfg.port_filters;
+        if f & port_filter::LOCAL != 0 && l & port_filter::LOCAL == 0 {
+            return false;
+        }
+        if f & port_filter::REMOTE != 0 && r & port_filter::REMOTE == 0 {
+            return false;
+        }
+        if f & port_filter::ANY != 0 && (l | r) & port_filter::ANY == 0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+const fn bit(s: u8) -> u32 {
+    if s < 32 { 1u32 << s } else { 0 }
+}
+
+/// Whether a transition is driven by a system call of the socket's owner, so that the task
+/// running when it is reported is the owner. Every other transition is driven by a packet or
+/// a timer and reports whatever task happened to be on the CPU (the idle task, a ksoftirqd
+/// thread, or — on loopback and veth — the peer's process).
+///
+/// - CLOSE→SYN_SENT: `connect()`
+/// - CLOSE→LISTEN, LISTEN→CLOSE: `listen()`, `close()` of a listener
+/// - ESTABLISHED→FIN_WAIT1, CLOSE_WAIT→LAST_ACK: `close()` or `shutdown()`
+#[inline(always)]
+pub const fn driven_by_owner(old: u8, new: u8) -> bool {
+    use state::*;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT)
+            | (CLOSE, LISTEN)
+            | (LISTEN, CLOSE)
+            | (ESTABLISHED, FIN_WAIT1)
+            | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are #[repr(C)] with explicit padding and only integer fields
+    // (bytemuck's Pod derive checks this at compile time).
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SetStateOffsets {}
+}

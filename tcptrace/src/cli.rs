@@ -1,0 +1,200 @@
+//! The command line.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser};
+use ipnet::IpNet;
+
+use crate::{event::State, filter::Filter, output::Format};
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace                              every TCP state transition on the host
+  sudo tcptrace --state TIME_WAIT            connections entering TIME_WAIT (who holds it?)
+  sudo tcptrace --port 8080 --json           one port, as JSON lines
+  sudo tcptrace --lport 443 --state CLOSE_WAIT   peers hung up, app has not closed yet
+  sudo tcptrace -4 --raddr 10.0.0.0/8 --duration 30s
+  sudo tcptrace --record trace.tcptrace      also save the raw events for later
+  tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)";
+
+/// Traces TCP state transitions with eBPF: who closes each connection first, which side
+/// holds TIME_WAIT, and how long every state lasts.
+#[derive(Debug, Parser)]
+#[command(name = "tcptrace", version, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Which transitions to keep. Family, ports and states are filtered in the kernel.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Filters")]
+pub struct FilterArgs {
+    /// Transitions from or to these states (e.g. TIME_WAIT,CLOSE_WAIT); TIME_WAIT matches
+    /// the FIN_WAIT2/CLOSING→CLOSE transitions that enter it.
+    #[arg(short, long, value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
+    pub state: Vec<State>,
+    /// Local or remote port.
+    #[arg(short, long, value_name = "PORT", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+    /// Local port.
+    #[arg(long, value_name = "PORT", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub lport: Vec<u16>,
+    /// Remote port.
+    #[arg(long, value_name = "PORT", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub rport: Vec<u16>,
+    /// Owning process id (transitions whose owner is unknown never match).
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// Owning process name (as in /proc/PID/comm, at most 15 characters).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub comm: Vec<String>,
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Local address or network (CIDR).
+    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::filter::parse_net)]
+    pub laddr: Vec<IpNet>,
+    /// Remote address or network (CIDR).
+    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::filter::parse_net)]
+    pub raddr: Vec<IpNet>,
+    /// Also trace MPTCP connection-level (meta) sockets; their TCP subflows are always traced.
+    #[arg(long)]
+    pub mptcp: bool,
+}
+
+/// Where events come from and when to stop.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Source")]
+pub struct SourceArgs {
+    /// Replay a recording instead of tracing live (no root needed).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["record", "duration"])]
+    pub from: Option<PathBuf>,
+    /// Also write the raw events to FILE while tracing.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(short, long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many transitions are shown.
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Kernel ring buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+}
+
+/// How to print.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Output")]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// Shorthand for --output json.
+    #[arg(long, conflicts_with = "output")]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    /// The format asked for.
+    pub fn format(&self) -> Format {
+        if self.json { Format::Json } else { self.output }
+    }
+}
+
+impl FilterArgs {
+    /// The filter these flags describe.
+    pub fn filter(&self) -> Filter {
+        Filter {
+            states: self.state.clone(),
+            ports: self.port.clone(),
+            lports: self.lport.clone(),
+            rports: self.rport.clone(),
+            pids: self.pid.clone(),
+            comms: self.comm.clone(),
+            family: if self.ipv4 {
+                Some(4)
+            } else if self.ipv6 {
+                Some(6)
+            } else {
+                None
+            },
+            laddrs: self.laddr.clone(),
+            raddrs: self.raddr.clone(),
+            mptcp: self.mptcp,
+        }
+    }
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    s.parse::<State>().map_err(|e| {
+        let names: Vec<&str> = State::ALL.iter().map(|s| s.name()).collect();
+        format!("{e}; states are {}", names.join(", "))
+    })
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 30s, 5m or 1h30m ({e})"))?;
+    if d.is_zero() {
+        return Err("the duration must be more than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} is not a power of two of at least 4096 (e.g. 4096, 65536, 4194304)"
+        ));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_name_the_offender() {
+        let err = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("tcptrace").chain(args.iter().copied()))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&["--state", "TIME_WIAT"]).contains("did you mean TIME_WAIT?"));
+        assert!(err(&["--port", "70000"]).contains("70000"));
+        assert!(err(&["--raddr", "10.0.0.0/40"]).contains("10.0.0.0/40"));
+        assert!(err(&["--duration", "soon"]).contains("'soon'"));
+        assert!(err(&["-4", "-6"]).contains("cannot be used with"));
+        assert!(err(&["--ring-buffer-size", "5000"]).contains("power of two"));
+        let ok = Cli::try_parse_from([
+            "tcptrace",
+            "--state",
+            "time-wait,CLOSE_WAIT",
+            "-p",
+            "80,443",
+        ])
+        .unwrap();
+        assert_eq!(ok.filter.state, vec![State::TimeWait, State::CloseWait]);
+        assert_eq!(ok.filter.port, vec![80, 443]);
+    }
+}

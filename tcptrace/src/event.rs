@@ -1,0 +1,371 @@
+//! Decoded, typed events: what every view consumes, whether they come from the live probe or
+//! from a recording.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+};
+
+use tcptrace_common::{self as common, AF_INET, AF_INET6, flag, kind};
+
+/// The raw record shared with the kernel (re-exported for sources and tests).
+pub use tcptrace_common::Event as RawEvent;
+
+/// A TCP state, as the kernel numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum State {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl State {
+    /// Every state, in kernel order.
+    pub const ALL: [State; 12] = [
+        State::Established,
+        State::SynSent,
+        State::SynRecv,
+        State::FinWait1,
+        State::FinWait2,
+        State::TimeWait,
+        State::Close,
+        State::CloseWait,
+        State::LastAck,
+        State::Listen,
+        State::Closing,
+        State::NewSynRecv,
+    ];
+
+    /// The state with kernel number `n`, if there is one.
+    pub fn from_kernel(n: u8) -> Option<State> {
+        State::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    /// The kernel's name without the `TCP_` prefix (`ESTABLISHED`, `TIME_WAIT`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            State::Established => "ESTABLISHED",
+            State::SynSent => "SYN_SENT",
+            State::SynRecv => "SYN_RECV",
+            State::FinWait1 => "FIN_WAIT1",
+            State::FinWait2 => "FIN_WAIT2",
+            State::TimeWait => "TIME_WAIT",
+            State::Close => "CLOSE",
+            State::CloseWait => "CLOSE_WAIT",
+            State::LastAck => "LAST_ACK",
+            State::Listen => "LISTEN",
+            State::Closing => "CLOSING",
+            State::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// A state name that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown TCP state '{given}'{}", suggestion.map(|s| format!(" (did you mean {s}?)")).unwrap_or_default())]
+pub struct UnknownState {
+    /// What was given.
+    pub given: String,
+    /// The closest real state name, when one is close.
+    pub suggestion: Option<&'static str>,
+}
+
+impl FromStr for State {
+    type Err = UnknownState;
+
+    /// Accepts the kernel names in any case, with `-` or `_`, with or without `TCP_`
+    /// (`TIME_WAIT`, `time-wait`, `TCP_TIME_WAIT`), and `CLOSED` for `CLOSE`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
+        let norm = norm.strip_prefix("TCP_").unwrap_or(&norm);
+        let norm = if norm == "CLOSED" { "CLOSE" } else { norm };
+        if let Some(st) = State::ALL.iter().find(|st| st.name() == norm) {
+            return Ok(*st);
+        }
+        let suggestion = State::ALL
+            .iter()
+            .map(|st| (strsim::jaro_winkler(norm, st.name()), st.name()))
+            .filter(|(score, _)| *score > 0.75)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, name)| name);
+        Err(UnknownState {
+            given: s.to_string(),
+            suggestion,
+        })
+    }
+}
+
+/// A process name as the kernel stores it: up to 16 bytes, NUL-padded.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    /// The name, lossily decoded, without padding.
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The process a socket belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Command name.
+    pub comm: Comm,
+    /// Learnt from the listening socket this one was accepted from, not from its own
+    /// system call.
+    pub from_listener: bool,
+}
+
+/// One state transition of one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The socket's kernel address.
+    pub skaddr: u64,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// The state left.
+    pub from: State,
+    /// The state entered, with FIN_WAIT2→CLOSE and CLOSING→CLOSE shown as entries into
+    /// TIME_WAIT (see [`tcptrace_common::effective_new_state`]).
+    pub to: State,
+    /// Nanoseconds spent in `from`, when the socket's previous transition was seen.
+    pub in_from_ns: Option<u64>,
+    /// The owning process, when a trustworthy source named it.
+    pub owner: Option<Owner>,
+    /// Part of an MPTCP connection (the meta socket).
+    pub mptcp: bool,
+}
+
+impl Transition {
+    /// 4 or 6.
+    pub fn family(&self) -> u8 {
+        if self.local.is_ipv4() { 4 } else { 6 }
+    }
+}
+
+/// A decoded event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A state transition.
+    Transition(Transition),
+    /// Events the kernel could not deliver (ring buffer full) since the previous report.
+    Lost {
+        /// CLOCK_MONOTONIC nanoseconds when the loss was noticed.
+        ts_ns: u64,
+        /// How many.
+        count: u64,
+    },
+}
+
+impl Event {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::Transition(t) => t.ts_ns,
+            Event::Lost { ts_ns, .. } => *ts_ns,
+        }
+    }
+}
+
+/// Why a raw record could not be decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown event kind {0}")]
+    Kind(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown TCP state {0}")]
+    State(u8),
+}
+
+/// Builds the raw record for a lost-events notice.
+pub fn raw_lost(ts_ns: u64, count: u64) -> RawEvent {
+    RawEvent {
+        ts_ns,
+        aux: count,
+        kind: kind::LOST,
+        ..bytemuck::Zeroable::zeroed()
+    }
+}
+
+/// Decodes one raw record.
+pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
+    match raw.kind {
+        kind::TRANSITION => {}
+        kind::LOST => {
+            return Ok(Event::Lost {
+                ts_ns: raw.ts_ns,
+                count: raw.aux,
+            });
+        }
+        k => return Err(DecodeError::Kind(k)),
+    }
+    let (laddr, raddr) = match raw.family {
+        AF_INET => (v4(&raw.saddr), v4(&raw.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
+            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
+        ),
+        f => return Err(DecodeError::Family(f)),
+    };
+    let from = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
+    State::from_kernel(raw.newstate).ok_or(DecodeError::State(raw.newstate))?;
+    let to = State::from_kernel(common::effective_new_state(raw.oldstate, raw.newstate))
+        .ok_or(DecodeError::State(raw.newstate))?;
+    let owner = (raw.flags & flag::OWNER_KNOWN != 0).then_some(Owner {
+        pid: raw.pid,
+        comm: Comm(raw.comm),
+        from_listener: raw.flags & flag::OWNER_FROM_LISTENER != 0,
+    });
+    Ok(Event::Transition(Transition {
+        ts_ns: raw.ts_ns,
+        skaddr: raw.skaddr,
+        local: SocketAddr::new(laddr, raw.sport),
+        remote: SocketAddr::new(raddr, raw.dport),
+        from,
+        to,
+        in_from_ns: (raw.flags & flag::DURATION_KNOWN != 0).then_some(raw.in_from_ns),
+        owner,
+        mptcp: raw.flags & flag::MPTCP != 0,
+    }))
+}
+
+/// An IPv4 address from the tracepoint's 16-byte field: the kernel stores it v4-mapped
+/// (`::ffff:a.b.c.d`); a bare 4-byte form in the first bytes is accepted too.
+fn v4(b: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*b);
+    match v6.to_ipv4_mapped() {
+        Some(a) => IpAddr::V4(a),
+        None => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+    }
+}
+
+/// Encodes a transition back into the raw form (for tests and synthetic workloads).
+pub fn encode(t: &Transition) -> RawEvent {
+    let family = if t.local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let addr = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let kernel_to = if t.to == State::TimeWait && matches!(t.from, State::FinWait2 | State::Closing)
+    {
+        State::Close
+    } else {
+        t.to
+    };
+    let mut flags = 0;
+    if t.in_from_ns.is_some() {
+        flags |= flag::DURATION_KNOWN;
+    }
+    if t.mptcp {
+        flags |= flag::MPTCP;
+    }
+    if let Some(o) = &t.owner {
+        flags |= flag::OWNER_KNOWN;
+        if o.from_listener {
+            flags |= flag::OWNER_FROM_LISTENER;
+        }
+    }
+    RawEvent {
+        ts_ns: t.ts_ns,
+        skaddr: t.skaddr,
+        in_from_ns: t.in_from_ns.unwrap_or(0),
+        aux: 0,
+        saddr: addr(t.local.ip()),
+        daddr: addr(t.remote.ip()),
+        comm: t.owner.map(|o| o.comm.0).unwrap_or_default(),
+        pid: t.owner.map(|o| o.pid).unwrap_or(0),
+        sport: t.local.port(),
+        dport: t.remote.port(),
+        family,
+        kind: kind::TRANSITION,
+        oldstate: t.from as u8,
+        newstate: kernel_to as u8,
+        flags,
+        _pad: [0; 2],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip_and_suggest() {
+        for st in State::ALL {
+            assert_eq!(st.name().parse::<State>().unwrap(), st);
+            assert_eq!(State::from_kernel(st as u8), Some(st));
+        }
+        assert_eq!("time-wait".parse::<State>().unwrap(), State::TimeWait);
+        assert_eq!("TCP_CLOSE_WAIT".parse::<State>().unwrap(), State::CloseWait);
+        assert_eq!("closed".parse::<State>().unwrap(), State::Close);
+        let err = "TIME_WIAT".parse::<State>().unwrap_err();
+        assert_eq!(err.suggestion, Some("TIME_WAIT"));
+        assert!(err.to_string().contains("did you mean TIME_WAIT?"));
+        assert_eq!(State::from_kernel(0), None);
+        assert_eq!(State::from_kernel(13), None);
+    }
+
+    #[test]
+    fn fin_wait2_to_close_is_an_entry_into_time_wait() {
+        let t = Transition {
+            ts_ns: 5,
+            skaddr: 0xffff_0000_1234,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+            from: State::FinWait2,
+            to: State::TimeWait,
+            in_from_ns: Some(7),
+            owner: None,
+            mptcp: false,
+        };
+        let raw = encode(&t);
+        assert_eq!(raw.newstate, tcptrace_common::state::CLOSE);
+        assert_eq!(decode(&raw).unwrap(), Event::Transition(t));
+    }
+
+    #[test]
+    fn bad_records_are_errors_not_panics() {
+        let mut raw = raw_lost(1, 2);
+        assert_eq!(decode(&raw).unwrap(), Event::Lost { ts_ns: 1, count: 2 });
+        raw.kind = 99;
+        assert_eq!(decode(&raw), Err(DecodeError::Kind(99)));
+        raw.kind = kind::TRANSITION;
+        raw.family = 7;
+        assert_eq!(decode(&raw), Err(DecodeError::Family(7)));
+        raw.family = AF_INET;
+        raw.oldstate = 1;
+        raw.newstate = 0;
+        assert_eq!(decode(&raw), Err(DecodeError::State(0)));
+    }
+}

@@ -1,0 +1,267 @@
+//! Which events a run keeps.
+//!
+//! A [`Filter`] is split in two: the part the kernel applies (family, ports, states — so
+//! filtered-out transitions never cross the ring buffer) and the part only userspace can
+//! apply (process, address ranges). On a recording both parts run in userspace, through the
+//! same [`tcptrace_common::filter_keeps`] the eBPF program runs, so a replay keeps exactly
+//! what a live run would have.
+
+use std::collections::HashMap;
+
+use ipnet::IpNet;
+use tcptrace_common::{AF_INET, AF_INET6, Config, filter_keeps, port_filter};
+
+use crate::event::{RawEvent, State, Transition};
+
+/// Everything a user can filter on.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Keep transitions from or to these states (empty: all).
+    pub states: Vec<State>,
+    /// Keep events with either port in this list.
+    pub ports: Vec<u16>,
+    /// Keep events with the local port in this list.
+    pub lports: Vec<u16>,
+    /// Keep events with the remote port in this list.
+    pub rports: Vec<u16>,
+    /// Keep events whose owner has one of these process ids.
+    pub pids: Vec<u32>,
+    /// Keep events whose owner's command name is one of these.
+    pub comms: Vec<String>,
+    /// 4 or 6 (None: both).
+    pub family: Option<u8>,
+    /// Keep events whose local address is in one of these networks.
+    pub laddrs: Vec<IpNet>,
+    /// Keep events whose remote address is in one of these networks.
+    pub raddrs: Vec<IpNet>,
+    /// Keep MPTCP meta-socket transitions too (their TCP subflows are always kept).
+    pub mptcp: bool,
+}
+
+impl Filter {
+    /// The in-kernel part: the program's configuration (offsets left zero for the probe to
+    /// fill in) and the port sets.
+    pub fn kernel(&self) -> (Config, Vec<(u16, u8)>) {
+        let mut ports: HashMap<u16, u8> = HashMap::new();
+        let mut active = 0u8;
+        for (list, bit) in [
+            (&self.lports, port_filter::LOCAL),
+            (&self.rports, port_filter::REMOTE),
+            (&self.ports, port_filter::ANY),
+        ] {
+            if !list.is_empty() {
+                active |= bit;
+            }
+            for p in list {
+                *ports.entry(*p).or_default() |= bit;
+            }
+        }
+        let state_mask = self.states.iter().fold(0u32, |m, s| m | 1 << (*s as u8));
+        let cfg = Config {
+            family: match self.family {
+                Some(4) => AF_INET,
+                Some(6) => AF_INET6,
+                _ => 0,
+            },
+            port_filters: active,
+            mptcp: u8::from(self.mptcp),
+            state_mask,
+            ..Config::default()
+        };
+        let mut ports: Vec<(u16, u8)> = ports.into_iter().collect();
+        ports.sort_unstable();
+        (cfg, ports)
+    }
+
+    /// Compiles the filter for fast per-event checks.
+    pub fn compile(&self) -> CompiledFilter {
+        let (kernel, ports) = self.kernel();
+        CompiledFilter {
+            kernel,
+            ports: ports.into_iter().collect(),
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            laddrs: self.laddrs.clone(),
+            raddrs: self.raddrs.clone(),
+        }
+    }
+}
+
+/// A [`Filter`] ready to test events.
+#[derive(Clone, Debug)]
+pub struct CompiledFilter {
+    kernel: Config,
+    ports: HashMap<u16, u8>,
+    pids: Vec<u32>,
+    comms: Vec<String>,
+    laddrs: Vec<IpNet>,
+    raddrs: Vec<IpNet>,
+}
+
+impl CompiledFilter {
+    /// What the kernel would have kept (used on recordings; a no-op on live events, which
+    /// the kernel already filtered the same way).
+    pub fn kernel_keeps(&self, raw: &RawEvent) -> bool {
+        if raw.flags & tcptrace_common::flag::MPTCP != 0 && self.kernel.mptcp == 0 {
+            return false;
+        }
+        filter_keeps(
+            &self.kernel,
+            raw.family,
+            raw.oldstate,
+            raw.newstate,
+            raw.sport,
+            raw.dport,
+            |p| self.ports.get(&p).copied().unwrap_or(0),
+        )
+    }
+
+    /// The userspace part: process and address filters.
+    pub fn keeps(&self, t: &Transition) -> bool {
+        if !self.pids.is_empty() && !t.owner.is_some_and(|o| self.pids.contains(&o.pid)) {
+            return false;
+        }
+        if !self.comms.is_empty()
+            && !t
+                .owner
+                .is_some_and(|o| self.comms.iter().any(|c| *c == o.comm.as_str()))
+        {
+            return false;
+        }
+        if !self.laddrs.is_empty() && !self.laddrs.iter().any(|n| n.contains(&t.local.ip())) {
+            return false;
+        }
+        if !self.raddrs.is_empty() && !self.raddrs.iter().any(|n| n.contains(&t.remote.ip())) {
+            return false;
+        }
+        true
+    }
+}
+
+/// Parses an address or a network in CIDR notation (`10.0.0.1`, `10.0.0.0/8`, `::1`).
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("'{s}' is neither an IP address nor a network like 10.0.0.0/8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::event::{Comm, Owner, encode};
+
+    fn transition(from: State, to: State, lport: u16, rport: u16, v6: bool) -> Transition {
+        let (l, r) = if v6 {
+            ("[fd00::1]", "[fd00::2]")
+        } else {
+            ("10.0.0.1", "10.0.0.2")
+        };
+        Transition {
+            ts_ns: 1,
+            skaddr: 2,
+            local: format!("{l}:{lport}").parse().unwrap(),
+            remote: format!("{r}:{rport}").parse().unwrap(),
+            from,
+            to,
+            in_from_ns: None,
+            owner: Some(Owner {
+                pid: 42,
+                comm: Comm(*b"nginx\0\0\0\0\0\0\0\0\0\0\0"),
+                from_listener: false,
+            }),
+            mptcp: false,
+        }
+    }
+
+    #[test]
+    fn time_wait_keeps_the_entries_into_time_wait() {
+        let f = Filter {
+            states: vec![State::TimeWait],
+            ..Filter::default()
+        }
+        .compile();
+        let entry = encode(&transition(State::FinWait2, State::TimeWait, 1, 2, false));
+        let simultaneous = encode(&transition(State::Closing, State::TimeWait, 1, 2, false));
+        let passive = encode(&transition(State::LastAck, State::Close, 1, 2, false));
+        assert!(f.kernel_keeps(&entry));
+        assert!(f.kernel_keeps(&simultaneous));
+        assert!(!f.kernel_keeps(&passive));
+    }
+
+    #[test]
+    fn process_and_address_filters() {
+        let t = transition(State::Established, State::FinWait1, 80, 5000, false);
+        let keep = |f: Filter| f.compile().keeps(&t);
+        assert!(keep(Filter::default()));
+        assert!(keep(Filter {
+            pids: vec![42],
+            ..Filter::default()
+        }));
+        assert!(!keep(Filter {
+            pids: vec![43],
+            ..Filter::default()
+        }));
+        assert!(keep(Filter {
+            comms: vec!["nginx".into()],
+            ..Filter::default()
+        }));
+        assert!(keep(Filter {
+            laddrs: vec![parse_net("10.0.0.0/24").unwrap()],
+            raddrs: vec![parse_net("10.0.0.2").unwrap()],
+            ..Filter::default()
+        }));
+        assert!(!keep(Filter {
+            raddrs: vec![parse_net("10.0.0.1").unwrap()],
+            ..Filter::default()
+        }));
+        let mut unknown = t;
+        unknown.owner = None;
+        assert!(
+            !Filter {
+                pids: vec![42],
+                ..Filter::default()
+            }
+            .compile()
+            .keeps(&unknown),
+            "an unknown owner never matches a process filter"
+        );
+        assert!(parse_net("10.0.0.0/33").is_err());
+        assert!(parse_net("nope").unwrap_err().contains("'nope'"));
+    }
+
+    fn state() -> impl Strategy<Value = State> {
+        proptest::sample::select(State::ALL.to_vec())
+    }
+
+    proptest! {
+        /// The compiled kernel filter agrees with a direct reading of the flags' meaning.
+        #[test]
+        fn kernel_filter_matches_its_specification(
+            from in state(), to in state(), lport in 1u16..6, rport in 1u16..6, v6: bool,
+            states in proptest::collection::vec(state(), 0..3),
+            ports in proptest::collection::vec(1u16..6, 0..3),
+            lports in proptest::collection::vec(1u16..6, 0..3),
+            rports in proptest::collection::vec(1u16..6, 0..3),
+            family in proptest::option::of(prop_oneof![Just(4u8), Just(6u8)]),
+        ) {
+            let raw = encode(&transition(from, to, lport, rport, v6));
+            // What the kernel can report: FIN_WAIT2/CLOSING→CLOSE reads as →TIME_WAIT.
+            let Ok(crate::event::Event::Transition(t)) = crate::event::decode(&raw) else {
+                unreachable!("encode produces transitions")
+            };
+            let f = Filter { states: states.clone(), ports: ports.clone(), lports: lports.clone(),
+                rports: rports.clone(), family, ..Filter::default() };
+            let expected = (states.is_empty() || states.contains(&t.from) || states.contains(&t.to))
+                && (ports.is_empty() || ports.contains(&lport) || ports.contains(&rport))
+                && (lports.is_empty() || lports.contains(&lport))
+                && (rports.is_empty() || rports.contains(&rport))
+                && family.is_none_or(|f| f == t.family());
+            prop_assert_eq!(f.compile().kernel_keeps(&raw), expected);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! tcptrace: an eBPF tracer of TCP state transitions.
+//!
+//! Data flows one way: a source ([`probe`] live, or [`record`] from a file) produces raw
+//! events; [`event`] decodes them; [`filter`] keeps what was asked for; a [`view`] renders
+//! ([`output`]) or aggregates them. Only [`probe`] touches the kernel, so everything else is
+//! tested on synthetic or recorded events without root.
+pub mod app;
+pub mod cli;
+pub mod event;
+pub mod filter;
+pub mod output;
+pub mod probe;
+pub mod record;
+pub mod view;

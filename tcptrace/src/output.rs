@@ -1,0 +1,297 @@
+//! Rendering the event stream: aligned text for people, JSON lines for pipelines.
+//!
+//! The JSON schema is documented in `docs/json.md`; keep the two in step.
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+    net::SocketAddr,
+};
+
+use serde::Serialize;
+
+use crate::event::{Owner, State, Transition};
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How timestamps and text are rendered.
+#[derive(Clone, Copy, Debug)]
+pub struct Style {
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC of the host the events come from.
+    pub wall_offset_ns: i64,
+    /// Seconds east of UTC for the text time column.
+    pub utc_offset_secs: i32,
+    /// ANSI colors in text output.
+    pub color: bool,
+    /// Width of the address columns (21 fits IPv4, 47 any IPv6 address).
+    pub addr_width: usize,
+}
+
+impl Style {
+    /// The address-column width for a family filter (4, 6 or both).
+    pub fn addr_width_for(family: Option<u8>) -> usize {
+        if family == Some(4) { 21 } else { 47 }
+    }
+}
+
+/// Renders events into a writer. Nothing is flushed here: callers flush once per batch.
+pub struct Renderer {
+    format: Format,
+    style: Style,
+    line: String,
+}
+
+impl Renderer {
+    /// A renderer for one output.
+    pub fn new(format: Format, style: Style) -> Self {
+        Renderer {
+            format,
+            style,
+            line: String::with_capacity(256),
+        }
+    }
+
+    /// The header line (text only).
+    pub fn header(&mut self, out: &mut impl Write) -> io::Result<()> {
+        if self.format == Format::Text {
+            let w = self.style.addr_width;
+            writeln!(
+                out,
+                "{:<15} {:>7} {:<16} {:<w$} {:<w$} {:<26} {:>10}",
+                "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN-FROM"
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One transition.
+    pub fn transition(&mut self, out: &mut impl Write, t: &Transition) -> io::Result<()> {
+        self.line.clear();
+        match self.format {
+            Format::Text => self.text_transition(t),
+            Format::Json => {
+                let rec = TransitionJson {
+                    kind: "transition",
+                    time: rfc3339(wall_ns(t.ts_ns, self.style.wall_offset_ns)),
+                    family: t.family(),
+                    laddr: t.local.ip().to_string(),
+                    lport: t.local.port(),
+                    raddr: t.remote.ip().to_string(),
+                    rport: t.remote.port(),
+                    from: t.from.name(),
+                    to: t.to.name(),
+                    in_from_ns: t.in_from_ns,
+                    pid: t.owner.map(|o| o.pid),
+                    comm: t.owner.map(|o| o.comm.as_str().into_owned()),
+                    pid_from: t.owner.map(|o| {
+                        if o.from_listener {
+                            "listener"
+                        } else {
+                            "socket"
+                        }
+                    }),
+                    skaddr: format!("{:#x}", t.skaddr),
+                    mptcp: t.mptcp,
+                };
+                // Serialising plain strings and numbers cannot fail.
+                self.line = serde_json::to_string(&rec).unwrap_or_default();
+            }
+        }
+        self.line.push('\n');
+        out.write_all(self.line.as_bytes())
+    }
+
+    /// A lost-events notice.
+    pub fn lost(&mut self, out: &mut impl Write, ts_ns: u64, count: u64) -> io::Result<()> {
+        match self.format {
+            Format::Text => {
+                let (on, off) = self.paint("\x1b[1;31m");
+                writeln!(
+                    out,
+                    "{} {on}LOST {count} events: the ring buffer was full \
+                     (try --ring-buffer-size or narrower filters){off}",
+                    self.clock(ts_ns)
+                )
+            }
+            Format::Json => {
+                let rec = LostJson {
+                    kind: "lost",
+                    time: rfc3339(wall_ns(ts_ns, self.style.wall_offset_ns)),
+                    count,
+                    family: None,
+                    laddr: None,
+                    lport: None,
+                    raddr: None,
+                    rport: None,
+                };
+                let line = serde_json::to_string(&rec).unwrap_or_default();
+                writeln!(out, "{line}")
+            }
+        }
+    }
+
+    fn text_transition(&mut self, t: &Transition) {
+        let w = self.style.addr_width;
+        let clock = self.clock(t.ts_ns);
+        let (pid, comm) = owner_columns(t.owner.as_ref());
+        let arrow = format!("{} → {}", t.from, t.to);
+        let (on, off) = self.paint(color_of(t.to));
+        let _ = write!(
+            self.line,
+            "{clock:<15} {pid:>7} {comm:<16} {:<w$} {:<w$} {on}{arrow:<26}{off} {:>10}",
+            endpoint(t.local),
+            endpoint(t.remote),
+            t.in_from_ns.map(human_ns).unwrap_or_else(|| "-".into()),
+        );
+    }
+
+    fn paint(&self, code: &'static str) -> (&'static str, &'static str) {
+        if self.style.color && !code.is_empty() {
+            (code, "\x1b[0m")
+        } else {
+            ("", "")
+        }
+    }
+
+    /// Local wall-clock time of day with microseconds.
+    fn clock(&self, ts_ns: u64) -> String {
+        let ns = wall_ns(ts_ns, self.style.wall_offset_ns)
+            + i128::from(self.style.utc_offset_secs) * 1_000_000_000;
+        let secs = ns.div_euclid(1_000_000_000);
+        let micros = ns.rem_euclid(1_000_000_000) / 1000;
+        let day = secs.rem_euclid(86_400);
+        format!(
+            "{:02}:{:02}:{:02}.{micros:06}",
+            day / 3600,
+            day / 60 % 60,
+            day % 60
+        )
+    }
+}
+
+fn owner_columns(owner: Option<&Owner>) -> (String, String) {
+    match owner {
+        Some(o) => (o.pid.to_string(), o.comm.as_str().into_owned()),
+        None => ("-".into(), "?".into()),
+    }
+}
+
+fn color_of(to: State) -> &'static str {
+    match to {
+        State::TimeWait => "\x1b[33m",
+        State::Close => "\x1b[2m",
+        State::Established => "\x1b[32m",
+        State::CloseWait => "\x1b[35m",
+        _ => "",
+    }
+}
+
+/// `1.2.3.4:80` or `[::1]:80`.
+fn endpoint(a: SocketAddr) -> String {
+    a.to_string()
+}
+
+fn wall_ns(ts_ns: u64, wall_offset_ns: i64) -> i128 {
+    i128::from(ts_ns) + i128::from(wall_offset_ns)
+}
+
+/// RFC 3339 in UTC with nanoseconds: `2026-11-25T01:02:03.123456789Z`.
+pub fn rfc3339(unix_ns: i128) -> String {
+    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
+        .ok()
+        .and_then(|t| t.format(FMT).ok())
+        .unwrap_or_else(|| "invalid-time".into())
+}
+
+/// A duration for people: `850ns`, `83.2µs`, `1.50ms`, `2.31s`, `1m02s`.
+pub fn human_ns(ns: u64) -> String {
+    let f = ns as f64;
+    if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 1_000_000 {
+        format!("{:.1}µs", f / 1e3)
+    } else if ns < 1_000_000_000 {
+        format!("{:.2}ms", f / 1e6)
+    } else if ns < 60_000_000_000 {
+        format!("{:.2}s", f / 1e9)
+    } else {
+        let s = ns / 1_000_000_000;
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+#[derive(Serialize)]
+struct TransitionJson {
+    kind: &'static str,
+    time: String,
+    family: u8,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    from: &'static str,
+    to: &'static str,
+    in_from_ns: Option<u64>,
+    pid: Option<u32>,
+    comm: Option<String>,
+    pid_from: Option<&'static str>,
+    skaddr: String,
+    mptcp: bool,
+}
+
+#[derive(Serialize)]
+struct LostJson {
+    kind: &'static str,
+    time: String,
+    count: u64,
+    family: Option<u8>,
+    laddr: Option<String>,
+    lport: Option<u16>,
+    raddr: Option<String>,
+    rport: Option<u16>,
+}
+
+/// The local timezone's offset from UTC now, in seconds (0 if unknown).
+pub fn local_utc_offset_secs() -> i32 {
+    // SAFETY: time(NULL) and localtime_r with valid pointers.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return 0;
+        }
+        tm.tm_gmtoff as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_ns(850), "850ns");
+        assert_eq!(human_ns(83_210), "83.2µs");
+        assert_eq!(human_ns(1_500_000), "1.50ms");
+        assert_eq!(human_ns(2_310_000_000), "2.31s");
+        assert_eq!(human_ns(62_000_000_000), "1m02s");
+    }
+
+    #[test]
+    fn rfc3339_keeps_nanoseconds() {
+        assert_eq!(
+            rfc3339(1_000_000_000_000_000_007),
+            "2001-09-09T01:46:40.000000007Z"
+        );
+    }
+}

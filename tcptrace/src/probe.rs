@@ -1,0 +1,403 @@
+//! The live source: loads the embedded eBPF program, configures it, attaches it to
+//! `sock:inet_sock_set_state`, and drains its ring buffer in batches.
+//!
+//! This is the only module that talks to the kernel. Everything it produces is a
+//! [`RawEvent`], exactly what a recording holds, so every view works the same live and on a
+//! recording.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcptrace_common::{Config, EVENT_SIZE, SetStateOffsets};
+
+use crate::event::{RawEvent, raw_lost};
+
+/// The eBPF object built by `build.rs`.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+/// Where tracefs may be mounted.
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Why the probe could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "tcptrace needs root or CAP_BPF and CAP_PERFMON: try `sudo tcptrace …` \
+         (this process lacks {0})"
+    )]
+    Privileges(&'static str),
+    #[error(
+        "the tracepoint sock:inet_sock_set_state was not found in tracefs ({0}); \
+         it needs Linux 4.16 or later with tracefs mounted \
+         (`mount -t tracefs tracefs /sys/kernel/tracing`)"
+    )]
+    NoTracepoint(String),
+    #[error("the format of sock:inet_sock_set_state is not what tcptrace understands: {0}")]
+    Format(String),
+    #[error("loading the eBPF program failed: {0}")]
+    Load(String),
+    #[error("attaching to sock:inet_sock_set_state failed: {0}")]
+    Attach(String),
+    #[error("the ring buffer size must be a power of two of at least 4096 bytes, not {0}")]
+    RingSize(u32),
+}
+
+/// What the loader hands the program.
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    /// The in-kernel filter (its `offsets` are filled in by the probe).
+    pub kernel: Config,
+    /// Port → bits of `tcptrace_common::port_filter`.
+    pub ports: Vec<(u16, u8)>,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_bytes: u32,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            kernel: Config {
+                wakeup_bytes: DEFAULT_WAKEUP_BYTES,
+                ..Config::default()
+            },
+            ports: Vec::new(),
+            ring_bytes: DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+/// 4 MiB: about 43,000 events, two seconds of a 20k-transitions/s storm.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Wake the reader early only once 64 KiB are waiting; it drains on a tick otherwise.
+pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
+
+/// A loaded, attached probe. Dropping it detaches the program and frees its maps.
+pub struct Probe {
+    ring: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+    lost_reported: u64,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    // Keeps the program and its link alive; declared last so it is dropped last.
+    _ebpf: Ebpf,
+}
+
+impl Probe {
+    /// Loads, configures and attaches the program.
+    pub fn start(cfg: &ProbeConfig) -> Result<Probe, ProbeError> {
+        check_privileges()?;
+        if cfg.ring_bytes < 4096 || !cfg.ring_bytes.is_power_of_two() {
+            return Err(ProbeError::RingSize(cfg.ring_bytes));
+        }
+        raise_memlock();
+        let format_path = tracepoint_format()?;
+        let text = fs::read_to_string(&format_path)
+            .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
+        let mut kcfg = cfg.kernel;
+        kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &kcfg, true)
+            .map_max_entries("EVENTS", cfg.ring_bytes)
+            .load(PROGRAM)
+            .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        {
+            let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+                ebpf.map_mut("PORTS")
+                    .ok_or_else(|| ProbeError::Load("map PORTS is missing".into()))?,
+            )
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
+            for (port, bits) in &cfg.ports {
+                ports
+                    .insert(port, bits, 0)
+                    .map_err(|e| ProbeError::Load(format!("setting the port filter: {e}")))?;
+            }
+        }
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or_else(|| ProbeError::Load("map EVENTS is missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map("LOST")
+                .ok_or_else(|| ProbeError::Load("map LOST is missing".into()))?,
+        )
+        .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let prog: &mut TracePoint = ebpf
+            .program_mut("inet_sock_set_state")
+            .ok_or_else(|| ProbeError::Load("program inet_sock_set_state is missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+        prog.load()
+            .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
+        prog.attach("sock", "inet_sock_set_state")
+            .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
+        Ok(Probe {
+            ring,
+            lost,
+            lost_reported: 0,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The ring buffer's file descriptor, readable when the program has woken the reader.
+    pub fn ring_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.ring.as_fd()
+    }
+
+    /// Moves every waiting event into `out` (appending), then a lost-events record if the
+    /// kernel dropped any since the last call. Returns how many were appended.
+    pub fn drain(&mut self, out: &mut Vec<RawEvent>) -> usize {
+        let before = out.len();
+        while let Some(item) = self.ring.next() {
+            if let Ok(ev) = bytemuck::try_pod_read_unaligned::<RawEvent>(&item[..]) {
+                out.push(ev);
+            }
+        }
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+        let total = self.lost_total();
+        if total > self.lost_reported {
+            out.push(raw_lost(monotonic_ns(), total - self.lost_reported));
+            self.lost_reported = total;
+        }
+        out.len() - before
+    }
+
+    /// Every event the kernel could not deliver since the probe started.
+    pub fn lost_total(&self) -> u64 {
+        self.lost
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
+
+/// Nanoseconds of CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC: add it to an event's timestamp for wall time.
+pub fn wall_offset_ns() -> i64 {
+    let mono = clock_ns(libc::CLOCK_MONOTONIC);
+    let real = clock_ns(libc::CLOCK_REALTIME);
+    (real - mono) as i64
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// Root, or the capabilities that loading tracing programs needs.
+fn check_privileges() -> Result<(), ProbeError> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    if eff & CAP_SYS_ADMIN != 0 || eff & (CAP_BPF | CAP_PERFMON) == CAP_BPF | CAP_PERFMON {
+        return Ok(());
+    }
+    Err(ProbeError::Privileges(if eff & CAP_BPF == 0 {
+        "CAP_BPF"
+    } else {
+        "CAP_PERFMON"
+    }))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort).
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// The path of the tracepoint's format file, mounting tracefs if no tracefs is mounted.
+fn tracepoint_format() -> Result<PathBuf, ProbeError> {
+    let rel = "events/sock/inet_sock_set_state/format";
+    let find = || {
+        TRACEFS
+            .iter()
+            .map(|root| Path::new(root).join(rel))
+            .find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let tracefs_mounted = TRACEFS
+        .iter()
+        .any(|root| Path::new(root).join("events").is_dir());
+    if !tracefs_mounted {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", TRACEFS[0]])
+            .status();
+        if let Some(p) = find() {
+            log::info!("mounted tracefs at {}", TRACEFS[0]);
+            return Ok(p);
+        }
+    }
+    Err(ProbeError::NoTracepoint(format!(
+        "looked for {rel} under {}",
+        TRACEFS.join(" and ")
+    )))
+}
+
+/// Reads the field offsets tcptrace needs from the tracepoint's format file, checking each
+/// field's size.
+pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
+    let mut fields: HashMap<&str, (u16, u16)> = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut decl = "";
+        let mut offset = None;
+        let mut size = None;
+        for (i, part) in rest.split(';').enumerate() {
+            let part = part.trim();
+            if i == 0 {
+                decl = part;
+            } else if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.parse().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.parse().ok();
+            }
+        }
+        let name = decl
+            .rsplit([' ', '*'])
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or("");
+        if let (Some(o), Some(s)) = (offset, size) {
+            fields.insert(name, (o, s));
+        }
+    }
+    let get = |name: &str, size: u16| -> Result<u16, String> {
+        match fields.get(name) {
+            Some(&(o, s)) if s == size => Ok(o),
+            Some(&(_, s)) => Err(format!("field {name} has size {s}, expected {size}")),
+            None => Err(format!(
+                "field {name} is missing (the protocol field needs Linux 4.18 or later)"
+            )),
+        }
+    };
+    Ok(SetStateOffsets {
+        skaddr: get("skaddr", 8)?,
+        oldstate: get("oldstate", 4)?,
+        newstate: get("newstate", 4)?,
+        sport: get("sport", 2)?,
+        dport: get("dport", 2)?,
+        family: get("family", 2)?,
+        protocol: get("protocol", 2)?,
+        saddr_v6: get("saddr_v6", 16)?,
+        daddr_v6: get("daddr_v6", 16)?,
+        _pad: 0,
+    })
+}
+
+/// A load failure with the verifier's last lines, which say why.
+fn verifier_error(e: &aya::programs::ProgramError) -> String {
+    if let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    {
+        let log = verifier_log.to_string();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return format!("{io_error}; verifier said:\n{}", tail.join("\n"));
+    }
+    format!("{e:#}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The format file as Linux 6.x prints it (see `/sys/kernel/tracing/events/sock/
+    /// inet_sock_set_state/format`).
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1416
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn parses_the_format_file() {
+        let o = parse_set_state_format(FORMAT).unwrap();
+        assert_eq!(
+            (o.skaddr, o.oldstate, o.newstate, o.sport, o.dport),
+            (8, 16, 20, 24, 26)
+        );
+        assert_eq!(
+            (o.family, o.protocol, o.saddr_v6, o.daddr_v6),
+            (28, 30, 40, 56)
+        );
+    }
+
+    #[test]
+    fn a_missing_or_resized_field_is_an_error() {
+        let no_proto: String = FORMAT
+            .lines()
+            .filter(|l| !l.contains("protocol"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let err = parse_set_state_format(&no_proto).unwrap_err();
+        assert!(err.contains("protocol is missing"), "{err}");
+        let resized = FORMAT.replace(
+            "int oldstate;\toffset:16;\tsize:4",
+            "int oldstate;\toffset:16;\tsize:8",
+        );
+        let err = parse_set_state_format(&resized).unwrap_err();
+        assert!(err.contains("oldstate has size 8"), "{err}");
+    }
+}
