@@ -243,3 +243,52 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SetStateOffsets {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{state::*, *};
+
+    #[test]
+    fn only_system_call_transitions_name_the_owner() {
+        let driven = [
+            (CLOSE, SYN_SENT),
+            (CLOSE, LISTEN),
+            (LISTEN, CLOSE),
+            (ESTABLISHED, FIN_WAIT1),
+            (CLOSE_WAIT, LAST_ACK),
+        ];
+        for old in 1..=MAX {
+            for new in 1..=MAX {
+                assert_eq!(driven_by_owner(old, new), driven.contains(&(old, new)));
+            }
+        }
+    }
+
+    #[test]
+    fn only_fin_wait2_and_closing_to_close_enter_time_wait() {
+        for old in 1..=MAX {
+            for new in 1..=MAX {
+                let tw = effective_new_state(old, new) == TIME_WAIT;
+                let expected =
+                    new == TIME_WAIT || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING));
+                assert_eq!(tw, expected, "{old}->{new}");
+            }
+        }
+    }
+
+    #[test]
+    fn port_filters_combine_with_and() {
+        let cfg = Config {
+            port_filters: port_filter::LOCAL | port_filter::REMOTE,
+            ..Config::default()
+        };
+        let ports = |p: u16| match p {
+            80 => port_filter::LOCAL,
+            9000 => port_filter::REMOTE,
+            _ => 0,
+        };
+        assert!(filter_keeps(&cfg, AF_INET, 1, 4, 80, 9000, ports));
+        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 80, 9001, ports));
+        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 9000, 80, ports));
+    }
+}

@@ -84,6 +84,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Opens a recording, naming the file in every error.
 pub fn open_recording(path: &Path) -> Result<Reader<File>> {
     let file = File::open(path)
+        .map_err(crate::record::RecordError::Io)
         .with_context(|| format!("cannot open the recording {}", path.display()))?;
     Reader::new(file).with_context(|| format!("cannot read the recording {}", path.display()))
 }

@@ -12,7 +12,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tcptrace: error: {err:#}");
-            ExitCode::FAILURE
+            // Bad input (a recording that is not one, truncated or corrupt) is the user's to
+            // fix, like a bad flag: exit 2 as clap does. Everything else is 1.
+            if err.chain().any(|c| c.is::<tcptrace::record::RecordError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -40,7 +40,7 @@ const _: () = assert!(HEADER_SIZE == 32);
 /// What is wrong with a recording.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("reading the recording failed: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("not a tcptrace recording (it does not start with the TCPTRACE header)")]
     NotARecording,

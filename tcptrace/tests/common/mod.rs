@@ -1,0 +1,223 @@
+//! Shared helpers for the root-only integration tests.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    io::Write as _,
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use tcptrace::{
+    event::{Event, RawEvent, State, Transition, decode},
+    filter::Filter,
+    probe::{Probe, ProbeConfig},
+};
+
+/// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere
+/// it says so on the real stderr (not captured by the test harness) and is skipped.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{test} needs root to load the eBPF program, and CI=true: failing instead of skipping"
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: needs root to load the eBPF program (run `sudo -E cargo xtask test`)"
+    );
+    false
+}
+
+/// Starts a probe that only reports the given ports.
+pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    let filter = Filter {
+        ports: ports.to_vec(),
+        ..Filter::default()
+    };
+    let (kernel, ports) = filter.kernel();
+    Probe::start(&ProbeConfig {
+        kernel,
+        ports,
+        ring_bytes,
+    })
+    .expect("the probe loads and attaches")
+}
+
+/// Drains until `done` says the collected transitions are complete, or `timeout` passes.
+pub fn collect(
+    probe: &mut Probe,
+    timeout: Duration,
+    done: impl Fn(&[Transition]) -> bool,
+) -> Vec<Transition> {
+    let start = Instant::now();
+    let mut raw: Vec<RawEvent> = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        raw.clear();
+        probe.drain(&mut raw);
+        for r in &raw {
+            if let Ok(Event::Transition(t)) = decode(r) {
+                out.push(t);
+            }
+        }
+        if done(&out) || start.elapsed() > timeout {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The transitions of one socket, as `FROM>TO` pairs.
+pub fn path(ts: &[Transition], skaddr: u64) -> Vec<(State, State)> {
+    ts.iter()
+        .filter(|t| t.skaddr == skaddr)
+        .map(|t| (t.from, t.to))
+        .collect()
+}
+
+/// The socket whose transitions include `from → to` with the given local and remote ports.
+pub fn socket_with(ts: &[Transition], from: State, to: State, local: SocketAddr) -> Option<u64> {
+    ts.iter()
+        .find(|t| t.from == from && t.to == to && t.local == local)
+        .map(|t| t.skaddr)
+}
+
+use State::*;
+
+/// The active closer's life: connect, close first, TIME_WAIT.
+pub const ACTIVE_CLIENT: &[(State, State)] = &[
+    (Close, SynSent),
+    (SynSent, Established),
+    (Established, FinWait1),
+    (FinWait1, FinWait2),
+    (FinWait2, TimeWait),
+];
+/// The passive closer's life on the accepting side.
+pub const PASSIVE_SERVER: &[(State, State)] = &[
+    (Listen, SynRecv),
+    (SynRecv, Established),
+    (Established, CloseWait),
+    (CloseWait, LastAck),
+    (LastAck, Close),
+];
+/// The passive closer's life on the connecting side.
+pub const PASSIVE_CLIENT: &[(State, State)] = &[
+    (Close, SynSent),
+    (SynSent, Established),
+    (Established, CloseWait),
+    (CloseWait, LastAck),
+    (LastAck, Close),
+];
+/// The active closer's life on the accepting side.
+pub const ACTIVE_SERVER: &[(State, State)] = &[
+    (Listen, SynRecv),
+    (SynRecv, Established),
+    (Established, FinWait1),
+    (FinWait1, FinWait2),
+    (FinWait2, TimeWait),
+];
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two network namespaces joined by a veth pair, with IPv4 and IPv6 addresses; deleted on
+/// drop, also when the test fails.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub a4: std::net::IpAddr,
+    pub b4: std::net::IpAddr,
+    pub a6: std::net::IpAddr,
+    pub b6: std::net::IpAddr,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` (iproute2) runs; `cargo xtask setup` installs it");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetPair {
+    pub fn new() -> NetPair {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let subnet = (std::process::id() % 200) as u8 + n as u8;
+        let pair = NetPair {
+            a: format!("tct-{id}-a"),
+            b: format!("tct-{id}-b"),
+            a4: format!("10.199.{subnet}.1").parse().unwrap(),
+            b4: format!("10.199.{subnet}.2").parse().unwrap(),
+            a6: format!("fd99:{subnet:x}::1").parse().unwrap(),
+            b6: format!("fd99:{subnet:x}::2").parse().unwrap(),
+        };
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        let va = format!("tv{n}a{}", std::process::id() % 100000);
+        let vb = format!("tv{n}b{}", std::process::id() % 100000);
+        ip(&[
+            "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&pair.a, &va, pair.a4, pair.a6),
+            (&pair.b, &vb, pair.b4, pair.b6),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// Runs `f` on a thread that has entered namespace `ns`.
+    pub fn run_in<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("the namespace exists");
+            // SAFETY: a valid namespace descriptor; setns only affects this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns({path}) failed: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

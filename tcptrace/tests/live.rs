@@ -1,0 +1,341 @@
+//! Root-only tests that load the real eBPF program and trace real sockets: on loopback and
+//! across two network namespaces joined by a veth pair (IPv4 and IPv6).
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::*;
+use tcptrace::{
+    event::{Event, State, decode},
+    probe::DEFAULT_RING_BYTES,
+};
+
+/// A free loopback port (bound and released; the tests use distinct ones).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// In a forked child (another process, so attribution can be told apart): connect to
+/// 127.0.0.1:port, send a byte, wait for the reply, close first. Returns the child's pid.
+fn forked_client(port: u16) -> libc::pid_t {
+    // SAFETY: the child only makes async-signal-safe system calls, then _exit()s.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork failed");
+        if pid > 0 {
+            return pid;
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let ok = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) == 0;
+        let mut b = [b'x'];
+        let ok = ok
+            && libc::write(fd, b.as_ptr().cast(), 1) == 1
+            && libc::read(fd, b.as_mut_ptr().cast(), 1) == 1;
+        libc::close(fd);
+        libc::_exit(if ok { 0 } else { 1 });
+    }
+}
+
+#[test]
+fn loopback_client_close_exact_transitions_filters_and_owners() {
+    if !root_or_skip("loopback_client_close_exact_transitions_filters_and_owners") {
+        return;
+    }
+    let (port, other) = (free_port(), free_port());
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // Traffic on a port outside the filter must not produce a single event.
+    let unwatched = TcpListener::bind(("127.0.0.1", other)).unwrap();
+    drop(TcpStream::connect(("127.0.0.1", other)).unwrap());
+    drop(unwatched.accept().unwrap());
+    drop(unwatched);
+
+    let child = forked_client(port);
+    let (mut conn, peer) = listener.accept().unwrap();
+    let mut b = [0u8; 1];
+    conn.read_exact(&mut b).unwrap();
+    conn.write_all(b"y").unwrap();
+    assert_eq!(conn.read(&mut b).unwrap(), 0, "the client closes first");
+    // Reap the child before closing the listener: it inherited the listener's descriptor,
+    // and whichever process drops the last reference is the one that closes it.
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "client failed"
+    );
+    drop(conn);
+    drop(listener);
+
+    let ts = collect(&mut probe, Duration::from_secs(3), |ts| ts.len() >= 12);
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        ts.iter()
+            .all(|t| t.local.port() == port || t.remote.port() == port),
+        "only the filtered port is reported: {ts:#?}"
+    );
+    let client_sk =
+        socket_with(&ts, State::SynSent, State::Established, peer).expect("client socket");
+    let server_sk = socket_with(&ts, State::Listen, State::SynRecv, server).expect("server socket");
+    let listen_sk = socket_with(&ts, State::Close, State::Listen, server).expect("listener");
+    assert_eq!(path(&ts, client_sk), ACTIVE_CLIENT, "{ts:#?}");
+    assert_eq!(path(&ts, server_sk), PASSIVE_SERVER, "{ts:#?}");
+    assert_eq!(
+        path(&ts, listen_sk),
+        [(State::Close, State::Listen), (State::Listen, State::Close)]
+    );
+    assert_eq!(ts.len(), 12, "nothing else: {ts:#?}");
+
+    // Attribution: every client event names the client process — also FIN_WAIT2→TIME_WAIT,
+    // which runs in the server's context on loopback — and no server event names it.
+    let me = std::process::id();
+    for t in &ts {
+        let owner = t.owner.unwrap_or_else(|| panic!("owner known for {t:?}"));
+        let expected = if t.skaddr == client_sk {
+            child as u32
+        } else {
+            me
+        };
+        assert_eq!(owner.pid, expected, "{t:?}");
+        // Every socket's first event has no duration; each later one does.
+        let first = ts.iter().find(|u| u.skaddr == t.skaddr).unwrap();
+        assert_eq!(t.in_from_ns.is_none(), std::ptr::eq(first, t), "{t:?}");
+    }
+    let accepted = ts.iter().find(|t| t.skaddr == server_sk).unwrap();
+    assert!(accepted.owner.unwrap().from_listener, "{accepted:?}");
+}
+
+/// One connection across the veth pair: client in namespace a, server in namespace b.
+fn veth_connection(
+    pair: &NetPair,
+    v6: bool,
+    server_closes: bool,
+    port: u16,
+) -> (SocketAddr, SocketAddr) {
+    let (caddr, saddr) = if v6 {
+        (pair.a6, pair.b6)
+    } else {
+        (pair.a4, pair.b4)
+    };
+    let server = SocketAddr::new(saddr, port);
+    let (tx, rx) = mpsc::channel();
+    let srv = NetPair::run_in(&pair.b, move || {
+        let l = TcpListener::bind(server).unwrap();
+        tx.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        c.write_all(b"y").unwrap();
+        if !server_closes {
+            assert_eq!(c.read(&mut b).unwrap(), 0, "the client closes first");
+        }
+        drop(c);
+        drop(l);
+    });
+    rx.recv().unwrap();
+    let cli = NetPair::run_in(&pair.a, move || {
+        let mut c = TcpStream::connect(server).unwrap();
+        let local = c.local_addr().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        if server_closes {
+            assert_eq!(c.read(&mut b).unwrap(), 0, "the server closes first");
+        }
+        drop(c);
+        local
+    });
+    let client = cli.join().unwrap();
+    srv.join().unwrap();
+    let _ = caddr;
+    (client, server)
+}
+
+#[test]
+fn veth_namespaces_ipv4_and_ipv6_client_and_server_close() {
+    if !root_or_skip("veth_namespaces_ipv4_and_ipv6_client_and_server_close") {
+        return;
+    }
+    let pair = NetPair::new();
+    let port = 18_000 + (std::process::id() % 1000) as u16;
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    for v6 in [false, true] {
+        for server_closes in [false, true] {
+            let (client, server) = veth_connection(&pair, v6, server_closes, port);
+            let ts = collect(&mut probe, Duration::from_secs(3), |ts| ts.len() >= 12);
+            let what = format!("v6={v6} server_closes={server_closes}: {ts:#?}");
+            assert!(
+                ts.iter().all(|t| t.local.ip() != IpAddr::from([0, 0, 0, 0])
+                    || t.to == State::Listen
+                    || t.from == State::Listen),
+                "{what}"
+            );
+            let c = socket_with(&ts, State::SynSent, State::Established, client).expect(&what);
+            let s = socket_with(&ts, State::Listen, State::SynRecv, server).expect(&what);
+            let (cp, sp) = if server_closes {
+                (PASSIVE_CLIENT, ACTIVE_SERVER)
+            } else {
+                (ACTIVE_CLIENT, PASSIVE_SERVER)
+            };
+            assert_eq!(path(&ts, c), cp, "{what}");
+            assert_eq!(path(&ts, s), sp, "{what}");
+            assert_eq!(ts.len(), 12, "{what}");
+            assert!(
+                ts.iter().all(|t| t.family() == if v6 { 6 } else { 4 }),
+                "{what}"
+            );
+            // The connect and the close are the application's system calls: named even though
+            // the peer's packets are handled in softirq on another namespace's stack.
+            let me = std::process::id();
+            for (from, to) in [
+                (State::Close, State::SynSent),
+                (State::Established, State::FinWait1),
+                (State::CloseWait, State::LastAck),
+            ] {
+                for t in ts.iter().filter(|t| t.from == from && t.to == to) {
+                    assert_eq!(t.owner.map(|o| o.pid), Some(me), "{t:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tiny_ring_buffer_reports_every_lost_event() {
+    if !root_or_skip("a_tiny_ring_buffer_reports_every_lost_event") {
+        return;
+    }
+    const CONNS: usize = 50;
+    let port = free_port();
+    // 4 KiB holds about 39 events; the burst makes 502 and nothing drains meanwhile.
+    let mut probe = probe_for_ports(&[port], 4096);
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    for _ in 0..CONNS {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        drop(c);
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+    }
+    drop(listener);
+    let expected = 2 + 10 * CONNS as u64;
+    let (mut delivered, mut lost) = (0u64, 0u64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while delivered + lost < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut raw = Vec::new();
+        probe.drain(&mut raw);
+        for r in &raw {
+            match decode(r).unwrap() {
+                Event::Transition(_) => delivered += 1,
+                Event::Lost { count, .. } => lost += count,
+            }
+        }
+    }
+    assert!(lost > 0, "a 4 KiB ring cannot hold {expected} events");
+    assert!(delivered > 0);
+    assert_eq!(
+        delivered + lost,
+        expected,
+        "delivered {delivered} + lost {lost}"
+    );
+    assert_eq!(probe.lost_total(), lost);
+}
+
+#[test]
+fn record_then_replay_gives_identical_json() {
+    if !root_or_skip("record_then_replay_gives_identical_json") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tcptrace-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("trace.tcptrace");
+    let port = free_port();
+    let bin = env!("CARGO_BIN_EXE_tcptrace");
+    let mut tracer = Command::new(bin)
+        .args(["--json", "--port", &port.to_string(), "--record"])
+        .arg(&rec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    for _ in 0..3 {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        drop(c);
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+    }
+    drop(listener);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let live = tracer.wait_with_output().unwrap();
+    assert!(
+        live.status.success(),
+        "SIGINT ends the run cleanly: {:?}",
+        live.status
+    );
+    let live = String::from_utf8(live.stdout).unwrap();
+    assert_eq!(live.lines().count(), 2 + 3 * 10, "{live}");
+    for l in live.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["kind"], "transition");
+    }
+
+    let replay = Command::new(bin)
+        .args(["--json", "--from"])
+        .arg(&rec)
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(String::from_utf8(replay.stdout).unwrap(), live);
+    // The same filters apply on replay: only the entries into TIME_WAIT.
+    let tw = Command::new(bin)
+        .args(["--json", "--state", "TIME_WAIT", "--from"])
+        .arg(&rec)
+        .output()
+        .unwrap();
+    let tw = String::from_utf8(tw.stdout).unwrap();
+    assert_eq!(tw.lines().count(), 3, "{tw}");
+    assert!(
+        tw.lines()
+            .all(|l| l.contains(r#""from":"FIN_WAIT2","to":"TIME_WAIT""#)),
+        "{tw}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,219 @@
+//! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
+
+use tcptrace::{
+    event::{Comm, Owner, RawEvent, State, Transition, encode, raw_lost},
+    filter::Filter,
+    output::{Format, Renderer, Style},
+    view::{Flow, Stream, View},
+};
+
+const SEC: u64 = 1_000_000_000;
+/// 2026-11-25T10:00:00Z minus the synthetic monotonic clock's zero.
+const WALL: i64 = 1_795_600_800 * SEC as i64;
+
+fn owner(pid: u32, name: &str, from_listener: bool) -> Option<Owner> {
+    let mut comm = [0u8; 16];
+    comm[..name.len()].copy_from_slice(name.as_bytes());
+    Some(Owner {
+        pid,
+        comm: Comm(comm),
+        from_listener,
+    })
+}
+
+/// A client on 10.0.0.5 that closes first, its server, an IPv6 reset, and a loss notice.
+fn workload() -> Vec<RawEvent> {
+    let c = "10.0.0.5:41000".parse().unwrap();
+    let s = "10.0.0.9:8080".parse().unwrap();
+    let t = |ts: u64, sk: u64, local, remote, from, to, dur: Option<u64>, o| {
+        encode(&Transition {
+            ts_ns: ts,
+            skaddr: sk,
+            local,
+            remote,
+            from,
+            to,
+            in_from_ns: dur,
+            owner: o,
+            mptcp: false,
+        })
+    };
+    use State::*;
+    let curl = owner(4242, "curl", false);
+    let nginx = owner(777, "nginx", true);
+    vec![
+        t(
+            SEC,
+            0xa,
+            "10.0.0.5:0".parse().unwrap(),
+            s,
+            Close,
+            SynSent,
+            None,
+            curl,
+        ),
+        t(SEC + 120_000, 0xb, s, c, Listen, SynRecv, None, nginx),
+        t(
+            SEC + 150_000,
+            0xa,
+            c,
+            s,
+            SynSent,
+            Established,
+            Some(150_000),
+            curl,
+        ),
+        t(
+            SEC + 160_000,
+            0xb,
+            s,
+            c,
+            SynRecv,
+            Established,
+            Some(40_000),
+            nginx,
+        ),
+        t(
+            3 * SEC,
+            0xa,
+            c,
+            s,
+            Established,
+            FinWait1,
+            Some(2 * SEC - 150_000),
+            curl,
+        ),
+        t(
+            3 * SEC + 50_000,
+            0xb,
+            s,
+            c,
+            Established,
+            CloseWait,
+            Some(2 * SEC - 110_000),
+            nginx,
+        ),
+        t(
+            3 * SEC + 90_000,
+            0xa,
+            c,
+            s,
+            FinWait1,
+            FinWait2,
+            Some(90_000),
+            curl,
+        ),
+        t(
+            3 * SEC + 2_000_000,
+            0xb,
+            s,
+            c,
+            CloseWait,
+            LastAck,
+            Some(1_950_000),
+            owner(777, "nginx", false),
+        ),
+        t(
+            3 * SEC + 2_050_000,
+            0xa,
+            c,
+            s,
+            FinWait2,
+            TimeWait,
+            Some(1_960_000),
+            curl,
+        ),
+        t(
+            3 * SEC + 2_080_000,
+            0xb,
+            s,
+            c,
+            LastAck,
+            Close,
+            Some(80_000),
+            owner(777, "nginx", false),
+        ),
+        t(
+            4 * SEC,
+            0xc,
+            "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap(),
+            "[2001:db8::42]:50000".parse().unwrap(),
+            Established,
+            Close,
+            Some(61 * SEC),
+            None,
+        ),
+        raw_lost(5 * SEC, 17),
+    ]
+}
+
+fn render(format: Format, filter: Filter) -> String {
+    let style = Style {
+        wall_offset_ns: WALL,
+        utc_offset_secs: 0,
+        color: false,
+        addr_width: Style::addr_width_for(filter.family),
+    };
+    let mut view = Stream::new(
+        filter.compile(),
+        Renderer::new(format, style),
+        Vec::new(),
+        None,
+    );
+    view.start().unwrap();
+    assert_eq!(view.push(&workload()).unwrap(), Flow::More);
+    view.finish().unwrap();
+    String::from_utf8(view.into_inner()).unwrap()
+}
+
+#[test]
+fn text_stream() {
+    insta::assert_snapshot!(render(Format::Text, Filter::default()));
+}
+
+#[test]
+fn json_stream() {
+    let out = render(Format::Json, Filter::default());
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in ["kind", "time", "family", "laddr", "lport", "raddr", "rport"] {
+            assert!(v.get(key).is_some(), "{key} missing in {line}");
+        }
+    }
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn time_wait_filter_on_ipv4_text() {
+    let f = Filter {
+        states: vec![State::TimeWait],
+        family: Some(4),
+        ..Filter::default()
+    };
+    insta::assert_snapshot!(render(Format::Text, f));
+}
+
+#[test]
+fn count_limit_stops_the_view() {
+    let style = Style {
+        wall_offset_ns: 0,
+        utc_offset_secs: 0,
+        color: false,
+        addr_width: 21,
+    };
+    let mut view = Stream::new(
+        Filter::default().compile(),
+        Renderer::new(Format::Json, style),
+        Vec::new(),
+        Some(3),
+    );
+    assert_eq!(view.push(&workload()).unwrap(), Flow::Done);
+    assert_eq!(view.shown(), 3);
+    assert_eq!(
+        String::from_utf8(view.into_inner())
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+}
