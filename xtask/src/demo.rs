@@ -1,0 +1,236 @@
+//! `cargo xtask demo`: trace a scripted loopback workload a newcomer can follow, then show
+//! what tcptrace saw and how to read it.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::as_root;
+
+const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// A tracer child that is stopped (SIGINT) and reaped on every path out.
+pub struct Tracer {
+    child: Option<Child>,
+}
+
+impl Tracer {
+    /// Starts `bin args…` as root with stdout to `out`, and waits until it says it is tracing.
+    pub fn start(bin: &Path, args: &[String], out: &Path) -> Result<Tracer> {
+        let stdout = std::fs::File::create(out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        let mut cmd = as_root(bin)?;
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("cannot start tcptrace")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut tracer = Tracer { child: Some(child) };
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(15)) {
+                Ok(line) if line.starts_with("Tracing TCP state transitions") => {
+                    // Keep relaying what it says later (warnings) to our stderr.
+                    thread::spawn(move || {
+                        for line in rx {
+                            eprintln!("tcptrace: {line}");
+                        }
+                    });
+                    return Ok(tracer);
+                }
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    tracer.stop()?;
+                    bail!("tcptrace did not start tracing:\n{}", seen.join("\n"));
+                }
+            }
+        }
+    }
+
+    /// The tracer's process id (sudo's, when started through sudo).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGINT and waits for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: signalling our own child (sudo relays SIGINT to tcptrace).
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("tcptrace exited with {status}");
+                }
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("tcptrace did not stop within 5 s of SIGINT")
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((LOOPBACK, 0))?.local_addr()?.port())
+}
+
+/// A server that answers "ping" with "pong" `n` times, closing first or waiting for the
+/// client to close.
+fn serve(port: u16, n: usize, server_closes: bool) -> Result<thread::JoinHandle<Result<()>>> {
+    let listener = TcpListener::bind((LOOPBACK, port))?;
+    Ok(thread::spawn(move || {
+        for _ in 0..n {
+            let (mut c, _) = listener.accept()?;
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf)?;
+            c.write_all(b"pong")?;
+            if !server_closes {
+                // Wait for the client's FIN before closing our side.
+                let _ = c.read(&mut buf)?;
+            }
+        }
+        Ok(())
+    }))
+}
+
+/// A client that sends "ping", reads "pong", and closes first or after the server.
+fn client(port: u16, client_closes: bool) -> Result<()> {
+    let mut c = TcpStream::connect((LOOPBACK, port))?;
+    c.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf)?;
+    if !client_closes {
+        let _ = c.read(&mut buf)?;
+    }
+    Ok(())
+}
+
+fn scene(n: usize, title: &str, text: &str) {
+    println!("\n── scene {n}: {title}\n{text}");
+    let _ = std::io::stdout().flush();
+}
+
+/// The tour.
+pub fn demo(bin: &Path) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tcptrace-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = tour(bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn tour(bin: &Path, dir: &Path) -> Result<()> {
+    let [a, b, c, d] = [free_port()?, free_port()?, free_port()?, free_port()?];
+    let out = dir.join("stream.txt");
+    // Later views replay this same recording instead of tracing again.
+    let recording: PathBuf = dir.join("demo.tcptrace");
+    let ports = format!("{a},{b},{c},{d}");
+    println!("Starting tcptrace on loopback ports {ports} (the demo's only traffic).");
+    let args: Vec<String> = ["--port", &ports, "--record"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([recording.display().to_string()])
+        .collect();
+    let mut tracer = Tracer::start(bin, &args, &out)?;
+
+    scene(
+        1,
+        &format!("port {a}: the clients close first"),
+        "Three clients connect, send \"ping\", read \"pong\" and close. The side that closes\n\
+         first goes through FIN_WAIT1 and FIN_WAIT2 into TIME_WAIT: here, the clients.",
+    );
+    let srv = serve(a, 3, false)?;
+    for _ in 0..3 {
+        client(a, true)?;
+    }
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+
+    scene(
+        2,
+        &format!("port {b}: the server closes first"),
+        "Now the server closes right after answering. The server holds the TIME_WAIT and the\n\
+         clients go through CLOSE_WAIT and LAST_ACK instead.",
+    );
+    let srv = serve(b, 3, true)?;
+    for _ in 0..3 {
+        client(b, false)?;
+    }
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+
+    scene(
+        3,
+        &format!("port {c}: a reset"),
+        "A client sets SO_LINGER to 0 and closes: the kernel aborts the connection with a\n\
+         reset (RST) instead of FINs. Both sockets jump from ESTABLISHED straight to CLOSE,\n\
+         and nobody holds TIME_WAIT.",
+    );
+    let listener = TcpListener::bind((LOOPBACK, c))?;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.connect(&SocketAddr::from((LOOPBACK, c)).into())?;
+    let (mut accepted, _) = listener.accept()?;
+    s.set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    let mut buf = [0u8; 1];
+    let _ = accepted.read(&mut buf); // ECONNRESET
+    drop(accepted);
+    drop(listener);
+
+    scene(
+        4,
+        &format!("port {d}: a refused connection"),
+        "Nothing listens on this port: the kernel answers the SYN with a reset, and the\n\
+         client goes from SYN_SENT straight to CLOSE.",
+    );
+    match TcpStream::connect((LOOPBACK, d)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => bail!("expected a refused connection on port {d}, got {other:?}"),
+    }
+
+    thread::sleep(Duration::from_millis(300));
+    tracer.stop()?;
+    let seen = std::fs::read_to_string(&out)?;
+    println!("\n════ what tcptrace saw ════\n{seen}");
+    println!(
+        "What to notice:\n\
+         - port {a}: each client's socket ends FIN_WAIT2 → TIME_WAIT and its close line says\n\
+         \x20 `closed: local/fin … TIME_WAIT here`; the server's sockets end LAST_ACK → CLOSE.\n\
+         - port {b}: the same, mirrored: the server holds the TIME_WAIT.\n\
+         - port {c}: ESTABLISHED → CLOSE on both sides, an `RST sent` by the client and an\n\
+         \x20 `RST received` by the server; the closes say rst_sent / rst_received.\n\
+         - port {d}: SYN_SENT → CLOSE after an `RST received`: the close says remote/refused.\n\
+         - PID/COMM name the process that owns each socket, learnt from its own system calls:\n\
+         \x20 never the peer, even though on loopback the peer's packets run in its context.\n\
+         - IN-FROM is how long the socket spent in the state it left (SYN_SENT: connect latency)."
+    );
+    Ok(())
+}

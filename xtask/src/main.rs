@@ -1,0 +1,235 @@
+//! tcptrace's developer workflow: `cargo xtask <command>`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// tcptrace's developer workflow.
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    after_help = "Examples:
+  cargo xtask demo             set up, build, and trace a scripted loopback workload
+  cargo xtask test             fmt, clippy and every test (as root: the eBPF ones too)
+  cargo xtask run -- --state TIME_WAIT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs: nightly rust-src, bpf-linker (built against nightly's
+    /// LLVM), iproute2. Idempotent; tools go to ~/.local/share/tcptrace-dev/tools (or
+    /// $TCPTRACE_TOOLS_DIR).
+    #[command(after_help = "Example:\n  cargo xtask setup")]
+    Setup,
+    /// Build tcptrace (release, eBPF program embedded).
+    #[command(after_help = "Example:\n  cargo xtask build && sudo target/release/tcptrace")]
+    Build {
+        /// Build the debug profile instead.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then run tcptrace as root (through sudo when not root).
+    #[command(
+        after_help = "Examples:\n  cargo xtask run -- --state TIME_WAIT\n  cargo xtask run -- --port 8080 --json"
+    )]
+    Run {
+        /// Build the debug profile instead.
+        #[arg(long)]
+        debug: bool,
+        /// Arguments for tcptrace.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up if needed, then cargo fmt --check, clippy -D warnings, and every test.
+    /// Root-only tests need root; under CI=true their not running is a failure.
+    #[command(after_help = "Examples:\n  sudo -E cargo xtask test\n  cargo xtask test -- track::")]
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The newcomer's tour: set up, build, trace a scripted loopback workload, explain it.
+    #[command(after_help = "Example:\n  cargo xtask demo")]
+    Demo,
+    /// Measure what tracing costs on a bounded loopback connection storm, side by side.
+    #[command(
+        after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench --connections 20000 --rounds 5"
+    )]
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup(false),
+        Cmd::Build { debug } => build(debug).map(|bin| println!("built {}", bin.display())),
+        Cmd::Run { debug, args } => build(debug).and_then(|bin| run_tcptrace(&bin, &args)),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => build(false).and_then(|bin| demo::demo(&bin)),
+        Cmd::Bench(args) => build(false).and_then(|bin| bench::bench(&bin, &args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command, echoing it, failing on a non-zero exit.
+fn run(cmd: &mut Command) -> Result<()> {
+    println!("$ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and returns its stdout, failing on a non-zero exit.
+fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            show(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `cargo` with the project's tools on PATH, run from the workspace root.
+fn cargo(args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args)
+        .current_dir(root())
+        .env("PATH", setup::tools_path()?);
+    Ok(cmd)
+}
+
+/// Sets up (quietly when done already) and builds; returns the binary.
+fn build(debug: bool) -> Result<PathBuf> {
+    setup::setup(true)?;
+    let mut args = vec!["build", "--package", "tcptrace"];
+    if !debug {
+        args.push("--release");
+    }
+    run(&mut cargo(&args)?)?;
+    Ok(root()
+        .join("target")
+        .join(if debug { "debug" } else { "release" })
+        .join("tcptrace"))
+}
+
+/// A command that runs `bin` as root: directly, or through `sudo -E`.
+fn as_root(bin: &Path) -> Result<Command> {
+    if is_root() {
+        return Ok(Command::new(bin));
+    }
+    if capture(Command::new("sudo").arg("--version")).is_err() {
+        bail!("tcptrace needs root and sudo is not installed: run this as root");
+    }
+    let mut cmd = Command::new("sudo");
+    cmd.arg("-E").arg(bin);
+    Ok(cmd)
+}
+
+fn run_tcptrace(bin: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = as_root(bin)?;
+    cmd.args(args);
+    println!("$ {}", show(&cmd));
+    let status = cmd.status().context("cannot start tcptrace")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// fmt, clippy, then every test, with a timing summary.
+fn test(extra: &[String]) -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !is_root() {
+        if ci {
+            bail!(
+                "CI=true but not root: the root-only tests that load the eBPF program cannot \
+                 run, and CI does not skip them"
+            );
+        }
+        println!("{}", "!".repeat(78));
+        println!(
+            "! Not root: the tests that load the eBPF program will be SKIPPED.\n\
+             ! Run `sudo -E cargo xtask test` to run them all."
+        );
+        println!("{}", "!".repeat(78));
+    }
+    let mut steps: Vec<(&str, f64)> = Vec::new();
+    let start = Instant::now();
+    println!("\n== setup");
+    setup::setup(false).context("FAILED: setup")?;
+    steps.push(("setup", start.elapsed().as_secs_f64()));
+    let mut step = |name: &'static str, cmd: Result<Command>| -> Result<()> {
+        let start = Instant::now();
+        println!("\n== {name}");
+        let result = cmd.and_then(|mut c| run(&mut c));
+        steps.push((name, start.elapsed().as_secs_f64()));
+        result.with_context(|| format!("FAILED: {name}"))
+    };
+    step("fmt", cargo(&["fmt", "--all", "--", "--check"]))?;
+    step(
+        "clippy",
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    let mut test_args = vec!["test"];
+    if !extra.is_empty() {
+        test_args.push("--");
+        test_args.extend(extra.iter().map(String::as_str));
+    }
+    step("test", cargo(&test_args))?;
+    println!("\n{:<8} {:>8}", "step", "seconds");
+    for (name, secs) in &steps {
+        println!("{name:<8} {secs:>8.1}");
+    }
+    println!("all steps passed");
+    Ok(())
+}
