@@ -45,7 +45,17 @@ pub mod kind {
     /// Events that were dropped because the ring buffer was full. Produced by userspace from
     /// the kernel's loss counters, never by the eBPF program; `aux` holds the count.
     pub const LOST: u8 = 2;
+    /// This host sent a reset (`tcp:tcp_send_reset`). `oldstate` = `newstate` = the socket's
+    /// state (0 when there is no socket: a refused connection); `aux` = the kernel's
+    /// `sk_rst_reason` ([`NO_REASON`](super::NO_REASON) when the kernel does not say).
+    pub const RESET_SENT: u8 = 3;
+    /// A reset arrived for a socket of this host (`tcp:tcp_receive_reset`); `oldstate` =
+    /// `newstate` = the socket's state.
+    pub const RESET_RECEIVED: u8 = 4;
 }
+
+/// `aux` of a [`kind::RESET_SENT`] event on kernels whose tracepoint has no reason field.
+pub const NO_REASON: u64 = u64::MAX;
 
 /// Bits of [`Event::flags`].
 pub mod flag {
@@ -58,6 +68,9 @@ pub mod flag {
     pub const DURATION_KNOWN: u8 = 1 << 2;
     /// The socket belongs to an MPTCP connection (the meta socket, protocol 262).
     pub const MPTCP: u8 = 1 << 3;
+    /// The socket received a reset earlier in its life (`tcp:tcp_receive_reset`): a
+    /// FIN_WAIT2/CLOSING→CLOSE after it is the reset's doing, not an entry into TIME_WAIT.
+    pub const RESET_RECEIVED: u8 = 1 << 4;
 }
 
 /// One record in the ring buffer (and, unchanged, in a recording).
@@ -123,6 +136,34 @@ pub struct SetStateOffsets {
     pub _pad: u16,
 }
 
+/// Field offsets of `tcp:tcp_send_reset` (its addresses are `sockaddr_in`/`sockaddr_in6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SendResetOffsets {
+    pub skaddr: u16,
+    pub state: u16,
+    /// [`ABSENT`] on kernels before 6.10.
+    pub reason: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub _pad: u16,
+}
+
+/// Field offsets of `tcp:tcp_receive_reset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReceiveResetOffsets {
+    pub skaddr: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+}
+
+/// An offset for a field this kernel's tracepoint does not have.
+pub const ABSENT: u16 = u16::MAX;
+
 /// Bits of [`Config::port_filters`]: which port sets are active.
 pub mod port_filter {
     /// Keep only events whose local port is in the set (`--lport`).
@@ -139,6 +180,8 @@ pub mod port_filter {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
     pub offsets: SetStateOffsets,
+    pub send_reset: SendResetOffsets,
+    pub receive_reset: ReceiveResetOffsets,
     /// Keep only this address family (0: both).
     pub family: u16,
     /// Bits of [`port_filter`]; the ports themselves are in the `PORTS` hash map, whose value
@@ -153,15 +196,19 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// The state the connection really enters.
+/// The state the connection really enters, given the event's [`flag`]s.
 ///
 /// The kernel never reports TIME_WAIT through `inet_sock_set_state`: when a connection
 /// enters TIME_WAIT (or the FIN_WAIT2 timeout that uses the same mechanism), the full socket
 /// goes FIN_WAIT2→CLOSE or CLOSING→CLOSE at the moment a separate timewait socket replaces
-/// it. Those two transitions are therefore entries into TIME_WAIT.
+/// it. Those two transitions are therefore entries into TIME_WAIT — unless a reset arrived
+/// first ([`flag::RESET_RECEIVED`]), which ends the connection without one.
 #[inline(always)]
-pub const fn effective_new_state(old: u8, new: u8) -> u8 {
-    if new == state::CLOSE && (old == state::FIN_WAIT2 || old == state::CLOSING) {
+pub const fn effective_new_state(old: u8, new: u8, flags: u8) -> u8 {
+    if new == state::CLOSE
+        && (old == state::FIN_WAIT2 || old == state::CLOSING)
+        && flags & flag::RESET_RECEIVED == 0
+    {
         state::TIME_WAIT
     } else {
         new
@@ -173,11 +220,13 @@ pub const fn effective_new_state(old: u8, new: u8) -> u8 {
 /// `ports(p)` returns the [`port_filter`] bits of port `p` (0 if it is in no set). The same
 /// function runs in the eBPF program (with a map lookup) and in userspace tests.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn filter_keeps(
     cfg: &Config,
     family: u16,
     old: u8,
     new: u8,
+    flags: u8,
     lport: u16,
     rport: u16,
     ports: impl Fn(u16) -> u8,
@@ -186,25 +235,32 @@ pub fn filter_keeps(
         return false;
     }
     if cfg.state_mask != 0 {
-        let new = effective_new_state(old, new);
+        let new = effective_new_state(old, new, flags);
         let bits = bit(old) | bit(new);
         if cfg.state_mask & bits == 0 {
             return false;
         }
     }
-    if cfg.port_filters != 0 {
-        let l = ports(lport);
-        let r = if rport == lport { l } else { ports(rport) };
-        let f = cfg.port_filters;
-        if f & port_filter::LOCAL != 0 && l & port_filter::LOCAL == 0 {
-            return false;
-        }
-        if f & port_filter::REMOTE != 0 && r & port_filter::REMOTE == 0 {
-            return false;
-        }
-        if f & port_filter::ANY != 0 && (l | r) & port_filter::ANY == 0 {
-            return false;
-        }
+    ports_keep(cfg, lport, rport, ports)
+}
+
+/// The port part of [`filter_keeps`], which is all that applies to resets.
+#[inline(always)]
+pub fn ports_keep(cfg: &Config, lport: u16, rport: u16, ports: impl Fn(u16) -> u8) -> bool {
+    let f = cfg.port_filters;
+    if f == 0 {
+        return true;
+    }
+    let l = ports(lport);
+    let r = if rport == lport { l } else { ports(rport) };
+    if f & port_filter::LOCAL != 0 && l & port_filter::LOCAL == 0 {
+        return false;
+    }
+    if f & port_filter::REMOTE != 0 && r & port_filter::REMOTE == 0 {
+        return false;
+    }
+    if f & port_filter::ANY != 0 && (l | r) & port_filter::ANY == 0 {
+        return false;
     }
     true
 }
@@ -237,11 +293,13 @@ pub const fn driven_by_owner(old: u8, new: u8) -> bool {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are #[repr(C)] with explicit padding and only integer fields
+    // SAFETY: all of them are #[repr(C)] with explicit padding and only integer fields
     // (bytemuck's Pod derive checks this at compile time).
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SetStateOffsets {}
+    unsafe impl aya::Pod for super::SendResetOffsets {}
+    unsafe impl aya::Pod for super::ReceiveResetOffsets {}
 }
 
 #[cfg(test)]
@@ -268,7 +326,11 @@ mod tests {
     fn only_fin_wait2_and_closing_to_close_enter_time_wait() {
         for old in 1..=MAX {
             for new in 1..=MAX {
-                let tw = effective_new_state(old, new) == TIME_WAIT;
+                let tw = effective_new_state(old, new, 0) == TIME_WAIT;
+                assert_eq!(
+                    effective_new_state(old, new, flag::RESET_RECEIVED) == TIME_WAIT,
+                    new == TIME_WAIT
+                );
                 let expected =
                     new == TIME_WAIT || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING));
                 assert_eq!(tw, expected, "{old}->{new}");
@@ -287,8 +349,8 @@ mod tests {
             9000 => port_filter::REMOTE,
             _ => 0,
         };
-        assert!(filter_keeps(&cfg, AF_INET, 1, 4, 80, 9000, ports));
-        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 80, 9001, ports));
-        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 9000, 80, ports));
+        assert!(filter_keeps(&cfg, AF_INET, 1, 4, 0, 80, 9000, ports));
+        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 0, 80, 9001, ports));
+        assert!(!filter_keeps(&cfg, AF_INET, 1, 4, 0, 9000, 80, ports));
     }
 }

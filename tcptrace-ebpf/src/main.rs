@@ -24,8 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, SetStateOffsets, driven_by_owner, filter_keeps,
-    flag, kind, state,
+    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
+    ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, driven_by_owner, filter_keeps, flag,
+    kind, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -42,6 +43,22 @@ static CONFIG: Config = Config {
         saddr_v6: 0,
         daddr_v6: 0,
         _pad: 0,
+    },
+    send_reset: SendResetOffsets {
+        skaddr: 0,
+        state: 0,
+        reason: 0,
+        saddr: 0,
+        daddr: 0,
+        _pad: 0,
+    },
+    receive_reset: ReceiveResetOffsets {
+        skaddr: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        saddr_v6: 0,
+        daddr_v6: 0,
     },
     family: 0,
     port_filters: 0,
@@ -112,6 +129,8 @@ unsafe fn zero16(dst: *mut [u8; 16]) {
 struct SockInfo {
     last_ts: u64,
     owner: Owner,
+    /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
+    flags: u64,
 }
 
 #[tracepoint]
@@ -119,7 +138,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if let Err(err) = try_set_state(&ctx) {
         // Only a wrong offset or a kernel that changed the record gets here: say so through
         // aya-log rather than dropping transitions silently.
-        error!(&ctx, "tcptrace: reading sock:inet_sock_set_state failed: {}", err);
+        error!(
+            &ctx,
+            "tcptrace: reading sock:inet_sock_set_state failed: {}", err
+        );
     }
     0
 }
@@ -136,7 +158,10 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
 fn current_owner(dst: *mut Owner) {
     unsafe {
         bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), 16);
-        put(addr_of_mut!((*dst).pid), (bpf_get_current_pid_tgid() >> 32) as u32);
+        put(
+            addr_of_mut!((*dst).pid),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+        );
         put(addr_of_mut!((*dst).flags), flag::OWNER_KNOWN as u32);
     }
 }
@@ -184,12 +209,16 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let driven = driven_by_owner(old, new);
     match SOCKS.get_ptr_mut(skaddr) {
         Some(info) => unsafe {
-            in_from = now.wrapping_sub((*info).last_ts);
-            flags |= flag::DURATION_KNOWN;
+            // last_ts is 0 for a socket first met through a reset it received.
+            if (*info).last_ts != 0 {
+                in_from = now.wrapping_sub((*info).last_ts);
+                flags |= flag::DURATION_KNOWN;
+            }
             if driven {
                 current_owner(addr_of_mut!((*info).owner));
             }
             (*info).last_ts = now;
+            flags |= (*info).flags as u8;
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
             if new == state::CLOSE {
                 let _ = SOCKS.remove(skaddr);
@@ -216,6 +245,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
                 let i = info.as_mut_ptr();
                 put(addr_of_mut!((*i).last_ts), now);
+                put(addr_of_mut!((*i).flags), 0);
                 copy_owner(addr_of_mut!((*i).owner), owner_ptr);
                 let _ = SOCKS.insert(skaddr, &*i, 0);
             }
@@ -228,52 +258,232 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = LISTENERS.remove(sport);
     }
 
-    if !filter_keeps(&cfg, family, old, new, sport, dport, |p| unsafe {
-        PORTS.get(p).copied().unwrap_or(0)
-    }) {
+    if !filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits) {
         return Ok(());
     }
+    let rec = Record {
+        ts: now,
+        skaddr,
+        in_from,
+        aux: 0,
+        sport,
+        dport,
+        family,
+        kind: kind::TRANSITION,
+        old,
+        new,
+        flags,
+    };
+    let addrs = Addrs {
+        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
+        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
+        len: 16,
+    };
+    emit(&cfg, &rec, &addrs, owner_ptr);
+    Ok(())
+}
 
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_send_reset(&ctx);
+    0
+}
+
+/// A reset this host sends: by a socket (an abort, a reset in answer to a bad segment) or, with
+/// no socket, in answer to a segment for a port nothing listens on (a refused connection).
+fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.send_reset;
+    let skaddr: u64 = read(ctx, o.skaddr)?;
+    let st = read::<i32>(ctx, o.state)? as u8;
+    let reason = if o.reason == ABSENT {
+        NO_REASON
+    } else {
+        u64::from(read::<u32>(ctx, o.reason)?)
+    };
+    // sockaddr_in / sockaddr_in6: family at 0, port (network order) at 2, the IPv4 address at
+    // 4, the IPv6 address at 8. The kernel stores the local side in saddr.
+    let family: u16 = read(ctx, o.saddr)?;
+    let (addr_at, len) = match family {
+        AF_INET => (4usize, 4u32),
+        AF_INET6 => (8usize, 16u32),
+        _ => return Ok(()),
+    };
+    let sport = u16::from_be(read(ctx, o.saddr + 2)?);
+    let dport = u16::from_be(read(ctx, o.daddr + 2)?);
+    reset(
+        &cfg,
+        kind::RESET_SENT,
+        skaddr,
+        st,
+        reason,
+        family,
+        sport,
+        dport,
+        &Addrs {
+            saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
+            daddr: ctx.as_ptr_const().wrapping_add(o.daddr as usize + addr_at),
+            len,
+        },
+    )
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_receive_reset(&ctx);
+    0
+}
+
+/// A reset that arrived for one of this host's sockets.
+fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.receive_reset;
+    let skaddr: u64 = read(ctx, o.skaddr)?;
+    let family: u16 = read(ctx, o.family)?;
+    let sport: u16 = read(ctx, o.sport)?;
+    let dport: u16 = read(ctx, o.dport)?;
+    // The socket's state is not in this record; the per-socket map does not keep it either,
+    // so userspace takes it from the socket's transitions.
+    reset(
+        &cfg,
+        kind::RESET_RECEIVED,
+        skaddr,
+        0,
+        0,
+        family,
+        sport,
+        dport,
+        &Addrs {
+            saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
+            daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
+            len: 16,
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn reset(
+    cfg: &Config,
+    k: u8,
+    skaddr: u64,
+    st: u8,
+    reason: u64,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    addrs: &Addrs,
+) -> Result<(), i32> {
+    if cfg.family != 0 && cfg.family != family {
+        return Ok(());
+    }
+    // A reset counts as being in the socket's state for the state filter (a received reset's
+    // state is unknown, so it never matches one).
+    if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
+        return Ok(());
+    }
+    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
+    let owner_ptr = owner.as_mut_ptr();
+    match SOCKS.get_ptr_mut(skaddr) {
+        Some(info) => unsafe {
+            if k == kind::RESET_RECEIVED {
+                (*info).flags |= flag::RESET_RECEIVED as u64;
+            }
+            copy_owner(owner_ptr, addr_of_mut!((*info).owner));
+        },
+        None => {
+            clear_owner(owner_ptr);
+            if k == kind::RESET_RECEIVED {
+                // Remember the reset even for a socket not met before, so its coming
+                // FIN_WAIT2/CLOSING→CLOSE is not taken for an entry into TIME_WAIT.
+                let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
+                let i = info.as_mut_ptr();
+                unsafe {
+                    put(addr_of_mut!((*i).last_ts), 0);
+                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u64);
+                    copy_owner(addr_of_mut!((*i).owner), owner_ptr);
+                    let _ = SOCKS.insert(skaddr, &*i, 0);
+                }
+            }
+        }
+    }
+    let rec = Record {
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        in_from: 0,
+        aux: reason,
+        sport,
+        dport,
+        family,
+        kind: k,
+        old: st,
+        new: st,
+        flags: 0,
+    };
+    emit(cfg, &rec, addrs, owner_ptr);
+    Ok(())
+}
+
+#[inline(always)]
+fn port_bits(p: u16) -> u8 {
+    // SAFETY: a plain lookup; the value is a byte.
+    unsafe { PORTS.get(p).copied().unwrap_or(0) }
+}
+
+/// The scalar fields of one event.
+struct Record {
+    ts: u64,
+    skaddr: u64,
+    in_from: u64,
+    aux: u64,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    kind: u8,
+    old: u8,
+    new: u8,
+    flags: u8,
+}
+
+/// Where the two addresses are in the tracepoint record, and how long they are (4 or 16).
+struct Addrs {
+    saddr: *const u8,
+    daddr: *const u8,
+    len: u32,
+}
+
+/// Writes one event into the ring buffer, or counts it lost.
+#[inline(always)]
+fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         if let Some(n) = LOST.get_ptr_mut(0) {
             unsafe { *n += 1 };
         }
-        return Ok(());
+        return;
     };
     let e = entry.as_mut_ptr();
     unsafe {
-        put(addr_of_mut!((*e).ts_ns), now);
-        put(addr_of_mut!((*e).skaddr), skaddr);
-        put(addr_of_mut!((*e).in_from_ns), in_from);
-        put(addr_of_mut!((*e).aux), 0);
-        let base = ctx.as_ptr_const();
-        if bpf_probe_read_kernel(
-            addr_of_mut!((*e).saddr).cast(),
-            16,
-            base.add(o.saddr_v6 as usize).cast(),
-        ) != 0
-        {
-            zero16(addr_of_mut!((*e).saddr));
-        }
-        if bpf_probe_read_kernel(
-            addr_of_mut!((*e).daddr).cast(),
-            16,
-            base.add(o.daddr_v6 as usize).cast(),
-        ) != 0
-        {
-            zero16(addr_of_mut!((*e).daddr));
-        }
+        put(addr_of_mut!((*e).ts_ns), r.ts);
+        put(addr_of_mut!((*e).skaddr), r.skaddr);
+        put(addr_of_mut!((*e).in_from_ns), r.in_from);
+        put(addr_of_mut!((*e).aux), r.aux);
+        zero16(addr_of_mut!((*e).saddr));
+        zero16(addr_of_mut!((*e).daddr));
+        let _ = bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), a.len, a.saddr.cast());
+        let _ = bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), a.len, a.daddr.cast());
         let comm = addr_of_mut!((*e).comm).cast::<u64>();
-        put(comm, (*owner_ptr).comm[0]);
-        put(comm.add(1), (*owner_ptr).comm[1]);
-        put(addr_of_mut!((*e).pid), (*owner_ptr).pid);
-        put(addr_of_mut!((*e).sport), sport);
-        put(addr_of_mut!((*e).dport), dport);
-        put(addr_of_mut!((*e).family), family);
-        put(addr_of_mut!((*e).kind), kind::TRANSITION);
-        put(addr_of_mut!((*e).oldstate), old);
-        put(addr_of_mut!((*e).newstate), new);
-        put(addr_of_mut!((*e).flags), flags | (*owner_ptr).flags as u8);
+        put(comm, (*owner).comm[0]);
+        put(comm.add(1), (*owner).comm[1]);
+        put(addr_of_mut!((*e).pid), (*owner).pid);
+        put(addr_of_mut!((*e).sport), r.sport);
+        put(addr_of_mut!((*e).dport), r.dport);
+        put(addr_of_mut!((*e).family), r.family);
+        put(addr_of_mut!((*e).kind), r.kind);
+        put(addr_of_mut!((*e).oldstate), r.old);
+        put(addr_of_mut!((*e).newstate), r.new);
+        put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
         put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
     }
     let wake = if cfg.wakeup_bytes == 0
@@ -284,7 +494,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(wake as u64);
-    Ok(())
 }
 
 trait CtxPtr {

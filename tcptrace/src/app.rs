@@ -162,7 +162,11 @@ pub fn live(
                 r = ready.readable() => {
                     r.context("waiting for the ring buffer")?.clear_ready();
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    if view.tick(crate::probe::monotonic_ns())? == Flow::Done {
+                        return Ok(());
+                    }
+                }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut end => break,

@@ -173,11 +173,44 @@ impl Transition {
     }
 }
 
+/// Which way a reset went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// This host sent it.
+    Sent,
+    /// It arrived for one of this host's sockets.
+    Received,
+}
+
+/// A TCP reset (RST) sent or received by this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The socket, or None for a reset sent where no socket exists (a refused connection).
+    pub skaddr: Option<u64>,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Sent or received.
+    pub direction: Direction,
+    /// The socket's state when the reset was sent (the kernel does not say for received
+    /// ones, nor for a reset with no socket).
+    pub state: Option<State>,
+    /// The kernel's `sk_rst_reason` number for a sent reset (Linux 6.10+).
+    pub reason: Option<u32>,
+    /// The socket's owner, when known.
+    pub owner: Option<Owner>,
+}
+
 /// A decoded event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A state transition.
     Transition(Transition),
+    /// A reset.
+    Reset(Reset),
     /// Events the kernel could not deliver (ring buffer full) since the previous report.
     Lost {
         /// CLOCK_MONOTONIC nanoseconds when the loss was noticed.
@@ -192,6 +225,7 @@ impl Event {
     pub fn ts_ns(&self) -> u64 {
         match self {
             Event::Transition(t) => t.ts_ns,
+            Event::Reset(r) => r.ts_ns,
             Event::Lost { ts_ns, .. } => *ts_ns,
         }
     }
@@ -220,8 +254,10 @@ pub fn raw_lost(ts_ns: u64, count: u64) -> RawEvent {
 
 /// Decodes one raw record.
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
-    match raw.kind {
-        kind::TRANSITION => {}
+    let direction = match raw.kind {
+        kind::TRANSITION => None,
+        kind::RESET_SENT => Some(Direction::Sent),
+        kind::RESET_RECEIVED => Some(Direction::Received),
         kind::LOST => {
             return Ok(Event::Lost {
                 ts_ns: raw.ts_ns,
@@ -229,7 +265,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             });
         }
         k => return Err(DecodeError::Kind(k)),
-    }
+    };
     let (laddr, raddr) = match raw.family {
         AF_INET => (v4(&raw.saddr), v4(&raw.daddr)),
         AF_INET6 => (
@@ -238,20 +274,43 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         ),
         f => return Err(DecodeError::Family(f)),
     };
-    let from = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
-    State::from_kernel(raw.newstate).ok_or(DecodeError::State(raw.newstate))?;
-    let to = State::from_kernel(common::effective_new_state(raw.oldstate, raw.newstate))
-        .ok_or(DecodeError::State(raw.newstate))?;
     let owner = (raw.flags & flag::OWNER_KNOWN != 0).then_some(Owner {
         pid: raw.pid,
         comm: Comm(raw.comm),
         from_listener: raw.flags & flag::OWNER_FROM_LISTENER != 0,
     });
+    let local = SocketAddr::new(laddr, raw.sport);
+    let remote = SocketAddr::new(raddr, raw.dport);
+    if let Some(direction) = direction {
+        let state = match raw.oldstate {
+            0 => None,
+            s => Some(State::from_kernel(s).ok_or(DecodeError::State(s))?),
+        };
+        return Ok(Event::Reset(Reset {
+            ts_ns: raw.ts_ns,
+            skaddr: (raw.skaddr != 0).then_some(raw.skaddr),
+            local,
+            remote,
+            direction,
+            state,
+            reason: (direction == Direction::Sent && raw.aux != tcptrace_common::NO_REASON)
+                .then_some(raw.aux as u32),
+            owner,
+        }));
+    }
+    let from = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
+    State::from_kernel(raw.newstate).ok_or(DecodeError::State(raw.newstate))?;
+    let to = State::from_kernel(common::effective_new_state(
+        raw.oldstate,
+        raw.newstate,
+        raw.flags,
+    ))
+    .ok_or(DecodeError::State(raw.newstate))?;
     Ok(Event::Transition(Transition {
         ts_ns: raw.ts_ns,
         skaddr: raw.skaddr,
-        local: SocketAddr::new(laddr, raw.sport),
-        remote: SocketAddr::new(raddr, raw.dport),
+        local,
+        remote,
         from,
         to,
         in_from_ns: (raw.flags & flag::DURATION_KNOWN != 0).then_some(raw.in_from_ns),
@@ -270,44 +329,86 @@ fn v4(b: &[u8; 16]) -> IpAddr {
     }
 }
 
-/// Encodes a transition back into the raw form (for tests and synthetic workloads).
-pub fn encode(t: &Transition) -> RawEvent {
-    let family = if t.local.is_ipv4() { AF_INET } else { AF_INET6 };
-    let addr = |a: IpAddr| match a {
+fn raw_addr(a: IpAddr) -> [u8; 16] {
+    match a {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
-    };
+    }
+}
+
+fn raw_owner(owner: Option<Owner>) -> ([u8; 16], u32, u8) {
+    match owner {
+        Some(o) => (
+            o.comm.0,
+            o.pid,
+            flag::OWNER_KNOWN
+                | if o.from_listener {
+                    flag::OWNER_FROM_LISTENER
+                } else {
+                    0
+                },
+        ),
+        None => ([0; 16], 0, 0),
+    }
+}
+
+/// Encodes a reset back into the raw form (for tests and synthetic workloads).
+pub fn encode_reset(r: &Reset) -> RawEvent {
+    let (comm, pid, flags) = raw_owner(r.owner);
+    RawEvent {
+        ts_ns: r.ts_ns,
+        skaddr: r.skaddr.unwrap_or(0),
+        in_from_ns: 0,
+        aux: r.reason.map_or(tcptrace_common::NO_REASON, u64::from),
+        saddr: raw_addr(r.local.ip()),
+        daddr: raw_addr(r.remote.ip()),
+        comm,
+        pid,
+        sport: r.local.port(),
+        dport: r.remote.port(),
+        family: if r.local.is_ipv4() { AF_INET } else { AF_INET6 },
+        kind: match r.direction {
+            Direction::Sent => kind::RESET_SENT,
+            Direction::Received => kind::RESET_RECEIVED,
+        },
+        oldstate: r.state.map_or(0, |s| s as u8),
+        newstate: r.state.map_or(0, |s| s as u8),
+        flags,
+        _pad: [0; 2],
+    }
+}
+
+/// Encodes a transition back into the raw form (for tests and synthetic workloads).
+pub fn encode(t: &Transition) -> RawEvent {
     let kernel_to = if t.to == State::TimeWait && matches!(t.from, State::FinWait2 | State::Closing)
     {
         State::Close
     } else {
         t.to
     };
-    let mut flags = 0;
+    let (comm, pid, mut flags) = raw_owner(t.owner);
+    if t.to == State::Close && matches!(t.from, State::FinWait2 | State::Closing) {
+        // Only a reset makes these two end without TIME_WAIT.
+        flags |= flag::RESET_RECEIVED;
+    }
     if t.in_from_ns.is_some() {
         flags |= flag::DURATION_KNOWN;
     }
     if t.mptcp {
         flags |= flag::MPTCP;
     }
-    if let Some(o) = &t.owner {
-        flags |= flag::OWNER_KNOWN;
-        if o.from_listener {
-            flags |= flag::OWNER_FROM_LISTENER;
-        }
-    }
     RawEvent {
         ts_ns: t.ts_ns,
         skaddr: t.skaddr,
         in_from_ns: t.in_from_ns.unwrap_or(0),
         aux: 0,
-        saddr: addr(t.local.ip()),
-        daddr: addr(t.remote.ip()),
-        comm: t.owner.map(|o| o.comm.0).unwrap_or_default(),
-        pid: t.owner.map(|o| o.pid).unwrap_or(0),
+        saddr: raw_addr(t.local.ip()),
+        daddr: raw_addr(t.remote.ip()),
+        comm,
+        pid,
         sport: t.local.port(),
         dport: t.remote.port(),
-        family,
+        family: if t.local.is_ipv4() { AF_INET } else { AF_INET6 },
         kind: kind::TRANSITION,
         oldstate: t.from as u8,
         newstate: kernel_to as u8,

@@ -6,12 +6,12 @@
 //! same [`tcptrace_common::filter_keeps`] the eBPF program runs, so a replay keeps exactly
 //! what a live run would have.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::SocketAddr};
 
 use ipnet::IpNet;
 use tcptrace_common::{AF_INET, AF_INET6, Config, filter_keeps, port_filter};
 
-use crate::event::{RawEvent, State, Transition};
+use crate::event::{Owner, RawEvent, State, Transition};
 
 /// Everything a user can filter on.
 #[derive(Clone, Debug, Default)]
@@ -73,6 +73,15 @@ impl Filter {
         (cfg, ports)
     }
 
+    /// The same filter without its state part: views that follow whole connections (report)
+    /// need every transition from the kernel and apply the states to connections instead.
+    pub fn without_states(&self) -> Filter {
+        Filter {
+            states: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// Compiles the filter for fast per-event checks.
     pub fn compile(&self) -> CompiledFilter {
         let (kernel, ports) = self.kernel();
@@ -100,8 +109,11 @@ pub struct CompiledFilter {
 
 impl CompiledFilter {
     /// What the kernel would have kept (used on recordings; a no-op on live events, which
-    /// the kernel already filtered the same way).
+    /// the kernel already filtered the same way). Lost-event notices are always kept.
     pub fn kernel_keeps(&self, raw: &RawEvent) -> bool {
+        if raw.kind == tcptrace_common::kind::LOST {
+            return true;
+        }
         if raw.flags & tcptrace_common::flag::MPTCP != 0 && self.kernel.mptcp == 0 {
             return false;
         }
@@ -110,31 +122,45 @@ impl CompiledFilter {
             raw.family,
             raw.oldstate,
             raw.newstate,
+            raw.flags,
             raw.sport,
             raw.dport,
             |p| self.ports.get(&p).copied().unwrap_or(0),
         )
     }
 
-    /// The userspace part: process and address filters.
+    /// The userspace part for a transition: process and address filters.
     pub fn keeps(&self, t: &Transition) -> bool {
-        if !self.pids.is_empty() && !t.owner.is_some_and(|o| self.pids.contains(&o.pid)) {
+        self.keeps_parts(t.owner.as_ref(), t.local, t.remote)
+    }
+
+    /// The userspace part for anything with an owner and two endpoints.
+    pub fn keeps_parts(
+        &self,
+        owner: Option<&Owner>,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> bool {
+        if !self.pids.is_empty() && !owner.is_some_and(|o| self.pids.contains(&o.pid)) {
             return false;
         }
         if !self.comms.is_empty()
-            && !t
-                .owner
-                .is_some_and(|o| self.comms.iter().any(|c| *c == o.comm.as_str()))
+            && !owner.is_some_and(|o| self.comms.iter().any(|c| *c == o.comm.as_str()))
         {
             return false;
         }
-        if !self.laddrs.is_empty() && !self.laddrs.iter().any(|n| n.contains(&t.local.ip())) {
+        if !self.laddrs.is_empty() && !self.laddrs.iter().any(|n| n.contains(&local.ip())) {
             return false;
         }
-        if !self.raddrs.is_empty() && !self.raddrs.iter().any(|n| n.contains(&t.remote.ip())) {
+        if !self.raddrs.is_empty() && !self.raddrs.iter().any(|n| n.contains(&remote.ip())) {
             return false;
         }
         true
+    }
+
+    /// Whether a state filter was given (whole-connection views apply it themselves).
+    pub fn state_mask(&self) -> u32 {
+        self.kernel.state_mask
     }
 }
 

@@ -11,4 +11,5 @@ pub mod filter;
 pub mod output;
 pub mod probe;
 pub mod record;
+pub mod track;
 pub mod view;

@@ -10,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::event::{Owner, State, Transition};
+use crate::{
+    event::{Direction, Owner, Reset, State, Transition},
+    track::Close,
+};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +111,130 @@ impl Renderer {
         out.write_all(self.line.as_bytes())
     }
 
+    /// A reset sent or received.
+    pub fn reset(&mut self, out: &mut impl Write, r: &Reset) -> io::Result<()> {
+        self.line.clear();
+        let dir = match r.direction {
+            Direction::Sent => "sent",
+            Direction::Received => "received",
+        };
+        match self.format {
+            Format::Text => {
+                let what = match r.state {
+                    Some(st) => format!("RST {dir} in {st}"),
+                    None => format!("RST {dir}"),
+                };
+                let (on, off) = self.paint("\x1b[31m");
+                self.text_row(
+                    r.ts_ns,
+                    r.owner.as_ref(),
+                    r.local,
+                    r.remote,
+                    on,
+                    &what,
+                    off,
+                    "",
+                );
+            }
+            Format::Json => {
+                let rec = ResetJson {
+                    kind: "reset",
+                    time: rfc3339(wall_ns(r.ts_ns, self.style.wall_offset_ns)),
+                    family: if r.local.is_ipv4() { 4 } else { 6 },
+                    laddr: r.local.ip().to_string(),
+                    lport: r.local.port(),
+                    raddr: r.remote.ip().to_string(),
+                    rport: r.remote.port(),
+                    direction: dir,
+                    state: r.state.map(State::name),
+                    reason: r.reason,
+                    pid: r.owner.map(|o| o.pid),
+                    comm: r.owner.map(|o| o.comm.as_str().into_owned()),
+                    skaddr: r.skaddr.map(|s| format!("{s:#x}")),
+                };
+                self.line = serde_json::to_string(&rec).unwrap_or_default();
+            }
+        }
+        self.line.push('\n');
+        out.write_all(self.line.as_bytes())
+    }
+
+    /// The classified end of a connection.
+    pub fn close(&mut self, out: &mut impl Write, c: &Close) -> io::Result<()> {
+        self.line.clear();
+        match self.format {
+            Format::Text => {
+                let what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
+                let lifetime = c.lifetime_ns.map(human_ns).unwrap_or_else(|| "-".into());
+                let tail = format!(
+                    "  {}{}{}",
+                    c.role.name(),
+                    if c.timewait { ", TIME_WAIT here" } else { "" },
+                    if c.midlife { ", seen mid-life" } else { "" }
+                );
+                let (on, off) = self.paint("\x1b[1m");
+                self.text_row(
+                    c.ts_ns,
+                    c.owner.as_ref(),
+                    c.local,
+                    c.remote,
+                    on,
+                    &what,
+                    off,
+                    &lifetime,
+                );
+                self.line.push_str(&tail);
+            }
+            Format::Json => {
+                let rec = CloseJson {
+                    kind: "close",
+                    time: rfc3339(wall_ns(c.ts_ns, self.style.wall_offset_ns)),
+                    family: if c.local.is_ipv4() { 4 } else { 6 },
+                    laddr: c.local.ip().to_string(),
+                    lport: c.local.port(),
+                    raddr: c.remote.ip().to_string(),
+                    rport: c.remote.port(),
+                    initiator: c.initiator.name(),
+                    how: c.how.name(),
+                    timewait: c.timewait,
+                    role: c.role.name(),
+                    lifetime_ns: c.lifetime_ns,
+                    midlife: c.midlife,
+                    pid: c.owner.map(|o| o.pid),
+                    comm: c.owner.map(|o| o.comm.as_str().into_owned()),
+                    skaddr: format!("{:#x}", c.skaddr),
+                };
+                self.line = serde_json::to_string(&rec).unwrap_or_default();
+            }
+        }
+        self.line.push('\n');
+        out.write_all(self.line.as_bytes())
+    }
+
+    /// One text row in the stream's columns.
+    #[allow(clippy::too_many_arguments)]
+    fn text_row(
+        &mut self,
+        ts_ns: u64,
+        owner: Option<&Owner>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        on: &str,
+        what: &str,
+        off: &str,
+        last: &str,
+    ) {
+        let w = self.style.addr_width;
+        let clock = self.clock(ts_ns);
+        let (pid, comm) = owner_columns(owner);
+        let _ = write!(
+            self.line,
+            "{clock:<15} {pid:>7} {comm:<16} {:<w$} {:<w$} {on}{what:<26}{off} {last:>10}",
+            endpoint(local),
+            endpoint(remote),
+        );
+    }
+
     /// A lost-events notice.
     pub fn lost(&mut self, out: &mut impl Write, ts_ns: u64, count: u64) -> io::Result<()> {
         match self.format {
@@ -138,17 +265,18 @@ impl Renderer {
     }
 
     fn text_transition(&mut self, t: &Transition) {
-        let w = self.style.addr_width;
-        let clock = self.clock(t.ts_ns);
-        let (pid, comm) = owner_columns(t.owner.as_ref());
         let arrow = format!("{} → {}", t.from, t.to);
         let (on, off) = self.paint(color_of(t.to));
-        let _ = write!(
-            self.line,
-            "{clock:<15} {pid:>7} {comm:<16} {:<w$} {:<w$} {on}{arrow:<26}{off} {:>10}",
-            endpoint(t.local),
-            endpoint(t.remote),
-            t.in_from_ns.map(human_ns).unwrap_or_else(|| "-".into()),
+        let dur = t.in_from_ns.map(human_ns).unwrap_or_else(|| "-".into());
+        self.text_row(
+            t.ts_ns,
+            t.owner.as_ref(),
+            t.local,
+            t.remote,
+            on,
+            &arrow,
+            off,
+            &dur,
         );
     }
 
@@ -247,6 +375,43 @@ struct TransitionJson {
     pid_from: Option<&'static str>,
     skaddr: String,
     mptcp: bool,
+}
+
+#[derive(Serialize)]
+struct ResetJson {
+    kind: &'static str,
+    time: String,
+    family: u8,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    direction: &'static str,
+    state: Option<&'static str>,
+    reason: Option<u32>,
+    pid: Option<u32>,
+    comm: Option<String>,
+    skaddr: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CloseJson {
+    kind: &'static str,
+    time: String,
+    family: u8,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    initiator: &'static str,
+    how: &'static str,
+    timewait: bool,
+    role: &'static str,
+    lifetime_ns: Option<u64>,
+    midlife: bool,
+    pid: Option<u32>,
+    comm: Option<String>,
+    skaddr: String,
 }
 
 #[derive(Serialize)]

@@ -16,7 +16,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use tcptrace_common::{Config, EVENT_SIZE, SetStateOffsets};
+use tcptrace_common::{
+    ABSENT, Config, EVENT_SIZE, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
+};
 
 use crate::event::{RawEvent, raw_lost};
 
@@ -97,11 +99,21 @@ impl Probe {
             return Err(ProbeError::RingSize(cfg.ring_bytes));
         }
         raise_memlock();
-        let format_path = tracepoint_format()?;
+        let format_path = tracepoint_format("sock", "inet_sock_set_state")?;
         let text = fs::read_to_string(&format_path)
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
         let mut kcfg = cfg.kernel;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
+        // The reset tracepoints tell who aborted a connection. Without them (before Linux
+        // 4.16/5.x, or a changed format) tracing goes on and aborts are classified `unknown`.
+        let send = optional_format("tcp_send_reset", parse_send_reset_format);
+        let recv = optional_format("tcp_receive_reset", parse_receive_reset_format);
+        if let Some(o) = send {
+            kcfg.send_reset = o;
+        }
+        if let Some(o) = recv {
+            kcfg.receive_reset = o;
+        }
 
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &kcfg, true)
@@ -140,6 +152,14 @@ impl Probe {
             .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
         prog.attach("sock", "inet_sock_set_state")
             .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
+        for (name, wanted) in [
+            ("tcp_send_reset", send.is_some()),
+            ("tcp_receive_reset", recv.is_some()),
+        ] {
+            if wanted && let Err(e) = attach_optional(&mut ebpf, name) {
+                log::warn!("tcp:{name} is not traced ({e}); resets will show as `unknown`");
+            }
+        }
         Ok(Probe {
             ring,
             lost,
@@ -185,6 +205,33 @@ impl Probe {
 }
 
 const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
+
+/// Loads and attaches one of the optional `tcp:*` programs.
+fn attach_optional(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or("the program is missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load().map_err(|e| verifier_error(&e))?;
+    prog.attach("tcp", name).map_err(|e| format!("{e:#}"))?;
+    Ok(())
+}
+
+/// The offsets of an optional `tcp:*` tracepoint, or None (with one warning) when this kernel
+/// does not have it in a form tcptrace understands.
+fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Option<T> {
+    let text = tracepoint_format("tcp", name)
+        .ok()
+        .and_then(|p| fs::read_to_string(p).ok());
+    let Some(text) = text else {
+        log::warn!("tcp:{name} is not available on this kernel; resets will show as `unknown`");
+        return None;
+    };
+    parse(&text)
+        .map_err(|e| log::warn!("{e}; resets will show as `unknown`"))
+        .ok()
+}
 
 /// Nanoseconds of CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -243,13 +290,13 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// The path of the tracepoint's format file, mounting tracefs if no tracefs is mounted.
-fn tracepoint_format() -> Result<PathBuf, ProbeError> {
-    let rel = "events/sock/inet_sock_set_state/format";
+/// The path of a tracepoint's format file, mounting tracefs if no tracefs is mounted.
+fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> {
+    let rel = format!("events/{category}/{name}/format");
     let find = || {
         TRACEFS
             .iter()
-            .map(|root| Path::new(root).join(rel))
+            .map(|root| Path::new(root).join(&rel))
             .find(|p| p.is_file())
     };
     if let Some(p) = find() {
@@ -273,13 +320,11 @@ fn tracepoint_format() -> Result<PathBuf, ProbeError> {
     )))
 }
 
-/// Reads the field offsets tcptrace needs from the tracepoint's format file, checking each
-/// field's size.
-pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
-    let mut fields: HashMap<&str, (u16, u16)> = HashMap::new();
+/// The fields of a tracepoint format file: name → (offset, size).
+fn parse_fields(text: &str) -> HashMap<&str, (u16, u16)> {
+    let mut fields = HashMap::new();
     for line in text.lines() {
-        let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else {
+        let Some(rest) = line.trim().strip_prefix("field:") else {
             continue;
         };
         let mut decl = "";
@@ -306,26 +351,80 @@ pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
             fields.insert(name, (o, s));
         }
     }
-    let get = |name: &str, size: u16| -> Result<u16, String> {
-        match fields.get(name) {
+    fields
+}
+
+/// Looks up fields of one tracepoint, checking their sizes.
+struct Fields<'a> {
+    tracepoint: &'static str,
+    fields: HashMap<&'a str, (u16, u16)>,
+}
+
+impl Fields<'_> {
+    fn get(&self, name: &str, size: u16) -> Result<u16, String> {
+        match self.fields.get(name) {
             Some(&(o, s)) if s == size => Ok(o),
-            Some(&(_, s)) => Err(format!("field {name} has size {s}, expected {size}")),
-            None => Err(format!(
-                "field {name} is missing (the protocol field needs Linux 4.18 or later)"
+            Some(&(_, s)) => Err(format!(
+                "{}: field {name} has size {s}, expected {size}",
+                self.tracepoint
             )),
+            None => Err(format!("{}: field {name} is missing", self.tracepoint)),
         }
+    }
+}
+
+/// Reads the field offsets tcptrace needs from `sock:inet_sock_set_state`'s format file.
+pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
+    let f = Fields {
+        tracepoint: "sock:inet_sock_set_state",
+        fields: parse_fields(text),
     };
+    let protocol = f
+        .get("protocol", 2)
+        .map_err(|e| format!("{e} (the protocol field needs Linux 4.18 or later)"))?;
     Ok(SetStateOffsets {
-        skaddr: get("skaddr", 8)?,
-        oldstate: get("oldstate", 4)?,
-        newstate: get("newstate", 4)?,
-        sport: get("sport", 2)?,
-        dport: get("dport", 2)?,
-        family: get("family", 2)?,
-        protocol: get("protocol", 2)?,
-        saddr_v6: get("saddr_v6", 16)?,
-        daddr_v6: get("daddr_v6", 16)?,
+        skaddr: f.get("skaddr", 8)?,
+        oldstate: f.get("oldstate", 4)?,
+        newstate: f.get("newstate", 4)?,
+        sport: f.get("sport", 2)?,
+        dport: f.get("dport", 2)?,
+        family: f.get("family", 2)?,
+        protocol,
+        saddr_v6: f.get("saddr_v6", 16)?,
+        daddr_v6: f.get("daddr_v6", 16)?,
         _pad: 0,
+    })
+}
+
+/// Reads `tcp:tcp_send_reset`'s offsets (the `reason` field exists from Linux 6.10 on).
+pub fn parse_send_reset_format(text: &str) -> Result<SendResetOffsets, String> {
+    let f = Fields {
+        tracepoint: "tcp:tcp_send_reset",
+        fields: parse_fields(text),
+    };
+    Ok(SendResetOffsets {
+        skaddr: f.get("skaddr", 8)?,
+        state: f.get("state", 4)?,
+        reason: f.get("reason", 4).unwrap_or(ABSENT),
+        saddr: f.get("saddr", 28)?,
+        daddr: f.get("daddr", 28)?,
+        _pad: 0,
+    })
+}
+
+/// Reads `tcp:tcp_receive_reset`'s offsets.
+pub fn parse_receive_reset_format(text: &str) -> Result<ReceiveResetOffsets, String> {
+    let f = Fields {
+        tracepoint: "tcp:tcp_receive_reset",
+        fields: parse_fields(text),
+    };
+    Ok(ReceiveResetOffsets {
+        skaddr: f.get("skaddr", 8)?,
+        sport: f.get("sport", 2)?,
+        dport: f.get("dport", 2)?,
+        family: f.get("family", 2)?,
+        saddr_v6: f.get("saddr_v6", 16)?,
+        daddr_v6: f.get("daddr_v6", 16)?,
     })
 }
 
@@ -385,6 +484,30 @@ format:
     }
 
     #[test]
+    fn parses_the_reset_formats() {
+        let send = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;
+\tfield:__u8 daddr[28];\toffset:60;\tsize:28;\tsigned:0;";
+        let o = parse_send_reset_format(send).unwrap();
+        assert_eq!(
+            (o.skaddr, o.state, o.reason, o.saddr, o.daddr),
+            (16, 24, 28, 32, 60)
+        );
+        let old_kernel: String = send
+            .lines()
+            .filter(|l| !l.contains("reason"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(parse_send_reset_format(&old_kernel).unwrap().reason, ABSENT);
+        let recv = FORMAT.replace("sock:", "tcp:");
+        let o = parse_receive_reset_format(&recv).unwrap();
+        assert_eq!((o.skaddr, o.sport, o.family, o.saddr_v6), (8, 24, 28, 40));
+    }
+
+    #[test]
     fn a_missing_or_resized_field_is_an_error() {
         let no_proto: String = FORMAT
             .lines()
@@ -392,7 +515,7 @@ format:
             .collect::<Vec<_>>()
             .join("\n");
         let err = parse_set_state_format(&no_proto).unwrap_err();
-        assert!(err.contains("protocol is missing"), "{err}");
+        assert!(err.contains("field protocol is missing"), "{err}");
         let resized = FORMAT.replace(
             "int oldstate;\toffset:16;\tsize:4",
             "int oldstate;\toffset:16;\tsize:8",

@@ -7,6 +7,7 @@ use crate::{
     event::{Event, RawEvent, decode},
     filter::CompiledFilter,
     output::Renderer,
+    track::{Close, Tracker},
 };
 
 /// Whether a view wants more events.
@@ -26,6 +27,11 @@ pub trait View {
     }
     /// One batch of events, in the order the source produced them.
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow>;
+    /// Called on the live source's tick with the current CLOCK_MONOTONIC time, so views can
+    /// act on time passing without events (e.g. print a report every interval).
+    fn tick(&mut self, _now_ns: u64) -> io::Result<Flow> {
+        Ok(Flow::More)
+    }
     /// Called once at the end (the source ran dry, was stopped, or the view said Done).
     fn finish(&mut self) -> io::Result<()>;
 }
@@ -38,11 +44,18 @@ pub struct Stream<W: Write> {
     limit: Option<u64>,
     shown: u64,
     undecodable: u64,
+    /// Classifies closes, when the stream sees whole lifecycles (no state filter).
+    tracker: Option<Tracker>,
+    closes: Vec<Close>,
 }
 
 impl<W: Write> Stream<W> {
     /// Prints what `filter` keeps, stopping after `limit` transitions if given.
+    ///
+    /// Without a state filter the stream sees every transition of the sockets it shows, so it
+    /// also prints each connection's classified close; with one it only has fragments.
     pub fn new(filter: CompiledFilter, renderer: Renderer, out: W, limit: Option<u64>) -> Self {
+        let tracker = (filter.state_mask() == 0).then(Tracker::default);
         Stream {
             filter,
             renderer,
@@ -50,7 +63,28 @@ impl<W: Write> Stream<W> {
             limit,
             shown: 0,
             undecodable: 0,
+            tracker,
+            closes: Vec::new(),
         }
+    }
+
+    /// Prints the closes the tracker concluded; true when the count limit is reached.
+    fn print_closes(&mut self) -> io::Result<bool> {
+        for c in std::mem::take(&mut self.closes) {
+            if self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+                self.renderer.close(&mut self.out, &c)?;
+                if self.counted() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Counts one printed record; true when the limit is reached.
+    fn counted(&mut self) -> bool {
+        self.shown += 1;
+        self.limit.is_some_and(|l| self.shown >= l)
     }
 
     /// Transitions printed so far.
@@ -72,29 +106,54 @@ impl<W: Write> View for Stream<W> {
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         let mut flow = Flow::More;
         for raw in batch {
-            match decode(raw) {
-                Ok(Event::Lost { ts_ns, count }) => {
-                    self.renderer.lost(&mut self.out, ts_ns, count)?
+            if !self.filter.kernel_keeps(raw) {
+                continue;
+            }
+            let Ok(ev) = decode(raw) else {
+                self.undecodable += 1;
+                continue;
+            };
+            let done = match &ev {
+                Event::Lost { ts_ns, count } => {
+                    self.renderer.lost(&mut self.out, *ts_ns, *count)?;
+                    false
                 }
-                Ok(Event::Transition(t)) => {
-                    if !self.filter.kernel_keeps(raw) || !self.filter.keeps(&t) {
-                        continue;
-                    }
-                    self.renderer.transition(&mut self.out, &t)?;
-                    self.shown += 1;
-                    if self.limit.is_some_and(|l| self.shown >= l) {
-                        flow = Flow::Done;
-                        break;
-                    }
+                Event::Transition(t) if self.filter.keeps(t) => {
+                    self.renderer.transition(&mut self.out, t)?;
+                    self.counted()
                 }
-                Err(_) => self.undecodable += 1,
+                Event::Reset(r) if self.filter.keeps_parts(r.owner.as_ref(), r.local, r.remote) => {
+                    self.renderer.reset(&mut self.out, r)?;
+                    self.counted()
+                }
+                _ => false,
+            };
+            if let Some(tr) = &mut self.tracker {
+                tr.observe(&ev, &mut self.closes);
+            }
+            if done || self.print_closes()? {
+                flow = Flow::Done;
+                break;
             }
         }
         self.out.flush()?;
         Ok(flow)
     }
 
+    fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        if let Some(tr) = &mut self.tracker {
+            tr.expire(now_ns, &mut self.closes);
+        }
+        let done = self.print_closes()?;
+        self.out.flush()?;
+        Ok(if done { Flow::Done } else { Flow::More })
+    }
+
     fn finish(&mut self) -> io::Result<()> {
+        if let Some(tr) = &mut self.tracker {
+            tr.flush(&mut self.closes);
+        }
+        self.print_closes()?;
         if self.undecodable > 0 {
             log::warn!(
                 "{} events could not be decoded and were skipped",

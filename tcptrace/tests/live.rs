@@ -253,6 +253,7 @@ fn a_tiny_ring_buffer_reports_every_lost_event() {
             match decode(r).unwrap() {
                 Event::Transition(_) => delivered += 1,
                 Event::Lost { count, .. } => lost += count,
+                Event::Reset(r) => panic!("no reset in an orderly burst: {r:?}"),
             }
         }
     }
@@ -307,11 +308,30 @@ fn record_then_replay_gives_identical_json() {
         live.status
     );
     let live = String::from_utf8(live.stdout).unwrap();
-    assert_eq!(live.lines().count(), 2 + 3 * 10, "{live}");
-    for l in live.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        assert_eq!(v["kind"], "transition");
+    let records: Vec<serde_json::Value> = live
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kind = |k: &str| {
+        records
+            .iter()
+            .filter(|v| v["kind"] == k)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kind("transition").len(), 2 + 3 * 10, "{live}");
+    let closes = kind("close");
+    assert_eq!(closes.len(), 6, "{live}");
+    for c in closes {
+        let client = c["role"] == "client";
+        assert_eq!(
+            c["initiator"],
+            if client { "local" } else { "remote" },
+            "{c}"
+        );
+        assert_eq!(c["how"], "fin", "{c}");
+        assert_eq!(c["timewait"], client, "{c}");
     }
+    assert_eq!(records.len(), 32 + 6, "nothing else: {live}");
 
     let replay = Command::new(bin)
         .args(["--json", "--from"])

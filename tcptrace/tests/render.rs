@@ -1,7 +1,9 @@
 //! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
 
 use tcptrace::{
-    event::{Comm, Owner, RawEvent, State, Transition, encode, raw_lost},
+    event::{
+        Comm, Direction, Owner, RawEvent, Reset, State, Transition, encode, encode_reset, raw_lost,
+    },
     filter::Filter,
     output::{Format, Renderer, Style},
     view::{Flow, Stream, View},
@@ -21,7 +23,8 @@ fn owner(pid: u32, name: &str, from_listener: bool) -> Option<Owner> {
     })
 }
 
-/// A client on 10.0.0.5 that closes first, its server, an IPv6 reset, and a loss notice.
+/// A client on 10.0.0.5 that closes first, its server, an IPv6 connection the peer resets
+/// (seen mid-life), a refused SYN, and a loss notice.
 fn workload() -> Vec<RawEvent> {
     let c = "10.0.0.5:41000".parse().unwrap();
     let s = "10.0.0.9:8080".parse().unwrap();
@@ -133,6 +136,16 @@ fn workload() -> Vec<RawEvent> {
             Some(80_000),
             owner(777, "nginx", false),
         ),
+        encode_reset(&Reset {
+            ts_ns: 4 * SEC - 1_000,
+            skaddr: Some(0xc),
+            local: "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap(),
+            remote: "[2001:db8::42]:50000".parse().unwrap(),
+            direction: Direction::Received,
+            state: None,
+            reason: None,
+            owner: None,
+        }),
         t(
             4 * SEC,
             0xc,
@@ -143,6 +156,17 @@ fn workload() -> Vec<RawEvent> {
             Some(61 * SEC),
             None,
         ),
+        // A SYN to a port nothing listens on: refused, with no socket.
+        encode_reset(&Reset {
+            ts_ns: 4 * SEC + 500,
+            skaddr: None,
+            local: "10.0.0.9:9999".parse().unwrap(),
+            remote: "10.0.0.5:41001".parse().unwrap(),
+            direction: Direction::Sent,
+            state: None,
+            reason: Some(1),
+            owner: None,
+        }),
         raw_lost(5 * SEC, 17),
     ]
 }
@@ -208,7 +232,7 @@ fn count_limit_stops_the_view() {
         Some(3),
     );
     assert_eq!(view.push(&workload()).unwrap(), Flow::Done);
-    assert_eq!(view.shown(), 3);
+    assert_eq!(view.shown(), 3, "transitions, resets and closes all count");
     assert_eq!(
         String::from_utf8(view.into_inner())
             .unwrap()

@@ -1,0 +1,783 @@
+//! Per-connection lifecycles and who closed them.
+//!
+//! The [`Tracker`] follows each socket from its first seen transition to its end and then
+//! classifies the close: who ended it first ([`Initiator`]), how ([`How`]), whether this side
+//! holds TIME_WAIT, and which role it had. It is the one place that knows TCP's closing rules;
+//! views only read its conclusions.
+//!
+//! Evidence, and what it proves:
+//! - ESTABLISHED→FIN_WAIT1: this side sent the first FIN (`local`).
+//! - ESTABLISHED→CLOSE_WAIT: the peer's FIN arrived first (`remote`).
+//! - FIN_WAIT1→CLOSING: both FINs crossed (`simultaneous`).
+//! - FIN_WAIT2→TIME_WAIT: this side closed first and holds TIME_WAIT; CLOSING→TIME_WAIT:
+//!   simultaneous close, both sides hold it; LAST_ACK→CLOSE: the passive side's clean end.
+//! - Any other →CLOSE is an abort. A reset received just before it (`tcp_receive_reset`
+//!   precedes the transition) means the peer aborted (`rst_received`; `refused` from
+//!   SYN_SENT); a reset this socket sent just after it (an application's abortive close logs
+//!   the transition first) means this side did (`rst_sent`). No reset either way means the
+//!   kernel gave up (`timeout`) — unless events were lost meanwhile, or the socket was
+//!   already open when tracing began, in which case the answer is `unknown`.
+//!
+//! Memory is bounded: at most `cap` sockets are followed; beyond that the oldest-looking are
+//! evicted and counted, and their closes are never reported with a wrong certainty.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use serde::Serialize;
+
+use crate::event::{Direction, Event, Owner, Reset, State, Transition};
+
+/// Who ended the connection first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Initiator {
+    /// This side: it sent the first FIN, or the reset that aborted the connection.
+    Local,
+    /// The peer: its FIN arrived first, its reset aborted the connection, or it refused it.
+    Remote,
+    /// Both FINs crossed.
+    Simultaneous,
+    /// No evidence.
+    Unknown,
+}
+
+/// How the connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum How {
+    /// An orderly close with FINs.
+    Fin,
+    /// This side sent a reset.
+    RstSent,
+    /// A reset arrived.
+    RstReceived,
+    /// The connect was refused (a reset in answer to the SYN).
+    Refused,
+    /// The kernel gave up (handshake, retransmission or keepalive timeout).
+    Timeout,
+    /// No evidence.
+    Unknown,
+}
+
+/// Which end of the connection this socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It connected (`connect()`).
+    Client,
+    /// It was accepted from a listener.
+    Server,
+    /// First seen mid-life.
+    Unknown,
+}
+
+impl Initiator {
+    /// The name used in JSON and text.
+    pub fn name(self) -> &'static str {
+        match self {
+            Initiator::Local => "local",
+            Initiator::Remote => "remote",
+            Initiator::Simultaneous => "simultaneous",
+            Initiator::Unknown => "unknown",
+        }
+    }
+}
+
+impl How {
+    /// The name used in JSON and text.
+    pub fn name(self) -> &'static str {
+        match self {
+            How::Fin => "fin",
+            How::RstSent => "rst_sent",
+            How::RstReceived => "rst_received",
+            How::Refused => "refused",
+            How::Timeout => "timeout",
+            How::Unknown => "unknown",
+        }
+    }
+}
+
+impl Role {
+    /// The name used in JSON and text.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// The end of one socket's life, classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Close {
+    /// When the socket ended (its →CLOSE or its entry into TIME_WAIT).
+    pub ts_ns: u64,
+    /// The socket's kernel address.
+    pub skaddr: u64,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Who ended it first.
+    pub initiator: Initiator,
+    /// How.
+    pub how: How,
+    /// Whether this side went into TIME_WAIT.
+    pub timewait: bool,
+    /// Client or server.
+    pub role: Role,
+    /// From its birth (connect or accept) to its end; None when first seen mid-life.
+    pub lifetime_ns: Option<u64>,
+    /// The owning process, when known.
+    pub owner: Option<Owner>,
+    /// First seen mid-life (tracing started after it opened, or it was evicted).
+    pub midlife: bool,
+    /// Bit `1 << state` for every state the socket was seen in (TIME_WAIT included when it
+    /// entered it).
+    pub states: u16,
+}
+
+impl Close {
+    /// The port that names the service: the listening (local) port of an accepted socket,
+    /// the remote port of a connecting one; for a socket of unknown role, the lower of the
+    /// two when only one is below the usual ephemeral range, else the local port.
+    pub fn service_port(&self) -> u16 {
+        let (l, r) = (self.local.port(), self.remote.port());
+        match self.role {
+            Role::Server => l,
+            Role::Client => r,
+            Role::Unknown if r < 32768 && l >= 32768 => r,
+            Role::Unknown => l,
+        }
+    }
+}
+
+/// How long an abort waits for the reset that explains it (the application's abortive close
+/// logs the transition first and its reset right after, on the same CPU).
+const RESET_GRACE_NS: u64 = 50_000_000;
+/// A connect cannot time out before the first SYN retransmission (RTO 1 s).
+const MIN_CONNECT_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// What is known of one live socket.
+#[derive(Clone, Copy, Debug)]
+struct Life {
+    born_ts: Option<u64>,
+    first_ts: u64,
+    role: Role,
+    first_fin: Option<Initiator>,
+    simultaneous: bool,
+    reset: Option<Direction>,
+    /// Events were lost while it lived: missing evidence proves nothing.
+    gap: bool,
+    /// Bit `1 << state` for every state it was seen in.
+    states: u16,
+    local: SocketAddr,
+    remote: SocketAddr,
+    owner: Option<Owner>,
+}
+
+/// An abortive close waiting (briefly) for its reset.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    close: Close,
+    from: State,
+    in_from_ns: Option<u64>,
+    gap: bool,
+}
+
+/// Follows sockets and classifies their closes.
+#[derive(Debug)]
+pub struct Tracker {
+    live: HashMap<u64, Life>,
+    pending: Vec<Pending>,
+    cap: usize,
+    evicted: u64,
+    clock: u64,
+}
+
+/// The default number of sockets followed at once.
+pub const DEFAULT_CAP: usize = 1 << 20;
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker::new(DEFAULT_CAP)
+    }
+}
+
+impl Tracker {
+    /// Follows at most `cap` sockets at once.
+    pub fn new(cap: usize) -> Self {
+        Tracker {
+            live: HashMap::new(),
+            pending: Vec::new(),
+            cap: cap.max(1),
+            evicted: 0,
+            clock: 0,
+        }
+    }
+
+    /// Sockets evicted because the cap was reached.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Sockets followed now.
+    pub fn tracked(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Feeds one event; appends the closes it completes to `out`.
+    pub fn observe(&mut self, ev: &Event, out: &mut Vec<Close>) {
+        self.clock = self.clock.max(ev.ts_ns());
+        match ev {
+            Event::Transition(t) => self.transition(t, out),
+            Event::Reset(r) => self.reset(r, out),
+            Event::Lost { .. } => {
+                for life in self.live.values_mut() {
+                    life.gap = true;
+                }
+                for p in &mut self.pending {
+                    p.gap = true;
+                }
+            }
+        }
+        self.expire(self.clock, out);
+    }
+
+    /// Resolves aborts whose grace period ended before `now_ns` (CLOCK_MONOTONIC).
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Close>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            if now_ns.saturating_sub(self.pending[i].close.ts_ns) > RESET_GRACE_NS {
+                let p = self.pending.remove(i);
+                out.push(no_reset(p));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Resolves every waiting abort (at the end of a run).
+    pub fn flush(&mut self, out: &mut Vec<Close>) {
+        for p in self.pending.drain(..) {
+            out.push(no_reset(p));
+        }
+    }
+
+    fn transition(&mut self, t: &Transition, out: &mut Vec<Close>) {
+        // Listening sockets are not connections.
+        if t.to == State::Listen || t.from == State::Listen && t.to == State::Close {
+            return;
+        }
+        if !self.live.contains_key(&t.skaddr) && self.live.len() >= self.cap {
+            self.evict();
+        }
+        let life = self.live.entry(t.skaddr).or_insert_with(|| {
+            let (born, role) = match (t.from, t.to) {
+                (State::Close, State::SynSent) => (true, Role::Client),
+                (State::Listen, State::SynRecv) | (State::Close, State::SynRecv) => {
+                    (true, Role::Server)
+                }
+                _ => (false, Role::Unknown),
+            };
+            Life {
+                born_ts: born.then_some(t.ts_ns),
+                first_ts: t.ts_ns,
+                role,
+                first_fin: None,
+                simultaneous: false,
+                reset: None,
+                gap: false,
+                states: 0,
+                local: t.local,
+                remote: t.remote,
+                owner: None,
+            }
+        });
+        life.states |= 1 << t.from as u16 | 1 << t.to as u16;
+        life.local = t.local;
+        life.remote = t.remote;
+        if let Some(o) = t.owner
+            && (life.owner.is_none() || !o.from_listener)
+        {
+            life.owner = Some(o);
+        }
+        match (t.from, t.to) {
+            (State::Established | State::SynRecv, State::FinWait1) => {
+                life.first_fin.get_or_insert(Initiator::Local);
+            }
+            (State::Established | State::SynRecv, State::CloseWait) => {
+                life.first_fin.get_or_insert(Initiator::Remote);
+            }
+            (State::FinWait1, State::Closing) => life.simultaneous = true,
+            _ => {}
+        }
+        if t.to != State::Close && t.to != State::TimeWait {
+            return;
+        }
+        let Some(life) = self.live.remove(&t.skaddr) else {
+            return;
+        };
+        let mut close = Close {
+            ts_ns: t.ts_ns,
+            skaddr: t.skaddr,
+            local: life.local,
+            remote: life.remote,
+            initiator: Initiator::Unknown,
+            how: How::Unknown,
+            timewait: t.to == State::TimeWait,
+            role: life.role,
+            lifetime_ns: life.born_ts.map(|b| t.ts_ns.saturating_sub(b)),
+            owner: life.owner,
+            midlife: life.born_ts.is_none(),
+            states: life.states,
+        };
+        let first = life.first_fin;
+        match (t.from, t.to) {
+            (State::FinWait2, State::TimeWait) => {
+                // Our FIN was acknowledged before the peer's arrived: we closed first.
+                close.initiator = Initiator::Local;
+                close.how = How::Fin;
+            }
+            (State::Closing, State::TimeWait) => {
+                close.initiator = Initiator::Simultaneous;
+                close.how = How::Fin;
+            }
+            (_, State::TimeWait) => {
+                // Not a path the kernel takes into TIME_WAIT: claim nothing more.
+                close.initiator = first.unwrap_or(Initiator::Unknown);
+            }
+            (State::LastAck, State::Close) => {
+                // LAST_ACK comes from CLOSE_WAIT: the peer's FIN came first.
+                close.initiator = first.unwrap_or(Initiator::Remote);
+                close.how = if life.reset == Some(Direction::Received) {
+                    How::RstReceived
+                } else {
+                    How::Fin
+                };
+            }
+            (from, _) => {
+                // An abort: a reset explains it, in either order.
+                match life.reset {
+                    Some(Direction::Received) => {
+                        close.initiator = first.unwrap_or(Initiator::Remote);
+                        close.how = if from == State::SynSent {
+                            How::Refused
+                        } else {
+                            How::RstReceived
+                        };
+                    }
+                    Some(Direction::Sent) => {
+                        close.initiator = first.unwrap_or(Initiator::Local);
+                        close.how = How::RstSent;
+                    }
+                    None => {
+                        close.initiator = first.map_or(Initiator::Unknown, |f| {
+                            if life.simultaneous {
+                                Initiator::Simultaneous
+                            } else {
+                                f
+                            }
+                        });
+                        self.pending.push(Pending {
+                            close,
+                            from,
+                            in_from_ns: t.in_from_ns,
+                            gap: life.gap || close.midlife,
+                        });
+                        return;
+                    }
+                }
+            }
+        }
+        if life.simultaneous && close.how == How::Fin {
+            close.initiator = Initiator::Simultaneous;
+        }
+        out.push(close);
+    }
+
+    fn reset(&mut self, r: &Reset, out: &mut Vec<Close>) {
+        let Some(sk) = r.skaddr else {
+            return;
+        };
+        if r.direction == Direction::Sent
+            && let Some(i) = self.pending.iter().position(|p| p.close.skaddr == sk)
+        {
+            let mut p = self.pending.remove(i).close;
+            if p.initiator == Initiator::Unknown {
+                p.initiator = Initiator::Local;
+            }
+            p.how = How::RstSent;
+            out.push(p);
+            return;
+        }
+        if let Some(life) = self.live.get_mut(&sk) {
+            // The first reset decides: an answer to the peer's reset is not an abort.
+            life.reset.get_or_insert(r.direction);
+        } else if r.direction == Direction::Received {
+            // A socket first met through the reset that is about to end it.
+            if self.live.len() >= self.cap {
+                self.evict();
+            }
+            self.live.insert(
+                sk,
+                Life {
+                    born_ts: None,
+                    first_ts: r.ts_ns,
+                    role: Role::Unknown,
+                    first_fin: None,
+                    simultaneous: false,
+                    reset: Some(Direction::Received),
+                    gap: false,
+                    states: 0,
+                    local: r.local,
+                    remote: r.remote,
+                    owner: r.owner,
+                },
+            );
+        }
+        let _ = out;
+    }
+
+    /// Drops the socket seen first (an approximation of the oldest, in O(n): eviction only
+    /// happens at the cap, which a healthy host never reaches).
+    fn evict(&mut self) {
+        if let Some((&sk, _)) = self.live.iter().min_by_key(|(_, l)| l.first_ts) {
+            self.live.remove(&sk);
+            self.evicted += 1;
+        }
+    }
+}
+
+/// An abort for which no reset came: a timeout, if the evidence is complete.
+fn no_reset(p: Pending) -> Close {
+    let mut c = p.close;
+    if p.gap {
+        return c;
+    }
+    c.how = match p.from {
+        // Closing an unconnected socket looks the same as a connect that timed out; only
+        // the time spent trying tells them apart.
+        State::SynSent if p.in_from_ns.is_some_and(|d| d >= MIN_CONNECT_TIMEOUT_NS) => How::Timeout,
+        State::SynSent => How::Unknown,
+        _ => How::Timeout,
+    };
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::event::Comm;
+
+    const C: &str = "10.0.0.1:40000";
+    const S: &str = "10.0.0.2:80";
+
+    struct Script {
+        ts: u64,
+        events: Vec<Event>,
+    }
+
+    impl Script {
+        fn new() -> Self {
+            Script {
+                ts: 1_000,
+                events: Vec::new(),
+            }
+        }
+        fn t(&mut self, sk: u64, local: &str, remote: &str, from: State, to: State) -> &mut Self {
+            self.ts += 1_000;
+            self.events.push(Event::Transition(Transition {
+                ts_ns: self.ts,
+                skaddr: sk,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                from,
+                to,
+                in_from_ns: Some(1_000),
+                owner: Some(Owner {
+                    pid: sk as u32,
+                    comm: Comm([b'x'; 16]),
+                    from_listener: false,
+                }),
+                mptcp: false,
+            }));
+            self
+        }
+        fn rst(&mut self, sk: Option<u64>, local: &str, remote: &str, d: Direction) -> &mut Self {
+            self.ts += 1_000;
+            self.events.push(Event::Reset(Reset {
+                ts_ns: self.ts,
+                skaddr: sk,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                direction: d,
+                state: None,
+                reason: None,
+                owner: None,
+            }));
+            self
+        }
+        fn lost(&mut self) -> &mut Self {
+            self.ts += 1_000;
+            self.events.push(Event::Lost {
+                ts_ns: self.ts,
+                count: 1,
+            });
+            self
+        }
+        fn run(&self) -> Vec<super::Close> {
+            let mut tr = Tracker::default();
+            let mut out = Vec::new();
+            for e in &self.events {
+                tr.observe(e, &mut out);
+            }
+            tr.flush(&mut out);
+            out.sort_by_key(|c| c.skaddr);
+            out
+        }
+    }
+
+    use State::*;
+
+    fn summary(c: &super::Close) -> (u64, Initiator, How, bool, Role) {
+        (c.skaddr, c.initiator, c.how, c.timewait, c.role)
+    }
+
+    /// The client (socket 1) closes first; the server side (2) closes passively.
+    fn client_closes(s: &mut Script) {
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(2, S, C, Listen, SynRecv)
+            .t(1, C, S, SynSent, Established)
+            .t(2, S, C, SynRecv, Established)
+            .t(1, C, S, Established, FinWait1)
+            .t(2, S, C, Established, CloseWait)
+            .t(1, C, S, FinWait1, FinWait2)
+            .t(2, S, C, CloseWait, LastAck)
+            .t(1, C, S, FinWait2, TimeWait)
+            .t(2, S, C, LastAck, Close);
+    }
+
+    #[test]
+    fn client_closes_first_both_sides_agree() {
+        let mut s = Script::new();
+        client_closes(&mut s);
+        let out = s.run();
+        assert_eq!(
+            out.iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Local, How::Fin, true, Role::Client),
+                (2, Initiator::Remote, How::Fin, false, Role::Server)
+            ]
+        );
+        assert_eq!(out[0].lifetime_ns, Some(8_000));
+        assert_eq!(out[1].service_port(), 80);
+        assert_eq!(out[0].service_port(), 80);
+        assert_eq!(
+            out[0].local.port(),
+            40000,
+            "the port learnt after connect()"
+        );
+    }
+
+    #[test]
+    fn server_closes_first() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(2, S, C, Listen, SynRecv)
+            .t(1, C, S, SynSent, Established)
+            .t(2, S, C, SynRecv, Established)
+            .t(2, S, C, Established, FinWait1)
+            .t(1, C, S, Established, CloseWait)
+            .t(2, S, C, FinWait1, FinWait2)
+            .t(1, C, S, CloseWait, LastAck)
+            .t(2, S, C, FinWait2, TimeWait)
+            .t(1, C, S, LastAck, Close);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Remote, How::Fin, false, Role::Client),
+                (2, Initiator::Local, How::Fin, true, Role::Server)
+            ]
+        );
+    }
+
+    #[test]
+    fn simultaneous_close() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(2, S, C, Listen, SynRecv)
+            .t(2, S, C, SynRecv, Established)
+            .t(1, C, S, Established, FinWait1)
+            .t(2, S, C, Established, FinWait1)
+            .t(1, C, S, FinWait1, Closing)
+            .t(2, S, C, FinWait1, Closing)
+            .t(1, C, S, Closing, TimeWait)
+            .t(2, S, C, Closing, TimeWait);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Simultaneous, How::Fin, true, Role::Client),
+                (2, Initiator::Simultaneous, How::Fin, true, Role::Server)
+            ]
+        );
+    }
+
+    #[test]
+    fn abortive_close_by_the_application_then_its_reset() {
+        // SO_LINGER 0: the transition is logged first, the reset right after; the peer's
+        // receive_reset can even come before the sender's send_reset.
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(2, S, C, Listen, SynRecv)
+            .t(2, S, C, SynRecv, Established)
+            .t(1, C, S, Established, Close)
+            .rst(Some(2), S, C, Direction::Received)
+            .rst(Some(1), C, S, Direction::Sent)
+            .t(2, S, C, Established, Close);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Local, How::RstSent, false, Role::Client),
+                (2, Initiator::Remote, How::RstReceived, false, Role::Server)
+            ]
+        );
+    }
+
+    #[test]
+    fn refused_connect() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .rst(None, S, C, Direction::Sent)
+            .rst(Some(1), C, S, Direction::Received)
+            .t(1, C, S, SynSent, Close);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [(1, Initiator::Remote, How::Refused, false, Role::Client)]
+        );
+    }
+
+    #[test]
+    fn no_reset_means_timeout_unless_evidence_is_missing() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(1, C, S, Established, Close);
+        assert_eq!(s.run()[0].how, How::Timeout);
+
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .lost()
+            .t(1, C, S, Established, Close);
+        assert_eq!(
+            summary(&s.run()[0]),
+            (1, Initiator::Unknown, How::Unknown, false, Role::Client)
+        );
+
+        // A socket first seen mid-life proves nothing by the absence of a reset.
+        let mut s = Script::new();
+        s.t(1, C, S, Established, Close);
+        let c = s.run()[0];
+        assert_eq!(
+            summary(&c),
+            (1, Initiator::Unknown, How::Unknown, false, Role::Unknown)
+        );
+        assert!(c.midlife);
+        assert_eq!(c.lifetime_ns, None);
+
+        // A quick SYN_SENT→CLOSE is an application giving up, not a handshake timeout.
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Close);
+        assert_eq!(s.run()[0].how, How::Unknown);
+    }
+
+    #[test]
+    fn midlife_sockets_keep_what_the_evidence_proves() {
+        let mut s = Script::new();
+        s.t(1, C, S, Established, FinWait1)
+            .t(1, C, S, FinWait1, FinWait2)
+            .t(1, C, S, FinWait2, TimeWait);
+        s.t(2, S, C, CloseWait, LastAck).t(2, S, C, LastAck, Close);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Local, How::Fin, true, Role::Unknown),
+                (2, Initiator::Remote, How::Fin, false, Role::Unknown)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reset_in_fin_wait2_is_not_time_wait() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(1, C, S, Established, FinWait1)
+            .t(1, C, S, FinWait1, FinWait2)
+            .rst(Some(1), C, S, Direction::Received)
+            .t(1, C, S, FinWait2, Close);
+        assert_eq!(
+            summary(&s.run()[0]),
+            (1, Initiator::Local, How::RstReceived, false, Role::Client)
+        );
+    }
+
+    #[test]
+    fn the_cap_bounds_memory_and_counts_evictions() {
+        let mut tr = Tracker::new(10);
+        let mut out = Vec::new();
+        let mut s = Script::new();
+        for sk in 0..100 {
+            s.t(sk, "10.0.0.1:0", S, Close, SynSent);
+        }
+        for e in &s.events {
+            tr.observe(e, &mut out);
+        }
+        assert_eq!(tr.tracked(), 10);
+        assert_eq!(tr.evicted(), 90);
+    }
+
+    fn any_event() -> impl Strategy<Value = (u64, u8, u8, u8)> {
+        (0u64..4, 0u8..16, 1u8..=12, 1u8..=12)
+    }
+
+    proptest! {
+        /// Any sequence — reordered, with gaps, resets anywhere — never panics, yields at most
+        /// one close per socket life, and never claims a cause it has no evidence for.
+        #[test]
+        fn arbitrary_sequences(events in proptest::collection::vec(any_event(), 0..60)) {
+            let mut s = Script::new();
+            for (sk, what, from, to) in events {
+                let (from, to) = (State::from_kernel(from).unwrap(), State::from_kernel(to).unwrap());
+                match what {
+                    0 => { s.rst(Some(sk), C, S, Direction::Sent); }
+                    1 => { s.rst(Some(sk), C, S, Direction::Received); }
+                    2 => { s.lost(); }
+                    _ => { s.t(sk, C, S, from, to); }
+                }
+            }
+            for c in s.run() {
+                if c.how == How::Refused {
+                    prop_assert_eq!(c.initiator, Initiator::Remote);
+                }
+                if c.timewait {
+                    prop_assert!(matches!(c.how, How::Fin | How::Unknown));
+                }
+                if c.midlife {
+                    prop_assert!(c.lifetime_ns.is_none());
+                    prop_assert!(c.how != How::Timeout, "no timeout claimed without full evidence");
+                }
+            }
+        }
+    }
+}
