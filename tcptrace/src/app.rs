@@ -15,11 +15,14 @@ use tokio::{
 };
 
 use crate::{
-    cli::Cli,
+    cli::{Cli, Command, SourceArgs},
     event::RawEvent,
+    filter::Filter,
+    hist::Hist,
     output::{Renderer, Style, local_utc_offset_secs},
     probe::{Probe, ProbeConfig, wall_offset_ns},
     record::{Reader, Writer},
+    report::Report,
     view::{Flow, Stream, View},
 };
 
@@ -29,49 +32,97 @@ const TICK: Duration = Duration::from_millis(20);
 /// Runs the command line. Errors carry context for the user; a closed stdout (`| head`)
 /// ends the run quietly.
 pub fn run(cli: Cli) -> Result<()> {
-    let filter = cli.filter.filter();
     let stdout = io::stdout();
     let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
-    let style = |wall_offset_ns| Style {
-        wall_offset_ns,
-        utc_offset_secs: local_utc_offset_secs(),
-        color,
-        addr_width: Style::addr_width_for(filter.family),
-    };
-    let result = if let Some(path) = &cli.source.from {
-        let mut reader = open_recording(path)?;
-        let renderer = Renderer::new(cli.output.format(), style(reader.header().wall_offset_ns));
-        let mut view = Stream::new(filter.compile(), renderer, out, cli.source.count);
-        replay(&mut reader, &mut view).with_context(|| format!("replaying {}", path.display()))
-    } else {
-        let (kernel, ports) = filter.kernel();
-        let probe = Probe::start(&ProbeConfig {
-            kernel: tcptrace_common::Config {
-                wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
-                ..kernel
-            },
-            ports,
-            ring_bytes: cli.source.ring_buffer_size,
-        })?;
-        let wall = wall_offset_ns();
-        let recorder = match &cli.source.record {
-            Some(path) => Some(
-                File::create(path)
-                    .and_then(|f| Writer::new(f, wall))
-                    .with_context(|| format!("cannot write the recording {}", path.display()))?,
-            ),
-            None => None,
-        };
-        let renderer = Renderer::new(cli.output.format(), style(wall));
-        let mut view = Stream::new(filter.compile(), renderer, out, cli.source.count);
-        eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
-        live(probe, recorder, &mut view, cli.source.duration)
+    let result = match &cli.command {
+        None => {
+            let filter = cli.filter.filter();
+            let format = cli.output.format();
+            drive(&filter, &cli.source, |wall| {
+                let style = Style {
+                    wall_offset_ns: wall,
+                    utc_offset_secs: local_utc_offset_secs(),
+                    color,
+                    addr_width: Style::addr_width_for(filter.family),
+                };
+                let renderer = Renderer::new(format, style);
+                Box::new(Stream::new(filter.compile(), renderer, out, cli.count))
+            })
+        }
+        Some(Command::Report(a)) => {
+            let filter = a.filter.filter();
+            // The report follows whole connections: the kernel sends every transition and
+            // the states select connections instead.
+            let whole = filter.without_states();
+            let mask = filter.compile().state_mask();
+            let format = a.output.format();
+            let interval = a.interval.map(|d| d.as_nanos() as u64);
+            drive(&whole, &a.source, |wall| {
+                Box::new(Report::new(
+                    whole.compile(),
+                    mask,
+                    out,
+                    format,
+                    wall,
+                    interval,
+                ))
+            })
+        }
+        Some(Command::Hist(a)) => {
+            let filter = a.filter.filter();
+            let format = a.output.format();
+            drive(&filter, &a.source, |_| {
+                Box::new(Hist::new(
+                    filter.compile(),
+                    &filter.states,
+                    a.by,
+                    out,
+                    format,
+                ))
+            })
+        }
     };
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(()),
         other => other,
     }
+}
+
+/// Feeds a view from the source the flags name: a recording, or the live probe configured
+/// with `filter`'s kernel part.
+fn drive<'a>(
+    filter: &Filter,
+    source: &SourceArgs,
+    make_view: impl FnOnce(i64) -> Box<dyn View + 'a>,
+) -> Result<()> {
+    if let Some(path) = &source.from {
+        let mut reader = open_recording(path)?;
+        let mut view = make_view(reader.header().wall_offset_ns);
+        return replay(&mut reader, view.as_mut())
+            .with_context(|| format!("replaying {}", path.display()));
+    }
+    let (kernel, ports) = filter.kernel();
+    let probe = Probe::start(&ProbeConfig {
+        kernel: tcptrace_common::Config {
+            wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
+            ..kernel
+        },
+        ports,
+        ring_bytes: source.ring_buffer_size,
+    })?;
+    let wall = wall_offset_ns();
+    let recorder = match &source.record {
+        Some(path) => Some(
+            File::create(path)
+                .and_then(|f| Writer::new(f, wall))
+                .with_context(|| format!("cannot write the recording {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut view = make_view(wall);
+    eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
+    live(probe, recorder, view.as_mut(), source.duration)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

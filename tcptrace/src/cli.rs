@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{event::State, filter::Filter, output::Format};
@@ -15,19 +15,89 @@ Examples:
   sudo tcptrace --lport 443 --state CLOSE_WAIT   peers hung up, app has not closed yet
   sudo tcptrace -4 --raddr 10.0.0.0/8 --duration 30s
   sudo tcptrace --record trace.tcptrace      also save the raw events for later
-  tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)";
+  tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)
+  sudo tcptrace report --duration 1m         who closes first, per port
+  sudo tcptrace hist --port 443              how long each state lasts";
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace report                       until Ctrl-C, then one table
+  sudo tcptrace report --duration 5m --interval 1m   a table every minute
+  sudo tcptrace report --lport 8080 --json   the server side of :8080, as JSON
+  tcptrace report --from trace.tcptrace      from a recording
+
+Columns: connections CLOSED per service port (the listening port when this host accepted
+them, DIR in; the remote port when it connected, DIR out); who closed first (LOCAL, REMOTE,
+SIMULT, UNKNOWN); how (resets sent and received, REFUSED, TIMEOUT); TIME_WAIT entered on this
+host; the processes that owned them. Only the side that closes first holds TIME_WAIT.";
+
+const HIST_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace hist --duration 30s          every state, 30 seconds
+  sudo tcptrace hist --state SYN_SENT        connect latency only
+  sudo tcptrace hist --state CLOSE_WAIT --by port   where applications are slow to close
+  tcptrace hist --from trace.tcptrace --json";
 
 /// Traces TCP state transitions with eBPF: who closes each connection first, which side
 /// holds TIME_WAIT, and how long every state lasts.
 #[derive(Debug, Parser)]
-#[command(name = "tcptrace", version, after_help = EXAMPLES)]
+#[command(
+    name = "tcptrace",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
     pub source: SourceArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    /// Stop after this many records are shown.
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+}
+
+/// Views other than the live stream.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Who closes first, per service port and direction, and who holds the TIME_WAIT.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report(ReportArgs),
+    /// Histograms of the time spent in each state (connect latency, CLOSE_WAIT, …).
+    #[command(after_help = HIST_EXAMPLES)]
+    Hist(HistArgs),
+}
+
+/// `tcptrace report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Print a report every INTERVAL (e.g. 10s) instead of once at the end.
+    #[arg(short, long, value_name = "INTERVAL", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+}
+
+/// `tcptrace hist`.
+#[derive(Debug, Args)]
+pub struct HistArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// One histogram per state, or per state and service port.
+    #[arg(long, value_enum, default_value_t = crate::hist::By::State)]
+    pub by: crate::hist::By,
 }
 
 /// Which transitions to keep. Family, ports and states are filtered in the kernel.
@@ -83,9 +153,6 @@ pub struct SourceArgs {
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(short, long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Stop after this many transitions are shown.
-    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: Option<u64>,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = crate::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
@@ -196,5 +263,15 @@ mod tests {
         .unwrap();
         assert_eq!(ok.filter.state, vec![State::TimeWait, State::CloseWait]);
         assert_eq!(ok.filter.port, vec![80, 443]);
+        let r =
+            Cli::try_parse_from(["tcptrace", "report", "--lport", "8080", "-i", "10s"]).unwrap();
+        assert!(matches!(
+            r.command,
+            Some(Command::Report(ReportArgs {
+                interval: Some(_),
+                ..
+            }))
+        ));
+        assert!(err(&["--port", "80", "report"]).contains("report"));
     }
 }

@@ -139,17 +139,22 @@ pub struct Close {
 }
 
 impl Close {
-    /// The port that names the service: the listening (local) port of an accepted socket,
-    /// the remote port of a connecting one; for a socket of unknown role, the lower of the
-    /// two when only one is below the usual ephemeral range, else the local port.
+    /// The port that names the service (see [`service_port`]).
     pub fn service_port(&self) -> u16 {
-        let (l, r) = (self.local.port(), self.remote.port());
-        match self.role {
-            Role::Server => l,
-            Role::Client => r,
-            Role::Unknown if r < 32768 && l >= 32768 => r,
-            Role::Unknown => l,
-        }
+        service_port(self.role, self.local, self.remote)
+    }
+}
+
+/// The port that names a connection's service: the listening (local) port of an accepted
+/// socket, the remote port of a connecting one; for a socket of unknown role, the remote port
+/// when only it is below the usual ephemeral range (32768), else the local port.
+pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
+    let (l, r) = (local.port(), remote.port());
+    match role {
+        Role::Server => l,
+        Role::Client => r,
+        Role::Unknown if r < 32768 && l >= 32768 => r,
+        Role::Unknown => l,
     }
 }
 
@@ -225,6 +230,11 @@ impl Tracker {
     /// Sockets followed now.
     pub fn tracked(&self) -> usize {
         self.live.len()
+    }
+
+    /// The role of a socket followed now.
+    pub fn role(&self, skaddr: u64) -> Option<Role> {
+        self.live.get(&skaddr).map(|l| l.role)
     }
 
     /// Feeds one event; appends the closes it completes to `out`.
@@ -306,6 +316,7 @@ impl Tracker {
         {
             life.owner = Some(o);
         }
+        let mut crossed = None;
         match (t.from, t.to) {
             (State::Established | State::SynRecv, State::FinWait1) => {
                 life.first_fin.get_or_insert(Initiator::Local);
@@ -313,8 +324,24 @@ impl Tracker {
             (State::Established | State::SynRecv, State::CloseWait) => {
                 life.first_fin.get_or_insert(Initiator::Remote);
             }
-            (State::FinWait1, State::Closing) => life.simultaneous = true,
+            (State::FinWait1, State::Closing) => {
+                life.simultaneous = true;
+                crossed = Some((life.local, life.remote));
+            }
             _ => {}
+        }
+        if let Some((local, remote)) = crossed {
+            // Both FINs were sent before either arrived: a simultaneous close for the peer
+            // too, even if its own view differs (our FIN was lost and retransmitted after its
+            // FIN was acknowledged). When the peer is traced here as well (loopback,
+            // containers), tell it, so both sides' records agree. Rare enough for a scan.
+            if let Some(peer) = self
+                .live
+                .values_mut()
+                .find(|l| l.local == remote && l.remote == local)
+            {
+                peer.simultaneous = true;
+            }
         }
         if t.to != State::Close && t.to != State::TimeWait {
             return;
@@ -363,13 +390,14 @@ impl Tracker {
             (from, _) => {
                 // An abort: a reset explains it, in either order.
                 match life.reset {
+                    // A reset in answer to our SYN: the peer refused, whatever else was seen.
+                    Some(Direction::Received) if from == State::SynSent => {
+                        close.initiator = Initiator::Remote;
+                        close.how = How::Refused;
+                    }
                     Some(Direction::Received) => {
                         close.initiator = first.unwrap_or(Initiator::Remote);
-                        close.how = if from == State::SynSent {
-                            How::Refused
-                        } else {
-                            How::RstReceived
-                        };
+                        close.how = How::RstReceived;
                     }
                     Some(Direction::Sent) => {
                         close.initiator = first.unwrap_or(Initiator::Local);
@@ -631,6 +659,30 @@ mod tests {
     }
 
     #[test]
+    fn a_crossing_seen_by_one_side_is_simultaneous_for_both() {
+        // The client's FIN was lost: the server saw its own FIN acknowledged first, the client
+        // saw the FINs cross. Both FINs were sent before either arrived.
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(2, S, C, Listen, SynRecv)
+            .t(2, S, C, SynRecv, Established)
+            .t(2, S, C, Established, FinWait1)
+            .t(1, C, S, Established, FinWait1)
+            .t(1, C, S, FinWait1, Closing)
+            .t(2, S, C, FinWait1, FinWait2)
+            .t(2, S, C, FinWait2, TimeWait)
+            .t(1, C, S, Closing, TimeWait);
+        assert_eq!(
+            s.run().iter().map(summary).collect::<Vec<_>>(),
+            [
+                (1, Initiator::Simultaneous, How::Fin, true, Role::Client),
+                (2, Initiator::Simultaneous, How::Fin, true, Role::Server)
+            ]
+        );
+    }
+
+    #[test]
     fn abortive_close_by_the_application_then_its_reset() {
         // SO_LINGER 0: the transition is logged first, the reset right after; the peer's
         // receive_reset can even come before the sender's send_reset.
@@ -663,6 +715,17 @@ mod tests {
             s.run().iter().map(summary).collect::<Vec<_>>(),
             [(1, Initiator::Remote, How::Refused, false, Role::Client)]
         );
+    }
+
+    #[test]
+    fn a_refused_connect_is_the_peers_doing_even_amid_contradictions() {
+        // Found by the property test: a reset, a FIN from this side, then SYN_SENT→CLOSE.
+        let mut s = Script::new();
+        s.rst(Some(3), C, S, Direction::Received)
+            .t(3, C, S, Established, FinWait1)
+            .t(3, C, S, SynSent, Close);
+        let c = s.run()[0];
+        assert_eq!((c.initiator, c.how), (Initiator::Remote, How::Refused));
     }
 
     #[test]

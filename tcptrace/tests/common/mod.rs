@@ -136,6 +136,10 @@ pub struct NetPair {
     pub b4: std::net::IpAddr,
     pub a6: std::net::IpAddr,
     pub b6: std::net::IpAddr,
+    /// The veth end inside namespace a.
+    pub dev_a: String,
+    /// The veth end inside namespace b.
+    pub dev_b: String,
 }
 
 fn ip(args: &[&str]) {
@@ -163,11 +167,13 @@ impl NetPair {
             b4: format!("10.199.{subnet}.2").parse().unwrap(),
             a6: format!("fd99:{subnet:x}::1").parse().unwrap(),
             b6: format!("fd99:{subnet:x}::2").parse().unwrap(),
+            dev_a: format!("tv{n}a{}", std::process::id() % 100000),
+            dev_b: format!("tv{n}b{}", std::process::id() % 100000),
         };
         ip(&["netns", "add", &pair.a]);
         ip(&["netns", "add", &pair.b]);
-        let va = format!("tv{n}a{}", std::process::id() % 100000);
-        let vb = format!("tv{n}b{}", std::process::id() % 100000);
+        let va = pair.dev_a.clone();
+        let vb = pair.dev_b.clone();
         ip(&[
             "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
             &pair.b,

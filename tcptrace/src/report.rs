@@ -1,0 +1,480 @@
+//! `tcptrace report`: who closes first, per service port and direction, with a reading of
+//! what it means for TIME_WAIT.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+};
+
+use comfy_table::{CellAlignment, Table, presets};
+use serde::Serialize;
+
+use crate::{
+    event::{Direction, Event, RawEvent, decode},
+    filter::CompiledFilter,
+    output::{Format, rfc3339},
+    track::{Close, How, Initiator, Role, Tracker, service_port},
+    view::{Flow, View},
+};
+
+/// Which way connections on a row go, seen from this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Way {
+    /// This host accepted them (it is the server on the port).
+    In,
+    /// This host connected (it is the client of the port).
+    Out,
+    /// First seen mid-life: unknown.
+    Unknown,
+}
+
+impl Way {
+    fn of(role: Role) -> Way {
+        match role {
+            Role::Server => Way::In,
+            Role::Client => Way::Out,
+            Role::Unknown => Way::Unknown,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Way::In => "in",
+            Way::Out => "out",
+            Way::Unknown => "?",
+        }
+    }
+}
+
+/// A process and how many of a row's connections it owned.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TopProcess {
+    /// Command name (`?` when unknown).
+    pub comm: String,
+    /// Connections.
+    pub count: u64,
+}
+
+/// The counts of one row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Row {
+    /// Service port.
+    pub port: u16,
+    /// Direction.
+    pub direction: Option<Way>,
+    /// Connections closed.
+    pub closed: u64,
+    /// Closed first by this host.
+    pub local: u64,
+    /// Closed first by the peer.
+    pub remote: u64,
+    /// FINs crossed.
+    pub simultaneous: u64,
+    /// No evidence.
+    pub unknown: u64,
+    /// Ended by a reset this host sent.
+    pub rst_sent: u64,
+    /// Ended by a reset that arrived.
+    pub rst_received: u64,
+    /// Connection attempts refused (by this host when `in`, by the peer when `out`).
+    pub refused: u64,
+    /// Ended by a timeout.
+    pub timeout: u64,
+    /// TIME_WAIT entered on this host.
+    pub timewait: u64,
+    /// Processes that owned the connections, most first (at most 3).
+    pub top_processes: Vec<TopProcess>,
+    /// A plain-language reading, for rows with enough connections.
+    pub advice: Option<String>,
+    #[serde(skip)]
+    procs: HashMap<String, u64>,
+}
+
+impl Row {
+    fn add(&mut self, c: &Close) {
+        self.closed += 1;
+        match c.initiator {
+            Initiator::Local => self.local += 1,
+            Initiator::Remote => self.remote += 1,
+            Initiator::Simultaneous => self.simultaneous += 1,
+            Initiator::Unknown => self.unknown += 1,
+        }
+        match c.how {
+            How::RstSent => self.rst_sent += 1,
+            How::RstReceived => self.rst_received += 1,
+            How::Refused => self.refused += 1,
+            How::Timeout => self.timeout += 1,
+            How::Fin | How::Unknown => {}
+        }
+        self.timewait += u64::from(c.timewait);
+        let comm = c
+            .owner
+            .map_or_else(|| "?".to_string(), |o| o.comm.as_str().into_owned());
+        *self.procs.entry(comm).or_default() += 1;
+    }
+
+    fn finish(&mut self) {
+        let mut procs: Vec<TopProcess> = self
+            .procs
+            .drain()
+            .map(|(comm, count)| TopProcess { comm, count })
+            .collect();
+        procs.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.comm.cmp(&b.comm)));
+        procs.truncate(3);
+        self.top_processes = procs;
+        self.advice = advice(self);
+    }
+}
+
+/// Rows with fewer events than this get no reading: too few to say anything.
+const BUSY: u64 = 3;
+
+/// What a row means, in one line that stays true to the kernel's behaviour.
+pub fn advice(r: &Row) -> Option<String> {
+    let events = r.closed + r.refused;
+    if events < BUSY {
+        return None;
+    }
+    let p = r.port;
+    let share = |n: u64| n * 100 / r.closed.max(1);
+    if r.timewait > 0 && share(r.local) >= 50 {
+        return Some(match r.direction {
+            Some(Way::In) => format!(
+                "this host closes first on :{p}, so it holds the TIME_WAIT ({} here, 60 s each): \
+                 let clients close first or keep connections alive; tcp_fin_timeout does not \
+                 shorten TIME_WAIT",
+                r.timewait
+            ),
+            Some(Way::Out) => format!(
+                "this host closes its connections to :{p} first, so it holds the TIME_WAIT and \
+                 its local ports: reuse connections (pooling, keep-alive); tcp_tw_reuse lets \
+                 new outgoing connections reuse them"
+            ),
+            _ => format!("this host closes first on :{p}, so it holds the TIME_WAIT"),
+        });
+    }
+    if share(r.rst_received) >= 20 {
+        return Some(format!(
+            "{}% of connections on :{p} end with a reset from the peer: look for peer \
+             timeouts, crashes or a middlebox",
+            share(r.rst_received)
+        ));
+    }
+    if share(r.rst_sent) >= 20 {
+        return Some(format!(
+            "this host aborts {}% of connections on :{p} with a reset (SO_LINGER 0, or \
+             closing with unread data)",
+            share(r.rst_sent)
+        ));
+    }
+    if r.refused * 2 >= events {
+        return Some(match r.direction {
+            Some(Way::In) => {
+                format!("connection attempts to :{p} are refused: nothing listens there")
+            }
+            _ => format!("connections to :{p} are refused: the service is down or not listening"),
+        });
+    }
+    if share(r.timeout) >= 20 {
+        return Some(format!(
+            "{}% of connections on :{p} time out",
+            share(r.timeout)
+        ));
+    }
+    if r.direction == Some(Way::In) && share(r.remote) >= 50 {
+        return Some(format!(
+            "clients close first on :{p}: the TIME_WAIT stays on their side"
+        ));
+    }
+    if r.direction == Some(Way::Out) && share(r.remote) >= 50 {
+        return Some(format!(
+            "the servers on :{p} close first: the TIME_WAIT stays on their side"
+        ));
+    }
+    None
+}
+
+/// One finished report.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// `report`.
+    pub kind: &'static str,
+    /// Start of the window (RFC 3339).
+    pub start: String,
+    /// End of the window (RFC 3339).
+    pub end: String,
+    /// Its length.
+    pub duration_ns: u64,
+    /// Connections closed in it.
+    pub connections: u64,
+    /// Events lost in it.
+    pub lost: u64,
+    /// Sockets the tracker had to stop following (cap reached), since the start.
+    pub evicted: u64,
+    /// Rows, most TIME_WAIT first.
+    pub rows: Vec<Row>,
+}
+
+/// The report view.
+pub struct Report<W: Write> {
+    filter: CompiledFilter,
+    state_mask: u32,
+    tracker: Tracker,
+    closes: Vec<Close>,
+    rows: HashMap<(u16, Way), Row>,
+    out: W,
+    format: Format,
+    wall_offset_ns: i64,
+    interval_ns: Option<u64>,
+    window_start: Option<u64>,
+    last_ts: u64,
+    lost: u64,
+}
+
+impl<W: Write> Report<W> {
+    /// A report of what `filter` keeps; `state_mask` (bits `1 << state`) keeps only
+    /// connections that passed through one of those states. With `interval_ns`, a report
+    /// is printed for every interval, else once at the end.
+    pub fn new(
+        filter: CompiledFilter,
+        state_mask: u32,
+        out: W,
+        format: Format,
+        wall_offset_ns: i64,
+        interval_ns: Option<u64>,
+    ) -> Self {
+        Report {
+            filter,
+            state_mask,
+            tracker: Tracker::default(),
+            closes: Vec::new(),
+            rows: HashMap::new(),
+            out,
+            format,
+            wall_offset_ns,
+            interval_ns,
+            window_start: None,
+            last_ts: 0,
+            lost: 0,
+        }
+    }
+
+    /// The writer (for tests).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn tally(&mut self) {
+        for c in std::mem::take(&mut self.closes) {
+            if !self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+                continue;
+            }
+            if self.state_mask != 0 && u32::from(c.states) & self.state_mask == 0 {
+                continue;
+            }
+            let way = Way::of(c.role);
+            let port = c.service_port();
+            self.rows
+                .entry((port, way))
+                .or_insert_with(|| Row {
+                    port,
+                    direction: Some(way),
+                    ..Row::default()
+                })
+                .add(&c);
+        }
+    }
+
+    /// Takes the rows of the current window.
+    pub fn summary(&mut self, end_ts: u64) -> Summary {
+        let start = self.window_start.unwrap_or(end_ts);
+        let mut rows: Vec<Row> = self.rows.drain().map(|(_, r)| r).collect();
+        for r in &mut rows {
+            r.finish();
+        }
+        rows.sort_by(|a, b| {
+            b.timewait
+                .cmp(&a.timewait)
+                .then(b.closed.cmp(&a.closed))
+                .then(a.port.cmp(&b.port))
+                .then(a.direction.cmp(&b.direction))
+        });
+        let wall = |ts: u64| rfc3339(i128::from(ts) + i128::from(self.wall_offset_ns));
+        let s = Summary {
+            kind: "report",
+            start: wall(start),
+            end: wall(end_ts),
+            duration_ns: end_ts.saturating_sub(start),
+            connections: rows.iter().map(|r| r.closed).sum(),
+            lost: self.lost,
+            evicted: self.tracker.evicted(),
+            rows,
+        };
+        self.window_start = Some(end_ts);
+        self.lost = 0;
+        s
+    }
+
+    fn emit(&mut self, end_ts: u64) -> io::Result<()> {
+        let s = self.summary(end_ts);
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, &s)?;
+                writeln!(self.out)?;
+            }
+            Format::Text => write!(self.out, "{}", render_text(&s))?,
+        }
+        self.out.flush()
+    }
+
+    fn maybe_emit(&mut self, now: u64) -> io::Result<()> {
+        if let (Some(iv), Some(start)) = (self.interval_ns, self.window_start)
+            && now >= start + iv
+        {
+            self.tracker.expire(now, &mut self.closes);
+            self.tally();
+            self.emit(start + iv)?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> View for Report<W> {
+    fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
+        for raw in batch {
+            if !self.filter.kernel_keeps(raw) {
+                continue;
+            }
+            let Ok(ev) = decode(raw) else { continue };
+            let ts = ev.ts_ns();
+            self.window_start.get_or_insert(ts);
+            self.maybe_emit(ts)?;
+            self.last_ts = self.last_ts.max(ts);
+            match &ev {
+                Event::Lost { count, .. } => self.lost += count,
+                // A SYN for a port nothing listens on: this host refused a connection.
+                Event::Reset(r)
+                    if r.skaddr.is_none()
+                        && r.direction == Direction::Sent
+                        && self.state_mask == 0
+                        && self.filter.keeps_parts(None, r.local, r.remote) =>
+                {
+                    let port = service_port(Role::Server, r.local, r.remote);
+                    self.rows
+                        .entry((port, Way::In))
+                        .or_insert_with(|| Row {
+                            port,
+                            direction: Some(Way::In),
+                            ..Row::default()
+                        })
+                        .refused += 1;
+                }
+                _ => {}
+            }
+            self.tracker.observe(&ev, &mut self.closes);
+            self.tally();
+        }
+        Ok(Flow::More)
+    }
+
+    fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        self.window_start.get_or_insert(now_ns);
+        self.last_ts = self.last_ts.max(now_ns);
+        self.maybe_emit(now_ns)?;
+        Ok(Flow::More)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.tracker.flush(&mut self.closes);
+        self.tally();
+        self.emit(self.last_ts)
+    }
+}
+
+/// The report as a table with a reading under each busy row.
+pub fn render_text(s: &Summary) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    t.set_header([
+        "PORT",
+        "DIR",
+        "CLOSED",
+        "LOCAL",
+        "REMOTE",
+        "SIMULT",
+        "UNKNOWN",
+        "RST-SENT",
+        "RST-RECV",
+        "REFUSED",
+        "TIMEOUT",
+        "TIME_WAIT",
+        "TOP PROCESSES",
+    ]);
+    let pct = |n: u64, d: u64| {
+        (n * 100)
+            .checked_div(d)
+            .map_or("-".into(), |p| format!("{p}%"))
+    };
+    let mut readings = Vec::new();
+    for r in &s.rows {
+        t.add_row([
+            format!(":{}", r.port),
+            r.direction.map_or("?", Way::name).to_string(),
+            r.closed.to_string(),
+            pct(r.local, r.closed),
+            pct(r.remote, r.closed),
+            pct(r.simultaneous, r.closed),
+            pct(r.unknown, r.closed),
+            r.rst_sent.to_string(),
+            r.rst_received.to_string(),
+            r.refused.to_string(),
+            r.timeout.to_string(),
+            r.timewait.to_string(),
+            r.top_processes
+                .iter()
+                .map(|p| format!("{} ({})", p.comm, p.count))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+        if let Some(a) = &r.advice {
+            readings.push(format!(
+                ":{} {}: {a}",
+                r.port,
+                r.direction.map_or("?", Way::name)
+            ));
+        }
+    }
+    for i in 2..12 {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let mut out = format!(
+        "tcptrace report: {} to {} ({:.1} s), {} connections closed",
+        s.start,
+        s.end,
+        s.duration_ns as f64 / 1e9,
+        s.connections
+    );
+    if s.lost > 0 {
+        out.push_str(&format!(", {} events LOST (counts are low)", s.lost));
+    }
+    if s.evicted > 0 {
+        out.push_str(&format!(", {} sockets evicted (tracking cap)", s.evicted));
+    }
+    out.push('\n');
+    if s.rows.is_empty() {
+        out.push_str("no connection closed\n");
+        return out;
+    }
+    out.push_str(&t.to_string());
+    out.push('\n');
+    if !readings.is_empty() {
+        out.push_str("\nReading:\n");
+        for r in readings {
+            out.push_str(&format!("  {r}\n"));
+        }
+    }
+    out
+}
