@@ -228,11 +228,12 @@ impl<W: Write> View for Hist<W> {
 pub fn render_text(s: &Summary) -> String {
     const WIDTH: u64 = 40;
     let mut out = format!(
-        "\n{}{} ({}): {} samples, p50 {}, p90 {}, p99 {}, max {}\n",
+        "\n{}{} ({}): {} sample{}, p50 {}, p90 {}, p99 {}, max {}\n",
         s.state,
         s.port.map(|p| format!(" :{p}")).unwrap_or_default(),
         s.meaning,
         s.count,
+        if s.count == 1 { "" } else { "s" },
         human_ns(s.p50_ns),
         human_ns(s.p90_ns),
         human_ns(s.p99_ns),

@@ -241,3 +241,64 @@ fn count_limit_stops_the_view() {
         3
     );
 }
+
+fn report(format: Format) -> String {
+    use tcptrace::report::Report;
+    let mut view = Report::new(
+        Filter::default().compile(),
+        0,
+        Vec::new(),
+        format,
+        WALL,
+        None,
+    );
+    view.start().unwrap();
+    view.push(&workload()).unwrap();
+    view.finish().unwrap();
+    String::from_utf8(view.into_inner()).unwrap()
+}
+
+#[test]
+fn report_text() {
+    insta::assert_snapshot!(report(Format::Text));
+}
+
+#[test]
+fn report_json() {
+    let out = report(Format::Json);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v["connections"], 3,
+        "two sides of one connection and a reset one"
+    );
+    insta::assert_snapshot!(out);
+}
+
+fn hist(format: Format, by: tcptrace::hist::By) -> String {
+    use tcptrace::hist::Hist;
+    let mut view = Hist::new(Filter::default().compile(), &[], by, Vec::new(), format);
+    view.push(&workload()).unwrap();
+    view.finish().unwrap();
+    String::from_utf8(view.into_inner()).unwrap()
+}
+
+#[test]
+fn hist_text() {
+    insta::assert_snapshot!(hist(Format::Text, tcptrace::hist::By::State));
+}
+
+#[test]
+fn hist_json_by_port() {
+    let out = hist(Format::Json, tcptrace::hist::By::Port);
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let total: u64 = v["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(v["count"], total, "every sample is in a bucket: {line}");
+    }
+    insta::assert_snapshot!(out);
+}

@@ -219,7 +219,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
     thread::sleep(Duration::from_millis(300));
     tracer.stop()?;
     let seen = std::fs::read_to_string(&out)?;
-    println!("\n════ what tcptrace saw ════\n{seen}");
+    println!("\n════ what tcptrace saw: the live stream ════\n{seen}");
     println!(
         "What to notice:\n\
          - port {a}: each client's socket ends FIN_WAIT2 → TIME_WAIT and its close line says\n\
@@ -231,6 +231,30 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
          - PID/COMM name the process that owns each socket, learnt from its own system calls:\n\
          \x20 never the peer, even though on loopback the peer's packets run in its context.\n\
          - IN-FROM is how long the socket spent in the state it left (SYN_SENT: connect latency)."
+    );
+    // The same events, replayed from the recording through the other views (no root needed).
+    for (title, view) in [
+        ("who closes first, per port: tcptrace report", "report"),
+        ("how long each state lasted: tcptrace hist", "hist"),
+    ] {
+        println!("\n════ {title} --from demo.tcptrace ════");
+        let out = std::process::Command::new(bin)
+            .args([view, "--from"])
+            .arg(&recording)
+            .output()
+            .with_context(|| format!("running tcptrace {view}"))?;
+        if !out.status.success() {
+            bail!(
+                "tcptrace {view} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    println!(
+        "\nThe report's rows pair each port with a direction: `in` when this host accepted the\n\
+         connections, `out` when it made them. Only the side that closes first holds TIME_WAIT:\n\
+         on port {a} the clients (`out`), on port {b} the server (`in`)."
     );
     Ok(())
 }
