@@ -52,6 +52,16 @@ pub mod kind {
     /// A reset arrived for a socket of this host (`tcp:tcp_receive_reset`); `oldstate` =
     /// `newstate` = the socket's state.
     pub const RESET_RECEIVED: u8 = 4;
+    /// A timewait socket's timer was armed (`timer:timer_start` with `tw_timer_handler`):
+    /// `skaddr` = the timewait socket, `aux` = the timeout in jiffies, `oldstate` = its
+    /// substate (FIN_WAIT2 or TIME_WAIT), `newstate` = TIME_WAIT; addresses and ports set.
+    pub const TW_ARMED: u8 = 5;
+    /// A known timewait timer was cancelled (`timer:timer_cancel`): before a re-arm, before
+    /// the expiry handler runs, or alone when the socket is killed early. Only `skaddr`.
+    pub const TW_CANCELLED: u8 = 6;
+    /// A timewait timer fired (`timer:timer_expire_entry`): the 2MSL (or FIN_WAIT2) expiry.
+    /// Only `skaddr`.
+    pub const TW_EXPIRED: u8 = 7;
 }
 
 /// `aux` of a [`kind::RESET_SENT`] event on kernels whose tracepoint has no reason field.
@@ -161,6 +171,36 @@ pub struct ReceiveResetOffsets {
     pub daddr_v6: u16,
 }
 
+/// Where the timewait socket's timer and fields are: tracepoint offsets of `timer:*` and
+/// BTF offsets in `struct inet_timewait_sock`, resolved at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TimewaitOffsets {
+    /// The address of `tw_timer_handler` (from `/proc/kallsyms`); 0 disables the programs.
+    pub handler: u64,
+    pub start_timer: u16,
+    pub start_function: u16,
+    pub start_expires: u16,
+    pub start_now: u16,
+    pub expire_timer: u16,
+    pub expire_function: u16,
+    pub cancel_timer: u16,
+    /// `inet_timewait_sock.tw_timer`.
+    pub tw_timer: u16,
+    /// `inet_timewait_sock.tw_substate`.
+    pub tw_substate: u16,
+    /// `__tw_common.skc_family`, `skc_dport` (network order), `skc_num` (host order).
+    pub skc_family: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    /// `__tw_common.skc_daddr` / `skc_rcv_saddr` (IPv4), `skc_v6_daddr` /
+    /// `skc_v6_rcv_saddr` (IPv6).
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+}
+
 /// An offset for a field this kernel's tracepoint does not have.
 pub const ABSENT: u16 = u16::MAX;
 
@@ -182,6 +222,8 @@ pub struct Config {
     pub offsets: SetStateOffsets,
     pub send_reset: SendResetOffsets,
     pub receive_reset: ReceiveResetOffsets,
+    pub _pad0: u32,
+    pub timewait: TimewaitOffsets,
     /// Keep only this address family (0: both).
     pub family: u16,
     /// Bits of [`port_filter`]; the ports themselves are in the `PORTS` hash map, whose value
@@ -300,6 +342,7 @@ mod user {
     unsafe impl aya::Pod for super::SetStateOffsets {}
     unsafe impl aya::Pod for super::SendResetOffsets {}
     unsafe impl aya::Pod for super::ReceiveResetOffsets {}
+    unsafe impl aya::Pod for super::TimewaitOffsets {}
 }
 
 #[cfg(test)]

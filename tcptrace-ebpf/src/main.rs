@@ -25,8 +25,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, driven_by_owner, filter_keeps, flag,
-    kind, state,
+    ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets, driven_by_owner,
+    filter_keeps, flag, kind, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -60,6 +60,26 @@ static CONFIG: Config = Config {
         saddr_v6: 0,
         daddr_v6: 0,
     },
+    _pad0: 0,
+    timewait: TimewaitOffsets {
+        handler: 0,
+        start_timer: 0,
+        start_function: 0,
+        start_expires: 0,
+        start_now: 0,
+        expire_timer: 0,
+        expire_function: 0,
+        cancel_timer: 0,
+        tw_timer: 0,
+        tw_substate: 0,
+        skc_family: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+    },
     family: 0,
     port_filters: 0,
     mptcp: 0,
@@ -89,6 +109,11 @@ static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0)
 /// current task is arbitrary) can name the process that listens for them.
 #[map]
 static LISTENERS: LruHashMap<u16, Owner> = LruHashMap::with_max_entries(4096, 0);
+
+/// The timers of the timewait sockets this run reports, so cancels and expiries of other
+/// timers (the great majority) are dropped after one lookup.
+#[map]
+static TW_TIMERS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(262144, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -426,6 +451,133 @@ fn reset(
     Ok(())
 }
 
+/// Reads a field of kernel memory at `base + off`.
+#[inline(always)]
+fn kread<T>(base: u64, off: u16) -> Result<T, i32> {
+    // SAFETY: the helper checks the read and fails cleanly on a bad address.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+#[tracepoint]
+pub fn timer_start(ctx: TracePointContext) -> u32 {
+    let _ = try_timer_start(&ctx);
+    0
+}
+
+/// A timer was armed: report it if it is a timewait socket's.
+fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.timewait;
+    // Every timer on the system passes here: one read decides.
+    let function: u64 = read(ctx, o.start_function)?;
+    if function != o.handler || o.handler == 0 {
+        return Ok(());
+    }
+    let timer: u64 = read(ctx, o.start_timer)?;
+    let expires: u64 = read(ctx, o.start_expires)?;
+    let now: u64 = read(ctx, o.start_now)?;
+    let tw = timer.wrapping_sub(o.tw_timer as u64);
+    let family: u16 = kread(tw, o.skc_family)?;
+    let substate: u8 = kread(tw, o.tw_substate)?;
+    let dport = u16::from_be(kread(tw, o.skc_dport)?);
+    let sport: u16 = kread(tw, o.skc_num)?;
+    let (saddr, daddr, len) = match family {
+        AF_INET => (o.skc_rcv_saddr, o.skc_daddr, 4),
+        AF_INET6 => (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16),
+        _ => return Ok(()),
+    };
+    if !filter_keeps(
+        &cfg,
+        family,
+        state::TIME_WAIT,
+        state::TIME_WAIT,
+        0,
+        sport,
+        dport,
+        port_bits,
+    ) {
+        return Ok(());
+    }
+    let _ = TW_TIMERS.insert(timer, 1u8, 0);
+    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
+    clear_owner(owner.as_mut_ptr());
+    let rec = Record {
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: tw,
+        in_from: 0,
+        aux: expires.wrapping_sub(now),
+        sport,
+        dport,
+        family,
+        kind: kind::TW_ARMED,
+        old: substate,
+        new: state::TIME_WAIT,
+        flags: 0,
+    };
+    let addrs = Addrs {
+        saddr: (tw + saddr as u64) as *const u8,
+        daddr: (tw + daddr as u64) as *const u8,
+        len,
+    };
+    emit(&cfg, &rec, &addrs, owner.as_ptr());
+    Ok(())
+}
+
+#[tracepoint]
+pub fn timer_cancel(ctx: TracePointContext) -> u32 {
+    let _ = try_tw_timer_end(&ctx, kind::TW_CANCELLED);
+    0
+}
+
+#[tracepoint]
+pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
+    let _ = try_tw_timer_end(&ctx, kind::TW_EXPIRED);
+    0
+}
+
+/// A known timewait timer was cancelled or fired.
+fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.timewait;
+    let off = if k == kind::TW_EXPIRED {
+        o.expire_timer
+    } else {
+        o.cancel_timer
+    };
+    let timer: u64 = read(ctx, off)?;
+    if TW_TIMERS.get_ptr(timer).is_none() {
+        return Ok(());
+    }
+    if k == kind::TW_EXPIRED {
+        let _ = TW_TIMERS.remove(timer);
+    }
+    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
+    clear_owner(owner.as_mut_ptr());
+    let rec = Record {
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: timer.wrapping_sub(o.tw_timer as u64),
+        in_from: 0,
+        aux: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        kind: k,
+        old: state::TIME_WAIT,
+        new: state::TIME_WAIT,
+        flags: 0,
+    };
+    // No addresses: userspace knows them from the arming.
+    let addrs = Addrs {
+        saddr: core::ptr::null(),
+        daddr: core::ptr::null(),
+        len: 0,
+    };
+    emit(&cfg, &rec, &addrs, owner.as_ptr());
+    Ok(())
+}
+
 #[inline(always)]
 fn port_bits(p: u16) -> u8 {
     // SAFETY: a plain lookup; the value is a byte.
@@ -471,8 +623,10 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
         put(addr_of_mut!((*e).aux), r.aux);
         zero16(addr_of_mut!((*e).saddr));
         zero16(addr_of_mut!((*e).daddr));
-        let _ = bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), a.len, a.saddr.cast());
-        let _ = bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), a.len, a.daddr.cast());
+        if a.len != 0 {
+            let _ = bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), a.len, a.saddr.cast());
+            let _ = bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), a.len, a.daddr.cast());
+        }
         let comm = addr_of_mut!((*e).comm).cast::<u64>();
         put(comm, (*owner).comm[0]);
         put(comm.add(1), (*owner).comm[1]);

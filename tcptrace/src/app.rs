@@ -39,7 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         None => {
             let filter = cli.filter.filter();
             let format = cli.output.format();
-            drive(&filter, &cli.source, |wall| {
+            drive(&filter, &cli.source, |wall, timers| {
                 let style = Style {
                     wall_offset_ns: wall,
                     utc_offset_secs: local_utc_offset_secs(),
@@ -47,7 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     addr_width: Style::addr_width_for(filter.family),
                 };
                 let renderer = Renderer::new(format, style);
-                Box::new(Stream::new(filter.compile(), renderer, out, cli.count))
+                Box::new(Stream::new(filter.compile(), renderer, out, cli.count).timers(timers))
             })
         }
         Some(Command::Report(a)) => {
@@ -58,7 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let mask = filter.compile().state_mask();
             let format = a.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
-            drive(&whole, &a.source, |wall| {
+            drive(&whole, &a.source, |wall, _timers| {
                 Box::new(Report::new(
                     whole.compile(),
                     mask,
@@ -72,7 +72,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Hist(a)) => {
             let filter = a.filter.filter();
             let format = a.output.format();
-            drive(&filter, &a.source, |_| {
+            drive(&filter, &a.source, |_, _| {
                 Box::new(Hist::new(
                     filter.compile(),
                     &filter.states,
@@ -91,14 +91,19 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
 /// with `filter`'s kernel part.
+/// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
-    make_view: impl FnOnce(i64) -> Box<dyn View + 'a>,
+    make_view: impl FnOnce(i64, bool) -> Box<dyn View + 'a>,
 ) -> Result<()> {
     if let Some(path) = &source.from {
         let mut reader = open_recording(path)?;
-        let mut view = make_view(reader.header().wall_offset_ns);
+        let h = *reader.header();
+        let mut view = make_view(
+            h.wall_offset_ns,
+            h.flags & crate::record::header_flag::TIMERS_TRACED != 0,
+        );
         return replay(&mut reader, view.as_mut())
             .with_context(|| format!("replaying {}", path.display()));
     }
@@ -110,17 +115,24 @@ fn drive<'a>(
         },
         ports,
         ring_bytes: source.ring_buffer_size,
+        timewait: true,
     })?;
     let wall = wall_offset_ns();
+    let timers = probe.timewait_traced();
+    let flags = if timers {
+        crate::record::header_flag::TIMERS_TRACED
+    } else {
+        0
+    };
     let recorder = match &source.record {
         Some(path) => Some(
             File::create(path)
-                .and_then(|f| Writer::new(f, wall))
+                .and_then(|f| Writer::new(f, wall, flags))
                 .with_context(|| format!("cannot write the recording {}", path.display()))?,
         ),
         None => None,
     };
-    let mut view = make_view(wall);
+    let mut view = make_view(wall, timers);
     eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
     live(probe, recorder, view.as_mut(), source.duration)
 }

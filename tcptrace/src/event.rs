@@ -204,9 +204,42 @@ pub struct Reset {
     pub owner: Option<Owner>,
 }
 
+/// What happened to a timewait socket's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerOp {
+    /// Armed (a new timewait socket, or a re-arm), with its substate and timeout.
+    Armed {
+        /// FIN_WAIT2 (an orphan waiting for the peer's FIN) or TIME_WAIT.
+        substate: State,
+        /// The timeout in jiffies (the kernel's tick; 60 s is 15000 at HZ=250).
+        timeout_jiffies: u64,
+        /// Local endpoint.
+        local: SocketAddr,
+        /// Remote endpoint.
+        remote: SocketAddr,
+    },
+    /// Cancelled: before a re-arm, before the expiry handler, or alone (killed early).
+    Cancelled,
+    /// The timer fired: the 2MSL (or FIN_WAIT2) timeout expired.
+    Expired,
+}
+
+/// An event of a timewait socket's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimerEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The timewait socket's kernel address (reused from a slab: key it with the 4-tuple).
+    pub tw: u64,
+    /// What happened.
+    pub op: TimerOp,
+}
+
 /// A decoded event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// A timewait socket's timer.
+    Timer(TimerEvent),
     /// A state transition.
     Transition(Transition),
     /// A reset.
@@ -226,6 +259,7 @@ impl Event {
         match self {
             Event::Transition(t) => t.ts_ns,
             Event::Reset(r) => r.ts_ns,
+            Event::Timer(t) => t.ts_ns,
             Event::Lost { ts_ns, .. } => *ts_ns,
         }
     }
@@ -254,8 +288,20 @@ pub fn raw_lost(ts_ns: u64, count: u64) -> RawEvent {
 
 /// Decodes one raw record.
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
+    let timer = |op| {
+        Ok(Event::Timer(TimerEvent {
+            ts_ns: raw.ts_ns,
+            tw: raw.skaddr,
+            op,
+        }))
+    };
+    match raw.kind {
+        kind::TW_CANCELLED => return timer(TimerOp::Cancelled),
+        kind::TW_EXPIRED => return timer(TimerOp::Expired),
+        _ => {}
+    }
     let direction = match raw.kind {
-        kind::TRANSITION => None,
+        kind::TRANSITION | kind::TW_ARMED => None,
         kind::RESET_SENT => Some(Direction::Sent),
         kind::RESET_RECEIVED => Some(Direction::Received),
         kind::LOST => {
@@ -281,6 +327,15 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     });
     let local = SocketAddr::new(laddr, raw.sport);
     let remote = SocketAddr::new(raddr, raw.dport);
+    if raw.kind == kind::TW_ARMED {
+        let substate = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
+        return timer(TimerOp::Armed {
+            substate,
+            timeout_jiffies: raw.aux,
+            local,
+            remote,
+        });
+    }
     if let Some(direction) = direction {
         let state = match raw.oldstate {
             0 => None,
@@ -350,6 +405,35 @@ fn raw_owner(owner: Option<Owner>) -> ([u8; 16], u32, u8) {
         ),
         None => ([0; 16], 0, 0),
     }
+}
+
+/// Encodes a timer event back into the raw form (for tests and synthetic workloads).
+pub fn encode_timer(t: &TimerEvent) -> RawEvent {
+    let mut raw: RawEvent = bytemuck::Zeroable::zeroed();
+    raw.ts_ns = t.ts_ns;
+    raw.skaddr = t.tw;
+    raw.oldstate = State::TimeWait as u8;
+    raw.newstate = State::TimeWait as u8;
+    match t.op {
+        TimerOp::Armed {
+            substate,
+            timeout_jiffies,
+            local,
+            remote,
+        } => {
+            raw.kind = kind::TW_ARMED;
+            raw.oldstate = substate as u8;
+            raw.aux = timeout_jiffies;
+            raw.saddr = raw_addr(local.ip());
+            raw.daddr = raw_addr(remote.ip());
+            raw.sport = local.port();
+            raw.dport = remote.port();
+            raw.family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+        }
+        TimerOp::Cancelled => raw.kind = kind::TW_CANCELLED,
+        TimerOp::Expired => raw.kind = kind::TW_EXPIRED,
+    }
+    raw
 }
 
 /// Encodes a reset back into the raw form (for tests and synthetic workloads).

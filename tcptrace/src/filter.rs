@@ -56,7 +56,15 @@ impl Filter {
                 *ports.entry(*p).or_default() |= bit;
             }
         }
-        let state_mask = self.states.iter().fold(0u32, |m, s| m | 1 << (*s as u8));
+        let shown = self.shown_mask();
+        // A timewait socket killed early for a new connection on its 4-tuple is recognised
+        // by that connection's transitions (see `timewait`): asking for TIME_WAIT also
+        // brings ESTABLISHED transitions from the kernel; they are not shown.
+        let state_mask = if shown & (1 << State::TimeWait as u8) != 0 {
+            shown | 1 << State::Established as u8
+        } else {
+            shown
+        };
         let cfg = Config {
             family: match self.family {
                 Some(4) => AF_INET,
@@ -73,6 +81,11 @@ impl Filter {
         (cfg, ports)
     }
 
+    /// Bit `1 << state` for each state asked for (0: all).
+    fn shown_mask(&self) -> u32 {
+        self.states.iter().fold(0u32, |m, s| m | 1 << (*s as u8))
+    }
+
     /// The same filter without its state part: views that follow whole connections (report)
     /// need every transition from the kernel and apply the states to connections instead.
     pub fn without_states(&self) -> Filter {
@@ -87,6 +100,7 @@ impl Filter {
         let (kernel, ports) = self.kernel();
         CompiledFilter {
             kernel,
+            shown_states: self.shown_mask(),
             ports: ports.into_iter().collect(),
             pids: self.pids.clone(),
             comms: self.comms.clone(),
@@ -100,6 +114,7 @@ impl Filter {
 #[derive(Clone, Debug)]
 pub struct CompiledFilter {
     kernel: Config,
+    shown_states: u32,
     ports: HashMap<u16, u8>,
     pids: Vec<u32>,
     comms: Vec<String>,
@@ -111,7 +126,10 @@ impl CompiledFilter {
     /// What the kernel would have kept (used on recordings; a no-op on live events, which
     /// the kernel already filtered the same way). Lost-event notices are always kept.
     pub fn kernel_keeps(&self, raw: &RawEvent) -> bool {
-        if raw.kind == tcptrace_common::kind::LOST {
+        use tcptrace_common::kind;
+        // Loss notices always pass; so do timer cancels and expiries, which the kernel only
+        // reports for timewait sockets whose arming passed the filter.
+        if matches!(raw.kind, kind::LOST | kind::TW_CANCELLED | kind::TW_EXPIRED) {
             return true;
         }
         if raw.flags & tcptrace_common::flag::MPTCP != 0 && self.kernel.mptcp == 0 {
@@ -158,9 +176,15 @@ impl CompiledFilter {
         true
     }
 
-    /// Whether a state filter was given (whole-connection views apply it themselves).
+    /// The states asked for, bit `1 << state` (0: all). Whole-connection views apply it
+    /// themselves.
     pub fn state_mask(&self) -> u32 {
-        self.kernel.state_mask
+        self.shown_states
+    }
+
+    /// Whether a transition is in the states asked for (the kernel may send a few more).
+    pub fn shows(&self, t: &Transition) -> bool {
+        self.shown_states == 0 || self.shown_states & (1 << t.from as u8 | 1 << t.to as u8) != 0
     }
 }
 
@@ -282,12 +306,20 @@ mod tests {
             };
             let f = Filter { states: states.clone(), ports: ports.clone(), lports: lports.clone(),
                 rports: rports.clone(), family, ..Filter::default() };
-            let expected = (states.is_empty() || states.contains(&t.from) || states.contains(&t.to))
+            // Asking for TIME_WAIT also brings ESTABLISHED from the kernel (not shown).
+            let mut sent = states.clone();
+            if states.contains(&State::TimeWait) {
+                sent.push(State::Established);
+            }
+            let in_states = |list: &[State]| list.is_empty() || list.contains(&t.from) || list.contains(&t.to);
+            let expected = in_states(&sent)
                 && (ports.is_empty() || ports.contains(&lport) || ports.contains(&rport))
                 && (lports.is_empty() || lports.contains(&lport))
                 && (rports.is_empty() || rports.contains(&rport))
                 && family.is_none_or(|f| f == t.family());
-            prop_assert_eq!(f.compile().kernel_keeps(&raw), expected);
+            let compiled = f.compile();
+            prop_assert_eq!(compiled.kernel_keeps(&raw), expected);
+            prop_assert_eq!(compiled.shows(&t), in_states(&states));
         }
     }
 }

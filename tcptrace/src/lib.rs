@@ -5,6 +5,7 @@
 //! ([`output`]) or aggregates them. Only [`probe`] touches the kernel, so everything else is
 //! tested on synthetic or recorded events without root.
 pub mod app;
+pub mod btf;
 pub mod cli;
 pub mod event;
 pub mod filter;
@@ -13,5 +14,6 @@ pub mod output;
 pub mod probe;
 pub mod record;
 pub mod report;
+pub mod timewait;
 pub mod track;
 pub mod view;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::{
     event::{Direction, Owner, Reset, State, Transition},
+    timewait::{End, Exit},
     track::Close,
 };
 
@@ -203,6 +204,63 @@ impl Renderer {
                     pid: c.owner.map(|o| o.pid),
                     comm: c.owner.map(|o| o.comm.as_str().into_owned()),
                     skaddr: format!("{:#x}", c.skaddr),
+                };
+                self.line = serde_json::to_string(&rec).unwrap_or_default();
+            }
+        }
+        self.line.push('\n');
+        out.write_all(self.line.as_bytes())
+    }
+
+    /// The end of a timewait socket (or a TIME_WAIT that was never created).
+    pub fn timewait_exit(&mut self, out: &mut impl Write, x: &Exit) -> io::Result<()> {
+        self.line.clear();
+        match self.format {
+            Format::Text => {
+                let (what, last) = match x.end {
+                    End::NotCreated => ("no TIME_WAIT".to_string(), "-".to_string()),
+                    _ => (format!("{} → CLOSE", x.substate), human_ns(x.residency_ns)),
+                };
+                let mut tail = match x.end {
+                    End::Expired if x.substate == State::FinWait2 => {
+                        "  expired (FIN_WAIT2 timeout: the peer never sent its FIN)".to_string()
+                    }
+                    End::Expired => "  expired".to_string(),
+                    End::Killed => "  killed early".to_string(),
+                    End::NotCreated => "  tcp_max_tw_buckets reached: closed at once".to_string(),
+                };
+                if x.rearms > 0 {
+                    tail.push_str(&format!(", timer re-armed {}×", x.rearms));
+                }
+                let (on, off) = self.paint("\x1b[33m");
+                self.text_row(
+                    x.ts_ns,
+                    x.owner.as_ref(),
+                    x.local,
+                    x.remote,
+                    on,
+                    &what,
+                    off,
+                    &last,
+                );
+                self.line.push_str(&tail);
+            }
+            Format::Json => {
+                let rec = TimewaitJson {
+                    kind: "timewait",
+                    time: rfc3339(wall_ns(x.ts_ns, self.style.wall_offset_ns)),
+                    family: if x.local.is_ipv4() { 4 } else { 6 },
+                    laddr: x.local.ip().to_string(),
+                    lport: x.local.port(),
+                    raddr: x.remote.ip().to_string(),
+                    rport: x.remote.port(),
+                    end: x.end.name(),
+                    residency_ns: (x.end != End::NotCreated).then_some(x.residency_ns),
+                    rearms: x.rearms,
+                    substate: x.substate.name(),
+                    pid: x.owner.map(|o| o.pid),
+                    comm: x.owner.map(|o| o.comm.as_str().into_owned()),
+                    twaddr: (x.tw != 0).then(|| format!("{:#x}", x.tw)),
                 };
                 self.line = serde_json::to_string(&rec).unwrap_or_default();
             }
@@ -412,6 +470,24 @@ struct CloseJson {
     pid: Option<u32>,
     comm: Option<String>,
     skaddr: String,
+}
+
+#[derive(Serialize)]
+struct TimewaitJson {
+    kind: &'static str,
+    time: String,
+    family: u8,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    end: &'static str,
+    residency_ns: Option<u64>,
+    rearms: u32,
+    substate: &'static str,
+    pid: Option<u32>,
+    comm: Option<String>,
+    twaddr: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -18,6 +18,7 @@ use aya::{
 };
 use tcptrace_common::{
     ABSENT, Config, EVENT_SIZE, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
+    TimewaitOffsets,
 };
 
 use crate::event::{RawEvent, raw_lost};
@@ -61,6 +62,8 @@ pub struct ProbeConfig {
     pub ports: Vec<(u16, u8)>,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
+    /// Trace timewait sockets' timers (TIME_WAIT exits), where the host allows it.
+    pub timewait: bool,
 }
 
 impl Default for ProbeConfig {
@@ -72,6 +75,7 @@ impl Default for ProbeConfig {
             },
             ports: Vec::new(),
             ring_bytes: DEFAULT_RING_BYTES,
+            timewait: true,
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct Probe {
     lost: PerCpuArray<MapData, u64>,
     lost_reported: u64,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    timewait_traced: bool,
     // Keeps the program and its link alive; declared last so it is dropped last.
     _ebpf: Ebpf,
 }
@@ -113,6 +118,19 @@ impl Probe {
         }
         if let Some(o) = recv {
             kcfg.receive_reset = o;
+        }
+        // TIME_WAIT exits come from the timewait socket's timer. Without the symbol, BTF or
+        // the timer tracepoints, tracing goes on without them, and says so once.
+        let timewait = match timewait_offsets() {
+            Ok(o) if cfg.timewait => Some(o),
+            Ok(_) => None,
+            Err(e) => {
+                log::warn!("TIME_WAIT exits are not traced on this host: {e}");
+                None
+            }
+        };
+        if let Some(o) = timewait {
+            kcfg.timewait = o;
         }
 
         let mut ebpf = EbpfLoader::new()
@@ -156,8 +174,18 @@ impl Probe {
             ("tcp_send_reset", send.is_some()),
             ("tcp_receive_reset", recv.is_some()),
         ] {
-            if wanted && let Err(e) = attach_optional(&mut ebpf, name) {
+            if wanted && let Err(e) = attach_optional(&mut ebpf, "tcp", name) {
                 log::warn!("tcp:{name} is not traced ({e}); resets will show as `unknown`");
+            }
+        }
+        let mut timewait_traced = timewait.is_some();
+        if timewait_traced {
+            for name in ["timer_start", "timer_cancel", "timer_expire_entry"] {
+                if let Err(e) = attach_optional(&mut ebpf, "timer", name) {
+                    log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
+                    timewait_traced = false;
+                    break;
+                }
             }
         }
         Ok(Probe {
@@ -165,8 +193,14 @@ impl Probe {
             lost,
             lost_reported: 0,
             logger,
+            timewait_traced,
             _ebpf: ebpf,
         })
+    }
+
+    /// Whether timewait sockets' timers are traced (TIME_WAIT exits and residency).
+    pub fn timewait_traced(&self) -> bool {
+        self.timewait_traced
     }
 
     /// The ring buffer's file descriptor, readable when the program has woken the reader.
@@ -206,15 +240,15 @@ impl Probe {
 
 const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
 
-/// Loads and attaches one of the optional `tcp:*` programs.
-fn attach_optional(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+/// Loads and attaches one of the optional programs.
+fn attach_optional(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<(), String> {
     let prog: &mut TracePoint = ebpf
         .program_mut(name)
         .ok_or("the program is missing")?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     prog.load().map_err(|e| verifier_error(&e))?;
-    prog.attach("tcp", name).map_err(|e| format!("{e:#}"))?;
+    prog.attach(category, name).map_err(|e| format!("{e:#}"))?;
     Ok(())
 }
 
@@ -231,6 +265,79 @@ fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Optio
     parse(&text)
         .map_err(|e| log::warn!("{e}; resets will show as `unknown`"))
         .ok()
+}
+
+/// Everything the timewait programs need, from `/proc/kallsyms`, the kernel's BTF and the
+/// timer tracepoints' formats.
+pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
+    let handler = kallsyms_address("tw_timer_handler")?;
+    let btf = crate::btf::Btf::from_sys().map_err(|e| format!("no kernel BTF ({e})"))?;
+    let tw = |path: &str| {
+        btf.offset("inet_timewait_sock", path)
+            .map_err(|e| e.to_string())
+            .and_then(|o| u16::try_from(o).map_err(|_| format!("{path} is too far in")))
+    };
+    let common = |m: &str| tw(&format!("__tw_common.{m}"));
+    let format = |name: &str| -> Result<String, String> {
+        let path = tracepoint_format("timer", name).map_err(|e| e.to_string())?;
+        fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (start, expire, cancel) = (
+        format("timer_start")?,
+        format("timer_expire_entry")?,
+        format("timer_cancel")?,
+    );
+    let start = Fields {
+        tracepoint: "timer:timer_start",
+        fields: parse_fields(&start),
+    };
+    let expire = Fields {
+        tracepoint: "timer:timer_expire_entry",
+        fields: parse_fields(&expire),
+    };
+    let cancel = Fields {
+        tracepoint: "timer:timer_cancel",
+        fields: parse_fields(&cancel),
+    };
+    Ok(TimewaitOffsets {
+        handler,
+        start_timer: start.get("timer", 8)?,
+        start_function: start.get("function", 8)?,
+        start_expires: start.get("expires", 8)?,
+        start_now: start.get("now", 8)?,
+        expire_timer: expire.get("timer", 8)?,
+        expire_function: expire.get("function", 8)?,
+        cancel_timer: cancel.get("timer", 8)?,
+        tw_timer: tw("tw_timer")?,
+        tw_substate: tw("tw_substate")?,
+        skc_family: common("skc_family")?,
+        skc_dport: common("skc_dport")?,
+        skc_num: common("skc_num")?,
+        skc_daddr: common("skc_daddr")?,
+        skc_rcv_saddr: common("skc_rcv_saddr")?,
+        skc_v6_daddr: common("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+    })
+}
+
+/// The address of a kernel symbol; restricted `kallsyms` (zeros) is an error.
+pub fn kallsyms_address(symbol: &str) -> Result<u64, String> {
+    let text = fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
+    let addr = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, _ty, name) = (f.next()?, f.next()?, f.next()?);
+            (name == symbol).then(|| u64::from_str_radix(a, 16).ok())?
+        })
+        .next()
+        .ok_or_else(|| format!("{symbol} is not in /proc/kallsyms"))?;
+    if addr == 0 {
+        return Err(format!(
+            "/proc/kallsyms hides addresses (kernel.kptr_restrict); {symbol} cannot be located"
+        ));
+    }
+    Ok(addr)
 }
 
 /// Nanoseconds of CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`.

@@ -30,8 +30,15 @@ pub struct Header {
     pub event_size: u32,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC on the recording host, in nanoseconds.
     pub wall_offset_ns: i64,
-    /// Zero.
-    pub reserved: u64,
+    /// Bits of [`header_flag`].
+    pub flags: u64,
+}
+
+/// Bits of [`Header::flags`].
+pub mod header_flag {
+    /// The timewait sockets' timers were traced: TIME_WAIT exits are in the recording, and an
+    /// entry without one means no timewait socket was created.
+    pub const TIMERS_TRACED: u64 = 1 << 0;
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<Header>();
@@ -66,14 +73,14 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     /// Writes the header.
-    pub fn new(out: W, wall_offset_ns: i64) -> io::Result<Self> {
+    pub fn new(out: W, wall_offset_ns: i64, flags: u64) -> io::Result<Self> {
         let mut out = BufWriter::with_capacity(64 << 10, out);
         let header = Header {
             magic: MAGIC,
             version: VERSION,
             event_size: EVENT_SIZE as u32,
             wall_offset_ns,
-            reserved: 0,
+            flags,
         };
         out.write_all(bytemuck::bytes_of(&header))?;
         Ok(Writer { out })
@@ -220,7 +227,7 @@ mod tests {
 
     fn recording(events: &[RawEvent]) -> Vec<u8> {
         let mut bytes = Vec::new();
-        let mut w = Writer::new(&mut bytes, 123).unwrap();
+        let mut w = Writer::new(&mut bytes, 123, 0).unwrap();
         w.write(events).unwrap();
         w.flush().unwrap();
         drop(w);

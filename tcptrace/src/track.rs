@@ -243,6 +243,7 @@ impl Tracker {
         match ev {
             Event::Transition(t) => self.transition(t, out),
             Event::Reset(r) => self.reset(r, out),
+            Event::Timer(_) => {}
             Event::Lost { .. } => {
                 for life in self.live.values_mut() {
                     life.gap = true;

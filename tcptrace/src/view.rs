@@ -4,9 +4,10 @@
 use std::io::{self, Write};
 
 use crate::{
-    event::{Event, RawEvent, decode},
+    event::{Event, RawEvent, State, decode},
     filter::CompiledFilter,
     output::Renderer,
+    timewait::{Exit, Timewaits},
     track::{Close, Tracker},
 };
 
@@ -47,6 +48,9 @@ pub struct Stream<W: Write> {
     /// Classifies closes, when the stream sees whole lifecycles (no state filter).
     tracker: Option<Tracker>,
     closes: Vec<Close>,
+    /// Follows timewait sockets, when the stream shows TIME_WAIT.
+    timewaits: Option<Timewaits>,
+    exits: Vec<Exit>,
 }
 
 impl<W: Write> Stream<W> {
@@ -65,11 +69,30 @@ impl<W: Write> Stream<W> {
             undecodable: 0,
             tracker,
             closes: Vec::new(),
+            timewaits: None,
+            exits: Vec::new(),
         }
     }
 
-    /// Prints the closes the tracker concluded; true when the count limit is reached.
+    /// Whether timewait sockets' timers are traced: the stream then also shows each timewait
+    /// socket's end (`TIME_WAIT → CLOSE`, with its residency), when it shows TIME_WAIT at all.
+    pub fn timers(mut self, traced: bool) -> Self {
+        let mask = self.filter.state_mask();
+        let shows_tw = mask == 0 || mask & (1 << State::TimeWait as u8) != 0;
+        self.timewaits = shows_tw.then(|| Timewaits::new(traced));
+        self
+    }
+
+    /// Prints the closes and timewait ends concluded; true when the count limit is reached.
     fn print_closes(&mut self) -> io::Result<bool> {
+        for x in std::mem::take(&mut self.exits) {
+            if self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+                self.renderer.timewait_exit(&mut self.out, &x)?;
+                if self.counted() {
+                    return Ok(true);
+                }
+            }
+        }
         for c in std::mem::take(&mut self.closes) {
             if self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
                 self.renderer.close(&mut self.out, &c)?;
@@ -118,7 +141,7 @@ impl<W: Write> View for Stream<W> {
                     self.renderer.lost(&mut self.out, *ts_ns, *count)?;
                     false
                 }
-                Event::Transition(t) if self.filter.keeps(t) => {
+                Event::Transition(t) if self.filter.shows(t) && self.filter.keeps(t) => {
                     self.renderer.transition(&mut self.out, t)?;
                     self.counted()
                 }
@@ -130,6 +153,9 @@ impl<W: Write> View for Stream<W> {
             };
             if let Some(tr) = &mut self.tracker {
                 tr.observe(&ev, &mut self.closes);
+            }
+            if let Some(tw) = &mut self.timewaits {
+                tw.observe(&ev, &mut self.exits);
             }
             if done || self.print_closes()? {
                 flow = Flow::Done;
@@ -144,6 +170,9 @@ impl<W: Write> View for Stream<W> {
         if let Some(tr) = &mut self.tracker {
             tr.expire(now_ns, &mut self.closes);
         }
+        if let Some(tw) = &mut self.timewaits {
+            tw.expire(now_ns, &mut self.exits);
+        }
         let done = self.print_closes()?;
         self.out.flush()?;
         Ok(if done { Flow::Done } else { Flow::More })
@@ -152,6 +181,9 @@ impl<W: Write> View for Stream<W> {
     fn finish(&mut self) -> io::Result<()> {
         if let Some(tr) = &mut self.tracker {
             tr.flush(&mut self.closes);
+        }
+        if let Some(tw) = &mut self.timewaits {
+            tw.flush(&mut self.exits);
         }
         self.print_closes()?;
         if self.undecodable > 0 {

@@ -133,6 +133,7 @@ fn check(
             ),
             Event::Reset(r) => format!("{:?} {} RST {:?}", r.skaddr, r.local, r.direction),
             Event::Lost { count, .. } => format!("LOST {count}"),
+            Event::Timer(t) => format!("{} tw {:#x} {:?}", t.ts_ns / 1000, t.tw, t.op),
         })
         .collect();
     let what = &format!("{what}\nevents:\n{}", events.join("\n"));

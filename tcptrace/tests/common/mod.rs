@@ -38,6 +38,11 @@ pub fn root_or_skip(test: &str) -> bool {
 
 /// Starts a probe that only reports the given ports.
 pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    probe_with(ports, ring_bytes, true)
+}
+
+/// The same, choosing whether timewait timers are traced.
+pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
     let filter = Filter {
         ports: ports.to_vec(),
         ..Filter::default()
@@ -47,6 +52,7 @@ pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
         kernel,
         ports,
         ring_bytes,
+        timewait,
     })
     .expect("the probe loads and attaches")
 }

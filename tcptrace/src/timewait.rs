@@ -1,0 +1,411 @@
+//! The timewait socket's life: from the timer's arming to its expiry or early kill.
+//!
+//! The kernel replaces a closing socket by a separate timewait socket that never passes
+//! through `inet_sock_set_state`; its timer does. Per timer, `cancel` then `arm` is a re-arm
+//! (the peer's FIN arrived, or a retransmitted one), `cancel` then `expire` is the natural
+//! expiry (the timer is detached before its handler runs), and `cancel` alone is an early end
+//! (port reuse with `tcp_tw_reuse`, a reset, the namespace going away). Timewait sockets are
+//! reused from a slab, so a life is keyed by address *and* 4-tuple.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use crate::event::{Event, Owner, State, TimerEvent, TimerOp, Transition};
+
+/// How a timewait socket ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum End {
+    /// Its timer fired: 2MSL (or the FIN_WAIT2 timeout) elapsed.
+    Expired,
+    /// Cancelled early: port reuse, a reset, the namespace going away.
+    Killed,
+    /// The close should have entered TIME_WAIT but no timewait socket was created
+    /// (`tcp_max_tw_buckets` reached: the kernel counts it as `TCPTimeWaitOverflow`).
+    NotCreated,
+}
+
+impl End {
+    /// The name used in JSON and text.
+    pub fn name(self) -> &'static str {
+        match self {
+            End::Expired => "expired",
+            End::Killed => "killed",
+            End::NotCreated => "not_created",
+        }
+    }
+}
+
+/// The end of one timewait socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// When it ended.
+    pub ts_ns: u64,
+    /// The timewait socket's address (0 for [`End::NotCreated`]).
+    pub tw: u64,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// How.
+    pub end: End,
+    /// From its creation to its end (0 for [`End::NotCreated`]).
+    pub residency_ns: u64,
+    /// Times its timer was re-armed (the peer's FIN arriving, a retransmitted FIN).
+    pub rearms: u32,
+    /// Its substate at the end: TIME_WAIT, or FIN_WAIT2 for an orphan that never received
+    /// the peer's FIN (the FIN_WAIT2 timeout, `tcp_fin_timeout`, not 2MSL).
+    pub substate: State,
+    /// The process whose close created it, when known.
+    pub owner: Option<Owner>,
+}
+
+/// A live timewait socket.
+#[derive(Clone, Copy, Debug)]
+pub struct Life {
+    /// When it was created.
+    pub since_ns: u64,
+    /// When its timer was last armed, and for how long (jiffies).
+    pub armed_ns: u64,
+    /// The timeout of the last arming, in jiffies.
+    pub timeout_jiffies: u64,
+    /// Re-arms so far.
+    pub rearms: u32,
+    /// Current substate.
+    pub substate: State,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// The process whose close created it.
+    pub owner: Option<Owner>,
+    /// A cancel seen, not yet explained by a re-arm or an expiry.
+    cancelled_at: Option<u64>,
+}
+
+/// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
+const CANCEL_GRACE_NS: u64 = 100_000_000;
+/// How long an entry into TIME_WAIT waits for its timewait socket's arming.
+const ARM_GRACE_NS: u64 = 100_000_000;
+
+/// Follows timewait sockets.
+#[derive(Debug, Default)]
+pub struct Timewaits {
+    live: HashMap<u64, Life>,
+    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
+    expected: Vec<(u64, Transition)>,
+    /// Whether the timers are traced at all (without them, nothing is concluded).
+    traced: bool,
+}
+
+impl Timewaits {
+    /// `traced`: whether the probe traces the timers (else entries prove nothing missing).
+    pub fn new(traced: bool) -> Self {
+        Timewaits {
+            traced,
+            ..Timewaits::default()
+        }
+    }
+
+    /// The timewait sockets alive now.
+    pub fn population(&self) -> impl Iterator<Item = &Life> {
+        self.live.values()
+    }
+
+    /// Feeds one event; appends the timewait sockets it ends to `out`.
+    pub fn observe(&mut self, ev: &Event, out: &mut Vec<Exit>) {
+        match ev {
+            Event::Timer(t) => self.timer(t, out),
+            Event::Transition(t) => {
+                // A full socket on the 4-tuple of a cancelled timewait socket: the timewait
+                // socket made way for a new connection (tcp_tw_reuse, or a SYN it accepted).
+                // Its slab object may come back for that connection's own timewait socket,
+                // with the same 4-tuple: without this, that would read as a re-arm.
+                if let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
+                    && let Some(at) = self.live.get(&tw).and_then(|l| l.cancelled_at)
+                {
+                    out.extend(self.end(tw, at, End::Killed));
+                }
+                if t.to == State::TimeWait {
+                    self.entry(t);
+                }
+            }
+            _ => {}
+        }
+        self.expire(ev.ts_ns(), out);
+    }
+
+    fn entry(&mut self, t: &Transition) {
+        // The timewait socket is armed just before the full socket's transition is logged.
+        match self
+            .by_tuple
+            .get(&(t.local, t.remote))
+            .and_then(|tw| self.live.get_mut(tw))
+        {
+            Some(life) => life.owner = life.owner.or(t.owner),
+            None if self.traced => self.expected.push((t.ts_ns, *t)),
+            None => {}
+        }
+    }
+
+    fn timer(&mut self, t: &TimerEvent, out: &mut Vec<Exit>) {
+        match t.op {
+            TimerOp::Armed {
+                substate,
+                timeout_jiffies,
+                local,
+                remote,
+            } => {
+                if let Some(life) = self.live.get_mut(&t.tw) {
+                    if life.local == local && life.remote == remote {
+                        if life.cancelled_at.take().is_some() || life.substate != substate {
+                            life.rearms += 1;
+                        }
+                        life.substate = substate;
+                        life.armed_ns = t.ts_ns;
+                        life.timeout_jiffies = timeout_jiffies;
+                        return;
+                    }
+                    // The slab gave the address to another connection: the old one is gone.
+                    let old = self.end(t.tw, t.ts_ns, End::Killed);
+                    out.extend(old);
+                }
+                let owner = self
+                    .expected
+                    .iter()
+                    .position(|(_, e)| e.local == local && e.remote == remote)
+                    .map(|i| self.expected.remove(i).1.owner)
+                    .unwrap_or(None);
+                self.by_tuple.insert((local, remote), t.tw);
+                self.live.insert(
+                    t.tw,
+                    Life {
+                        since_ns: t.ts_ns,
+                        armed_ns: t.ts_ns,
+                        timeout_jiffies,
+                        rearms: 0,
+                        substate,
+                        local,
+                        remote,
+                        owner,
+                        cancelled_at: None,
+                    },
+                );
+            }
+            TimerOp::Cancelled => {
+                if let Some(life) = self.live.get_mut(&t.tw) {
+                    life.cancelled_at = Some(t.ts_ns);
+                }
+            }
+            TimerOp::Expired => out.extend(self.end(t.tw, t.ts_ns, End::Expired)),
+        }
+    }
+
+    fn end(&mut self, tw: u64, ts_ns: u64, end: End) -> Option<Exit> {
+        let life = self.live.remove(&tw)?;
+        if self.by_tuple.get(&(life.local, life.remote)) == Some(&tw) {
+            self.by_tuple.remove(&(life.local, life.remote));
+        }
+        Some(Exit {
+            ts_ns,
+            tw,
+            local: life.local,
+            remote: life.remote,
+            end,
+            residency_ns: ts_ns.saturating_sub(life.since_ns),
+            rearms: life.rearms,
+            substate: life.substate,
+            owner: life.owner,
+        })
+    }
+
+    /// Concludes what time has settled by `now_ns`: cancels with no re-arm or expiry are
+    /// early kills; entries with no timewait socket were not given one.
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Exit>) {
+        let killed: Vec<(u64, u64)> = self
+            .live
+            .iter()
+            .filter_map(|(tw, l)| {
+                l.cancelled_at
+                    .filter(|c| now_ns.saturating_sub(*c) > CANCEL_GRACE_NS)
+                    .map(|c| (*tw, c))
+            })
+            .collect();
+        for (tw, at) in killed {
+            out.extend(self.end(tw, at, End::Killed));
+        }
+        while let Some((at, t)) = self.expected.first().copied() {
+            if now_ns.saturating_sub(at) <= ARM_GRACE_NS {
+                break;
+            }
+            self.expected.remove(0);
+            out.push(Exit {
+                ts_ns: t.ts_ns,
+                tw: 0,
+                local: t.local,
+                remote: t.remote,
+                end: End::NotCreated,
+                residency_ns: 0,
+                rearms: 0,
+                substate: State::TimeWait,
+                owner: t.owner,
+            });
+        }
+    }
+
+    /// At the end of a run: pending cancels are kills; pending entries are left alone (the
+    /// run may have stopped between an entry and its arming).
+    pub fn flush(&mut self, out: &mut Vec<Exit>) {
+        self.expire(u64::MAX, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Comm;
+
+    const C: &str = "10.0.0.1:40000";
+    const S: &str = "10.0.0.2:80";
+    const SEC: u64 = 1_000_000_000;
+
+    fn armed(ts: u64, tw: u64, substate: State, local: &str) -> Event {
+        Event::Timer(TimerEvent {
+            ts_ns: ts,
+            tw,
+            op: TimerOp::Armed {
+                substate,
+                timeout_jiffies: 15000,
+                local: local.parse().unwrap(),
+                remote: S.parse().unwrap(),
+            },
+        })
+    }
+
+    fn op(ts: u64, tw: u64, op: TimerOp) -> Event {
+        Event::Timer(TimerEvent { ts_ns: ts, tw, op })
+    }
+
+    fn entry(ts: u64, local: &str) -> Event {
+        Event::Transition(Transition {
+            ts_ns: ts,
+            skaddr: 9,
+            local: local.parse().unwrap(),
+            remote: S.parse().unwrap(),
+            from: State::FinWait2,
+            to: State::TimeWait,
+            in_from_ns: Some(1),
+            owner: Some(Owner {
+                pid: 7,
+                comm: Comm(*b"curl\0\0\0\0\0\0\0\0\0\0\0\0"),
+                from_listener: false,
+            }),
+            mptcp: false,
+        })
+    }
+
+    fn run(events: &[Event]) -> Vec<Exit> {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        for e in events {
+            t.observe(e, &mut out);
+        }
+        t.flush(&mut out);
+        out
+    }
+
+    #[test]
+    fn created_in_fin_wait2_rearmed_into_time_wait_then_expired() {
+        let out = run(&[
+            armed(SEC, 1, State::FinWait2, C),
+            entry(SEC + 10, C),
+            op(3 * SEC, 1, TimerOp::Cancelled),
+            armed(3 * SEC + 5, 1, State::TimeWait, C),
+            op(63 * SEC, 1, TimerOp::Cancelled),
+            op(63 * SEC + 5, 1, TimerOp::Expired),
+        ]);
+        assert_eq!(out.len(), 1);
+        let e = out[0];
+        assert_eq!(
+            (e.end, e.rearms, e.substate),
+            (End::Expired, 1, State::TimeWait)
+        );
+        assert_eq!(e.residency_ns, 62 * SEC + 5);
+        assert_eq!(
+            e.owner.unwrap().pid,
+            7,
+            "the closing process, from the entry"
+        );
+    }
+
+    #[test]
+    fn a_cancel_alone_is_an_early_kill() {
+        let out = run(&[
+            armed(SEC, 1, State::TimeWait, C),
+            op(2 * SEC, 1, TimerOp::Cancelled),
+            armed(4 * SEC, 2, State::TimeWait, "10.0.0.1:40001"),
+        ]);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].end, out[0].residency_ns), (End::Killed, SEC));
+    }
+
+    #[test]
+    fn a_port_reused_for_a_new_connection_kills_the_old_one() {
+        // tcp_tw_reuse: the client reconnects from the same port; the old timewait socket is
+        // cancelled, the new connection runs, and its own timewait socket gets the same slab
+        // address and the same 4-tuple.
+        let mut est = match entry(3 * SEC, C) {
+            Event::Transition(t) => t,
+            _ => unreachable!(),
+        };
+        est.from = State::SynSent;
+        est.to = State::Established;
+        let out = run(&[
+            armed(SEC, 1, State::TimeWait, C),
+            op(2 * SEC + 500, 1, TimerOp::Cancelled),
+            Event::Transition(est),
+            armed(2 * SEC + 900, 1, State::TimeWait, C),
+            entry(2 * SEC + 901, C),
+        ]);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(
+            (out[0].end, out[0].residency_ns, out[0].rearms),
+            (End::Killed, SEC + 500, 0)
+        );
+    }
+
+    #[test]
+    fn a_reused_address_with_another_tuple_is_a_new_socket() {
+        let out = run(&[
+            armed(SEC, 1, State::TimeWait, C),
+            op(2 * SEC, 1, TimerOp::Cancelled),
+            armed(2 * SEC + 1, 1, State::TimeWait, "10.0.0.1:40001"),
+            op(62 * SEC, 1, TimerOp::Cancelled),
+            op(62 * SEC + 1, 1, TimerOp::Expired),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].end, out[0].local.port()), (End::Killed, 40000));
+        assert_eq!(
+            (out[1].end, out[1].local.port(), out[1].rearms),
+            (End::Expired, 40001, 0)
+        );
+    }
+
+    #[test]
+    fn an_entry_without_a_timewait_socket_is_reported() {
+        let out = run(&[entry(SEC, C), entry(3 * SEC, "10.0.0.1:40001")]);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|e| e.end == End::NotCreated));
+        // Without timer tracing, nothing is concluded.
+        let mut t = Timewaits::new(false);
+        let mut out = Vec::new();
+        t.observe(&entry(SEC, C), &mut out);
+        t.flush(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn expiries_and_cancels_of_unknown_timers_are_ignored() {
+        let out = run(&[op(SEC, 5, TimerOp::Cancelled), op(SEC, 5, TimerOp::Expired)]);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,236 @@
+//! Root-only: the timewait socket's real life, across network namespaces the tests create.
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tcptrace::{
+    event::{Event, State, decode},
+    probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
+    timewait::{End, Exit, Timewaits},
+};
+
+/// Sets a sysctl inside a namespace.
+fn sysctl(ns: &str, key: &str, value: &str) {
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "sysctl {key}={value} in {ns}");
+}
+
+/// A server in namespace b that accepts `n` connections and closes each after the client.
+fn server(pair: &NetPair, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = mpsc::channel();
+    let h = NetPair::run_in(&pair.b, move || {
+        let l = TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        for _ in 0..n {
+            let (mut c, _) = l.accept().unwrap();
+            let mut b = [0u8; 1];
+            while c.read(&mut b).map(|k| k > 0).unwrap_or(false) {}
+        }
+    });
+    rx.recv().unwrap();
+    h
+}
+
+/// From namespace a: connect (from `from_port` if not 0) and close first.
+fn client(pair: &NetPair, server: SocketAddr, from_port: u16) -> SocketAddr {
+    NetPair::run_in(&pair.a, move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(server),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        if from_port != 0 {
+            s.set_reuse_address(true).unwrap();
+            let any: SocketAddr = if server.is_ipv4() {
+                format!("0.0.0.0:{from_port}").parse().unwrap()
+            } else {
+                format!("[::]:{from_port}").parse().unwrap()
+            };
+            s.bind(&any.into()).unwrap();
+        }
+        s.connect(&server.into()).unwrap();
+        let c: TcpStream = s.into();
+        let local = c.local_addr().unwrap();
+        drop(c);
+        local
+    })
+    .join()
+    .unwrap()
+}
+
+/// Feeds the probe's events to a timewait follower until `done` or the timeout.
+fn follow(probe: &mut Probe, tw: &mut Timewaits, exits: &mut Vec<Exit>, saw_entry: &mut bool) {
+    let mut raw = Vec::new();
+    probe.drain(&mut raw);
+    for r in &raw {
+        let ev = decode(r).unwrap();
+        if matches!(ev, Event::Transition(t) if t.to == State::TimeWait) {
+            *saw_entry = true;
+        }
+        tw.observe(&ev, exits);
+    }
+    tw.expire(monotonic_ns(), exits);
+}
+
+/// Whether `ss` in namespace `ns` lists a TIME_WAIT socket from `local` to `remote`.
+fn in_sock_diag(ns: &str, local: SocketAddr, remote: SocketAddr) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "time-wait"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (l, r) = (ss_addr(local), ss_addr(remote));
+    text.lines()
+        .any(|line| line.contains(&l) && line.contains(&r))
+}
+
+fn ss_addr(a: SocketAddr) -> String {
+    match a {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    }
+}
+
+#[test]
+fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
+    if !root_or_skip("time_wait_expires_after_2msl_and_sock_diag_agrees") {
+        return;
+    }
+    let pair = NetPair::new();
+    let port = 21_000 + (std::process::id() % 1000) as u16;
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    assert!(
+        probe.timewait_traced(),
+        "this kernel offers the timer tracepoints"
+    );
+    let srv_addr = SocketAddr::new(pair.b4, port);
+    let srv = server(&pair, srv_addr, 1);
+    let closed_at = monotonic_ns();
+    let local = client(&pair, srv_addr, 0);
+    srv.join().unwrap();
+
+    let mut tw = Timewaits::new(true);
+    let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let mut vanished_at = None;
+    let deadline = Instant::now() + Duration::from_secs(70);
+    while Instant::now() < deadline && (exits.is_empty() || vanished_at.is_none()) {
+        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
+        if !saw_entry {
+            assert!(
+                monotonic_ns() - closed_at < 2_000_000_000,
+                "the entry is seen at once"
+            );
+        }
+        if vanished_at.is_none() && !in_sock_diag(&pair.a, local, srv_addr) {
+            vanished_at = Some(monotonic_ns());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(saw_entry);
+    let x = exits
+        .iter()
+        .find(|x| x.local == local)
+        .unwrap_or_else(|| panic!("no exit for {local} in {exits:#?}"));
+    assert_eq!(
+        (x.end, x.remote, x.substate),
+        (End::Expired, srv_addr, State::TimeWait)
+    );
+    let secs = x.residency_ns as f64 / 1e9;
+    assert!(
+        (60.0..=62.1).contains(&secs),
+        "2MSL plus timer-wheel rounding: {secs} s"
+    );
+    assert_eq!(x.owner.map(|o| o.pid), Some(std::process::id()));
+    let vanished = vanished_at.expect("the socket left sock_diag");
+    let gap = (vanished as f64 - x.ts_ns as f64).abs() / 1e9;
+    assert!(
+        gap <= 0.5,
+        "sock_diag lost it {gap} s from the reported exit"
+    );
+}
+
+#[test]
+fn tcp_tw_reuse_kills_time_wait_early() {
+    if !root_or_skip("tcp_tw_reuse_kills_time_wait_early") {
+        return;
+    }
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
+    let port = 22_000 + (std::process::id() % 1000) as u16;
+    let from = 23_000 + (std::process::id() % 1000) as u16;
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let srv_addr = SocketAddr::new(pair.b4, port);
+    let srv = server(&pair, srv_addr, 2);
+    let first = client(&pair, srv_addr, from);
+    // tcp_tw_reuse waits for a timestamp older than tcp_tw_reuse_delay (1 s by default).
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = client(&pair, srv_addr, from);
+    assert_eq!(first, second, "the same 4-tuple");
+    srv.join().unwrap();
+
+    let mut tw = Timewaits::new(true);
+    let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && exits.is_empty() {
+        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(exits.len(), 1, "{exits:#?}");
+    let x = exits[0];
+    assert_eq!((x.end, x.local, x.remote), (End::Killed, first, srv_addr));
+    let secs = x.residency_ns as f64 / 1e9;
+    assert!((1.0..3.0).contains(&secs), "killed after {secs} s");
+    assert_eq!(
+        tw.population().count(),
+        1,
+        "the second connection's TIME_WAIT lives on"
+    );
+}
+
+#[test]
+fn a_full_tw_bucket_table_is_reported() {
+    if !root_or_skip("a_full_tw_bucket_table_is_reported") {
+        return;
+    }
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "0");
+    let port = 24_000 + (std::process::id() % 1000) as u16;
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let srv_addr = SocketAddr::new(pair.b4, port);
+    let srv = server(&pair, srv_addr, 1);
+    let local = client(&pair, srv_addr, 0);
+    srv.join().unwrap();
+    let mut tw = Timewaits::new(true);
+    let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && exits.is_empty() {
+        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        saw_entry,
+        "the close still reads as an entry into TIME_WAIT"
+    );
+    assert_eq!(exits.len(), 1, "{exits:#?}");
+    assert_eq!((exits[0].end, exits[0].local), (End::NotCreated, local));
+    assert!(!in_sock_diag(&pair.a, local, srv_addr));
+}
