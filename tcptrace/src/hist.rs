@@ -9,16 +9,19 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use std::{collections::HashMap, net::SocketAddr};
+
 use crate::{
     event::{Event, RawEvent, State, decode},
     filter::CompiledFilter,
     output::{Format, human_ns},
+    timewait::{End, Exit, Timewaits},
     track::{Tracker, service_port},
     view::{Flow, View},
 };
 
 /// The states a histogram is kept for by default, with what their duration means.
-pub const STATES: [(State, &str); 8] = [
+pub const STATES: [(State, &str); 9] = [
     (State::SynSent, "connect latency"),
     (State::SynRecv, "handshake, server side"),
     (State::Established, "connection lifetime"),
@@ -33,6 +36,10 @@ pub const STATES: [(State, &str); 8] = [
         "waiting for the ack of our FIN, passive side",
     ),
     (State::Closing, "simultaneous close"),
+    (
+        State::TimeWait,
+        "TIME_WAIT residency, until expiry or an early kill",
+    ),
 ];
 
 /// How samples are grouped.
@@ -84,6 +91,10 @@ pub struct Hist<W: Write> {
     out: W,
     format: Format,
     closes: Vec<crate::track::Close>,
+    timewaits: Timewaits,
+    exits: Vec<Exit>,
+    /// The service port of each connection now in TIME_WAIT (with `--by port`).
+    tw_ports: HashMap<(SocketAddr, SocketAddr), u16>,
 }
 
 impl<W: Write> Hist<W> {
@@ -103,12 +114,38 @@ impl<W: Write> Hist<W> {
             out,
             format,
             closes: Vec::new(),
+            timewaits: Timewaits::new(true),
+            exits: Vec::new(),
+            tw_ports: HashMap::new(),
         }
     }
 
     /// The writer (for tests).
     pub fn into_inner(self) -> W {
         self.out
+    }
+
+    /// TIME_WAIT residencies of the timewait sockets that ended (not those never created).
+    fn record_exits(&mut self) {
+        for x in self.exits.drain(..) {
+            if x.end == End::NotCreated
+                || !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote)
+            {
+                continue;
+            }
+            let port =
+                match self.by {
+                    By::State => None,
+                    By::Port => Some(self.tw_ports.remove(&(x.local, x.remote)).unwrap_or_else(
+                        || service_port(crate::track::Role::Unknown, x.local, x.remote),
+                    )),
+                };
+            let h = self
+                .hists
+                .entry((State::TimeWait, port))
+                .or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"));
+            let _ = h.record(x.residency_ns);
+        }
     }
 
     /// The histograms, summarised, in the order the states were asked for (lifecycle
@@ -196,13 +233,27 @@ impl<W: Write> View for Hist<W> {
             }
             if self.by == By::Port {
                 self.tracker.observe(&ev, &mut self.closes);
-                self.closes.clear();
+                for c in self.closes.drain(..).filter(|c| c.timewait) {
+                    self.tw_ports.insert((c.local, c.remote), c.service_port());
+                }
+            }
+            if self.states.contains(&State::TimeWait) {
+                self.timewaits.observe(&ev, &mut self.exits);
+                self.record_exits();
             }
         }
         Ok(Flow::More)
     }
 
+    fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        self.timewaits.expire(now_ns, &mut self.exits);
+        self.record_exits();
+        Ok(Flow::More)
+    }
+
     fn finish(&mut self) -> io::Result<()> {
+        self.timewaits.flush(&mut self.exits);
+        self.record_exits();
         let summaries = self.summaries();
         match self.format {
             Format::Json => {

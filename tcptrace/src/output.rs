@@ -411,8 +411,10 @@ pub fn human_ns(ns: u64) -> String {
     } else if ns < 60_000_000_000 {
         format!("{:.2}s", f / 1e9)
     } else {
-        let s = ns / 1_000_000_000;
-        format!("{}m{:02}s", s / 60, s % 60)
+        // Tenths matter past a minute: a 2MSL expiry is 60.3 s or 61.5 s, not "1m".
+        let tenths = ns / 100_000_000;
+        let (m, t) = (tenths / 600, tenths % 600);
+        format!("{m}m{:02}.{}s", t / 10, t % 10)
     }
 }
 
@@ -525,7 +527,8 @@ mod tests {
         assert_eq!(human_ns(83_210), "83.2µs");
         assert_eq!(human_ns(1_500_000), "1.50ms");
         assert_eq!(human_ns(2_310_000_000), "2.31s");
-        assert_eq!(human_ns(62_000_000_000), "1m02s");
+        assert_eq!(human_ns(62_000_000_000), "1m02.0s");
+        assert_eq!(human_ns(60_330_000_000), "1m00.3s");
     }
 
     #[test]

@@ -9,10 +9,13 @@ use std::{
 use comfy_table::{CellAlignment, Table, presets};
 use serde::Serialize;
 
+use std::net::SocketAddr;
+
 use crate::{
     event::{Direction, Event, RawEvent, decode},
     filter::CompiledFilter,
-    output::{Format, rfc3339},
+    output::{Format, human_ns, rfc3339},
+    timewait::{End, Exit, Timewaits},
     track::{Close, How, Initiator, Role, Tracker, service_port},
     view::{Flow, View},
 };
@@ -57,7 +60,7 @@ pub struct TopProcess {
 }
 
 /// The counts of one row.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Row {
     /// Service port.
     pub port: u16,
@@ -83,12 +86,29 @@ pub struct Row {
     pub timeout: u64,
     /// TIME_WAIT entered on this host.
     pub timewait: u64,
+    /// How long the timewait sockets that ended lasted (when their timers are traced).
+    pub timewait_residency: Option<Residency>,
+    /// Closes that should have entered TIME_WAIT but got no timewait socket
+    /// (`tcp_max_tw_buckets` reached).
+    pub timewait_not_created: u64,
     /// Processes that owned the connections, most first (at most 3).
     pub top_processes: Vec<TopProcess>,
     /// A plain-language reading, for rows with enough connections.
     pub advice: Option<String>,
     #[serde(skip)]
     procs: HashMap<String, u64>,
+    #[serde(skip)]
+    residency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Percentiles of TIME_WAIT residency, nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Residency {
+    /// Timewait sockets that ended.
+    pub count: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
 }
 
 impl Row {
@@ -123,6 +143,12 @@ impl Row {
         procs.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.comm.cmp(&b.comm)));
         procs.truncate(3);
         self.top_processes = procs;
+        self.timewait_residency = self.residency.take().map(|h| Residency {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            max_ns: h.max(),
+        });
         self.advice = advice(self);
     }
 }
@@ -230,6 +256,10 @@ pub struct Report<W: Write> {
     window_start: Option<u64>,
     last_ts: u64,
     lost: u64,
+    timewaits: Timewaits,
+    exits: Vec<Exit>,
+    /// The row of each connection now in TIME_WAIT.
+    tw_rows: HashMap<(SocketAddr, SocketAddr), (u16, Way)>,
 }
 
 impl<W: Write> Report<W> {
@@ -257,6 +287,45 @@ impl<W: Write> Report<W> {
             window_start: None,
             last_ts: 0,
             lost: 0,
+            timewaits: Timewaits::new(false),
+            exits: Vec::new(),
+            tw_rows: HashMap::new(),
+        }
+    }
+
+    /// Whether timewait timers are traced (TIME_WAIT residency per row, missing ones counted).
+    pub fn timers(mut self, traced: bool) -> Self {
+        self.timewaits = Timewaits::new(traced);
+        self
+    }
+
+    fn row(&mut self, port: u16, way: Way) -> &mut Row {
+        self.rows.entry((port, way)).or_insert_with(|| Row {
+            port,
+            direction: Some(way),
+            ..Row::default()
+        })
+    }
+
+    fn tally_exits(&mut self) {
+        for x in std::mem::take(&mut self.exits) {
+            if !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+                continue;
+            }
+            let key = self.tw_rows.remove(&(x.local, x.remote));
+            let (port, way) = key
+                .unwrap_or_else(|| (service_port(Role::Unknown, x.local, x.remote), Way::Unknown));
+            let row = self.row(port, way);
+            if x.end == End::NotCreated {
+                row.timewait_not_created += 1;
+            } else {
+                let _ = row
+                    .residency
+                    .get_or_insert_with(|| {
+                        hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")
+                    })
+                    .record(x.residency_ns);
+            }
         }
     }
 
@@ -275,14 +344,10 @@ impl<W: Write> Report<W> {
             }
             let way = Way::of(c.role);
             let port = c.service_port();
-            self.rows
-                .entry((port, way))
-                .or_insert_with(|| Row {
-                    port,
-                    direction: Some(way),
-                    ..Row::default()
-                })
-                .add(&c);
+            if c.timewait {
+                self.tw_rows.insert((c.local, c.remote), (port, way));
+            }
+            self.row(port, way).add(&c);
         }
     }
 
@@ -361,24 +426,21 @@ impl<W: Write> View for Report<W> {
                         && self.filter.keeps_parts(None, r.local, r.remote) =>
                 {
                     let port = service_port(Role::Server, r.local, r.remote);
-                    self.rows
-                        .entry((port, Way::In))
-                        .or_insert_with(|| Row {
-                            port,
-                            direction: Some(Way::In),
-                            ..Row::default()
-                        })
-                        .refused += 1;
+                    self.row(port, Way::In).refused += 1;
                 }
                 _ => {}
             }
             self.tracker.observe(&ev, &mut self.closes);
             self.tally();
+            self.timewaits.observe(&ev, &mut self.exits);
+            self.tally_exits();
         }
         Ok(Flow::More)
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        self.timewaits.expire(now_ns, &mut self.exits);
+        self.tally_exits();
         self.window_start.get_or_insert(now_ns);
         self.last_ts = self.last_ts.max(now_ns);
         self.maybe_emit(now_ns)?;
@@ -388,6 +450,8 @@ impl<W: Write> View for Report<W> {
     fn finish(&mut self) -> io::Result<()> {
         self.tracker.flush(&mut self.closes);
         self.tally();
+        self.timewaits.flush(&mut self.exits);
+        self.tally_exits();
         self.emit(self.last_ts)
     }
 }
@@ -409,6 +473,7 @@ pub fn render_text(s: &Summary) -> String {
         "REFUSED",
         "TIMEOUT",
         "TIME_WAIT",
+        "TW p50/p99/max",
         "TOP PROCESSES",
     ]);
     let pct = |n: u64, d: u64| {
@@ -431,6 +496,14 @@ pub fn render_text(s: &Summary) -> String {
             r.refused.to_string(),
             r.timeout.to_string(),
             r.timewait.to_string(),
+            r.timewait_residency.map_or("-".into(), |t| {
+                format!(
+                    "{}/{}/{}",
+                    human_ns(t.p50_ns),
+                    human_ns(t.p99_ns),
+                    human_ns(t.max_ns)
+                )
+            }),
             r.top_processes
                 .iter()
                 .map(|p| format!("{} ({})", p.comm, p.count))
@@ -445,7 +518,7 @@ pub fn render_text(s: &Summary) -> String {
             ));
         }
     }
-    for i in 2..12 {
+    for i in 2..13 {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);
         }
@@ -470,6 +543,13 @@ pub fn render_text(s: &Summary) -> String {
     }
     out.push_str(&t.to_string());
     out.push('\n');
+    let missing: u64 = s.rows.iter().map(|r| r.timewait_not_created).sum();
+    if missing > 0 {
+        out.push_str(&format!(
+            "\n{missing} closes got no TIME_WAIT: tcp_max_tw_buckets was reached (the kernel \
+             counts TCPTimeWaitOverflow)\n"
+        ));
+    }
     if !readings.is_empty() {
         out.push_str("\nReading:\n");
         for r in readings {

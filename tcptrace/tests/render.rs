@@ -2,7 +2,8 @@
 
 use tcptrace::{
     event::{
-        Comm, Direction, Owner, RawEvent, Reset, State, Transition, encode, encode_reset, raw_lost,
+        Comm, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition, encode,
+        encode_reset, encode_timer, raw_lost,
     },
     filter::Filter,
     output::{Format, Renderer, Style},
@@ -24,7 +25,7 @@ fn owner(pid: u32, name: &str, from_listener: bool) -> Option<Owner> {
 }
 
 /// A client on 10.0.0.5 that closes first, its server, an IPv6 connection the peer resets
-/// (seen mid-life), a refused SYN, and a loss notice.
+/// (seen mid-life), a refused SYN, a loss notice, and the client's TIME_WAIT expiring.
 fn workload() -> Vec<RawEvent> {
     let c = "10.0.0.5:41000".parse().unwrap();
     let s = "10.0.0.9:8080".parse().unwrap();
@@ -44,7 +45,7 @@ fn workload() -> Vec<RawEvent> {
     use State::*;
     let curl = owner(4242, "curl", false);
     let nginx = owner(777, "nginx", true);
-    vec![
+    let mut events = vec![
         t(
             SEC,
             0xa,
@@ -168,7 +169,31 @@ fn workload() -> Vec<RawEvent> {
             owner: None,
         }),
         raw_lost(5 * SEC, 17),
-    ]
+        // The client's timewait socket: armed as it entered TIME_WAIT, expired 2MSL later.
+        encode_timer(&TimerEvent {
+            ts_ns: 3 * SEC + 2_049_000,
+            tw: 0xd,
+            op: TimerOp::Armed {
+                substate: State::TimeWait,
+                timeout_jiffies: 15000,
+                local: c,
+                remote: s,
+            },
+        }),
+        encode_timer(&TimerEvent {
+            ts_ns: 63 * SEC + 300_000_000,
+            tw: 0xd,
+            op: TimerOp::Cancelled,
+        }),
+        encode_timer(&TimerEvent {
+            ts_ns: 63 * SEC + 300_000_100,
+            tw: 0xd,
+            op: TimerOp::Expired,
+        }),
+    ];
+    // In time order, as the kernel delivers them.
+    events.sort_by_key(|e| e.ts_ns);
+    events
 }
 
 fn render(format: Format, filter: Filter) -> String {
@@ -183,7 +208,8 @@ fn render(format: Format, filter: Filter) -> String {
         Renderer::new(format, style),
         Vec::new(),
         None,
-    );
+    )
+    .timers(true);
     view.start().unwrap();
     assert_eq!(view.push(&workload()).unwrap(), Flow::More);
     view.finish().unwrap();
@@ -251,7 +277,8 @@ fn report(format: Format) -> String {
         format,
         WALL,
         None,
-    );
+    )
+    .timers(true);
     view.start().unwrap();
     view.push(&workload()).unwrap();
     view.finish().unwrap();
