@@ -20,6 +20,7 @@ use crate::{
     filter::Filter,
     hist::Hist,
     output::{Renderer, Style, local_utc_offset_secs},
+    population::Population,
     probe::{Probe, ProbeConfig, wall_offset_ns},
     record::{Reader, Writer},
     report::Report,
@@ -67,6 +68,30 @@ pub fn run(cli: Cli) -> Result<()> {
                     wall,
                     interval,
                 ))
+            })
+        }
+        Some(Command::Timewait(a)) => {
+            let filter = a.filter.filter();
+            let format = a.output.format();
+            let interval = a.interval.as_nanos() as u64;
+            let live = a.source.from.is_none();
+            drive(&filter, &a.source, |wall, timers| {
+                if !timers {
+                    log::warn!("timewait timers are not traced: the population only grows");
+                }
+                let view = Population::new(filter.compile(), out, format, wall, interval, timers);
+                // Live, count the TIME_WAIT sockets that exist already (own namespace).
+                Box::new(if live {
+                    match crate::diag::time_wait_sockets() {
+                        Ok(found) => view.seed(&found, crate::probe::monotonic_ns()),
+                        Err(e) => {
+                            log::warn!("cannot read existing TIME_WAIT sockets (sock_diag): {e}");
+                            view
+                        }
+                    }
+                } else {
+                    view
+                })
             })
         }
         Some(Command::Hist(a)) => {

@@ -31,6 +31,16 @@ them, DIR in; the remote port when it connected, DIR out); who closed first (LOC
 SIMULT, UNKNOWN); how (resets sent and received, REFUSED, TIMEOUT); TIME_WAIT entered on this
 host; the processes that owned them. Only the side that closes first holds TIME_WAIT.";
 
+const TIMEWAIT_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace timewait                     every 2 s until Ctrl-C, then a summary
+  sudo tcptrace timewait --lport 8080 -i 10s the server side of :8080
+  sudo tcptrace timewait --json --duration 1m
+
+At start-up the TIME_WAIT sockets already present in tcptrace's own network namespace are
+read from sock_diag (as `ss` does) and counted as `seeded`, their ages estimated from their
+timers; those created later are traced in every namespace.";
+
 const HIST_EXAMPLES: &str = "\
 Examples:
   sudo tcptrace hist --duration 30s          every state, 30 seconds
@@ -70,6 +80,24 @@ pub enum Command {
     /// Histograms of the time spent in each state (connect latency, CLOSE_WAIT, …).
     #[command(after_help = HIST_EXAMPLES)]
     Hist(HistArgs),
+    /// The TIME_WAIT population, live: by port, remote endpoint and process, ages, what
+    /// expires soon, creation and expiry rates.
+    #[command(after_help = TIMEWAIT_EXAMPLES)]
+    Timewait(TimewaitArgs),
+}
+
+/// `tcptrace timewait`.
+#[derive(Debug, Args)]
+pub struct TimewaitArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// How often to print the population.
+    #[arg(short, long, value_name = "INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
 }
 
 /// `tcptrace report`.

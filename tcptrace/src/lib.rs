@@ -7,10 +7,12 @@
 pub mod app;
 pub mod btf;
 pub mod cli;
+pub mod diag;
 pub mod event;
 pub mod filter;
 pub mod hist;
 pub mod output;
+pub mod population;
 pub mod probe;
 pub mod record;
 pub mod report;

@@ -95,6 +95,8 @@ pub struct Timewaits {
     expected: Vec<(u64, Transition)>,
     /// Whether the timers are traced at all (without them, nothing is concluded).
     traced: bool,
+    /// Timewait sockets created so far.
+    created: u64,
 }
 
 impl Timewaits {
@@ -104,6 +106,11 @@ impl Timewaits {
             traced,
             ..Timewaits::default()
         }
+    }
+
+    /// Timewait sockets created since the start.
+    pub fn created(&self) -> u64 {
+        self.created
     }
 
     /// The timewait sockets alive now.
@@ -176,6 +183,7 @@ impl Timewaits {
                     .map(|i| self.expected.remove(i).1.owner)
                     .unwrap_or(None);
                 self.by_tuple.insert((local, remote), t.tw);
+                self.created += 1;
                 self.live.insert(
                     t.tw,
                     Life {

@@ -329,3 +329,34 @@ fn hist_json_by_port() {
     }
     insta::assert_snapshot!(out);
 }
+
+fn population(format: Format) -> String {
+    use tcptrace::population::Population;
+    let mut view = Population::new(
+        Filter::default().compile(),
+        Vec::new(),
+        format,
+        WALL,
+        30 * SEC,
+        true,
+    );
+    view.push(&workload()).unwrap();
+    view.finish().unwrap();
+    String::from_utf8(view.into_inner()).unwrap()
+}
+
+#[test]
+fn timewait_view_text() {
+    insta::assert_snapshot!(population(Format::Text));
+}
+
+#[test]
+fn timewait_view_json() {
+    let out = population(Format::Json);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["kind"].as_str(), last["expired"].as_u64()),
+        (Some("timewait_summary"), Some(1))
+    );
+    insta::assert_snapshot!(out);
+}

@@ -234,3 +234,110 @@ fn a_full_tw_bucket_table_is_reported() {
     assert_eq!((exits[0].end, exits[0].local), (End::NotCreated, local));
     assert!(!in_sock_diag(&pair.a, local, srv_addr));
 }
+
+#[test]
+fn two_namespaces_populations_are_counted_and_none_is_seeded_from_ours() {
+    if !root_or_skip("two_namespaces_populations_are_counted_and_none_is_seeded_from_ours") {
+        return;
+    }
+    let pair = NetPair::new();
+    let p1 = 25_000 + (std::process::id() % 1000) as u16;
+    let p2 = p1 + 1000;
+    let bin = env!("CARGO_BIN_EXE_tcptrace");
+    let ports = format!("{p1},{p2}");
+    let mut tracer = std::process::Command::new(bin)
+        .args([
+            "timewait",
+            "--json",
+            "--interval",
+            "1s",
+            "--duration",
+            "5s",
+            "--port",
+            &ports,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+
+    // Three TIME_WAIT sockets in namespace a (its clients close first), two in namespace b.
+    let in_b = SocketAddr::new(pair.b4, p1);
+    let srv = server(&pair, in_b, 3);
+    for _ in 0..3 {
+        client(&pair, in_b, 0);
+    }
+    srv.join().unwrap();
+    let in_a = SocketAddr::new(pair.a4, p2);
+    let (tx, rx) = mpsc::channel();
+    let srv = NetPair::run_in(&pair.a, move || {
+        let l = TcpListener::bind(in_a).unwrap();
+        tx.send(()).unwrap();
+        for _ in 0..2 {
+            let (mut c, _) = l.accept().unwrap();
+            let mut b = [0u8; 1];
+            while c.read(&mut b).map(|k| k > 0).unwrap_or(false) {}
+        }
+    });
+    rx.recv().unwrap();
+    for _ in 0..2 {
+        NetPair::run_in(&pair.b, move || drop(TcpStream::connect(in_a).unwrap()))
+            .join()
+            .unwrap();
+    }
+    srv.join().unwrap();
+
+    let out = tracer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "timewait_population")
+        .unwrap_or_else(|| panic!("no population in {text}"));
+    assert_eq!(last["population"], 5, "{last:#}");
+    assert_eq!(
+        last["seeded"], 0,
+        "the tracer's own namespace holds none: {last:#}"
+    );
+    let remote = |k: String| {
+        last["by_remote"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["key"] == k)
+            .map(|c| c["count"].as_u64().unwrap())
+    };
+    assert_eq!(
+        remote(in_b.to_string()),
+        Some(3),
+        "namespace a's population: {last:#}"
+    );
+    assert_eq!(
+        remote(in_a.to_string()),
+        Some(2),
+        "namespace b's population: {last:#}"
+    );
+    let summary = records
+        .iter()
+        .find(|r| r["kind"] == "timewait_summary")
+        .unwrap();
+    assert_eq!(summary["created"], 5, "{summary:#}");
+    // sock_diag, as `ss` shows it, agrees with each namespace's count.
+    let count = |ns: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Htn", "state", "time-wait"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!((count(&pair.a), count(&pair.b)), (3, 2));
+}
