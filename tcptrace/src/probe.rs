@@ -323,7 +323,12 @@ pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
 /// The address of a kernel symbol; restricted `kallsyms` (zeros) is an error.
 pub fn kallsyms_address(symbol: &str) -> Result<u64, String> {
     let text = fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
-    let addr = text
+    find_symbol(&text, symbol)
+}
+
+/// Looks a symbol up in the text of `/proc/kallsyms`.
+fn find_symbol(kallsyms: &str, symbol: &str) -> Result<u64, String> {
+    let addr = kallsyms
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
@@ -612,6 +617,27 @@ format:
         let recv = FORMAT.replace("sock:", "tcp:");
         let o = parse_receive_reset_format(&recv).unwrap();
         assert_eq!((o.skaddr, o.sport, o.family, o.saddr_v6), (8, 24, 28, 40));
+    }
+
+    #[test]
+    fn kallsyms_lookup_and_restriction() {
+        let text =
+            "ffffffff820089e0 t __pfx_tw_timer_handler\nffffffff820089f0 t tw_timer_handler\n";
+        assert_eq!(
+            find_symbol(text, "tw_timer_handler"),
+            Ok(0xffffffff820089f0)
+        );
+        let hidden = "0000000000000000 t tw_timer_handler\n";
+        assert!(
+            find_symbol(hidden, "tw_timer_handler")
+                .unwrap_err()
+                .contains("kptr_restrict")
+        );
+        assert!(
+            find_symbol("", "tw_timer_handler")
+                .unwrap_err()
+                .contains("not in")
+        );
     }
 
     #[test]

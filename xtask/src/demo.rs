@@ -236,6 +236,10 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
     for (title, view) in [
         ("who closes first, per port: tcptrace report", "report"),
         ("how long each state lasted: tcptrace hist", "hist"),
+        (
+            "the TIME_WAIT population left behind: tcptrace timewait",
+            "timewait",
+        ),
     ] {
         println!("\n════ {title} --from demo.tcptrace ════");
         let out = std::process::Command::new(bin)
@@ -254,7 +258,9 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
     println!(
         "\nThe report's rows pair each port with a direction: `in` when this host accepted the\n\
          connections, `out` when it made them. Only the side that closes first holds TIME_WAIT:\n\
-         on port {a} the clients (`out`), on port {b} the server (`in`)."
+         on port {a} the clients (`out`), on port {b} the server (`in`). The six TIME_WAIT\n\
+         sockets stay for 60 s; `sudo tcptrace --state TIME_WAIT` would show each one leave,\n\
+         with how long it stayed."
     );
     Ok(())
 }
