@@ -82,13 +82,7 @@ impl Renderer {
             Format::Text => self.text_transition(t),
             Format::Json => {
                 let rec = TransitionJson {
-                    kind: "transition",
-                    time: rfc3339(wall_ns(t.ts_ns, self.style.wall_offset_ns)),
-                    family: t.family(),
-                    laddr: t.local.ip().to_string(),
-                    lport: t.local.port(),
-                    raddr: t.remote.ip().to_string(),
-                    rport: t.remote.port(),
+                    common: self.common("transition", t.ts_ns, Some((t.local, t.remote))),
                     from: t.from.name(),
                     to: t.to.name(),
                     in_from_ns: t.in_from_ns,
@@ -139,13 +133,7 @@ impl Renderer {
             }
             Format::Json => {
                 let rec = ResetJson {
-                    kind: "reset",
-                    time: rfc3339(wall_ns(r.ts_ns, self.style.wall_offset_ns)),
-                    family: if r.local.is_ipv4() { 4 } else { 6 },
-                    laddr: r.local.ip().to_string(),
-                    lport: r.local.port(),
-                    raddr: r.remote.ip().to_string(),
-                    rport: r.remote.port(),
+                    common: self.common("reset", r.ts_ns, Some((r.local, r.remote))),
                     direction: dir,
                     state: r.state.map(State::name),
                     reason: r.reason,
@@ -188,13 +176,7 @@ impl Renderer {
             }
             Format::Json => {
                 let rec = CloseJson {
-                    kind: "close",
-                    time: rfc3339(wall_ns(c.ts_ns, self.style.wall_offset_ns)),
-                    family: if c.local.is_ipv4() { 4 } else { 6 },
-                    laddr: c.local.ip().to_string(),
-                    lport: c.local.port(),
-                    raddr: c.remote.ip().to_string(),
-                    rport: c.remote.port(),
+                    common: self.common("close", c.ts_ns, Some((c.local, c.remote))),
                     initiator: c.initiator.name(),
                     how: c.how.name(),
                     timewait: c.timewait,
@@ -247,13 +229,7 @@ impl Renderer {
             }
             Format::Json => {
                 let rec = TimewaitJson {
-                    kind: "timewait",
-                    time: rfc3339(wall_ns(x.ts_ns, self.style.wall_offset_ns)),
-                    family: if x.local.is_ipv4() { 4 } else { 6 },
-                    laddr: x.local.ip().to_string(),
-                    lport: x.local.port(),
-                    raddr: x.remote.ip().to_string(),
-                    rport: x.remote.port(),
+                    common: self.common("timewait", x.ts_ns, Some((x.local, x.remote))),
                     end: x.end.name(),
                     residency_ns: (x.end != End::NotCreated).then_some(x.residency_ns),
                     rearms: x.rearms,
@@ -267,6 +243,24 @@ impl Renderer {
         }
         self.line.push('\n');
         out.write_all(self.line.as_bytes())
+    }
+
+    /// The common fields of a JSON record; `ends` (local, remote) when it has endpoints.
+    fn common(
+        &self,
+        kind: &'static str,
+        ts_ns: u64,
+        ends: Option<(SocketAddr, SocketAddr)>,
+    ) -> Common {
+        Common {
+            kind,
+            time: rfc3339(wall_ns(ts_ns, self.style.wall_offset_ns)),
+            family: ends.map(|(l, _)| if l.is_ipv4() { 4 } else { 6 }),
+            laddr: ends.map(|(l, _)| l.ip().to_string()),
+            lport: ends.map(|(l, _)| l.port()),
+            raddr: ends.map(|(_, r)| r.ip().to_string()),
+            rport: ends.map(|(_, r)| r.port()),
+        }
     }
 
     /// One text row in the stream's columns.
@@ -307,14 +301,8 @@ impl Renderer {
             }
             Format::Json => {
                 let rec = LostJson {
-                    kind: "lost",
-                    time: rfc3339(wall_ns(ts_ns, self.style.wall_offset_ns)),
+                    common: self.common("lost", ts_ns, None),
                     count,
-                    family: None,
-                    laddr: None,
-                    lport: None,
-                    raddr: None,
-                    rport: None,
                 };
                 let line = serde_json::to_string(&rec).unwrap_or_default();
                 writeln!(out, "{line}")
@@ -420,13 +408,8 @@ pub fn human_ns(ns: u64) -> String {
 
 #[derive(Serialize)]
 struct TransitionJson {
-    kind: &'static str,
-    time: String,
-    family: u8,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
+    #[serde(flatten)]
+    common: Common,
     from: &'static str,
     to: &'static str,
     in_from_ns: Option<u64>,
@@ -439,13 +422,8 @@ struct TransitionJson {
 
 #[derive(Serialize)]
 struct ResetJson {
-    kind: &'static str,
-    time: String,
-    family: u8,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
+    #[serde(flatten)]
+    common: Common,
     direction: &'static str,
     state: Option<&'static str>,
     reason: Option<u32>,
@@ -456,13 +434,8 @@ struct ResetJson {
 
 #[derive(Serialize)]
 struct CloseJson {
-    kind: &'static str,
-    time: String,
-    family: u8,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
+    #[serde(flatten)]
+    common: Common,
     initiator: &'static str,
     how: &'static str,
     timewait: bool,
@@ -476,13 +449,8 @@ struct CloseJson {
 
 #[derive(Serialize)]
 struct TimewaitJson {
-    kind: &'static str,
-    time: String,
-    family: u8,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
+    #[serde(flatten)]
+    common: Common,
     end: &'static str,
     residency_ns: Option<u64>,
     rearms: u32,
@@ -494,9 +462,16 @@ struct TimewaitJson {
 
 #[derive(Serialize)]
 struct LostJson {
+    #[serde(flatten)]
+    common: Common,
+    count: u64,
+}
+
+/// The fields every JSON record starts with (docs/json.md).
+#[derive(Serialize)]
+struct Common {
     kind: &'static str,
     time: String,
-    count: u64,
     family: Option<u8>,
     laddr: Option<String>,
     lport: Option<u16>,
