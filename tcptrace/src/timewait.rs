@@ -7,7 +7,10 @@
 //! (port reuse with `tcp_tw_reuse`, a reset, the namespace going away). Timewait sockets are
 //! reused from a slab, so a life is keyed by address *and* 4-tuple.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
 
 use crate::event::{Event, Owner, State, TimerEvent, TimerOp, Transition};
 
@@ -93,6 +96,9 @@ pub struct Timewaits {
     by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
     expected: Vec<(u64, Transition)>,
+    /// Cancels in time order, (when, timewait socket): the only lives `expire` looks at.
+    /// An entry is stale once its life was re-armed or ended.
+    cancels: VecDeque<(u64, u64)>,
     /// Whether the timers are traced at all (without them, nothing is concluded).
     traced: bool,
     /// Timewait sockets created so far.
@@ -202,6 +208,7 @@ impl Timewaits {
             TimerOp::Cancelled => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
                     life.cancelled_at = Some(t.ts_ns);
+                    self.cancels.push_back((t.ts_ns, t.tw));
                 }
             }
             TimerOp::Expired => out.extend(self.end(t.tw, t.ts_ns, End::Expired)),
@@ -229,17 +236,14 @@ impl Timewaits {
     /// Concludes what time has settled by `now_ns`: cancels with no re-arm or expiry are
     /// early kills; entries with no timewait socket were not given one.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Exit>) {
-        let killed: Vec<(u64, u64)> = self
-            .live
-            .iter()
-            .filter_map(|(tw, l)| {
-                l.cancelled_at
-                    .filter(|c| now_ns.saturating_sub(*c) > CANCEL_GRACE_NS)
-                    .map(|c| (*tw, c))
-            })
-            .collect();
-        for (tw, at) in killed {
-            out.extend(self.end(tw, at, End::Killed));
+        while let Some(&(at, tw)) = self.cancels.front() {
+            if now_ns.saturating_sub(at) <= CANCEL_GRACE_NS {
+                break;
+            }
+            self.cancels.pop_front();
+            if self.live.get(&tw).and_then(|l| l.cancelled_at) == Some(at) {
+                out.extend(self.end(tw, at, End::Killed));
+            }
         }
         while let Some((at, t)) = self.expected.first().copied() {
             if now_ns.saturating_sub(at) <= ARM_GRACE_NS {
