@@ -43,6 +43,11 @@ pub enum ProbeError {
          (`mount -t tracefs tracefs /sys/kernel/tracing`)"
     )]
     NoTracepoint(String),
+    #[error(
+        "cannot read tracefs at {0}: without root, tcptrace needs CAP_DAC_READ_SEARCH as well as \
+         CAP_BPF and CAP_PERFMON (and CAP_SYSLOG for TIME_WAIT exits); try `sudo tcptrace …`"
+    )]
+    NoTracefsAccess(String),
     #[error("the format of sock:inet_sock_set_state is not what tcptrace understands: {0}")]
     Format(String),
     #[error("loading the eBPF program failed: {0}")]
@@ -339,7 +344,8 @@ fn find_symbol(kallsyms: &str, symbol: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{symbol} is not in /proc/kallsyms"))?;
     if addr == 0 {
         return Err(format!(
-            "/proc/kallsyms hides addresses (kernel.kptr_restrict); {symbol} cannot be located"
+            "/proc/kallsyms hides addresses (kernel.kptr_restrict, or no CAP_SYSLOG); {symbol} \
+             cannot be located"
         ));
     }
     Ok(addr)
@@ -414,10 +420,18 @@ fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> 
     if let Some(p) = find() {
         return Ok(p);
     }
+    // Without root, tracefs (mode 0700) is unreadable unless CAP_DAC_READ_SEARCH lifts that.
+    if let Some(root) = TRACEFS
+        .iter()
+        .find(|r| fs::read_dir(r).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied))
+    {
+        return Err(ProbeError::NoTracefsAccess(root.to_string()));
+    }
     let tracefs_mounted = TRACEFS
         .iter()
         .any(|root| Path::new(root).join("events").is_dir());
-    if !tracefs_mounted {
+    // SAFETY: geteuid cannot fail.
+    if !tracefs_mounted && unsafe { libc::geteuid() } == 0 {
         let _ = std::process::Command::new("mount")
             .args(["-t", "tracefs", "tracefs", TRACEFS[0]])
             .status();

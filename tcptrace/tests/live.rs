@@ -361,3 +361,54 @@ fn record_then_replay_gives_identical_json() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs the binary as `nobody` with the given capabilities (inheritable and ambient).
+fn as_nobody(caps: &str, args: &[&str]) -> std::process::Output {
+    // A copy outside the build tree, which `nobody` may not be able to traverse.
+    let dir = std::env::temp_dir().join(format!("tcptrace-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("tcptrace");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcptrace"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(&bin)
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn runs_with_capabilities_instead_of_root() {
+    if !root_or_skip("runs_with_capabilities_instead_of_root") {
+        return;
+    }
+    let all = "+bpf,+perfmon,+dac_read_search,+syslog";
+    let out = as_nobody(all, &["--duration", "300ms", "--port", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Tracing TCP state transitions"), "{err}");
+    assert!(
+        !err.contains("not traced"),
+        "every feature works with these: {err}"
+    );
+
+    let out = as_nobody("+bpf,+perfmon", &["--duration", "300ms"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("CAP_DAC_READ_SEARCH"),
+        "names what is missing: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = as_nobody("-all", &["--duration", "300ms"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("try `sudo tcptrace"), "{err}");
+}
