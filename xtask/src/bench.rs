@@ -29,8 +29,18 @@ pub struct Args {
     rounds: u64,
 }
 
+/// Each storm connects from its own loopback source address, so the TIME_WAIT sockets a
+/// storm leaves behind (60 s, on the client side) never hold the ports of the next one.
+static STORM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
 /// Runs one storm on `port`; returns connections per second.
 fn storm(port: u16, conns: u64, workers: u64) -> Result<f64> {
+    let source = Ipv4Addr::new(
+        127,
+        0,
+        1,
+        STORM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    );
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
     let (tx, rx) = mpsc::channel::<TcpStream>();
     let rx = Arc::new(Mutex::new(rx));
@@ -64,8 +74,14 @@ fn storm(port: u16, conns: u64, workers: u64) -> Result<f64> {
         .map(|w| {
             let n = conns / workers + u64::from(w < conns % workers);
             thread::spawn(move || -> Result<()> {
+                let to: socket2::SockAddr =
+                    std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into();
+                let from: socket2::SockAddr = std::net::SocketAddr::from((source, 0)).into();
                 for _ in 0..n {
-                    drop(TcpStream::connect((Ipv4Addr::LOCALHOST, port))?);
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    s.bind(&from)?;
+                    s.connect(&to)?;
                 }
                 Ok(())
             })
