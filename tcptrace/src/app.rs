@@ -37,6 +37,31 @@ pub fn run(cli: Cli) -> Result<()> {
     let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let result = match &cli.command {
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = out;
+            clap_complete::generate(*shell, &mut cmd, "tcptrace", &mut out);
+            std::io::Write::flush(&mut out)?;
+            Ok(())
+        }
+        Some(Command::ManPages { dir }) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            Ok(())
+        }
+        Some(Command::Check { no_load }) => {
+            let items = crate::check::run(!no_load);
+            let text = crate::check::render(&items);
+            let mut out = out;
+            std::io::Write::write_all(&mut out, text.as_bytes())?;
+            std::io::Write::flush(&mut out)?;
+            if !crate::check::core_ok(&items) {
+                anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
+            }
+            Ok(())
+        }
         None => {
             let filter = cli.filter.filter();
             let format = cli.output.format();
@@ -158,7 +183,6 @@ fn drive<'a>(
         None => None,
     };
     let mut view = make_view(wall, timers);
-    eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
     live(probe, recorder, view.as_mut(), source.duration)
 }
 
@@ -192,6 +216,17 @@ pub fn replay<R: io::Read>(reader: &mut Reader<R>, view: &mut dyn View) -> Resul
     }
     view.finish()?;
     Ok(())
+}
+
+/// After the first Ctrl-C or SIGTERM the run winds down (a last drain, the summary); a
+/// second one must end it at once, so the default actions come back. Nothing stays attached
+/// either way: the kernel detaches a dead process's programs with its descriptors.
+fn default_signals() {
+    // SAFETY: restoring the default disposition of two signals.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
 }
 
 /// The ring buffer's descriptor, for readiness.
@@ -236,6 +271,8 @@ pub fn live(
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        // Only now: a Ctrl-C from here on ends the run cleanly.
+        eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = async {
@@ -255,8 +292,8 @@ pub fn live(
                         return Ok(());
                     }
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = sigint.recv() => { default_signals(); break }
+                _ = sigterm.recv() => { default_signals(); break }
                 _ = &mut end => break,
             }
             if feed(&mut probe, view)? == Flow::Done {

@@ -80,6 +80,30 @@ pub enum Command {
     /// Histograms of the time spent in each state (connect latency, CLOSE_WAIT, …).
     #[command(after_help = HIST_EXAMPLES)]
     Hist(HistArgs),
+    /// Can this host run tcptrace? One line per requirement, with a hint; exits non-zero if
+    /// the live stream cannot run.
+    #[command(
+        after_help = "Examples:\n  sudo tcptrace check\n  tcptrace check --no-load   (without loading anything)"
+    )]
+    Check {
+        /// Do not load and attach the eBPF programs for a moment at the end.
+        #[arg(long)]
+        no_load: bool,
+    },
+    /// Prints shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  tcptrace completions bash > /etc/bash_completion.d/tcptrace\n  tcptrace completions zsh > ~/.zfunc/_tcptrace"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Writes man pages (tcptrace.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    ManPages {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// The TIME_WAIT population, live: by port, remote endpoint and process, ages, what
     /// expires soon, creation and expiry rates.
     #[command(after_help = TIMEWAIT_EXAMPLES)]

@@ -6,6 +6,7 @@
 //! tested on synthetic or recorded events without root.
 pub mod app;
 pub mod btf;
+pub mod check;
 pub mod cli;
 pub mod diag;
 pub mod event;

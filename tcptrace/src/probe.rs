@@ -373,29 +373,84 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
-/// Root, or the capabilities that loading tracing programs needs.
-fn check_privileges() -> Result<(), ProbeError> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
+/// The effective capabilities that matter to tcptrace.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Running as root.
+    pub root: bool,
+    eff: u64,
+}
+
+const CAP_DAC_READ_SEARCH: u64 = 1 << 2;
+const CAP_SYS_ADMIN: u64 = 1 << 21;
+const CAP_SYSLOG: u64 = 1 << 34;
+const CAP_PERFMON: u64 = 1 << 38;
+const CAP_BPF: u64 = 1 << 39;
+
+impl Caps {
+    fn has(&self, cap: u64) -> bool {
+        self.root || self.eff & cap != 0
     }
+
+    /// The first capability the core stream lacks, if any.
+    pub fn missing(&self) -> Option<&'static str> {
+        if self.root || self.has(CAP_SYS_ADMIN) && self.has(CAP_DAC_READ_SEARCH) {
+            return None;
+        }
+        [
+            (CAP_BPF, "CAP_BPF"),
+            (CAP_PERFMON, "CAP_PERFMON"),
+            (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+        ]
+        .into_iter()
+        .find(|(c, _)| !self.has(*c))
+        .map(|(_, n)| n)
+    }
+
+    /// A line for `tcptrace check`.
+    pub fn verdict(&self) -> Result<String, String> {
+        match self.missing() {
+            None if self.root => Ok("root".into()),
+            None if self.has(CAP_SYSLOG) => {
+                Ok("CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH and CAP_SYSLOG".into())
+            }
+            None => Ok(
+                "CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH (no CAP_SYSLOG: no \
+                        TIME_WAIT exits)"
+                    .into(),
+            ),
+            Some(cap) => Err(format!(
+                "missing {cap}: run as root (`sudo tcptrace …`), or grant CAP_BPF, CAP_PERFMON, \
+                 CAP_DAC_READ_SEARCH (and CAP_SYSLOG)"
+            )),
+        }
+    }
+}
+
+/// This process's capabilities.
+pub fn capabilities() -> Caps {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    const CAP_SYS_ADMIN: u64 = 1 << 21;
-    const CAP_PERFMON: u64 = 1 << 38;
-    const CAP_BPF: u64 = 1 << 39;
-    if eff & CAP_SYS_ADMIN != 0 || eff & (CAP_BPF | CAP_PERFMON) == CAP_BPF | CAP_PERFMON {
-        return Ok(());
+    Caps {
+        // SAFETY: geteuid cannot fail.
+        root: unsafe { libc::geteuid() } == 0,
+        eff,
     }
-    Err(ProbeError::Privileges(if eff & CAP_BPF == 0 {
-        "CAP_BPF"
-    } else {
-        "CAP_PERFMON"
-    }))
+}
+
+/// Root, or the capabilities that loading tracing programs needs.
+fn check_privileges() -> Result<(), ProbeError> {
+    let caps = capabilities();
+    // CAP_BPF and CAP_PERFMON are checked here; tracefs access (CAP_DAC_READ_SEARCH) is
+    // checked where tracefs is read, with its own message.
+    match caps.missing() {
+        Some(cap @ ("CAP_BPF" | "CAP_PERFMON")) => Err(ProbeError::Privileges(cap)),
+        _ => Ok(()),
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort).
@@ -409,7 +464,7 @@ fn raise_memlock() {
 }
 
 /// The path of a tracepoint's format file, mounting tracefs if no tracefs is mounted.
-fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> {
+pub fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> {
     let rel = format!("events/{category}/{name}/format");
     let find = || {
         TRACEFS

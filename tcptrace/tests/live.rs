@@ -412,3 +412,27 @@ fn runs_with_capabilities_instead_of_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("try `sudo tcptrace"), "{err}");
 }
+
+#[test]
+fn check_reports_every_requirement() {
+    if !root_or_skip("check_reports_every_requirement") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .arg("check")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().filter(|l| l.starts_with('✓')).count() >= 8,
+        "{text}"
+    );
+    assert!(text.contains("load and attach"), "{text}");
+
+    let out = as_nobody("-all", &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("✗ privileges"), "{text}");
+    assert!(text.contains("sudo tcptrace"), "a hint: {text}");
+}

@@ -64,6 +64,9 @@ enum Cmd {
     /// The newcomer's tour: set up, build, trace a scripted loopback workload, explain it.
     #[command(after_help = "Example:\n  cargo xtask demo")]
     Demo,
+    /// Write the man pages (tcptrace.1 and one per subcommand) into target/man.
+    #[command(after_help = "Example:\n  cargo xtask man && man -l target/man/tcptrace.1")]
+    Man,
     /// Measure what tracing costs on a bounded loopback connection storm, side by side.
     #[command(
         after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench --connections 20000 --rounds 5"
@@ -79,6 +82,12 @@ fn main() -> ExitCode {
         Cmd::Run { debug, args } => build(debug).and_then(|bin| run_tcptrace(&bin, &args)),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => build(false).and_then(|bin| demo::demo(&bin)),
+        Cmd::Man => build(false).and_then(|bin| {
+            let dir = root().join("target/man");
+            run(Command::new(&bin).arg("man-pages").arg(&dir))?;
+            println!("wrote the man pages into {}", dir.display());
+            Ok(())
+        }),
         Cmd::Bench(args) => build(false).and_then(|bin| bench::bench(&bin, &args)),
     };
     match result {

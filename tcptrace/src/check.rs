@@ -1,0 +1,156 @@
+//! `tcptrace check`: can this host run tcptrace, feature by feature?
+
+use std::fmt::Write as _;
+
+use crate::probe::{
+    self, Probe, ProbeConfig, parse_receive_reset_format, parse_send_reset_format,
+    parse_set_state_format,
+};
+
+/// One line of the preflight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// What was checked.
+    pub what: &'static str,
+    /// Passed.
+    pub ok: bool,
+    /// Whether the live stream cannot run without it.
+    pub core: bool,
+    /// What was found, or what is wrong and how to fix it.
+    pub detail: String,
+}
+
+fn item(what: &'static str, core: bool, r: Result<String, String>) -> Item {
+    let (ok, detail) = match r {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    Item {
+        what,
+        ok,
+        core,
+        detail,
+    }
+}
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> Option<(u32, u32, String)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, release))
+}
+
+fn read_format(category: &str, name: &str) -> Result<String, String> {
+    let path = probe::tracepoint_format(category, name).map_err(|e| e.to_string())?;
+    std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs every check; `load` also loads and attaches the real program for a moment.
+pub fn run(load: bool) -> Vec<Item> {
+    let mut items = Vec::new();
+    let caps = probe::capabilities();
+    items.push(item("privileges", true, caps.verdict()));
+    items.push(item(
+        "kernel",
+        true,
+        match kernel_version() {
+            Some((ma, mi, r)) if (ma, mi) >= (5, 8) => Ok(format!("Linux {r}")),
+            Some((_, _, r)) => Err(format!(
+                "Linux {r}: tcptrace needs 5.8 or later (BPF ring buffers, CAP_BPF)"
+            )),
+            None => Err("cannot read /proc/sys/kernel/osrelease".into()),
+        },
+    ));
+    items.push(item(
+        "sock:inet_sock_set_state",
+        true,
+        read_format("sock", "inet_sock_set_state")
+            .and_then(|t| parse_set_state_format(&t))
+            .map(|_| "the state-transition tracepoint is usable".into()),
+    ));
+    items.push(item(
+        "tcp:tcp_send_reset, tcp_receive_reset",
+        false,
+        read_format("tcp", "tcp_send_reset")
+            .and_then(|t| parse_send_reset_format(&t))
+            .and_then(|_| read_format("tcp", "tcp_receive_reset"))
+            .and_then(|t| parse_receive_reset_format(&t))
+            .map(|_| "resets tell who aborted a connection".into())
+            .map_err(|e| format!("{e}: aborts will be classified `unknown`")),
+    ));
+    items.push(item(
+        "BTF",
+        false,
+        crate::btf::Btf::from_sys()
+            .and_then(|b| {
+                b.offset("inet_timewait_sock", "tw_timer")
+                    .map_err(|e| e.to_string())
+            })
+            .map(|_| "/sys/kernel/btf/vmlinux describes inet_timewait_sock".into())
+            .map_err(|e| format!("{e}: no TIME_WAIT exits")),
+    ));
+    items.push(item(
+        "tw_timer_handler",
+        false,
+        probe::kallsyms_address("tw_timer_handler")
+            .map(|a| format!("at {a:#x} in /proc/kallsyms"))
+            .map_err(|e| format!("{e}: no TIME_WAIT exits (run as root, or add CAP_SYSLOG)")),
+    ));
+    items.push(item(
+        "timer tracepoints",
+        false,
+        probe::timewait_offsets()
+            .map(|_| "timer:timer_start, timer_cancel, timer_expire_entry".into())
+            .map_err(|e| format!("{e}: no TIME_WAIT exits")),
+    ));
+    let core_ok = items.iter().all(|i| i.ok || !i.core);
+    if load && core_ok {
+        items.push(item(
+            "load and attach",
+            true,
+            Probe::start(&ProbeConfig::default())
+                .map(|p| {
+                    if p.timewait_traced() {
+                        "the eBPF programs load, attach and detach (all six)".into()
+                    } else {
+                        "the eBPF programs load, attach and detach (without TIME_WAIT exits)".into()
+                    }
+                })
+                .map_err(|e| e.to_string()),
+        ));
+    }
+    items
+}
+
+/// Whether the live stream can run.
+pub fn core_ok(items: &[Item]) -> bool {
+    items.iter().all(|i| i.ok || !i.core)
+}
+
+/// The preflight as text: one line per check.
+pub fn render(items: &[Item]) -> String {
+    let mut out = String::new();
+    for i in items {
+        let mark = if i.ok {
+            "✓"
+        } else if i.core {
+            "✗"
+        } else {
+            "!"
+        };
+        let _ = writeln!(out, "{mark} {:<38} {}", i.what, i.detail);
+    }
+    let _ = writeln!(
+        out,
+        "{}",
+        if core_ok(items) {
+            "tcptrace can run here."
+        } else {
+            "tcptrace cannot run here: fix the ✗ lines."
+        }
+    );
+    out
+}
