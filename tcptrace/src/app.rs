@@ -63,9 +63,9 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         None => {
-            let filter = cli.filter.filter();
-            let format = cli.output.format();
-            drive(&filter, &cli.source, |wall, timers| {
+            let filter = cli.common.filter.filter();
+            let format = cli.common.output.format();
+            drive(&filter, &cli.common.source, |wall, timers| {
                 let style = Style {
                     wall_offset_ns: wall,
                     utc_offset_secs: local_utc_offset_secs(),
@@ -77,14 +77,14 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Some(Command::Report(a)) => {
-            let filter = a.filter.filter();
+            let filter = a.common.filter.filter();
             // The report follows whole connections: the kernel sends every transition and
             // the states select connections instead.
             let whole = filter.without_states();
             let mask = filter.compile().state_mask();
-            let format = a.output.format();
+            let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
-            drive(&whole, &a.source, |wall, _timers| {
+            drive(&whole, &a.common.source, |wall, _timers| {
                 Box::new(Report::new(
                     whole.compile(),
                     mask,
@@ -96,11 +96,11 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Some(Command::Timewait(a)) => {
-            let filter = a.filter.filter();
-            let format = a.output.format();
+            let filter = a.common.filter.filter();
+            let format = a.common.output.format();
             let interval = a.interval.as_nanos() as u64;
-            let live = a.source.from.is_none();
-            drive(&filter, &a.source, |wall, timers| {
+            let live = a.common.source.from.is_none();
+            drive(&filter, &a.common.source, |wall, timers| {
                 if !timers {
                     log::warn!("timewait timers are not traced: the population only grows");
                 }
@@ -120,9 +120,9 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Some(Command::Hist(a)) => {
-            let filter = a.filter.filter();
-            let format = a.output.format();
-            drive(&filter, &a.source, |_, _| {
+            let filter = a.common.filter.filter();
+            let format = a.common.output.format();
+            drive(&filter, &a.common.source, |_, _| {
                 Box::new(Hist::new(
                     filter.compile(),
                     &filter.states,

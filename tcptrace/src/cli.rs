@@ -61,11 +61,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
-    pub output: OutputArgs,
+    pub common: CommonArgs,
     /// Stop after this many records are shown.
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
@@ -114,11 +110,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct TimewaitArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
-    pub output: OutputArgs,
+    pub common: CommonArgs,
     /// How often to print the population.
     #[arg(short, long, value_name = "INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -128,11 +120,7 @@ pub struct TimewaitArgs {
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
-    pub output: OutputArgs,
+    pub common: CommonArgs,
     /// Print a report every INTERVAL (e.g. 10s) instead of once at the end.
     #[arg(short, long, value_name = "INTERVAL", value_parser = parse_duration)]
     pub interval: Option<Duration>,
@@ -142,14 +130,21 @@ pub struct ReportArgs {
 #[derive(Debug, Args)]
 pub struct HistArgs {
     #[command(flatten)]
+    pub common: CommonArgs,
+    /// One histogram per state, or per state and service port.
+    #[arg(long, value_enum, default_value_t = crate::hist::By::State)]
+    pub by: crate::hist::By,
+}
+
+/// What every view takes: which events, from where, printed how.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
     pub source: SourceArgs,
     #[command(flatten)]
     pub output: OutputArgs,
-    /// One histogram per state, or per state and service port.
-    #[arg(long, value_enum, default_value_t = crate::hist::By::State)]
-    pub by: crate::hist::By,
 }
 
 /// Which transitions to keep. Family, ports and states are filtered in the kernel.
@@ -313,8 +308,11 @@ mod tests {
             "80,443",
         ])
         .unwrap();
-        assert_eq!(ok.filter.state, vec![State::TimeWait, State::CloseWait]);
-        assert_eq!(ok.filter.port, vec![80, 443]);
+        assert_eq!(
+            ok.common.filter.state,
+            vec![State::TimeWait, State::CloseWait]
+        );
+        assert_eq!(ok.common.filter.port, vec![80, 443]);
         let r =
             Cli::try_parse_from(["tcptrace", "report", "--lport", "8080", "-i", "10s"]).unwrap();
         assert!(matches!(

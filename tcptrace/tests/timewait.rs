@@ -91,6 +91,19 @@ fn follow(probe: &mut Probe, tw: &mut Timewaits, exits: &mut Vec<Exit>, saw_entr
     tw.expire(monotonic_ns(), exits);
 }
 
+/// Follows the probe until some timewait socket ends (or 5 s pass): the follower, the exits,
+/// and whether an entry into TIME_WAIT was seen.
+fn first_exits(probe: &mut Probe) -> (Timewaits, Vec<Exit>, bool) {
+    let mut tw = Timewaits::new(true);
+    let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && exits.is_empty() {
+        follow(probe, &mut tw, &mut exits, &mut saw_entry);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (tw, exits, saw_entry)
+}
+
 /// Whether `ss` in namespace `ns` lists a TIME_WAIT socket from `local` to `remote`.
 fn in_sock_diag(ns: &str, local: SocketAddr, remote: SocketAddr) -> bool {
     let out = Command::new("ip")
@@ -187,13 +200,8 @@ fn tcp_tw_reuse_kills_time_wait_early() {
     assert_eq!(first, second, "the same 4-tuple");
     srv.join().unwrap();
 
-    let mut tw = Timewaits::new(true);
-    let (mut exits, mut saw_entry) = (Vec::new(), false);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && exits.is_empty() {
-        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (tw, exits, saw_entry) = first_exits(&mut probe);
+    assert!(saw_entry, "the entries into TIME_WAIT were seen");
     assert_eq!(exits.len(), 1, "{exits:#?}");
     let x = exits[0];
     assert_eq!((x.end, x.local, x.remote), (End::Killed, first, srv_addr));
@@ -219,17 +227,12 @@ fn a_full_tw_bucket_table_is_reported() {
     let srv = server(&pair, srv_addr, 1);
     let local = client(&pair, srv_addr, 0);
     srv.join().unwrap();
-    let mut tw = Timewaits::new(true);
-    let (mut exits, mut saw_entry) = (Vec::new(), false);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && exits.is_empty() {
-        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (tw, exits, saw_entry) = first_exits(&mut probe);
     assert!(
         saw_entry,
         "the close still reads as an entry into TIME_WAIT"
     );
+    assert_eq!(tw.population().count(), 0, "no timewait socket exists");
     assert_eq!(exits.len(), 1, "{exits:#?}");
     assert_eq!((exits[0].end, exits[0].local), (End::NotCreated, local));
     assert!(!in_sock_diag(&pair.a, local, srv_addr));
