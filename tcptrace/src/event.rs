@@ -391,6 +391,15 @@ fn raw_addr(a: IpAddr) -> [u8; 16] {
     }
 }
 
+/// Sets the endpoint fields (addresses, ports, family) of a raw record.
+fn set_endpoints(raw: &mut RawEvent, local: SocketAddr, remote: SocketAddr) {
+    raw.saddr = raw_addr(local.ip());
+    raw.daddr = raw_addr(remote.ip());
+    raw.sport = local.port();
+    raw.dport = remote.port();
+    raw.family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+}
+
 fn raw_owner(owner: Option<Owner>) -> ([u8; 16], u32, u8) {
     match owner {
         Some(o) => (
@@ -424,11 +433,7 @@ pub fn encode_timer(t: &TimerEvent) -> RawEvent {
             raw.kind = kind::TW_ARMED;
             raw.oldstate = substate as u8;
             raw.aux = timeout_jiffies;
-            raw.saddr = raw_addr(local.ip());
-            raw.daddr = raw_addr(remote.ip());
-            raw.sport = local.port();
-            raw.dport = remote.port();
-            raw.family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+            set_endpoints(&mut raw, local, remote);
         }
         TimerOp::Cancelled => raw.kind = kind::TW_CANCELLED,
         TimerOp::Expired => raw.kind = kind::TW_EXPIRED,
@@ -439,18 +444,12 @@ pub fn encode_timer(t: &TimerEvent) -> RawEvent {
 /// Encodes a reset back into the raw form (for tests and synthetic workloads).
 pub fn encode_reset(r: &Reset) -> RawEvent {
     let (comm, pid, flags) = raw_owner(r.owner);
-    RawEvent {
+    let mut raw = RawEvent {
         ts_ns: r.ts_ns,
         skaddr: r.skaddr.unwrap_or(0),
-        in_from_ns: 0,
         aux: r.reason.map_or(tcptrace_common::NO_REASON, u64::from),
-        saddr: raw_addr(r.local.ip()),
-        daddr: raw_addr(r.remote.ip()),
         comm,
         pid,
-        sport: r.local.port(),
-        dport: r.remote.port(),
-        family: if r.local.is_ipv4() { AF_INET } else { AF_INET6 },
         kind: match r.direction {
             Direction::Sent => kind::RESET_SENT,
             Direction::Received => kind::RESET_RECEIVED,
@@ -458,8 +457,10 @@ pub fn encode_reset(r: &Reset) -> RawEvent {
         oldstate: r.state.map_or(0, |s| s as u8),
         newstate: r.state.map_or(0, |s| s as u8),
         flags,
-        _pad: [0; 2],
-    }
+        ..bytemuck::Zeroable::zeroed()
+    };
+    set_endpoints(&mut raw, r.local, r.remote);
+    raw
 }
 
 /// Encodes a transition back into the raw form (for tests and synthetic workloads).
@@ -481,24 +482,20 @@ pub fn encode(t: &Transition) -> RawEvent {
     if t.mptcp {
         flags |= flag::MPTCP;
     }
-    RawEvent {
+    let mut raw = RawEvent {
         ts_ns: t.ts_ns,
         skaddr: t.skaddr,
         in_from_ns: t.in_from_ns.unwrap_or(0),
-        aux: 0,
-        saddr: raw_addr(t.local.ip()),
-        daddr: raw_addr(t.remote.ip()),
         comm,
         pid,
-        sport: t.local.port(),
-        dport: t.remote.port(),
-        family: if t.local.is_ipv4() { AF_INET } else { AF_INET6 },
         kind: kind::TRANSITION,
         oldstate: t.from as u8,
         newstate: kernel_to as u8,
         flags,
-        _pad: [0; 2],
-    }
+        ..bytemuck::Zeroable::zeroed()
+    };
+    set_endpoints(&mut raw, t.local, t.remote);
+    raw
 }
 
 #[cfg(test)]

@@ -235,13 +235,7 @@ fn a_tiny_ring_buffer_reports_every_lost_event() {
     // Without the timewait timers, so the count of events to expect is exact.
     let mut probe = probe_with(&[port], 4096, false);
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    for _ in 0..CONNS {
-        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (mut s, _) = listener.accept().unwrap();
-        drop(c);
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).unwrap(), 0);
-    }
+    client_closes_first(&listener, port, CONNS);
     drop(listener);
     let expected = 2 + 10 * CONNS as u64;
     let (mut delivered, mut lost) = (0u64, 0u64);
@@ -292,13 +286,7 @@ fn record_then_replay_gives_identical_json() {
     assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
 
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    for _ in 0..3 {
-        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (mut s, _) = listener.accept().unwrap();
-        drop(c);
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).unwrap(), 0);
-    }
+    client_closes_first(&listener, port, 3);
     drop(listener);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: signalling our own child.

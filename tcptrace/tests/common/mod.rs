@@ -57,6 +57,19 @@ pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
     .expect("the probe loads and attaches")
 }
 
+/// `n` connections to 127.0.0.1:`port` on `listener`, each closed first by the client (the
+/// server reads its FIN, then closes): ten transitions each.
+pub fn client_closes_first(listener: &std::net::TcpListener, port: u16, n: usize) {
+    use std::io::Read as _;
+    for _ in 0..n {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        drop(c);
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "the client closes first");
+    }
+}
+
 /// Drains until `done` says the collected transitions are complete, or `timeout` passes.
 pub fn collect(
     probe: &mut Probe,
