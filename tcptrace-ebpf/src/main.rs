@@ -96,6 +96,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The timewait timer this CPU last saw cancelled: an expiring timer is detached (a cancel)
+/// just before its handler runs on the same CPU, after its entry in TW_TIMERS is gone.
+#[map]
+static LAST_TW_CANCEL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Port filter sets: port → bits of `tcptrace_common::port_filter`.
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
@@ -245,7 +250,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             (*info).last_ts = now;
             flags |= (*info).flags as u8;
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
-            if new == state::CLOSE {
+            // Its end: a closed socket, or one that a timewait socket replaces (the full
+            // socket is freed right after; nothing more is logged for this address).
+            if new == state::CLOSE || new == state::TIME_WAIT {
                 let _ = SOCKS.remove(skaddr);
             }
         },
@@ -266,7 +273,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             } else {
                 clear_owner(owner_ptr);
             }
-            if new != state::CLOSE {
+            if new != state::CLOSE && new != state::TIME_WAIT {
                 let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
                 let i = info.as_mut_ptr();
                 put(addr_of_mut!((*i).last_ts), now);
@@ -547,11 +554,33 @@ fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
         o.cancel_timer
     };
     let timer: u64 = read(ctx, off)?;
-    if TW_TIMERS.get_ptr(timer).is_none() {
-        return Ok(());
-    }
-    if k == kind::TW_EXPIRED {
+    // Most timers are not timewait sockets': a lookup (lock-free) drops them.
+    let known = TW_TIMERS.get_ptr(timer).is_some();
+    let slot = LAST_TW_CANCEL.get_ptr_mut(0).ok_or(0)?;
+    if k == kind::TW_CANCELLED {
+        if !known {
+            return Ok(());
+        }
+        // Forget the timer: a re-arm (the kernel detaches a pending timer before queueing it
+        // again, which logs this cancel) passes through timer_start, which remembers it
+        // anew; a kill does not, and its entry must not linger until the LRU evicts it. An
+        // expiry also detaches the timer first, then runs it on this CPU: remember it here.
         let _ = TW_TIMERS.remove(timer);
+        // SAFETY: a valid per-CPU slot.
+        unsafe { *slot = timer };
+    } else {
+        // SAFETY: as above.
+        let just_cancelled = unsafe { *slot } == timer;
+        if !known && !just_cancelled {
+            return Ok(());
+        }
+        if known {
+            let _ = TW_TIMERS.remove(timer);
+        }
+        if just_cancelled {
+            // SAFETY: as above.
+            unsafe { *slot = 0 };
+        }
     }
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
@@ -640,12 +669,22 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
         put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
         put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
     }
-    let wake = if cfg.wakeup_bytes == 0
-        || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= cfg.wakeup_bytes as u64
-    {
+    // Wake the reader once each time the unread data grows past another `wakeup_bytes`:
+    // not on every record while it is above (each wake-up is an interrupt — a self-IPI, a
+    // VM exit under a hypervisor — and a busy reader may take milliseconds to drain, during
+    // which every record would raise one). The reader's own tick covers a missed crossing.
+    let wake = if cfg.wakeup_bytes == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
-        BPF_RB_NO_WAKEUP
+        let w = cfg.wakeup_bytes as u64;
+        // Unread bytes, this record (and its 8-byte header) included.
+        let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let before = avail.saturating_sub(core::mem::size_of::<Event>() as u64 + 8);
+        if avail / w != before / w {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
     };
     entry.submit(wake as u64);
 }
