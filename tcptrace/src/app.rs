@@ -2,7 +2,7 @@
 
 use std::{
     fs::File,
-    io::{self, IsTerminal as _},
+    io::{self, IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
     path::Path,
     time::Duration,
@@ -73,7 +73,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     addr_width: Style::addr_width_for(filter.family),
                 };
                 let renderer = Renderer::new(format, style);
-                Box::new(Stream::new(filter.compile(), renderer, out, cli.count).timers(timers))
+                Box::new(
+                    Stream::new(filter.compile(), renderer, out, cli.count)
+                        .max_sockets(cli.common.source.max_sockets)
+                        .timers(timers),
+                )
             })
         }
         Some(Command::Report(a)) => {
@@ -84,15 +88,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let mask = filter.compile().state_mask();
             let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
-            drive(&whole, &a.common.source, |wall, _timers| {
-                Box::new(Report::new(
-                    whole.compile(),
-                    mask,
-                    out,
-                    format,
-                    wall,
-                    interval,
-                ))
+            drive(&whole, &a.common.source, |wall, timers| {
+                Box::new(
+                    Report::new(whole.compile(), mask, out, format, wall, interval)
+                        .max_sockets(a.common.source.max_sockets)
+                        .timers(timers),
+                )
             })
         }
         Some(Command::Timewait(a)) => {
@@ -104,7 +105,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 if !timers {
                     log::warn!("timewait timers are not traced: the population only grows");
                 }
-                let view = Population::new(filter.compile(), out, format, wall, interval, timers);
+                let view = Population::new(filter.compile(), out, format, wall, interval, timers)
+                    .max_sockets(a.common.source.max_sockets);
                 // Live, count the TIME_WAIT sockets that exist already (own namespace).
                 Box::new(if live {
                     match crate::diag::time_wait_sockets() {
@@ -122,14 +124,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
-            drive(&filter, &a.common.source, |_, _| {
-                Box::new(Hist::new(
-                    filter.compile(),
-                    &filter.states,
-                    a.by,
-                    out,
-                    format,
-                ))
+            drive(&filter, &a.common.source, |_, timers| {
+                Box::new(
+                    Hist::new(filter.compile(), &filter.states, a.by, out, format)
+                        .max_sockets(a.common.source.max_sockets)
+                        .timers(timers),
+                )
             })
         }
     };
@@ -167,6 +167,10 @@ fn drive<'a>(
         ring_bytes: source.ring_buffer_size,
         timewait: true,
     })?;
+    // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
+    // freed but scattered over the heap. Give the pages back before the long run.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     let wall = wall_offset_ns();
     let timers = probe.timewait_traced();
     let flags = if timers {
@@ -251,10 +255,18 @@ pub fn live(
         .build()
         .context("starting the event loop")?;
     let mut batch: Vec<RawEvent> = Vec::with_capacity(16 << 10);
+    let (mut transitions, mut others, mut lost) = (0u64, 0u64, 0u64);
     let mut feed = |probe: &mut Probe, view: &mut dyn View| -> Result<Flow> {
         batch.clear();
         if probe.drain(&mut batch) == 0 {
             return Ok(Flow::More);
+        }
+        for raw in &batch {
+            match raw.kind {
+                tcptrace_common::kind::LOST => lost += raw.aux,
+                tcptrace_common::kind::TRANSITION => transitions += 1,
+                _ => others += 1,
+            }
         }
         if let Some(rec) = &mut recorder {
             rec.write(&batch).context("writing the recording")?;
@@ -272,7 +284,10 @@ pub fn live(
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         // Only now: a Ctrl-C from here on ends the run cleanly.
-        eprintln!("Tracing TCP state transitions. Hit Ctrl-C to end.");
+        let _ = writeln!(
+            io::stderr(),
+            "Tracing TCP state transitions. Hit Ctrl-C to end."
+        );
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = async {
@@ -304,10 +319,28 @@ pub fn live(
         feed(&mut probe, view)?;
         Ok::<(), anyhow::Error>(())
     })?;
+    let timer_misses = probe.timer_misses();
     drop(probe);
     if let Some(rec) = &mut recorder {
         rec.flush().context("writing the recording")?;
     }
     view.finish()?;
+    // Like tcpdump's last lines: what was read and what was not, for the operator (stderr,
+    // so the output stays clean).
+    // Not eprintln!: a closed stderr must not turn a clean end into a panic.
+    let _ = writeln!(
+        io::stderr(),
+        "tcptrace: {transitions} transitions and {others} other events read, {lost} lost \
+         (ring buffer full or nested in the kernel), {} sockets evicted (--max-sockets){}",
+        view.evicted(),
+        if timer_misses > 0 {
+            format!(
+                ", {timer_misses} timer events skipped by the kernel (nested runs; most are \
+                 other timers, but TIME_WAIT exits may be among them)"
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

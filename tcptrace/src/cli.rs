@@ -203,6 +203,10 @@ pub struct SourceArgs {
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = crate::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
+    /// Follow at most N sockets (connections and TIME_WAIT sockets) at once, about 21 bytes
+    /// each; beyond that the oldest are evicted, counted and reported.
+    #[arg(long, value_name = "N", default_value_t = crate::track::DEFAULT_CAP, value_parser = parse_max_sockets)]
+    pub max_sockets: usize,
 }
 
 /// How to print.
@@ -264,6 +268,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_max_sockets(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of sockets"))?;
+    if !(1_000..=100_000_000).contains(&n) {
+        return Err(format!(
+            "{n} is out of range: from 1000 to 100000000 sockets"
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .parse()
@@ -300,6 +316,8 @@ mod tests {
         assert!(err(&["--duration", "soon"]).contains("'soon'"));
         assert!(err(&["-4", "-6"]).contains("cannot be used with"));
         assert!(err(&["--ring-buffer-size", "5000"]).contains("power of two"));
+        assert!(err(&["--max-sockets", "10"]).contains("10 is out of range"));
+        assert!(err(&["--max-sockets", "lots"]).contains("'lots'"));
         let ok = Cli::try_parse_from([
             "tcptrace",
             "--state",

@@ -120,6 +120,19 @@ impl<W: Write> Hist<W> {
         }
     }
 
+    /// Whether timewait timers are traced (else TIME_WAIT residencies cannot be known).
+    pub fn timers(mut self, traced: bool) -> Self {
+        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self
+    }
+
+    /// Follows at most `n` sockets, and `n` timewait sockets, at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.tracker = Tracker::new(n);
+        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
+        self
+    }
+
     /// The writer (for tests).
     pub fn into_inner(self) -> W {
         self.out
@@ -202,6 +215,10 @@ fn summarise(state: State, port: Option<u16>, h: &Histogram<u64>) -> Summary {
 }
 
 impl<W: Write> View for Hist<W> {
+    fn evicted(&self) -> u64 {
+        self.tracker.evicted() + self.timewaits.evicted()
+    }
+
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
             if !self.filter.kernel_keeps(raw) {
@@ -234,6 +251,11 @@ impl<W: Write> View for Hist<W> {
             if self.by == By::Port {
                 self.tracker.observe(&ev, &mut self.closes);
                 for c in self.closes.drain(..).filter(|c| c.timewait) {
+                    // Bounded like the sockets: an exit never seen (lost, evicted) must not
+                    // leave its entry here forever.
+                    if self.tw_ports.len() >= self.tracker.cap() {
+                        self.tw_ports.clear();
+                    }
                     self.tw_ports.insert((c.local, c.remote), c.service_port());
                 }
             }

@@ -3,9 +3,10 @@
 //! The JSON schema is documented in `docs/json.md`; keep the two in step.
 
 use std::{
-    fmt::Write as _,
+    borrow::Cow,
+    fmt::{self, Write as _},
     io::{self, Write},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -50,6 +51,8 @@ pub struct Renderer {
     format: Format,
     style: Style,
     line: String,
+    /// The JSON line being built: reused, so a record costs no allocation.
+    json: Vec<u8>,
 }
 
 impl Renderer {
@@ -59,6 +62,7 @@ impl Renderer {
             format,
             style,
             line: String::with_capacity(256),
+            json: Vec::with_capacity(512),
         }
     }
 
@@ -86,8 +90,8 @@ impl Renderer {
                     from: t.from.name(),
                     to: t.to.name(),
                     in_from_ns: t.in_from_ns,
-                    pid: t.owner.map(|o| o.pid),
-                    comm: t.owner.map(|o| o.comm.as_str().into_owned()),
+                    pid: t.owner.as_ref().map(|o| o.pid),
+                    comm: t.owner.as_ref().map(|o| o.comm.as_str()),
                     pid_from: t.owner.map(|o| {
                         if o.from_listener {
                             "listener"
@@ -95,15 +99,22 @@ impl Renderer {
                             "socket"
                         }
                     }),
-                    skaddr: format!("{:#x}", t.skaddr),
+                    skaddr: Hex(t.skaddr),
                     mptcp: t.mptcp,
                 };
-                // Serialising plain strings and numbers cannot fail.
-                self.line = serde_json::to_string(&rec).unwrap_or_default();
+                return self.json_line(out, &rec);
             }
         }
         self.line.push('\n');
         out.write_all(self.line.as_bytes())
+    }
+
+    /// Writes one JSON record and its newline.
+    fn json_line(&mut self, out: &mut impl Write, rec: &impl Serialize) -> io::Result<()> {
+        self.json.clear();
+        serde_json::to_writer(&mut self.json, rec)?;
+        self.json.push(b'\n');
+        out.write_all(&self.json)
     }
 
     /// A reset sent or received.
@@ -137,11 +148,11 @@ impl Renderer {
                     direction: dir,
                     state: r.state.map(State::name),
                     reason: r.reason,
-                    pid: r.owner.map(|o| o.pid),
-                    comm: r.owner.map(|o| o.comm.as_str().into_owned()),
-                    skaddr: r.skaddr.map(|s| format!("{s:#x}")),
+                    pid: r.owner.as_ref().map(|o| o.pid),
+                    comm: r.owner.as_ref().map(|o| o.comm.as_str()),
+                    skaddr: r.skaddr.map(Hex),
                 };
-                self.line = serde_json::to_string(&rec).unwrap_or_default();
+                return self.json_line(out, &rec);
             }
         }
         self.line.push('\n');
@@ -183,11 +194,11 @@ impl Renderer {
                     role: c.role.name(),
                     lifetime_ns: c.lifetime_ns,
                     midlife: c.midlife,
-                    pid: c.owner.map(|o| o.pid),
-                    comm: c.owner.map(|o| o.comm.as_str().into_owned()),
-                    skaddr: format!("{:#x}", c.skaddr),
+                    pid: c.owner.as_ref().map(|o| o.pid),
+                    comm: c.owner.as_ref().map(|o| o.comm.as_str()),
+                    skaddr: Hex(c.skaddr),
                 };
-                self.line = serde_json::to_string(&rec).unwrap_or_default();
+                return self.json_line(out, &rec);
             }
         }
         self.line.push('\n');
@@ -234,11 +245,11 @@ impl Renderer {
                     residency_ns: (x.end != End::NotCreated).then_some(x.residency_ns),
                     rearms: x.rearms,
                     substate: x.substate.name(),
-                    pid: x.owner.map(|o| o.pid),
-                    comm: x.owner.map(|o| o.comm.as_str().into_owned()),
-                    twaddr: (x.tw != 0).then(|| format!("{:#x}", x.tw)),
+                    pid: x.owner.as_ref().map(|o| o.pid),
+                    comm: x.owner.as_ref().map(|o| o.comm.as_str()),
+                    twaddr: (x.tw != 0).then_some(Hex(x.tw)),
                 };
-                self.line = serde_json::to_string(&rec).unwrap_or_default();
+                return self.json_line(out, &rec);
             }
         }
         self.line.push('\n');
@@ -254,11 +265,11 @@ impl Renderer {
     ) -> Common {
         Common {
             kind,
-            time: rfc3339(wall_ns(ts_ns, self.style.wall_offset_ns)),
+            time: WallTime(wall_ns(ts_ns, self.style.wall_offset_ns)),
             family: ends.map(|(l, _)| if l.is_ipv4() { 4 } else { 6 }),
-            laddr: ends.map(|(l, _)| l.ip().to_string()),
+            laddr: ends.map(|(l, _)| l.ip()),
             lport: ends.map(|(l, _)| l.port()),
-            raddr: ends.map(|(_, r)| r.ip().to_string()),
+            raddr: ends.map(|(_, r)| r.ip()),
             rport: ends.map(|(_, r)| r.port()),
         }
     }
@@ -294,8 +305,9 @@ impl Renderer {
                 let (on, off) = self.paint("\x1b[1;31m");
                 writeln!(
                     out,
-                    "{} {on}LOST {count} events: the ring buffer was full \
-                     (try --ring-buffer-size or narrower filters){off}",
+                    "{} {on}LOST {count} events: the ring buffer was full (try \
+                     --ring-buffer-size or narrower filters), or the kernel skipped the \
+                     program while it was busy on that CPU{off}",
                     self.clock(ts_ns)
                 )
             }
@@ -304,8 +316,7 @@ impl Renderer {
                     common: self.common("lost", ts_ns, None),
                     count,
                 };
-                let line = serde_json::to_string(&rec).unwrap_or_default();
-                writeln!(out, "{line}")
+                self.json_line(out, &rec)
             }
         }
     }
@@ -378,13 +389,47 @@ fn wall_ns(ts_ns: u64, wall_offset_ns: i64) -> i128 {
 
 /// RFC 3339 in UTC with nanoseconds: `2026-11-25T01:02:03.123456789Z`.
 pub fn rfc3339(unix_ns: i128) -> String {
-    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
-    );
-    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
-        .ok()
-        .and_then(|t| t.format(FMT).ok())
-        .unwrap_or_else(|| "invalid-time".into())
+    WallTime(unix_ns).to_string()
+}
+
+/// A wall-clock time (ns since the Unix epoch) that prints as RFC 3339 in UTC with
+/// nanoseconds, without allocating (JSON records are written straight from it).
+#[derive(Clone, Copy, Debug)]
+pub struct WallTime(pub i128);
+
+impl fmt::Display for WallTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match time::OffsetDateTime::from_unix_timestamp_nanos(self.0) {
+            Ok(t) => write!(
+                f,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.nanosecond()
+            ),
+            Err(_) => f.write_str("invalid-time"),
+        }
+    }
+}
+
+impl Serialize for WallTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A kernel address, as `0xffff…` in JSON.
+#[derive(Clone, Copy, Debug)]
+struct Hex(u64);
+
+impl Serialize for Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#x}", self.0))
+    }
 }
 
 /// A duration for people: `850ns`, `83.2µs`, `1.50ms`, `2.31s`, `1m02s`.
@@ -407,33 +452,33 @@ pub fn human_ns(ns: u64) -> String {
 }
 
 #[derive(Serialize)]
-struct TransitionJson {
+struct TransitionJson<'a> {
     #[serde(flatten)]
     common: Common,
     from: &'static str,
     to: &'static str,
     in_from_ns: Option<u64>,
     pid: Option<u32>,
-    comm: Option<String>,
+    comm: Option<Cow<'a, str>>,
     pid_from: Option<&'static str>,
-    skaddr: String,
+    skaddr: Hex,
     mptcp: bool,
 }
 
 #[derive(Serialize)]
-struct ResetJson {
+struct ResetJson<'a> {
     #[serde(flatten)]
     common: Common,
     direction: &'static str,
     state: Option<&'static str>,
     reason: Option<u32>,
     pid: Option<u32>,
-    comm: Option<String>,
-    skaddr: Option<String>,
+    comm: Option<Cow<'a, str>>,
+    skaddr: Option<Hex>,
 }
 
 #[derive(Serialize)]
-struct CloseJson {
+struct CloseJson<'a> {
     #[serde(flatten)]
     common: Common,
     initiator: &'static str,
@@ -443,12 +488,12 @@ struct CloseJson {
     lifetime_ns: Option<u64>,
     midlife: bool,
     pid: Option<u32>,
-    comm: Option<String>,
-    skaddr: String,
+    comm: Option<Cow<'a, str>>,
+    skaddr: Hex,
 }
 
 #[derive(Serialize)]
-struct TimewaitJson {
+struct TimewaitJson<'a> {
     #[serde(flatten)]
     common: Common,
     end: &'static str,
@@ -456,8 +501,8 @@ struct TimewaitJson {
     rearms: u32,
     substate: &'static str,
     pid: Option<u32>,
-    comm: Option<String>,
-    twaddr: Option<String>,
+    comm: Option<Cow<'a, str>>,
+    twaddr: Option<Hex>,
 }
 
 #[derive(Serialize)]
@@ -471,11 +516,11 @@ struct LostJson {
 #[derive(Serialize)]
 struct Common {
     kind: &'static str,
-    time: String,
+    time: WallTime,
     family: Option<u8>,
-    laddr: Option<String>,
+    laddr: Option<IpAddr>,
     lport: Option<u16>,
-    raddr: Option<String>,
+    raddr: Option<IpAddr>,
     rport: Option<u16>,
 }
 

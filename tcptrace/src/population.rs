@@ -144,6 +144,12 @@ impl<W: Write> Population<W> {
         }
     }
 
+    /// Follows at most `n` timewait sockets at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.tw = std::mem::take(&mut self.tw).with_cap(n);
+        self
+    }
+
     /// Adds the timewait sockets that existed before tracing began (from sock_diag, in the
     /// tracer's own namespace), as of `now_ns`.
     pub fn seed(mut self, found: &[DiagTimewait], now_ns: u64) -> Self {
@@ -306,6 +312,10 @@ fn top(it: impl IntoIterator<Item = (String, u64)>) -> Vec<Count> {
 }
 
 impl<W: Write> View for Population<W> {
+    fn evicted(&self) -> u64 {
+        self.tw.evicted()
+    }
+
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
             if !self.filter.kernel_keeps(raw) {

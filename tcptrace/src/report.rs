@@ -295,7 +295,14 @@ impl<W: Write> Report<W> {
 
     /// Whether timewait timers are traced (TIME_WAIT residency per row, missing ones counted).
     pub fn timers(mut self, traced: bool) -> Self {
-        self.timewaits = Timewaits::new(traced);
+        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self
+    }
+
+    /// Follows at most `n` sockets, and `n` timewait sockets, at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.tracker = Tracker::new(n);
+        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
         self
     }
 
@@ -344,7 +351,12 @@ impl<W: Write> Report<W> {
             }
             let way = Way::of(c.role);
             let port = c.service_port();
-            if c.timewait {
+            if c.timewait && self.timewaits.traced() {
+                // Bounded like the sockets: an exit never seen (lost, evicted) must not
+                // leave its entry here forever.
+                if self.tw_rows.len() >= self.tracker.cap() {
+                    self.tw_rows.clear();
+                }
                 self.tw_rows.insert((c.local, c.remote), (port, way));
             }
             self.row(port, way).add(&c);
@@ -373,7 +385,7 @@ impl<W: Write> Report<W> {
             duration_ns: end_ts.saturating_sub(start),
             connections: rows.iter().map(|r| r.closed).sum(),
             lost: self.lost,
-            evicted: self.tracker.evicted(),
+            evicted: self.tracker.evicted() + self.timewaits.evicted(),
             rows,
         };
         self.window_start = Some(end_ts);
@@ -406,6 +418,10 @@ impl<W: Write> Report<W> {
 }
 
 impl<W: Write> View for Report<W> {
+    fn evicted(&self) -> u64 {
+        self.tracker.evicted() + self.timewaits.evicted()
+    }
+
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
             if !self.filter.kernel_keeps(raw) {

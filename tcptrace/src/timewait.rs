@@ -103,6 +103,10 @@ pub struct Timewaits {
     traced: bool,
     /// Timewait sockets created so far.
     created: u64,
+    /// The most timewait sockets followed at once (0: [`crate::track::DEFAULT_CAP`]).
+    cap: usize,
+    /// Timewait sockets forgotten because the cap was reached.
+    evicted: u64,
 }
 
 impl Timewaits {
@@ -112,6 +116,46 @@ impl Timewaits {
             traced,
             ..Timewaits::default()
         }
+    }
+
+    /// Follows at most `cap` timewait sockets at once; beyond, the oldest are forgotten
+    /// (no exit is reported for them) and counted.
+    pub fn with_cap(mut self, cap: usize) -> Self {
+        self.cap = cap.max(1);
+        self
+    }
+
+    /// Whether timers are traced.
+    pub fn traced(&self) -> bool {
+        self.traced
+    }
+
+    /// Timewait sockets forgotten because the cap was reached.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Makes room for one more timewait socket.
+    fn make_room(&mut self) {
+        let cap = match self.cap {
+            0 => crate::track::DEFAULT_CAP,
+            n => n,
+        };
+        let len = self.live.len();
+        if len < cap {
+            return;
+        }
+        let sample = self.live.values().take(1024).map(|l| l.since_ns).collect();
+        let threshold = crate::track::eviction_threshold(sample, (cap / 16).max(1), len);
+        let by_tuple = &mut self.by_tuple;
+        self.live.retain(|tw, l| {
+            let keep = l.since_ns > threshold;
+            if !keep && by_tuple.get(&(l.local, l.remote)) == Some(tw) {
+                by_tuple.remove(&(l.local, l.remote));
+            }
+            keep
+        });
+        self.evicted += (len - self.live.len()) as u64;
     }
 
     /// Timewait sockets created since the start.
@@ -188,6 +232,7 @@ impl Timewaits {
                     .position(|(_, e)| e.local == local && e.remote == remote)
                     .map(|i| self.expected.remove(i).1.owner)
                     .unwrap_or(None);
+                self.make_room();
                 self.by_tuple.insert((local, remote), t.tw);
                 self.created += 1;
                 self.live.insert(

@@ -164,22 +164,224 @@ const RESET_GRACE_NS: u64 = 50_000_000;
 /// A connect cannot time out before the first SYN retransmission (RTO 1 s).
 const MIN_CONNECT_TIMEOUT_NS: u64 = 1_000_000_000;
 
-/// What is known of one live socket.
+/// What is known of one live socket, unpacked (see [`Slot`] for how it is stored).
 #[derive(Clone, Copy, Debug)]
 struct Life {
-    born_ts: Option<u64>,
+    born: bool,
     first_ts: u64,
     role: Role,
     first_fin: Option<Initiator>,
     simultaneous: bool,
     reset: Option<Direction>,
-    /// Events were lost while it lived: missing evidence proves nothing.
-    gap: bool,
     /// Bit `1 << state` for every state it was seen in.
     states: u16,
-    local: SocketAddr,
-    remote: SocketAddr,
-    owner: Option<Owner>,
+}
+
+impl Life {
+    fn new(first_ts: u64, born: bool, role: Role) -> Life {
+        Life {
+            born,
+            first_ts,
+            role,
+            first_fin: None,
+            simultaneous: false,
+            reset: None,
+            states: 0,
+        }
+    }
+}
+
+/// A kernel socket address as a map key with 4-byte alignment, so that a map entry takes
+/// 20 bytes instead of 24.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key([u32; 2]);
+
+impl Key {
+    fn new(skaddr: u64) -> Key {
+        Key([skaddr as u32, (skaddr >> 32) as u32])
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(u64::from(self.0[1]) << 32 | u64::from(self.0[0]));
+    }
+}
+
+/// A [`Life`] as stored: 12 bytes. Addresses and owners are not kept: every transition
+/// carries them (the kernel remembers the owner), and the close is decided at a transition.
+#[derive(Clone, Copy)]
+struct Slot {
+    first_ts: [u32; 2],
+    states: u16,
+    bits: u8,
+}
+
+const BORN: u8 = 1;
+const SIMULTANEOUS: u8 = 1 << 1;
+const ROLE_SHIFT: u8 = 2;
+const FIN_SHIFT: u8 = 4;
+const RESET_SHIFT: u8 = 6;
+
+impl Slot {
+    fn pack(l: &Life) -> Slot {
+        let role = match l.role {
+            Role::Unknown => 0,
+            Role::Client => 1,
+            Role::Server => 2,
+        };
+        let fin = match l.first_fin {
+            None | Some(Initiator::Unknown) => 0,
+            Some(Initiator::Local) => 1,
+            Some(Initiator::Remote) => 2,
+            Some(Initiator::Simultaneous) => 3,
+        };
+        let reset = match l.reset {
+            None => 0,
+            Some(Direction::Sent) => 1,
+            Some(Direction::Received) => 2,
+        };
+        Slot {
+            first_ts: [l.first_ts as u32, (l.first_ts >> 32) as u32],
+            states: l.states,
+            bits: (u8::from(l.born) * BORN)
+                | (u8::from(l.simultaneous) * SIMULTANEOUS)
+                | (role << ROLE_SHIFT)
+                | (fin << FIN_SHIFT)
+                | (reset << RESET_SHIFT),
+        }
+    }
+
+    fn first_ts(&self) -> u64 {
+        u64::from(self.first_ts[1]) << 32 | u64::from(self.first_ts[0])
+    }
+
+    fn role(&self) -> Role {
+        match self.bits >> ROLE_SHIFT & 3 {
+            1 => Role::Client,
+            2 => Role::Server,
+            _ => Role::Unknown,
+        }
+    }
+
+    fn unpack(&self) -> Life {
+        Life {
+            born: self.bits & BORN != 0,
+            first_ts: self.first_ts(),
+            role: self.role(),
+            first_fin: match self.bits >> FIN_SHIFT & 3 {
+                1 => Some(Initiator::Local),
+                2 => Some(Initiator::Remote),
+                3 => Some(Initiator::Simultaneous),
+                _ => None,
+            },
+            simultaneous: self.bits & SIMULTANEOUS != 0,
+            reset: match self.bits >> RESET_SHIFT & 3 {
+                1 => Some(Direction::Sent),
+                2 => Some(Direction::Received),
+                _ => None,
+            },
+            states: self.states,
+        }
+    }
+}
+
+/// The followed sockets, split into shards so that growing the table never holds two
+/// copies of all of it at once (a `HashMap` doubles by copying: at 1M sockets that would be
+/// a transient 3× peak).
+struct Live {
+    shards: Vec<HashMap<Key, Slot>>,
+    len: usize,
+}
+
+const SHARDS: usize = 64;
+
+impl Live {
+    fn new() -> Live {
+        Live {
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            len: 0,
+        }
+    }
+
+    fn index(k: u64) -> usize {
+        // Fibonacci hashing: the top bits depend on every bit of the address.
+        (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+    }
+
+    fn shard(&mut self, k: u64) -> &mut HashMap<Key, Slot> {
+        &mut self.shards[Live::index(k)]
+    }
+
+    fn get(&self, k: u64) -> Option<Life> {
+        self.shards[Live::index(k)]
+            .get(&Key::new(k))
+            .map(Slot::unpack)
+    }
+
+    fn contains(&self, k: u64) -> bool {
+        self.shards[Live::index(k)].contains_key(&Key::new(k))
+    }
+
+    fn put(&mut self, k: u64, l: &Life) {
+        if self.shard(k).insert(Key::new(k), Slot::pack(l)).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, k: u64) -> Option<Life> {
+        let l = self.shard(k).remove(&Key::new(k)).map(|s| s.unpack());
+        if l.is_some() {
+            self.len -= 1;
+        }
+        l
+    }
+
+    /// Drops about `want` of the sockets seen first; returns how many went. One pass over
+    /// the table for `want` sockets keeps eviction O(1) amortised when `want` is a fixed
+    /// fraction of the table.
+    fn evict_oldest(&mut self, want: usize) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        // A sample spread over the shards (a hash table's order is random) estimates the
+        // first-seen time below which `want` sockets lie.
+        const PER_SHARD: usize = 16;
+        let sample = self
+            .shards
+            .iter()
+            .flat_map(|s| s.values().take(PER_SHARD).map(Slot::first_ts))
+            .collect();
+        let threshold = eviction_threshold(sample, want, self.len);
+        let mut gone = 0;
+        for s in &mut self.shards {
+            s.retain(|_, l| {
+                let keep = l.first_ts() > threshold;
+                gone += usize::from(!keep);
+                keep
+            });
+        }
+        self.len -= gone;
+        gone
+    }
+}
+
+/// From `sample` (times of a random sample of `len` items), the time at or below which
+/// about `want` of them lie: evicting those drops the oldest `want`, give or take the sample's
+/// error (small tables are sampled whole, so exactly).
+pub(crate) fn eviction_threshold(mut sample: Vec<u64>, want: usize, len: usize) -> u64 {
+    if sample.is_empty() {
+        return 0;
+    }
+    sample.sort_unstable();
+    let idx = (want * sample.len() / len.max(1)).saturating_sub(1);
+    sample[idx.min(sample.len() - 1)]
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Live({} sockets)", self.len)
+    }
 }
 
 /// An abortive close waiting (briefly) for its reset.
@@ -191,14 +393,24 @@ struct Pending {
     gap: bool,
 }
 
+/// At most this many crossed closes wait for their peer's close (a simultaneous close is
+/// rare; the bound only matters if the peer is never traced).
+const CROSSED_CAP: usize = 4096;
+
 /// Follows sockets and classifies their closes.
 #[derive(Debug)]
 pub struct Tracker {
-    live: HashMap<u64, Life>,
+    live: Live,
     pending: Vec<Pending>,
+    /// Endpoints (local, remote) of peers that must be told, when they close, that both
+    /// FINs crossed; with the time of the crossing.
+    crossed: HashMap<(SocketAddr, SocketAddr), u64>,
     cap: usize,
     evicted: u64,
     clock: u64,
+    /// The last time events were lost: missing evidence of a socket seen before proves
+    /// nothing.
+    last_loss: Option<u64>,
 }
 
 /// The default number of sockets followed at once.
@@ -214,11 +426,13 @@ impl Tracker {
     /// Follows at most `cap` sockets at once.
     pub fn new(cap: usize) -> Self {
         Tracker {
-            live: HashMap::new(),
+            live: Live::new(),
             pending: Vec::new(),
+            crossed: HashMap::new(),
             cap: cap.max(1),
             evicted: 0,
             clock: 0,
+            last_loss: None,
         }
     }
 
@@ -229,12 +443,21 @@ impl Tracker {
 
     /// Sockets followed now.
     pub fn tracked(&self) -> usize {
-        self.live.len()
+        self.live.len
+    }
+
+    /// The most sockets followed at once.
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 
     /// The role of a socket followed now.
     pub fn role(&self, skaddr: u64) -> Option<Role> {
-        self.live.get(&skaddr).map(|l| l.role)
+        self.live.get(skaddr).map(|l| l.role)
+    }
+
+    fn gap(&self, l: &Life) -> bool {
+        self.last_loss.is_some_and(|t| l.first_ts <= t)
     }
 
     /// Feeds one event; appends the closes it completes to `out`.
@@ -245,9 +468,7 @@ impl Tracker {
             Event::Reset(r) => self.reset(r, out),
             Event::Timer(_) => {}
             Event::Lost { .. } => {
-                for life in self.live.values_mut() {
-                    life.gap = true;
-                }
+                self.last_loss = Some(self.clock);
                 for p in &mut self.pending {
                     p.gap = true;
                 }
@@ -279,15 +500,22 @@ impl Tracker {
         }
     }
 
+    /// Makes room for one more socket.
+    fn make_room(&mut self, skaddr: u64) {
+        if self.live.len >= self.cap && !self.live.contains(skaddr) {
+            // A sixteenth at a time: each pass over the table pays for that many inserts.
+            let gone = self.live.evict_oldest((self.cap / 16).max(1));
+            self.evicted += gone as u64;
+        }
+    }
+
     fn transition(&mut self, t: &Transition, out: &mut Vec<Close>) {
         // Listening sockets are not connections.
         if t.to == State::Listen || t.from == State::Listen && t.to == State::Close {
             return;
         }
-        if !self.live.contains_key(&t.skaddr) && self.live.len() >= self.cap {
-            self.evict();
-        }
-        let life = self.live.entry(t.skaddr).or_insert_with(|| {
+        self.make_room(t.skaddr);
+        let mut life = self.live.get(t.skaddr).unwrap_or_else(|| {
             let (born, role) = match (t.from, t.to) {
                 (State::Close, State::SynSent) => (true, Role::Client),
                 (State::Listen, State::SynRecv) | (State::Close, State::SynRecv) => {
@@ -295,29 +523,9 @@ impl Tracker {
                 }
                 _ => (false, Role::Unknown),
             };
-            Life {
-                born_ts: born.then_some(t.ts_ns),
-                first_ts: t.ts_ns,
-                role,
-                first_fin: None,
-                simultaneous: false,
-                reset: None,
-                gap: false,
-                states: 0,
-                local: t.local,
-                remote: t.remote,
-                owner: None,
-            }
+            Life::new(t.ts_ns, born, role)
         });
         life.states |= 1 << t.from as u16 | 1 << t.to as u16;
-        life.local = t.local;
-        life.remote = t.remote;
-        if let Some(o) = t.owner
-            && (life.owner.is_none() || !o.from_listener)
-        {
-            life.owner = Some(o);
-        }
-        let mut crossed = None;
         match (t.from, t.to) {
             (State::Established | State::SynRecv, State::FinWait1) => {
                 life.first_fin.get_or_insert(Initiator::Local);
@@ -327,41 +535,43 @@ impl Tracker {
             }
             (State::FinWait1, State::Closing) => {
                 life.simultaneous = true;
-                crossed = Some((life.local, life.remote));
+                // Both FINs were sent before either arrived: a simultaneous close for the
+                // peer too, even if its own view differs (our FIN was lost and retransmitted
+                // after its FIN was acknowledged). When the peer is traced here as well
+                // (loopback, containers), tell it when it closes, so both records agree.
+                if self.crossed.len() >= CROSSED_CAP {
+                    let horizon = self.clock.saturating_sub(120_000_000_000);
+                    self.crossed.retain(|_, ts| *ts > horizon);
+                    if self.crossed.len() >= CROSSED_CAP {
+                        self.crossed.clear();
+                    }
+                }
+                self.crossed.insert((t.remote, t.local), t.ts_ns);
             }
             _ => {}
         }
-        if let Some((local, remote)) = crossed {
-            // Both FINs were sent before either arrived: a simultaneous close for the peer
-            // too, even if its own view differs (our FIN was lost and retransmitted after its
-            // FIN was acknowledged). When the peer is traced here as well (loopback,
-            // containers), tell it, so both sides' records agree. Rare enough for a scan.
-            if let Some(peer) = self
-                .live
-                .values_mut()
-                .find(|l| l.local == remote && l.remote == local)
-            {
-                peer.simultaneous = true;
-            }
-        }
         if t.to != State::Close && t.to != State::TimeWait {
+            self.live.put(t.skaddr, &life);
             return;
         }
-        let Some(life) = self.live.remove(&t.skaddr) else {
-            return;
-        };
+        self.live.remove(t.skaddr);
+        if let Some(ts) = self.crossed.remove(&(t.local, t.remote))
+            && life.first_ts <= ts
+        {
+            life.simultaneous = true;
+        }
         let mut close = Close {
             ts_ns: t.ts_ns,
             skaddr: t.skaddr,
-            local: life.local,
-            remote: life.remote,
+            local: t.local,
+            remote: t.remote,
             initiator: Initiator::Unknown,
             how: How::Unknown,
             timewait: t.to == State::TimeWait,
             role: life.role,
-            lifetime_ns: life.born_ts.map(|b| t.ts_ns.saturating_sub(b)),
-            owner: life.owner,
-            midlife: life.born_ts.is_none(),
+            lifetime_ns: life.born.then(|| t.ts_ns.saturating_sub(life.first_ts)),
+            owner: t.owner,
+            midlife: !life.born,
             states: life.states,
         };
         let first = life.first_fin;
@@ -412,11 +622,12 @@ impl Tracker {
                                 f
                             }
                         });
+                        let gap = self.gap(&life) || close.midlife;
                         self.pending.push(Pending {
                             close,
                             from,
                             in_from_ns: t.in_from_ns,
-                            gap: life.gap || close.midlife,
+                            gap,
                         });
                         return;
                     }
@@ -444,41 +655,18 @@ impl Tracker {
             out.push(p);
             return;
         }
-        if let Some(life) = self.live.get_mut(&sk) {
+        if let Some(mut life) = self.live.get(sk) {
             // The first reset decides: an answer to the peer's reset is not an abort.
             life.reset.get_or_insert(r.direction);
+            self.live.put(sk, &life);
         } else if r.direction == Direction::Received {
             // A socket first met through the reset that is about to end it.
-            if self.live.len() >= self.cap {
-                self.evict();
-            }
-            self.live.insert(
-                sk,
-                Life {
-                    born_ts: None,
-                    first_ts: r.ts_ns,
-                    role: Role::Unknown,
-                    first_fin: None,
-                    simultaneous: false,
-                    reset: Some(Direction::Received),
-                    gap: false,
-                    states: 0,
-                    local: r.local,
-                    remote: r.remote,
-                    owner: r.owner,
-                },
-            );
+            self.make_room(sk);
+            let mut life = Life::new(r.ts_ns, false, Role::Unknown);
+            life.reset = Some(Direction::Received);
+            self.live.put(sk, &life);
         }
         let _ = out;
-    }
-
-    /// Drops the socket seen first (an approximation of the oldest, in O(n): eviction only
-    /// happens at the cap, which a healthy host never reaches).
-    fn evict(&mut self) {
-        if let Some((&sk, _)) = self.live.iter().min_by_key(|(_, l)| l.first_ts) {
-            self.live.remove(&sk);
-            self.evicted += 1;
-        }
     }
 }
 
@@ -807,8 +995,50 @@ mod tests {
         for e in &s.events {
             tr.observe(e, &mut out);
         }
-        assert_eq!(tr.tracked(), 10);
-        assert_eq!(tr.evicted(), 90);
+        assert!(tr.tracked() <= 10, "{} tracked", tr.tracked());
+        assert_eq!(tr.tracked() as u64 + tr.evicted(), 100);
+        // The oldest go first: the newest socket is still followed.
+        assert_eq!(tr.role(99), Some(Role::Client));
+        assert_eq!(tr.role(0), None);
+    }
+
+    #[test]
+    fn a_followed_socket_costs_twenty_bytes_plus_the_tables_control_byte() {
+        assert_eq!(std::mem::size_of::<(Key, Slot)>(), 20);
+    }
+
+    #[test]
+    fn eviction_at_scale_is_amortised_and_keeps_the_newest() {
+        let cap = 50_000;
+        let mut tr = Tracker::new(cap);
+        let mut out = Vec::new();
+        let n = 4 * cap as u64;
+        let start = std::time::Instant::now();
+        for sk in 0..n {
+            tr.observe(
+                &Event::Transition(Transition {
+                    ts_ns: 1_000 + sk,
+                    skaddr: 0xffff_8880_0000_0000 + sk * 2304,
+                    local: "10.0.0.1:0".parse().unwrap(),
+                    remote: S.parse().unwrap(),
+                    from: Close,
+                    to: SynSent,
+                    in_from_ns: None,
+                    owner: None,
+                    mptcp: false,
+                }),
+                &mut out,
+            );
+        }
+        assert!(tr.tracked() <= cap);
+        assert!(tr.tracked() >= cap - cap / 8, "{} tracked", tr.tracked());
+        assert_eq!(tr.tracked() as u64 + tr.evicted(), n);
+        assert_eq!(
+            tr.role(0xffff_8880_0000_0000 + (n - 1) * 2304),
+            Some(Role::Client)
+        );
+        // A pass per insert at the cap would take minutes here (200k × 50k).
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
     }
 
     fn any_event() -> impl Strategy<Value = (u64, u8, u8, u8)> {

@@ -35,6 +35,10 @@ pub trait View {
     }
     /// Called once at the end (the source ran dry, was stopped, or the view said Done).
     fn finish(&mut self) -> io::Result<()>;
+    /// Sockets forgotten so far because `--max-sockets` was reached.
+    fn evicted(&self) -> u64 {
+        0
+    }
 }
 
 /// The live transition stream (`tcptrace` with no subcommand).
@@ -51,6 +55,8 @@ pub struct Stream<W: Write> {
     /// Follows timewait sockets, when the stream shows TIME_WAIT.
     timewaits: Option<Timewaits>,
     exits: Vec<Exit>,
+    /// The most sockets followed at once.
+    cap: usize,
 }
 
 impl<W: Write> Stream<W> {
@@ -71,6 +77,7 @@ impl<W: Write> Stream<W> {
             closes: Vec::new(),
             timewaits: None,
             exits: Vec::new(),
+            cap: crate::track::DEFAULT_CAP,
         }
     }
 
@@ -79,23 +86,48 @@ impl<W: Write> Stream<W> {
     pub fn timers(mut self, traced: bool) -> Self {
         let mask = self.filter.state_mask();
         let shows_tw = mask == 0 || mask & (1 << State::TimeWait as u8) != 0;
-        self.timewaits = shows_tw.then(|| Timewaits::new(traced));
+        self.timewaits = shows_tw.then(|| Timewaits::new(traced).with_cap(self.cap));
+        self
+    }
+
+    /// Follows at most `n` sockets, and `n` timewait sockets, at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.cap = n;
+        if self.tracker.is_some() {
+            self.tracker = Some(Tracker::new(n));
+        }
+        self.timewaits = self.timewaits.take().map(|t| t.with_cap(n));
         self
     }
 
     /// Prints the closes and timewait ends concluded; true when the count limit is reached.
+    /// The buffers are reused: a close costs no allocation.
     fn print_closes(&mut self) -> io::Result<bool> {
-        for x in std::mem::take(&mut self.exits) {
+        if self.exits.is_empty() && self.closes.is_empty() {
+            return Ok(false);
+        }
+        let mut exits = std::mem::take(&mut self.exits);
+        let mut closes = std::mem::take(&mut self.closes);
+        let done = self.print(&exits, &closes);
+        exits.clear();
+        closes.clear();
+        self.exits = exits;
+        self.closes = closes;
+        done
+    }
+
+    fn print(&mut self, exits: &[Exit], closes: &[Close]) -> io::Result<bool> {
+        for x in exits {
             if self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
-                self.renderer.timewait_exit(&mut self.out, &x)?;
+                self.renderer.timewait_exit(&mut self.out, x)?;
                 if self.counted() {
                     return Ok(true);
                 }
             }
         }
-        for c in std::mem::take(&mut self.closes) {
+        for c in closes {
             if self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
-                self.renderer.close(&mut self.out, &c)?;
+                self.renderer.close(&mut self.out, c)?;
                 if self.counted() {
                     return Ok(true);
                 }
@@ -176,6 +208,11 @@ impl<W: Write> View for Stream<W> {
         let done = self.print_closes()?;
         self.out.flush()?;
         Ok(if done { Flow::Done } else { Flow::More })
+    }
+
+    fn evicted(&self) -> u64 {
+        self.tracker.as_ref().map_or(0, Tracker::evicted)
+            + self.timewaits.as_ref().map_or(0, Timewaits::evicted)
     }
 
     fn finish(&mut self) -> io::Result<()> {
