@@ -1,126 +1,385 @@
-//! `cargo xtask bench`: what tracing costs, measured side by side on a bounded loopback
-//! connection storm (client closes first, 10 transitions per connection), alternating the
-//! order of the variants each round and reporting medians.
+//! `cargo xtask bench`: what tracing costs, measured side by side.
+//!
+//! A storm is a fixed number of loopback connections made by several client processes
+//! against a multi-threaded server process, inside a network namespace of its own (so the
+//! TIME_WAIT sockets one storm leaves never hold the ports of the next, and die with it).
+//! Every connection makes ten transitions. Clients bind with `IP_BIND_ADDRESS_NO_PORT` and
+//! never wait on anything but the kernel, so the storm is CPU-bound, not latency-bound.
+//!
+//! Each round runs every variant once — untraced, `tcptrace --json` to a file, `tcptrace
+//! report`, `hist`, `timewait`, and libbpf-tools `tcpstates` to a file — in an order that
+//! alternates between rounds, for both close orders; the table shows medians.
 
 use std::{
-    io::Read as _,
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    path::Path,
-    sync::{Arc, Mutex, mpsc},
+    fs::File,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde_json::json;
 
-use crate::demo::{Tracer, free_port};
+use crate::demo::Tracer;
 
 /// Options.
 #[derive(clap::Args)]
 pub struct Args {
     /// Connections per storm.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=200_000))]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1000..=500_000))]
     connections: u64,
-    /// Client (and server) threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    /// Client processes (the server process runs as many accepting threads).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: u64,
-    /// Rounds; each runs every variant once, in alternating order.
+    /// Rounds; each runs every variant once, in alternating order. Medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
     rounds: u64,
+    /// Leave libbpf-tools' tcpstates out (else it is installed with apt when missing).
+    #[arg(long)]
+    no_tcpstates: bool,
+    /// Also profile `tcptrace --json` during one storm with perf and print its hottest
+    /// functions.
+    #[arg(long)]
+    profile: bool,
+    /// Instead of the comparison: storms without pause for --minutes under `tcptrace report`,
+    /// sampling its memory and the kernel maps' entries; then a SYN flood to a closed port
+    /// and a half-open flood, under a small --max-sockets.
+    #[arg(long)]
+    soak: bool,
+    /// How long the soak runs.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
 }
 
-/// Each storm connects from its own loopback source address, so the TIME_WAIT sockets a
-/// storm leaves behind (60 s, on the client side) never hold the ports of the next one.
-static STORM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+/// `cargo xtask storm-server` (internal): accepts `total` connections on 127.0.0.1:`port` in
+/// the namespace, then exits.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    #[arg(long)]
+    netns: String,
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    total: u64,
+    #[arg(long)]
+    threads: u64,
+    /// Close each connection at once (else wait for the client's FIN).
+    #[arg(long)]
+    server_closes: bool,
+    /// The listen backlog (with --threads 0, nothing accepts: a full queue drops SYNs).
+    #[arg(long, default_value_t = 4096)]
+    backlog: i32,
+}
 
-/// Runs one storm on `port`; returns connections per second.
-fn storm(port: u16, conns: u64, workers: u64) -> Result<f64> {
-    let source = Ipv4Addr::new(
-        127,
-        0,
-        1,
-        STORM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-    );
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
-    let (tx, rx) = mpsc::channel::<TcpStream>();
-    let rx = Arc::new(Mutex::new(rx));
-    let servers: Vec<_> = (0..workers)
+/// `cargo xtask storm-client` (internal): `count` connections from `src`.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    #[arg(long)]
+    netns: String,
+    #[arg(long)]
+    src: Ipv4Addr,
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    count: u64,
+    /// Wait for the server's FIN before closing (else close right after connecting).
+    #[arg(long)]
+    server_closes: bool,
+    /// Connect without waiting (non-blocking) and keep every socket open until stdin
+    /// closes: a half-open flood when nothing answers.
+    #[arg(long)]
+    hold: bool,
+    /// Expect every connection to be refused (a SYN flood to a closed port).
+    #[arg(long)]
+    refused: bool,
+}
+
+/// Moves this process into a named network namespace (before any thread or socket).
+fn enter_netns(name: &str) -> Result<()> {
+    let f = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("no network namespace {name}"))?;
+    // SAFETY: setns on a namespace descriptor we hold.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The storm's server process.
+pub fn server(a: &ServerArgs) -> Result<()> {
+    enter_netns(&a.netns)?;
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    l.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, a.port)).into())?;
+    l.listen(a.backlog)?;
+    let l = Arc::new(std::net::TcpListener::from(l));
+    println!("ready");
+    std::io::stdout().flush()?;
+    if a.threads == 0 {
+        // Listen, never accept, until killed.
+        loop {
+            thread::park();
+        }
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let (total, server_closes) = (a.total, a.server_closes);
+    let threads: Vec<_> = (0..a.threads)
         .map(|_| {
-            let rx = Arc::clone(&rx);
-            thread::spawn(move || {
+            let (l, done) = (l.clone(), done.clone());
+            thread::spawn(move || -> Result<()> {
                 let mut buf = [0u8; 16];
                 loop {
-                    let next = rx
-                        .lock()
-                        .map_err(|_| ())
-                        .and_then(|r| r.recv().map_err(|_| ()));
-                    let Ok(mut c) = next else { break };
-                    // Wait for the client's FIN, then close: the client closes first.
-                    let _ = c.read(&mut buf);
+                    let (mut c, _) = l.accept()?;
+                    if !server_closes {
+                        let _ = c.read(&mut buf);
+                    }
+                    drop(c);
+                    if done.fetch_add(1, Ordering::Relaxed) + 1 >= total {
+                        std::process::exit(0);
+                    }
                 }
             })
         })
         .collect();
-    let start = Instant::now();
-    let acceptor = thread::spawn(move || -> Result<()> {
-        for _ in 0..conns {
-            let (c, _) = listener.accept()?;
-            tx.send(c)
-                .map_err(|_| anyhow::anyhow!("server workers ended early"))?;
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// The storm's client process.
+pub fn client(a: &ClientArgs) -> Result<()> {
+    enter_netns(&a.netns)?;
+    let to: socket2::SockAddr = SocketAddr::from((Ipv4Addr::LOCALHOST, a.port)).into();
+    let from: socket2::SockAddr = SocketAddr::from((a.src, 0)).into();
+    let mut held = Vec::new();
+    if a.hold {
+        let want = a.count + 64;
+        let lim = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        // SAFETY: setrlimit with a valid struct (root may raise the hard limit).
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            bail!(
+                "cannot allow {want} open files: {}",
+                std::io::Error::last_os_error()
+            );
         }
-        Ok(())
-    });
-    let clients: Vec<_> = (0..workers)
-        .map(|w| {
-            let n = conns / workers + u64::from(w < conns % workers);
-            thread::spawn(move || -> Result<()> {
-                let to: socket2::SockAddr =
-                    std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into();
-                let from: socket2::SockAddr = std::net::SocketAddr::from((source, 0)).into();
-                for _ in 0..n {
-                    let s =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                    s.bind(&from)?;
-                    s.connect(&to)?;
+    }
+    for _ in 0..a.count {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int. Let connect() pick the port, knowing the
+        // whole 4-tuple: bind() alone would search for a port unused by every TIME_WAIT.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        s.bind(&from)?;
+        if a.hold {
+            s.set_nonblocking(true)?;
+            match s.connect(&to) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e).context("connect"),
+            }
+            held.push(s);
+            continue;
+        }
+        match s.connect(&to) {
+            Err(e) if a.refused && e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Ok(()) if a.refused => bail!("a connection to the closed port was accepted"),
+            r => r.context("connect")?,
+        }
+        if a.server_closes {
+            let mut b = [0u8; 1];
+            let _ = (&s).read(&mut b);
+        }
+    }
+    if a.hold {
+        println!("holding {}", held.len());
+        std::io::stdout().flush()?;
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+    }
+    Ok(())
+}
+
+/// A network namespace that is deleted on every path out.
+pub struct Netns {
+    pub name: String,
+}
+
+static NETNS: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    pub fn new() -> Result<Netns> {
+        let name = format!(
+            "tcptrace-bench-{}-{}",
+            std::process::id(),
+            NETNS.fetch_add(1, Ordering::Relaxed)
+        );
+        crate::capture(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        crate::capture(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A child killed and reaped on every path out.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Reaped {
+    fn wait(&mut self, limit: Duration) -> Result<()> {
+        let Some(c) = self.0.as_mut() else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait()? {
+                self.0 = None;
+                if !status.success() {
+                    bail!("a storm process failed ({status})");
                 }
-                Ok(())
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("a storm process did not finish within {limit:?}");
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
     }
-    acceptor
-        .join()
-        .map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
-    for s in servers {
-        let _ = s.join();
+}
+
+/// Which side closes first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closer {
+    Client,
+    Server,
+}
+
+impl Closer {
+    fn name(self) -> &'static str {
+        match self {
+            Closer::Client => "client closes first",
+            Closer::Server => "server closes first",
+        }
     }
+}
+
+/// One storm: `conns` connections to `port` in `ns`; returns connections per second.
+fn storm(ns: &Netns, port: u16, conns: u64, workers: u64, closer: Closer) -> Result<f64> {
+    let exe = std::env::current_exe()?;
+    let closes = |c: &mut Command| {
+        if closer == Closer::Server {
+            c.arg("--server-closes");
+        }
+    };
+    let mut cmd = Command::new(&exe);
+    cmd.args(["storm-server", "--netns", &ns.name])
+        .args(["--port", &port.to_string(), "--total", &conns.to_string()])
+        .args(["--threads", &workers.to_string()])
+        .stdout(Stdio::piped());
+    closes(&mut cmd);
+    let mut server = Reaped(Some(cmd.spawn().context("cannot start the storm server")?));
+    let out = server.0.as_mut().and_then(|c| c.stdout.take());
+    let mut line = String::new();
+    BufReader::new(out.context("server stdout")?).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("the storm server did not start");
+    }
+    let start = Instant::now();
+    let mut clients = Vec::new();
+    for w in 0..workers {
+        let n = conns / workers + u64::from(w < conns % workers);
+        let mut cmd = Command::new(&exe);
+        cmd.args(["storm-client", "--netns", &ns.name])
+            .args(["--src", &format!("127.0.{}.1", w + 1)])
+            .args(["--port", &port.to_string(), "--count", &n.to_string()]);
+        closes(&mut cmd);
+        clients.push(Reaped(Some(
+            cmd.spawn().context("cannot start a storm client")?,
+        )));
+    }
+    for c in &mut clients {
+        c.wait(Duration::from_secs(300))?;
+    }
+    server.wait(Duration::from_secs(60))?;
     Ok(conns as f64 / start.elapsed().as_secs_f64())
 }
 
-/// CPU seconds (user + system, all threads) of a process, from /proc.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start after ") ".
-    let rest = stat
-        .rsplit_once(") ")
-        .context("unexpected /proc/PID/stat")?
-        .1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+/// One storm for the soak: `server_closes` picks the close order.
+pub fn storm_in(
+    ns: &Netns,
+    port: u16,
+    conns: u64,
+    workers: u64,
+    server_closes: bool,
+) -> Result<f64> {
+    let closer = if server_closes {
+        Closer::Server
+    } else {
+        Closer::Client
+    };
+    storm(ns, port, conns, workers, closer)
 }
 
-/// Peak resident memory of a process in MiB.
-fn peak_rss_mib(pid: u32) -> Result<f64> {
+/// CPU seconds of a process, all its threads, from /proc/PID/task/*/schedstat (time on a
+/// CPU in nanoseconds: /proc/PID/stat counts clock ticks, too coarse for a second's storm).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .with_context(|| format!("unexpected {}", path.display()))?;
+        }
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// A memory figure of a process in MiB: `VmHWM` (peak) or `VmRSS` (now).
+pub fn mem_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("no VmHWM")?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -129,7 +388,8 @@ fn peak_rss_mib(pid: u32) -> Result<f64> {
 }
 
 /// The median of some numbers.
-pub fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -141,115 +401,555 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-struct Traced {
+/// What is measured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Untraced,
+    Stream,
+    Report,
+    Hist,
+    Timewait,
+    Tcpstates,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Untraced => "untraced",
+            Variant::Stream => "tcptrace --json > file",
+            Variant::Report => "tcptrace report",
+            Variant::Hist => "tcptrace hist",
+            Variant::Timewait => "tcptrace timewait",
+            Variant::Tcpstates => "tcpstates > file",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Variant::Untraced => "untraced",
+            Variant::Stream => "stream_json",
+            Variant::Report => "report",
+            Variant::Hist => "hist",
+            Variant::Timewait => "timewait",
+            Variant::Tcpstates => "tcpstates",
+        }
+    }
+
+    /// (minimum rate ratio, maximum CPU s per 100k transitions), when it has targets.
+    fn targets(self) -> Option<(f64, f64)> {
+        match self {
+            Variant::Stream => Some((0.85, 0.25)),
+            Variant::Report | Variant::Hist | Variant::Timewait => Some((0.95, 0.05)),
+            _ => None,
+        }
+    }
+}
+
+/// One measured storm.
+#[derive(Clone, Copy, Default)]
+struct Sample {
     rate: f64,
-    cpu_per_100k: f64,
+    cpu_s: f64,
     rss_mib: f64,
     delivered: u64,
     expected: u64,
+    /// What tcptrace said it lost (ring buffer full, or runs the kernel skipped).
+    lost: u64,
 }
 
-fn traced_round(bin: &Path, dir: &Path, a: &Args) -> Result<Traced> {
-    let port = free_port()?;
-    let out = dir.join("stream.json");
-    let args = vec!["--json".to_string(), "--port".into(), port.to_string()];
-    let mut tracer = Tracer::start(bin, &args, &out)?;
-    let pid = tracer.pid().context("tracer pid")?;
-    let cpu0 = cpu_seconds(pid)?;
-    let rate = storm(port, a.connections, a.workers)?;
-    thread::sleep(Duration::from_millis(300));
-    let cpu = cpu_seconds(pid)? - cpu0;
-    let rss = peak_rss_mib(pid)?;
-    tracer.stop()?;
-    let text = std::fs::read_to_string(&out)?;
-    let delivered = text
-        .lines()
-        .filter(|l| l.contains(r#""kind":"transition""#))
-        .count() as u64;
-    // Ten transitions per connection, plus the listener's two.
-    let expected = 10 * a.connections + 2;
-    Ok(Traced {
-        rate,
-        cpu_per_100k: cpu / expected as f64 * 100_000.0,
-        rss_mib: rss,
-        delivered,
-        expected,
-    })
+/// The tracer of a variant, started and stopped around a storm.
+enum Running {
+    None,
+    Tcptrace(Tracer),
+    Tcpstates(Reaped),
 }
 
-/// The benchmark.
+/// The number in `text` just before `word` (e.g. "200002 transitions").
+fn number_before(text: &str, word: &str) -> Option<u64> {
+    let i = text.find(word)?;
+    text[..i].split_whitespace().last()?.parse().ok()
+}
+
+struct Bench<'a> {
+    bin: &'a Path,
+    a: &'a Args,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Bench<'_> {
+    /// Runs one storm under `v`.
+    fn sample(&mut self, v: Variant, closer: Closer) -> Result<Sample> {
+        self.port += 1;
+        let port = self.port;
+        let ns = Netns::new()?;
+        let out = self.dir.join(format!("{}-{}.out", v.key(), port));
+        let p = port.to_string();
+        let args: Vec<String> = match v {
+            Variant::Stream => vec!["--json".into(), "--port".into(), p],
+            Variant::Report => vec!["report".into(), "--port".into(), p],
+            Variant::Hist => vec!["hist".into(), "--port".into(), p],
+            Variant::Timewait => vec![
+                "timewait".into(),
+                "--port".into(),
+                p,
+                "--interval".into(),
+                "1h".into(),
+            ],
+            _ => vec![],
+        };
+        let running = match v {
+            Variant::Untraced => Running::None,
+            Variant::Tcpstates => {
+                let child = Command::new("tcpstates")
+                    .stdout(File::create(&out)?)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start tcpstates")?;
+                // It says nothing when attached; it loads in well under a second.
+                thread::sleep(Duration::from_millis(1500));
+                Running::Tcpstates(Reaped(Some(child)))
+            }
+            _ => Running::Tcptrace(Tracer::start(self.bin, &args, &out)?),
+        };
+        let pid = match &running {
+            Running::None => None,
+            Running::Tcptrace(t) => t.pid(),
+            Running::Tcpstates(r) => r.0.as_ref().map(Child::id),
+        };
+        let cpu0 = pid.map(cpu_seconds).transpose()?.unwrap_or(0.0);
+        let rate = storm(&ns, port, self.a.connections, self.a.workers, closer)?;
+        // Let the tracer drain what the storm left in its buffers.
+        thread::sleep(Duration::from_millis(300));
+        let cpu_s = pid.map(cpu_seconds).transpose()?.unwrap_or(0.0) - cpu0;
+        let rss_mib = pid.map(|p| mem_mib(p, "VmHWM")).transpose()?.unwrap_or(0.0);
+        // Ten transitions per connection, plus the listener's two.
+        let expected = 10 * self.a.connections + 2;
+        let mut lost = 0;
+        let delivered = match running {
+            Running::None => expected,
+            Running::Tcptrace(mut t) => {
+                t.stop()?;
+                let said = t.said().join("\n");
+                lost = number_before(&said, " lost").unwrap_or(0);
+                if v == Variant::Stream {
+                    let text = std::fs::read_to_string(&out)?;
+                    text.lines()
+                        .filter(|l| l.contains(r#""kind":"transition""#))
+                        .count() as u64
+                } else {
+                    number_before(&said, " transitions").with_context(|| {
+                        format!("tcptrace did not say how many transitions it read: {said}")
+                    })?
+                }
+            }
+            Running::Tcpstates(mut r) => {
+                if let Some(c) = &r.0 {
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+                }
+                r.wait(Duration::from_secs(10))?;
+                // SKADDR C-PID C-COMM LADDR LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS
+                let text = std::fs::read_to_string(&out)?;
+                text.lines()
+                    .filter(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        f.len() >= 7 && (f[4] == port.to_string() || f[6] == port.to_string())
+                    })
+                    .count() as u64
+            }
+        };
+        let _ = std::fs::remove_file(&out);
+        drop(ns);
+        // The namespace's teardown (its TIME_WAIT sockets) runs in the background.
+        thread::sleep(Duration::from_millis(500));
+        Ok(Sample {
+            rate,
+            cpu_s,
+            rss_mib,
+            delivered,
+            expected,
+            lost,
+        })
+    }
+}
+
+/// Makes sure tcpstates is there (Debian's libbpf-tools), installing it when it is not.
+fn tcpstates_ready() -> bool {
+    let found = || {
+        Command::new("tcpstates")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if found() {
+        return true;
+    }
+    println!("installing libbpf-tools (tcpstates) with apt-get");
+    apt_install("libbpf-tools") && found()
+}
+
+/// `apt-get install -y PACKAGE`, refreshing the package lists first if that fails (a stale
+/// list names files the mirror no longer has).
+pub fn apt_install(package: &str) -> bool {
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    install()
+        || Command::new("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .is_ok_and(|s| s.success())
+            && install()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+/// The comparison.
 pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if !crate::is_root() {
         bail!(
-            "the benchmark reads the tracer's CPU time from /proc: run it as root (sudo -E cargo xtask bench)"
+            "the benchmark loads eBPF programs, creates network namespaces and reads the \
+             tracers' CPU time from /proc: run it as root (sudo -E cargo xtask bench)"
         );
     }
-    let dir = std::env::temp_dir().join(format!("tcptrace-bench-{}", std::process::id()));
+    let dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let (mut base, mut traced) = (Vec::new(), Vec::new());
-    for round in 0..a.rounds {
-        let traced_first = round % 2 == 1;
-        if traced_first {
-            traced.push(traced_round(bin, &dir, a)?);
+    if a.soak {
+        return crate::soak::soak(bin, a.minutes, &dir);
+    }
+    let mut variants = vec![
+        Variant::Untraced,
+        Variant::Stream,
+        Variant::Report,
+        Variant::Hist,
+        Variant::Timewait,
+    ];
+    if !a.no_tcpstates {
+        if tcpstates_ready() {
+            variants.push(Variant::Tcpstates);
+        } else {
+            println!("tcpstates is not available: it is left out (see above)");
         }
-        base.push(storm(free_port()?, a.connections, a.workers)?);
-        if !traced_first {
-            traced.push(traced_round(bin, &dir, a)?);
+    }
+    let mut b = Bench {
+        bin,
+        a,
+        dir: dir.clone(),
+        port: 20_000,
+    };
+    let startup = startup_ms(bin, &dir)?;
+    let memory = memory_1m(bin, &dir)?;
+    let mut results = serde_json::Map::new();
+    let mut table = String::new();
+    let mut misses = Vec::new();
+    for closer in [Closer::Client, Closer::Server] {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
+        for round in 0..a.rounds {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut line = format!("{}, round {}:", closer.name(), round + 1);
+            for i in order {
+                let s = b.sample(variants[i], closer)?;
+                line.push_str(&format!(" {} {:.0}/s", variants[i].key(), s.rate));
+                if s.lost > 0 {
+                    line.push_str(&format!(" ({} lost)", s.lost));
+                }
+                samples[i].push(s);
+            }
+            println!("{line}");
         }
-        println!(
-            "round {}: untraced {:.0} conn/s, traced {:.0} conn/s",
-            round + 1,
-            base[base.len() - 1],
-            traced[traced.len() - 1].rate
+        let base = median(&samples[0].iter().map(|s| s.rate).collect::<Vec<_>>());
+        table.push_str(&format!(
+            "\n{} — {} connections × {} rounds, {} client processes, loopback\n\
+             {:<24} {:>9} {:>6} {:>13} {:>9} {:>19}\n",
+            closer.name(),
+            a.connections,
+            a.rounds,
+            a.workers,
+            "variant",
+            "conn/s",
+            "ratio",
+            "CPU s/100k tr",
+            "peak RSS",
+            "delivered/expected"
+        ));
+        let mut per_closer = serde_json::Map::new();
+        let mut tcpstates_cpu = None;
+        let mut rows = Vec::new();
+        for (i, v) in variants.iter().enumerate() {
+            let s = &samples[i];
+            let rate = median(&s.iter().map(|s| s.rate).collect::<Vec<_>>());
+            let cpu = median(
+                &s.iter()
+                    .map(|s| s.cpu_s / s.expected as f64 * 1e5)
+                    .collect::<Vec<_>>(),
+            );
+            let rss = s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+            let delivered: u64 = s.iter().map(|s| s.delivered).sum();
+            let expected: u64 = s.iter().map(|s| s.expected).sum();
+            if *v == Variant::Tcpstates {
+                tcpstates_cpu = Some(cpu);
+            }
+            rows.push((*v, rate, rate / base, cpu, rss, delivered, expected));
+        }
+        for &(v, rate, ratio, cpu, rss, delivered, expected) in &rows {
+            if v == Variant::Untraced {
+                table.push_str(&format!(
+                    "{:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
+                    v.name(),
+                    1.0,
+                    "-",
+                    "-",
+                    "-"
+                ));
+            } else {
+                table.push_str(&format!(
+                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {:>19}\n",
+                    v.name(),
+                    format!("{delivered}/{expected}")
+                ));
+            }
+            let mut o = json!({
+                "rate": rate, "ratio": ratio, "runs": a.rounds,
+            });
+            if v != Variant::Untraced {
+                o["cpu_s_per_100k"] = json!(cpu);
+                o["peak_rss_mib"] = json!(rss);
+                o["delivered"] = json!(delivered);
+                o["expected"] = json!(expected);
+            }
+            if let Some((min_ratio, max_cpu)) = v.targets() {
+                let lossless = v != Variant::Stream || delivered == expected;
+                let cheaper = tcpstates_cpu.map(|t| t / cpu);
+                o["targets"] = json!({
+                    "ratio": {"min": min_ratio, "met": ratio >= min_ratio},
+                    "cpu": {"max": max_cpu, "met": cpu <= max_cpu},
+                    "lossless": lossless,
+                    "times_cheaper_than_tcpstates": cheaper,
+                });
+                for (what, ok) in [
+                    (
+                        format!("rate ≥ {min_ratio}× untraced ({ratio:.2})"),
+                        ratio >= min_ratio,
+                    ),
+                    (format!("CPU ≤ {max_cpu} s/100k ({cpu:.3})"), cpu <= max_cpu),
+                    (
+                        format!("no loss ({delivered}/{expected})"),
+                        v != Variant::Stream || lossless,
+                    ),
+                ] {
+                    if !ok {
+                        misses.push(format!("{}, {}: {what}", closer.name(), v.name()));
+                    }
+                }
+                if v == Variant::Stream
+                    && let Some(c) = cheaper
+                    && c < 4.0
+                {
+                    misses.push(format!(
+                        "{}, {}: ≥ 4× cheaper than tcpstates ({c:.1}×)",
+                        closer.name(),
+                        v.name()
+                    ));
+                }
+            }
+            per_closer.insert(v.key().into(), o);
+        }
+        if let Some(t) = tcpstates_cpu {
+            let stream = rows
+                .iter()
+                .find(|r| r.0 == Variant::Stream)
+                .map_or(f64::NAN, |r| r.3);
+            table.push_str(&format!(
+                "tcptrace --json costs {:.1}× less CPU per transition than tcpstates\n",
+                t / stream
+            ));
+        }
+        results.insert(
+            match closer {
+                Closer::Client => "client_closes_first".into(),
+                Closer::Server => "server_closes_first".into(),
+            },
+            serde_json::Value::Object(per_closer),
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let base_rate = median(&mut base.clone());
-    let rate = median(&mut traced.iter().map(|t| t.rate).collect::<Vec<_>>());
-    let cpu = median(&mut traced.iter().map(|t| t.cpu_per_100k).collect::<Vec<_>>());
-    let rss = traced.iter().map(|t| t.rss_mib).fold(0.0, f64::max);
-    let lost: u64 = traced
-        .iter()
-        .map(|t| t.expected.saturating_sub(t.delivered))
-        .sum();
-    let ratio = rate / base_rate;
+    if startup > 300.0 {
+        misses.push(format!(
+            "start to probes attached ≤ 300 ms ({startup:.0} ms)"
+        ));
+    }
+    if memory > 64.0 {
+        misses.push(format!("peak RSS ≤ 64 MiB at 1M sockets ({memory:.1} MiB)"));
+    }
+    println!("{table}");
     println!(
-        "\nstorm: {} connections × {} rounds, {} workers, loopback, client closes first\n",
-        a.connections, a.rounds, a.workers
-    );
-    println!(
-        "{:<28} {:>12} {:>8} {:>14} {:>10} {:>6}",
-        "variant", "conn/s", "ratio", "CPU s/100k tr", "peak RSS", "lost"
+        "start to probes attached (median of 5): {startup:.0} ms — target ≤ 300 ms: {}",
+        verdict(startup <= 300.0)
     );
     println!(
-        "{:<28} {:>12.0} {:>8.2} {:>14} {:>10} {:>6}",
-        "untraced", base_rate, 1.0, "-", "-", "-"
+        "peak RSS following 1,000,000 open connections (replayed): {memory:.1} MiB — target ≤ \
+         64 MiB: {}",
+        verdict(memory <= 64.0)
     );
-    println!(
-        "{:<28} {:>12.0} {:>8.2} {:>14.3} {:>7.1}MiB {:>6}",
-        "tcptrace --json > file", rate, ratio, cpu, rss, lost
-    );
-    let json = format!(
-        "{{\"connections\":{},\"rounds\":{},\"workers\":{},\"untraced_rate\":{base_rate:.1},\
-         \"stream_json\":{{\"rate\":{rate:.1},\"ratio\":{ratio:.4},\"cpu_s_per_100k\":{cpu:.4},\
-         \"peak_rss_mib\":{rss:.1},\"lost\":{lost}}}}}\n",
-        a.connections, a.rounds, a.workers
-    );
-    let path = crate::root().join("target/bench/result.json");
-    std::fs::create_dir_all(path.parent().context("path")?)?;
-    std::fs::write(&path, json)?;
+    results.insert("connections".into(), json!(a.connections));
+    results.insert("workers".into(), json!(a.workers));
+    results.insert("rounds".into(), json!(a.rounds));
+    results.insert("startup_ms".into(), json!(startup));
+    results.insert("peak_rss_mib_1m_sockets".into(), json!(memory));
+    results.insert("missed".into(), json!(misses));
+    if a.profile {
+        results.insert("profile".into(), json!(profile(&mut b)?));
+    }
+    let path = dir.join("result.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))? + "\n",
+    )?;
+    if misses.is_empty() {
+        println!("\nevery target met");
+    } else {
+        println!("\ntargets MISSED:");
+        for m in &misses {
+            println!("  - {m}");
+        }
+    }
     println!("\nwrote {}", path.display());
     Ok(())
 }
 
+/// From spawning `tcptrace` to its probes attached (its "Tracing…" line), median of 5.
+fn startup_ms(bin: &Path, dir: &Path) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let mut t = Tracer::start(
+            bin,
+            &["--port".into(), "1".into()],
+            &dir.join("startup.out"),
+        )?;
+        times.push(t.started_in.as_secs_f64() * 1e3);
+        t.stop()?;
+    }
+    Ok(median(&times))
+}
+
+/// Peak RSS of `tcptrace report` following 1M open connections: a synthetic recording
+/// (each connection CLOSE→SYN_SENT→ESTABLISHED, never closed) replayed through it. The
+/// live path feeds the same tracker; replaying isolates the per-socket cost from the
+/// kernel side (which keeps its own, fixed-size maps).
+fn memory_1m(bin: &Path, dir: &Path) -> Result<f64> {
+    crate::run(&mut crate::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "tcptrace",
+        "--example",
+        "synth",
+    ])?)?;
+    let synth = crate::root().join("target/release/examples/synth");
+    let rec = dir.join("open-1m.tcptrace");
+    crate::run(Command::new(&synth).arg("1000000").arg(&rec))?;
+    let out = Command::new(bin)
+        .args(["report", "--json", "--from"])
+        .arg(&rec)
+        .stdout(Stdio::null())
+        .spawn()?;
+    // VmHWM of a child that has exited is gone: read it from the kernel's rusage instead.
+    let pid = out.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid {
+        bail!("waiting for tcptrace: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("tcptrace report --from {} failed", rec.display());
+    }
+    let _ = std::fs::remove_file(&rec);
+    Ok(ru.ru_maxrss as f64 / 1024.0)
+}
+
+/// Profiles `tcptrace --json` with perf during one storm; returns its hottest functions.
+fn profile(b: &mut Bench) -> Result<Vec<String>> {
+    b.port += 1;
+    let port = b.port;
+    let ns = Netns::new()?;
+    let out = b.dir.join("profile.out");
+    let mut t = Tracer::start(
+        b.bin,
+        &["--json".into(), "--port".into(), port.to_string()],
+        &out,
+    )?;
+    let pid = t.pid().context("tracer pid")?;
+    let data = b.dir.join("perf.data");
+    let mut perf = Reaped(Some(
+        Command::new("perf")
+            .args(["record", "-F", "2000", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start perf (Debian: apt-get install linux-perf)")?,
+    ));
+    thread::sleep(Duration::from_millis(500));
+    storm(&ns, port, b.a.connections, b.a.workers, Closer::Client)?;
+    thread::sleep(Duration::from_millis(300));
+    if let Some(mut c) = perf.0.take() {
+        // SAFETY: signalling our own child. perf writes its data and exits on SIGINT (with
+        // the signal as its status: not a failure).
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        c.wait()?;
+    }
+    t.stop()?;
+    let report = crate::capture(
+        Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none"])
+            .args(["--percent-limit", "1.5", "--sort", "dso,symbol", "-i"])
+            .arg(&data),
+    )?;
+    let top: Vec<String> = report
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .take(25)
+        .collect();
+    println!(
+        "\nhottest functions of `tcptrace --json` (perf, {} connections):",
+        b.a.connections
+    );
+    for l in &top {
+        println!("  {l}");
+    }
+    Ok(top)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, number_before};
 
     #[test]
     fn medians() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&mut []).is_nan());
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn numbers_in_the_tracers_summary() {
+        let s = "tcptrace: 200002 transitions and 9 other events read, 0 lost";
+        assert_eq!(number_before(s, " transitions"), Some(200_002));
+        assert_eq!(number_before(s, " other"), Some(9));
+        assert_eq!(number_before(s, " missing"), None);
     }
 }

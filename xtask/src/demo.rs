@@ -20,6 +20,11 @@ const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 /// A tracer child that is stopped (SIGINT) and reaped on every path out.
 pub struct Tracer {
     child: Option<Child>,
+    /// What it wrote to stderr after it started tracing.
+    said: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// From spawning it to its "Tracing" line (probes attached).
+    pub started_in: Duration,
+    relay: Option<thread::JoinHandle<()>>,
 }
 
 impl Tracer {
@@ -32,9 +37,16 @@ impl Tracer {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
+        let spawned = std::time::Instant::now();
         let mut child = cmd.spawn().context("cannot start tcptrace")?;
         let stderr = child.stderr.take().context("no stderr")?;
-        let mut tracer = Tracer { child: Some(child) };
+        let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tracer = Tracer {
+            child: Some(child),
+            said: said.clone(),
+            started_in: Duration::ZERO,
+            relay: None,
+        };
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -47,12 +59,19 @@ impl Tracer {
         loop {
             match rx.recv_timeout(Duration::from_secs(15)) {
                 Ok(line) if line.starts_with("Tracing TCP state transitions") => {
-                    // Keep relaying what it says later (warnings) to our stderr.
-                    thread::spawn(move || {
+                    tracer.started_in = spawned.elapsed();
+                    // Keep what it says later (warnings, its closing summary), and relay
+                    // warnings to our stderr.
+                    tracer.relay = Some(thread::spawn(move || {
                         for line in rx {
-                            eprintln!("tcptrace: {line}");
+                            if !line.starts_with("tcptrace: ") {
+                                eprintln!("tcptrace: {line}");
+                            }
+                            if let Ok(mut s) = said.lock() {
+                                s.push(line);
+                            }
                         }
-                    });
+                    }));
                     return Ok(tracer);
                 }
                 Ok(line) => seen.push(line),
@@ -69,6 +88,11 @@ impl Tracer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// What it wrote to stderr since it started tracing.
+    pub fn said(&self) -> Vec<String> {
+        self.said.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Sends SIGINT and waits for a clean exit.
     pub fn stop(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
@@ -78,6 +102,10 @@ impl Tracer {
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         for _ in 0..100 {
             if let Some(status) = child.try_wait()? {
+                // Everything it wrote is read once its stderr closes.
+                if let Some(relay) = self.relay.take() {
+                    let _ = relay.join();
+                }
                 if !status.success() {
                     bail!("tcptrace exited with {status}");
                 }

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -69,9 +70,15 @@ enum Cmd {
     Man,
     /// Measure what tracing costs on a bounded loopback connection storm, side by side.
     #[command(
-        after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench --connections 20000 --rounds 5"
+        after_help = "Examples:\n  sudo -E cargo xtask bench                 the comparison (about 5 minutes)\n  sudo -E cargo xtask bench --rounds 5 --profile\n  sudo -E cargo xtask bench --soak --minutes 10   a long run, then floods"
     )]
     Bench(bench::Args),
+    /// A storm's server process (internal to bench).
+    #[command(hide = true)]
+    StormServer(bench::ServerArgs),
+    /// A storm's client process (internal to bench).
+    #[command(hide = true)]
+    StormClient(bench::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +96,8 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Bench(args) => build(false).and_then(|bin| bench::bench(&bin, &args)),
+        Cmd::StormServer(args) => bench::server(&args),
+        Cmd::StormClient(args) => bench::client(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,322 @@
+//! `cargo xtask bench --soak`: does a long run hold steady?
+//!
+//! `tcptrace report` traces storms without pause (alternating close orders, each storm in a
+//! namespace of its own) for the given minutes. Every 10 s the soak samples the tracer's
+//! resident memory and the entries of its kernel maps (with bpftool). Then, under a small
+//! `--max-sockets`, a SYN flood to a closed port and a half-open flood (connects to a
+//! listener whose accept queue is full, so the SYNs are dropped and the sockets stay in
+//! SYN_SENT) must not grow memory past the caps.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::{
+    bench::{Netns, median, mem_mib},
+    demo::Tracer,
+};
+
+/// The maps whose entries are watched, with their capacities.
+const MAPS: [(&str, u64); 3] = [
+    ("SOCKS", 65_536),
+    ("LISTENERS", 4_096),
+    ("TW_TIMERS", 262_144),
+];
+
+/// Makes sure bpftool is there (Debian's bpftool), installing it when it is not.
+fn bpftool_ready() -> Result<()> {
+    let found = || {
+        Command::new("bpftool")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if found() {
+        return Ok(());
+    }
+    println!("installing bpftool with apt-get (to count the kernel maps' entries)");
+    if !crate::bench::apt_install("bpftool") || !found() {
+        bail!("bpftool is needed to read the kernel maps: apt-get install bpftool");
+    }
+    Ok(())
+}
+
+/// Entries in each of `pid`'s watched maps.
+fn map_entries(pid: u32) -> Result<Vec<u64>> {
+    let maps: serde_json::Value = serde_json::from_str(&crate::capture(
+        Command::new("bpftool").args(["-j", "map", "show"]),
+    )?)?;
+    let mut counts = Vec::new();
+    for (name, _) in MAPS {
+        let id = maps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| {
+                m["name"] == name
+                    && m["pids"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p["pid"] == pid))
+            })
+            .and_then(|m| m["id"].as_u64())
+            .with_context(|| format!("map {name} of process {pid} not found by bpftool"))?;
+        let dump: serde_json::Value =
+            serde_json::from_str(&crate::capture(Command::new("bpftool").args([
+                "-j",
+                "map",
+                "dump",
+                "id",
+                &id.to_string(),
+            ]))?)?;
+        counts.push(dump.as_array().map_or(0, |a| a.len() as u64));
+    }
+    Ok(counts)
+}
+
+/// The number in `text` just before `word`.
+fn number_before(text: &str, word: &str) -> Option<u64> {
+    let i = text.find(word)?;
+    text[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// The soak, then the floods.
+pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
+    bpftool_ready()?;
+    let port: u16 = 31_000;
+    let mut tracer = Tracer::start(
+        bin,
+        &[
+            "report".into(),
+            "--port".into(),
+            port.to_string(),
+            "--interval".into(),
+            "1m".into(),
+            "--json".into(),
+        ],
+        &dir.join("soak.out"),
+    )?;
+    let pid = tracer.pid().context("tracer pid")?;
+    let total = Duration::from_secs_f64(minutes * 60.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns = Arc::new(AtomicU64::new(0));
+    let storms = {
+        let (stop, conns) = (stop.clone(), conns.clone());
+        thread::spawn(move || -> Result<()> {
+            let mut server_closes = false;
+            while !stop.load(Ordering::Relaxed) {
+                let ns = Netns::new()?;
+                crate::bench::storm_in(&ns, port, 20_000, 4, server_closes)?;
+                conns.fetch_add(20_000, Ordering::Relaxed);
+                server_closes = !server_closes;
+            }
+            Ok(())
+        })
+    };
+    let start = Instant::now();
+    let mut samples: Vec<(f64, f64, Vec<u64>)> = Vec::new();
+    println!(
+        "{:>7} {:>11} {:>9} {:>9} {:>10} {:>10}",
+        "t (s)", "connections", "RSS MiB", "SOCKS", "LISTENERS", "TW_TIMERS"
+    );
+    while start.elapsed() < total {
+        thread::sleep(Duration::from_secs(10).min(total.saturating_sub(start.elapsed())));
+        if storms.is_finished() {
+            break;
+        }
+        let t = start.elapsed().as_secs_f64();
+        let rss = mem_mib(pid, "VmRSS")?;
+        let maps = map_entries(pid)?;
+        println!(
+            "{t:>7.0} {:>11} {rss:>9.1} {:>9} {:>10} {:>10}",
+            conns.load(Ordering::Relaxed),
+            maps[0],
+            maps[1],
+            maps[2]
+        );
+        samples.push((t, rss, maps));
+    }
+    stop.store(true, Ordering::Relaxed);
+    storms
+        .join()
+        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
+    tracer.stop()?;
+    if samples.len() < 4 {
+        bail!("the soak was too short to judge (at least 40 s are needed)");
+    }
+    // Warm-up: the first fifth (at least one sample).
+    let warm = (samples.len() / 5).max(1);
+    let steady: Vec<f64> = samples[warm..].iter().map(|s| s.1).collect();
+    let (lo, hi) = steady
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    let mid = median(&steady);
+    let flat = hi <= mid * 1.10 && lo >= mid * 0.90;
+    // Kernel maps: the second half of the steady samples never exceeds the first half's peak
+    // (by more than a tenth: they follow the live connections), and stays under capacity.
+    let half = warm + (samples.len() - warm) / 2;
+    let mut maps_ok = true;
+    let mut map_json = serde_json::Map::new();
+    for (i, (name, cap)) in MAPS.iter().enumerate() {
+        let first = samples[warm..half]
+            .iter()
+            .map(|s| s.2[i])
+            .max()
+            .unwrap_or(0);
+        let second = samples[half..].iter().map(|s| s.2[i]).max().unwrap_or(0);
+        let ok = second <= first + first / 10 + 64 && second < *cap;
+        maps_ok &= ok;
+        map_json.insert(
+            (*name).into(),
+            json!({"first_half_max": first, "second_half_max": second, "capacity": cap, "ok": ok}),
+        );
+        println!(
+            "{name}: peak entries {first} in the first half of the steady state, {second} in \
+             the second (capacity {cap}): {}",
+            if ok { "no growth" } else { "GROWING" }
+        );
+    }
+    println!(
+        "RSS after warm-up: {lo:.1}–{hi:.1} MiB, median {mid:.1} MiB: {}",
+        if flat {
+            "flat within ±10 %"
+        } else {
+            "NOT flat within ±10 %"
+        }
+    );
+    let floods = floods(bin, dir)?;
+    let result = json!({
+        "minutes": minutes,
+        "connections": conns.load(Ordering::Relaxed),
+        "samples": samples.iter().map(|(t, r, m)| json!({"t_s": t, "rss_mib": r, "maps": m})).collect::<Vec<_>>(),
+        "rss_steady": {"min": lo, "max": hi, "median": mid, "flat": flat},
+        "maps": map_json,
+        "floods": floods,
+    });
+    let path = dir.join("soak.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("\nwrote {}", path.display());
+    let floods_ok = result["floods"]
+        .as_array()
+        .is_some_and(|f| f.iter().all(|f| f["ok"] == true));
+    if !(flat && maps_ok && floods_ok) {
+        bail!("the soak found growth (see above)");
+    }
+    println!("the soak held steady");
+    Ok(())
+}
+
+/// A SYN flood to a closed port and a half-open flood, each under `tcptrace report
+/// --max-sockets 10000`: the tracer's memory must stay bounded and the evictions reported.
+fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
+    const CAP: u64 = 10_000;
+    const N: u64 = 50_000;
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for half_open in [false, true] {
+        let ns = Netns::new()?;
+        let port: u16 = 32_000;
+        let mut tracer = Tracer::start(
+            bin,
+            &[
+                "report".into(),
+                "--port".into(),
+                port.to_string(),
+                "--max-sockets".into(),
+                CAP.to_string(),
+            ],
+            &dir.join("flood.out"),
+        )?;
+        let pid = tracer.pid().context("tracer pid")?;
+        let base = mem_mib(pid, "VmRSS")?;
+        // A listener whose accept queue (one slot) fills at once and is never drained.
+        let listener = if half_open {
+            let mut l = Command::new(&exe);
+            l.args([
+                "storm-server",
+                "--netns",
+                &ns.name,
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--total", &u64::MAX.to_string(), "--threads", "0"])
+            .args(["--backlog", "1"])
+            .stdout(Stdio::piped());
+            let mut child = l.spawn().context("cannot start the listener")?;
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().context("listener stdout")?).read_line(&mut line)?;
+            Some(child)
+        } else {
+            None
+        };
+        let mut client = Command::new(&exe);
+        client
+            .args(["storm-client", "--netns", &ns.name, "--src", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--count", &N.to_string()]);
+        if half_open {
+            client
+                .arg("--hold")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+        } else {
+            client.arg("--refused");
+        }
+        let mut child = client.spawn().context("cannot start the flood")?;
+        if half_open {
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().context("client stdout")?).read_line(&mut line)?;
+            // Hold them while SYNs are retransmitted, then let them all go at once.
+            thread::sleep(Duration::from_secs(3));
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(b"x");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("the flood client failed ({status})");
+        }
+        thread::sleep(Duration::from_millis(500));
+        let hwm = mem_mib(pid, "VmHWM")?;
+        let maps = map_entries(pid)?;
+        tracer.stop()?;
+        if let Some(mut l) = listener {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        drop(ns);
+        let said = tracer.said().join("\n");
+        let transitions = number_before(&said, " transitions").unwrap_or(0);
+        let evicted = number_before(&said, " sockets evicted").unwrap_or(0);
+        // The tracker costs ~46 bytes per socket at its cap; allow 8 MiB over the start.
+        let ok = hwm <= base + 8.0 && maps[0] <= MAPS[0].1 && (!half_open || evicted > 0);
+        let what = if half_open {
+            "half-open flood (50k SYN_SENT held)"
+        } else {
+            "SYN flood to a closed port (50k refused)"
+        };
+        println!(
+            "{what}: {transitions} transitions, {evicted} sockets evicted at --max-sockets \
+             {CAP}; RSS {base:.1} MiB at start, peak {hwm:.1} MiB; SOCKS entries {} after: {}",
+            maps[0],
+            if ok { "bounded" } else { "NOT BOUNDED" }
+        );
+        results.push(json!({
+            "flood": what, "transitions": transitions, "evicted": evicted,
+            "rss_start_mib": base, "rss_peak_mib": hwm, "socks_entries_after": maps[0],
+            "ok": ok,
+        }));
+    }
+    Ok(results)
+}
