@@ -1,10 +1,7 @@
 //! `tcptrace report`: who closes first, per service port and direction, with a reading of
 //! what it means for TIME_WAIT.
 
-use std::{
-    collections::HashMap,
-    io::{self, Write},
-};
+use std::io::{self, Write};
 
 use comfy_table::{CellAlignment, Table, presets};
 use serde::Serialize;
@@ -16,7 +13,7 @@ use crate::{
     filter::CompiledFilter,
     output::{Format, human_ns, rfc3339},
     timewait::{End, Exit, Timewaits},
-    track::{Close, How, Initiator, Role, Tracker, service_port},
+    track::{Close, FastMap, How, Initiator, Role, Tracker, service_port},
     view::{Flow, View},
 };
 
@@ -96,7 +93,7 @@ pub struct Row {
     /// A plain-language reading, for rows with enough connections.
     pub advice: Option<String>,
     #[serde(skip)]
-    procs: HashMap<String, u64>,
+    procs: FastMap<String, u64>,
     #[serde(skip)]
     residency: Option<hdrhistogram::Histogram<u64>>,
 }
@@ -128,10 +125,15 @@ impl Row {
             How::Fin | How::Unknown => {}
         }
         self.timewait += u64::from(c.timewait);
-        let comm = c
-            .owner
-            .map_or_else(|| "?".to_string(), |o| o.comm.as_str().into_owned());
-        *self.procs.entry(comm).or_default() += 1;
+        let comm = c.owner.as_ref().map(|o| o.comm.as_str());
+        let comm = comm.as_deref().unwrap_or("?");
+        // Look up by reference: a String is only made for a name not seen before.
+        match self.procs.get_mut(comm) {
+            Some(n) => *n += 1,
+            None => {
+                self.procs.insert(comm.to_string(), 1);
+            }
+        }
     }
 
     fn finish(&mut self) {
@@ -248,7 +250,7 @@ pub struct Report<W: Write> {
     state_mask: u32,
     tracker: Tracker,
     closes: Vec<Close>,
-    rows: HashMap<(u16, Way), Row>,
+    rows: FastMap<(u16, Way), Row>,
     out: W,
     format: Format,
     wall_offset_ns: i64,
@@ -259,7 +261,7 @@ pub struct Report<W: Write> {
     timewaits: Timewaits,
     exits: Vec<Exit>,
     /// The row of each connection now in TIME_WAIT.
-    tw_rows: HashMap<(SocketAddr, SocketAddr), (u16, Way)>,
+    tw_rows: FastMap<(SocketAddr, SocketAddr), (u16, Way)>,
 }
 
 impl<W: Write> Report<W> {
@@ -279,7 +281,7 @@ impl<W: Write> Report<W> {
             state_mask,
             tracker: Tracker::default(),
             closes: Vec::new(),
-            rows: HashMap::new(),
+            rows: FastMap::default(),
             out,
             format,
             wall_offset_ns,
@@ -289,7 +291,7 @@ impl<W: Write> Report<W> {
             lost: 0,
             timewaits: Timewaits::new(false),
             exits: Vec::new(),
-            tw_rows: HashMap::new(),
+            tw_rows: FastMap::default(),
         }
     }
 

@@ -7,12 +7,12 @@
 //! (port reuse with `tcp_tw_reuse`, a reset, the namespace going away). Timewait sockets are
 //! reused from a slab, so a life is keyed by address *and* 4-tuple.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use std::{collections::VecDeque, net::SocketAddr};
 
-use crate::event::{Event, Owner, State, TimerEvent, TimerOp, Transition};
+use crate::{
+    event::{Event, Owner, State, TimerEvent, TimerOp, Transition},
+    track::FastMap,
+};
 
 /// How a timewait socket ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,8 +92,8 @@ const ARM_GRACE_NS: u64 = 100_000_000;
 /// Follows timewait sockets.
 #[derive(Debug, Default)]
 pub struct Timewaits {
-    live: HashMap<u64, Life>,
-    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+    live: FastMap<u64, Life>,
+    by_tuple: FastMap<(SocketAddr, SocketAddr), u64>,
     /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
     expected: Vec<(u64, Transition)>,
     /// Cancels in time order, (when, timewait socket): the only lives `expire` looks at.
@@ -105,9 +105,19 @@ pub struct Timewaits {
     created: u64,
     /// The most timewait sockets followed at once (0: [`crate::track::DEFAULT_CAP`]).
     cap: usize,
-    /// Timewait sockets forgotten because the cap was reached.
+    /// Timewait sockets forgotten because the cap was reached, or because their end was
+    /// never seen.
     evicted: u64,
+    /// When lives whose end was never seen were last looked for.
+    last_sweep_ns: u64,
 }
+
+/// How often lives whose end was never seen are looked for.
+const SWEEP_EVERY_NS: u64 = 10_000_000_000;
+/// No timewait socket outlives its last arming by this much: TIME_WAIT is 60 s, an orphan's
+/// FIN_WAIT2 timeout at most 120 s (`tcp_fin_timeout`'s maximum). Older lives lost their end
+/// (the kernel skipped a timer event) and would otherwise stay forever.
+const STALE_NS: u64 = 180_000_000_000;
 
 impl Timewaits {
     /// `traced`: whether the probe traces the timers (else entries prove nothing missing).
@@ -130,7 +140,7 @@ impl Timewaits {
         self.traced
     }
 
-    /// Timewait sockets forgotten because the cap was reached.
+    /// Timewait sockets forgotten because the cap was reached or their end was never seen.
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
@@ -147,15 +157,21 @@ impl Timewaits {
         }
         let sample = self.live.values().take(1024).map(|l| l.since_ns).collect();
         let threshold = crate::track::eviction_threshold(sample, (cap / 16).max(1), len);
+        self.forget(|l| l.since_ns <= threshold);
+    }
+
+    /// Forgets the lives `stale` picks, without reporting an end for them; counts them.
+    fn forget(&mut self, stale: impl Fn(&Life) -> bool) {
+        let before = self.live.len();
         let by_tuple = &mut self.by_tuple;
         self.live.retain(|tw, l| {
-            let keep = l.since_ns > threshold;
-            if !keep && by_tuple.get(&(l.local, l.remote)) == Some(tw) {
+            let gone = stale(l);
+            if gone && by_tuple.get(&(l.local, l.remote)) == Some(tw) {
                 by_tuple.remove(&(l.local, l.remote));
             }
-            keep
+            !gone
         });
-        self.evicted += (len - self.live.len()) as u64;
+        self.evicted += (before - self.live.len()) as u64;
     }
 
     /// Timewait sockets created since the start.
@@ -281,6 +297,10 @@ impl Timewaits {
     /// Concludes what time has settled by `now_ns`: cancels with no re-arm or expiry are
     /// early kills; entries with no timewait socket were not given one.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Exit>) {
+        if now_ns.saturating_sub(self.last_sweep_ns) >= SWEEP_EVERY_NS && now_ns != u64::MAX {
+            self.last_sweep_ns = now_ns;
+            self.forget(|l| now_ns.saturating_sub(l.armed_ns) > STALE_NS);
+        }
         while let Some(&(at, tw)) = self.cancels.front() {
             if now_ns.saturating_sub(at) <= CANCEL_GRACE_NS {
                 break;
@@ -458,6 +478,26 @@ mod tests {
         t.observe(&entry(SEC, C), &mut out);
         t.flush(&mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_life_whose_end_was_never_seen_is_forgotten_not_kept_forever() {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        t.observe(&armed(SEC, 1, State::TimeWait, C), &mut out);
+        t.observe(
+            &armed(2 * SEC, 2, State::TimeWait, "10.0.0.1:40001"),
+            &mut out,
+        );
+        // The second one is re-armed later; the first one's expiry was skipped by the kernel.
+        t.observe(
+            &armed(100 * SEC, 2, State::TimeWait, "10.0.0.1:40001"),
+            &mut out,
+        );
+        t.expire(200 * SEC, &mut out);
+        assert_eq!(t.population().count(), 1);
+        assert_eq!(t.evicted(), 1);
+        assert!(out.is_empty(), "no end is made up: {out:?}");
     }
 
     #[test]

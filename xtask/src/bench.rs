@@ -163,11 +163,22 @@ pub fn client(a: &ClientArgs) -> Result<()> {
     let mut held = Vec::new();
     if a.hold {
         let want = a.count + 64;
-        let lim = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: want,
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
-        // SAFETY: setrlimit with a valid struct (root may raise the hard limit).
+        // SAFETY: getrlimit/setrlimit with a valid struct; only the soft limit is raised,
+        // up to the hard one.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        if lim.rlim_max < want {
+            bail!(
+                "holding {} sockets needs {want} open files; the hard limit is {}",
+                a.count,
+                lim.rlim_max
+            );
+        }
+        lim.rlim_cur = want;
+        // SAFETY: as above.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             bail!(
                 "cannot allow {want} open files: {}",

@@ -54,25 +54,47 @@ fn bpftool_ready() -> Result<()> {
     Ok(())
 }
 
+/// The ids of the BPF maps a process holds, from its descriptors' fdinfo.
+fn map_ids(pid: u32) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(fd?.path()) else {
+            continue;
+        };
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
 /// Entries in each of `pid`'s watched maps.
 fn map_entries(pid: u32) -> Result<Vec<u64>> {
-    let maps: serde_json::Value = serde_json::from_str(&crate::capture(
-        Command::new("bpftool").args(["-j", "map", "show"]),
-    )?)?;
+    let mut named = Vec::new();
+    for id in map_ids(pid)? {
+        let show: serde_json::Value =
+            serde_json::from_str(&crate::capture(Command::new("bpftool").args([
+                "-j",
+                "map",
+                "show",
+                "id",
+                &id.to_string(),
+            ]))?)?;
+        if let Some(name) = show["name"].as_str() {
+            named.push((name.to_string(), id));
+        }
+    }
     let mut counts = Vec::new();
     for (name, _) in MAPS {
-        let id = maps
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| {
-                m["name"] == name
-                    && m["pids"]
-                        .as_array()
-                        .is_some_and(|p| p.iter().any(|p| p["pid"] == pid))
-            })
-            .and_then(|m| m["id"].as_u64())
-            .with_context(|| format!("map {name} of process {pid} not found by bpftool"))?;
+        let id = named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .with_context(|| format!("process {pid} holds no map {name}"))?;
         let dump: serde_json::Value =
             serde_json::from_str(&crate::capture(Command::new("bpftool").args([
                 "-j",
@@ -128,8 +150,8 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
     let start = Instant::now();
     let mut samples: Vec<(f64, f64, Vec<u64>)> = Vec::new();
     println!(
-        "{:>7} {:>11} {:>9} {:>9} {:>10} {:>10}",
-        "t (s)", "connections", "RSS MiB", "SOCKS", "LISTENERS", "TW_TIMERS"
+        "{:>7} {:>11} {:>9} {:>17} {:>9} {:>10} {:>10}",
+        "t (s)", "connections", "RSS MiB", "(anon + mapped)", "SOCKS", "LISTENERS", "TW_TIMERS"
     );
     while start.elapsed() < total {
         thread::sleep(Duration::from_secs(10).min(total.saturating_sub(start.elapsed())));
@@ -138,10 +160,14 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
         }
         let t = start.elapsed().as_secs_f64();
         let rss = mem_mib(pid, "VmRSS")?;
+        // Heap versus mapped pages (the binary, the ring buffer): tells a leak from pages
+        // of the ring buffer being touched.
+        let (anon, file) = (mem_mib(pid, "RssAnon")?, mem_mib(pid, "RssFile")?);
         let maps = map_entries(pid)?;
         println!(
-            "{t:>7.0} {:>11} {rss:>9.1} {:>9} {:>10} {:>10}",
+            "{t:>7.0} {:>11} {rss:>9.1} {:>17} {:>9} {:>10} {:>10}",
             conns.load(Ordering::Relaxed),
+            format!("({anon:.1} + {file:.1})"),
             maps[0],
             maps[1],
             maps[2]
@@ -164,27 +190,28 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
         .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     let mid = median(&steady);
     let flat = hi <= mid * 1.10 && lo >= mid * 0.90;
-    // Kernel maps: the second half of the steady samples never exceeds the first half's peak
-    // (by more than a tenth: they follow the live connections), and stays under capacity.
+    // Kernel maps follow the live connections and TIME_WAIT sockets, which swing with each
+    // storm: growth is a typical (median) level that rises from the first half of the steady
+    // state to the second, or a map that fills up.
     let half = warm + (samples.len() - warm) / 2;
     let mut maps_ok = true;
     let mut map_json = serde_json::Map::new();
     for (i, (name, cap)) in MAPS.iter().enumerate() {
-        let first = samples[warm..half]
-            .iter()
-            .map(|s| s.2[i])
-            .max()
-            .unwrap_or(0);
-        let second = samples[half..].iter().map(|s| s.2[i]).max().unwrap_or(0);
-        let ok = second <= first + first / 10 + 64 && second < *cap;
+        let level = |r: &[(f64, f64, Vec<u64>)]| {
+            median(&r.iter().map(|s| s.2[i] as f64).collect::<Vec<_>>())
+        };
+        let (first, second) = (level(&samples[warm..half]), level(&samples[half..]));
+        let peak = samples.iter().map(|s| s.2[i]).max().unwrap_or(0);
+        let ok = second <= first * 1.25 + 256.0 && peak < cap * 9 / 10;
         maps_ok &= ok;
         map_json.insert(
             (*name).into(),
-            json!({"first_half_max": first, "second_half_max": second, "capacity": cap, "ok": ok}),
+            json!({"first_half_median": first, "second_half_median": second, "peak": peak,
+                   "capacity": cap, "ok": ok}),
         );
         println!(
-            "{name}: peak entries {first} in the first half of the steady state, {second} in \
-             the second (capacity {cap}): {}",
+            "{name}: median entries {first:.0} in the first half of the steady state, \
+             {second:.0} in the second, peak {peak} (capacity {cap}): {}",
             if ok { "no growth" } else { "GROWING" }
         );
     }
@@ -221,8 +248,9 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
 /// A SYN flood to a closed port and a half-open flood, each under `tcptrace report
 /// --max-sockets 10000`: the tracer's memory must stay bounded and the evictions reported.
 fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
-    const CAP: u64 = 10_000;
-    const N: u64 = 50_000;
+    const CAP: u64 = 5_000;
+    // Within the usual 20,000 open files (the flood holds one per socket).
+    const N: u64 = 15_000;
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     for half_open in [false, true] {
@@ -241,6 +269,20 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
         )?;
         let pid = tracer.pid().context("tracer pid")?;
         let base = mem_mib(pid, "VmRSS")?;
+        // VmHWM would show start-up (parsing BTF); sample the resident size meanwhile.
+        let peak = Arc::new(std::sync::Mutex::new(base));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let (Ok(r), Ok(mut p)) = (mem_mib(pid, "VmRSS"), peak.lock()) {
+                        *p = p.max(r);
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
         // A listener whose accept queue (one slot) fills at once and is never drained.
         let listener = if half_open {
             let mut l = Command::new(&exe);
@@ -288,7 +330,11 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
             bail!("the flood client failed ({status})");
         }
         thread::sleep(Duration::from_millis(500));
-        let hwm = mem_mib(pid, "VmHWM")?;
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.join();
+        let hwm = *peak
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
         let maps = map_entries(pid)?;
         tracer.stop()?;
         if let Some(mut l) = listener {
@@ -299,16 +345,17 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
         let said = tracer.said().join("\n");
         let transitions = number_before(&said, " transitions").unwrap_or(0);
         let evicted = number_before(&said, " sockets evicted").unwrap_or(0);
-        // The tracker costs ~46 bytes per socket at its cap; allow 8 MiB over the start.
-        let ok = hwm <= base + 8.0 && maps[0] <= MAPS[0].1 && (!half_open || evicted > 0);
+        // The tracker costs ~46 bytes per socket at its cap, the ring buffer's pages up to
+        // 8 MiB once touched: allow 12 MiB over the start.
+        let ok = hwm <= base + 12.0 && maps[0] <= MAPS[0].1 && (!half_open || evicted > 0);
         let what = if half_open {
-            "half-open flood (50k SYN_SENT held)"
+            "half-open flood (15k SYN_SENT held)"
         } else {
-            "SYN flood to a closed port (50k refused)"
+            "SYN flood to a closed port (15k refused)"
         };
         println!(
             "{what}: {transitions} transitions, {evicted} sockets evicted at --max-sockets \
-             {CAP}; RSS {base:.1} MiB at start, peak {hwm:.1} MiB; SOCKS entries {} after: {}",
+             {CAP}; RSS {base:.1} MiB at start, at most {hwm:.1} MiB; SOCKS entries {} after: {}",
             maps[0],
             if ok { "bounded" } else { "NOT BOUNDED" }
         );
