@@ -115,7 +115,7 @@ impl Filter {
 pub struct CompiledFilter {
     kernel: Config,
     shown_states: u32,
-    ports: HashMap<u16, u8>,
+    ports: crate::track::FastMap<u16, u8>,
     pids: Vec<u32>,
     comms: Vec<String>,
     laddrs: Vec<IpNet>,

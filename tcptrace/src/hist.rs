@@ -9,14 +9,14 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use crate::{
     event::{Event, RawEvent, State, decode},
     filter::CompiledFilter,
     output::{Format, human_ns},
     timewait::{End, Exit, Timewaits},
-    track::{Tracker, service_port},
+    track::{FastMap, Tracker, service_port},
     view::{Flow, View},
 };
 
@@ -94,7 +94,7 @@ pub struct Hist<W: Write> {
     timewaits: Timewaits,
     exits: Vec<Exit>,
     /// The service port of each connection now in TIME_WAIT (with `--by port`).
-    tw_ports: HashMap<(SocketAddr, SocketAddr), u16>,
+    tw_ports: FastMap<(SocketAddr, SocketAddr), u16>,
 }
 
 impl<W: Write> Hist<W> {
@@ -116,7 +116,7 @@ impl<W: Write> Hist<W> {
             closes: Vec::new(),
             timewaits: Timewaits::new(true),
             exits: Vec::new(),
-            tw_ports: HashMap::new(),
+            tw_ports: FastMap::default(),
         }
     }
 

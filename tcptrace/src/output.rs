@@ -53,6 +53,8 @@ pub struct Renderer {
     line: String,
     /// The JSON line being built: reused, so a record costs no allocation.
     json: Vec<u8>,
+    /// The formatted date and time of day of the last second seen, for JSON timestamps.
+    second: SecondCache,
 }
 
 impl Renderer {
@@ -63,6 +65,7 @@ impl Renderer {
             style,
             line: String::with_capacity(256),
             json: Vec::with_capacity(512),
+            second: SecondCache::default(),
         }
     }
 
@@ -85,24 +88,11 @@ impl Renderer {
         match self.format {
             Format::Text => self.text_transition(t),
             Format::Json => {
-                let rec = TransitionJson {
-                    common: self.common("transition", t.ts_ns, Some((t.local, t.remote))),
-                    from: t.from.name(),
-                    to: t.to.name(),
-                    in_from_ns: t.in_from_ns,
-                    pid: t.owner.as_ref().map(|o| o.pid),
-                    comm: t.owner.as_ref().map(|o| o.comm.as_str()),
-                    pid_from: t.owner.map(|o| {
-                        if o.from_listener {
-                            "listener"
-                        } else {
-                            "socket"
-                        }
-                    }),
-                    skaddr: Hex(t.skaddr),
-                    mptcp: t.mptcp,
-                };
-                return self.json_line(out, &rec);
+                self.json.clear();
+                let wall = wall_ns(t.ts_ns, self.style.wall_offset_ns);
+                transition_json(&mut self.json, &mut self.second, wall, t);
+                self.json.push(b'\n');
+                return out.write_all(&self.json);
             }
         }
         self.line.push('\n');
@@ -451,6 +441,115 @@ pub fn human_ns(ns: u64) -> String {
     }
 }
 
+/// A second's `YYYY-MM-DDTHH:MM:SS.` in UTC, kept while events stay in that second.
+#[derive(Default)]
+struct SecondCache {
+    second: Option<i128>,
+    text: Vec<u8>,
+}
+
+impl SecondCache {
+    /// Appends `unix_ns` as [`WallTime`] prints it.
+    fn write(&mut self, b: &mut Vec<u8>, unix_ns: i128) {
+        let (sec, nanos) = (
+            unix_ns.div_euclid(1_000_000_000),
+            unix_ns.rem_euclid(1_000_000_000),
+        );
+        if self.second != Some(sec) {
+            let whole = WallTime(sec * 1_000_000_000).to_string();
+            // Without the nine zeros and the Z: "…:SS."; an invalid time has no such tail.
+            let Some(prefix) = whole.strip_suffix("000000000Z") else {
+                b.extend_from_slice(WallTime(unix_ns).to_string().as_bytes());
+                return;
+            };
+            self.text.clear();
+            self.text.extend_from_slice(prefix.as_bytes());
+            self.second = Some(sec);
+        }
+        b.extend_from_slice(&self.text);
+        let mut digits = [b'0'; 9];
+        let mut n = nanos as u32;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        b.extend_from_slice(&digits);
+        b.push(b'Z');
+    }
+}
+
+/// Writes a transition's JSON record (without the newline). It is the stream's hottest line
+/// — ten per connection — so it is written by hand from pre-escaped keys; a property test
+/// holds it byte for byte to what serde_json makes of [`TransitionJson`].
+fn transition_json(b: &mut Vec<u8>, second: &mut SecondCache, wall: i128, t: &Transition) {
+    let mut num = itoa::Buffer::new();
+    b.extend_from_slice(br#"{"kind":"transition","time":""#);
+    second.write(b, wall);
+    b.extend_from_slice(if t.local.is_ipv4() {
+        br#"","family":4,"laddr":""#
+    } else {
+        br#"","family":6,"laddr":""#
+    });
+    ip_into(b, t.local.ip());
+    b.extend_from_slice(br#"","lport":"#);
+    b.extend_from_slice(num.format(t.local.port()).as_bytes());
+    b.extend_from_slice(br#","raddr":""#);
+    ip_into(b, t.remote.ip());
+    b.extend_from_slice(br#"","rport":"#);
+    b.extend_from_slice(num.format(t.remote.port()).as_bytes());
+    b.extend_from_slice(br#","from":""#);
+    b.extend_from_slice(t.from.name().as_bytes());
+    b.extend_from_slice(br#"","to":""#);
+    b.extend_from_slice(t.to.name().as_bytes());
+    b.extend_from_slice(br#"","in_from_ns":"#);
+    match t.in_from_ns {
+        Some(d) => b.extend_from_slice(num.format(d).as_bytes()),
+        None => b.extend_from_slice(b"null"),
+    }
+    match &t.owner {
+        Some(o) => {
+            b.extend_from_slice(br#","pid":"#);
+            b.extend_from_slice(num.format(o.pid).as_bytes());
+            b.extend_from_slice(br#","comm":"#);
+            // Process names are the user's: serde_json escapes them.
+            let _ = serde_json::to_writer(&mut *b, &o.comm.as_str());
+            b.extend_from_slice(if o.from_listener {
+                br#","pid_from":"listener","skaddr":""#
+            } else {
+                br#","pid_from":"socket","skaddr":""#
+            });
+        }
+        None => b.extend_from_slice(br#","pid":null,"comm":null,"pid_from":null,"skaddr":""#),
+    }
+    let _ = write!(b, "{:#x}", t.skaddr);
+    b.extend_from_slice(if t.mptcp {
+        br#"","mptcp":true}"#
+    } else {
+        br#"","mptcp":false}"#
+    });
+}
+
+/// An address as serde (and `Display`) writes it; IPv4 without the formatting machinery.
+fn ip_into(b: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut num = itoa::Buffer::new();
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    b.push(b'.');
+                }
+                b.extend_from_slice(num.format(*o).as_bytes());
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(b, "{v6}");
+        }
+    }
+}
+
+/// The transition record's schema, as serde would write it: the oracle of the hand-written
+/// [`transition_json`].
+#[cfg(test)]
 #[derive(Serialize)]
 struct TransitionJson<'a> {
     #[serde(flatten)]
@@ -539,7 +638,84 @@ pub fn local_utc_offset_secs() -> i32 {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::event::Comm;
+
+    fn serde_transition(r: &Renderer, t: &Transition) -> String {
+        serde_json::to_string(&TransitionJson {
+            common: r.common("transition", t.ts_ns, Some((t.local, t.remote))),
+            from: t.from.name(),
+            to: t.to.name(),
+            in_from_ns: t.in_from_ns,
+            pid: t.owner.as_ref().map(|o| o.pid),
+            comm: t.owner.as_ref().map(|o| o.comm.as_str()),
+            pid_from: t.owner.map(|o| {
+                if o.from_listener {
+                    "listener"
+                } else {
+                    "socket"
+                }
+            }),
+            skaddr: Hex(t.skaddr),
+            mptcp: t.mptcp,
+        })
+        .unwrap()
+    }
+
+    fn any_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+            (any::<[u16; 8]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+            any::<u16>().prop_map(|p| SocketAddr::from(([0u16, 0, 0, 0, 0, 0xffff, 0x7f00, 1], p))),
+        ]
+    }
+
+    proptest! {
+        /// The hand-written transition line is exactly serde_json's, for any addresses,
+        /// names (quotes, control characters, invalid UTF-8), times (before 1970, out of
+        /// range, or in the second the cache already holds) and kernel addresses.
+        #[test]
+        fn the_fast_transition_line_is_serde_jsons(
+            local in any_addr(), remote in any_addr(),
+            from in 1u8..=12, to in 1u8..=12,
+            in_from in proptest::option::of(any::<u64>()),
+            owner in proptest::option::of((any::<u32>(), any::<[u8; 16]>(), any::<bool>())),
+            ts in prop_oneof![any::<u64>(), 1_000_000_000u64..1_000_100_000],
+            wall_offset in prop_oneof![Just(1_764_000_000_000_000_000i64), any::<i64>()],
+            skaddr in any::<u64>(), mptcp in any::<bool>(),
+        ) {
+            let t = Transition {
+                ts_ns: ts,
+                skaddr,
+                local,
+                remote,
+                from: State::from_kernel(from).unwrap(),
+                to: State::from_kernel(to).unwrap(),
+                in_from_ns: in_from,
+                owner: owner.map(|(pid, comm, from_listener)| Owner {
+                    pid,
+                    comm: Comm(comm),
+                    from_listener,
+                }),
+                mptcp,
+            };
+            let style = Style {
+                wall_offset_ns: wall_offset,
+                utc_offset_secs: 0,
+                color: false,
+                addr_width: 47,
+            };
+            let mut r = Renderer::new(Format::Json, style);
+            let mut out = Vec::new();
+            // Twice: the second line comes from the second cache.
+            r.transition(&mut out, &t).unwrap();
+            r.transition(&mut out, &t).unwrap();
+            let want = serde_transition(&r, &t);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
+        }
+    }
 
     #[test]
     fn human_durations() {
