@@ -237,7 +237,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let mut flags: u8 = if mptcp { flag::MPTCP } else { 0 };
     let mut in_from: u64 = 0;
     let driven = driven_by_owner(old, new);
-    match SOCKS.get_ptr_mut(skaddr) {
+    // A socket's first transition: whatever the map holds for this address belongs to an
+    // earlier socket the slab gave the same memory (its end was skipped or filtered): start
+    // afresh rather than inherit its owner and times.
+    let birth = (old == state::CLOSE && (new == state::SYN_SENT || new == state::LISTEN))
+        || (old == state::LISTEN && new == state::SYN_RECV);
+    let known = if birth {
+        None
+    } else {
+        SOCKS.get_ptr_mut(skaddr)
+    };
+    match known {
         Some(info) => unsafe {
             // last_ts is 0 for a socket first met through a reset it received.
             if (*info).last_ts != 0 {

@@ -331,7 +331,12 @@ impl<W: Write> Report<W> {
                 let _ = row
                     .residency
                     .get_or_insert_with(|| {
-                        hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")
+                        // Two digits from 1 µs: ~20 KiB a row, where three digits from 1 ns
+                        // took ~250 KiB (and a report can have many rows).
+                        let mut h = hdrhistogram::Histogram::new_with_bounds(1_000, 1 << 40, 2)
+                            .expect("valid bounds");
+                        h.auto(true);
+                        h
                     })
                     .record(x.residency_ns);
             }

@@ -520,16 +520,25 @@ impl Tracker {
             return;
         }
         self.make_room(t.skaddr);
-        let mut life = self.live.get(t.skaddr).unwrap_or_else(|| {
-            let (born, role) = match (t.from, t.to) {
-                (State::Close, State::SynSent) => (true, Role::Client),
-                (State::Listen, State::SynRecv) | (State::Close, State::SynRecv) => {
-                    (true, Role::Server)
-                }
-                _ => (false, Role::Unknown),
-            };
-            Life::new(t.ts_ns, born, role)
-        });
+        let (born, role) = match (t.from, t.to) {
+            (State::Close, State::SynSent) => (true, Role::Client),
+            (State::Listen, State::SynRecv) | (State::Close, State::SynRecv) => {
+                (true, Role::Server)
+            }
+            _ => (false, Role::Unknown),
+        };
+        let mut life = match self.live.get(t.skaddr) {
+            // A birth at an address already followed: the slab gave an earlier socket's
+            // memory to a new one, and that socket's end was never seen (skipped by the
+            // kernel, or filtered). Carrying its life over would give the new socket the old
+            // one's role and evidence.
+            Some(_) if born => {
+                self.evicted += 1;
+                Life::new(t.ts_ns, born, role)
+            }
+            Some(life) => life,
+            None => Life::new(t.ts_ns, born, role),
+        };
         life.states |= 1 << t.from as u16 | 1 << t.to as u16;
         match (t.from, t.to) {
             (State::Established | State::SynRecv, State::FinWait1) => {
@@ -1005,6 +1014,27 @@ mod tests {
         // The oldest go first: the newest socket is still followed.
         assert_eq!(tr.role(99), Some(Role::Client));
         assert_eq!(tr.role(0), None);
+    }
+
+    #[test]
+    fn a_reused_address_starts_a_new_life() {
+        // A client socket whose end the kernel skipped, then a server socket at the same
+        // address: the second is a server, born then, not the client's continuation.
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            .t(1, S, C, Listen, SynRecv)
+            .t(1, S, C, SynRecv, Established)
+            .t(1, S, C, Established, CloseWait)
+            .t(1, S, C, CloseWait, LastAck)
+            .t(1, S, C, LastAck, Close);
+        let out = s.run();
+        assert_eq!(
+            out.iter().map(summary).collect::<Vec<_>>(),
+            vec![(1, Initiator::Remote, How::Fin, false, Role::Server)]
+        );
+        assert!(!out[0].midlife);
+        assert_eq!(out[0].lifetime_ns, Some(4_000));
     }
 
     #[test]
