@@ -15,10 +15,11 @@ use tokio::{
 };
 
 use crate::{
-    cli::{Cli, Command, SourceArgs},
+    cli::{Cli, Command, ServeArgs, SourceArgs},
     event::RawEvent,
     filter::Filter,
     hist::Hist,
+    metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
     output::{Renderer, Style, local_utc_offset_secs},
     population::Population,
     probe::{Probe, ProbeConfig, wall_offset_ns},
@@ -73,11 +74,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     addr_width: Style::addr_width_for(filter.family),
                 };
                 let renderer = Renderer::new(format, style);
-                Box::new(
+                Ok(Box::new(
                     Stream::new(filter.compile(), renderer, out, cli.count)
                         .max_sockets(cli.common.source.max_sockets)
                         .timers(timers),
-                )
+                ))
             })
         }
         Some(Command::Report(a)) => {
@@ -89,11 +90,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
             drive(&whole, &a.common.source, |wall, timers| {
-                Box::new(
+                Ok(Box::new(
                     Report::new(whole.compile(), mask, out, format, wall, interval)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(timers),
-                )
+                ))
             })
         }
         Some(Command::Timewait(a)) => {
@@ -108,7 +109,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let view = Population::new(filter.compile(), out, format, wall, interval, timers)
                     .max_sockets(a.common.source.max_sockets);
                 // Live, count the TIME_WAIT sockets that exist already (own namespace).
-                Box::new(if live {
+                Ok(Box::new(if live {
                     match crate::diag::time_wait_sockets() {
                         Ok(found) => view.seed(&found, crate::probe::monotonic_ns()),
                         Err(e) => {
@@ -118,25 +119,94 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                 } else {
                     view
-                })
+                }))
             })
         }
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
             drive(&filter, &a.common.source, |_, timers| {
-                Box::new(
+                Ok(Box::new(
                     Hist::new(filter.compile(), &filter.states, a.by, out, format)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(timers),
-                )
+                ))
             })
         }
+        Some(Command::Serve(a)) => serve(a),
     };
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(()),
         other => other,
     }
+}
+
+/// `tcptrace serve`: binds first (a taken port fails before anything is loaded), then traces
+/// (or replays a recording and keeps serving its counts until Ctrl-C).
+fn serve(a: &ServeArgs) -> Result<()> {
+    if !a.filter.state.is_empty() {
+        <Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "serve counts whole connections, so --state does not apply; select states in \
+                 the queries instead (e.g. tcptrace_transitions_total{to=\"TIME_WAIT\"})",
+            )
+            .exit();
+    }
+    let listener = crate::serve::bind(a.listen)?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let filter = a.filter.filter();
+    let labels = LabelConfig {
+        ports: PortPolicy {
+            allow: a.label_port.clone(),
+            max: a.max_port_labels,
+        },
+        netns: a.label_netns,
+        max_netns: a.max_netns_labels,
+    };
+    drive(&filter, &a.source, |_, timers| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let mut view = Metrics::new(filter.compile(), labels, &mut registry)
+            .max_sockets(a.source.max_sockets)
+            .timers(timers);
+        if a.source.from.is_none() {
+            // The listeners that exist already (tcptrace's own namespace): labelled from the
+            // first scrape, not from their first connection.
+            match crate::diag::listening_ports() {
+                Ok(ports) => view = view.listeners(&ports),
+                Err(e) => log::warn!("cannot read the listening sockets (sock_diag): {e}"),
+            }
+        }
+        registry.register_collector(Box::new(ProcessCollector));
+        crate::serve::spawn(listener, std::sync::Arc::new(registry))?;
+        let _ = writeln!(io::stderr(), "Serving metrics on http://{addr}/metrics");
+        Ok(Box::new(view))
+    })?;
+    if a.source.from.is_some() {
+        let _ = writeln!(
+            io::stderr(),
+            "The recording is replayed; its counts are served until Ctrl-C."
+        );
+        until_signal()?;
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+fn until_signal() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    rt.block_on(async {
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
@@ -145,7 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
-    make_view: impl FnOnce(i64, bool) -> Box<dyn View + 'a>,
+    make_view: impl FnOnce(i64, bool) -> Result<Box<dyn View + 'a>>,
 ) -> Result<()> {
     if let Some(path) = &source.from {
         let mut reader = open_recording(path)?;
@@ -153,7 +223,7 @@ fn drive<'a>(
         let mut view = make_view(
             h.wall_offset_ns,
             h.flags & crate::record::header_flag::TIMERS_TRACED != 0,
-        );
+        )?;
         return replay(&mut reader, view.as_mut())
             .with_context(|| format!("replaying {}", path.display()));
     }
@@ -186,7 +256,7 @@ fn drive<'a>(
         ),
         None => None,
     };
-    let mut view = make_view(wall, timers);
+    let mut view = make_view(wall, timers)?;
     live(probe, recorder, view.as_mut(), source.duration)
 }
 

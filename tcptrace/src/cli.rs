@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use ipnet::IpNet;
 
 use crate::{event::State, filter::Filter, output::Format};
@@ -104,6 +104,52 @@ pub enum Command {
     /// expires soon, creation and expiry rates.
     #[command(after_help = TIMEWAIT_EXAMPLES)]
     Timewait(TimewaitArgs),
+    /// A Prometheus exporter: transitions, closes by port, role and initiator, the TIME_WAIT
+    /// population and its residency, state durations, on /metrics.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
+}
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace serve                        http://127.0.0.1:9977/metrics
+  sudo tcptrace serve --listen 0.0.0.0:9977  for a Prometheus on another host
+  sudo tcptrace serve --label-port 443,5432,6379   also label these outgoing service ports
+  sudo tcptrace serve --label-netns          one series per network namespace
+  tcptrace serve --from trace.tcptrace       serve a recording's counts (no root)
+
+Ports: a service port gets a `port` label of its own when this host listens on it (it
+accepted connections there) or --label-port names it, up to --max-port-labels; every other
+port is counted under port=\"other\". Without --label-netns there is no netns label.";
+
+/// `tcptrace serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to serve /metrics (port 9977 is tcptrace's; 0 picks a free one).
+    #[arg(
+        short,
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:9977"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// Service ports to label even without a listener here (outgoing connections' remote
+    /// ports), e.g. 443,5432,8000-8099.
+    #[arg(long, value_name = "PORT[-PORT]", value_delimiter = ',', value_parser = parse_port_range)]
+    pub label_port: Vec<std::ops::RangeInclusive<u16>>,
+    /// At most N ports get their own label; the rest are `other`.
+    #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_PORT_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub max_port_labels: usize,
+    /// Label series by network namespace (inode), at most --max-netns-labels of them.
+    #[arg(long)]
+    pub label_netns: bool,
+    /// At most N namespaces get their own label; the rest are `other`.
+    #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_NETNS_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from), requires = "label_netns")]
+    pub max_netns_labels: usize,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 /// `tcptrace timewait`.
@@ -268,6 +314,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("'{p}' is not a port (1-65535)"))
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(s)?, port(s)?),
+    };
+    if a > b {
+        return Err(format!(
+            "'{s}' is an empty range: write the lower port first"
+        ));
+    }
+    Ok(a..=b)
+}
+
 fn parse_max_sockets(s: &str) -> Result<usize, String> {
     let n: usize = s
         .parse()
@@ -341,5 +407,16 @@ mod tests {
             }))
         ));
         assert!(err(&["--port", "80", "report"]).contains("report"));
+        assert!(err(&["serve", "--listen", "9977"]).contains("'9977'"));
+        assert!(err(&["serve", "--label-port", "90-80"]).contains("empty range"));
+        assert!(err(&["serve", "--label-port", "http"]).contains("'http'"));
+        assert!(err(&["serve", "--max-netns-labels", "5"]).contains("--label-netns"));
+        let s =
+            Cli::try_parse_from(["tcptrace", "serve", "--label-port", "443,8000-8099"]).unwrap();
+        let Some(Command::Serve(s)) = s.command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.label_port, vec![443..=443, 8000..=8099]);
+        assert_eq!(s.listen.port(), crate::metrics::DEFAULT_PORT);
     }
 }

@@ -1,4 +1,4 @@
-//! The TIME_WAIT sockets that exist now, from sock_diag (`NETLINK_SOCK_DIAG`, the netlink
+//! The TIME_WAIT and listening sockets that exist now, from sock_diag (`NETLINK_SOCK_DIAG`, the netlink
 //! interface behind `ss`). It sees only the caller's own network namespace.
 
 use std::{
@@ -24,6 +24,7 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const TCP_TIME_WAIT: u32 = 6;
+const TCP_LISTEN: u32 = 10;
 /// `struct nlmsghdr`.
 const NLMSG_HDR: usize = 16;
 /// `struct inet_diag_req_v2`.
@@ -35,12 +36,26 @@ const MSG_LEN: usize = 72;
 pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, &mut out)?;
+        dump(family, 1 << TCP_TIME_WAIT, &mut out)?;
     }
     Ok(out)
 }
 
-fn dump(family: u8, out: &mut Vec<DiagTimewait>) -> io::Result<()> {
+/// The ports that TCP sockets listen on in this network namespace (IPv4 and IPv6), sorted,
+/// without duplicates.
+pub fn listening_ports() -> io::Result<Vec<u16>> {
+    let mut found = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        dump(family, 1 << TCP_LISTEN, &mut found)?;
+    }
+    let mut ports: Vec<u16> = found.iter().map(|s| s.local.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// The sockets of `family` in the states of `states` (bits `1 << state`).
+fn dump(family: u8, states: u32, out: &mut Vec<DiagTimewait>) -> io::Result<()> {
     // SAFETY: a plain socket call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -63,7 +78,7 @@ fn dump(family: u8, out: &mut Vec<DiagTimewait>) -> io::Result<()> {
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
     req[16] = family;
     req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&(1u32 << TCP_TIME_WAIT).to_ne_bytes());
+    req[20..24].copy_from_slice(&states.to_ne_bytes());
     // SAFETY: sending our own buffer on our own socket (to the kernel: the default address).
     let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {

@@ -28,6 +28,10 @@ fn bad_flags_exit_2_naming_the_value() {
         (&["report", "--interval", "0s"], "more than zero"),
         (&["hist", "--by", "colour"], "colour"),
         (&["--port", "80", "report"], "report"),
+        (&["serve", "--state", "TIME_WAIT"], "--state does not apply"),
+        (&["serve", "--listen", "localhost"], "'localhost'"),
+        (&["serve", "--label-port", "80-70"], "80-70"),
+        (&["serve", "--max-port-labels", "0"], "'0'"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");

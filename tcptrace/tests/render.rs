@@ -360,3 +360,160 @@ fn timewait_view_json() {
     );
     insta::assert_snapshot!(out);
 }
+
+/// The exposition, with the process's own (varying) metrics left out and each family's
+/// series in a fixed order (the families keep them in hash maps).
+fn exposition(labels: tcptrace::metrics::LabelConfig) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut view =
+        tcptrace::metrics::Metrics::new(Filter::default().compile(), labels, &mut registry)
+            .timers(true);
+    view.start().unwrap();
+    assert_eq!(view.push(&workload()).unwrap(), Flow::More);
+    view.finish().unwrap();
+    let (text, _) = tcptrace::serve::render(&registry, false);
+    sorted_series(&text)
+}
+
+/// Sorts each run of sample lines by series (labels without `le`), then bucket bound.
+fn sorted_series(text: &str) -> String {
+    let key = |line: &str| {
+        let (name, rest) = line.split_once('{').unwrap_or((line, ""));
+        let labels = rest.split_once('}').map_or("", |(l, _)| l);
+        let (others, le): (Vec<&str>, Vec<&str>) =
+            labels.split(',').partition(|l| !l.starts_with("le="));
+        let le = le.first().map_or(f64::INFINITY, |l| {
+            l.trim_start_matches("le=\"")
+                .trim_end_matches('"')
+                .parse()
+                .unwrap_or(f64::INFINITY)
+        });
+        (others.join(","), name.to_string(), le)
+    };
+    let mut out = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    let flush = |run: &mut Vec<&str>, out: &mut Vec<String>| {
+        run.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
+        out.extend(run.drain(..).map(String::from));
+    };
+    for line in text.lines().filter(|l| !l.contains("process_")) {
+        if line.starts_with('#') {
+            flush(&mut run, &mut out);
+            out.push(line.to_string());
+        } else {
+            run.push(line);
+        }
+    }
+    flush(&mut run, &mut out);
+    out.join("\n") + "\n"
+}
+
+/// The value of the series `name{labels}` (labels as written, in order), if served.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_exposition() {
+    let text = exposition(tcptrace::metrics::LabelConfig::default());
+    // The client closed first and holds the TIME_WAIT; its server saw the peer close first.
+    // 8080 has a listener here, so both ends get their own label; the refused SYN to 9999
+    // and the IPv6 connection first seen mid-life (port 443, nothing seen listening) are
+    // `other`.
+    let closes = |labels: &str| sample(&text, &format!("tcptrace_closes_total{{{labels}}}"));
+    assert_eq!(
+        closes(r#"port="8080",role="client",initiator="local",how="fin""#),
+        Some(1.0)
+    );
+    assert_eq!(
+        closes(r#"port="8080",role="server",initiator="remote",how="fin""#),
+        Some(1.0)
+    );
+    assert_eq!(
+        closes(r#"port="other",role="server",initiator="local",how="refused""#),
+        Some(1.0)
+    );
+    assert_eq!(
+        closes(r#"port="other",role="unknown",initiator="remote",how="rst_received""#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"tcptrace_timewait_entries_total{port="8080"}"#),
+        Some(1.0)
+    );
+    // Entered, then expired: none left.
+    assert_eq!(
+        sample(&text, r#"tcptrace_timewait_sockets{port="8080"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"tcptrace_timewait_exits_total{port="8080",end="expired"}"#
+        ),
+        Some(1.0)
+    );
+    // 60.3 s in TIME_WAIT (armed at 3.002 s, expired at 63.3 s): in the (60, 60.5] bucket.
+    let residency = |le: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"tcptrace_timewait_residency_seconds_bucket{{substate="TIME_WAIT",le="{le}"}}"#
+            ),
+        )
+    };
+    assert_eq!((residency("60"), residency("60.5")), (Some(0.0), Some(1.0)));
+    assert_eq!(sample(&text, "tcptrace_lost_events_total"), Some(17.0));
+    assert_eq!(
+        sample(
+            &text,
+            r#"tcptrace_transitions_total{from="SYN_SENT",to="ESTABLISHED"}"#
+        ),
+        Some(1.0)
+    );
+    // SYN_SENT lasted 150 µs: connect latency in the (100 µs, 250 µs] bucket.
+    assert_eq!(
+        sample(
+            &text,
+            r#"tcptrace_state_duration_seconds_bucket{state="SYN_SENT",le="0.0001"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"tcptrace_state_duration_seconds_bucket{state="SYN_SENT",le="0.00025"}"#
+        ),
+        Some(1.0)
+    );
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn metrics_port_labels_are_bounded_and_allow_listed() {
+    use tcptrace::metrics::{LabelConfig, PortPolicy};
+    // One label allowed, and it goes to the listener seen first: 8080. The allow-list
+    // names 443, but the cap is reached.
+    let text = exposition(LabelConfig {
+        ports: PortPolicy {
+            allow: vec![443..=443, 9000..=9999],
+            max: 1,
+        },
+        ..LabelConfig::default()
+    });
+    assert!(text.contains(r#"port="8080""#));
+    assert!(!text.contains(r#"port="443""#), "{text}");
+    assert!(!text.contains(r#"port="9999""#), "{text}");
+    // Room for more: the allow-listed ports get theirs, with or without a listener.
+    let text = exposition(LabelConfig {
+        ports: PortPolicy {
+            allow: vec![443..=443, 9000..=9999],
+            max: 10,
+        },
+        ..LabelConfig::default()
+    });
+    assert!(text.contains(r#"port="443",role="unknown""#), "{text}");
+    assert!(text.contains(r#"port="9999",role="server""#), "{text}");
+    assert!(!text.contains(r#"port="other""#), "{text}");
+}

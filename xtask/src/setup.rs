@@ -191,20 +191,25 @@ fn bpf_linker(nightly: &str, say: &dyn Fn(String)) -> Result<()> {
     Ok(())
 }
 
-/// iproute2 for the network-namespace tests.
+/// iproute2 for the network-namespace tests, Prometheus for the exporter's end-to-end test
+/// (Debian's package; its service is not started in a container, and the test runs its own).
 fn system_tools(say: &dyn Fn(String)) -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2")]
-        .into_iter()
-        .filter(|(cmd, _)| capture(Command::new(cmd).arg("-V")).is_err())
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("ip", "-V", "iproute2"),
+        ("prometheus", "--version", "prometheus"),
+    ]
+    .into_iter()
+    .filter(|(cmd, arg, _)| capture(Command::new(cmd).arg(arg)).is_err())
+    .map(|(_, _, pkg)| pkg)
+    .collect();
     if missing.is_empty() {
-        say("✓ iproute2".into());
+        say("✓ iproute2, prometheus".into());
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
         println!(
-            "! missing {} (the namespace tests need it): install it with your package manager",
+            "! missing {} (the namespace and Prometheus tests need them): install with your \
+             package manager",
             missing.join(", ")
         );
         return Ok(());

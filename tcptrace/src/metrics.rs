@@ -1,0 +1,819 @@
+//! `tcptrace serve`: the analysis as Prometheus metrics.
+//!
+//! [`Metrics`] is a [`View`] like the others — events in, no kernel needed — that keeps its
+//! counts in `prometheus-client` metric families instead of printing them. The families are
+//! shared (atomics behind `Arc`s) with the [`Registry`] that the HTTP side encodes on each
+//! scrape, so a scrape never waits for the event loop and never sees a half-updated batch of
+//! more than one metric.
+//!
+//! Label cardinality is bounded: a port gets its own `port` label only when this host
+//! listens on it (every accepted connection proves a listener) or the operator allowed it
+//! (`--label-port`), and at most `--max-port-labels` of them; everything else is `other`.
+//! Namespace labels (`--label-netns`) are capped the same way.
+
+use std::{io, net::SocketAddr, ops::RangeInclusive};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    event::{Direction, Event, RawEvent, State, decode},
+    filter::CompiledFilter,
+    timewait::{End, Exit, Timewaits},
+    track::{Close, FastMap, Role, Tracker, service_port},
+    view::{Flow, View},
+};
+
+/// The port the exporter listens on unless told otherwise (`127.0.0.1:9977`).
+pub const DEFAULT_PORT: u16 = 9977;
+
+/// How many ports get their own label unless told otherwise.
+pub const DEFAULT_MAX_PORT_LABELS: usize = 100;
+
+/// How many network namespaces get their own label (with `--label-netns`) unless told
+/// otherwise.
+pub const DEFAULT_MAX_NETNS_LABELS: usize = 100;
+
+/// A timewait socket whose end was never seen (lost, skipped by the kernel) stops counting
+/// in the population this long after it entered: TIME_WAIT lasts 60 s, a FIN_WAIT2 orphan
+/// at most `tcp_fin_timeout` (≤ 120 s in practice).
+const TW_STALE_NS: u64 = 180_000_000_000;
+
+/// The `port` label: a port number, or `other` for the ports without a label of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PortLabel {
+    /// A port with its own label.
+    Port(u16),
+    /// Every other port.
+    Other,
+}
+
+impl EncodeLabelValue for PortLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        match self {
+            PortLabel::Port(p) => EncodeLabelValue::encode(p, encoder),
+            PortLabel::Other => EncodeLabelValue::encode(&"other", encoder),
+        }
+    }
+}
+
+/// The optional `netns` label: absent unless `--label-netns`; `other` past the cap; `0` when
+/// the namespace is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NsLabel {
+    /// Namespaces are not labelled: no `netns` label at all.
+    Off,
+    /// The namespace's inode.
+    Inode(u32),
+    /// Past `--max-netns-labels`.
+    Other,
+}
+
+impl EncodeLabelSet for NsLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeLabel as _;
+        match self {
+            NsLabel::Off => Ok(()),
+            NsLabel::Inode(n) => ("netns", *n).encode(encoder.encode_label()),
+            NsLabel::Other => ("netns", "other").encode(encoder.encode_label()),
+        }
+    }
+}
+
+/// Labels of `tcptrace_transitions_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransitionLabels {
+    from: &'static str,
+    to: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_closes_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CloseLabels {
+    port: PortLabel,
+    role: &'static str,
+    initiator: &'static str,
+    how: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of the TIME_WAIT population and entries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PortLabels {
+    port: PortLabel,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_timewait_exits_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ExitLabels {
+    port: PortLabel,
+    end: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_state_duration_seconds`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_timewait_residency_seconds`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResidencyLabels {
+    substate: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Bucket bounds of the state durations: 1, 2.5 and 5 per decade from 10 µs to 1000 s
+/// (connect latencies in microseconds to CLOSE_WAIT left open for minutes).
+fn duration_buckets() -> Histogram {
+    let mut b = Vec::with_capacity(25);
+    let mut decade = 1e-5;
+    while decade <= 1000.0 {
+        b.extend([decade, decade * 2.5, decade * 5.0]);
+        decade *= 10.0;
+    }
+    b.truncate(b.iter().position(|&x| x > 1000.0).unwrap_or(b.len()));
+    Histogram::new(b)
+}
+
+/// Bucket bounds of TIME_WAIT residency: fine around the 60 s 2MSL expiry, coarse below
+/// (sockets killed early) and above (FIN_WAIT2 orphans, `tcp_fin_timeout`).
+fn residency_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 59.0, 60.0, 60.5, 61.0, 62.0, 65.0, 90.0, 120.0,
+        180.0,
+    ])
+}
+
+/// Which ports get a `port` label of their own.
+#[derive(Clone, Debug, Default)]
+pub struct PortPolicy {
+    /// Ports (and ranges) the operator allowed, listener or not.
+    pub allow: Vec<RangeInclusive<u16>>,
+    /// At most this many distinct port labels.
+    pub max: usize,
+}
+
+impl PortPolicy {
+    fn allowed(&self, port: u16) -> bool {
+        self.allow.iter().any(|r| r.contains(&port))
+    }
+}
+
+/// The labels handed out so far, with their caps.
+#[derive(Debug)]
+struct Labeller {
+    policy: PortPolicy,
+    ports: FastMap<u16, PortLabel>,
+    netns_on: bool,
+    max_netns: usize,
+    netns: FastMap<u32, NsLabel>,
+}
+
+impl Labeller {
+    /// The label of a service port. `listener` says this host listens on it.
+    fn port(&mut self, port: u16, listener: bool) -> PortLabel {
+        if let Some(l) = self.ports.get(&port) {
+            return *l;
+        }
+        if !(listener || self.policy.allowed(port)) {
+            return PortLabel::Other;
+        }
+        if self.ports.len() >= self.policy.max {
+            return PortLabel::Other;
+        }
+        self.ports.insert(port, PortLabel::Port(port));
+        PortLabel::Port(port)
+    }
+
+    fn netns(&mut self, inode: u32) -> NsLabel {
+        if !self.netns_on {
+            return NsLabel::Off;
+        }
+        if let Some(l) = self.netns.get(&inode) {
+            return *l;
+        }
+        if self.netns.len() >= self.max_netns {
+            return NsLabel::Other;
+        }
+        self.netns.insert(inode, NsLabel::Inode(inode));
+        NsLabel::Inode(inode)
+    }
+}
+
+/// What the exporter's labels may be.
+#[derive(Clone, Debug)]
+pub struct LabelConfig {
+    /// Port labels.
+    pub ports: PortPolicy,
+    /// Label series by network namespace.
+    pub netns: bool,
+    /// At most this many namespace labels.
+    pub max_netns: usize,
+}
+
+impl Default for LabelConfig {
+    fn default() -> Self {
+        LabelConfig {
+            ports: PortPolicy {
+                allow: Vec::new(),
+                max: DEFAULT_MAX_PORT_LABELS,
+            },
+            netns: false,
+            max_netns: DEFAULT_MAX_NETNS_LABELS,
+        }
+    }
+}
+
+/// The metric families, shared between the view (which updates them) and the registry
+/// (which encodes them).
+#[derive(Clone, Debug)]
+struct Families {
+    transitions: Family<TransitionLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    tw_sockets: Family<PortLabels, Gauge>,
+    tw_entries: Family<PortLabels, Counter>,
+    tw_exits: Family<ExitLabels, Counter>,
+    tw_residency: HistFamily<ResidencyLabels>,
+    durations: HistFamily<StateLabels>,
+    lost: Counter,
+    evicted: Counter,
+    tracked: Gauge,
+    tw_traced: Gauge,
+}
+
+impl Families {
+    fn new() -> Self {
+        Families {
+            transitions: Family::default(),
+            closes: Family::default(),
+            tw_sockets: Family::default(),
+            tw_entries: Family::default(),
+            tw_exits: Family::default(),
+            tw_residency: Family::new_with_constructor(residency_buckets),
+            durations: Family::new_with_constructor(duration_buckets),
+            lost: Counter::default(),
+            evicted: Counter::default(),
+            tracked: Gauge::default(),
+            tw_traced: Gauge::default(),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "transitions",
+            "TCP state transitions, by the state left and the state entered",
+            self.transitions.clone(),
+        );
+        r.register(
+            "closes",
+            "Connections ended, by service port (the listening port of accepted connections, \
+             the remote port of outgoing ones), this host's role (server: accepted, client: \
+             connected), who closed first (local, remote, simultaneous) and how (fin, \
+             rst_sent, rst_received, refused, timeout)",
+            self.closes.clone(),
+        );
+        r.register(
+            "timewait_sockets",
+            "TIME_WAIT sockets on this host now, by service port (those entered since tcptrace \
+             started; needs timewait timers traced)",
+            self.tw_sockets.clone(),
+        );
+        r.register(
+            "timewait_entries",
+            "Connections this host closed into TIME_WAIT, by service port",
+            self.tw_entries.clone(),
+        );
+        r.register(
+            "timewait_exits",
+            "TIME_WAIT sockets ended, by service port and end (expired: the 2MSL timer; \
+             killed: early, e.g. port reuse or a reset; not_created: tcp_max_tw_buckets \
+             reached)",
+            self.tw_exits.clone(),
+        );
+        r.register_with_unit(
+            "timewait_residency",
+            "How long TIME_WAIT sockets lasted, creation to expiry or kill, by substate \
+             (TIME_WAIT, or FIN_WAIT2 for orphans waiting for the peer's FIN)",
+            Unit::Seconds,
+            self.tw_residency.clone(),
+        );
+        r.register_with_unit(
+            "state_duration",
+            "Time spent in each TCP state, measured when the socket leaves it (SYN_SENT: \
+             connect latency; CLOSE_WAIT: how long applications keep a closed connection)",
+            Unit::Seconds,
+            self.durations.clone(),
+        );
+        r.register(
+            "lost_events",
+            "Events the kernel could not deliver (ring buffer full, or a nested run skipped)",
+            self.lost.clone(),
+        );
+        r.register(
+            "evicted_sockets",
+            "Sockets tcptrace stopped following because --max-sockets was reached",
+            self.evicted.clone(),
+        );
+        r.register(
+            "tracked_sockets",
+            "Sockets tcptrace follows now",
+            self.tracked.clone(),
+        );
+        r.register(
+            "timewait_timers_traced",
+            "1 when timewait sockets' timers are traced (TIME_WAIT exits and population), 0 \
+             when this kernel does not allow it",
+            self.tw_traced.clone(),
+        );
+    }
+}
+
+/// The exporter's view: events in, metric families updated.
+pub struct Metrics {
+    filter: CompiledFilter,
+    families: Families,
+    labels: Labeller,
+    tracker: Tracker,
+    closes: Vec<Close>,
+    timewaits: Timewaits,
+    exits: Vec<Exit>,
+    /// The labels of each connection now in TIME_WAIT, and when it entered.
+    tw_labels: FastMap<(SocketAddr, SocketAddr), (PortLabels, u64)>,
+    last_sweep_ns: u64,
+    evicted_seen: u64,
+}
+
+impl Metrics {
+    /// An exporter of what `filter` keeps, its families registered in `registry` under the
+    /// `tcptrace_` prefix.
+    pub fn new(filter: CompiledFilter, labels: LabelConfig, registry: &mut Registry) -> Self {
+        let families = Families::new();
+        families.register(registry.sub_registry_with_prefix("tcptrace"));
+        Metrics {
+            filter,
+            families,
+            labels: Labeller {
+                policy: labels.ports,
+                ports: FastMap::default(),
+                netns_on: labels.netns,
+                max_netns: labels.max_netns,
+                netns: FastMap::default(),
+            },
+            tracker: Tracker::default(),
+            closes: Vec::new(),
+            timewaits: Timewaits::new(false),
+            exits: Vec::new(),
+            tw_labels: FastMap::default(),
+            last_sweep_ns: 0,
+            evicted_seen: 0,
+        }
+    }
+
+    /// Whether timewait timers are traced (TIME_WAIT exits, residency and population).
+    pub fn timers(mut self, traced: bool) -> Self {
+        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self.families.tw_traced.set(i64::from(traced));
+        self
+    }
+
+    /// Ports known to have listeners already (e.g. from sock_diag at start): they get their
+    /// labels at once. Later listeners are learnt from their transitions.
+    pub fn listeners(mut self, ports: &[u16]) -> Self {
+        for &p in ports {
+            self.labels.port(p, true);
+        }
+        self
+    }
+
+    /// Follows at most `n` sockets, and `n` timewait sockets, at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.tracker = Tracker::new(n);
+        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
+        self
+    }
+
+    fn tally_closes(&mut self) {
+        for c in std::mem::take(&mut self.closes) {
+            if !self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+                continue;
+            }
+            let port = self.labels.port(c.service_port(), c.role == Role::Server);
+            let netns = self.labels.netns(ns_close(&c));
+            self.families
+                .closes
+                .get_or_create(&CloseLabels {
+                    port,
+                    role: c.role.name(),
+                    initiator: c.initiator.name(),
+                    how: c.how.name(),
+                    netns,
+                })
+                .inc();
+            if c.timewait {
+                let key = PortLabels { port, netns };
+                self.families.tw_entries.get_or_create(&key).inc();
+                if self.timewaits.traced() {
+                    if self.tw_labels.len() >= self.tracker.cap() {
+                        // Bounded like the sockets; the sweep keeps this rare.
+                        self.forget_timewaits(|_| true);
+                    }
+                    self.families.tw_sockets.get_or_create(&key).inc();
+                    if let Some((old, _)) =
+                        self.tw_labels.insert((c.local, c.remote), (key, c.ts_ns))
+                    {
+                        // The same 4-tuple entered again before its end was seen.
+                        self.families.tw_sockets.get_or_create(&old).dec();
+                    }
+                }
+            }
+        }
+    }
+
+    fn tally_exits(&mut self) {
+        for x in std::mem::take(&mut self.exits) {
+            if !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+                continue;
+            }
+            let key = match self.tw_labels.remove(&(x.local, x.remote)) {
+                Some((key, _)) => {
+                    self.families.tw_sockets.get_or_create(&key).dec();
+                    key
+                }
+                None => PortLabels {
+                    port: self
+                        .labels
+                        .port(service_port(Role::Unknown, x.local, x.remote), false),
+                    netns: self.labels.netns(ns_exit(&x)),
+                },
+            };
+            self.families
+                .tw_exits
+                .get_or_create(&ExitLabels {
+                    port: key.port,
+                    end: x.end.name(),
+                    netns: key.netns,
+                })
+                .inc();
+            if x.end != End::NotCreated {
+                self.families
+                    .tw_residency
+                    .get_or_create(&ResidencyLabels {
+                        substate: x.substate.name(),
+                        netns: key.netns,
+                    })
+                    .observe(x.residency_ns as f64 / 1e9);
+            }
+        }
+    }
+
+    /// Takes the connections `pred` selects out of the TIME_WAIT population.
+    fn forget_timewaits(&mut self, mut pred: impl FnMut(u64) -> bool) {
+        let sockets = &self.families.tw_sockets;
+        self.tw_labels.retain(|_, (key, since)| {
+            let forget = pred(*since);
+            if forget {
+                sockets.get_or_create(key).dec();
+            }
+            !forget
+        });
+    }
+
+    fn sync_gauges(&mut self) {
+        let evicted = self.evicted();
+        self.families
+            .evicted
+            .inc_by(evicted.saturating_sub(self.evicted_seen));
+        self.evicted_seen = evicted;
+        self.families
+            .tracked
+            .set(i64::try_from(self.tracker.tracked()).unwrap_or(i64::MAX));
+    }
+}
+
+impl View for Metrics {
+    fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
+        for raw in batch {
+            if !self.filter.kernel_keeps(raw) {
+                continue;
+            }
+            let Ok(ev) = decode(raw) else { continue };
+            match &ev {
+                Event::Lost { count, .. } => {
+                    self.families.lost.inc_by(*count);
+                }
+                Event::Transition(t) if self.filter.keeps(t) => {
+                    if t.from == State::Listen || t.to == State::Listen {
+                        // A listener (or a connection accepted from one): its port is a
+                        // service of this host.
+                        self.labels.port(t.local.port(), true);
+                    }
+                    let netns = self.labels.netns(ns_transition(t));
+                    self.families
+                        .transitions
+                        .get_or_create(&TransitionLabels {
+                            from: t.from.name(),
+                            to: t.to.name(),
+                            netns,
+                        })
+                        .inc();
+                    if let Some(d) = t.in_from_ns {
+                        self.families
+                            .durations
+                            .get_or_create(&StateLabels {
+                                state: t.from.name(),
+                                netns,
+                            })
+                            .observe(d as f64 / 1e9);
+                    }
+                }
+                // A SYN for a port nothing listens on: this host refused a connection.
+                Event::Reset(r)
+                    if r.skaddr.is_none()
+                        && r.direction == Direction::Sent
+                        && self.filter.keeps_parts(None, r.local, r.remote) =>
+                {
+                    let port = self.labels.port(r.local.port(), false);
+                    let netns = self.labels.netns(ns_reset(r));
+                    self.families
+                        .closes
+                        .get_or_create(&CloseLabels {
+                            port,
+                            role: Role::Server.name(),
+                            initiator: crate::track::Initiator::Local.name(),
+                            how: crate::track::How::Refused.name(),
+                            netns,
+                        })
+                        .inc();
+                }
+                _ => {}
+            }
+            self.tracker.observe(&ev, &mut self.closes);
+            self.tally_closes();
+            self.timewaits.observe(&ev, &mut self.exits);
+            self.tally_exits();
+        }
+        self.sync_gauges();
+        Ok(Flow::More)
+    }
+
+    fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        self.tracker.expire(now_ns, &mut self.closes);
+        self.tally_closes();
+        self.timewaits.expire(now_ns, &mut self.exits);
+        self.tally_exits();
+        if now_ns.saturating_sub(self.last_sweep_ns) >= 10_000_000_000 {
+            self.last_sweep_ns = now_ns;
+            self.forget_timewaits(|since| now_ns.saturating_sub(since) > TW_STALE_NS);
+        }
+        self.sync_gauges();
+        Ok(Flow::More)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.sync_gauges();
+        Ok(())
+    }
+
+    fn evicted(&self) -> u64 {
+        self.tracker.evicted() + self.timewaits.evicted()
+    }
+}
+
+/// The tracer's own CPU time and memory (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, as every Prometheus client library names them), read
+/// from `/proc/self` on each scrape.
+#[derive(Debug, Default)]
+pub struct ProcessCollector;
+
+/// CPU seconds (user + system, all threads) and resident bytes of this process.
+pub fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) and 24 (rss) of proc(5), counted from 3 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: sysconf only reads configuration values.
+    let (tck, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    let page = if page > 0 { page as u64 } else { 4096 };
+    Some(((utime + stime) as f64 / tck, rss_pages * page))
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        use prometheus_client::{
+            encoding::EncodeMetric as _,
+            metrics::{counter::ConstCounter, gauge::ConstGauge},
+        };
+        let Some((cpu, rss)) = process_usage() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(cpu);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent by tcptrace (all threads), in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let rss = ConstGauge::new(i64::try_from(rss).unwrap_or(i64::MAX));
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Resident memory of tcptrace, in bytes",
+            None,
+            rss.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+// Until events carry their namespace: every socket in "namespace 0" (unknown).
+fn ns_close(_: &Close) -> u32 {
+    0
+}
+fn ns_reset(_: &crate::event::Reset) -> u32 {
+    0
+}
+fn ns_transition(_: &crate::event::Transition) -> u32 {
+    0
+}
+fn ns_exit(_: &Exit) -> u32 {
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::{Transition, encode},
+        filter::Filter,
+    };
+
+    const SEC: u64 = 1_000_000_000;
+
+    /// A connection from this host to 10.0.0.9:5432 that it closes first, at `ts`, and its
+    /// timewait socket's timer armed.
+    fn closes_into_timewait(ts: u64, sk: u64, lport: u16) -> Vec<RawEvent> {
+        use State::*;
+        let local: SocketAddr = format!("10.0.0.5:{lport}").parse().unwrap();
+        let remote: SocketAddr = "10.0.0.9:5432".parse().unwrap();
+        let mut events: Vec<RawEvent> = [
+            (Close, SynSent),
+            (SynSent, Established),
+            (Established, FinWait1),
+            (FinWait1, FinWait2),
+            (FinWait2, TimeWait),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (from, to))| {
+            encode(&Transition {
+                ts_ns: ts + i as u64,
+                skaddr: sk,
+                local,
+                remote,
+                from,
+                to,
+                in_from_ns: None,
+                owner: None,
+                mptcp: false,
+            })
+        })
+        .collect();
+        // Armed as the socket enters TIME_WAIT, just before the transition is reported.
+        let armed = crate::event::encode_timer(&crate::event::TimerEvent {
+            ts_ns: ts + 3,
+            tw: sk << 8,
+            op: crate::event::TimerOp::Armed {
+                substate: TimeWait,
+                timeout_jiffies: 15000,
+                local,
+                remote,
+            },
+        });
+        events.insert(4, armed);
+        events
+    }
+
+    fn gauge(m: &Metrics, port: PortLabel) -> i64 {
+        m.families
+            .tw_sockets
+            .get_or_create(&PortLabels {
+                port,
+                netns: NsLabel::Off,
+            })
+            .get()
+    }
+
+    #[test]
+    fn timewait_population_forgets_ends_never_seen() {
+        let mut registry = Registry::default();
+        let mut m = Metrics::new(
+            Filter::default().compile(),
+            LabelConfig::default(),
+            &mut registry,
+        )
+        .timers(true);
+        // Not a listener here, not allowed: `other`.
+        m.push(&closes_into_timewait(SEC, 0xa, 40000)).unwrap();
+        m.push(&closes_into_timewait(2 * SEC, 0xb, 40001)).unwrap();
+        assert_eq!(gauge(&m, PortLabel::Other), 2);
+        // The same 4-tuple entering again before its end was seen counts once.
+        m.push(&closes_into_timewait(3 * SEC, 0xc, 40001)).unwrap();
+        assert_eq!(gauge(&m, PortLabel::Other), 2);
+        // Their exits were lost: 180 s on, the sweep takes them out.
+        m.tick(100 * SEC).unwrap();
+        assert_eq!(gauge(&m, PortLabel::Other), 2);
+        m.tick(200 * SEC).unwrap();
+        assert_eq!(gauge(&m, PortLabel::Other), 0);
+        assert_eq!(m.tw_labels.len(), 0);
+    }
+
+    #[test]
+    fn without_timers_there_is_no_population() {
+        let mut registry = Registry::default();
+        let mut m = Metrics::new(
+            Filter::default().compile(),
+            LabelConfig::default(),
+            &mut registry,
+        )
+        .timers(false);
+        m.push(&closes_into_timewait(SEC, 0xa, 40000)).unwrap();
+        // Entries still count; the gauge would only grow, so it stays unset.
+        let (text, _) = crate::serve::render(&registry, false);
+        assert!(text.contains(r#"tcptrace_timewait_entries_total{port="other"} 1"#));
+        assert!(text.contains("tcptrace_timewait_timers_traced 0"));
+        assert!(!text.contains("tcptrace_timewait_sockets{"), "{text}");
+    }
+
+    #[test]
+    fn port_labels_stop_at_the_cap() {
+        let mut l = Labeller {
+            policy: PortPolicy {
+                allow: vec![5432..=5432],
+                max: 2,
+            },
+            ports: FastMap::default(),
+            netns_on: true,
+            max_netns: 1,
+            netns: FastMap::default(),
+        };
+        assert_eq!(l.port(40000, false), PortLabel::Other);
+        assert_eq!(l.port(5432, false), PortLabel::Port(5432));
+        assert_eq!(l.port(8080, true), PortLabel::Port(8080));
+        assert_eq!(l.port(9090, true), PortLabel::Other, "cap of 2 reached");
+        assert_eq!(l.port(8080, false), PortLabel::Port(8080), "labelled stays");
+        assert_eq!(l.netns(4026531840), NsLabel::Inode(4026531840));
+        assert_eq!(l.netns(4026532000), NsLabel::Other);
+        l.netns_on = false;
+        assert_eq!(l.netns(4026531840), NsLabel::Off);
+    }
+
+    #[test]
+    fn bucket_bounds_are_increasing() {
+        let mut registry = Registry::default();
+        let f: Family<StateLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_buckets);
+        registry.register_with_unit("d", "d", Unit::Seconds, f.clone());
+        f.get_or_create(&StateLabels {
+            state: "SYN_SENT",
+            netns: NsLabel::Off,
+        })
+        .observe(0.5);
+        let (text, _) = crate::serve::render(&registry, false);
+        let bounds: Vec<f64> = text
+            .lines()
+            .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())
+            .filter(|b: &f64| b.is_finite())
+            .collect();
+        assert_eq!(bounds.first(), Some(&1e-5));
+        assert_eq!(bounds.last(), Some(&1000.0));
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+    }
+}
