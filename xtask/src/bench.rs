@@ -420,6 +420,7 @@ enum Variant {
     Report,
     Hist,
     Timewait,
+    Serve,
     Tcpstates,
 }
 
@@ -431,6 +432,7 @@ impl Variant {
             Variant::Report => "tcptrace report",
             Variant::Hist => "tcptrace hist",
             Variant::Timewait => "tcptrace timewait",
+            Variant::Serve => "tcptrace serve",
             Variant::Tcpstates => "tcpstates > file",
         }
     }
@@ -442,6 +444,7 @@ impl Variant {
             Variant::Report => "report",
             Variant::Hist => "hist",
             Variant::Timewait => "timewait",
+            Variant::Serve => "serve",
             Variant::Tcpstates => "tcpstates",
         }
     }
@@ -450,7 +453,9 @@ impl Variant {
     fn targets(self) -> Option<(f64, f64)> {
         match self {
             Variant::Stream => Some((0.85, 0.25)),
-            Variant::Report | Variant::Hist | Variant::Timewait => Some((0.95, 0.05)),
+            Variant::Report | Variant::Hist | Variant::Timewait | Variant::Serve => {
+                Some((0.95, 0.05))
+            }
             _ => None,
         }
     }
@@ -506,6 +511,13 @@ impl Bench<'_> {
                 p,
                 "--interval".into(),
                 "1h".into(),
+            ],
+            Variant::Serve => vec![
+                "serve".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", crate::demo::free_port()?),
+                "--port".into(),
+                p,
             ],
             _ => vec![],
         };
@@ -643,6 +655,7 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
         Variant::Report,
         Variant::Hist,
         Variant::Timewait,
+        Variant::Serve,
     ];
     if !a.no_tcpstates {
         if tcpstates_ready() {
@@ -659,6 +672,7 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     };
     let startup = startup_ms(bin, &dir)?;
     let memory = memory_1m(bin, &dir)?;
+    let scrape = scrape_ms(bin, &dir)?;
     let mut results = serde_json::Map::new();
     let mut table = String::new();
     let mut misses = Vec::new();
@@ -803,7 +817,23 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if memory > 64.0 {
         misses.push(format!("peak RSS ≤ 64 MiB at 1M sockets ({memory:.1} MiB)"));
     }
+    if scrape.median_ms >= 50.0 {
+        misses.push(format!(
+            "/metrics in < 50 ms with 10k tracked sockets ({:.1} ms)",
+            scrape.median_ms
+        ));
+    }
     println!("{table}");
+    println!(
+        "GET /metrics with {} tracked sockets (median of {}): {:.2} ms, max {:.2} ms, {} \
+         bytes — target < 50 ms: {}",
+        scrape.tracked,
+        scrape.samples,
+        scrape.median_ms,
+        scrape.max_ms,
+        scrape.bytes,
+        verdict(scrape.median_ms < 50.0)
+    );
     println!(
         "start to probes attached (median of 5): {startup:.0} ms — target ≤ 300 ms: {}",
         verdict(startup <= 300.0)
@@ -818,6 +848,16 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     results.insert("rounds".into(), json!(a.rounds));
     results.insert("startup_ms".into(), json!(startup));
     results.insert("peak_rss_mib_1m_sockets".into(), json!(memory));
+    results.insert(
+        "metrics_scrape".into(),
+        json!({
+            "tracked_sockets": scrape.tracked,
+            "samples": scrape.samples,
+            "median_ms": scrape.median_ms,
+            "max_ms": scrape.max_ms,
+            "bytes": scrape.bytes,
+        }),
+    );
     results.insert("missed".into(), json!(misses));
     if a.profile {
         results.insert("profile".into(), json!(profile(&mut b)?));
@@ -837,6 +877,116 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     }
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// How long `GET /metrics` takes.
+struct Scrape {
+    tracked: u64,
+    samples: usize,
+    median_ms: f64,
+    max_ms: f64,
+    bytes: usize,
+}
+
+/// One `GET /metrics`: its duration (connect to last byte) and body.
+fn scrape_once(addr: SocketAddr) -> Result<(f64, String)> {
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .context("no HTTP body")?;
+    Ok((ms, body))
+}
+
+/// `tcptrace serve` following over 10k open sockets (10k connects held against a listener
+/// that never accepts: the handshakes its queue takes, both ends, and the SYN_SENT rest),
+/// after a storm has filled its families: the latency of `GET /metrics`, median of 21.
+fn scrape_ms(bin: &Path, dir: &Path) -> Result<Scrape> {
+    const HELD: u64 = 10_000;
+    let ns = Netns::new()?;
+    let port: u16 = 31_000;
+    let listen: SocketAddr = format!("127.0.0.1:{}", crate::demo::free_port()?).parse()?;
+    let mut tracer = Tracer::start(
+        bin,
+        &[
+            "serve".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--port".into(),
+            port.to_string(),
+        ],
+        &dir.join("serve.out"),
+    )?;
+    // Series in every family first: a storm through the exporter.
+    storm(&ns, port, 2_000, 2, Closer::Client)?;
+    let exe = std::env::current_exe()?;
+    let mut server = Command::new(&exe);
+    server
+        .args([
+            "storm-server",
+            "--netns",
+            &ns.name,
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--total", &u64::MAX.to_string(), "--threads", "0"])
+        .args(["--backlog", "4096"])
+        .stdout(Stdio::piped());
+    let mut server = Reaped(Some(server.spawn().context("cannot start the listener")?));
+    let mut line = String::new();
+    if let Some(out) = server.0.as_mut().and_then(|c| c.stdout.take()) {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    let mut client = Command::new(&exe);
+    client
+        .args(["storm-client", "--netns", &ns.name, "--src", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--count", &HELD.to_string()])
+        .arg("--hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut client = Reaped(Some(client.spawn().context("cannot start the clients")?));
+    line.clear();
+    if let Some(out) = client.0.as_mut().and_then(|c| c.stdout.take()) {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    thread::sleep(Duration::from_secs(1));
+    let mut times = Vec::new();
+    let mut tracked = 0;
+    let mut bytes = 0;
+    for _ in 0..21 {
+        let (ms, body) = scrape_once(listen)?;
+        times.push(ms);
+        bytes = body.len();
+        tracked = body
+            .lines()
+            .find_map(|l| l.strip_prefix("tcptrace_tracked_sockets "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no tcptrace_tracked_sockets in the scrape")?;
+        thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(mut stdin) = client.0.as_mut().and_then(|c| c.stdin.take()) {
+        let _ = stdin.write_all(b"x");
+    }
+    client.wait(Duration::from_secs(30))?;
+    drop(server);
+    tracer.stop()?;
+    drop(ns);
+    if tracked < HELD {
+        bail!("the exporter followed only {tracked} sockets, not the {HELD} held");
+    }
+    Ok(Scrape {
+        tracked,
+        samples: times.len(),
+        median_ms: median(&times),
+        max_ms: times.iter().copied().fold(0.0, f64::max),
+        bytes,
+    })
 }
 
 /// From spawning `tcptrace` to its probes attached (its "Tracing…" line), median of 5.
