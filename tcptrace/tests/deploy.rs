@@ -629,3 +629,83 @@ fn the_metric_name_check_rejects_what_it_should() {
     assert_eq!(family("process_open_fds"), None);
     assert_eq!(port_of("[::1]:9977"), 9977);
 }
+
+/// The families the exporter actually serves (`# TYPE` lines) after a workload that touches
+/// every one of them: a connection the server closes first, whose TIME_WAIT expires.
+fn exported_families() -> BTreeSet<String> {
+    use tcptrace::event::{
+        State::*, TimerEvent, TimerOp, Transition, encode, encode_timer, raw_lost,
+    };
+    let (c, s): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "10.0.0.5:40000".parse().unwrap(),
+        "10.0.0.9:8080".parse().unwrap(),
+    );
+    let t = |ts: u64, sk: u64, local, remote, from, to| {
+        encode(&Transition {
+            ts_ns: ts,
+            skaddr: sk,
+            local,
+            remote,
+            from,
+            to,
+            in_from_ns: Some(1_000),
+            owner: None,
+            mptcp: false,
+        })
+    };
+    let timer = |ts: u64, op| {
+        encode_timer(&TimerEvent {
+            ts_ns: ts,
+            tw: 0xd,
+            op,
+        })
+    };
+    let events = vec![
+        t(10, 0xa, c, s, Close, SynSent),
+        t(20, 0xb, s, c, Listen, SynRecv),
+        t(30, 0xa, c, s, SynSent, Established),
+        t(40, 0xb, s, c, SynRecv, Established),
+        t(50, 0xb, s, c, Established, FinWait1),
+        t(60, 0xa, c, s, Established, CloseWait),
+        t(70, 0xb, s, c, FinWait1, FinWait2),
+        t(80, 0xa, c, s, CloseWait, LastAck),
+        timer(
+            85,
+            TimerOp::Armed {
+                substate: TimeWait,
+                timeout_jiffies: 15_000,
+                local: s,
+                remote: c,
+            },
+        ),
+        t(90, 0xb, s, c, FinWait2, TimeWait),
+        t(100, 0xa, c, s, LastAck, Close),
+        raw_lost(110, 1),
+        timer(60_000_000_100, TimerOp::Cancelled),
+        timer(60_000_000_200, TimerOp::Expired),
+    ];
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut view = tcptrace::metrics::Metrics::new(
+        tcptrace::filter::Filter::default().compile(),
+        tcptrace::metrics::LabelConfig::default(),
+        &mut registry,
+    )
+    .timers(true);
+    use tcptrace::view::View as _;
+    view.push(&events).unwrap();
+    view.finish().unwrap();
+    registry.register_collector(Box::new(tcptrace::metrics::ProcessCollector));
+    let (text, _) = tcptrace::serve::render(&registry, false);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_dashboards_metrics_are_the_ones_serve_exports() {
+    let exported = exported_families();
+    for f in COUNTERS_AND_GAUGES.iter().chain(HISTOGRAMS.iter()) {
+        assert!(exported.contains(*f), "{f} is not exported: {exported:?}");
+    }
+}
