@@ -357,6 +357,10 @@ pub struct Metrics {
     tw_labels: FastMap<(SocketAddr, SocketAddr), (PortLabels, u64)>,
     last_sweep_ns: u64,
     evicted_seen: u64,
+    /// Handles on the per-transition series, so that the hot path is one small-key lookup
+    /// and an atomic add rather than a family's lock and label hashing.
+    hot_transitions: FastMap<(State, State, NsLabel), Counter>,
+    hot_durations: FastMap<(State, NsLabel), Histogram>,
 }
 
 impl Metrics {
@@ -382,6 +386,8 @@ impl Metrics {
             tw_labels: FastMap::default(),
             last_sweep_ns: 0,
             evicted_seen: 0,
+            hot_transitions: FastMap::default(),
+            hot_durations: FastMap::default(),
         }
     }
 
@@ -524,20 +530,25 @@ impl View for Metrics {
                         self.labels.port(t.local.port(), true);
                     }
                     let netns = self.labels.netns(ns_transition(t));
-                    self.families
-                        .transitions
-                        .get_or_create(&TransitionLabels {
-                            from: t.from.name(),
-                            to: t.to.name(),
-                            netns,
+                    let families = &self.families;
+                    self.hot_transitions
+                        .entry((t.from, t.to, netns))
+                        .or_insert_with(|| {
+                            families.transitions.get_or_create_owned(&TransitionLabels {
+                                from: t.from.name(),
+                                to: t.to.name(),
+                                netns,
+                            })
                         })
                         .inc();
                     if let Some(d) = t.in_from_ns {
-                        self.families
-                            .durations
-                            .get_or_create(&StateLabels {
-                                state: t.from.name(),
-                                netns,
+                        self.hot_durations
+                            .entry((t.from, netns))
+                            .or_insert_with(|| {
+                                families.durations.get_or_create_owned(&StateLabels {
+                                    state: t.from.name(),
+                                    netns,
+                                })
                             })
                             .observe(d as f64 / 1e9);
                     }
