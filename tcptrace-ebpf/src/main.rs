@@ -24,9 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets, driven_by_owner,
-    filter_keeps, flag, kind, state,
+    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, MAX_KERNEL_NETNS,
+    NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets,
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -86,6 +86,9 @@ static CONFIG: Config = Config {
     state_mask: 0,
     wakeup_bytes: 0,
     _pad: 0,
+    ns: NsOffsets::UNKNOWN,
+    netns_count: 0,
+    netns: [0; MAX_KERNEL_NETNS],
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
@@ -303,6 +306,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if !filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits) {
         return Ok(());
     }
+    // Only for what is kept: two reads for the namespace, three for the cgroup.
+    let netns = sock_netns(&cfg.ns, skaddr);
+    if !netns_keeps(&cfg, netns) {
+        return Ok(());
+    }
     let rec = Record {
         ts: now,
         skaddr,
@@ -315,6 +323,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         old,
         new,
         flags,
+        netns,
+        cgroup: sock_cgroup(&cfg.ns, skaddr),
     };
     let addrs = Addrs {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
@@ -426,6 +436,17 @@ fn reset(
     if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
         return Ok(());
     }
+    // A sent reset's socket may be a timewait or request socket: both start with a
+    // sock_common (the namespace is there), neither has a cgroup. No socket: neither.
+    let netns = sock_netns(&cfg.ns, skaddr);
+    if !netns_keeps(cfg, netns) {
+        return Ok(());
+    }
+    let cgroup = if st == state::TIME_WAIT || st == state::NEW_SYN_RECV {
+        0
+    } else {
+        sock_cgroup(&cfg.ns, skaddr)
+    };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     let owner_ptr = owner.as_mut_ptr();
     match SOCKS.get_ptr_mut(skaddr) {
@@ -463,6 +484,8 @@ fn reset(
         old: st,
         new: st,
         flags: 0,
+        netns,
+        cgroup,
     };
     emit(cfg, &rec, addrs, owner_ptr);
     Ok(())
@@ -473,6 +496,38 @@ fn reset(
 fn kread<T>(base: u64, off: u16) -> Result<T, i32> {
     // SAFETY: the helper checks the read and fails cleanly on a bad address.
     unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// The inode number of the network namespace of the socket at `sk` (a full, timewait or
+/// request socket: all start with a `sock_common`); 0 when unknown.
+#[inline(always)]
+fn sock_netns(o: &NsOffsets, sk: u64) -> u32 {
+    if sk == 0 || o.skc_net == ABSENT || o.net_inum == ABSENT {
+        return 0;
+    }
+    match kread::<u64>(sk, o.skc_net) {
+        Ok(net) if net != 0 => kread::<u32>(net, o.net_inum).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The cgroup2 id of the full socket at `sk` (set when it was created, from the creating
+/// task; an accepted socket has its listener's); 0 when unknown.
+#[inline(always)]
+fn sock_cgroup(o: &NsOffsets, sk: u64) -> u64 {
+    if sk == 0 || o.sk_cgroup == ABSENT || o.cgroup_kn == ABSENT || o.kn_id == ABSENT {
+        return 0;
+    }
+    let Ok(cgrp) = kread::<u64>(sk, o.sk_cgroup) else {
+        return 0;
+    };
+    if cgrp == 0 {
+        return 0;
+    }
+    match kread::<u64>(cgrp, o.cgroup_kn) {
+        Ok(kn) if kn != 0 => kread::<u64>(kn, o.kn_id).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[tracepoint]
@@ -516,6 +571,10 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
     ) {
         return Ok(());
     }
+    let netns = sock_netns(&cfg.ns, tw);
+    if !netns_keeps(&cfg, netns) {
+        return Ok(());
+    }
     let _ = TW_TIMERS.insert(timer, 1u8, 0);
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
@@ -531,6 +590,9 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
         old: substate,
         new: state::TIME_WAIT,
         flags: 0,
+        netns,
+        // A timewait socket has no cgroup; userspace takes it from the entry transition.
+        cgroup: 0,
     };
     let addrs = Addrs {
         saddr: (tw + saddr as u64) as *const u8,
@@ -606,6 +668,8 @@ fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
         old: state::TIME_WAIT,
         new: state::TIME_WAIT,
         flags: 0,
+        netns: 0,
+        cgroup: 0,
     };
     // No addresses: userspace knows them from the arming.
     let addrs = Addrs {
@@ -636,6 +700,10 @@ struct Record {
     old: u8,
     new: u8,
     flags: u8,
+    /// The socket's network namespace inode (0: unknown).
+    netns: u32,
+    /// The socket's cgroup id (0: unknown).
+    cgroup: u64,
 }
 
 /// Where the two addresses are in the tracepoint record, and how long they are (4 or 16).
@@ -678,6 +746,9 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
         put(addr_of_mut!((*e).newstate), r.new);
         put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
         put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
+        put(addr_of_mut!((*e).netns), r.netns);
+        put(addr_of_mut!((*e)._pad2), 0);
+        put(addr_of_mut!((*e).cgroup), r.cgroup);
     }
     // Wake the reader once each time the unread data grows past another `wakeup_bytes`:
     // not on every record while it is above (each wake-up is an interrupt — a self-IPI, a

@@ -225,6 +225,8 @@ mod tests {
                 from_listener: false,
             }),
             mptcp: false,
+            netns: None,
+            cgroup: None,
         }
     }
 

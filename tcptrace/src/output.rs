@@ -700,6 +700,8 @@ mod tests {
                     from_listener,
                 }),
                 mptcp,
+                netns: None,
+                cgroup: None,
             };
             let style = Style {
                 wall_offset_ns: wall_offset,

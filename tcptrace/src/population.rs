@@ -163,6 +163,7 @@ impl<W: Write> Population<W> {
                     timeout_jiffies: 0,
                     local: d.local,
                     remote: d.remote,
+                    netns: None,
                 },
             });
             if self.filter.kernel_keeps(&raw) && self.filter.keeps_parts(None, d.local, d.remote) {

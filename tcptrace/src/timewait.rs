@@ -227,6 +227,7 @@ impl Timewaits {
                 timeout_jiffies,
                 local,
                 remote,
+                ..
             } => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
                     if life.local == local && life.remote == remote {
@@ -354,6 +355,7 @@ mod tests {
                 timeout_jiffies: 15000,
                 local: local.parse().unwrap(),
                 remote: S.parse().unwrap(),
+                netns: None,
             },
         })
     }
@@ -377,6 +379,8 @@ mod tests {
                 from_listener: false,
             }),
             mptcp: false,
+            netns: None,
+            cgroup: None,
         })
     }
 

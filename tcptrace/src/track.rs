@@ -738,6 +738,8 @@ mod tests {
                     from_listener: false,
                 }),
                 mptcp: false,
+                netns: None,
+                cgroup: None,
             }));
             self
         }
@@ -752,6 +754,8 @@ mod tests {
                 state: None,
                 reason: None,
                 owner: None,
+                netns: None,
+                cgroup: None,
             }));
             self
         }
@@ -1061,6 +1065,8 @@ mod tests {
                     in_from_ns: None,
                     owner: None,
                     mptcp: false,
+                    netns: None,
+                    cgroup: None,
                 }),
                 &mut out,
             );

@@ -40,6 +40,8 @@ fn workload() -> Vec<RawEvent> {
             in_from_ns: dur,
             owner: o,
             mptcp: false,
+            netns: None,
+            cgroup: None,
         })
     };
     use State::*;
@@ -146,6 +148,8 @@ fn workload() -> Vec<RawEvent> {
             state: None,
             reason: None,
             owner: None,
+            netns: None,
+            cgroup: None,
         }),
         t(
             4 * SEC,
@@ -167,6 +171,8 @@ fn workload() -> Vec<RawEvent> {
             state: None,
             reason: Some(1),
             owner: None,
+            netns: None,
+            cgroup: None,
         }),
         raw_lost(5 * SEC, 17),
         // The client's timewait socket: armed as it entered TIME_WAIT, expired 2MSL later.
@@ -178,6 +184,7 @@ fn workload() -> Vec<RawEvent> {
                 timeout_jiffies: 15000,
                 local: c,
                 remote: s,
+                netns: None,
             },
         }),
         encode_timer(&TimerEvent {
