@@ -163,7 +163,11 @@ struct SockInfo {
     last_ts: u64,
     owner: Owner,
     /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
-    flags: u64,
+    flags: u32,
+    /// The socket's network namespace inode, read once (0: not read yet, or unknown).
+    netns: u32,
+    /// The socket's cgroup id, read with `netns` (a socket keeps both for life).
+    cgroup: u64,
 }
 
 #[tracepoint]
@@ -250,6 +254,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         SOCKS.get_ptr_mut(skaddr)
     };
+    // The namespace and cgroup, once read, stay in the socket's map entry: five kernel
+    // reads per socket instead of per transition.
+    let (mut netns, mut cgroup) = (0u32, 0u64);
+    // The socket's entry when it stays in the map, to keep them in.
+    let mut slot: *mut SockInfo = core::ptr::null_mut();
+    let mut insert = false;
     match known {
         Some(info) => unsafe {
             // last_ts is 0 for a socket first met through a reset it received.
@@ -263,10 +273,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             (*info).last_ts = now;
             flags |= (*info).flags as u8;
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
+            netns = (*info).netns;
+            cgroup = (*info).cgroup;
             // Its end: a closed socket, or one that a timewait socket replaces (the full
             // socket is freed right after; nothing more is logged for this address).
             if new == state::CLOSE || new == state::TIME_WAIT {
                 let _ = SOCKS.remove(skaddr);
+            } else {
+                slot = info;
             }
         },
         None => unsafe {
@@ -286,15 +300,33 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             } else {
                 clear_owner(owner_ptr);
             }
-            if new != state::CLOSE && new != state::TIME_WAIT {
-                let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
-                let i = info.as_mut_ptr();
-                put(addr_of_mut!((*i).last_ts), now);
-                put(addr_of_mut!((*i).flags), 0);
-                copy_owner(addr_of_mut!((*i).owner), owner_ptr);
-                let _ = SOCKS.insert(skaddr, &*i, 0);
-            }
+            insert = new != state::CLOSE && new != state::TIME_WAIT;
         },
+    }
+    let keep = filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits);
+    // Read only for what is kept: two reads for the namespace, three for the cgroup.
+    let read_now = keep && netns == 0;
+    if read_now {
+        netns = sock_netns(&cfg.ns, skaddr);
+        cgroup = sock_cgroup(&cfg.ns, skaddr);
+    }
+    if insert {
+        let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
+        let i = info.as_mut_ptr();
+        unsafe {
+            put(addr_of_mut!((*i).last_ts), now);
+            put(addr_of_mut!((*i).flags), 0);
+            put(addr_of_mut!((*i).netns), netns);
+            put(addr_of_mut!((*i).cgroup), cgroup);
+            copy_owner(addr_of_mut!((*i).owner), owner_ptr);
+            let _ = SOCKS.insert(skaddr, &*i, 0);
+        }
+    } else if read_now && !slot.is_null() {
+        // SAFETY: the entry found above, still in the map.
+        unsafe {
+            put(addr_of_mut!((*slot).netns), netns);
+            put(addr_of_mut!((*slot).cgroup), cgroup);
+        }
     }
     if old == state::CLOSE && new == state::LISTEN {
         // SAFETY: every path above initialised the owner.
@@ -303,12 +335,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = LISTENERS.remove(sport);
     }
 
-    if !filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits) {
-        return Ok(());
-    }
-    // Only for what is kept: two reads for the namespace, three for the cgroup.
-    let netns = sock_netns(&cfg.ns, skaddr);
-    if !netns_keeps(&cfg, netns) {
+    if !keep || !netns_keeps(&cfg, netns) {
         return Ok(());
     }
     let rec = Record {
@@ -324,7 +351,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         new,
         flags,
         netns,
-        cgroup: sock_cgroup(&cfg.ns, skaddr),
+        cgroup,
     };
     let addrs = Addrs {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
@@ -436,25 +463,17 @@ fn reset(
     if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
         return Ok(());
     }
-    // A sent reset's socket may be a timewait or request socket: both start with a
-    // sock_common (the namespace is there), neither has a cgroup. No socket: neither.
-    let netns = sock_netns(&cfg.ns, skaddr);
-    if !netns_keeps(cfg, netns) {
-        return Ok(());
-    }
-    let cgroup = if st == state::TIME_WAIT || st == state::NEW_SYN_RECV {
-        0
-    } else {
-        sock_cgroup(&cfg.ns, skaddr)
-    };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     let owner_ptr = owner.as_mut_ptr();
+    let (mut netns, mut cgroup) = (0u32, 0u64);
     match SOCKS.get_ptr_mut(skaddr) {
         Some(info) => unsafe {
             if k == kind::RESET_RECEIVED {
-                (*info).flags |= flag::RESET_RECEIVED as u64;
+                (*info).flags |= flag::RESET_RECEIVED as u32;
             }
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
+            netns = (*info).netns;
+            cgroup = (*info).cgroup;
         },
         None => {
             clear_owner(owner_ptr);
@@ -465,12 +484,28 @@ fn reset(
                 let i = info.as_mut_ptr();
                 unsafe {
                     put(addr_of_mut!((*i).last_ts), 0);
-                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u64);
+                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u32);
+                    put(addr_of_mut!((*i).netns), 0);
+                    put(addr_of_mut!((*i).cgroup), 0);
                     copy_owner(addr_of_mut!((*i).owner), owner_ptr);
                     let _ = SOCKS.insert(skaddr, &*i, 0);
                 }
             }
         }
+    }
+    // Not known from the socket's entry: read. A sent reset's socket may be a timewait or
+    // request socket: both start with a sock_common (the namespace is there), neither has
+    // a cgroup. No socket: neither.
+    if netns == 0 {
+        netns = sock_netns(&cfg.ns, skaddr);
+        cgroup = if st == state::TIME_WAIT || st == state::NEW_SYN_RECV {
+            0
+        } else {
+            sock_cgroup(&cfg.ns, skaddr)
+        };
+    }
+    if !netns_keeps(cfg, netns) {
+        return Ok(());
     }
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
