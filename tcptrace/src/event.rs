@@ -167,8 +167,9 @@ pub struct Transition {
     /// The inode number of the socket's network namespace (what `stat -L /proc/PID/ns/net`
     /// or `stat -L /run/netns/NAME` shows); None when unknown. Never `Some(0)`.
     pub netns: Option<u32>,
-    /// The socket's cgroup2 id (the inode number of its directory under the cgroup2 mount);
-    /// None when unknown. Never `Some(0)`.
+    /// The socket's cgroup2 id (the inode number of its directory under the cgroup2 mount;
+    /// [`crate::cgroup::Cgroups`] turns it into a path and a container); None when unknown.
+    /// Never `Some(0)`.
     pub cgroup: Option<u64>,
 }
 
