@@ -28,6 +28,18 @@ fn bad_flags_exit_2_naming_the_value() {
         (&["report", "--interval", "0s"], "more than zero"),
         (&["hist", "--by", "colour"], "colour"),
         (&["--port", "80", "report"], "report"),
+        (
+            &["--netns", "/nonexistent/ns"],
+            "cannot open /nonexistent/ns",
+        ),
+        (&["--netns", "/proc/self/status"], "not a namespace file"),
+        (
+            &["report", "--netns", "no-such-ns"],
+            "/run/netns/no-such-ns",
+        ),
+        (&["hist", "--netns", "0"], "'0'"),
+        (&["--cgroup", "web app"], "'web app'"),
+        (&["timewait", "--cgroup", "/a/../b"], "'..'"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
