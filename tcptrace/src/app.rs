@@ -74,7 +74,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     color,
                     addr_width: Style::addr_width_for(filter.family),
                 };
-                let renderer = Renderer::new(format, style);
+                let renderer = Renderer::new(format, style)
+                    .with_cgroups(names.clone())
+                    .show_ns(cli.common.output.show_ns);
                 Box::new(
                     Stream::new(
                         filter.compile().with_cgroups(names),

@@ -15,7 +15,7 @@ Examples:
   sudo tcptrace --lport 443 --state CLOSE_WAIT   peers hung up, app has not closed yet
   sudo tcptrace -4 --raddr 10.0.0.0/8 --duration 30s
   sudo tcptrace --netns /run/netns/blue      one network namespace (or /proc/PID/ns/net)
-  sudo tcptrace --cgroup /system.slice/nginx.service   one service's sockets
+  sudo tcptrace --cgroup /system.slice/nginx.service --show-ns   one service's sockets
   sudo tcptrace --cgroup 3f2a9c --json       one container (id prefix), with its cgroup
   sudo tcptrace --record trace.tcptrace      also save the raw events for later
   tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)
@@ -234,6 +234,10 @@ pub struct OutputArgs {
     /// Shorthand for --output json.
     #[arg(long, conflicts_with = "output")]
     pub json: bool,
+    /// Text: add each socket's network namespace (inode) and cgroup (container id, else
+    /// path) as NETNS and CGROUP columns. JSON always has them.
+    #[arg(long)]
+    pub show_ns: bool,
 }
 
 impl OutputArgs {
