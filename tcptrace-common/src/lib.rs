@@ -122,11 +122,24 @@ pub struct Event {
     pub flags: u8,
     /// Explicit padding; always zero.
     pub _pad: [u8; 2],
+    /// The inode number of the socket's network namespace (as `stat -L /proc/PID/ns/net`
+    /// shows it); 0 when unknown (no socket, or this kernel's layout is not known).
+    pub netns: u32,
+    /// Explicit padding; always zero.
+    pub _pad2: u32,
+    /// The id of the socket's cgroup in the cgroup2 hierarchy (the inode number of its
+    /// directory there), taken from the socket itself, so it is right in softirq too;
+    /// 0 when unknown (timewait sockets and resets without a socket have none).
+    pub cgroup: u64,
 }
 
 /// The size of one [`Event`] in bytes.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-const _: () = assert!(EVENT_SIZE == 96);
+const _: () = assert!(EVENT_SIZE == 112);
+/// The size of an [`Event`] before `netns` and `cgroup` were added (recordings of format 1):
+/// the first 96 bytes of today's layout, unchanged.
+pub const EVENT_SIZE_V1: usize = 96;
+const _: () = assert!(core::mem::offset_of!(Event, netns) == EVENT_SIZE_V1);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 /// Field offsets of the `sock:inet_sock_set_state` tracepoint record, read from its
@@ -201,6 +214,60 @@ pub struct TimewaitOffsets {
     pub skc_v6_rcv_saddr: u16,
 }
 
+/// Where a socket's network namespace and cgroup are: offsets found in the kernel's BTF at
+/// start-up ([`ABSENT`] for any the kernel does not have; the value is then reported as 0).
+///
+/// The chains read are `sock_common.skc_net.net → net.ns.inum` (full, timewait and request
+/// sockets alike: each starts with a `sock_common`) and
+/// `sock.sk_cgrp_data.cgroup → cgroup.kn → kernfs_node.id` (full sockets only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NsOffsets {
+    /// `sock_common.skc_net.net`: the socket's `struct net *`.
+    pub skc_net: u16,
+    /// `net.ns.inum`: the namespace's inode number.
+    pub net_inum: u16,
+    /// `sock.sk_cgrp_data.cgroup`: the socket's `struct cgroup *` (cgroup2).
+    pub sk_cgroup: u16,
+    /// `cgroup.kn`: the cgroup's `struct kernfs_node *`.
+    pub cgroup_kn: u16,
+    /// `kernfs_node.id`: the cgroup id (its directory's inode number).
+    pub kn_id: u16,
+    pub _pad: u16,
+}
+
+impl NsOffsets {
+    /// Nothing known: every namespace and cgroup is reported as 0.
+    pub const UNKNOWN: NsOffsets = NsOffsets {
+        skc_net: ABSENT,
+        net_inum: ABSENT,
+        sk_cgroup: ABSENT,
+        cgroup_kn: ABSENT,
+        kn_id: ABSENT,
+        _pad: 0,
+    };
+
+    /// Whether network namespaces can be read.
+    pub const fn netns_known(&self) -> bool {
+        self.skc_net != ABSENT && self.net_inum != ABSENT
+    }
+
+    /// Whether cgroups can be read.
+    pub const fn cgroup_known(&self) -> bool {
+        self.sk_cgroup != ABSENT && self.cgroup_kn != ABSENT && self.kn_id != ABSENT
+    }
+}
+
+impl Default for NsOffsets {
+    fn default() -> Self {
+        NsOffsets::UNKNOWN
+    }
+}
+
+/// At most this many network namespaces are filtered in the kernel ([`Config::netns`]);
+/// beyond, userspace filters them.
+pub const MAX_KERNEL_NETNS: usize = 8;
+
 /// An offset for a field this kernel's tracepoint does not have.
 pub const ABSENT: u16 = u16::MAX;
 
@@ -236,6 +303,13 @@ pub struct Config {
     /// Wake the reader when at least this many bytes are waiting (0: on every event).
     pub wakeup_bytes: u32,
     pub _pad: u32,
+    /// Where sockets keep their network namespace and cgroup.
+    pub ns: NsOffsets,
+    /// How many of `netns` are set (0: every network namespace is kept).
+    pub netns_count: u32,
+    /// Keep only events of sockets in these network namespaces (inode numbers); the first
+    /// `netns_count` are used.
+    pub netns: [u32; MAX_KERNEL_NETNS],
 }
 
 /// The state the connection really enters, given the event's [`flag`]s.
@@ -312,6 +386,25 @@ const fn bit(s: u8) -> u32 {
     if s < 32 { 1u32 << s } else { 0 }
 }
 
+/// Whether the in-kernel network-namespace filter keeps an event of a socket in namespace
+/// `netns` (0: unknown, which matches no filter).
+#[inline(always)]
+pub fn netns_keeps(cfg: &Config, netns: u32) -> bool {
+    let n = cfg.netns_count as usize;
+    if n == 0 {
+        return true;
+    }
+    let mut i = 0;
+    // A fixed bound the verifier can see through.
+    while i < MAX_KERNEL_NETNS {
+        if i < n && cfg.netns[i] == netns && netns != 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Whether a transition is driven by a system call of the socket's owner, so that the task
 /// running when it is reported is the owner. Every other transition is driven by a packet or
 /// a timer and reports whatever task happened to be on the CPU (the idle task, a ksoftirqd
@@ -343,6 +436,7 @@ mod user {
     unsafe impl aya::Pod for super::SendResetOffsets {}
     unsafe impl aya::Pod for super::ReceiveResetOffsets {}
     unsafe impl aya::Pod for super::TimewaitOffsets {}
+    unsafe impl aya::Pod for super::NsOffsets {}
 }
 
 #[cfg(test)]
@@ -379,6 +473,30 @@ mod tests {
                 assert_eq!(tw, expected, "{old}->{new}");
             }
         }
+    }
+
+    #[test]
+    fn netns_filter_keeps_only_the_listed_known_namespaces() {
+        let mut cfg = Config::default();
+        assert!(netns_keeps(&cfg, 0), "no filter keeps even the unknown");
+        assert!(netns_keeps(&cfg, 4026531840));
+        cfg.netns_count = 2;
+        cfg.netns[0] = 4026531840;
+        cfg.netns[1] = 4026532000;
+        // A stale third entry beyond the count is ignored.
+        cfg.netns[2] = 4026532999;
+        assert!(netns_keeps(&cfg, 4026531840));
+        assert!(netns_keeps(&cfg, 4026532000));
+        assert!(!netns_keeps(&cfg, 4026532999));
+        assert!(
+            !netns_keeps(&cfg, 0),
+            "an unknown namespace matches no filter"
+        );
+        cfg.netns_count = MAX_KERNEL_NETNS as u32 + 5;
+        assert!(
+            netns_keeps(&cfg, 4026532999),
+            "the count is bounded by the array"
+        );
     }
 
     #[test]

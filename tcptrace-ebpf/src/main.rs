@@ -24,9 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets, driven_by_owner,
-    filter_keeps, flag, kind, state,
+    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, MAX_KERNEL_NETNS,
+    NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets,
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -86,6 +86,9 @@ static CONFIG: Config = Config {
     state_mask: 0,
     wakeup_bytes: 0,
     _pad: 0,
+    ns: NsOffsets::UNKNOWN,
+    netns_count: 0,
+    netns: [0; MAX_KERNEL_NETNS],
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
@@ -160,7 +163,11 @@ struct SockInfo {
     last_ts: u64,
     owner: Owner,
     /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
-    flags: u64,
+    flags: u32,
+    /// The socket's network namespace inode, read once (0: not read yet, or unknown).
+    netns: u32,
+    /// The socket's cgroup id, read with `netns` (a socket keeps both for life).
+    cgroup: u64,
 }
 
 #[tracepoint]
@@ -247,6 +254,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         SOCKS.get_ptr_mut(skaddr)
     };
+    // The namespace and cgroup, once read, stay in the socket's map entry: five kernel
+    // reads per socket instead of per transition.
+    let (mut netns, mut cgroup) = (0u32, 0u64);
+    // The socket's entry when it stays in the map, to keep them in.
+    let mut slot: *mut SockInfo = core::ptr::null_mut();
+    let mut insert = false;
     match known {
         Some(info) => unsafe {
             // last_ts is 0 for a socket first met through a reset it received.
@@ -260,10 +273,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             (*info).last_ts = now;
             flags |= (*info).flags as u8;
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
+            netns = (*info).netns;
+            cgroup = (*info).cgroup;
             // Its end: a closed socket, or one that a timewait socket replaces (the full
             // socket is freed right after; nothing more is logged for this address).
             if new == state::CLOSE || new == state::TIME_WAIT {
                 let _ = SOCKS.remove(skaddr);
+            } else {
+                slot = info;
             }
         },
         None => unsafe {
@@ -283,15 +300,33 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             } else {
                 clear_owner(owner_ptr);
             }
-            if new != state::CLOSE && new != state::TIME_WAIT {
-                let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
-                let i = info.as_mut_ptr();
-                put(addr_of_mut!((*i).last_ts), now);
-                put(addr_of_mut!((*i).flags), 0);
-                copy_owner(addr_of_mut!((*i).owner), owner_ptr);
-                let _ = SOCKS.insert(skaddr, &*i, 0);
-            }
+            insert = new != state::CLOSE && new != state::TIME_WAIT;
         },
+    }
+    let keep = filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits);
+    // Read only for what is kept: two reads for the namespace, three for the cgroup.
+    let read_now = keep && netns == 0;
+    if read_now {
+        netns = sock_netns(&cfg.ns, skaddr);
+        cgroup = sock_cgroup(&cfg.ns, skaddr);
+    }
+    if insert {
+        let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
+        let i = info.as_mut_ptr();
+        unsafe {
+            put(addr_of_mut!((*i).last_ts), now);
+            put(addr_of_mut!((*i).flags), 0);
+            put(addr_of_mut!((*i).netns), netns);
+            put(addr_of_mut!((*i).cgroup), cgroup);
+            copy_owner(addr_of_mut!((*i).owner), owner_ptr);
+            let _ = SOCKS.insert(skaddr, &*i, 0);
+        }
+    } else if read_now && !slot.is_null() {
+        // SAFETY: the entry found above, still in the map.
+        unsafe {
+            put(addr_of_mut!((*slot).netns), netns);
+            put(addr_of_mut!((*slot).cgroup), cgroup);
+        }
     }
     if old == state::CLOSE && new == state::LISTEN {
         // SAFETY: every path above initialised the owner.
@@ -300,7 +335,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = LISTENERS.remove(sport);
     }
 
-    if !filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits) {
+    if !keep || !netns_keeps(&cfg, netns) {
         return Ok(());
     }
     let rec = Record {
@@ -315,6 +350,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         old,
         new,
         flags,
+        netns,
+        cgroup,
     };
     let addrs = Addrs {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
@@ -428,12 +465,15 @@ fn reset(
     }
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     let owner_ptr = owner.as_mut_ptr();
+    let (mut netns, mut cgroup) = (0u32, 0u64);
     match SOCKS.get_ptr_mut(skaddr) {
         Some(info) => unsafe {
             if k == kind::RESET_RECEIVED {
-                (*info).flags |= flag::RESET_RECEIVED as u64;
+                (*info).flags |= flag::RESET_RECEIVED as u32;
             }
             copy_owner(owner_ptr, addr_of_mut!((*info).owner));
+            netns = (*info).netns;
+            cgroup = (*info).cgroup;
         },
         None => {
             clear_owner(owner_ptr);
@@ -444,12 +484,28 @@ fn reset(
                 let i = info.as_mut_ptr();
                 unsafe {
                     put(addr_of_mut!((*i).last_ts), 0);
-                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u64);
+                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u32);
+                    put(addr_of_mut!((*i).netns), 0);
+                    put(addr_of_mut!((*i).cgroup), 0);
                     copy_owner(addr_of_mut!((*i).owner), owner_ptr);
                     let _ = SOCKS.insert(skaddr, &*i, 0);
                 }
             }
         }
+    }
+    // Not known from the socket's entry: read. A sent reset's socket may be a timewait or
+    // request socket: both start with a sock_common (the namespace is there), neither has
+    // a cgroup. No socket: neither.
+    if netns == 0 {
+        netns = sock_netns(&cfg.ns, skaddr);
+        cgroup = if st == state::TIME_WAIT || st == state::NEW_SYN_RECV {
+            0
+        } else {
+            sock_cgroup(&cfg.ns, skaddr)
+        };
+    }
+    if !netns_keeps(cfg, netns) {
+        return Ok(());
     }
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
@@ -463,6 +519,8 @@ fn reset(
         old: st,
         new: st,
         flags: 0,
+        netns,
+        cgroup,
     };
     emit(cfg, &rec, addrs, owner_ptr);
     Ok(())
@@ -473,6 +531,38 @@ fn reset(
 fn kread<T>(base: u64, off: u16) -> Result<T, i32> {
     // SAFETY: the helper checks the read and fails cleanly on a bad address.
     unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// The inode number of the network namespace of the socket at `sk` (a full, timewait or
+/// request socket: all start with a `sock_common`); 0 when unknown.
+#[inline(always)]
+fn sock_netns(o: &NsOffsets, sk: u64) -> u32 {
+    if sk == 0 || o.skc_net == ABSENT || o.net_inum == ABSENT {
+        return 0;
+    }
+    match kread::<u64>(sk, o.skc_net) {
+        Ok(net) if net != 0 => kread::<u32>(net, o.net_inum).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The cgroup2 id of the full socket at `sk` (set when it was created, from the creating
+/// task; an accepted socket has its listener's); 0 when unknown.
+#[inline(always)]
+fn sock_cgroup(o: &NsOffsets, sk: u64) -> u64 {
+    if sk == 0 || o.sk_cgroup == ABSENT || o.cgroup_kn == ABSENT || o.kn_id == ABSENT {
+        return 0;
+    }
+    let Ok(cgrp) = kread::<u64>(sk, o.sk_cgroup) else {
+        return 0;
+    };
+    if cgrp == 0 {
+        return 0;
+    }
+    match kread::<u64>(cgrp, o.cgroup_kn) {
+        Ok(kn) if kn != 0 => kread::<u64>(kn, o.kn_id).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[tracepoint]
@@ -516,6 +606,10 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
     ) {
         return Ok(());
     }
+    let netns = sock_netns(&cfg.ns, tw);
+    if !netns_keeps(&cfg, netns) {
+        return Ok(());
+    }
     let _ = TW_TIMERS.insert(timer, 1u8, 0);
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
@@ -531,6 +625,9 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
         old: substate,
         new: state::TIME_WAIT,
         flags: 0,
+        netns,
+        // A timewait socket has no cgroup; userspace takes it from the entry transition.
+        cgroup: 0,
     };
     let addrs = Addrs {
         saddr: (tw + saddr as u64) as *const u8,
@@ -606,6 +703,8 @@ fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
         old: state::TIME_WAIT,
         new: state::TIME_WAIT,
         flags: 0,
+        netns: 0,
+        cgroup: 0,
     };
     // No addresses: userspace knows them from the arming.
     let addrs = Addrs {
@@ -636,6 +735,10 @@ struct Record {
     old: u8,
     new: u8,
     flags: u8,
+    /// The socket's network namespace inode (0: unknown).
+    netns: u32,
+    /// The socket's cgroup id (0: unknown).
+    cgroup: u64,
 }
 
 /// Where the two addresses are in the tracepoint record, and how long they are (4 or 16).
@@ -678,6 +781,9 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
         put(addr_of_mut!((*e).newstate), r.new);
         put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
         put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
+        put(addr_of_mut!((*e).netns), r.netns);
+        put(addr_of_mut!((*e)._pad2), 0);
+        put(addr_of_mut!((*e).cgroup), r.cgroup);
     }
     // Wake the reader once each time the unread data grows past another `wakeup_bytes`:
     // not on every record while it is above (each wake-up is an interrupt — a self-IPI, a

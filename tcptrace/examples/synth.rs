@@ -51,6 +51,8 @@ fn main() -> Result<()> {
                 in_from_ns: (dt > 0).then_some(dt),
                 owner,
                 mptcp: false,
+                netns: Some(4_026_531_840),
+                cgroup: Some(1),
             }));
         }
         if batch.len() >= 8000 {

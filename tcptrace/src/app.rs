@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::Cgroups,
     cli::{Cli, Command, ServeArgs, SourceArgs},
     event::RawEvent,
     filter::Filter,
@@ -66,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         None => {
             let filter = cli.common.filter.filter();
             let format = cli.common.output.format();
+            let names = cgroup_names(&cli.common.source, &filter);
             drive(&filter, &cli.common.source, |wall, timers| {
                 let style = Style {
                     wall_offset_ns: wall,
@@ -73,11 +75,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     color,
                     addr_width: Style::addr_width_for(filter.family),
                 };
-                let renderer = Renderer::new(format, style);
+                let renderer = Renderer::new(format, style)
+                    .with_cgroups(names.clone())
+                    .show_ns(cli.common.output.show_ns);
                 Ok(Box::new(
-                    Stream::new(filter.compile(), renderer, out, cli.count)
-                        .max_sockets(cli.common.source.max_sockets)
-                        .timers(timers),
+                    Stream::new(
+                        filter.compile().with_cgroups(names),
+                        renderer,
+                        out,
+                        cli.count,
+                    )
+                    .max_sockets(cli.common.source.max_sockets)
+                    .timers(timers),
                 ))
             })
         }
@@ -89,9 +98,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let mask = filter.compile().state_mask();
             let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
+            let names = cgroup_names(&a.common.source, &filter);
             drive(&whole, &a.common.source, |wall, timers| {
+                let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
-                    Report::new(whole.compile(), mask, out, format, wall, interval)
+                    Report::new(whole, mask, out, format, wall, interval)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(timers),
                 ))
@@ -102,11 +113,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let format = a.common.output.format();
             let interval = a.interval.as_nanos() as u64;
             let live = a.common.source.from.is_none();
+            let names = cgroup_names(&a.common.source, &filter);
             drive(&filter, &a.common.source, |wall, timers| {
                 if !timers {
                     log::warn!("timewait timers are not traced: the population only grows");
                 }
-                let view = Population::new(filter.compile(), out, format, wall, interval, timers)
+                let compiled = filter.compile().with_cgroups(names);
+                let view = Population::new(compiled, out, format, wall, interval, timers)
                     .max_sockets(a.common.source.max_sockets);
                 // Live, count the TIME_WAIT sockets that exist already (own namespace).
                 Ok(Box::new(if live {
@@ -125,9 +138,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
+            let names = cgroup_names(&a.common.source, &filter);
             drive(&filter, &a.common.source, |_, timers| {
+                let compiled = filter.compile().with_cgroups(names);
                 Ok(Box::new(
-                    Hist::new(filter.compile(), &filter.states, a.by, out, format)
+                    Hist::new(compiled, &filter.states, a.by, out, format)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(timers),
                 ))
@@ -164,9 +179,11 @@ fn serve(a: &ServeArgs) -> Result<()> {
         netns: a.label_netns,
         max_netns: a.max_netns_labels,
     };
+    let names = cgroup_names(&a.source, &filter);
     drive(&filter, &a.source, |_, timers| {
         let mut registry = prometheus_client::registry::Registry::default();
-        let mut view = Metrics::new(filter.compile(), labels, &mut registry)
+        let compiled = filter.compile().with_cgroups(names);
+        let mut view = Metrics::new(compiled, labels, &mut registry)
             .max_sockets(a.source.max_sockets)
             .timers(timers);
         if a.source.from.is_none() {
@@ -207,6 +224,33 @@ fn until_signal() -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// What names cgroups for a run: this host's cgroup2 hierarchy when tracing live, or when
+/// replaying a recording made on this very boot (cgroup ids mean nothing elsewhere); else
+/// nothing, and cgroups are shown as ids.
+fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
+    let Some(path) = &source.from else {
+        return Cgroups::host();
+    };
+    // An unreadable recording is reported by the replay itself.
+    let same_boot = File::open(path)
+        .ok()
+        .and_then(|f| Reader::new(f).ok())
+        .is_some_and(|r| {
+            let id = r.header().boot_id;
+            id != [0; 16] && id == crate::record::boot_id()
+        });
+    if same_boot {
+        return Cgroups::host();
+    }
+    if !filter.cgroups.is_empty() {
+        log::warn!(
+            "{} was recorded on another host or boot: its cgroups cannot be named, and              --cgroup matches nothing",
+            path.display()
+        );
+    }
+    Cgroups::none()
 }
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured

@@ -106,6 +106,7 @@ pub fn run(load: bool) -> Vec<Item> {
             .map(|_| "timer:timer_start, timer_cancel, timer_expire_entry".into())
             .map_err(|e| format!("{e}: no TIME_WAIT exits")),
     ));
+    items.push(item("network namespaces and cgroups", false, containers()));
     let core_ok = items.iter().all(|i| i.ok || !i.core);
     if load && core_ok {
         items.push(item(
@@ -123,6 +124,24 @@ pub fn run(load: bool) -> Vec<Item> {
         ));
     }
     items
+}
+
+/// Whether events can name their socket's network namespace and cgroup, and cgroups be
+/// named by path.
+fn containers() -> Result<String, String> {
+    let btf = crate::btf::Btf::from_sys()
+        .map_err(|e| format!("{e}: namespaces and cgroups are not reported"))?;
+    let (_, missing) = probe::ns_offsets(&btf);
+    if !missing.is_empty() {
+        return Err(missing.join("; "));
+    }
+    match crate::cgroup::cgroup2_mount() {
+        Some(m) => Ok(format!(
+            "cgroups named from the cgroup2 mount {}",
+            m.display()
+        )),
+        None => Err("no cgroup2 mount: cgroups are shown as ids".into()),
+    }
 }
 
 /// Whether the live stream can run.

@@ -14,6 +14,9 @@ Examples:
   sudo tcptrace --port 8080 --json           one port, as JSON lines
   sudo tcptrace --lport 443 --state CLOSE_WAIT   peers hung up, app has not closed yet
   sudo tcptrace -4 --raddr 10.0.0.0/8 --duration 30s
+  sudo tcptrace --netns /run/netns/blue      one network namespace (or /proc/PID/ns/net)
+  sudo tcptrace --cgroup /system.slice/nginx.service --show-ns   one service's sockets
+  sudo tcptrace --cgroup 3f2a9c --json       one container (id prefix), with its cgroup
   sudo tcptrace --record trace.tcptrace      also save the raw events for later
   tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)
   sudo tcptrace report --duration 1m         who closes first, per port
@@ -24,6 +27,7 @@ Examples:
   sudo tcptrace report                       until Ctrl-C, then one table
   sudo tcptrace report --duration 5m --interval 1m   a table every minute
   sudo tcptrace report --lport 8080 --json   the server side of :8080, as JSON
+  sudo tcptrace report --netns /run/netns/blue   one network namespace
   tcptrace report --from trace.tcptrace      from a recording
 
 Columns: connections CLOSED per service port (the listening port when this host accepted
@@ -231,6 +235,17 @@ pub struct FilterArgs {
     /// Also trace MPTCP connection-level (meta) sockets; their TCP subflows are always traced.
     #[arg(long)]
     pub mptcp: bool,
+    /// Sockets in this network namespace: an inode number, a namespace file
+    /// (/run/netns/NAME, /proc/PID/ns/net) or a NAME from `ip netns`. Up to eight are
+    /// filtered in the kernel.
+    #[arg(long, value_name = "NETNS", value_delimiter = ',', value_parser = crate::filter::parse_netns)]
+    pub netns: Vec<u32>,
+    /// Sockets in this cgroup or below it: a path under the cgroup2 mount
+    /// (/system.slice/nginx.service; the mount point may be included), or a container id,
+    /// pod uid or container name, or a prefix of one (3f2a9c). A socket belongs to the
+    /// cgroup of the process that created it (accepted sockets: of the listener's).
+    #[arg(long, value_name = "PATH|ID", value_delimiter = ',', value_parser = crate::filter::parse_cgroup)]
+    pub cgroup: Vec<crate::cgroup::CgroupFilter>,
 }
 
 /// Where events come from and when to stop.
@@ -265,6 +280,10 @@ pub struct OutputArgs {
     /// Shorthand for --output json.
     #[arg(long, conflicts_with = "output")]
     pub json: bool,
+    /// Text: add each socket's network namespace (inode) and cgroup (container id, else
+    /// path) as NETNS and CGROUP columns. JSON always has them.
+    #[arg(long)]
+    pub show_ns: bool,
 }
 
 impl OutputArgs {
@@ -294,6 +313,8 @@ impl FilterArgs {
             laddrs: self.laddr.clone(),
             raddrs: self.raddr.clone(),
             mptcp: self.mptcp,
+            netns: self.netns.clone(),
+            cgroups: self.cgroup.clone(),
         }
     }
 }
@@ -418,5 +439,27 @@ mod tests {
         };
         assert_eq!(s.label_port, vec![443..=443, 8000..=8099]);
         assert_eq!(s.listen.port(), crate::metrics::DEFAULT_PORT);
+        assert!(err(&["--netns", "/nonexistent/ns"]).contains("cannot open /nonexistent/ns"));
+        assert!(err(&["--netns", "0"]).contains("'0'"));
+        assert!(err(&["--cgroup", "a b"]).contains("'a b'"));
+        assert!(err(&["--cgroup", "/x/../y"]).contains("'..'"));
+        let ns = Cli::try_parse_from([
+            "tcptrace",
+            "--netns",
+            "4026531840,/proc/self/ns/net",
+            "--cgroup",
+            "/system.slice,3f2a9c",
+        ])
+        .unwrap();
+        let f = ns.common.filter.filter();
+        assert_eq!(f.netns.len(), 2);
+        assert_eq!(f.netns[0], 4026531840);
+        assert_eq!(
+            f.cgroups,
+            vec![
+                crate::cgroup::CgroupFilter::Path("/system.slice".into()),
+                crate::cgroup::CgroupFilter::Container("3f2a9c".into())
+            ]
+        );
     }
 }

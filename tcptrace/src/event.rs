@@ -164,6 +164,13 @@ pub struct Transition {
     pub owner: Option<Owner>,
     /// Part of an MPTCP connection (the meta socket).
     pub mptcp: bool,
+    /// The inode number of the socket's network namespace (what `stat -L /proc/PID/ns/net`
+    /// or `stat -L /run/netns/NAME` shows); None when unknown. Never `Some(0)`.
+    pub netns: Option<u32>,
+    /// The socket's cgroup2 id (the inode number of its directory under the cgroup2 mount;
+    /// [`crate::cgroup::Cgroups`] turns it into a path and a container); None when unknown.
+    /// Never `Some(0)`.
+    pub cgroup: Option<u64>,
 }
 
 impl Transition {
@@ -202,6 +209,12 @@ pub struct Reset {
     pub reason: Option<u32>,
     /// The socket's owner, when known.
     pub owner: Option<Owner>,
+    /// The socket's network namespace inode; None without a socket (a refused connection)
+    /// or when unknown.
+    pub netns: Option<u32>,
+    /// The socket's cgroup2 id; None without a full socket (no socket, or a timewait or
+    /// request socket) or when unknown.
+    pub cgroup: Option<u64>,
 }
 
 /// What happened to a timewait socket's timer.
@@ -217,6 +230,9 @@ pub enum TimerOp {
         local: SocketAddr,
         /// Remote endpoint.
         remote: SocketAddr,
+        /// The timewait socket's network namespace inode (None: unknown). Timewait sockets
+        /// have no cgroup.
+        netns: Option<u32>,
     },
     /// Cancelled: before a re-arm, before the expiry handler, or alone (killed early).
     Cancelled,
@@ -327,6 +343,8 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     });
     let local = SocketAddr::new(laddr, raw.sport);
     let remote = SocketAddr::new(raddr, raw.dport);
+    let netns = (raw.netns != 0).then_some(raw.netns);
+    let cgroup = (raw.cgroup != 0).then_some(raw.cgroup);
     if raw.kind == kind::TW_ARMED {
         let substate = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
         return timer(TimerOp::Armed {
@@ -334,6 +352,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             timeout_jiffies: raw.aux,
             local,
             remote,
+            netns,
         });
     }
     if let Some(direction) = direction {
@@ -351,6 +370,8 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             reason: (direction == Direction::Sent && raw.aux != tcptrace_common::NO_REASON)
                 .then_some(raw.aux as u32),
             owner,
+            netns,
+            cgroup,
         }));
     }
     let from = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
@@ -371,6 +392,8 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         in_from_ns: (raw.flags & flag::DURATION_KNOWN != 0).then_some(raw.in_from_ns),
         owner,
         mptcp: raw.flags & flag::MPTCP != 0,
+        netns,
+        cgroup,
     }))
 }
 
@@ -429,10 +452,12 @@ pub fn encode_timer(t: &TimerEvent) -> RawEvent {
             timeout_jiffies,
             local,
             remote,
+            netns,
         } => {
             raw.kind = kind::TW_ARMED;
             raw.oldstate = substate as u8;
             raw.aux = timeout_jiffies;
+            raw.netns = netns.unwrap_or(0);
             set_endpoints(&mut raw, local, remote);
         }
         TimerOp::Cancelled => raw.kind = kind::TW_CANCELLED,
@@ -457,6 +482,8 @@ pub fn encode_reset(r: &Reset) -> RawEvent {
         oldstate: r.state.map_or(0, |s| s as u8),
         newstate: r.state.map_or(0, |s| s as u8),
         flags,
+        netns: r.netns.unwrap_or(0),
+        cgroup: r.cgroup.unwrap_or(0),
         ..bytemuck::Zeroable::zeroed()
     };
     set_endpoints(&mut raw, r.local, r.remote);
@@ -492,6 +519,8 @@ pub fn encode(t: &Transition) -> RawEvent {
         oldstate: t.from as u8,
         newstate: kernel_to as u8,
         flags,
+        netns: t.netns.unwrap_or(0),
+        cgroup: t.cgroup.unwrap_or(0),
         ..bytemuck::Zeroable::zeroed()
     };
     set_endpoints(&mut raw, t.local, t.remote);
@@ -530,10 +559,65 @@ mod tests {
             in_from_ns: Some(7),
             owner: None,
             mptcp: false,
+            netns: Some(4026531840),
+            cgroup: Some(1234),
         };
         let raw = encode(&t);
         assert_eq!(raw.newstate, tcptrace_common::state::CLOSE);
+        assert_eq!((raw.netns, raw.cgroup), (4026531840, 1234));
         assert_eq!(decode(&raw).unwrap(), Event::Transition(t));
+    }
+
+    #[test]
+    fn namespaces_and_cgroups_round_trip_and_zero_is_unknown() {
+        let local: SocketAddr = "[fd00::1]:443".parse().unwrap();
+        let remote: SocketAddr = "[fd00::2]:50000".parse().unwrap();
+        for (netns, cgroup) in [(None, None), (Some(4026532001), None), (Some(7), Some(99))] {
+            let r = Reset {
+                ts_ns: 1,
+                skaddr: Some(2),
+                local,
+                remote,
+                direction: Direction::Received,
+                state: None,
+                reason: None,
+                owner: None,
+                netns,
+                cgroup,
+            };
+            assert_eq!(decode(&encode_reset(&r)).unwrap(), Event::Reset(r));
+            let timer = TimerEvent {
+                ts_ns: 3,
+                tw: 4,
+                op: TimerOp::Armed {
+                    substate: State::TimeWait,
+                    timeout_jiffies: 15000,
+                    local,
+                    remote,
+                    netns,
+                },
+            };
+            assert_eq!(decode(&encode_timer(&timer)).unwrap(), Event::Timer(timer));
+        }
+        // A record from a kernel that could not read them (or a format-1 recording).
+        let mut raw = encode_reset(&Reset {
+            ts_ns: 1,
+            skaddr: None,
+            local,
+            remote,
+            direction: Direction::Sent,
+            state: None,
+            reason: Some(2),
+            owner: None,
+            netns: None,
+            cgroup: None,
+        });
+        assert_eq!((raw.netns, raw.cgroup), (0, 0));
+        raw.netns = 0;
+        let Ok(Event::Reset(r)) = decode(&raw) else {
+            panic!("a reset")
+        };
+        assert_eq!((r.netns, r.cgroup), (None, None));
     }
 
     #[test]

@@ -1,17 +1,25 @@
 //! Which events a run keeps.
 //!
-//! A [`Filter`] is split in two: the part the kernel applies (family, ports, states — so
-//! filtered-out transitions never cross the ring buffer) and the part only userspace can
-//! apply (process, address ranges). On a recording both parts run in userspace, through the
-//! same [`tcptrace_common::filter_keeps`] the eBPF program runs, so a replay keeps exactly
-//! what a live run would have.
+//! A [`Filter`] is split in two: the part the kernel applies (family, ports, states, up to
+//! eight network namespaces — so filtered-out transitions never cross the ring buffer) and
+//! the part only userspace can apply (process, address ranges, cgroups). On a recording both
+//! parts run in userspace, through the same [`tcptrace_common::filter_keeps`] and
+//! [`tcptrace_common::netns_keeps`] the eBPF program runs, so a replay keeps exactly what a
+//! live run would have.
 
 use std::{collections::HashMap, net::SocketAddr};
 
 use ipnet::IpNet;
-use tcptrace_common::{AF_INET, AF_INET6, Config, filter_keeps, port_filter};
+use tcptrace_common::{
+    AF_INET, AF_INET6, Config, MAX_KERNEL_NETNS, filter_keeps, netns_keeps, port_filter,
+};
 
-use crate::event::{Owner, RawEvent, State, Transition};
+use crate::{
+    cgroup::{CgroupFilter, Cgroups},
+    event::{Owner, RawEvent, Reset, State, Transition},
+    timewait::{Exit, Life},
+    track::Close,
+};
 
 /// Everything a user can filter on.
 #[derive(Clone, Debug, Default)]
@@ -36,6 +44,10 @@ pub struct Filter {
     pub raddrs: Vec<IpNet>,
     /// Keep MPTCP meta-socket transitions too (their TCP subflows are always kept).
     pub mptcp: bool,
+    /// Keep events of sockets in these network namespaces (inode numbers).
+    pub netns: Vec<u32>,
+    /// Keep events of sockets in these cgroups (or below them), or these containers.
+    pub cgroups: Vec<CgroupFilter>,
 }
 
 impl Filter {
@@ -65,7 +77,7 @@ impl Filter {
         } else {
             shown
         };
-        let cfg = Config {
+        let mut cfg = Config {
             family: match self.family {
                 Some(4) => AF_INET,
                 Some(6) => AF_INET6,
@@ -76,6 +88,14 @@ impl Filter {
             state_mask,
             ..Config::default()
         };
+        // A few namespaces are filtered in the kernel; more are left to userspace.
+        let mut netns = self.netns.clone();
+        netns.sort_unstable();
+        netns.dedup();
+        if netns.len() <= MAX_KERNEL_NETNS {
+            cfg.netns_count = netns.len() as u32;
+            cfg.netns[..netns.len()].copy_from_slice(&netns);
+        }
         let mut ports: Vec<(u16, u8)> = ports.into_iter().collect();
         ports.sort_unstable();
         (cfg, ports)
@@ -106,6 +126,9 @@ impl Filter {
             comms: self.comms.clone(),
             laddrs: self.laddrs.clone(),
             raddrs: self.raddrs.clone(),
+            netns: self.netns.clone(),
+            cgroups: self.cgroups.clone(),
+            names: Cgroups::none(),
         }
     }
 }
@@ -120,9 +143,20 @@ pub struct CompiledFilter {
     comms: Vec<String>,
     laddrs: Vec<IpNet>,
     raddrs: Vec<IpNet>,
+    netns: Vec<u32>,
+    cgroups: Vec<CgroupFilter>,
+    /// Resolves cgroup ids for `cgroups`.
+    names: Cgroups,
 }
 
 impl CompiledFilter {
+    /// Resolves cgroup ids with `names` for the `--cgroup` filters (without it, a cgroup
+    /// filter matches nothing).
+    pub fn with_cgroups(mut self, names: Cgroups) -> Self {
+        self.names = names;
+        self
+    }
+
     /// What the kernel would have kept (used on recordings; a no-op on live events, which
     /// the kernel already filtered the same way). Lost-event notices are always kept.
     pub fn kernel_keeps(&self, raw: &RawEvent) -> bool {
@@ -133,6 +167,9 @@ impl CompiledFilter {
             return true;
         }
         if raw.flags & tcptrace_common::flag::MPTCP != 0 && self.kernel.mptcp == 0 {
+            return false;
+        }
+        if !netns_keeps(&self.kernel, raw.netns) {
             return false;
         }
         filter_keeps(
@@ -147,17 +184,40 @@ impl CompiledFilter {
         )
     }
 
-    /// The userspace part for a transition: process and address filters.
+    /// The userspace part for a transition: process, address, namespace and cgroup filters.
     pub fn keeps(&self, t: &Transition) -> bool {
-        self.keeps_parts(t.owner.as_ref(), t.local, t.remote)
+        self.keeps_parts(t.owner.as_ref(), t.local, t.remote, t.netns, t.cgroup)
     }
 
-    /// The userspace part for anything with an owner and two endpoints.
+    /// The userspace part for a reset.
+    pub fn keeps_reset(&self, r: &Reset) -> bool {
+        self.keeps_parts(r.owner.as_ref(), r.local, r.remote, r.netns, r.cgroup)
+    }
+
+    /// The userspace part for a classified close.
+    pub fn keeps_close(&self, c: &Close) -> bool {
+        self.keeps_parts(c.owner.as_ref(), c.local, c.remote, c.netns, c.cgroup)
+    }
+
+    /// The userspace part for a timewait socket's end.
+    pub fn keeps_exit(&self, x: &Exit) -> bool {
+        self.keeps_parts(x.owner.as_ref(), x.local, x.remote, x.netns, x.cgroup)
+    }
+
+    /// The userspace part for a live timewait socket.
+    pub fn keeps_life(&self, l: &Life) -> bool {
+        self.keeps_parts(l.owner.as_ref(), l.local, l.remote, l.netns, l.cgroup)
+    }
+
+    /// The userspace part for anything with an owner, two endpoints, a network namespace
+    /// and a cgroup (unknown ones never match a filter on them).
     pub fn keeps_parts(
         &self,
         owner: Option<&Owner>,
         local: SocketAddr,
         remote: SocketAddr,
+        netns: Option<u32>,
+        cgroup: Option<u64>,
     ) -> bool {
         if !self.pids.is_empty() && !owner.is_some_and(|o| self.pids.contains(&o.pid)) {
             return false;
@@ -173,6 +233,17 @@ impl CompiledFilter {
         if !self.raddrs.is_empty() && !self.raddrs.iter().any(|n| n.contains(&remote.ip())) {
             return false;
         }
+        if !self.netns.is_empty() && !netns.is_some_and(|n| self.netns.contains(&n)) {
+            return false;
+        }
+        if !self.cgroups.is_empty() {
+            let Some(name) = cgroup.and_then(|id| self.names.resolve(id)) else {
+                return false;
+            };
+            if !self.cgroups.iter().any(|f| f.matches(&name)) {
+                return false;
+            }
+        }
         true
     }
 
@@ -186,6 +257,73 @@ impl CompiledFilter {
     pub fn shows(&self, t: &Transition) -> bool {
         self.shown_states == 0 || self.shown_states & (1 << t.from as u8 | 1 << t.to as u8) != 0
     }
+}
+
+/// `NS_GET_NSTYPE`: what kind of namespace a namespace file is (Linux 4.11+).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// The magic number of nsfs, the filesystem of namespace files.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Parses a `--netns` value: an inode number, a namespace file (`/proc/PID/ns/net`, a
+/// bind mount such as `/run/netns/NAME`), or a bare NAME for `/run/netns/NAME` (as
+/// `ip netns` names them).
+pub fn parse_netns(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u32>() {
+            Ok(n) if n != 0 => Ok(n),
+            _ => Err(format!("'{s}' is not a network namespace inode number")),
+        };
+    }
+    if s.is_empty() {
+        return Err("an empty network namespace: give /run/netns/NAME, /proc/PID/ns/net,                     a NAME or an inode number"
+            .into());
+    }
+    let path = if s.contains('/') {
+        s.to_string()
+    } else {
+        format!("/run/netns/{s}")
+    };
+    netns_inode(std::path::Path::new(&path))
+}
+
+/// The inode number of the network namespace that the namespace file `path` refers to.
+pub fn netns_inode(path: &std::path::Path) -> Result<u32, String> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let fd = file.as_raw_fd();
+    // SAFETY: a valid descriptor and a statfs buffer that outlives the call.
+    let fs_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd, &mut st) != 0 {
+            return Err(format!(
+                "cannot stat {shown}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        st.f_type as i64
+    };
+    if fs_type != NSFS_MAGIC {
+        return Err(format!(
+            "{shown} is not a namespace file (expected /run/netns/NAME or /proc/PID/ns/net)"
+        ));
+    }
+    // SAFETY: an ioctl without argument on a valid descriptor.
+    let kind = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
+    if kind >= 0 && kind != libc::CLONE_NEWNET {
+        return Err(format!("{shown} is not a network namespace"));
+    }
+    let ino = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {shown}: {e}"))?
+        .ino();
+    u32::try_from(ino).map_err(|_| format!("{shown}: inode {ino} is out of range"))
+}
+
+/// Parses a `--cgroup` value against this host's cgroup2 mount (see [`CgroupFilter::parse`]).
+pub fn parse_cgroup(s: &str) -> Result<CgroupFilter, String> {
+    CgroupFilter::parse(s, crate::cgroup::cgroup2_mount().as_deref())
 }
 
 /// Parses an address or a network in CIDR notation (`10.0.0.1`, `10.0.0.0/8`, `::1`).
@@ -225,6 +363,8 @@ mod tests {
                 from_listener: false,
             }),
             mptcp: false,
+            netns: Some(4026531840),
+            cgroup: Some(77),
         }
     }
 
@@ -282,6 +422,75 @@ mod tests {
         );
         assert!(parse_net("10.0.0.0/33").is_err());
         assert!(parse_net("nope").unwrap_err().contains("'nope'"));
+    }
+
+    #[test]
+    fn namespace_and_cgroup_filters() {
+        let t = transition(State::Established, State::FinWait1, 80, 5000, false);
+        let names = Cgroups::from_paths([(77, "/system.slice/nginx.service")]);
+        let keep = |f: Filter, t: &Transition| f.compile().with_cgroups(names.clone()).keeps(t);
+        let ns = |n: Vec<u32>| Filter {
+            netns: n,
+            ..Filter::default()
+        };
+        let cg = |s: &str| Filter {
+            cgroups: vec![CgroupFilter::parse(s, None).unwrap()],
+            ..Filter::default()
+        };
+        assert!(keep(ns(vec![1, 4026531840]), &t));
+        assert!(!keep(ns(vec![1]), &t));
+        assert!(keep(cg("/system.slice"), &t));
+        assert!(keep(cg("/"), &t));
+        assert!(!keep(cg("/user.slice"), &t));
+        let mut unknown = t;
+        unknown.netns = None;
+        unknown.cgroup = None;
+        assert!(!keep(ns(vec![4026531840]), &unknown));
+        assert!(
+            !keep(cg("/"), &unknown),
+            "an unknown cgroup matches no filter"
+        );
+        let mut unresolved = t;
+        unresolved.cgroup = Some(78);
+        assert!(!keep(cg("/"), &unresolved));
+        // Without a resolver, a cgroup filter matches nothing.
+        assert!(!cg("/").compile().keeps(&t));
+
+        // The kernel part: up to eight namespaces, on recordings too.
+        let (cfg, _) = ns(vec![5, 4026531840, 5]).kernel();
+        assert_eq!(cfg.netns_count, 2);
+        assert_eq!(&cfg.netns[..2], &[5, 4026531840]);
+        let (cfg, _) = ns((1..=9).collect()).kernel();
+        assert_eq!(
+            cfg.netns_count, 0,
+            "too many for the kernel: userspace filters"
+        );
+        let compiled = ns(vec![4026531840]).compile();
+        assert!(compiled.kernel_keeps(&encode(&t)));
+        assert!(!compiled.kernel_keeps(&encode(&unknown)));
+    }
+
+    #[test]
+    fn netns_values() {
+        assert_eq!(parse_netns("4026531840"), Ok(4026531840));
+        assert!(parse_netns("0").unwrap_err().contains("'0'"));
+        assert!(parse_netns("99999999999").unwrap_err().contains("inode"));
+        assert!(parse_netns("").unwrap_err().contains("empty"));
+        let err = parse_netns("/nonexistent/ns").unwrap_err();
+        assert!(err.contains("cannot open /nonexistent/ns"), "{err}");
+        let err = parse_netns("no-such-namespace-here").unwrap_err();
+        assert!(err.contains("/run/netns/no-such-namespace-here"), "{err}");
+        let err = parse_netns("/proc/self/status").unwrap_err();
+        assert!(err.contains("not a namespace file"), "{err}");
+        // This process's own namespace, readable without root.
+        let own = parse_netns("/proc/self/ns/net").unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(
+            u64::from(own),
+            std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+        );
+        let err = parse_netns("/proc/self/ns/uts").unwrap_err();
+        assert!(err.contains("not a network namespace"), "{err}");
     }
 
     fn state() -> impl Strategy<Value = State> {

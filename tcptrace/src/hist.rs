@@ -141,9 +141,7 @@ impl<W: Write> Hist<W> {
     /// TIME_WAIT residencies of the timewait sockets that ended (not those never created).
     fn record_exits(&mut self) {
         for x in self.exits.drain(..) {
-            if x.end == End::NotCreated
-                || !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote)
-            {
+            if x.end == End::NotCreated || !self.filter.keeps_exit(&x) {
                 continue;
             }
             let port =

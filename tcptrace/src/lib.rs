@@ -2,10 +2,12 @@
 //!
 //! Data flows one way: a source ([`probe`] live, or [`record`] from a file) produces raw
 //! events; [`event`] decodes them; [`filter`] keeps what was asked for; a [`view`] renders
-//! ([`output`]) or aggregates them. Only [`probe`] touches the kernel, so everything else is
-//! tested on synthetic or recorded events without root.
+//! ([`output`]) or aggregates them; [`cgroup`] names the cgroups sockets belong to. Only
+//! [`probe`] touches the kernel, so everything else is tested on synthetic or recorded
+//! events without root.
 pub mod app;
 pub mod btf;
+pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod diag;

@@ -60,14 +60,17 @@ impl EncodeLabelValue for PortLabel {
     }
 }
 
-/// The optional `netns` label: absent unless `--label-netns`; `other` past the cap; `0` when
-/// the namespace is unknown.
+/// The optional `netns` label: absent unless `--label-netns`; the namespace's inode;
+/// `unknown` when the kernel could not say (a reset without a socket, an offset missing from
+/// BTF); `other` past the cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NsLabel {
     /// Namespaces are not labelled: no `netns` label at all.
     Off,
     /// The namespace's inode.
     Inode(u32),
+    /// Not known.
+    Unknown,
     /// Past `--max-netns-labels`.
     Other,
 }
@@ -78,6 +81,7 @@ impl EncodeLabelSet for NsLabel {
         match self {
             NsLabel::Off => Ok(()),
             NsLabel::Inode(n) => ("netns", *n).encode(encoder.encode_label()),
+            NsLabel::Unknown => ("netns", "unknown").encode(encoder.encode_label()),
             NsLabel::Other => ("netns", "other").encode(encoder.encode_label()),
         }
     }
@@ -201,10 +205,13 @@ impl Labeller {
         PortLabel::Port(port)
     }
 
-    fn netns(&mut self, inode: u32) -> NsLabel {
+    fn netns(&mut self, inode: Option<u32>) -> NsLabel {
         if !self.netns_on {
             return NsLabel::Off;
         }
+        let Some(inode) = inode else {
+            return NsLabel::Unknown;
+        };
         if let Some(l) = self.netns.get(&inode) {
             return *l;
         }
@@ -416,11 +423,11 @@ impl Metrics {
 
     fn tally_closes(&mut self) {
         for c in std::mem::take(&mut self.closes) {
-            if !self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+            if !self.filter.keeps_close(&c) {
                 continue;
             }
             let port = self.labels.port(c.service_port(), c.role == Role::Server);
-            let netns = self.labels.netns(ns_close(&c));
+            let netns = self.labels.netns(c.netns);
             self.families
                 .closes
                 .get_or_create(&CloseLabels {
@@ -453,7 +460,7 @@ impl Metrics {
 
     fn tally_exits(&mut self) {
         for x in std::mem::take(&mut self.exits) {
-            if !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+            if !self.filter.keeps_exit(&x) {
                 continue;
             }
             let key = match self.tw_labels.remove(&(x.local, x.remote)) {
@@ -465,7 +472,7 @@ impl Metrics {
                     port: self
                         .labels
                         .port(service_port(Role::Unknown, x.local, x.remote), false),
-                    netns: self.labels.netns(ns_exit(&x)),
+                    netns: self.labels.netns(x.netns),
                 },
             };
             self.families
@@ -529,7 +536,7 @@ impl View for Metrics {
                         // service of this host.
                         self.labels.port(t.local.port(), true);
                     }
-                    let netns = self.labels.netns(ns_transition(t));
+                    let netns = self.labels.netns(t.netns);
                     let families = &self.families;
                     self.hot_transitions
                         .entry((t.from, t.to, netns))
@@ -557,10 +564,10 @@ impl View for Metrics {
                 Event::Reset(r)
                     if r.skaddr.is_none()
                         && r.direction == Direction::Sent
-                        && self.filter.keeps_parts(None, r.local, r.remote) =>
+                        && self.filter.keeps_reset(r) =>
                 {
                     let port = self.labels.port(r.local.port(), false);
-                    let netns = self.labels.netns(ns_reset(r));
+                    let netns = self.labels.netns(r.netns);
                     self.families
                         .closes
                         .get_or_create(&CloseLabels {
@@ -664,20 +671,6 @@ impl prometheus_client::collector::Collector for ProcessCollector {
     }
 }
 
-// Until events carry their namespace: every socket in "namespace 0" (unknown).
-fn ns_close(_: &Close) -> u32 {
-    0
-}
-fn ns_reset(_: &crate::event::Reset) -> u32 {
-    0
-}
-fn ns_transition(_: &crate::event::Transition) -> u32 {
-    0
-}
-fn ns_exit(_: &Exit) -> u32 {
-    0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -714,6 +707,8 @@ mod tests {
                 in_from_ns: None,
                 owner: None,
                 mptcp: false,
+                netns: None,
+                cgroup: None,
             })
         })
         .collect();
@@ -726,6 +721,7 @@ mod tests {
                 timeout_jiffies: 15000,
                 local,
                 remote,
+                netns: None,
             },
         });
         events.insert(4, armed);
@@ -800,10 +796,11 @@ mod tests {
         assert_eq!(l.port(8080, true), PortLabel::Port(8080));
         assert_eq!(l.port(9090, true), PortLabel::Other, "cap of 2 reached");
         assert_eq!(l.port(8080, false), PortLabel::Port(8080), "labelled stays");
-        assert_eq!(l.netns(4026531840), NsLabel::Inode(4026531840));
-        assert_eq!(l.netns(4026532000), NsLabel::Other);
+        assert_eq!(l.netns(Some(4026531840)), NsLabel::Inode(4026531840));
+        assert_eq!(l.netns(Some(4026532000)), NsLabel::Other);
+        assert_eq!(l.netns(None), NsLabel::Unknown);
         l.netns_on = false;
-        assert_eq!(l.netns(4026531840), NsLabel::Off);
+        assert_eq!(l.netns(Some(4026531840)), NsLabel::Off);
     }
 
     #[test]

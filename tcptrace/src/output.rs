@@ -12,9 +12,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    cgroup::{CgroupName, Cgroups},
     event::{Direction, Owner, Reset, State, Transition},
     timewait::{End, Exit},
-    track::Close,
+    track::{Close, FastMap},
 };
 
 /// Output format.
@@ -55,7 +56,16 @@ pub struct Renderer {
     json: Vec<u8>,
     /// The formatted date and time of day of the last second seen, for JSON timestamps.
     second: SecondCache,
+    /// Cgroup names and their JSON fields.
+    ns: NsJson,
+    /// Text: show each socket's network namespace and cgroup.
+    show_ns: bool,
 }
+
+/// Width of the text NETNS column (namespace inodes are ten digits).
+const NETNS_WIDTH: usize = 10;
+/// Width of the text CGROUP column: a short container id, or the end of a path.
+const CGROUP_WIDTH: usize = 28;
 
 impl Renderer {
     /// A renderer for one output.
@@ -66,16 +76,36 @@ impl Renderer {
             line: String::with_capacity(256),
             json: Vec::with_capacity(512),
             second: SecondCache::default(),
+            ns: NsJson::new(Cgroups::none()),
+            show_ns: false,
         }
+    }
+
+    /// Names cgroups with `names` (without it, every cgroup is shown as its id).
+    pub fn with_cgroups(mut self, names: Cgroups) -> Self {
+        self.ns = NsJson::new(names);
+        self
+    }
+
+    /// Text: adds NETNS and CGROUP columns (the socket's network namespace inode, and its
+    /// container's short id, else its cgroup path, else its cgroup id). JSON always has them.
+    pub fn show_ns(mut self, show: bool) -> Self {
+        self.show_ns = show;
+        self
     }
 
     /// The header line (text only).
     pub fn header(&mut self, out: &mut impl Write) -> io::Result<()> {
         if self.format == Format::Text {
             let w = self.style.addr_width;
+            let ns = if self.show_ns {
+                format!("{:<NETNS_WIDTH$} {:<CGROUP_WIDTH$} ", "NETNS", "CGROUP")
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "{:<15} {:>7} {:<16} {:<w$} {:<w$} {:<26} {:>10}",
+                "{:<15} {:>7} {:<16} {ns}{:<w$} {:<w$} {:<26} {:>10}",
                 "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN-FROM"
             )?;
         }
@@ -90,7 +120,7 @@ impl Renderer {
             Format::Json => {
                 self.json.clear();
                 let wall = wall_ns(t.ts_ns, self.style.wall_offset_ns);
-                transition_json(&mut self.json, &mut self.second, wall, t);
+                transition_json(&mut self.json, &mut self.second, &mut self.ns, wall, t);
                 self.json.push(b'\n');
                 return out.write_all(&self.json);
             }
@@ -124,6 +154,7 @@ impl Renderer {
                 self.text_row(
                     r.ts_ns,
                     r.owner.as_ref(),
+                    (r.netns, r.cgroup),
                     r.local,
                     r.remote,
                     on,
@@ -133,6 +164,7 @@ impl Renderer {
                 );
             }
             Format::Json => {
+                let name = self.ns.resolve(r.cgroup);
                 let rec = ResetJson {
                     common: self.common("reset", r.ts_ns, Some((r.local, r.remote))),
                     direction: dir,
@@ -141,6 +173,7 @@ impl Renderer {
                     pid: r.owner.as_ref().map(|o| o.pid),
                     comm: r.owner.as_ref().map(|o| o.comm.as_str()),
                     skaddr: r.skaddr.map(Hex),
+                    ns: NsFields::new(r.netns, r.cgroup, name.as_deref()),
                 };
                 return self.json_line(out, &rec);
             }
@@ -166,6 +199,7 @@ impl Renderer {
                 self.text_row(
                     c.ts_ns,
                     c.owner.as_ref(),
+                    (c.netns, c.cgroup),
                     c.local,
                     c.remote,
                     on,
@@ -176,6 +210,7 @@ impl Renderer {
                 self.line.push_str(&tail);
             }
             Format::Json => {
+                let name = self.ns.resolve(c.cgroup);
                 let rec = CloseJson {
                     common: self.common("close", c.ts_ns, Some((c.local, c.remote))),
                     initiator: c.initiator.name(),
@@ -187,6 +222,7 @@ impl Renderer {
                     pid: c.owner.as_ref().map(|o| o.pid),
                     comm: c.owner.as_ref().map(|o| o.comm.as_str()),
                     skaddr: Hex(c.skaddr),
+                    ns: NsFields::new(c.netns, c.cgroup, name.as_deref()),
                 };
                 return self.json_line(out, &rec);
             }
@@ -219,6 +255,7 @@ impl Renderer {
                 self.text_row(
                     x.ts_ns,
                     x.owner.as_ref(),
+                    (x.netns, x.cgroup),
                     x.local,
                     x.remote,
                     on,
@@ -229,6 +266,7 @@ impl Renderer {
                 self.line.push_str(&tail);
             }
             Format::Json => {
+                let name = self.ns.resolve(x.cgroup);
                 let rec = TimewaitJson {
                     common: self.common("timewait", x.ts_ns, Some((x.local, x.remote))),
                     end: x.end.name(),
@@ -238,6 +276,7 @@ impl Renderer {
                     pid: x.owner.as_ref().map(|o| o.pid),
                     comm: x.owner.as_ref().map(|o| o.comm.as_str()),
                     twaddr: (x.tw != 0).then_some(Hex(x.tw)),
+                    ns: NsFields::new(x.netns, x.cgroup, name.as_deref()),
                 };
                 return self.json_line(out, &rec);
             }
@@ -264,12 +303,13 @@ impl Renderer {
         }
     }
 
-    /// One text row in the stream's columns.
+    /// One text row in the stream's columns; `ns` is the socket's (netns, cgroup).
     #[allow(clippy::too_many_arguments)]
     fn text_row(
         &mut self,
         ts_ns: u64,
         owner: Option<&Owner>,
+        ns: (Option<u32>, Option<u64>),
         local: SocketAddr,
         remote: SocketAddr,
         on: &str,
@@ -280,9 +320,15 @@ impl Renderer {
         let w = self.style.addr_width;
         let clock = self.clock(ts_ns);
         let (pid, comm) = owner_columns(owner);
+        let _ = write!(self.line, "{clock:<15} {pid:>7} {comm:<16} ");
+        if self.show_ns {
+            let netns = ns.0.map_or_else(|| "-".to_string(), |n| n.to_string());
+            let cgroup = self.ns.text(ns.1);
+            let _ = write!(self.line, "{netns:<NETNS_WIDTH$} {cgroup:<CGROUP_WIDTH$} ");
+        }
         let _ = write!(
             self.line,
-            "{clock:<15} {pid:>7} {comm:<16} {:<w$} {:<w$} {on}{what:<26}{off} {last:>10}",
+            "{:<w$} {:<w$} {on}{what:<26}{off} {last:>10}",
             endpoint(local),
             endpoint(remote),
         );
@@ -318,6 +364,7 @@ impl Renderer {
         self.text_row(
             t.ts_ns,
             t.owner.as_ref(),
+            (t.netns, t.cgroup),
             t.local,
             t.remote,
             on,
@@ -481,7 +528,13 @@ impl SecondCache {
 /// Writes a transition's JSON record (without the newline). It is the stream's hottest line
 /// — ten per connection — so it is written by hand from pre-escaped keys; a property test
 /// holds it byte for byte to what serde_json makes of [`TransitionJson`].
-fn transition_json(b: &mut Vec<u8>, second: &mut SecondCache, wall: i128, t: &Transition) {
+fn transition_json(
+    b: &mut Vec<u8>,
+    second: &mut SecondCache,
+    ns: &mut NsJson,
+    wall: i128,
+    t: &Transition,
+) {
     let mut num = itoa::Buffer::new();
     b.extend_from_slice(br#"{"kind":"transition","time":""#);
     second.write(b, wall);
@@ -523,10 +576,153 @@ fn transition_json(b: &mut Vec<u8>, second: &mut SecondCache, wall: i128, t: &Tr
     }
     let _ = write!(b, "{:#x}", t.skaddr);
     b.extend_from_slice(if t.mptcp {
-        br#"","mptcp":true}"#
+        br#"","mptcp":true,"netns":"#
     } else {
-        br#"","mptcp":false}"#
+        br#"","mptcp":false,"netns":"#
     });
+    match t.netns {
+        Some(n) => b.extend_from_slice(num.format(n).as_bytes()),
+        None => b.extend_from_slice(b"null"),
+    }
+    ns.cgroup_into(b, t.cgroup);
+    b.push(b'}');
+}
+
+/// The namespace and cgroup fields of JSON records, with each resolved cgroup's fields
+/// rendered once and kept (a transition line copies them).
+struct NsJson {
+    names: Cgroups,
+    /// Cgroup id → `,"cgroup":"/path"[,"container":"…"][,"pod":"…"]`.
+    fields: FastMap<u64, Box<[u8]>>,
+}
+
+/// At most this many cgroups' rendered fields are kept.
+const NS_JSON_CAP: usize = 4096;
+
+impl NsJson {
+    fn new(names: Cgroups) -> Self {
+        NsJson {
+            names,
+            fields: FastMap::default(),
+        }
+    }
+
+    fn resolve(&self, cgroup: Option<u64>) -> Option<std::sync::Arc<CgroupName>> {
+        cgroup.and_then(|id| self.names.resolve(id))
+    }
+
+    /// Appends `,"cgroup":…` and, when recognised, `,"container":…` and `,"pod":…`, as
+    /// serde_json writes [`NsFields`] after its `netns`.
+    fn cgroup_into(&mut self, b: &mut Vec<u8>, cgroup: Option<u64>) {
+        let Some(id) = cgroup else {
+            b.extend_from_slice(br#","cgroup":null"#);
+            return;
+        };
+        if let Some(f) = self.fields.get(&id) {
+            b.extend_from_slice(f);
+            return;
+        }
+        let Some(name) = self.names.resolve(id) else {
+            // Not cached: the cgroup may be found by a later walk.
+            let mut num = itoa::Buffer::new();
+            b.extend_from_slice(br#","cgroup":"#);
+            b.extend_from_slice(num.format(id).as_bytes());
+            return;
+        };
+        let mut fields = serde_json::to_vec(&CgroupFields::new(Some(id), Some(&name)))
+            .unwrap_or_else(|_| b"{}".to_vec());
+        // `{"cgroup":…}` → `,"cgroup":…`
+        fields[0] = b',';
+        fields.pop();
+        b.extend_from_slice(&fields);
+        if self.fields.len() >= NS_JSON_CAP {
+            self.fields.clear();
+        }
+        self.fields.insert(id, fields.into_boxed_slice());
+    }
+
+    /// The text CGROUP column: a container's short id (with its pod, for Kubernetes), else
+    /// the path's end, else the id; `-` when unknown.
+    fn text(&self, cgroup: Option<u64>) -> String {
+        let Some(id) = cgroup else {
+            return "-".into();
+        };
+        let Some(name) = self.names.resolve(id) else {
+            return id.to_string();
+        };
+        if let Some(c) = &name.container {
+            return format!("{}:{}", c.runtime.name(), c.short_id());
+        }
+        let p = &name.path;
+        if p.chars().count() <= CGROUP_WIDTH {
+            return p.clone();
+        }
+        let tail: String = p
+            .chars()
+            .rev()
+            .take(CGROUP_WIDTH - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("…{tail}")
+    }
+}
+
+/// A cgroup in JSON: its path when resolved, else its id.
+#[derive(Clone, Copy, Debug)]
+enum CgroupValue<'a> {
+    Path(&'a str),
+    Id(u64),
+}
+
+impl Serialize for CgroupValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CgroupValue::Path(p) => s.serialize_str(p),
+            CgroupValue::Id(id) => s.serialize_u64(*id),
+        }
+    }
+}
+
+/// The cgroup fields of a record.
+#[derive(Serialize)]
+struct CgroupFields<'a> {
+    cgroup: Option<CgroupValue<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a str>,
+}
+
+impl<'a> CgroupFields<'a> {
+    fn new(id: Option<u64>, name: Option<&'a CgroupName>) -> Self {
+        CgroupFields {
+            cgroup: id.map(|id| match name {
+                Some(n) => CgroupValue::Path(&n.path),
+                None => CgroupValue::Id(id),
+            }),
+            container: name.and_then(|n| n.container.as_ref().map(|c| c.id.as_str())),
+            pod: name.and_then(|n| n.pod.as_deref()),
+        }
+    }
+}
+
+/// The namespace and cgroup fields every socket record ends with (docs/json.md).
+#[derive(Serialize)]
+struct NsFields<'a> {
+    netns: Option<u32>,
+    #[serde(flatten)]
+    cgroup: CgroupFields<'a>,
+}
+
+impl<'a> NsFields<'a> {
+    fn new(netns: Option<u32>, id: Option<u64>, name: Option<&'a CgroupName>) -> Self {
+        NsFields {
+            netns,
+            cgroup: CgroupFields::new(id, name),
+        }
+    }
 }
 
 /// An address as serde (and `Display`) writes it; IPv4 without the formatting machinery.
@@ -562,6 +758,8 @@ struct TransitionJson<'a> {
     pid_from: Option<&'static str>,
     skaddr: Hex,
     mptcp: bool,
+    #[serde(flatten)]
+    ns: NsFields<'a>,
 }
 
 #[derive(Serialize)]
@@ -574,6 +772,8 @@ struct ResetJson<'a> {
     pid: Option<u32>,
     comm: Option<Cow<'a, str>>,
     skaddr: Option<Hex>,
+    #[serde(flatten)]
+    ns: NsFields<'a>,
 }
 
 #[derive(Serialize)]
@@ -589,6 +789,8 @@ struct CloseJson<'a> {
     pid: Option<u32>,
     comm: Option<Cow<'a, str>>,
     skaddr: Hex,
+    #[serde(flatten)]
+    ns: NsFields<'a>,
 }
 
 #[derive(Serialize)]
@@ -602,6 +804,8 @@ struct TimewaitJson<'a> {
     pid: Option<u32>,
     comm: Option<Cow<'a, str>>,
     twaddr: Option<Hex>,
+    #[serde(flatten)]
+    ns: NsFields<'a>,
 }
 
 #[derive(Serialize)]
@@ -643,7 +847,8 @@ mod tests {
     use super::*;
     use crate::event::Comm;
 
-    fn serde_transition(r: &Renderer, t: &Transition) -> String {
+    fn serde_transition(r: &Renderer, names: &Cgroups, t: &Transition) -> String {
+        let name = t.cgroup.and_then(|id| names.resolve(id));
         serde_json::to_string(&TransitionJson {
             common: r.common("transition", t.ts_ns, Some((t.local, t.remote))),
             from: t.from.name(),
@@ -660,6 +865,7 @@ mod tests {
             }),
             skaddr: Hex(t.skaddr),
             mptcp: t.mptcp,
+            ns: NsFields::new(t.netns, t.cgroup, name.as_deref()),
         })
         .unwrap()
     }
@@ -672,10 +878,22 @@ mod tests {
         ]
     }
 
+    /// A cgroup path: anything a directory may be called (quotes, backslashes, control
+    /// characters, non-ASCII), or one that names a container and a pod.
+    fn any_cgroup_path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(/[^/\\u{0}]{1,12}){0,4}".prop_map(|p| if p.is_empty() { "/".into() } else { p }),
+            "[0-9a-f]{64}".prop_map(|id| format!(
+                "/kubepods.slice/kubepods-pod0a1b2c3d_1111_2222_3333_444455556666.slice/cri-containerd-{id}.scope"
+            )),
+        ]
+    }
+
     proptest! {
         /// The hand-written transition line is exactly serde_json's, for any addresses,
         /// names (quotes, control characters, invalid UTF-8), times (before 1970, out of
-        /// range, or in the second the cache already holds) and kernel addresses.
+        /// range, or in the second the cache already holds), kernel addresses, namespaces
+        /// and cgroups (unknown, unresolved, resolved to any path, with a container).
         #[test]
         fn the_fast_transition_line_is_serde_jsons(
             local in any_addr(), remote in any_addr(),
@@ -685,7 +903,12 @@ mod tests {
             ts in prop_oneof![any::<u64>(), 1_000_000_000u64..1_000_100_000],
             wall_offset in prop_oneof![Just(1_764_000_000_000_000_000i64), any::<i64>()],
             skaddr in any::<u64>(), mptcp in any::<bool>(),
+            netns in proptest::option::of(1u32..),
+            cgroup in proptest::option::of(prop_oneof![1u64..4, 4u64..]),
+            paths in proptest::collection::vec(any_cgroup_path(), 3),
         ) {
+            // Ids 1 to 3 resolve; others do not.
+            let names = Cgroups::from_paths((1u64..).zip(paths));
             let t = Transition {
                 ts_ns: ts,
                 skaddr,
@@ -700,6 +923,8 @@ mod tests {
                     from_listener,
                 }),
                 mptcp,
+                netns,
+                cgroup,
             };
             let style = Style {
                 wall_offset_ns: wall_offset,
@@ -707,14 +932,39 @@ mod tests {
                 color: false,
                 addr_width: 47,
             };
-            let mut r = Renderer::new(Format::Json, style);
+            let mut r = Renderer::new(Format::Json, style).with_cgroups(names.clone());
             let mut out = Vec::new();
-            // Twice: the second line comes from the second cache.
+            // Twice: the second line comes from the second's and the cgroup's caches.
             r.transition(&mut out, &t).unwrap();
             r.transition(&mut out, &t).unwrap();
-            let want = serde_transition(&r, &t);
+            let want = serde_transition(&r, &names, &t);
             prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
         }
+    }
+
+    #[test]
+    fn the_cgroup_column_names_containers_first() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let names = Cgroups::from_paths([
+            (1, "/system.slice/nginx.service".to_string()),
+            (2, format!("/system.slice/docker-{id}.scope")),
+            (
+                3,
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/a-long-name.scope"
+                    .to_string(),
+            ),
+        ]);
+        let ns = NsJson::new(names);
+        assert_eq!(ns.text(None), "-");
+        assert_eq!(ns.text(Some(1)), "/system.slice/nginx.service");
+        assert_eq!(ns.text(Some(2)), "docker:0123456789ab");
+        let long = ns.text(Some(3));
+        assert_eq!(long.chars().count(), CGROUP_WIDTH);
+        assert!(
+            long.starts_with('…') && long.ends_with("a-long-name.scope"),
+            "{long}"
+        );
+        assert_eq!(ns.text(Some(9)), "9", "unresolved: the id");
     }
 
     #[test]

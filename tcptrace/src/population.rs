@@ -153,6 +153,8 @@ impl<W: Write> Population<W> {
     /// Adds the timewait sockets that existed before tracing began (from sock_diag, in the
     /// tracer's own namespace), as of `now_ns`.
     pub fn seed(mut self, found: &[DiagTimewait], now_ns: u64) -> Self {
+        // sock_diag answers for tcptrace's own network namespace only.
+        let netns = crate::filter::netns_inode(std::path::Path::new("/proc/self/ns/net")).ok();
         for d in found {
             // Through the same filter as traced ones: a synthetic arming.
             let raw = encode_timer(&TimerEvent {
@@ -163,9 +165,14 @@ impl<W: Write> Population<W> {
                     timeout_jiffies: 0,
                     local: d.local,
                     remote: d.remote,
+                    netns,
                 },
             });
-            if self.filter.kernel_keeps(&raw) && self.filter.keeps_parts(None, d.local, d.remote) {
+            if self.filter.kernel_keeps(&raw)
+                && self
+                    .filter
+                    .keeps_parts(None, d.local, d.remote, netns, None)
+            {
                 self.seeded.push(Seeded {
                     local: d.local,
                     remote: d.remote,
@@ -189,7 +196,7 @@ impl<W: Write> Population<W> {
         self.interval.created += new;
         self.total.created += new;
         for x in self.exits.drain(..) {
-            if !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+            if !self.filter.keeps_exit(&x) {
                 continue;
             }
             for c in [&mut self.interval, &mut self.total] {
@@ -231,7 +238,7 @@ impl<W: Write> Population<W> {
             };
         let mut population = 0;
         for l in self.tw.population() {
-            if !self.filter.keeps_parts(l.owner.as_ref(), l.local, l.remote) {
+            if !self.filter.keeps_life(l) {
                 continue;
             }
             population += 1;

@@ -18,11 +18,14 @@ use aya::{
     programs::TracePoint,
 };
 use tcptrace_common::{
-    ABSENT, Config, EVENT_SIZE, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
+    ABSENT, Config, EVENT_SIZE, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
     TimewaitOffsets,
 };
 
-use crate::event::{RawEvent, raw_lost};
+use crate::{
+    btf::Btf,
+    event::{RawEvent, raw_lost},
+};
 
 /// The eBPF object built by `build.rs`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -129,9 +132,34 @@ impl Probe {
         if let Some(o) = recv {
             kcfg.receive_reset = o;
         }
+        // The kernel's BTF, read once: struct offsets for TIME_WAIT exits, namespaces and
+        // cgroups.
+        let btf = Btf::from_sys();
+        // Each socket's network namespace and cgroup. Without them (no BTF, another layout)
+        // tracing goes on, reports them as unknown, and says so once.
+        kcfg.ns = match &btf {
+            Ok(btf) => {
+                let (o, missing) = ns_offsets(btf);
+                for m in missing {
+                    log::warn!("{m}");
+                }
+                o
+            }
+            Err(e) => {
+                log::warn!("network namespaces and cgroups are not reported: no kernel BTF ({e})");
+                NsOffsets::UNKNOWN
+            }
+        };
+        if kcfg.netns_count > 0 && !kcfg.ns.netns_known() {
+            log::warn!("--netns cannot match: this kernel's network namespaces are unknown");
+        }
         // TIME_WAIT exits come from the timewait socket's timer. Without the symbol, BTF or
         // the timer tracepoints, tracing goes on without them, and says so once.
-        let timewait = match timewait_offsets() {
+        let timewait = match btf
+            .as_ref()
+            .map_err(|e| format!("no kernel BTF ({e})"))
+            .and_then(timewait_offsets_in)
+        {
             Ok(o) if cfg.timewait => Some(o),
             Ok(_) => None,
             Err(e) => {
@@ -344,11 +372,61 @@ fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Optio
         .ok()
 }
 
+/// Where sockets keep their network namespace and cgroup, from the kernel's BTF, with one
+/// message per part that cannot be found (that part is then reported as unknown, 0).
+pub fn ns_offsets(btf: &Btf) -> (NsOffsets, Vec<String>) {
+    let at = |ty: &str, path: &str| -> Result<u16, String> {
+        btf.offset(ty, path)
+            .map_err(|e| e.to_string())
+            .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
+    };
+    let mut o = NsOffsets::UNKNOWN;
+    let mut missing = Vec::new();
+    // Full, timewait and request sockets all start with their sock_common, so one offset
+    // serves the three; check that they do.
+    let netns = (|| {
+        for (ty, common) in [
+            ("sock", "__sk_common"),
+            ("inet_timewait_sock", "__tw_common"),
+        ] {
+            if at(ty, common)? != 0 {
+                return Err(format!("{ty}.{common} is not at the start"));
+            }
+        }
+        Ok((at("sock_common", "skc_net.net")?, at("net", "ns.inum")?))
+    })();
+    match netns {
+        Ok((net, inum)) => (o.skc_net, o.net_inum) = (net, inum),
+        Err(e) => missing.push(format!(
+            "network namespaces are not reported on this kernel: {e}"
+        )),
+    }
+    let cgroup = (|| {
+        Ok::<_, String>((
+            at("sock", "sk_cgrp_data.cgroup")?,
+            at("cgroup", "kn")?,
+            at("kernfs_node", "id")?,
+        ))
+    })();
+    match cgroup {
+        Ok((cg, kn, id)) => (o.sk_cgroup, o.cgroup_kn, o.kn_id) = (cg, kn, id),
+        Err(e) => missing.push(format!(
+            "cgroups are not reported on this kernel: {e} (Linux 5.15 or later has them)"
+        )),
+    }
+    (o, missing)
+}
+
 /// Everything the timewait programs need, from `/proc/kallsyms`, the kernel's BTF and the
 /// timer tracepoints' formats.
 pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
+    let btf = Btf::from_sys().map_err(|e| format!("no kernel BTF ({e})"))?;
+    timewait_offsets_in(&btf)
+}
+
+/// [`timewait_offsets`] with the kernel's BTF already read.
+fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
     let handler = kallsyms_address("tw_timer_handler")?;
-    let btf = crate::btf::Btf::from_sys().map_err(|e| format!("no kernel BTF ({e})"))?;
     let tw = |path: &str| {
         btf.offset("inet_timewait_sock", path)
             .map_err(|e| e.to_string())

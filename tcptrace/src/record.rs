@@ -1,22 +1,28 @@
 //! Recordings: the raw event stream in a file, replayable through every view without root.
 //!
-//! Layout (little-endian): a 32-byte [`Header`] — magic `TCPTRACE`, format version, event
-//! size, the wall-clock offset of the recording host's monotonic clock, reserved zero — then
-//! fixed-size [`RawEvent`] records exactly as the kernel wrote them (plus the lost-events
-//! records userspace adds). Reading validates every record, so a truncated or corrupt file is
-//! reported with the byte offset where the problem is, never a panic.
+//! Layout (little-endian), format 2: a 48-byte [`Header`] — magic `TCPTRACE`, format
+//! version, event size, the wall-clock offset of the recording host's monotonic clock,
+//! flags, the recording host's boot id — then fixed-size 112-byte [`RawEvent`] records
+//! exactly as the kernel wrote them (plus the lost-events records userspace adds).
+//!
+//! Format 1 (tcptrace before network namespaces and cgroups) is still read: a 32-byte
+//! header (no boot id) and 96-byte records, the first 96 bytes of today's layout; its events
+//! have no namespace or cgroup (0, unknown). Reading validates every record, so a truncated
+//! or corrupt file is reported with the byte offset where the problem is, never a panic.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use bytemuck::{Pod, Zeroable};
-use tcptrace_common::EVENT_SIZE;
+use tcptrace_common::{EVENT_SIZE, EVENT_SIZE_V1};
 
 use crate::event::{RawEvent, decode};
 
 /// The first 8 bytes of every recording.
 pub const MAGIC: [u8; 8] = *b"TCPTRACE";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes (it reads 1 and 2).
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// The file header.
 #[repr(C)]
@@ -24,7 +30,7 @@ pub const VERSION: u32 = 1;
 pub struct Header {
     /// [`MAGIC`].
     pub magic: [u8; 8],
-    /// [`VERSION`].
+    /// The format version: [`VERSION`] when written by this build.
     pub version: u32,
     /// `size_of::<RawEvent>()` of the writer.
     pub event_size: u32,
@@ -32,6 +38,10 @@ pub struct Header {
     pub wall_offset_ns: i64,
     /// Bits of [`header_flag`].
     pub flags: u64,
+    /// The recording host's boot id (`/proc/sys/kernel/random/boot_id`), all zero when
+    /// unknown (and in format 1). Cgroup ids and namespace inodes mean something only on
+    /// the boot that produced them: a replay names cgroups only when this matches.
+    pub boot_id: [u8; 16],
 }
 
 /// Bits of [`Header::flags`].
@@ -42,7 +52,30 @@ pub mod header_flag {
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<Header>();
-const _: () = assert!(HEADER_SIZE == 32);
+const _: () = assert!(HEADER_SIZE == 48);
+/// The header of format 1: the same fields without the boot id.
+const HEADER_SIZE_V1: usize = 32;
+
+/// This host's boot id, all zero if it cannot be read.
+pub fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| parse_boot_id(&s))
+        .unwrap_or([0; 16])
+}
+
+/// Parses a boot id as the kernel prints it (a UUID).
+fn parse_boot_id(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
 
 /// What is wrong with a recording.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +85,19 @@ pub enum RecordError {
     #[error("not a tcptrace recording (it does not start with the TCPTRACE header)")]
     NotARecording,
     #[error(
-        "the recording is format version {found}, this tcptrace reads version {VERSION}; \
-         replay it with the tcptrace that wrote it"
+        "the recording is format version {found}, this tcptrace reads versions \
+         {OLDEST_VERSION} to {VERSION}; replay it with the tcptrace that wrote it"
     )]
     Version { found: u32 },
-    #[error("the recording's events are {found} bytes, this tcptrace's are {EVENT_SIZE}")]
-    EventSize { found: u32 },
+    #[error(
+        "the recording's events are {found} bytes, format version {version} has {expected}-byte \
+         events"
+    )]
+    EventSize {
+        found: u32,
+        version: u32,
+        expected: usize,
+    },
     #[error(
         "the recording is truncated: {len} stray bytes at byte {offset} (an interrupted write?)"
     )]
@@ -72,7 +112,8 @@ pub struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
-    /// Writes the header.
+    /// Writes the header (with this host's boot id: recordings are made where they are
+    /// traced).
     pub fn new(out: W, wall_offset_ns: i64, flags: u64) -> io::Result<Self> {
         let mut out = BufWriter::with_capacity(64 << 10, out);
         let header = Header {
@@ -81,6 +122,7 @@ impl<W: Write> Writer<W> {
             event_size: EVENT_SIZE as u32,
             wall_offset_ns,
             flags,
+            boot_id: boot_id(),
         };
         out.write_all(bytemuck::bytes_of(&header))?;
         Ok(Writer { out })
@@ -102,6 +144,8 @@ pub struct Reader<R: Read> {
     input: BufReader<R>,
     header: Header,
     offset: u64,
+    /// The size of the file's records (smaller than [`EVENT_SIZE`] in format 1).
+    event_size: usize,
     buf: Vec<u8>,
 }
 
@@ -113,29 +157,41 @@ impl<R: Read> Reader<R> {
     pub fn new(input: R) -> Result<Self, RecordError> {
         let mut input = BufReader::with_capacity(64 << 10, input);
         let mut raw = [0u8; HEADER_SIZE];
-        let n = read_full(&mut input, &mut raw)?;
+        let n = read_full(&mut input, &mut raw[..HEADER_SIZE_V1])?;
         if n < MAGIC.len() || raw[..MAGIC.len()] != MAGIC {
             return Err(RecordError::NotARecording);
         }
-        if n < HEADER_SIZE {
+        if n < HEADER_SIZE_V1 {
             return Err(RecordError::Truncated { offset: 0, len: n });
         }
-        let header: Header = bytemuck::pod_read_unaligned(&raw);
-        if header.version != VERSION {
-            return Err(RecordError::Version {
-                found: header.version,
+        let version = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let (header_size, event_size) = match version {
+            1 => (HEADER_SIZE_V1, EVENT_SIZE_V1),
+            VERSION => (HEADER_SIZE, EVENT_SIZE),
+            found => return Err(RecordError::Version { found }),
+        };
+        let more = read_full(&mut input, &mut raw[HEADER_SIZE_V1..header_size])?;
+        if more < header_size - HEADER_SIZE_V1 {
+            return Err(RecordError::Truncated {
+                offset: 0,
+                len: n + more,
             });
         }
-        if header.event_size as usize != EVENT_SIZE {
+        // Format 1's header ends before the boot id, which stays zero (unknown).
+        let header: Header = bytemuck::pod_read_unaligned(&raw);
+        if header.event_size as usize != event_size {
             return Err(RecordError::EventSize {
                 found: header.event_size,
+                version,
+                expected: event_size,
             });
         }
         Ok(Reader {
             input,
             header,
-            offset: HEADER_SIZE as u64,
-            buf: vec![0; BATCH * EVENT_SIZE],
+            offset: header_size as u64,
+            event_size,
+            buf: vec![0; BATCH * event_size],
         })
     }
 
@@ -146,21 +202,21 @@ impl<R: Read> Reader<R> {
 
     /// Appends the next batch of events to `out`; returns how many (0 at the end).
     pub fn next_batch(&mut self, out: &mut Vec<RawEvent>) -> Result<usize, RecordError> {
+        let size = self.event_size;
         let n = read_full(&mut self.input, &mut self.buf)?;
-        let whole = n / EVENT_SIZE;
-        for (i, chunk) in self.buf[..whole * EVENT_SIZE]
-            .chunks_exact(EVENT_SIZE)
-            .enumerate()
-        {
-            let ev: RawEvent = bytemuck::pod_read_unaligned(chunk);
-            let offset = self.offset + (i * EVENT_SIZE) as u64;
+        let whole = n / size;
+        for (i, chunk) in self.buf[..whole * size].chunks_exact(size).enumerate() {
+            // A format-1 record is today's first 96 bytes; the rest stays zero (unknown).
+            let mut ev: RawEvent = Zeroable::zeroed();
+            bytemuck::bytes_of_mut(&mut ev)[..size].copy_from_slice(chunk);
+            let offset = self.offset + (i * size) as u64;
             if let Err(e) = decode(&ev) {
                 return Err(RecordError::Corrupt {
                     offset,
                     reason: e.to_string(),
                 });
             }
-            if ev._pad != [0; 2] {
+            if ev._pad != [0; 2] || ev._pad2 != 0 {
                 return Err(RecordError::Corrupt {
                     offset,
                     reason: "padding bytes are not zero".into(),
@@ -168,10 +224,10 @@ impl<R: Read> Reader<R> {
             }
             out.push(ev);
         }
-        if n % EVENT_SIZE != 0 {
+        if n % size != 0 {
             return Err(RecordError::Truncated {
-                offset: self.offset + (whole * EVENT_SIZE) as u64,
-                len: n % EVENT_SIZE,
+                offset: self.offset + (whole * size) as u64,
+                len: n % size,
             });
         }
         self.offset += n as u64;
@@ -216,6 +272,8 @@ mod tests {
                     in_from_ns: Some(i * 10),
                     owner: None,
                     mptcp: false,
+                    netns: Some(4_026_531_840),
+                    cgroup: Some(1 + i),
                 })
             })
             .map(|mut e| {
@@ -253,6 +311,81 @@ mod tests {
     }
 
     #[test]
+    fn the_header_carries_this_hosts_boot_id() {
+        let bytes = recording(&[]);
+        let h = *Reader::new(&bytes[..]).unwrap().header();
+        assert_eq!((h.version, h.event_size), (2, 112));
+        assert_eq!(h.boot_id, boot_id());
+        assert_eq!(
+            parse_boot_id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n"),
+            Some([
+                0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2,
+                0xe1, 0xf0
+            ])
+        );
+        assert_eq!(parse_boot_id("nope"), None);
+        assert_eq!(parse_boot_id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fz"), None);
+    }
+
+    /// A format-1 recording: a 32-byte header and 96-byte records.
+    fn recording_v1(events: &[RawEvent]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&MAGIC);
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&96u32.to_le_bytes());
+        bytes.extend_from_slice(&456i64.to_le_bytes());
+        bytes.extend_from_slice(&header_flag::TIMERS_TRACED.to_le_bytes());
+        for e in events {
+            bytes.extend_from_slice(&bytemuck::bytes_of(e)[..96]);
+        }
+        bytes
+    }
+
+    #[test]
+    fn format_1_recordings_are_read_without_namespaces_or_cgroups() {
+        let events = sample(BATCH as u64 + 3);
+        let bytes = recording_v1(&events);
+        let r = Reader::new(&bytes[..]).unwrap();
+        let h = *r.header();
+        assert_eq!((h.version, h.event_size, h.wall_offset_ns), (1, 96, 456));
+        assert_eq!(h.flags, header_flag::TIMERS_TRACED);
+        assert_eq!(h.boot_id, [0; 16], "format 1 has no boot id");
+        let read = read_all(&bytes).unwrap();
+        let expected: Vec<RawEvent> = events
+            .iter()
+            .map(|e| RawEvent {
+                netns: 0,
+                cgroup: 0,
+                ..*e
+            })
+            .collect();
+        assert_eq!(read, expected);
+        let Ok(crate::event::Event::Transition(t)) = decode(&read[0]) else {
+            panic!("a transition")
+        };
+        assert_eq!((t.netns, t.cgroup), (None, None));
+        // Its errors name bytes in its own layout.
+        let cut = &bytes[..32 + 2 * 96 + 5];
+        let err = read_all(cut).unwrap_err();
+        assert!(
+            matches!(err, RecordError::Truncated { offset, len } if offset == 32 + 2 * 96 && len == 5),
+            "{err}"
+        );
+        let mut bad = recording_v1(&events[..3]);
+        bad[32 + 96 + 91] = 77; // the second event's oldstate
+        assert_eq!(
+            read_all(&bad).unwrap_err().to_string(),
+            "the recording is corrupt at byte 128: unknown TCP state 77"
+        );
+        let mut wrong_size = recording_v1(&[]);
+        wrong_size[12] = 112;
+        assert_eq!(
+            read_all(&wrong_size).unwrap_err().to_string(),
+            "the recording's events are 112 bytes, format version 1 has 96-byte events"
+        );
+    }
+
+    #[test]
     fn errors_name_the_problem_and_the_byte() {
         let events = sample(3);
         let bytes = recording(&events);
@@ -260,34 +393,63 @@ mod tests {
             read_all(b"hello world"),
             Err(RecordError::NotARecording)
         ));
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        let err = read_all(&v3).unwrap_err();
+        assert!(matches!(err, RecordError::Version { found: 3 }));
+        assert!(err.to_string().contains("reads versions 1 to 2"), "{err}");
+        let mut v0 = bytes.clone();
+        v0[8] = 0;
         assert!(matches!(
-            read_all(&v2),
-            Err(RecordError::Version { found: 2 })
+            read_all(&v0),
+            Err(RecordError::Version { found: 0 })
+        ));
+        // A format-2 header cut inside its boot id.
+        let err = read_all(&bytes[..40]).unwrap_err();
+        assert!(
+            matches!(err, RecordError::Truncated { offset: 0, len: 40 }),
+            "{err}"
+        );
+        let mut small = bytes.clone();
+        small[12] = 96;
+        assert!(matches!(
+            read_all(&small),
+            Err(RecordError::EventSize {
+                found: 96,
+                version: 2,
+                expected: 112
+            })
         ));
         let cut = &bytes[..bytes.len() - 10];
         let err = read_all(cut).unwrap_err();
         assert!(
-            matches!(err, RecordError::Truncated { offset, len } if offset == 32 + 2 * 96 && len == 86),
+            matches!(err, RecordError::Truncated { offset, len } if offset == 48 + 2 * 112 && len == 102),
             "{err}"
         );
         let mut bad = bytes.clone();
-        bad[32 + 96 + 91] = 77; // the second event's oldstate
+        bad[48 + 112 + 91] = 77; // the second event's oldstate
         let err = read_all(&bad).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the recording is corrupt at byte 128: unknown TCP state 77"
+            "the recording is corrupt at byte 160: unknown TCP state 77"
+        );
+        let mut pad = bytes.clone();
+        pad[48 + 100] = 1; // the first event's second padding
+        assert_eq!(
+            read_all(&pad).unwrap_err().to_string(),
+            "the recording is corrupt at byte 48: padding bytes are not zero"
         );
     }
 
     proptest! {
-        /// Arbitrary bytes after a valid header: an error or events, never a panic.
+        /// Arbitrary bytes after a valid header (of either format): an error or events,
+        /// never a panic.
         #[test]
         fn arbitrary_input_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let mut bytes = recording(&[]);
-            bytes.extend_from_slice(&tail);
-            let _ = read_all(&bytes);
+            for mut bytes in [recording(&[]), recording_v1(&[])] {
+                bytes.extend_from_slice(&tail);
+                let _ = read_all(&bytes);
+            }
             let _ = read_all(&tail);
         }
     }

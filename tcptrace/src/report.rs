@@ -318,7 +318,7 @@ impl<W: Write> Report<W> {
 
     fn tally_exits(&mut self) {
         for x in std::mem::take(&mut self.exits) {
-            if !self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+            if !self.filter.keeps_exit(&x) {
                 continue;
             }
             let key = self.tw_rows.remove(&(x.local, x.remote));
@@ -350,7 +350,7 @@ impl<W: Write> Report<W> {
 
     fn tally(&mut self) {
         for c in std::mem::take(&mut self.closes) {
-            if !self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+            if !self.filter.keeps_close(&c) {
                 continue;
             }
             if self.state_mask != 0 && u32::from(c.states) & self.state_mask == 0 {
@@ -446,7 +446,7 @@ impl<W: Write> View for Report<W> {
                     if r.skaddr.is_none()
                         && r.direction == Direction::Sent
                         && self.state_mask == 0
-                        && self.filter.keeps_parts(None, r.local, r.remote) =>
+                        && self.filter.keeps_reset(r) =>
                 {
                     let port = service_port(Role::Server, r.local, r.remote);
                     self.row(port, Way::In).refused += 1;

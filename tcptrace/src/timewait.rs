@@ -59,6 +59,12 @@ pub struct Exit {
     pub substate: State,
     /// The process whose close created it, when known.
     pub owner: Option<Owner>,
+    /// Its network namespace inode, from its timer's arming (or, for
+    /// [`End::NotCreated`], from the entry); None when unknown.
+    pub netns: Option<u32>,
+    /// The cgroup2 id of the socket whose close created it, from the entry into TIME_WAIT
+    /// (a timewait socket has none of its own); None when unknown.
+    pub cgroup: Option<u64>,
 }
 
 /// A live timewait socket.
@@ -80,6 +86,10 @@ pub struct Life {
     pub remote: SocketAddr,
     /// The process whose close created it.
     pub owner: Option<Owner>,
+    /// Its network namespace inode (None: unknown).
+    pub netns: Option<u32>,
+    /// The cgroup2 id of the socket whose close created it (None: unknown).
+    pub cgroup: Option<u64>,
     /// A cancel seen, not yet explained by a re-arm or an expiry.
     cancelled_at: Option<u64>,
 }
@@ -214,7 +224,11 @@ impl Timewaits {
             .get(&(t.local, t.remote))
             .and_then(|tw| self.live.get_mut(tw))
         {
-            Some(life) => life.owner = life.owner.or(t.owner),
+            Some(life) => {
+                life.owner = life.owner.or(t.owner);
+                life.cgroup = life.cgroup.or(t.cgroup);
+                life.netns = life.netns.or(t.netns);
+            }
             None if self.traced => self.expected.push((t.ts_ns, *t)),
             None => {}
         }
@@ -227,6 +241,7 @@ impl Timewaits {
                 timeout_jiffies,
                 local,
                 remote,
+                netns,
             } => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
                     if life.local == local && life.remote == remote {
@@ -242,12 +257,13 @@ impl Timewaits {
                     let old = self.end(t.tw, t.ts_ns, End::Killed);
                     out.extend(old);
                 }
-                let owner = self
+                let entry = self
                     .expected
                     .iter()
                     .position(|(_, e)| e.local == local && e.remote == remote)
-                    .map(|i| self.expected.remove(i).1.owner)
-                    .unwrap_or(None);
+                    .map(|i| self.expected.remove(i).1);
+                let owner = entry.and_then(|e| e.owner);
+                let cgroup = entry.and_then(|e| e.cgroup);
                 self.make_room();
                 self.by_tuple.insert((local, remote), t.tw);
                 self.created += 1;
@@ -262,6 +278,8 @@ impl Timewaits {
                         local,
                         remote,
                         owner,
+                        netns: netns.or(entry.and_then(|e| e.netns)),
+                        cgroup,
                         cancelled_at: None,
                     },
                 );
@@ -291,6 +309,8 @@ impl Timewaits {
             rearms: life.rearms,
             substate: life.substate,
             owner: life.owner,
+            netns: life.netns,
+            cgroup: life.cgroup,
         })
     }
 
@@ -325,6 +345,8 @@ impl Timewaits {
                 rearms: 0,
                 substate: State::TimeWait,
                 owner: t.owner,
+                netns: t.netns,
+                cgroup: t.cgroup,
             });
         }
     }
@@ -354,6 +376,7 @@ mod tests {
                 timeout_jiffies: 15000,
                 local: local.parse().unwrap(),
                 remote: S.parse().unwrap(),
+                netns: Some(4_026_532_000 + tw as u32),
             },
         })
     }
@@ -377,6 +400,8 @@ mod tests {
                 from_listener: false,
             }),
             mptcp: false,
+            netns: Some(4_026_532_999),
+            cgroup: Some(55),
         })
     }
 
@@ -412,6 +437,12 @@ mod tests {
             7,
             "the closing process, from the entry"
         );
+        assert_eq!(
+            e.netns,
+            Some(4_026_532_001),
+            "the namespace, from the arming"
+        );
+        assert_eq!(e.cgroup, Some(55), "the cgroup, from the entry");
     }
 
     #[test]
@@ -472,6 +503,11 @@ mod tests {
         let out = run(&[entry(SEC, C), entry(3 * SEC, "10.0.0.1:40001")]);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|e| e.end == End::NotCreated));
+        assert!(
+            out.iter()
+                .all(|e| (e.netns, e.cgroup) == (Some(4_026_532_999), Some(55))),
+            "from the entry: {out:?}"
+        );
         // Without timer tracing, nothing is concluded.
         let mut t = Timewaits::new(false);
         let mut out = Vec::new();

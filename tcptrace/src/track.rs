@@ -136,6 +136,11 @@ pub struct Close {
     /// Bit `1 << state` for every state the socket was seen in (TIME_WAIT included when it
     /// entered it).
     pub states: u16,
+    /// The socket's network namespace inode, from the transition that ended it (None:
+    /// unknown).
+    pub netns: Option<u32>,
+    /// The socket's cgroup2 id, from the transition that ended it (None: unknown).
+    pub cgroup: Option<u64>,
 }
 
 impl Close {
@@ -587,6 +592,8 @@ impl Tracker {
             owner: t.owner,
             midlife: !life.born,
             states: life.states,
+            netns: t.netns,
+            cgroup: t.cgroup,
         };
         let first = life.first_fin;
         match (t.from, t.to) {
@@ -738,6 +745,9 @@ mod tests {
                     from_listener: false,
                 }),
                 mptcp: false,
+                // Each socket in a namespace and cgroup of its own.
+                netns: Some(4_026_531_840 + sk as u32),
+                cgroup: Some(100 + sk),
             }));
             self
         }
@@ -752,6 +762,8 @@ mod tests {
                 state: None,
                 reason: None,
                 owner: None,
+                netns: None,
+                cgroup: None,
             }));
             self
         }
@@ -815,6 +827,22 @@ mod tests {
             40000,
             "the port learnt after connect()"
         );
+    }
+
+    #[test]
+    fn a_close_carries_the_namespace_and_cgroup_of_the_transition_that_ends_it() {
+        let mut s = Script::new();
+        client_closes(&mut s);
+        // An abort that waits for its reset, then resolves without one.
+        s.t(3, "10.0.0.1:0", S, Close, SynSent)
+            .t(3, C, S, SynSent, Established)
+            .t(3, C, S, Established, Close);
+        let out = s.run();
+        assert_eq!(out.len(), 3);
+        for c in out {
+            assert_eq!(c.netns, Some(4_026_531_840 + c.skaddr as u32), "{c:?}");
+            assert_eq!(c.cgroup, Some(100 + c.skaddr), "{c:?}");
+        }
     }
 
     #[test]
@@ -1061,6 +1089,8 @@ mod tests {
                     in_from_ns: None,
                     owner: None,
                     mptcp: false,
+                    netns: None,
+                    cgroup: None,
                 }),
                 &mut out,
             );

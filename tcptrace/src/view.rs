@@ -118,7 +118,7 @@ impl<W: Write> Stream<W> {
 
     fn print(&mut self, exits: &[Exit], closes: &[Close]) -> io::Result<bool> {
         for x in exits {
-            if self.filter.keeps_parts(x.owner.as_ref(), x.local, x.remote) {
+            if self.filter.keeps_exit(x) {
                 self.renderer.timewait_exit(&mut self.out, x)?;
                 if self.counted() {
                     return Ok(true);
@@ -126,7 +126,7 @@ impl<W: Write> Stream<W> {
             }
         }
         for c in closes {
-            if self.filter.keeps_parts(c.owner.as_ref(), c.local, c.remote) {
+            if self.filter.keeps_close(c) {
                 self.renderer.close(&mut self.out, c)?;
                 if self.counted() {
                     return Ok(true);
@@ -177,7 +177,7 @@ impl<W: Write> View for Stream<W> {
                     self.renderer.transition(&mut self.out, t)?;
                     self.counted()
                 }
-                Event::Reset(r) if self.filter.keeps_parts(r.owner.as_ref(), r.local, r.remote) => {
+                Event::Reset(r) if self.filter.keeps_reset(r) => {
                     self.renderer.reset(&mut self.out, r)?;
                     self.counted()
                 }

@@ -32,6 +32,18 @@ fn bad_flags_exit_2_naming_the_value() {
         (&["serve", "--listen", "localhost"], "'localhost'"),
         (&["serve", "--label-port", "80-70"], "80-70"),
         (&["serve", "--max-port-labels", "0"], "'0'"),
+        (
+            &["--netns", "/nonexistent/ns"],
+            "cannot open /nonexistent/ns",
+        ),
+        (&["--netns", "/proc/self/status"], "not a namespace file"),
+        (
+            &["report", "--netns", "no-such-ns"],
+            "/run/netns/no-such-ns",
+        ),
+        (&["hist", "--netns", "0"], "'0'"),
+        (&["--cgroup", "web app"], "'web app'"),
+        (&["timewait", "--cgroup", "/a/../b"], "'..'"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -90,6 +102,59 @@ fn bad_recordings_exit_2_naming_the_problem() {
             assert!(err.contains(&path), "{args:?} names the file: {err}");
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A recording written before namespaces and cgroups (format 1) replays, without them.
+#[test]
+fn format_1_recordings_replay() {
+    let dir = std::env::temp_dir().join(format!("tcptrace-cli-v1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut bytes = b"TCPTRACE".to_vec();
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&96u32.to_le_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    let t = tcptrace::event::encode(&tcptrace::event::Transition {
+        ts_ns: 1,
+        skaddr: 2,
+        local: "127.0.0.1:5000".parse().unwrap(),
+        remote: "127.0.0.1:80".parse().unwrap(),
+        from: tcptrace::event::State::SynSent,
+        to: tcptrace::event::State::Established,
+        in_from_ns: None,
+        owner: None,
+        mptcp: false,
+        netns: None,
+        cgroup: None,
+    });
+    bytes.extend_from_slice(&bytemuck::bytes_of(&t)[..96]);
+    let path = dir.join("v1.tcptrace");
+    std::fs::write(&path, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["--json", "--from"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains(r#""from":"SYN_SENT","to":"ESTABLISHED""#)
+            && text.contains(r#""netns":null,"cgroup":null}"#),
+        "{text}"
+    );
+    // A namespace filter matches nothing in it: its sockets' namespaces are unknown.
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["--json", "--netns", "4026531840", "--from"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -651,6 +651,8 @@ fn exported_families() -> BTreeSet<String> {
             in_from_ns: Some(1_000),
             owner: None,
             mptcp: false,
+            netns: None,
+            cgroup: None,
         })
     };
     let timer = |ts: u64, op| {
@@ -676,6 +678,7 @@ fn exported_families() -> BTreeSet<String> {
                 timeout_jiffies: 15_000,
                 local: s,
                 remote: c,
+                netns: None,
             },
         ),
         t(90, 0xb, s, c, FinWait2, TimeWait),

@@ -1,6 +1,7 @@
 //! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
 
 use tcptrace::{
+    cgroup::{CgroupFilter, Cgroups},
     event::{
         Comm, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition, encode,
         encode_reset, encode_timer, raw_lost,
@@ -13,6 +14,29 @@ use tcptrace::{
 const SEC: u64 = 1_000_000_000;
 /// 2026-11-25T10:00:00Z minus the synthetic monotonic clock's zero.
 const WALL: i64 = 1_795_600_800 * SEC as i64;
+
+/// The client's network namespace (a container's) and the host's.
+const CLIENT_NS: u32 = 4_026_532_100;
+const HOST_NS: u32 = 4_026_531_840;
+const CONTAINER: &str = "4f1c1e6a7b2d9c8e0f3a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f901";
+
+/// The cgroups of the workload: the client in a docker container, the server a systemd
+/// service; id 13 (the IPv6 socket's) is not found.
+fn names() -> Cgroups {
+    Cgroups::from_paths([
+        (11, format!("/system.slice/docker-{CONTAINER}.scope")),
+        (12, "/system.slice/nginx.service".to_string()),
+    ])
+}
+
+/// The (netns, cgroup) of each synthetic socket.
+fn ns_of(sk: u64) -> (Option<u32>, Option<u64>) {
+    match sk {
+        0xa => (Some(CLIENT_NS), Some(11)),
+        0xb => (Some(HOST_NS), Some(12)),
+        _ => (Some(HOST_NS), Some(13)),
+    }
+}
 
 fn owner(pid: u32, name: &str, from_listener: bool) -> Option<Owner> {
     let mut comm = [0u8; 16];
@@ -40,6 +64,8 @@ fn workload() -> Vec<RawEvent> {
             in_from_ns: dur,
             owner: o,
             mptcp: false,
+            netns: ns_of(sk).0,
+            cgroup: ns_of(sk).1,
         })
     };
     use State::*;
@@ -146,6 +172,8 @@ fn workload() -> Vec<RawEvent> {
             state: None,
             reason: None,
             owner: None,
+            netns: ns_of(0xc).0,
+            cgroup: ns_of(0xc).1,
         }),
         t(
             4 * SEC,
@@ -167,6 +195,8 @@ fn workload() -> Vec<RawEvent> {
             state: None,
             reason: Some(1),
             owner: None,
+            netns: None,
+            cgroup: None,
         }),
         raw_lost(5 * SEC, 17),
         // The client's timewait socket: armed as it entered TIME_WAIT, expired 2MSL later.
@@ -178,6 +208,7 @@ fn workload() -> Vec<RawEvent> {
                 timeout_jiffies: 15000,
                 local: c,
                 remote: s,
+                netns: Some(CLIENT_NS),
             },
         }),
         encode_timer(&TimerEvent {
@@ -197,6 +228,10 @@ fn workload() -> Vec<RawEvent> {
 }
 
 fn render(format: Format, filter: Filter) -> String {
+    render_ns(format, filter, false)
+}
+
+fn render_ns(format: Format, filter: Filter, show_ns: bool) -> String {
     let style = Style {
         wall_offset_ns: WALL,
         utc_offset_secs: 0,
@@ -204,8 +239,10 @@ fn render(format: Format, filter: Filter) -> String {
         addr_width: Style::addr_width_for(filter.family),
     };
     let mut view = Stream::new(
-        filter.compile(),
-        Renderer::new(format, style),
+        filter.compile().with_cgroups(names()),
+        Renderer::new(format, style)
+            .with_cgroups(names())
+            .show_ns(show_ns),
         Vec::new(),
         None,
     )
@@ -231,6 +268,86 @@ fn json_stream() {
         }
     }
     insta::assert_snapshot!(out);
+}
+
+#[test]
+fn text_stream_with_namespaces_and_cgroups() {
+    insta::assert_snapshot!(render_ns(Format::Text, Filter::default(), true));
+}
+
+/// Every record of a socket carries its namespace and cgroup, and the filters select by
+/// them in every kind of record: transitions, resets, closes, timewait exits.
+#[test]
+fn namespace_and_cgroup_filters_select_whole_sockets() {
+    // Loss notices are always shown: they belong to no socket.
+    let lines = |f: Filter| -> Vec<serde_json::Value> {
+        render(Format::Json, f)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] != "lost")
+            .collect()
+    };
+    let all = lines(Filter::default());
+    for v in &all {
+        assert!(v.get("netns").is_some() && v.get("cgroup").is_some(), "{v}");
+        if v["laddr"] == "10.0.0.5" {
+            assert_eq!(v["netns"], CLIENT_NS, "{v}");
+            if v["kind"] != "timewait" {
+                assert_eq!(v["container"], CONTAINER, "{v}");
+            }
+        }
+    }
+    let kinds = |vs: &[serde_json::Value]| -> Vec<String> {
+        vs.iter()
+            .map(|v| v["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The client's namespace: its five transitions, its close and its TIME_WAIT's end.
+    let client = lines(Filter {
+        netns: vec![CLIENT_NS],
+        ..Filter::default()
+    });
+    assert!(
+        client.iter().all(|v| v["laddr"] == "10.0.0.5"),
+        "{client:#?}"
+    );
+    assert_eq!(client.len(), 7, "{client:#?}");
+    assert_eq!(
+        kinds(&client).iter().filter(|k| *k == "timewait").count(),
+        1
+    );
+    // The server's cgroup: its transitions and close, nothing of the IPv6 socket in the
+    // same namespace but an unresolved cgroup.
+    let server = lines(Filter {
+        cgroups: vec![CgroupFilter::parse("/system.slice/nginx.service", None).unwrap()],
+        ..Filter::default()
+    });
+    assert!(
+        server
+            .iter()
+            .all(|v| v["cgroup"] == "/system.slice/nginx.service"),
+        "{server:#?}"
+    );
+    assert_eq!(server.len(), 6, "{server:#?}");
+    // A container by id prefix: the client's sockets (the timewait socket's end carries the
+    // cgroup of the close that made it).
+    let container = lines(Filter {
+        cgroups: vec![CgroupFilter::parse(&CONTAINER[..8], None).unwrap()],
+        ..Filter::default()
+    });
+    assert_eq!(container.len(), 7, "{container:#?}");
+    // The host's namespace: the server and the IPv6 socket with its reset; the refused
+    // SYN has no socket, hence no namespace.
+    let host = lines(Filter {
+        netns: vec![HOST_NS],
+        ..Filter::default()
+    });
+    assert!(host.iter().all(|v| v["netns"] == HOST_NS), "{host:#?}");
+    assert_eq!(
+        host.iter().filter(|v| v["kind"] == "reset").count(),
+        1,
+        "{host:#?}"
+    );
 }
 
 #[test]

@@ -36,6 +36,8 @@ fn server_closes(n: u64) -> Vec<tcptrace::event::RawEvent> {
                 in_from_ns: Some(100_000),
                 owner: None,
                 mptcp: false,
+                netns: None,
+                cgroup: None,
             })
         };
         events.extend([
