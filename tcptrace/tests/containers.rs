@@ -306,3 +306,94 @@ fn a_client_in_a_cgroup_is_named_and_cgroup_filters_by_it() {
     assert!(stop_tracer(tracer).is_empty());
     drop(listener);
 }
+
+/// `GET /metrics` from a `tcptrace serve` at `addr`: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[test]
+fn serve_labels_each_namespace_apart() {
+    if !root_or_skip("serve_labels_each_namespace_apart") {
+        return;
+    }
+    let pair = NetPair::new();
+    let (ino_a, ino_b) = (netns_inode(&pair.a), netns_inode(&pair.b));
+    let port = 20_000 + (std::process::id() % 1000) as u16;
+    let mut tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--label-netns"])
+        .args(["--port", &port.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tracer_pid = tracer.id() as i32;
+    let mut err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.starts_with("Tracing") {
+        if let Some(rest) = line.trim().strip_prefix("Serving metrics on http://") {
+            addr = rest.strip_suffix("/metrics").map(str::to_string);
+        }
+        line.clear();
+    }
+    // Stopped on every path out.
+    struct Stop(i32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _stop = Stop(tracer_pid);
+    let addr = addr.expect("serve printed its address");
+    // The same port in both: the listeners make it a labelled service port, and only the
+    // namespace label tells the two apart.
+    loopback_in(&pair.a, port, 2);
+    loopback_in(&pair.b, port, 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let body = scrape(&addr);
+    let value = |series: String| {
+        body.lines().find_map(|l| {
+            l.strip_prefix(series.as_str())?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    for (ino, n) in [(ino_a, 2.0), (ino_b, 3.0)] {
+        assert_eq!(
+            value(format!(
+                r#"tcptrace_closes_total{{port="{port}",role="client",initiator="local",how="fin",netns="{ino}"}}"#
+            )),
+            Some(n),
+            "{body}"
+        );
+        assert_eq!(
+            value(format!(
+                r#"tcptrace_closes_total{{port="{port}",role="server",initiator="remote",how="fin",netns="{ino}"}}"#
+            )),
+            Some(n),
+            "{body}"
+        );
+        assert_eq!(
+            value(format!(
+                r#"tcptrace_timewait_entries_total{{port="{port}",netns="{ino}"}}"#
+            )),
+            Some(n),
+            "{body}"
+        );
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer_pid, libc::SIGTERM) };
+    assert!(tracer.wait().unwrap().success());
+}
