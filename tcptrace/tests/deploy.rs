@@ -712,3 +712,116 @@ fn the_dashboards_metrics_are_the_ones_serve_exports() {
         assert!(exported.contains(*f), "{f} is not exported: {exported:?}");
     }
 }
+
+// ---- Prometheus's own checker ----
+
+/// `promtool`, from Debian's `prometheus` (installed by `cargo xtask setup`). Without it the
+/// checks below fail under CI=true and are skipped, visibly, elsewhere.
+fn promtool(test: &str) -> bool {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: promtool is missing and CI=true (cargo xtask setup installs it)"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: promtool is not installed (cargo xtask setup installs it)"
+        );
+    }
+    found
+}
+
+/// Runs `promtool ARGS FILE` on `text` written to a scratch file; panics with its output
+/// unless it succeeds.
+fn promtool_accepts(args: &[&str], name: &str, text: &str) {
+    // One directory per file: the tests run in parallel.
+    let dir = std::env::temp_dir().join(format!("tcptrace-promtool-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "promtool {args:?} rejects {name}:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn promtool_accepts_the_scrape_job() {
+    if !promtool("promtool_accepts_the_scrape_job") {
+        return;
+    }
+    // Debian's Prometheus is built without Kubernetes discovery, so its promtool rejects
+    // `kubernetes_sd_configs` as an unknown field. Everything else (relabel rules, their
+    // regular expressions, intervals) is checked with the discovery swapped for a static
+    // target.
+    let text = read("prometheus-scrape.yaml");
+    let mut doc = yaml_docs("prometheus-scrape.yaml").remove(0);
+    let Yaml::Hash(top) = &mut doc else {
+        panic!("not a mapping")
+    };
+    let Some(Yaml::Array(jobs)) = top.get_mut(&Yaml::String("scrape_configs".into())) else {
+        panic!("no scrape_configs")
+    };
+    let Yaml::Hash(job) = &mut jobs[0] else {
+        panic!("the job is not a mapping")
+    };
+    assert!(
+        job.remove(&Yaml::String("kubernetes_sd_configs".into()))
+            .is_some()
+    );
+    let statics = YamlLoader::load_from_str("- targets: ['127.0.0.1:9977']").unwrap();
+    job.insert(Yaml::String("static_configs".into()), statics[0].clone());
+    let mut out = String::new();
+    yaml_rust2::YamlEmitter::new(&mut out).dump(&doc).unwrap();
+    assert!(text.contains("kubernetes_sd_configs"));
+    promtool_accepts(&["check", "config"], "prometheus.yml", &out);
+}
+
+#[test]
+fn promtool_is_strict_enough_to_catch_a_broken_query() {
+    if !promtool("promtool_is_strict_enough_to_catch_a_broken_query") {
+        return;
+    }
+    let broken = "groups:\n  - name: x\n    rules:\n      - record: x:y\n        expr: \"sum(rate(tcptrace_closes_total[5m])\"\n";
+    let caught =
+        std::panic::catch_unwind(|| promtool_accepts(&["check", "rules"], "broken.yml", broken));
+    assert!(
+        caught.is_err(),
+        "promtool accepted an unbalanced parenthesis"
+    );
+}
+
+#[test]
+fn promtool_parses_every_dashboard_query() {
+    if !promtool("promtool_parses_every_dashboard_query") {
+        return;
+    }
+    // Each panel's expression as a recording rule, with Grafana's variables replaced by what
+    // Grafana would put there: `promtool check rules` parses the PromQL.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, expr)) in exprs(&dashboard()).iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$node", ".*")
+            .replace("$job", "tcptrace");
+        assert!(!expr.contains('$'), "a variable left in {expr}");
+        rules.push_str(&format!(
+            "      - record: dashboard:panel_{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    promtool_accepts(&["check", "rules"], "dashboard-rules.yml", &rules);
+}
