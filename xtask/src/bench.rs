@@ -910,7 +910,8 @@ fn scrape_once(addr: SocketAddr) -> Result<(f64, String)> {
 fn scrape_ms(bin: &Path, dir: &Path) -> Result<Scrape> {
     const HELD: u64 = 10_000;
     let ns = Netns::new()?;
-    let port: u16 = 31_000;
+    // The storm's port, then the held connections' (the storm's sockets may still hold it).
+    let (storm_port, port): (u16, u16) = (31_000, 31_001);
     let listen: SocketAddr = format!("127.0.0.1:{}", crate::demo::free_port()?).parse()?;
     let mut tracer = Tracer::start(
         bin,
@@ -919,12 +920,12 @@ fn scrape_ms(bin: &Path, dir: &Path) -> Result<Scrape> {
             "--listen".into(),
             listen.to_string(),
             "--port".into(),
-            port.to_string(),
+            format!("{storm_port},{port}"),
         ],
         &dir.join("serve.out"),
     )?;
     // Series in every family first: a storm through the exporter.
-    storm(&ns, port, 2_000, 2, Closer::Client)?;
+    storm(&ns, storm_port, 2_000, 2, Closer::Client)?;
     let exe = std::env::current_exe()?;
     let mut server = Command::new(&exe);
     server
