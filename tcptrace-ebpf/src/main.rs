@@ -116,7 +116,17 @@ static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0)
 /// The owner of each listening port, so accepted sockets (created in softirq, where the
 /// current task is arbitrary) can name the process that listens for them.
 #[map]
-static LISTENERS: LruHashMap<u16, Owner> = LruHashMap::with_max_entries(4096, 0);
+static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entries(4096, 0);
+
+/// A listener: its network namespace (0 when unknown) and port. Two containers listening on
+/// the same port are two listeners.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ListenKey {
+    netns: u32,
+    port: u16,
+    _pad: u16,
+}
 
 /// The timers of the timewait sockets this run reports, so cancels and expiries of other
 /// timers (the great majority) are dropped after one lookup.
@@ -287,7 +297,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             if driven {
                 current_owner(owner_ptr);
             } else if old == state::LISTEN && new == state::SYN_RECV {
-                match LISTENERS.get_ptr(sport) {
+                // The child is in its listener's namespace: read it now, for the key.
+                netns = sock_netns(&cfg.ns, skaddr);
+                match LISTENERS.get_ptr(&listen_key(netns, sport)) {
                     Some(l) => {
                         copy_owner(owner_ptr, l);
                         put(
@@ -304,10 +316,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         },
     }
     let keep = filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits);
-    // Read only for what is kept: two reads for the namespace, three for the cgroup.
-    let read_now = keep && netns == 0;
-    if read_now {
+    let listener_change = (old == state::CLOSE && new == state::LISTEN)
+        || (old == state::LISTEN && new == state::CLOSE);
+    // Read only for what is kept (two reads for the namespace, three for the cgroup), and
+    // the namespace of a listener coming or going, for its key.
+    let read_now = keep && cgroup == 0;
+    if (read_now || listener_change) && netns == 0 {
         netns = sock_netns(&cfg.ns, skaddr);
+    }
+    if read_now {
         cgroup = sock_cgroup(&cfg.ns, skaddr);
     }
     if insert {
@@ -330,9 +347,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     }
     if old == state::CLOSE && new == state::LISTEN {
         // SAFETY: every path above initialised the owner.
-        let _ = LISTENERS.insert(sport, unsafe { &*owner_ptr }, 0);
+        let _ = LISTENERS.insert(&listen_key(netns, sport), unsafe { &*owner_ptr }, 0);
     } else if old == state::LISTEN && new == state::CLOSE {
-        let _ = LISTENERS.remove(sport);
+        let _ = LISTENERS.remove(&listen_key(netns, sport));
     }
 
     if !keep || !netns_keeps(&cfg, netns) {
@@ -531,6 +548,16 @@ fn reset(
 fn kread<T>(base: u64, off: u16) -> Result<T, i32> {
     // SAFETY: the helper checks the read and fails cleanly on a bad address.
     unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// The key of the listener on `port` in namespace `netns`.
+#[inline(always)]
+fn listen_key(netns: u32, port: u16) -> ListenKey {
+    ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    }
 }
 
 /// The inode number of the network namespace of the socket at `sk` (a full, timewait or

@@ -397,3 +397,82 @@ fn serve_labels_each_namespace_apart() {
     unsafe { libc::kill(tracer_pid, libc::SIGTERM) };
     assert!(tracer.wait().unwrap().success());
 }
+
+/// A listener on 127.0.0.1:`port` in namespace `ns`, made by a thread named `name` (its
+/// command name, as the kernel sees it).
+fn listener_named(ns: &str, port: u16, name: &str) -> TcpListener {
+    let path = format!("/run/netns/{ns}");
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: a valid namespace descriptor; setns only affects this thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            TcpListener::bind(("127.0.0.1", port)).unwrap()
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn accepted_sockets_take_their_own_namespaces_listener_as_owner() {
+    if !root_or_skip("accepted_sockets_take_their_own_namespaces_listener_as_owner") {
+        return;
+    }
+    let pair = NetPair::new();
+    let (ino_a, ino_b) = (netns_inode(&pair.a), netns_inode(&pair.b));
+    let port = 21_000 + (std::process::id() % 1000) as u16;
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    // Two services on the same port in two namespaces (two containers, say); b listens last.
+    let la = listener_named(&pair.a, port, "svc-a");
+    let lb = listener_named(&pair.b, port, "svc-b");
+    for (ns, l) in [(&pair.a, &la), (&pair.b, &lb)] {
+        let c = NetPair::run_in(ns, move || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop((c, s));
+    }
+    let mut ts: Vec<Transition> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Per namespace: the listener's CLOSE→LISTEN, and the accepted socket's
+    // LISTEN→SYN_RECV→ESTABLISHED.
+    let accepted = |ts: &[Transition]| {
+        ts.iter()
+            .filter(|t| t.local.port() == port && t.from == tcptrace::event::State::SynRecv)
+            .count()
+    };
+    while accepted(&ts) < 2 && Instant::now() < deadline {
+        let mut raw: Vec<RawEvent> = Vec::new();
+        probe.drain(&mut raw);
+        ts.extend(raw.iter().filter_map(|r| match decode(r) {
+            Ok(Event::Transition(t)) => Some(t),
+            _ => None,
+        }));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(probe);
+    for (ino, name) in [(ino_a, "svc-a"), (ino_b, "svc-b")] {
+        let t = ts
+            .iter()
+            .find(|t| {
+                t.netns == Some(ino)
+                    && t.local.port() == port
+                    && t.from == tcptrace::event::State::SynRecv
+            })
+            .unwrap_or_else(|| panic!("no accepted socket in {ino}: {ts:#?}"));
+        let owner = t.owner.as_ref().expect("the listener's owner");
+        assert!(owner.from_listener, "{t:?}");
+        assert_eq!(
+            owner.comm.as_str(),
+            name,
+            "the accepted socket in namespace {ino} is owned by its own listener: {t:?}"
+        );
+    }
+}
