@@ -422,7 +422,9 @@ impl Metrics {
     }
 
     fn tally_closes(&mut self) {
-        for c in std::mem::take(&mut self.closes) {
+        // Drained in place: the buffer keeps its capacity, no allocation per batch.
+        let mut closes = std::mem::take(&mut self.closes);
+        for c in closes.drain(..) {
             if !self.filter.keeps_close(&c) {
                 continue;
             }
@@ -456,10 +458,13 @@ impl Metrics {
                 }
             }
         }
+        self.closes = closes;
     }
 
     fn tally_exits(&mut self) {
-        for x in std::mem::take(&mut self.exits) {
+        // Drained in place: the buffer keeps its capacity, no allocation per batch.
+        let mut exits = std::mem::take(&mut self.exits);
+        for x in exits.drain(..) {
             if !self.filter.keeps_exit(&x) {
                 continue;
             }
@@ -493,6 +498,7 @@ impl Metrics {
                     .observe(x.residency_ns as f64 / 1e9);
             }
         }
+        self.exits = exits;
     }
 
     /// Takes the connections `pred` selects out of the TIME_WAIT population.

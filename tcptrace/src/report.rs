@@ -317,7 +317,9 @@ impl<W: Write> Report<W> {
     }
 
     fn tally_exits(&mut self) {
-        for x in std::mem::take(&mut self.exits) {
+        // Drained in place: the buffer keeps its capacity, no allocation per batch.
+        let mut exits = std::mem::take(&mut self.exits);
+        for x in exits.drain(..) {
             if !self.filter.keeps_exit(&x) {
                 continue;
             }
@@ -341,6 +343,7 @@ impl<W: Write> Report<W> {
                     .record(x.residency_ns);
             }
         }
+        self.exits = exits;
     }
 
     /// The writer (for tests).
@@ -349,7 +352,9 @@ impl<W: Write> Report<W> {
     }
 
     fn tally(&mut self) {
-        for c in std::mem::take(&mut self.closes) {
+        // Drained in place: the buffer keeps its capacity, no allocation per batch.
+        let mut closes = std::mem::take(&mut self.closes);
+        for c in closes.drain(..) {
             if !self.filter.keeps_close(&c) {
                 continue;
             }
@@ -368,6 +373,7 @@ impl<W: Write> Report<W> {
             }
             self.row(port, way).add(&c);
         }
+        self.closes = closes;
     }
 
     /// Takes the rows of the current window.
