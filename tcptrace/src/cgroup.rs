@@ -108,17 +108,24 @@ fn is_full_id(s: &str) -> bool {
 
 /// Reverses systemd's unit-name escaping of `-` and other bytes (`\x2d`).
 fn systemd_unescape(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
+    unescape(s, "x", 2, 16)
+}
+
+/// Replaces every `\` + `lead` + `digits` digits in `radix` by the byte they encode; any
+/// other backslash stays as it is.
+fn unescape(s: &str, lead: &str, digits: usize, radix: u32) -> String {
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
+    let skip = 1 + lead.len();
     while i < b.len() {
         if b[i] == b'\\'
-            && b.get(i + 1) == Some(&b'x')
-            && let Some(h) = s.get(i + 2..i + 4)
-            && let Ok(v) = u8::from_str_radix(h, 16)
+            && s.get(i + 1..i + skip) == Some(lead)
+            && let Some(code) = s.get(i + skip..i + skip + digits)
+            && let Ok(v) = u8::from_str_radix(code, radix)
         {
             out.push(v);
-            i += 4;
+            i += skip + digits;
             continue;
         }
         out.push(b[i]);
@@ -320,22 +327,7 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
 fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(o) = s.get(i + 1..i + 4)
-            && let Ok(v) = u8::from_str_radix(o, 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    unescape(s, "", 3, 8)
 }
 
 /// This host's cgroup2 mount point, if it has one.
@@ -706,6 +698,9 @@ mod tests {
         assert_eq!(systemd_unescape("web\\x2d1"), "web-1");
         assert_eq!(systemd_unescape("a\\x2"), "a\\x2");
         assert_eq!(systemd_unescape("plain"), "plain");
+        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount("/a\\09"), "/a\\09");
+        assert_eq!(unescape_mount("/a\\x2d"), "/a\\x2d");
     }
 
     #[test]

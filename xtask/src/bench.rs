@@ -260,7 +260,30 @@ impl Drop for Netns {
 }
 
 /// A child killed and reaped on every path out.
-struct Reaped(Option<Child>);
+pub struct Reaped(pub Option<Child>);
+
+/// A listener on 127.0.0.1:`port` in `ns` that never accepts: once its queue (`backlog`
+/// handshakes) is full, SYNs are dropped and connects stay in SYN_SENT. Ready when returned.
+pub fn never_accepting(ns: &Netns, port: u16, backlog: u32) -> Result<Reaped> {
+    let mut server = Command::new(std::env::current_exe()?);
+    server
+        .args([
+            "storm-server",
+            "--netns",
+            &ns.name,
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--total", &u64::MAX.to_string(), "--threads", "0"])
+        .args(["--backlog", &backlog.to_string()])
+        .stdout(Stdio::piped());
+    let mut server = Reaped(Some(server.spawn().context("cannot start the listener")?));
+    let mut ready = String::new();
+    if let Some(out) = server.0.as_mut().and_then(|c| c.stdout.take()) {
+        BufReader::new(out).read_line(&mut ready)?;
+    }
+    Ok(server)
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -927,23 +950,7 @@ fn scrape_ms(bin: &Path, dir: &Path) -> Result<Scrape> {
     // Series in every family first: a storm through the exporter.
     storm(&ns, storm_port, 2_000, 2, Closer::Client)?;
     let exe = std::env::current_exe()?;
-    let mut server = Command::new(&exe);
-    server
-        .args([
-            "storm-server",
-            "--netns",
-            &ns.name,
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["--total", &u64::MAX.to_string(), "--threads", "0"])
-        .args(["--backlog", "4096"])
-        .stdout(Stdio::piped());
-    let mut server = Reaped(Some(server.spawn().context("cannot start the listener")?));
-    let mut line = String::new();
-    if let Some(out) = server.0.as_mut().and_then(|c| c.stdout.take()) {
-        BufReader::new(out).read_line(&mut line)?;
-    }
+    let server = never_accepting(&ns, port, 4096)?;
     let mut client = Command::new(&exe);
     client
         .args(["storm-client", "--netns", &ns.name, "--src", "127.0.0.1"])
@@ -952,7 +959,8 @@ fn scrape_ms(bin: &Path, dir: &Path) -> Result<Scrape> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut client = Reaped(Some(client.spawn().context("cannot start the clients")?));
-    line.clear();
+    // "holding N" once every connect is made.
+    let mut line = String::new();
     if let Some(out) = client.0.as_mut().and_then(|c| c.stdout.take()) {
         BufReader::new(out).read_line(&mut line)?;
     }

@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use crate::{
-    bench::{Netns, median, mem_mib},
+    bench::{Netns, median, mem_mib, never_accepting},
     demo::Tracer,
 };
 
@@ -285,21 +285,7 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
         };
         // A listener whose accept queue (one slot) fills at once and is never drained.
         let listener = if half_open {
-            let mut l = Command::new(&exe);
-            l.args([
-                "storm-server",
-                "--netns",
-                &ns.name,
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--total", &u64::MAX.to_string(), "--threads", "0"])
-            .args(["--backlog", "1"])
-            .stdout(Stdio::piped());
-            let mut child = l.spawn().context("cannot start the listener")?;
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().context("listener stdout")?).read_line(&mut line)?;
-            Some(child)
+            Some(never_accepting(&ns, port, 1)?)
         } else {
             None
         };
@@ -337,10 +323,7 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
             .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
         let maps = map_entries(pid)?;
         tracer.stop()?;
-        if let Some(mut l) = listener {
-            let _ = l.kill();
-            let _ = l.wait();
-        }
+        drop(listener);
         drop(ns);
         let said = tracer.said().join("\n");
         let transitions = number_before(&said, " transitions").unwrap_or(0);
