@@ -195,21 +195,11 @@ fn client_in_cgroup(procs: &Path, port: u16) -> libc::pid_t {
             libc::_exit(3);
         }
         libc::close(fd);
-        let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let ok = libc::connect(
-            s,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) == 0;
-        libc::close(s);
+        let s = raw_connect_loopback(port);
+        let ok = s >= 0;
+        if ok {
+            libc::close(s);
+        }
         libc::_exit(if ok { 0 } else { 1 });
     }
 }

@@ -17,15 +17,6 @@ use tcptrace::{
     probe::DEFAULT_RING_BYTES,
 };
 
-/// A free loopback port (bound and released; the tests use distinct ones).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// In a forked child (another process, so attribution can be told apart): connect to
 /// 127.0.0.1:port, send a byte, wait for the reply, close first. Returns the child's pid.
 fn forked_client(port: u16) -> libc::pid_t {
@@ -36,20 +27,8 @@ fn forked_client(port: u16) -> libc::pid_t {
         if pid > 0 {
             return pid;
         }
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let ok = libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) == 0;
+        let fd = raw_connect_loopback(port);
+        let ok = fd >= 0;
         let mut b = [b'x'];
         let ok = ok
             && libc::write(fd, b.as_ptr().cast(), 1) == 1

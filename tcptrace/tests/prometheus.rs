@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{client_closes_first, root_or_skip};
+use common::{client_closes_first, free_port, root_or_skip};
 
 /// A child process killed (and reaped) when dropped, whatever the test's outcome.
 struct Reaped(Child);
@@ -31,15 +31,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A free loopback port (bound, then released for the process that will bind it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` on `addr`; the status code and body.

@@ -36,6 +36,48 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// A free loopback port (bound and released; the tests use distinct ones).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP socket connected to 127.0.0.1:`port` with raw system calls only, so that a forked
+/// child may call it (async-signal-safe); -1 when the connect failed (the socket is closed).
+///
+/// # Safety
+/// Plain system calls on a descriptor it owns; safe in a forked child of a threaded process.
+pub unsafe fn raw_connect_loopback(port: u16) -> libc::c_int {
+    // SAFETY: see above.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return -1;
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let ok = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) == 0;
+        if !ok {
+            libc::close(fd);
+            return -1;
+        }
+        fd
+    }
+}
+
 /// Starts a probe that only reports the given ports.
 pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
     probe_with(ports, ring_bytes, true)
