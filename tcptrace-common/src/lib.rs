@@ -156,7 +156,35 @@ pub struct SetStateOffsets {
     pub protocol: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
-    pub _pad: u16,
+    /// Non-zero when every offset above is [`SetStateOffsets::KNOWN`]'s: the program then
+    /// reads the record with plain loads at offsets compiled in, not through a helper call
+    /// per field.
+    pub known_layout: u16,
+}
+
+impl SetStateOffsets {
+    /// The record's layout on every kernel from 4.16 (where the tracepoint appeared) to
+    /// today; `known_layout` is 0 here and set by the loader when the format file matches.
+    pub const KNOWN: SetStateOffsets = SetStateOffsets {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        saddr_v6: 40,
+        daddr_v6: 56,
+        known_layout: 0,
+    };
+
+    /// Whether these offsets (parsed from a format file) are [`SetStateOffsets::KNOWN`]'s.
+    pub fn is_known(&self) -> bool {
+        SetStateOffsets {
+            known_layout: 0,
+            ..*self
+        } == SetStateOffsets::KNOWN
+    }
 }
 
 /// Field offsets of `tcp:tcp_send_reset` (its addresses are `sockaddr_in`/`sockaddr_in6`).
@@ -212,6 +240,11 @@ pub struct TimewaitOffsets {
     pub skc_rcv_saddr: u16,
     pub skc_v6_daddr: u16,
     pub skc_v6_rcv_saddr: u16,
+    /// `timer_list.function` and `timer_list.expires`, for the raw tracepoints (which get
+    /// the timer, not a record of its fields).
+    pub timer_function: u16,
+    pub timer_expires: u16,
+    pub _pad: u32,
 }
 
 /// Where a socket's network namespace and cgroup are: offsets found in the kernel's BTF at
@@ -293,7 +326,7 @@ pub struct Config {
     pub timewait: TimewaitOffsets,
     /// Keep only this address family (0: both).
     pub family: u16,
-    /// Bits of [`port_filter`]; the ports themselves are in the `PORTS` hash map, whose value
+    /// Bits of [`port_filter`]; the ports themselves are in the `PORTS` array, whose value
     /// for a port is the set of [`port_filter`] bits it belongs to.
     pub port_filters: u8,
     /// Keep MPTCP meta sockets (protocol 262) as well as TCP (non-zero: yes).

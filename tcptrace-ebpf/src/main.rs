@@ -16,11 +16,11 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_comm, bpf_probe_read_kernel},
+        generated::{bpf_get_current_comm, bpf_jiffies64, bpf_probe_read_kernel},
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
@@ -42,7 +42,7 @@ static CONFIG: Config = Config {
         protocol: 0,
         saddr_v6: 0,
         daddr_v6: 0,
-        _pad: 0,
+        known_layout: 0,
     },
     send_reset: SendResetOffsets {
         skaddr: 0,
@@ -79,6 +79,9 @@ static CONFIG: Config = Config {
         skc_rcv_saddr: 0,
         skc_v6_daddr: 0,
         skc_v6_rcv_saddr: 0,
+        timer_function: 0,
+        timer_expires: 0,
+        _pad: 0,
     },
     family: 0,
     port_filters: 0,
@@ -104,9 +107,10 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LAST_TW_CANCEL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Port filter sets: port → bits of `tcptrace_common::port_filter`.
+/// Port filter sets: port → bits of `tcptrace_common::port_filter`. An array, not a hash:
+/// the kernel inlines its lookup (an index), and 64 KiB covers every port.
 #[map]
-static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
 /// What is known of each live socket, keyed by its kernel address. LRU-bounded: a socket
 /// evicted here only loses its duration and owner, never its events.
@@ -193,6 +197,17 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The record's layout on every kernel tcptrace knows, used when the loader found it.
+const K: SetStateOffsets = SetStateOffsets::KNOWN;
+
+/// A field of the tracepoint record at an offset known when compiling: one load, which the
+/// verifier checks (the record is the program's context), instead of a helper call.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TracePointContext, off: impl Into<usize>) -> T {
+    // SAFETY: `off` is a constant inside the record, aligned for T (checked by the verifier).
+    unsafe { read_volatile(ctx.as_ptr_const().add(off.into()).cast::<T>()) }
+}
+
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
     // SAFETY: the offset comes from the tracepoint's own format file; the helper checks the
@@ -228,21 +243,42 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     // folding the zeros above into the code.
     let cfg = unsafe { read_volatile(&CONFIG) };
     let o = cfg.offsets;
+    let fast = o.known_layout != 0;
 
-    let protocol: u16 = read(ctx, o.protocol)?;
+    let protocol: u16 = if fast {
+        load(ctx, K.protocol)
+    } else {
+        read(ctx, o.protocol)?
+    };
     let mptcp = protocol == IPPROTO_MPTCP;
     if protocol != IPPROTO_TCP && !(mptcp && cfg.mptcp != 0) {
         return Ok(());
     }
-    let family: u16 = read(ctx, o.family)?;
+    let family: u16 = if fast {
+        load(ctx, K.family)
+    } else {
+        read(ctx, o.family)?
+    };
     if cfg.family != 0 && cfg.family != family {
         return Ok(());
     }
-    let old = read::<i32>(ctx, o.oldstate)? as u8;
-    let new = read::<i32>(ctx, o.newstate)? as u8;
-    let skaddr: u64 = read(ctx, o.skaddr)?;
-    let sport: u16 = read(ctx, o.sport)?;
-    let dport: u16 = read(ctx, o.dport)?;
+    let (old, new, skaddr, sport, dport) = if fast {
+        (
+            load::<i32>(ctx, K.oldstate) as u8,
+            load::<i32>(ctx, K.newstate) as u8,
+            load::<u64>(ctx, K.skaddr),
+            load::<u16>(ctx, K.sport),
+            load::<u16>(ctx, K.dport),
+        )
+    } else {
+        (
+            read::<i32>(ctx, o.oldstate)? as u8,
+            read::<i32>(ctx, o.newstate)? as u8,
+            read::<u64>(ctx, o.skaddr)?,
+            read::<u16>(ctx, o.sport)?,
+            read::<u16>(ctx, o.dport)?,
+        )
+    };
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Per-socket bookkeeping happens before filtering, so durations stay right for sockets
@@ -370,12 +406,21 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         netns,
         cgroup,
     };
-    let addrs = Addrs {
-        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
-        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-        len: 16,
+    let addrs = if fast {
+        let v6 = K.saddr_v6 as usize;
+        let d6 = K.daddr_v6 as usize;
+        Addrs::Loaded {
+            saddr: [load(ctx, v6), load(ctx, v6 + 8)],
+            daddr: [load(ctx, d6), load(ctx, d6 + 8)],
+        }
+    } else {
+        Addrs::Read {
+            saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
+            daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
+            len: 16,
+        }
     };
-    emit(&cfg, &rec, &addrs, owner_ptr);
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner_ptr);
     Ok(())
 }
 
@@ -417,7 +462,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         family,
         sport,
         dport,
-        &Addrs {
+        &Addrs::Read {
             saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
             daddr: ctx.as_ptr_const().wrapping_add(o.daddr as usize + addr_at),
             len,
@@ -451,7 +496,7 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         family,
         sport,
         dport,
-        &Addrs {
+        &Addrs::Read {
             saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
             daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
             len: 16,
@@ -539,7 +584,7 @@ fn reset(
         netns,
         cgroup,
     };
-    emit(cfg, &rec, addrs, owner_ptr);
+    emit(cfg.wakeup_bytes, &rec, addrs, owner_ptr);
     Ok(())
 }
 
@@ -598,19 +643,55 @@ pub fn timer_start(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A timer was armed: report it if it is a timewait socket's.
+/// A timer was armed (`timer:timer_start`'s record): report it if it is a timewait socket's.
 fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.timewait;
-    // Every timer on the system passes here: one read decides.
-    let function: u64 = read(ctx, o.start_function)?;
-    if function != o.handler || o.handler == 0 {
+    // SAFETY: as in try_set_state, one field at a time: every timer on the system passes
+    // here, and one read decides.
+    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
+    let at = unsafe { read_volatile(&CONFIG.timewait.start_function) };
+    let function: u64 = read(ctx, at)?;
+    if function != handler || handler == 0 {
         return Ok(());
     }
+    let o = unsafe { read_volatile(&CONFIG.timewait) };
     let timer: u64 = read(ctx, o.start_timer)?;
     let expires: u64 = read(ctx, o.start_expires)?;
     let now: u64 = read(ctx, o.start_now)?;
+    tw_armed(timer, expires.wrapping_sub(now))
+}
+
+/// `timer_start` as a raw tracepoint: no record is built for the program (every timer on
+/// the system passes here), and the kernel skips it only when this very program is already
+/// running on the CPU, not when any tracing program is.
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn raw_timer_start(ctx: RawTracePointContext) -> i32 {
+    let _ = try_raw_timer_start(&ctx);
+    0
+}
+
+/// A timer was armed (`timer_start(timer, …)`'s arguments).
+fn try_raw_timer_start(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // SAFETY: as in try_timer_start.
+    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
+    let at = unsafe { read_volatile(&CONFIG.timewait.timer_function) };
+    let timer: u64 = ctx.arg(0);
+    let function: u64 = kread(timer, at)?;
+    if function != handler || handler == 0 {
+        return Ok(());
+    }
+    let at = unsafe { read_volatile(&CONFIG.timewait.timer_expires) };
+    let expires: u64 = kread(timer, at)?;
+    // What the tracepoint's record calls `now`: jiffies.
+    let now = unsafe { bpf_jiffies64() };
+    tw_armed(timer, expires.wrapping_sub(now))
+}
+
+/// A timewait socket's timer, armed for `timeout` jiffies: remember the timer, report the
+/// socket.
+fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.timewait;
     let tw = timer.wrapping_sub(o.tw_timer as u64);
     let family: u16 = kread(tw, o.skc_family)?;
     let substate: u8 = kread(tw, o.tw_substate)?;
@@ -644,7 +725,7 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: tw,
         in_from: 0,
-        aux: expires.wrapping_sub(now),
+        aux: timeout,
         sport,
         dport,
         family,
@@ -656,38 +737,51 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
         // A timewait socket has no cgroup; userspace takes it from the entry transition.
         cgroup: 0,
     };
-    let addrs = Addrs {
+    let addrs = Addrs::Read {
         saddr: (tw + saddr as u64) as *const u8,
         daddr: (tw + daddr as u64) as *const u8,
         len,
     };
-    emit(&cfg, &rec, &addrs, owner.as_ptr());
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
     Ok(())
 }
 
 #[tracepoint]
 pub fn timer_cancel(ctx: TracePointContext) -> u32 {
-    let _ = try_tw_timer_end(&ctx, kind::TW_CANCELLED);
+    // SAFETY: as in try_timer_start.
+    let at = unsafe { read_volatile(&CONFIG.timewait.cancel_timer) };
+    if let Ok(timer) = read::<u64>(&ctx, at) {
+        let _ = tw_timer_end(timer, kind::TW_CANCELLED);
+    }
     0
 }
 
 #[tracepoint]
 pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
-    let _ = try_tw_timer_end(&ctx, kind::TW_EXPIRED);
+    // SAFETY: as in try_timer_start.
+    let at = unsafe { read_volatile(&CONFIG.timewait.expire_timer) };
+    if let Ok(timer) = read::<u64>(&ctx, at) {
+        let _ = tw_timer_end(timer, kind::TW_EXPIRED);
+    }
     0
 }
 
-/// A known timewait timer was cancelled or fired.
-fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.timewait;
-    let off = if k == kind::TW_EXPIRED {
-        o.expire_timer
-    } else {
-        o.cancel_timer
-    };
-    let timer: u64 = read(ctx, off)?;
+/// `timer_cancel(timer)` as a raw tracepoint (see [`raw_timer_start`]).
+#[raw_tracepoint(tracepoint = "timer_cancel")]
+pub fn raw_timer_cancel(ctx: RawTracePointContext) -> i32 {
+    let _ = tw_timer_end(ctx.arg(0), kind::TW_CANCELLED);
+    0
+}
+
+/// `timer_expire_entry(timer, …)` as a raw tracepoint (see [`raw_timer_start`]).
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn raw_timer_expire(ctx: RawTracePointContext) -> i32 {
+    let _ = tw_timer_end(ctx.arg(0), kind::TW_EXPIRED);
+    0
+}
+
+/// A timer was cancelled or fired: report it if it is a known timewait timer.
+fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
     // Most timers are not timewait sockets': a lookup (lock-free) drops them.
     let known = TW_TIMERS.get_ptr(timer).is_some();
     let slot = LAST_TW_CANCEL.get_ptr_mut(0).ok_or(0)?;
@@ -716,11 +810,14 @@ fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
             unsafe { *slot = 0 };
         }
     }
+    // SAFETY: as in try_timer_start.
+    let tw_timer = unsafe { read_volatile(&CONFIG.timewait.tw_timer) };
+    let wakeup_bytes = unsafe { read_volatile(&CONFIG.wakeup_bytes) };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
-        skaddr: timer.wrapping_sub(o.tw_timer as u64),
+        skaddr: timer.wrapping_sub(tw_timer as u64),
         in_from: 0,
         aux: 0,
         sport: 0,
@@ -734,19 +831,18 @@ fn try_tw_timer_end(ctx: &TracePointContext, k: u8) -> Result<(), i32> {
         cgroup: 0,
     };
     // No addresses: userspace knows them from the arming.
-    let addrs = Addrs {
+    let addrs = Addrs::Read {
         saddr: core::ptr::null(),
         daddr: core::ptr::null(),
         len: 0,
     };
-    emit(&cfg, &rec, &addrs, owner.as_ptr());
+    emit(wakeup_bytes, &rec, &addrs, owner.as_ptr());
     Ok(())
 }
 
 #[inline(always)]
 fn port_bits(p: u16) -> u8 {
-    // SAFETY: a plain lookup; the value is a byte.
-    unsafe { PORTS.get(p).copied().unwrap_or(0) }
+    PORTS.get(u32::from(p)).copied().unwrap_or(0)
 }
 
 /// The scalar fields of one event.
@@ -768,16 +864,22 @@ struct Record {
     cgroup: u64,
 }
 
-/// Where the two addresses are in the tracepoint record, and how long they are (4 or 16).
-struct Addrs {
-    saddr: *const u8,
-    daddr: *const u8,
-    len: u32,
+/// The event's two addresses.
+enum Addrs {
+    /// In kernel memory (the tracepoint record, a timewait socket), `len` bytes each (4, 16,
+    /// or 0 for none).
+    Read {
+        saddr: *const u8,
+        daddr: *const u8,
+        len: u32,
+    },
+    /// Already loaded from the record: 16 bytes each.
+    Loaded { saddr: [u64; 2], daddr: [u64; 2] },
 }
 
 /// Writes one event into the ring buffer, or counts it lost.
 #[inline(always)]
-fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
+fn emit(wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         if let Some(n) = LOST.get_ptr_mut(0) {
             unsafe { *n += 1 };
@@ -790,11 +892,25 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
         put(addr_of_mut!((*e).skaddr), r.skaddr);
         put(addr_of_mut!((*e).in_from_ns), r.in_from);
         put(addr_of_mut!((*e).aux), r.aux);
-        zero16(addr_of_mut!((*e).saddr));
-        zero16(addr_of_mut!((*e).daddr));
-        if a.len != 0 {
-            let _ = bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), a.len, a.saddr.cast());
-            let _ = bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), a.len, a.daddr.cast());
+        match *a {
+            Addrs::Loaded { saddr, daddr } => {
+                let s = addr_of_mut!((*e).saddr).cast::<u64>();
+                let d = addr_of_mut!((*e).daddr).cast::<u64>();
+                put(s, saddr[0]);
+                put(s.add(1), saddr[1]);
+                put(d, daddr[0]);
+                put(d.add(1), daddr[1]);
+            }
+            Addrs::Read { saddr, daddr, len } => {
+                zero16(addr_of_mut!((*e).saddr));
+                zero16(addr_of_mut!((*e).daddr));
+                if len != 0 {
+                    let _ =
+                        bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), len, saddr.cast());
+                    let _ =
+                        bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), len, daddr.cast());
+                }
+            }
         }
         let comm = addr_of_mut!((*e).comm).cast::<u64>();
         put(comm, (*owner).comm[0]);
@@ -816,10 +932,10 @@ fn emit(cfg: &Config, r: &Record, a: &Addrs, owner: *const Owner) {
     // not on every record while it is above (each wake-up is an interrupt — a self-IPI, a
     // VM exit under a hypervisor — and a busy reader may take milliseconds to drain, during
     // which every record would raise one). The reader's own tick covers a missed crossing.
-    let wake = if cfg.wakeup_bytes == 0 {
+    let wake = if wakeup_bytes == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
-        let w = cfg.wakeup_bytes as u64;
+        let w = wakeup_bytes as u64;
         // Unread bytes, this record (and its 8-byte header) included.
         let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
         let before = avail.saturating_sub(core::mem::size_of::<Event>() as u64 + 8);

@@ -14,8 +14,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array as BpfArray, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
 };
 use tcptrace_common::{
     ABSENT, Config, EVENT_SIZE, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
@@ -182,14 +182,14 @@ impl Probe {
             .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         {
-            let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+            let mut ports: BpfArray<_, u8> = BpfArray::try_from(
                 ebpf.map_mut("PORTS")
                     .ok_or_else(|| ProbeError::Load("map PORTS is missing".into()))?,
             )
             .map_err(|e| ProbeError::Load(e.to_string()))?;
             for (port, bits) in &cfg.ports {
                 ports
-                    .insert(port, bits, 0)
+                    .set(u32::from(*port), bits, 0)
                     .map_err(|e| ProbeError::Load(format!("setting the port filter: {e}")))?;
             }
         }
@@ -221,12 +221,21 @@ impl Probe {
             }
         }
         let mut timewait_traced = timewait.is_some();
+        // Which program serves each timer tracepoint: the raw one where the kernel takes it.
+        let mut timer_names = Vec::new();
         if timewait_traced {
-            for name in ["timer_start", "timer_cancel", "timer_expire_entry"] {
-                if let Err(e) = attach_optional(&mut ebpf, "timer", name) {
-                    log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
-                    timewait_traced = false;
-                    break;
+            for (name, raw) in [
+                ("timer_start", "raw_timer_start"),
+                ("timer_cancel", "raw_timer_cancel"),
+                ("timer_expire_entry", "raw_timer_expire"),
+            ] {
+                match attach_timer(&mut ebpf, name, raw) {
+                    Ok(prog) => timer_names.push(prog),
+                    Err(e) => {
+                        log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
+                        timewait_traced = false;
+                        break;
+                    }
                 }
             }
         }
@@ -238,7 +247,7 @@ impl Probe {
                 .collect()
         };
         let tcp_progs = fds(&["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"]);
-        let timer_progs = fds(&["timer_start", "timer_cancel", "timer_expire_entry"]);
+        let timer_progs = fds(&timer_names);
         Ok(Probe {
             ring,
             lost,
@@ -357,6 +366,34 @@ fn attach_optional(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<(), St
     Ok(())
 }
 
+/// Attaches the program for one `timer:*` tracepoint: the raw tracepoint `raw` when the
+/// kernel takes it (no record built for every timer on the system, and no run skipped because
+/// another tracing program was running on the CPU), else the classic one. Returns the name of
+/// the program attached.
+fn attach_timer(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    raw: &'static str,
+) -> Result<&'static str, String> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(raw)
+        .ok_or("the program is missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let attached = prog
+        .load()
+        .map_err(|e| verifier_error(&e))
+        .and_then(|()| prog.attach(name).map_err(|e| format!("{e:#}")));
+    match attached {
+        Ok(_) => Ok(raw),
+        Err(e) => {
+            log::debug!("raw tracepoint {name}: {e}; using the tracepoint timer:{name}");
+            let _ = prog.unload();
+            attach_optional(ebpf, "timer", name).map(|()| name)
+        }
+    }
+}
+
 /// The offsets of an optional `tcp:*` tracepoint, or None (with one warning) when this kernel
 /// does not have it in a form tcptrace understands.
 fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Option<T> {
@@ -433,6 +470,11 @@ fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
             .and_then(|o| u16::try_from(o).map_err(|_| format!("{path} is too far in")))
     };
     let common = |m: &str| tw(&format!("__tw_common.{m}"));
+    let timer = |m: &str| {
+        btf.offset("timer_list", m)
+            .map_err(|e| e.to_string())
+            .and_then(|o| u16::try_from(o).map_err(|_| format!("timer_list.{m} is too far in")))
+    };
     let format = |name: &str| -> Result<String, String> {
         let path = tracepoint_format("timer", name).map_err(|e| e.to_string())?;
         fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
@@ -472,6 +514,9 @@ fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
         skc_rcv_saddr: common("skc_rcv_saddr")?,
         skc_v6_daddr: common("skc_v6_daddr")?,
         skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        timer_function: timer("function")?,
+        timer_expires: timer("expires")?,
+        _pad: 0,
     })
 }
 
@@ -713,7 +758,7 @@ pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
     let protocol = f
         .get("protocol", 2)
         .map_err(|e| format!("{e} (the protocol field needs Linux 4.18 or later)"))?;
-    Ok(SetStateOffsets {
+    let mut o = SetStateOffsets {
         skaddr: f.get("skaddr", 8)?,
         oldstate: f.get("oldstate", 4)?,
         newstate: f.get("newstate", 4)?,
@@ -723,8 +768,10 @@ pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
         protocol,
         saddr_v6: f.get("saddr_v6", 16)?,
         daddr_v6: f.get("daddr_v6", 16)?,
-        _pad: 0,
-    })
+        known_layout: 0,
+    };
+    o.known_layout = u16::from(o.is_known());
+    Ok(o)
 }
 
 /// Reads `tcp:tcp_send_reset`'s offsets (the `reason` field exists from Linux 6.10 on).
@@ -812,6 +859,11 @@ format:
             (o.family, o.protocol, o.saddr_v6, o.daddr_v6),
             (28, 30, 40, 56)
         );
+        // This kernel's layout is the one compiled into the program's fast path.
+        assert_eq!(o.known_layout, 1);
+        // Any other layout is read field by field, at the offsets parsed.
+        let moved = parse_set_state_format(&FORMAT.replace("offset:56", "offset:64")).unwrap();
+        assert_eq!((moved.daddr_v6, moved.known_layout), (64, 0));
     }
 
     #[test]
