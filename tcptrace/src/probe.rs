@@ -73,6 +73,10 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Trace timewait sockets' timers (TIME_WAIT exits), where the host allows it.
     pub timewait: bool,
+    /// Take only the paths that work on any kernel: classic tracepoints everywhere and a
+    /// helper read per record field, as on a kernel whose raw tracepoints or record layout
+    /// tcptrace does not know. Slower; for tests of those fallbacks.
+    pub portable: bool,
 }
 
 impl Default for ProbeConfig {
@@ -85,6 +89,7 @@ impl Default for ProbeConfig {
             ports: Vec::new(),
             ring_bytes: DEFAULT_RING_BYTES,
             timewait: true,
+            portable: false,
         }
     }
 }
@@ -122,6 +127,9 @@ impl Probe {
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
         let mut kcfg = cfg.kernel;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
+        if cfg.portable {
+            kcfg.offsets.known_layout = 0;
+        }
         // The reset tracepoints tell who aborted a connection. Without them (before Linux
         // 4.16/5.x, or a changed format) tracing goes on and aborts are classified `unknown`.
         let send = optional_format("tcp_send_reset", parse_send_reset_format);
@@ -229,7 +237,7 @@ impl Probe {
                 ("timer_cancel", "raw_timer_cancel"),
                 ("timer_expire_entry", "raw_timer_expire"),
             ] {
-                match attach_timer(&mut ebpf, name, raw) {
+                match attach_timer(&mut ebpf, name, (!cfg.portable).then_some(raw)) {
                     Ok(prog) => timer_names.push(prog),
                     Err(e) => {
                         log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
@@ -373,8 +381,11 @@ fn attach_optional(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<(), St
 fn attach_timer(
     ebpf: &mut Ebpf,
     name: &'static str,
-    raw: &'static str,
+    raw: Option<&'static str>,
 ) -> Result<&'static str, String> {
+    let Some(raw) = raw else {
+        return attach_optional(ebpf, "timer", name).map(|()| name);
+    };
     let prog: &mut RawTracePoint = ebpf
         .program_mut(raw)
         .ok_or("the program is missing")?

@@ -14,7 +14,7 @@ use std::{
 use common::*;
 use tcptrace::{
     event::{Event, State, decode},
-    probe::DEFAULT_RING_BYTES,
+    probe::{DEFAULT_RING_BYTES, Probe},
 };
 
 /// In a forked child (another process, so attribution can be told apart): connect to
@@ -43,6 +43,25 @@ fn loopback_client_close_exact_transitions_filters_and_owners() {
     if !root_or_skip("loopback_client_close_exact_transitions_filters_and_owners") {
         return;
     }
+    loopback_client_close(probe_for_ports);
+}
+
+/// The same through the fallbacks of the fast paths (classic tracepoints, a helper read per
+/// record field): what a kernel tcptrace does not know gets.
+#[test]
+fn loopback_client_close_through_the_portable_paths() {
+    if !root_or_skip("loopback_client_close_through_the_portable_paths") {
+        return;
+    }
+    loopback_client_close(portable_probe_for_ports);
+}
+
+/// Held while a test forks: a child forked by one test would inherit the other's sockets,
+/// and whichever process drops a socket's last reference is the one its close is logged for.
+static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
+    let _alone = FORKING.lock().unwrap_or_else(|e| e.into_inner());
     let (port, other) = (free_port(), free_port());
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();

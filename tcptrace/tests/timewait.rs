@@ -186,10 +186,24 @@ fn tcp_tw_reuse_kills_time_wait_early() {
     if !root_or_skip("tcp_tw_reuse_kills_time_wait_early") {
         return;
     }
+    tw_reuse_kill(probe_for_ports, 0);
+}
+
+/// The same through the classic timer tracepoints, the fallback of the raw ones.
+#[test]
+fn tcp_tw_reuse_kills_time_wait_early_through_the_portable_paths() {
+    if !root_or_skip("tcp_tw_reuse_kills_time_wait_early_through_the_portable_paths") {
+        return;
+    }
+    tw_reuse_kill(portable_probe_for_ports, 500);
+}
+
+/// `shift` keeps two such tests running at once off each other's ports.
+fn tw_reuse_kill(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
-    let port = 22_000 + (std::process::id() % 1000) as u16;
-    let from = 23_000 + (std::process::id() % 1000) as u16;
+    let port = 22_000 + shift + (std::process::id() % 500) as u16;
+    let from = 23_000 + shift + (std::process::id() % 500) as u16;
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);

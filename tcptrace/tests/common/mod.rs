@@ -85,6 +85,16 @@ pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
 
 /// The same, choosing whether timewait timers are traced.
 pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
+    probe_built(ports, ring_bytes, timewait, false)
+}
+
+/// [`probe_for_ports`] taking only the paths that work on any kernel (classic tracepoints,
+/// a helper read per record field): the fallbacks of the fast paths, checked the same way.
+pub fn portable_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    probe_built(ports, ring_bytes, true, true)
+}
+
+fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, portable: bool) -> Probe {
     let filter = Filter {
         ports: ports.to_vec(),
         ..Filter::default()
@@ -95,6 +105,7 @@ pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
         ports,
         ring_bytes,
         timewait,
+        portable,
     })
     .expect("the probe loads and attaches")
 }
