@@ -210,21 +210,11 @@ impl Renderer {
                 self.line.push_str(&tail);
             }
             Format::Json => {
-                let name = self.ns.resolve(c.cgroup);
-                let rec = CloseJson {
-                    common: self.common("close", c.ts_ns, Some((c.local, c.remote))),
-                    initiator: c.initiator.name(),
-                    how: c.how.name(),
-                    timewait: c.timewait,
-                    role: c.role.name(),
-                    lifetime_ns: c.lifetime_ns,
-                    midlife: c.midlife,
-                    pid: c.owner.as_ref().map(|o| o.pid),
-                    comm: c.owner.as_ref().map(|o| o.comm.as_str()),
-                    skaddr: Hex(c.skaddr),
-                    ns: NsFields::new(c.netns, c.cgroup, name.as_deref()),
-                };
-                return self.json_line(out, &rec);
+                self.json.clear();
+                let wall = wall_ns(c.ts_ns, self.style.wall_offset_ns);
+                close_json(&mut self.json, &mut self.second, &mut self.ns, wall, c);
+                self.json.push(b'\n');
+                return out.write_all(&self.json);
             }
         }
         self.line.push('\n');
@@ -536,20 +526,7 @@ fn transition_json(
     t: &Transition,
 ) {
     let mut num = itoa::Buffer::new();
-    b.extend_from_slice(br#"{"kind":"transition","time":""#);
-    second.write(b, wall);
-    b.extend_from_slice(if t.local.is_ipv4() {
-        br#"","family":4,"laddr":""#
-    } else {
-        br#"","family":6,"laddr":""#
-    });
-    ip_into(b, t.local.ip());
-    b.extend_from_slice(br#"","lport":"#);
-    b.extend_from_slice(num.format(t.local.port()).as_bytes());
-    b.extend_from_slice(br#","raddr":""#);
-    ip_into(b, t.remote.ip());
-    b.extend_from_slice(br#"","rport":"#);
-    b.extend_from_slice(num.format(t.remote.port()).as_bytes());
+    ends_json(b, second, br#"{"kind":"transition","time":""#, wall, t.local, t.remote);
     b.extend_from_slice(br#","from":""#);
     b.extend_from_slice(t.from.name().as_bytes());
     b.extend_from_slice(br#"","to":""#);
@@ -585,6 +562,79 @@ fn transition_json(
         None => b.extend_from_slice(b"null"),
     }
     ns.cgroup_into(b, t.cgroup);
+    b.push(b'}');
+}
+
+/// Writes `start` (`{"kind":"…","time":"`, pre-escaped), then the time and both ends, as
+/// serde_json writes a [`Common`] with both ends (up to and including `rport`'s value).
+fn ends_json(
+    b: &mut Vec<u8>,
+    second: &mut SecondCache,
+    start: &[u8],
+    wall: i128,
+    local: SocketAddr,
+    remote: SocketAddr,
+) {
+    let mut num = itoa::Buffer::new();
+    b.extend_from_slice(start);
+    second.write(b, wall);
+    b.extend_from_slice(if local.is_ipv4() {
+        br#"","family":4,"laddr":""#
+    } else {
+        br#"","family":6,"laddr":""#
+    });
+    ip_into(b, local.ip());
+    b.extend_from_slice(br#"","lport":"#);
+    b.extend_from_slice(num.format(local.port()).as_bytes());
+    b.extend_from_slice(br#","raddr":""#);
+    ip_into(b, remote.ip());
+    b.extend_from_slice(br#"","rport":"#);
+    b.extend_from_slice(num.format(remote.port()).as_bytes());
+}
+
+/// Writes a close's JSON record (without the newline): two per connection, so written by
+/// hand like [`transition_json`]; a property test holds it to serde_json's [`CloseJson`].
+fn close_json(b: &mut Vec<u8>, second: &mut SecondCache, ns: &mut NsJson, wall: i128, c: &Close) {
+    let mut num = itoa::Buffer::new();
+    ends_json(b, second, br#"{"kind":"close","time":""#, wall, c.local, c.remote);
+    // The names are plain identifiers: nothing to escape.
+    b.extend_from_slice(br#","initiator":""#);
+    b.extend_from_slice(c.initiator.name().as_bytes());
+    b.extend_from_slice(br#"","how":""#);
+    b.extend_from_slice(c.how.name().as_bytes());
+    b.extend_from_slice(if c.timewait {
+        br#"","timewait":true,"role":""#
+    } else {
+        br#"","timewait":false,"role":""#
+    });
+    b.extend_from_slice(c.role.name().as_bytes());
+    b.extend_from_slice(br#"","lifetime_ns":"#);
+    match c.lifetime_ns {
+        Some(d) => b.extend_from_slice(num.format(d).as_bytes()),
+        None => b.extend_from_slice(b"null"),
+    }
+    b.extend_from_slice(if c.midlife {
+        br#","midlife":true,"pid":"#
+    } else {
+        br#","midlife":false,"pid":"#
+    });
+    match &c.owner {
+        Some(o) => {
+            b.extend_from_slice(num.format(o.pid).as_bytes());
+            b.extend_from_slice(br#","comm":"#);
+            // Process names are the user's: serde_json escapes them.
+            let _ = serde_json::to_writer(&mut *b, &o.comm.as_str());
+        }
+        None => b.extend_from_slice(br#"null,"comm":null"#),
+    }
+    b.extend_from_slice(br#","skaddr":""#);
+    let _ = write!(b, "{:#x}", c.skaddr);
+    b.extend_from_slice(br#"","netns":"#);
+    match c.netns {
+        Some(n) => b.extend_from_slice(num.format(n).as_bytes()),
+        None => b.extend_from_slice(b"null"),
+    }
+    ns.cgroup_into(b, c.cgroup);
     b.push(b'}');
 }
 
@@ -776,6 +826,9 @@ struct ResetJson<'a> {
     ns: NsFields<'a>,
 }
 
+/// The close record's schema, as serde would write it: the oracle of the hand-written
+/// [`close_json`].
+#[cfg(test)]
 #[derive(Serialize)]
 struct CloseJson<'a> {
     #[serde(flatten)]
@@ -938,6 +991,76 @@ mod tests {
             r.transition(&mut out, &t).unwrap();
             r.transition(&mut out, &t).unwrap();
             let want = serde_transition(&r, &names, &t);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
+        }
+    }
+
+    proptest! {
+        /// The hand-written close line is exactly serde_json's, for every initiator, way
+        /// and role, any lifetime, owner, kernel address, namespace and cgroup.
+        #[test]
+        fn the_fast_close_line_is_serde_jsons(
+            local in any_addr(), remote in any_addr(),
+            initiator in 0usize..4, how in 0usize..6, role in 0usize..3,
+            timewait in any::<bool>(), midlife in any::<bool>(),
+            lifetime in proptest::option::of(any::<u64>()),
+            owner in proptest::option::of((any::<u32>(), any::<[u8; 16]>(), any::<bool>())),
+            ts in any::<u64>(),
+            wall_offset in prop_oneof![Just(1_764_000_000_000_000_000i64), any::<i64>()],
+            skaddr in any::<u64>(),
+            netns in proptest::option::of(1u32..),
+            cgroup in proptest::option::of(prop_oneof![1u64..4, 4u64..]),
+            paths in proptest::collection::vec(any_cgroup_path(), 3),
+        ) {
+            use crate::track::{How, Initiator, Role};
+            let names = Cgroups::from_paths((1u64..).zip(paths));
+            let c = Close {
+                ts_ns: ts,
+                skaddr,
+                local,
+                remote,
+                initiator: [Initiator::Local, Initiator::Remote, Initiator::Simultaneous,
+                    Initiator::Unknown][initiator],
+                how: [How::Fin, How::RstSent, How::RstReceived, How::Refused, How::Timeout,
+                    How::Unknown][how],
+                timewait,
+                role: [Role::Client, Role::Server, Role::Unknown][role],
+                lifetime_ns: lifetime,
+                owner: owner.map(|(pid, comm, from_listener)| Owner {
+                    pid,
+                    comm: Comm(comm),
+                    from_listener,
+                }),
+                midlife,
+                states: 0,
+                netns,
+                cgroup,
+            };
+            let style = Style {
+                wall_offset_ns: wall_offset,
+                utc_offset_secs: 0,
+                color: false,
+                addr_width: 47,
+            };
+            let mut r = Renderer::new(Format::Json, style).with_cgroups(names.clone());
+            let mut out = Vec::new();
+            r.close(&mut out, &c).unwrap();
+            r.close(&mut out, &c).unwrap();
+            let name = c.cgroup.and_then(|id| names.resolve(id));
+            let want = serde_json::to_string(&CloseJson {
+                common: r.common("close", c.ts_ns, Some((c.local, c.remote))),
+                initiator: c.initiator.name(),
+                how: c.how.name(),
+                timewait: c.timewait,
+                role: c.role.name(),
+                lifetime_ns: c.lifetime_ns,
+                midlife: c.midlife,
+                pid: c.owner.as_ref().map(|o| o.pid),
+                comm: c.owner.as_ref().map(|o| o.comm.as_str()),
+                skaddr: Hex(c.skaddr),
+                ns: NsFields::new(c.netns, c.cgroup, name.as_deref()),
+            })
+            .unwrap();
             prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
         }
     }

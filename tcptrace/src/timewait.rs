@@ -202,8 +202,11 @@ impl Timewaits {
                 // A full socket on the 4-tuple of a cancelled timewait socket: the timewait
                 // socket made way for a new connection (tcp_tw_reuse, or a SYN it accepted).
                 // Its slab object may come back for that connection's own timewait socket,
-                // with the same 4-tuple: without this, that would read as a re-arm.
-                if let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
+                // with the same 4-tuple: without this, that would read as a re-arm. Looked
+                // for at the new connection's handshake (its first transitions with both
+                // ports), not on every transition: a storm makes ten per connection.
+                if matches!(t.from, State::SynSent | State::SynRecv | State::Listen)
+                    && let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
                     && let Some(at) = self.live.get(&tw).and_then(|l| l.cancelled_at)
                 {
                     out.extend(self.end(tw, at, End::Killed));
