@@ -343,6 +343,37 @@ pub struct Config {
     /// Keep only events of sockets in these network namespaces (inode numbers); the first
     /// `netns_count` are used.
     pub netns: [u32; MAX_KERNEL_NETNS],
+    /// Where a full socket keeps what the tracepoint's record holds, for the raw tracepoint
+    /// program that gets the socket rather than the record.
+    pub sock: SockOffsets,
+    /// Non-zero: the raw tracepoint program handles every transition (the classic one is not
+    /// attached). Zero: only those the kernel skipped the classic program for.
+    pub raw_catches_all: u32,
+}
+
+/// Where a full socket (`struct sock`, `struct inet_sock`) keeps the fields of the
+/// `inet_sock_set_state` record, as BTF offsets found at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockOffsets {
+    /// Non-zero when every offset below was found.
+    pub known: u16,
+    /// `sock.sk_protocol`.
+    pub sk_protocol: u16,
+    /// `sock_common.skc_family`.
+    pub skc_family: u16,
+    /// `sock_common.skc_dport` (network order).
+    pub skc_dport: u16,
+    /// `sock_common.skc_daddr` (IPv4).
+    pub skc_daddr: u16,
+    /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr` (IPv6).
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    /// `inet_sock.inet_sport` (network order) and `inet_saddr`: the record's `sport` and
+    /// IPv4 `saddr`.
+    pub inet_sport: u16,
+    pub inet_saddr: u16,
+    pub _pad: u16,
 }
 
 /// The state the connection really enters, given the event's [`flag`]s.

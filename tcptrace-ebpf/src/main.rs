@@ -25,8 +25,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, MAX_KERNEL_NETNS,
-    NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, TimewaitOffsets,
-    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
+    NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, SockOffsets,
+    TimewaitOffsets, driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -92,11 +92,33 @@ static CONFIG: Config = Config {
     ns: NsOffsets::UNKNOWN,
     netns_count: 0,
     netns: [0; MAX_KERNEL_NETNS],
+    sock: SockOffsets {
+        known: 0,
+        sk_protocol: 0,
+        skc_family: 0,
+        skc_dport: 0,
+        skc_daddr: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        inet_sport: 0,
+        inet_saddr: 0,
+        _pad: 0,
+    },
+    raw_catches_all: 0,
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Per CPU: 1 while a classic tracepoint program of ours runs there (see [`classic`]).
+#[map]
+static IN_CLASSIC: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: transitions `raw_set_state` took over from a skipped classic program (the kernel
+/// counted each as a miss of that program: userspace subtracts these).
+#[map]
+static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events that found the ring buffer full, per CPU. Loss is never silent.
 #[map]
@@ -186,7 +208,7 @@ struct SockInfo {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_set_state(&ctx) {
+    if let Err(err) = classic(|| try_set_state(&ctx)) {
         // Only a wrong offset or a kernel that changed the record gets here: say so through
         // aya-log rather than dropping transitions silently.
         error!(
@@ -195,6 +217,24 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         );
     }
     0
+}
+
+/// Runs the body of a classic tracepoint program with `IN_CLASSIC` set on this CPU: while it
+/// is, the kernel skips every classic tracing program nested in it, and `raw_set_state`
+/// takes their transitions over.
+#[inline(always)]
+fn classic(body: impl FnOnce() -> Result<(), i32>) -> Result<(), i32> {
+    let depth = IN_CLASSIC.get_ptr_mut(0);
+    if let Some(d) = depth {
+        // SAFETY: a valid per-CPU slot; the program cannot move to another CPU while it runs.
+        unsafe { *d = 1 };
+    }
+    let r = body();
+    if let Some(d) = depth {
+        // SAFETY: as above.
+        unsafe { *d = 0 };
+    }
+    r
 }
 
 /// The record's layout on every kernel tcptrace knows, used when the loader found it.
@@ -243,42 +283,133 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     // folding the zeros above into the code.
     let cfg = unsafe { read_volatile(&CONFIG) };
     let o = cfg.offsets;
-    let fast = o.known_layout != 0;
-
-    let protocol: u16 = if fast {
-        load(ctx, K.protocol)
-    } else {
-        read(ctx, o.protocol)?
+    if o.known_layout != 0 {
+        let (v6, d6) = (K.saddr_v6 as usize, K.daddr_v6 as usize);
+        let f = Fields {
+            protocol: load(ctx, K.protocol),
+            family: load(ctx, K.family),
+            old: load::<i32>(ctx, K.oldstate) as u8,
+            new: load::<i32>(ctx, K.newstate) as u8,
+            skaddr: load(ctx, K.skaddr),
+            sport: load(ctx, K.sport),
+            dport: load(ctx, K.dport),
+        };
+        let addrs = Addrs::Loaded {
+            saddr: [load(ctx, v6), load(ctx, v6 + 8)],
+            daddr: [load(ctx, d6), load(ctx, d6 + 8)],
+        };
+        return on_transition(&cfg, &f, &addrs);
+    }
+    let f = Fields {
+        protocol: read(ctx, o.protocol)?,
+        family: read(ctx, o.family)?,
+        old: read::<i32>(ctx, o.oldstate)? as u8,
+        new: read::<i32>(ctx, o.newstate)? as u8,
+        skaddr: read(ctx, o.skaddr)?,
+        sport: read(ctx, o.sport)?,
+        dport: read(ctx, o.dport)?,
     };
+    let addrs = Addrs::Read {
+        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
+        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
+        len: 16,
+    };
+    on_transition(&cfg, &f, &addrs)
+}
+
+/// The `inet_sock_set_state` program as a raw tracepoint, which the kernel skips only when
+/// this very program is running on the CPU. Attached beside the classic program, it handles
+/// exactly the transitions the kernel skipped that one for: those of a softirq that
+/// interrupted it (the kernel never nests classic tracing programs, and counts a miss).
+/// With `raw_catches_all` (the classic program not attached) it handles every transition.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn raw_set_state(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: as in try_timer_start.
+    let all = unsafe { read_volatile(&CONFIG.raw_catches_all) } != 0;
+    if !all {
+        // Not inside the classic program on this CPU: that one runs (or ran) for this
+        // transition.
+        match IN_CLASSIC.get_ptr(0) {
+            // SAFETY: a valid per-CPU slot.
+            Some(depth) if unsafe { *depth } != 0 => {}
+            _ => return 0,
+        }
+        if let Some(n) = CAUGHT.get_ptr_mut(0) {
+            // SAFETY: as above.
+            unsafe { *n += 1 };
+        }
+    }
+    let _ = try_raw_set_state(&ctx);
+    0
+}
+
+/// A transition from the tracepoint's arguments (`sk`, `oldstate`, `newstate`), the record's
+/// other fields read from the socket the way the kernel fills them in.
+fn try_raw_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let o = cfg.sock;
+    if o.known == 0 {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let f = Fields {
+        protocol: kread(sk, o.sk_protocol)?,
+        family: kread(sk, o.skc_family)?,
+        old: ctx.arg::<u64>(1) as u8,
+        new: ctx.arg::<u64>(2) as u8,
+        skaddr: sk,
+        sport: u16::from_be(kread(sk, o.inet_sport)?),
+        dport: u16::from_be(kread(sk, o.skc_dport)?),
+    };
+    let addrs = match f.family {
+        AF_INET => Addrs::Read {
+            saddr: (sk + o.inet_saddr as u64) as *const u8,
+            daddr: (sk + o.skc_daddr as u64) as *const u8,
+            len: 4,
+        },
+        AF_INET6 => Addrs::Read {
+            saddr: (sk + o.skc_v6_rcv_saddr as u64) as *const u8,
+            daddr: (sk + o.skc_v6_daddr as u64) as *const u8,
+            len: 16,
+        },
+        _ => return Ok(()),
+    };
+    on_transition(&cfg, &f, &addrs)
+}
+
+/// The fields of one `inet_sock_set_state` transition.
+#[derive(Clone, Copy)]
+struct Fields {
+    protocol: u16,
+    family: u16,
+    old: u8,
+    new: u8,
+    skaddr: u64,
+    sport: u16,
+    dport: u16,
+}
+
+/// One transition, wherever its fields came from: the per-socket bookkeeping, the filters,
+/// and the event.
+#[inline(always)]
+fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(), i32> {
+    let Fields {
+        protocol,
+        family,
+        old,
+        new,
+        skaddr,
+        sport,
+        dport,
+    } = *f;
     let mptcp = protocol == IPPROTO_MPTCP;
     if protocol != IPPROTO_TCP && !(mptcp && cfg.mptcp != 0) {
         return Ok(());
     }
-    let family: u16 = if fast {
-        load(ctx, K.family)
-    } else {
-        read(ctx, o.family)?
-    };
     if cfg.family != 0 && cfg.family != family {
         return Ok(());
     }
-    let (old, new, skaddr, sport, dport) = if fast {
-        (
-            load::<i32>(ctx, K.oldstate) as u8,
-            load::<i32>(ctx, K.newstate) as u8,
-            load::<u64>(ctx, K.skaddr),
-            load::<u16>(ctx, K.sport),
-            load::<u16>(ctx, K.dport),
-        )
-    } else {
-        (
-            read::<i32>(ctx, o.oldstate)? as u8,
-            read::<i32>(ctx, o.newstate)? as u8,
-            read::<u64>(ctx, o.skaddr)?,
-            read::<u16>(ctx, o.sport)?,
-            read::<u16>(ctx, o.dport)?,
-        )
-    };
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Per-socket bookkeeping happens before filtering, so durations stay right for sockets
@@ -406,27 +537,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         netns,
         cgroup,
     };
-    let addrs = if fast {
-        let v6 = K.saddr_v6 as usize;
-        let d6 = K.daddr_v6 as usize;
-        Addrs::Loaded {
-            saddr: [load(ctx, v6), load(ctx, v6 + 8)],
-            daddr: [load(ctx, d6), load(ctx, d6 + 8)],
-        }
-    } else {
-        Addrs::Read {
-            saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
-            daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-            len: 16,
-        }
-    };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner_ptr);
+    emit(cfg.wakeup_bytes, &rec, addrs, owner_ptr);
     Ok(())
 }
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_send_reset(&ctx);
+    let _ = classic(|| try_send_reset(&ctx));
     0
 }
 
@@ -472,7 +589,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_receive_reset(&ctx);
+    let _ = classic(|| try_receive_reset(&ctx));
     0
 }
 

@@ -280,7 +280,7 @@ fn drive<'a>(
         ports,
         ring_bytes: source.ring_buffer_size,
         timewait: true,
-        portable: false,
+        paths: crate::probe::Paths::Fast,
     })?;
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.

@@ -526,7 +526,14 @@ fn transition_json(
     t: &Transition,
 ) {
     let mut num = itoa::Buffer::new();
-    ends_json(b, second, br#"{"kind":"transition","time":""#, wall, t.local, t.remote);
+    ends_json(
+        b,
+        second,
+        br#"{"kind":"transition","time":""#,
+        wall,
+        t.local,
+        t.remote,
+    );
     b.extend_from_slice(br#","from":""#);
     b.extend_from_slice(t.from.name().as_bytes());
     b.extend_from_slice(br#"","to":""#);
@@ -596,7 +603,14 @@ fn ends_json(
 /// hand like [`transition_json`]; a property test holds it to serde_json's [`CloseJson`].
 fn close_json(b: &mut Vec<u8>, second: &mut SecondCache, ns: &mut NsJson, wall: i128, c: &Close) {
     let mut num = itoa::Buffer::new();
-    ends_json(b, second, br#"{"kind":"close","time":""#, wall, c.local, c.remote);
+    ends_json(
+        b,
+        second,
+        br#"{"kind":"close","time":""#,
+        wall,
+        c.local,
+        c.remote,
+    );
     // The names are plain identifiers: nothing to escape.
     b.extend_from_slice(br#","initiator":""#);
     b.extend_from_slice(c.initiator.name().as_bytes());

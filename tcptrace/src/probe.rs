@@ -19,7 +19,7 @@ use aya::{
 };
 use tcptrace_common::{
     ABSENT, Config, EVENT_SIZE, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
-    TimewaitOffsets,
+    SockOffsets, TimewaitOffsets,
 };
 
 use crate::{
@@ -73,10 +73,25 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Trace timewait sockets' timers (TIME_WAIT exits), where the host allows it.
     pub timewait: bool,
-    /// Take only the paths that work on any kernel: classic tracepoints everywhere and a
-    /// helper read per record field, as on a kernel whose raw tracepoints or record layout
-    /// tcptrace does not know. Slower; for tests of those fallbacks.
-    pub portable: bool,
+    /// Which kernel paths to take (the fastest the kernel allows, unless a test says
+    /// otherwise).
+    pub paths: Paths,
+}
+
+/// The kernel paths a probe takes. Only [`Paths::Fast`] is for use; the others exist so tests
+/// can exercise the fallbacks it relies on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Paths {
+    /// Transitions from the classic tracepoint, read with plain loads where the record has
+    /// the known layout, plus the raw tracepoint for the transitions the kernel skipped the
+    /// classic program for; timers through raw tracepoints. Each falls back to the portable
+    /// path where the kernel refuses it.
+    #[default]
+    Fast,
+    /// What any kernel takes: classic tracepoints everywhere, a helper read per record field.
+    Portable,
+    /// Transitions through the raw tracepoint only, each read from its socket.
+    RawTransitions,
 }
 
 impl Default for ProbeConfig {
@@ -89,7 +104,7 @@ impl Default for ProbeConfig {
             ports: Vec::new(),
             ring_bytes: DEFAULT_RING_BYTES,
             timewait: true,
-            portable: false,
+            paths: Paths::Fast,
         }
     }
 }
@@ -106,6 +121,8 @@ pub struct Probe {
     lost_reported: u64,
     /// The TCP programs' descriptors (owned by `_ebpf`), for their missed runs.
     tcp_progs: Vec<RawFd>,
+    /// Transitions the raw tracepoint took over from a skipped classic program, per CPU.
+    caught: Option<PerCpuArray<MapData, u64>>,
     /// The timer programs' descriptors.
     timer_progs: Vec<RawFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -127,7 +144,7 @@ impl Probe {
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
         let mut kcfg = cfg.kernel;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
-        if cfg.portable {
+        if cfg.paths == Paths::Portable {
             kcfg.offsets.known_layout = 0;
         }
         // The reset tracepoints tell who aborted a connection. Without them (before Linux
@@ -158,6 +175,25 @@ impl Probe {
                 NsOffsets::UNKNOWN
             }
         };
+        // The socket's own fields, for the raw tracepoint program (it gets the socket, not the
+        // record). Without them that program is not attached.
+        if cfg.paths != Paths::Portable
+            && let Ok(btf) = &btf
+        {
+            match sock_offsets(btf) {
+                Ok(o) => kcfg.sock = o,
+                Err(e) => log::debug!("no raw tracepoint for transitions: {e}"),
+            }
+        }
+        if cfg.paths == Paths::RawTransitions {
+            if kcfg.sock.known == 0 {
+                return Err(ProbeError::Load(
+                    "the raw tracepoint needs the socket's field offsets from the kernel's BTF"
+                        .into(),
+                ));
+            }
+            kcfg.raw_catches_all = 1;
+        }
         if kcfg.netns_count > 0 && !kcfg.ns.netns_known() {
             log::warn!("--netns cannot match: this kernel's network namespaces are unknown");
         }
@@ -211,15 +247,42 @@ impl Probe {
                 .ok_or_else(|| ProbeError::Load("map LOST is missing".into()))?,
         )
         .map_err(|e| ProbeError::Load(e.to_string()))?;
-        let prog: &mut TracePoint = ebpf
-            .program_mut("inet_sock_set_state")
-            .ok_or_else(|| ProbeError::Load("program inet_sock_set_state is missing".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
-        prog.load()
-            .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
-        prog.attach("sock", "inet_sock_set_state")
-            .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
+        if cfg.paths != Paths::RawTransitions {
+            let prog: &mut TracePoint = ebpf
+                .program_mut("inet_sock_set_state")
+                .ok_or_else(|| ProbeError::Load("program inet_sock_set_state is missing".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
+            prog.attach("sock", "inet_sock_set_state")
+                .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
+        }
+        // The raw program beside it takes over the transitions the kernel skips the classic
+        // one for (a softirq's, interrupting it): without it those are counted lost.
+        let raw_attached = kcfg.sock.known != 0 && {
+            match attach_raw(&mut ebpf, "raw_set_state", "inet_sock_set_state") {
+                Ok(()) => true,
+                Err(e) if cfg.paths == Paths::RawTransitions => {
+                    return Err(ProbeError::Attach(format!("raw inet_sock_set_state: {e}")));
+                }
+                Err(e) => {
+                    log::debug!("no raw tracepoint for transitions: {e}");
+                    false
+                }
+            }
+        };
+        let caught = if raw_attached && cfg.paths == Paths::Fast {
+            Some(
+                PerCpuArray::try_from(
+                    ebpf.take_map("CAUGHT")
+                        .ok_or_else(|| ProbeError::Load("map CAUGHT is missing".into()))?,
+                )
+                .map_err(|e| ProbeError::Load(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         for (name, wanted) in [
             ("tcp_send_reset", send.is_some()),
             ("tcp_receive_reset", recv.is_some()),
@@ -237,7 +300,8 @@ impl Probe {
                 ("timer_cancel", "raw_timer_cancel"),
                 ("timer_expire_entry", "raw_timer_expire"),
             ] {
-                match attach_timer(&mut ebpf, name, (!cfg.portable).then_some(raw)) {
+                let raw = (cfg.paths != Paths::Portable).then_some(raw);
+                match attach_timer(&mut ebpf, name, raw) {
                     Ok(prog) => timer_names.push(prog),
                     Err(e) => {
                         log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
@@ -254,13 +318,19 @@ impl Probe {
                 .map(|fd| fd.as_fd().as_raw_fd())
                 .collect()
         };
-        let tcp_progs = fds(&["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"]);
+        // Each run these programs missed is a lost event, but for the raw program's when it
+        // only catches (its misses are runs the classic one made).
+        let mut tcp_progs = fds(&["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"]);
+        if cfg.paths == Paths::RawTransitions {
+            tcp_progs.extend(fds(&["raw_set_state"]));
+        }
         let timer_progs = fds(&timer_names);
         Ok(Probe {
             ring,
             lost,
             lost_reported: 0,
             tcp_progs,
+            caught,
             timer_progs,
             logger,
             timewait_traced,
@@ -308,11 +378,19 @@ impl Probe {
             .get(&0, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0);
-        full + self
-            .tcp_progs
-            .iter()
-            .map(|&fd| recursion_misses(fd))
-            .sum::<u64>()
+        let missed: u64 = self.tcp_progs.iter().map(|&fd| recursion_misses(fd)).sum();
+        // The kernel counts a miss for each transition the raw program then took over.
+        full + missed.saturating_sub(self.caught_total())
+    }
+
+    /// Transitions the raw tracepoint program took over from the classic one, which the
+    /// kernel skipped (a softirq interrupting it). Delivered; not lost.
+    pub fn caught_total(&self) -> u64 {
+        self.caught
+            .as_ref()
+            .and_then(|c| c.get(&0, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Timer events the kernel skipped (nested runs): each could hide a TIME_WAIT exit.
@@ -386,23 +464,56 @@ fn attach_timer(
     let Some(raw) = raw else {
         return attach_optional(ebpf, "timer", name).map(|()| name);
     };
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(raw)
-        .ok_or("the program is missing")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    let attached = prog
-        .load()
-        .map_err(|e| verifier_error(&e))
-        .and_then(|()| prog.attach(name).map_err(|e| format!("{e:#}")));
-    match attached {
-        Ok(_) => Ok(raw),
+    match attach_raw(ebpf, raw, name) {
+        Ok(()) => Ok(raw),
         Err(e) => {
             log::debug!("raw tracepoint {name}: {e}; using the tracepoint timer:{name}");
-            let _ = prog.unload();
             attach_optional(ebpf, "timer", name).map(|()| name)
         }
     }
+}
+
+/// Loads the program `prog` and attaches it to the raw tracepoint `tracepoint`; on failure
+/// it is unloaded again.
+fn attach_raw(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or("the program is missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let attached = p
+        .load()
+        .map_err(|e| verifier_error(&e))
+        .and_then(|()| p.attach(tracepoint).map_err(|e| format!("{e:#}")));
+    if attached.is_err() {
+        let _ = p.unload();
+    }
+    attached.map(|_| ())
+}
+
+/// Where a full socket keeps the fields of the `inet_sock_set_state` record (BTF offsets).
+pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, String> {
+    let at = |ty: &str, path: &str| -> Result<u16, String> {
+        btf.offset(ty, path)
+            .map_err(|e| e.to_string())
+            .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
+    };
+    // An inet_sock starts with its sock, which starts with its sock_common.
+    if at("inet_sock", "sk")? != 0 || at("sock", "__sk_common")? != 0 {
+        return Err("inet_sock or sock does not start with its sock".into());
+    }
+    Ok(SockOffsets {
+        known: 1,
+        sk_protocol: at("sock", "sk_protocol")?,
+        skc_family: at("sock_common", "skc_family")?,
+        skc_dport: at("sock_common", "skc_dport")?,
+        skc_daddr: at("sock_common", "skc_daddr")?,
+        skc_v6_daddr: at("sock_common", "skc_v6_daddr")?,
+        skc_v6_rcv_saddr: at("sock_common", "skc_v6_rcv_saddr")?,
+        inet_sport: at("inet_sock", "inet_sport")?,
+        inet_saddr: at("inet_sock", "inet_saddr")?,
+        _pad: 0,
+    })
 }
 
 /// The offsets of an optional `tcp:*` tracepoint, or None (with one warning) when this kernel

@@ -60,6 +60,16 @@ fn loopback_client_close_through_the_portable_paths() {
 /// and whichever process drops a socket's last reference is the one its close is logged for.
 static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The same with every transition read from its socket by the raw tracepoint program, the
+/// one that takes over the transitions the kernel skips the classic program for.
+#[test]
+fn loopback_client_close_through_the_raw_tracepoint() {
+    if !root_or_skip("loopback_client_close_through_the_raw_tracepoint") {
+        return;
+    }
+    loopback_client_close(raw_probe_for_ports);
+}
+
 fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
     let _alone = FORKING.lock().unwrap_or_else(|e| e.into_inner());
     let (port, other) = (free_port(), free_port());
@@ -178,8 +188,23 @@ fn veth_namespaces_ipv4_and_ipv6_client_and_server_close() {
     if !root_or_skip("veth_namespaces_ipv4_and_ipv6_client_and_server_close") {
         return;
     }
+    veth_both_families(probe_for_ports, 0);
+}
+
+/// The same with every transition read from its socket by the raw tracepoint program: its
+/// IPv4 and IPv6 addresses and ports must be the record's.
+#[test]
+fn veth_namespaces_through_the_raw_tracepoint() {
+    if !root_or_skip("veth_namespaces_through_the_raw_tracepoint") {
+        return;
+    }
+    veth_both_families(raw_probe_for_ports, 500);
+}
+
+/// `shift` keeps two such tests running at once off each other's ports.
+fn veth_both_families(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
     let pair = NetPair::new();
-    let port = 18_000 + (std::process::id() % 1000) as u16;
+    let port = 18_000 + shift + (std::process::id() % 500) as u16;
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     for v6 in [false, true] {
         for server_closes in [false, true] {

@@ -14,7 +14,7 @@ use std::{
 use tcptrace::{
     event::{Event, RawEvent, State, Transition, decode},
     filter::Filter,
-    probe::{Probe, ProbeConfig},
+    probe::{Paths, Probe, ProbeConfig},
 };
 
 /// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere
@@ -85,16 +85,22 @@ pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
 
 /// The same, choosing whether timewait timers are traced.
 pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
-    probe_built(ports, ring_bytes, timewait, false)
+    probe_built(ports, ring_bytes, timewait, Paths::Fast)
 }
 
 /// [`probe_for_ports`] taking only the paths that work on any kernel (classic tracepoints,
 /// a helper read per record field): the fallbacks of the fast paths, checked the same way.
 pub fn portable_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
-    probe_built(ports, ring_bytes, true, true)
+    probe_built(ports, ring_bytes, true, Paths::Portable)
 }
 
-fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, portable: bool) -> Probe {
+/// [`probe_for_ports`] with every transition read from its socket by the raw tracepoint
+/// program (which otherwise only takes over the runs the kernel skipped the classic one for).
+pub fn raw_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    probe_built(ports, ring_bytes, true, Paths::RawTransitions)
+}
+
+fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, paths: Paths) -> Probe {
     let filter = Filter {
         ports: ports.to_vec(),
         ..Filter::default()
@@ -105,7 +111,7 @@ fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, portable: bool) -
         ports,
         ring_bytes,
         timewait,
-        portable,
+        paths,
     })
     .expect("the probe loads and attaches")
 }
