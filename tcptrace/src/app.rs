@@ -371,9 +371,14 @@ pub fn live(
         .context("starting the event loop")?;
     let mut batch: Vec<RawEvent> = Vec::with_capacity(16 << 10);
     let (mut transitions, mut others, mut lost) = (0u64, 0u64, 0u64);
-    let mut feed = |probe: &mut Probe, view: &mut dyn View| -> Result<Flow> {
+    let mut feed = |probe: &mut Probe, view: &mut dyn View, last: bool| -> Result<Flow> {
         batch.clear();
-        if probe.drain(&mut batch) == 0 {
+        let n = if last {
+            probe.drain_final(&mut batch)
+        } else {
+            probe.drain(&mut batch)
+        };
+        if n == 0 {
             return Ok(Flow::More);
         }
         for raw in &batch {
@@ -426,12 +431,12 @@ pub fn live(
                 _ = sigterm.recv() => { default_signals(); break }
                 _ = &mut end => break,
             }
-            if feed(&mut probe, view)? == Flow::Done {
+            if feed(&mut probe, view, false)? == Flow::Done {
                 return Ok(());
             }
         }
         // What arrived before the stop still belongs to the run.
-        feed(&mut probe, view)?;
+        feed(&mut probe, view, true)?;
         Ok::<(), anyhow::Error>(())
     })?;
     let timer_misses = probe.timer_misses();

@@ -109,6 +109,9 @@ impl Default for ProbeConfig {
     }
 }
 
+/// How often [`Probe::drain`] reads the loss counters.
+const LOST_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// 4 MiB: about 43,000 events, two seconds of a 20k-transitions/s storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Wake the reader early only once 64 KiB are waiting; it drains on a tick otherwise.
@@ -119,6 +122,8 @@ pub struct Probe {
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     lost_reported: u64,
+    /// When the loss counters were last read.
+    lost_checked: std::time::Instant,
     /// The TCP programs' descriptors (owned by `_ebpf`), for their missed runs.
     tcp_progs: Vec<RawFd>,
     /// Transitions the raw tracepoint took over from a skipped classic program, per CPU.
@@ -329,6 +334,7 @@ impl Probe {
             ring,
             lost,
             lost_reported: 0,
+            lost_checked: std::time::Instant::now(),
             tcp_progs,
             caught,
             timer_progs,
@@ -349,8 +355,18 @@ impl Probe {
     }
 
     /// Moves every waiting event into `out` (appending), then a lost-events record if the
-    /// kernel dropped any since the last call. Returns how many were appended.
+    /// kernel dropped any since it last looked (at most once a second: see
+    /// [`Probe::drain_final`]). Returns how many were appended.
     pub fn drain(&mut self, out: &mut Vec<RawEvent>) -> usize {
+        self.drain_checking(out, false)
+    }
+
+    /// [`Probe::drain`], then the loss counters read whatever the time: for the end of a run.
+    pub fn drain_final(&mut self, out: &mut Vec<RawEvent>) -> usize {
+        self.drain_checking(out, true)
+    }
+
+    fn drain_checking(&mut self, out: &mut Vec<RawEvent>, force: bool) -> usize {
         let before = out.len();
         while let Some(item) = self.ring.next() {
             if let Ok(ev) = bytemuck::try_pod_read_unaligned::<RawEvent>(&item[..]) {
@@ -360,10 +376,18 @@ impl Probe {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
-        let total = self.lost_total();
-        if total > self.lost_reported {
-            out.push(raw_lost(monotonic_ns(), total - self.lost_reported));
-            self.lost_reported = total;
+        // Reading a map from userspace holds the kernel's per-CPU guard against nested
+        // tracing programs for the length of the system call — longer if the thread is
+        // preempted inside it — and every classic tracepoint program on that CPU is skipped
+        // meanwhile: the loss counters are read once a second, not on every drain.
+        let now = std::time::Instant::now();
+        if force || now.duration_since(self.lost_checked) >= LOST_CHECK_EVERY {
+            self.lost_checked = now;
+            let total = self.lost_total();
+            if total > self.lost_reported {
+                out.push(raw_lost(monotonic_ns(), total - self.lost_reported));
+                self.lost_reported = total;
+            }
         }
         out.len() - before
     }
