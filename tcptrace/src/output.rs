@@ -937,6 +937,17 @@ mod tests {
         .unwrap()
     }
 
+    /// A JSON renderer at `wall_offset` naming the cgroups in `names`.
+    fn json_renderer(wall_offset: i64, names: &Cgroups) -> Renderer {
+        let style = Style {
+            wall_offset_ns: wall_offset,
+            utc_offset_secs: 0,
+            color: false,
+            addr_width: 47,
+        };
+        Renderer::new(Format::Json, style).with_cgroups(names.clone())
+    }
+
     fn any_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
             (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
@@ -993,13 +1004,7 @@ mod tests {
                 netns,
                 cgroup,
             };
-            let style = Style {
-                wall_offset_ns: wall_offset,
-                utc_offset_secs: 0,
-                color: false,
-                addr_width: 47,
-            };
-            let mut r = Renderer::new(Format::Json, style).with_cgroups(names.clone());
+            let mut r = json_renderer(wall_offset, &names);
             let mut out = Vec::new();
             // Twice: the second line comes from the second's and the cgroup's caches.
             r.transition(&mut out, &t).unwrap();
@@ -1050,13 +1055,7 @@ mod tests {
                 netns,
                 cgroup,
             };
-            let style = Style {
-                wall_offset_ns: wall_offset,
-                utc_offset_secs: 0,
-                color: false,
-                addr_width: 47,
-            };
-            let mut r = Renderer::new(Format::Json, style).with_cgroups(names.clone());
+            let mut r = json_renderer(wall_offset, &names);
             let mut out = Vec::new();
             r.close(&mut out, &c).unwrap();
             r.close(&mut out, &c).unwrap();

@@ -515,13 +515,16 @@ fn attach_raw(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> Result<(), Strin
     attached.map(|_| ())
 }
 
+/// The byte offset of `path` in struct `ty` (BTF), as the programs take it.
+fn offset16(btf: &Btf, ty: &str, path: &str) -> Result<u16, String> {
+    btf.offset(ty, path)
+        .map_err(|e| e.to_string())
+        .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
+}
+
 /// Where a full socket keeps the fields of the `inet_sock_set_state` record (BTF offsets).
 pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, String> {
-    let at = |ty: &str, path: &str| -> Result<u16, String> {
-        btf.offset(ty, path)
-            .map_err(|e| e.to_string())
-            .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
-    };
+    let at = |ty: &str, path: &str| offset16(btf, ty, path);
     // An inet_sock starts with its sock, which starts with its sock_common.
     if at("inet_sock", "sk")? != 0 || at("sock", "__sk_common")? != 0 {
         return Err("inet_sock or sock does not start with its sock".into());
@@ -558,11 +561,7 @@ fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Optio
 /// Where sockets keep their network namespace and cgroup, from the kernel's BTF, with one
 /// message per part that cannot be found (that part is then reported as unknown, 0).
 pub fn ns_offsets(btf: &Btf) -> (NsOffsets, Vec<String>) {
-    let at = |ty: &str, path: &str| -> Result<u16, String> {
-        btf.offset(ty, path)
-            .map_err(|e| e.to_string())
-            .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
-    };
+    let at = |ty: &str, path: &str| offset16(btf, ty, path);
     let mut o = NsOffsets::UNKNOWN;
     let mut missing = Vec::new();
     // Full, timewait and request sockets all start with their sock_common, so one offset
@@ -610,17 +609,9 @@ pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
 /// [`timewait_offsets`] with the kernel's BTF already read.
 fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
     let handler = kallsyms_address("tw_timer_handler")?;
-    let tw = |path: &str| {
-        btf.offset("inet_timewait_sock", path)
-            .map_err(|e| e.to_string())
-            .and_then(|o| u16::try_from(o).map_err(|_| format!("{path} is too far in")))
-    };
+    let tw = |path: &str| offset16(btf, "inet_timewait_sock", path);
     let common = |m: &str| tw(&format!("__tw_common.{m}"));
-    let timer = |m: &str| {
-        btf.offset("timer_list", m)
-            .map_err(|e| e.to_string())
-            .and_then(|o| u16::try_from(o).map_err(|_| format!("timer_list.{m} is too far in")))
-    };
+    let timer = |m: &str| offset16(btf, "timer_list", m);
     let format = |name: &str| -> Result<String, String> {
         let path = tracepoint_format("timer", name).map_err(|e| e.to_string())?;
         fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
