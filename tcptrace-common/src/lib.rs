@@ -351,6 +351,14 @@ pub struct Config {
     pub raw_catches_all: u32,
 }
 
+impl Config {
+    /// Whether any kernel-side filter is set: family, states, ports or network namespaces.
+    #[inline(always)]
+    pub fn filters(&self) -> bool {
+        self.family != 0 || self.state_mask != 0 || self.port_filters != 0 || self.netns_count != 0
+    }
+}
+
 /// Where a full socket (`struct sock`, `struct inet_sock`) keeps the fields of the
 /// `inet_sock_set_state` record, as BTF offsets found at start-up.
 #[repr(C)]
@@ -506,6 +514,26 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::{state::*, *};
+
+    #[test]
+    fn any_filter_is_seen() {
+        assert!(!Config::default().filters());
+        let each: [fn(&mut Config); 4] = [
+            |c| c.family = AF_INET6,
+            |c| c.state_mask = 1 << TIME_WAIT,
+            |c| c.port_filters = port_filter::ANY,
+            |c| c.netns_count = 1,
+        ];
+        for set in each {
+            let mut c = Config::default();
+            set(&mut c);
+            assert!(c.filters(), "{c:?}");
+            // What filters() stands for: something filter_keeps or netns_keeps can drop.
+            let kept = filter_keeps(&c, AF_INET, ESTABLISHED, FIN_WAIT1, 0, 1, 2, |_| 0)
+                && netns_keeps(&c, 7);
+            assert!(!kept, "{c:?}");
+        }
+    }
 
     #[test]
     fn only_system_call_transitions_name_the_owner() {

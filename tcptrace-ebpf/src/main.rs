@@ -124,11 +124,6 @@ static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// The timewait timer this CPU last saw cancelled: an expiring timer is detached (a cancel)
-/// just before its handler runs on the same CPU, after its entry in TW_TIMERS is gone.
-#[map]
-static LAST_TW_CANCEL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// Port filter sets: port → bits of `tcptrace_common::port_filter`. An array, not a hash:
 /// the kernel inlines its lookup (an index), and 64 KiB covers every port.
 #[map]
@@ -153,11 +148,6 @@ struct ListenKey {
     port: u16,
     _pad: u16,
 }
-
-/// The timers of the timewait sockets this run reports, so cancels and expiries of other
-/// timers (the great majority) are dropped after one lookup.
-#[map]
-static TW_TIMERS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(262144, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -803,39 +793,27 @@ fn try_raw_timer_start(ctx: &RawTracePointContext) -> Result<(), i32> {
     tw_armed(timer, expires.wrapping_sub(now))
 }
 
-/// A timewait socket's timer, armed for `timeout` jiffies: remember the timer, report the
-/// socket.
+/// A timewait socket's timer, armed for `timeout` jiffies: report the socket.
 fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
     // SAFETY: as in try_set_state.
     let cfg = unsafe { read_volatile(&CONFIG) };
     let o = cfg.timewait;
     let tw = timer.wrapping_sub(o.tw_timer as u64);
-    let family: u16 = kread(tw, o.skc_family)?;
-    let substate: u8 = kread(tw, o.tw_substate)?;
-    let dport = u16::from_be(kread(tw, o.skc_dport)?);
-    let sport: u16 = kread(tw, o.skc_num)?;
-    let (saddr, daddr, len) = match family {
-        AF_INET => (o.skc_rcv_saddr, o.skc_daddr, 4),
-        AF_INET6 => (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16),
-        _ => return Ok(()),
-    };
-    if !filter_keeps(
-        &cfg,
+    let Some(TwSock {
         family,
-        state::TIME_WAIT,
-        state::TIME_WAIT,
-        0,
         sport,
         dport,
-        port_bits,
-    ) {
+        netns,
+    }) = tw_kept(&cfg, tw, true)?
+    else {
         return Ok(());
-    }
-    let netns = sock_netns(&cfg.ns, tw);
-    if !netns_keeps(&cfg, netns) {
-        return Ok(());
-    }
-    let _ = TW_TIMERS.insert(timer, 1u8, 0);
+    };
+    let substate: u8 = kread(tw, o.tw_substate)?;
+    let (saddr, daddr, len) = if family == AF_INET {
+        (o.skc_rcv_saddr, o.skc_daddr, 4)
+    } else {
+        (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16)
+    };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
     let rec = Record {
@@ -897,44 +875,79 @@ pub fn raw_timer_expire(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// A timer was cancelled or fired: report it if it is a known timewait timer.
-fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
-    // Most timers are not timewait sockets': a lookup (lock-free) drops them.
-    let known = TW_TIMERS.get_ptr(timer).is_some();
-    let slot = LAST_TW_CANCEL.get_ptr_mut(0).ok_or(0)?;
-    if k == kind::TW_CANCELLED {
-        if !known {
-            return Ok(());
-        }
-        // Forget the timer: a re-arm (the kernel detaches a pending timer before queueing it
-        // again, which logs this cancel) passes through timer_start, which remembers it
-        // anew; a kill does not, and its entry must not linger until the LRU evicts it. An
-        // expiry also detaches the timer first, then runs it on this CPU: remember it here.
-        let _ = TW_TIMERS.remove(timer);
-        // SAFETY: a valid per-CPU slot.
-        unsafe { *slot = timer };
-    } else {
-        // SAFETY: as above.
-        let just_cancelled = unsafe { *slot } == timer;
-        if !known && !just_cancelled {
-            return Ok(());
-        }
-        if known {
-            let _ = TW_TIMERS.remove(timer);
-        }
-        if just_cancelled {
-            // SAFETY: as above.
-            unsafe { *slot = 0 };
-        }
+/// What the filters look at in a timewait socket.
+struct TwSock {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    /// 0 unless asked for or filtered on.
+    netns: u32,
+}
+
+/// Reads a timewait socket's family, ports and (when `netns` asks, or a filter needs it) its
+/// network namespace: `None` when the filters drop it or it is neither IPv4 nor IPv6.
+#[inline(always)]
+fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSock>, i32> {
+    let o = cfg.timewait;
+    let family: u16 = kread(tw, o.skc_family)?;
+    let dport = u16::from_be(kread(tw, o.skc_dport)?);
+    let sport: u16 = kread(tw, o.skc_num)?;
+    if (family != AF_INET && family != AF_INET6)
+        || !filter_keeps(
+            cfg,
+            family,
+            state::TIME_WAIT,
+            state::TIME_WAIT,
+            0,
+            sport,
+            dport,
+            port_bits,
+        )
+    {
+        return Ok(None);
     }
+    let netns = if netns || cfg.netns_count != 0 {
+        sock_netns(&cfg.ns, tw)
+    } else {
+        0
+    };
+    if !netns_keeps(cfg, netns) {
+        return Ok(None);
+    }
+    Ok(Some(TwSock {
+        family,
+        sport,
+        dport,
+        netns,
+    }))
+}
+
+/// A timer was cancelled or fired: report it if it is a timewait socket's that the filters
+/// keep. Userspace pairs it with the arming: cancel then arm is a re-arm, cancel then expiry
+/// (the kernel detaches a timer before it runs it) an expiry, cancel alone an early kill.
+/// Timers armed before tracing began are reported too, and ignored there.
+fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
+    // Most timers are not timewait sockets': their handler, one read, drops them. The
+    // kernel logs the cancel before a shutdown clears the timer's function.
     // SAFETY: as in try_timer_start.
-    let tw_timer = unsafe { read_volatile(&CONFIG.timewait.tw_timer) };
-    let wakeup_bytes = unsafe { read_volatile(&CONFIG.wakeup_bytes) };
+    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
+    let at = unsafe { read_volatile(&CONFIG.timewait.timer_function) };
+    if handler == 0 || kread::<u64>(timer, at)? != handler {
+        return Ok(());
+    }
+    // No map remembers which timers were reported (an insert per arming cost more than the
+    // rest of the program): with a filter, the socket is read again and judged the same way.
+    // SAFETY: as in try_set_state.
+    let cfg = unsafe { read_volatile(&CONFIG) };
+    let tw = timer.wrapping_sub(cfg.timewait.tw_timer as u64);
+    if cfg.filters() && tw_kept(&cfg, tw, false)?.is_none() {
+        return Ok(());
+    }
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     clear_owner(owner.as_mut_ptr());
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
-        skaddr: timer.wrapping_sub(tw_timer as u64),
+        skaddr: tw,
         in_from: 0,
         aux: 0,
         sport: 0,
@@ -953,7 +966,7 @@ fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
         daddr: core::ptr::null(),
         len: 0,
     };
-    emit(wakeup_bytes, &rec, &addrs, owner.as_ptr());
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
     Ok(())
 }
 

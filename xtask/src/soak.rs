@@ -28,11 +28,7 @@ use crate::{
 };
 
 /// The maps whose entries are watched, with their capacities.
-const MAPS: [(&str, u64); 3] = [
-    ("SOCKS", 65_536),
-    ("LISTENERS", 4_096),
-    ("TW_TIMERS", 262_144),
-];
+const MAPS: [(&str, u64); 2] = [("SOCKS", 65_536), ("LISTENERS", 4_096)];
 
 /// Makes sure bpftool is there (Debian's bpftool), installing it when it is not.
 fn bpftool_ready() -> Result<()> {
@@ -149,10 +145,14 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
     };
     let start = Instant::now();
     let mut samples: Vec<(f64, f64, Vec<u64>)> = Vec::new();
-    println!(
-        "{:>7} {:>11} {:>9} {:>17} {:>9} {:>10} {:>10}",
-        "t (s)", "connections", "RSS MiB", "(anon + mapped)", "SOCKS", "LISTENERS", "TW_TIMERS"
+    print!(
+        "{:>7} {:>11} {:>9} {:>17}",
+        "t (s)", "connections", "RSS MiB", "(anon + mapped)"
     );
+    for (name, _) in MAPS {
+        print!(" {name:>10}");
+    }
+    println!();
     while start.elapsed() < total {
         thread::sleep(Duration::from_secs(10).min(total.saturating_sub(start.elapsed())));
         if storms.is_finished() {
@@ -164,14 +164,15 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
         // of the ring buffer being touched.
         let (anon, file) = (mem_mib(pid, "RssAnon")?, mem_mib(pid, "RssFile")?);
         let maps = map_entries(pid)?;
-        println!(
-            "{t:>7.0} {:>11} {rss:>9.1} {:>17} {:>9} {:>10} {:>10}",
+        print!(
+            "{t:>7.0} {:>11} {rss:>9.1} {:>17}",
             conns.load(Ordering::Relaxed),
             format!("({anon:.1} + {file:.1})"),
-            maps[0],
-            maps[1],
-            maps[2]
         );
+        for n in &maps {
+            print!(" {n:>10}");
+        }
+        println!();
         samples.push((t, rss, maps));
     }
     stop.store(true, Ordering::Relaxed);
@@ -190,7 +191,7 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
         .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     let mid = median(&steady);
     let flat = hi <= mid * 1.10 && lo >= mid * 0.90;
-    // Kernel maps follow the live connections and TIME_WAIT sockets, which swing with each
+    // Kernel maps follow the live connections and listeners, which swing with each
     // storm: growth is a typical (median) level that rises from the first half of the steady
     // state to the second, or a map that fills up.
     let half = warm + (samples.len() - warm) / 2;
