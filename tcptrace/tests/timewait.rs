@@ -12,7 +12,7 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, State, decode},
+    event::{Event, State, TimerEvent, TimerOp, decode},
     probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
     timewait::{End, Exit, Timewaits},
 };
@@ -77,14 +77,22 @@ fn client(pair: &NetPair, server: SocketAddr, from_port: u16) -> SocketAddr {
     .unwrap()
 }
 
-/// Feeds the probe's events to a timewait follower until `done` or the timeout.
-fn follow(probe: &mut Probe, tw: &mut Timewaits, exits: &mut Vec<Exit>, saw_entry: &mut bool) {
+/// Feeds the probe's events to a timewait follower, keeping the timer events in `timers`.
+fn follow(
+    probe: &mut Probe,
+    tw: &mut Timewaits,
+    exits: &mut Vec<Exit>,
+    saw_entry: &mut bool,
+    timers: &mut Vec<TimerEvent>,
+) {
     let mut raw = Vec::new();
     probe.drain(&mut raw);
     for r in &raw {
         let ev = decode(r).unwrap();
-        if matches!(ev, Event::Transition(t) if t.to == State::TimeWait) {
-            *saw_entry = true;
+        match ev {
+            Event::Transition(t) if t.to == State::TimeWait => *saw_entry = true,
+            Event::Timer(t) => timers.push(t),
+            _ => {}
         }
         tw.observe(&ev, exits);
     }
@@ -92,16 +100,16 @@ fn follow(probe: &mut Probe, tw: &mut Timewaits, exits: &mut Vec<Exit>, saw_entr
 }
 
 /// Follows the probe until some timewait socket ends (or 5 s pass): the follower, the exits,
-/// and whether an entry into TIME_WAIT was seen.
-fn first_exits(probe: &mut Probe) -> (Timewaits, Vec<Exit>, bool) {
+/// whether an entry into TIME_WAIT was seen, and the timer events.
+fn first_exits(probe: &mut Probe) -> (Timewaits, Vec<Exit>, bool, Vec<TimerEvent>) {
     let mut tw = Timewaits::new(true);
-    let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let (mut exits, mut saw_entry, mut timers) = (Vec::new(), false, Vec::new());
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && exits.is_empty() {
-        follow(probe, &mut tw, &mut exits, &mut saw_entry);
+        follow(probe, &mut tw, &mut exits, &mut saw_entry, &mut timers);
         std::thread::sleep(Duration::from_millis(50));
     }
-    (tw, exits, saw_entry)
+    (tw, exits, saw_entry, timers)
 }
 
 /// Whether `ss` in namespace `ns` lists a TIME_WAIT socket from `local` to `remote`.
@@ -146,7 +154,13 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
     let mut vanished_at = None;
     let deadline = Instant::now() + Duration::from_secs(70);
     while Instant::now() < deadline && (exits.is_empty() || vanished_at.is_none()) {
-        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry);
+        follow(
+            &mut probe,
+            &mut tw,
+            &mut exits,
+            &mut saw_entry,
+            &mut Vec::new(),
+        );
         if !saw_entry {
             assert!(
                 monotonic_ns() - closed_at < 2_000_000_000,
@@ -207,14 +221,43 @@ fn tw_reuse_kill(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);
+    // The same on a port the probe does not follow (no other test's probe does either).
+    let other = 52_000 + shift + (std::process::id() % 500) as u16;
+    let other_from = 53_000 + shift + (std::process::id() % 500) as u16;
+    let other_addr = SocketAddr::new(pair.b4, other);
+    let other_srv = server(&pair, other_addr, 2);
     let first = client(&pair, srv_addr, from);
+    let other_first = client(&pair, other_addr, other_from);
     // tcp_tw_reuse waits for a timestamp older than tcp_tw_reuse_delay (1 s by default).
     std::thread::sleep(Duration::from_millis(1500));
     let second = client(&pair, srv_addr, from);
+    // Killed after ours is replaced: its timewait socket's memory cannot be one ours had.
+    let other_second = client(&pair, other_addr, other_from);
     assert_eq!(first, second, "the same 4-tuple");
+    assert_eq!(other_first, other_second, "the same 4-tuple");
     srv.join().unwrap();
+    other_srv.join().unwrap();
 
-    let (tw, exits, saw_entry) = first_exits(&mut probe);
+    let (tw, exits, saw_entry, timers) = first_exits(&mut probe);
+    // The kernel judges a timer's end by the filter that judged its arming: the other
+    // port's kill does not come through as an end of a timer never armed here.
+    let mut armed = std::collections::HashSet::new();
+    let mut ends = 0;
+    for t in &timers {
+        if matches!(t.op, TimerOp::Armed { .. }) {
+            armed.insert(t.tw);
+        } else {
+            assert!(
+                armed.contains(&t.tw),
+                "an end of an unfollowed timer: {t:?}"
+            );
+            ends += 1;
+        }
+    }
+    assert!(
+        ends >= 1,
+        "the kill came through as a timer end: {timers:#?}"
+    );
     assert!(saw_entry, "the entries into TIME_WAIT were seen");
     assert_eq!(exits.len(), 1, "{exits:#?}");
     let x = exits[0];
@@ -241,7 +284,7 @@ fn a_full_tw_bucket_table_is_reported() {
     let srv = server(&pair, srv_addr, 1);
     let local = client(&pair, srv_addr, 0);
     srv.join().unwrap();
-    let (tw, exits, saw_entry) = first_exits(&mut probe);
+    let (tw, exits, saw_entry, _) = first_exits(&mut probe);
     assert!(
         saw_entry,
         "the close still reads as an entry into TIME_WAIT"
