@@ -38,21 +38,6 @@ fn loopback_in(ns: &str, port: u16, n: usize) {
     .unwrap();
 }
 
-/// Starts the binary and waits until it traces.
-fn start_tracer(args: &[&str]) -> Child {
-    let mut tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
-    tracer
-}
-
 /// Lets the tracer drain, stops it with SIGINT and returns its JSON records.
 fn stop_tracer(tracer: Child) -> Vec<serde_json::Value> {
     std::thread::sleep(Duration::from_millis(300));

@@ -4,9 +4,9 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::Duration,
 };
@@ -296,17 +296,13 @@ fn record_then_replay_gives_identical_json() {
     let rec = dir.join("trace.tcptrace");
     let port = free_port();
     let bin = env!("CARGO_BIN_EXE_tcptrace");
-    let mut tracer = Command::new(bin)
-        .args(["--json", "--port", &port.to_string(), "--record"])
-        .arg(&rec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    let tracer = start_tracer(&[
+        "--json",
+        "--port",
+        &port.to_string(),
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
 
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
     client_closes_first(&listener, port, 3);

@@ -305,3 +305,18 @@ impl Drop for NetPair {
         }
     }
 }
+
+/// Starts the binary and waits until it traces.
+pub fn start_tracer(args: &[&str]) -> std::process::Child {
+    let mut tracer = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    tracer
+}
