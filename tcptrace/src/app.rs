@@ -275,6 +275,7 @@ fn drive<'a>(
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
             wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
+            idle: source.idle_probes.into(),
             ..kernel
         },
         ports,

@@ -268,6 +268,10 @@ pub struct SourceArgs {
     /// each; beyond that the oldest are evicted, counted and reported.
     #[arg(long, value_name = "N", default_value_t = crate::track::DEFAULT_CAP, value_parser = parse_max_sockets)]
     pub max_sockets: usize,
+    /// Attach every probe, but each program returns at once: nothing is traced. For
+    /// `cargo xtask bench`, which measures what attaching alone costs a storm.
+    #[arg(long, hide = true, conflicts_with = "from")]
+    pub idle_probes: bool,
 }
 
 /// How to print.
