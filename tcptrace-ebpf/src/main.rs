@@ -9,7 +9,7 @@
 
 use core::{
     ffi::c_void,
-    ptr::{addr_of_mut, read_volatile},
+    ptr::{addr_of, addr_of_mut, read_volatile},
 };
 
 use aya_ebpf::{
@@ -111,9 +111,88 @@ static CONFIG: Config = Config {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Per CPU: 1 while a classic tracepoint program of ours runs there (see [`classic`]).
+/// Per CPU: the transitions the classic program took and `raw_set_state` has not yet seen
+/// (see [`claim`]).
 #[map]
-static IN_CLASSIC: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slots of [`Claims`]: claims outstanding at once on a CPU are those of the contexts
+/// interrupted between their classic and raw runs (a task's, a softirq's), plus the few
+/// whose raw run the kernel skipped.
+const CLAIM_SLOTS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Claims {
+    /// Claims made on this CPU so far: the age of each.
+    seq: u64,
+    /// [`transition_key`]s; 0 is a free slot.
+    key: [u64; CLAIM_SLOTS],
+    /// When each was made (`seq`).
+    at: [u64; CLAIM_SLOTS],
+}
+
+/// One transition of one socket, never 0: its address (48 bits are enough for a kernel
+/// pointer's) and both states.
+#[inline(always)]
+fn transition_key(skaddr: u64, old: u8, new: u8) -> u64 {
+    (1 << 63)
+        | (skaddr & 0xffff_ffff_ffff)
+        | (u64::from(old & 0xf) << 48)
+        | (u64::from(new & 0xf) << 52)
+}
+
+/// The classic program took this transition: says so to the raw program, which the kernel
+/// runs right after it for the same transition (it was attached after it). The kernel skips
+/// the classic program whenever any classic tracing program is running on the CPU — ours,
+/// interrupted by a softirq; another tool's kprobe; a map read by system call — and the raw
+/// program takes over every transition it does not find claimed, whatever the cause.
+#[inline(always)]
+fn claim(key: u64) {
+    let Some(c) = CLAIMS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a valid per-CPU slot; the program cannot move to another CPU while it runs, and
+    // no other classic program runs on it meanwhile (the raw one may, to free a slot).
+    unsafe {
+        let seq = (*c).seq + 1;
+        put(addr_of_mut!((*c).seq), seq);
+        // A free slot, else the oldest claim: one whose raw run the kernel skipped (nested in
+        // that very program), never taken back.
+        let (mut pick, mut oldest) = (0, u64::MAX);
+        for i in 0..CLAIM_SLOTS {
+            if read_volatile(addr_of!((*c).key[i])) == 0 {
+                pick = i;
+                break;
+            }
+            let at = read_volatile(addr_of!((*c).at[i]));
+            if at < oldest {
+                (pick, oldest) = (i, at);
+            }
+        }
+        put(addr_of_mut!((*c).key[pick]), key);
+        put(addr_of_mut!((*c).at[pick]), seq);
+    }
+}
+
+/// Whether the classic program claimed this transition (and takes the claim back).
+#[inline(always)]
+fn unclaim(key: u64) -> bool {
+    let Some(c) = CLAIMS.get_ptr_mut(0) else {
+        // Cannot happen (a per-CPU array's only slot); never take a transition twice.
+        return true;
+    };
+    for i in 0..CLAIM_SLOTS {
+        // SAFETY: as in `claim`.
+        unsafe {
+            if read_volatile(addr_of!((*c).key[i])) == key {
+                put(addr_of_mut!((*c).key[i]), 0);
+                return true;
+            }
+        }
+    }
+    false
+}
 
 /// Per CPU: transitions `raw_set_state` took over from a skipped classic program (the kernel
 /// counted each as a miss of that program: userspace subtracts these).
@@ -201,7 +280,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    if let Err(err) = classic(|| try_set_state(&ctx)) {
+    if let Err(err) = try_set_state(&ctx) {
         // Only a wrong offset or a kernel that changed the record gets here: say so through
         // aya-log rather than dropping transitions silently.
         error!(
@@ -218,24 +297,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 fn idle() -> bool {
     // SAFETY: as in try_set_state.
     unsafe { read_volatile(&CONFIG.idle) != 0 }
-}
-
-/// Runs the body of a classic tracepoint program with `IN_CLASSIC` set on this CPU: while it
-/// is, the kernel skips every classic tracing program nested in it, and `raw_set_state`
-/// takes their transitions over.
-#[inline(always)]
-fn classic(body: impl FnOnce() -> Result<(), i32>) -> Result<(), i32> {
-    let depth = IN_CLASSIC.get_ptr_mut(0);
-    if let Some(d) = depth {
-        // SAFETY: a valid per-CPU slot; the program cannot move to another CPU while it runs.
-        unsafe { *d = 1 };
-    }
-    let r = body();
-    if let Some(d) = depth {
-        // SAFETY: as above.
-        unsafe { *d = 0 };
-    }
-    r
 }
 
 /// The record's layout on every kernel tcptrace knows, used when the loader found it.
@@ -299,6 +360,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             saddr: [load(ctx, v6), load(ctx, v6 + 8)],
             daddr: [load(ctx, d6), load(ctx, d6 + 8)],
         };
+        claim(transition_key(f.skaddr, f.old, f.new));
         return on_transition(&cfg, &f, &addrs);
     }
     let f = Fields {
@@ -315,13 +377,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
         len: 16,
     };
+    claim(transition_key(f.skaddr, f.old, f.new));
     on_transition(&cfg, &f, &addrs)
 }
 
 /// The `inet_sock_set_state` program as a raw tracepoint, which the kernel skips only when
-/// this very program is running on the CPU. Attached beside the classic program, it handles
-/// exactly the transitions the kernel skipped that one for: those of a softirq that
-/// interrupted it (the kernel never nests classic tracing programs, and counts a miss).
+/// this very program is running on the CPU. Attached after the classic program, it runs
+/// right after it for each transition and handles exactly those the kernel skipped that one
+/// for (see [`claim`]): a softirq's that interrupted it, or any run while another classic
+/// tracing program held the CPU (the kernel never nests them, and counts a miss).
 /// With `raw_catches_all` (the classic program not attached) it handles every transition.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn raw_set_state(ctx: RawTracePointContext) -> i32 {
@@ -331,12 +395,10 @@ pub fn raw_set_state(ctx: RawTracePointContext) -> i32 {
     // SAFETY: as in try_timer_start.
     let all = unsafe { read_volatile(&CONFIG.raw_catches_all) } != 0;
     if !all {
-        // Not inside the classic program on this CPU: that one runs (or ran) for this
-        // transition.
-        match IN_CLASSIC.get_ptr(0) {
-            // SAFETY: a valid per-CPU slot.
-            Some(depth) if unsafe { *depth } != 0 => {}
-            _ => return 0,
+        // The classic program ran for this transition (it claims each first thing).
+        let key = transition_key(ctx.arg(0), ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+        if unclaim(key) {
+            return 0;
         }
         if let Some(n) = CAUGHT.get_ptr_mut(0) {
             // SAFETY: as above.
@@ -550,7 +612,7 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    let _ = classic(|| try_send_reset(&ctx));
+    let _ = try_send_reset(&ctx);
     0
 }
 
@@ -599,7 +661,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    let _ = classic(|| try_receive_reset(&ctx));
+    let _ = try_receive_reset(&ctx);
     0
 }
 
