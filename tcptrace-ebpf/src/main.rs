@@ -119,13 +119,16 @@ static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(1, 0);
 /// Slots of [`Claims`]: claims outstanding at once on a CPU are those of the contexts
 /// interrupted between their classic and raw runs (a task's, a softirq's), plus the few
 /// whose raw run the kernel skipped.
-const CLAIM_SLOTS: usize = 4;
+const CLAIM_SLOTS: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Claims {
     /// Claims made on this CPU so far: the age of each.
     seq: u64,
+    /// Non-zero while `raw_set_state` runs on this CPU: the kernel will skip it for any
+    /// transition nested in it, so a claim made meanwhile would never be taken back.
+    in_raw: u64,
     /// [`transition_key`]s; 0 is a free slot.
     key: [u64; CLAIM_SLOTS],
     /// When each was made (`seq`).
@@ -155,10 +158,13 @@ fn claim(key: u64) {
     // SAFETY: a valid per-CPU slot; the program cannot move to another CPU while it runs, and
     // no other classic program runs on it meanwhile (the raw one may, to free a slot).
     unsafe {
+        if read_volatile(addr_of!((*c).in_raw)) != 0 {
+            return;
+        }
         let seq = (*c).seq + 1;
         put(addr_of_mut!((*c).seq), seq);
-        // A free slot, else the oldest claim: one whose raw run the kernel skipped (nested in
-        // that very program), never taken back.
+        // A free slot, else the oldest claim: one whose raw run the kernel skipped in the
+        // instants around `in_raw`, never taken back.
         let (mut pick, mut oldest) = (0, u64::MAX);
         for i in 0..CLAIM_SLOTS {
             if read_volatile(addr_of!((*c).key[i])) == 0 {
@@ -175,18 +181,17 @@ fn claim(key: u64) {
     }
 }
 
-/// Whether the classic program claimed this transition (and takes the claim back).
+/// Whether the classic program claimed this transition (and takes the claim back). Leaves
+/// `in_raw` set when it was not: the caller clears it once it has handled it.
 #[inline(always)]
-fn unclaim(key: u64) -> bool {
-    let Some(c) = CLAIMS.get_ptr_mut(0) else {
-        // Cannot happen (a per-CPU array's only slot); never take a transition twice.
-        return true;
-    };
-    for i in 0..CLAIM_SLOTS {
-        // SAFETY: as in `claim`.
-        unsafe {
+fn unclaim(c: *mut Claims, key: u64) -> bool {
+    // SAFETY: as in `claim`.
+    unsafe {
+        put(addr_of_mut!((*c).in_raw), 1);
+        for i in 0..CLAIM_SLOTS {
             if read_volatile(addr_of!((*c).key[i])) == key {
                 put(addr_of_mut!((*c).key[i]), 0);
+                put(addr_of_mut!((*c).in_raw), 0);
                 return true;
             }
         }
@@ -397,13 +402,21 @@ pub fn raw_set_state(ctx: RawTracePointContext) -> i32 {
     if !all {
         // The classic program ran for this transition (it claims each first thing).
         let key = transition_key(ctx.arg(0), ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-        if unclaim(key) {
+        let Some(c) = CLAIMS.get_ptr_mut(0) else {
+            // Cannot happen (a per-CPU array's only slot); never take a transition twice.
+            return 0;
+        };
+        if unclaim(c, key) {
             return 0;
         }
         if let Some(n) = CAUGHT.get_ptr_mut(0) {
-            // SAFETY: as above.
+            // SAFETY: a valid per-CPU slot.
             unsafe { *n += 1 };
         }
+        let _ = try_raw_set_state(&ctx);
+        // SAFETY: as in `claim`.
+        unsafe { put(addr_of_mut!((*c).in_raw), 0) };
+        return 0;
     }
     let _ = try_raw_set_state(&ctx);
     0
