@@ -264,7 +264,9 @@ impl Probe {
                 .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
         }
         // The raw program beside it takes over the transitions the kernel skips the classic
-        // one for (a softirq's, interrupting it): without it those are counted lost.
+        // one for (whenever another tracing program holds the CPU): without it those are
+        // counted lost. It must be attached after the classic one, so that the kernel runs
+        // it second for each transition and finds the classic program's claim.
         let raw_attached = kcfg.sock.known != 0 && {
             match attach_raw(&mut ebpf, "raw_set_state", "inet_sock_set_state") {
                 Ok(()) => true,
@@ -393,9 +395,9 @@ impl Probe {
     }
 
     /// Every TCP event the kernel could not deliver since the probe started: those the ring
-    /// buffer had no room for, and the runs the kernel skipped because the program was
-    /// already running on that CPU (a softirq interrupting it: the kernel does not nest BPF
-    /// programs and counts the miss).
+    /// buffer had no room for, and the runs the kernel skipped because a tracing program was
+    /// already running on that CPU (the kernel does not nest them, and counts the miss), but
+    /// for the transitions the raw program took over.
     pub fn lost_total(&self) -> u64 {
         let full: u64 = self
             .lost
@@ -408,7 +410,7 @@ impl Probe {
     }
 
     /// Transitions the raw tracepoint program took over from the classic one, which the
-    /// kernel skipped (a softirq interrupting it). Delivered; not lost.
+    /// kernel skipped. Delivered; not lost.
     pub fn caught_total(&self) -> u64 {
         self.caught
             .as_ref()

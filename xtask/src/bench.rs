@@ -767,7 +767,10 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
             rows.push((*v, rate, rate / base, cpu, rss, delivered, expected));
         }
         // What attaching alone costs: no view of tcptrace can run the storm faster.
-        let floor = rows.iter().find(|r| r.0 == Variant::Idle).map(|r| r.2);
+        let floor = rows
+            .iter()
+            .find(|r| r.0 == Variant::Idle)
+            .map_or(f64::NAN, |r| r.2);
         for &(v, rate, ratio, cpu, rss, delivered, expected) in &rows {
             if v == Variant::Untraced {
                 table.push_str(&format!(
@@ -778,18 +781,16 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
                     "-",
                     "-"
                 ));
-            } else if v == Variant::Idle {
-                // Idle programs trace nothing: what they "delivered" is not a loss.
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {:>19}\n",
-                    v.name(),
-                    "-"
-                ));
             } else {
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {:>19}\n",
-                    v.name(),
+                // Idle programs trace nothing: what they "delivered" is not a loss.
+                let tally = if v == Variant::Idle {
+                    "-".to_string()
+                } else {
                     format!("{delivered}/{expected}")
+                };
+                table.push_str(&format!(
+                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {tally:>19}\n",
+                    v.name(),
                 ));
             }
             let mut o = json!({
@@ -821,10 +822,8 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
                 for (what, ok) in [
                     (
                         format!(
-                            "rate ≥ {min_ratio}× untraced ({ratio:.2}{})",
-                            floor.map_or(String::new(), |f| format!(
-                                "; probes attached, idle: {f:.2}"
-                            ))
+                            "rate ≥ {min_ratio}× untraced ({ratio:.2}; probes attached, idle: \
+                             {floor:.2})"
                         ),
                         ratio >= min_ratio,
                     ),
@@ -851,12 +850,10 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
             }
             per_closer.insert(v.key().into(), o);
         }
-        if let Some(f) = floor {
-            table.push_str(&format!(
-                "probes attached with idle programs run the storm at {f:.2}× untraced: the \
-                 ceiling of every tcptrace row\n"
-            ));
-        }
+        table.push_str(&format!(
+            "probes attached with idle programs run the storm at {floor:.2}× untraced: what \
+             attaching alone costs, above every tcptrace row but for noise\n"
+        ));
         if let Some(t) = tcpstates_cpu {
             let stream = rows
                 .iter()
