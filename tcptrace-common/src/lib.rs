@@ -98,7 +98,8 @@ pub struct Event {
     pub in_from_ns: u64,
     /// Kind-specific value (for [`kind::LOST`], the number of events lost).
     pub aux: u64,
-    /// Local address: IPv4 in the first 4 bytes (rest zero) or IPv6, network order.
+    /// Local address, network order: IPv6, or IPv4 mapped (`::ffff:a.b.c.d`) whichever
+    /// program wrote it (recordings of earlier versions may hold IPv4 in the first 4 bytes).
     pub saddr: [u8; 16],
     /// Remote address, same encoding.
     pub daddr: [u8; 16],
@@ -346,12 +347,13 @@ pub struct Config {
     /// Keep only events of sockets in these network namespaces (inode numbers); the first
     /// `netns_count` are used.
     pub netns: [u32; MAX_KERNEL_NETNS],
-    /// Where a full socket keeps what the tracepoint's record holds, for the raw tracepoint
-    /// program that gets the socket rather than the record.
+    /// Where a socket and a packet keep what the tracepoints' records hold, for the BTF
+    /// tracepoint programs, which get the kernel's objects rather than a record.
     pub sock: SockOffsets,
-    /// Non-zero: the raw tracepoint program handles every transition (the classic one is not
-    /// attached). Zero: only those the kernel skipped the classic program for.
-    pub raw_catches_all: u32,
+    /// Non-zero when the `tcp_send_reset` BTF tracepoint has its third argument, the
+    /// kernel's `enum sk_rst_reason` (Linux 6.10 on).
+    pub send_reset_reason: u32,
+    pub _pad1: u32,
 }
 
 impl Config {
@@ -362,30 +364,45 @@ impl Config {
     }
 }
 
-/// Where a full socket (`struct sock`, `struct inet_sock`) keeps the fields of the
-/// `inet_sock_set_state` record, as BTF offsets found at start-up.
+/// Where the kernel's objects keep what the tracepoints' records hold, as BTF offsets found at
+/// start-up, for the BTF tracepoint programs (which get `struct sock *`, `struct sk_buff *`
+/// and `struct timer_list *` arguments and read their fields with typed loads).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockOffsets {
-    /// Non-zero when every offset below was found.
+    /// Non-zero when every offset below was found (and the BTF programs may be used).
     pub known: u16,
-    /// `sock.sk_protocol`.
+    /// `sock.sk_protocol` (a `u16`, not a bit field, from Linux 5.6 on).
     pub sk_protocol: u16,
     /// `sock_common.skc_family`.
     pub skc_family: u16,
-    /// `sock_common.skc_dport` (network order).
+    /// `sock_common.skc_state`: the state of a full, timewait or request socket.
+    pub skc_state: u16,
+    /// `sock_common.skc_dport` (network order) and `skc_num` (host order).
     pub skc_dport: u16,
-    /// `sock_common.skc_daddr` (IPv4).
+    pub skc_num: u16,
+    /// `sock_common.skc_daddr` and `skc_rcv_saddr` (IPv4).
     pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
     /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr` (IPv6).
     pub skc_v6_daddr: u16,
     pub skc_v6_rcv_saddr: u16,
-    /// `inet_sock.inet_sport` (network order) and `inet_saddr`: the record's `sport` and
-    /// IPv4 `saddr`.
-    pub inet_sport: u16,
+    /// `inet_sock.inet_saddr`: the record's IPv4 `saddr`. Past the end of `struct sock`, so
+    /// read with one helper call of [`INET_SPAN_BYTES`] that also covers `inet_sport`.
     pub inet_saddr: u16,
+    /// Where `inet_sock.inet_sport` (network order) sits in that span: the record's `sport`.
+    /// Kept there at the end of a connection, when `skc_num` is already 0.
+    pub inet_sport_in_span: u16,
+    /// `sk_buff.head`, `network_header`, `transport_header`: the addresses of a reset sent
+    /// with no socket (a refused connection) come from the segment it answers.
+    pub skb_head: u16,
+    pub skb_network_header: u16,
+    pub skb_transport_header: u16,
     pub _pad: u16,
 }
+
+/// How many bytes the BTF programs read at `inet_sock.inet_saddr` to get it and `inet_sport`.
+pub const INET_SPAN_BYTES: u16 = 8;
 
 /// The state the connection really enters, given the event's [`flag`]s.
 ///
@@ -512,6 +529,7 @@ mod user {
     unsafe impl aya::Pod for super::ReceiveResetOffsets {}
     unsafe impl aya::Pod for super::TimewaitOffsets {}
     unsafe impl aya::Pod for super::NsOffsets {}
+    unsafe impl aya::Pod for super::SockOffsets {}
 }
 
 #[cfg(test)]

@@ -1,26 +1,34 @@
-//! tcptrace's kernel side: one tracepoint program on `sock:inet_sock_set_state`.
+//! tcptrace's kernel side: programs on TCP's transitions (`inet_sock_set_state`), its resets
+//! (`tcp_send_reset`, `tcp_receive_reset`) and timewait sockets' timers (`timer_start`,
+//! `timer_cancel`, `timer_expire_entry`).
 //!
-//! For every TCP transition it updates a bounded per-socket map (time of the last
-//! transition, the owner learnt from a system call it drove), applies the loader's filters,
-//! and writes one [`Event`] into the `EVENTS` ring buffer. Wake-ups are batched: the reader
-//! is woken only once `wakeup_bytes` are waiting, and drains on its own tick otherwise.
+//! Two sets, never attached together: the BTF tracepoint programs ([`btf`]), which keep what
+//! is known of each socket in the socket itself, wherever the kernel allows them; and, as
+//! the fallback for older kernels, the classic tracepoint programs here, which read the
+//! tracepoints' records and keep each socket's facts in a bounded LRU map. Either way, for
+//! every TCP transition the program keeps the time of the socket's last transition and the
+//! owner learnt from a system call it drove, applies the loader's filters, and writes one
+//! [`Event`] into the `EVENTS` ring buffer. Wake-ups are batched: the reader is woken only
+//! once `wakeup_bytes` are waiting, and drains on its own tick otherwise.
 #![no_std]
 #![no_main]
 
+mod btf;
+
 use core::{
     ffi::c_void,
-    ptr::{addr_of, addr_of_mut, read_volatile},
+    ptr::{addr_of_mut, read_volatile},
 };
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_comm, bpf_jiffies64, bpf_probe_read_kernel},
+        generated::{bpf_get_current_comm, bpf_probe_read_kernel},
     },
-    macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
@@ -100,109 +108,23 @@ static CONFIG: Config = Config {
         skc_daddr: 0,
         skc_v6_daddr: 0,
         skc_v6_rcv_saddr: 0,
-        inet_sport: 0,
+        skc_state: 0,
+        skc_num: 0,
+        skc_rcv_saddr: 0,
         inet_saddr: 0,
+        inet_sport_in_span: 0,
+        skb_head: 0,
+        skb_network_header: 0,
+        skb_transport_header: 0,
         _pad: 0,
     },
-    raw_catches_all: 0,
+    send_reset_reason: 0,
+    _pad1: 0,
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
-
-/// Per CPU: the transitions the classic program took and `raw_set_state` has not yet seen
-/// (see [`claim`]).
-#[map]
-static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(1, 0);
-
-/// Slots of [`Claims`]: claims outstanding at once on a CPU are those of the contexts
-/// interrupted between their classic and raw runs (a task's, a softirq's), plus the few
-/// whose raw run the kernel skipped.
-const CLAIM_SLOTS: usize = 8;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Claims {
-    /// Claims made on this CPU so far: the age of each.
-    seq: u64,
-    /// Non-zero while `raw_set_state` runs on this CPU: the kernel will skip it for any
-    /// transition nested in it, so a claim made meanwhile would never be taken back.
-    in_raw: u64,
-    /// [`transition_key`]s; 0 is a free slot.
-    key: [u64; CLAIM_SLOTS],
-    /// When each was made (`seq`).
-    at: [u64; CLAIM_SLOTS],
-}
-
-/// One transition of one socket, never 0: its address (48 bits are enough for a kernel
-/// pointer's) and both states.
-#[inline(always)]
-fn transition_key(skaddr: u64, old: u8, new: u8) -> u64 {
-    (1 << 63)
-        | (skaddr & 0xffff_ffff_ffff)
-        | (u64::from(old & 0xf) << 48)
-        | (u64::from(new & 0xf) << 52)
-}
-
-/// The classic program took this transition: says so to the raw program, which the kernel
-/// runs right after it for the same transition (it was attached after it). The kernel skips
-/// the classic program whenever any classic tracing program is running on the CPU — ours,
-/// interrupted by a softirq; another tool's kprobe; a map read by system call — and the raw
-/// program takes over every transition it does not find claimed, whatever the cause.
-#[inline(always)]
-fn claim(key: u64) {
-    let Some(c) = CLAIMS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a valid per-CPU slot; the program cannot move to another CPU while it runs, and
-    // no other classic program runs on it meanwhile (the raw one may, to free a slot).
-    unsafe {
-        if read_volatile(addr_of!((*c).in_raw)) != 0 {
-            return;
-        }
-        let seq = (*c).seq + 1;
-        put(addr_of_mut!((*c).seq), seq);
-        // A free slot, else the oldest claim: one whose raw run the kernel skipped in the
-        // instants around `in_raw`, never taken back.
-        let (mut pick, mut oldest) = (0, u64::MAX);
-        for i in 0..CLAIM_SLOTS {
-            if read_volatile(addr_of!((*c).key[i])) == 0 {
-                pick = i;
-                break;
-            }
-            let at = read_volatile(addr_of!((*c).at[i]));
-            if at < oldest {
-                (pick, oldest) = (i, at);
-            }
-        }
-        put(addr_of_mut!((*c).key[pick]), key);
-        put(addr_of_mut!((*c).at[pick]), seq);
-    }
-}
-
-/// Whether the classic program claimed this transition (and takes the claim back). Leaves
-/// `in_raw` set when it was not: the caller clears it once it has handled it.
-#[inline(always)]
-fn unclaim(c: *mut Claims, key: u64) -> bool {
-    // SAFETY: as in `claim`.
-    unsafe {
-        put(addr_of_mut!((*c).in_raw), 1);
-        for i in 0..CLAIM_SLOTS {
-            if read_volatile(addr_of!((*c).key[i])) == key {
-                put(addr_of_mut!((*c).key[i]), 0);
-                put(addr_of_mut!((*c).in_raw), 0);
-                return true;
-            }
-        }
-    }
-    false
-}
-
-/// Per CPU: transitions `raw_set_state` took over from a skipped classic program (the kernel
-/// counted each as a miss of that program: userspace subtracts these).
-#[map]
-static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events that found the ring buffer full, per CPU. Loss is never silent.
 #[map]
@@ -213,15 +135,31 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// What is known of each live socket, keyed by its kernel address. LRU-bounded: a socket
+/// What is known of each live socket, keyed by its kernel address: the classic programs'
+/// store (the BTF ones keep it in the socket). LRU-bounded, sized by the loader: a socket
 /// evicted here only loses its duration and owner, never its events.
 #[map]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
 
 /// The owner of each listening port, so accepted sockets (created in softirq, where the
-/// current task is arbitrary) can name the process that listens for them.
+/// current task is arbitrary) can name the process that listens for them. Sized by the
+/// loader; a listener that finds it full is counted in [`FORGOTTEN`].
 #[map]
-static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entries(4096, 0);
+static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(4096, 0);
+
+/// Per CPU: facts the kernel side could not keep (a listener that found [`LISTENERS`] full,
+/// a socket whose storage the kernel could not allocate). Never silent: userspace shows it.
+#[map]
+static FORGOTTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts one fact not kept.
+#[inline(always)]
+fn forgot() {
+    if let Some(n) = FORGOTTEN.get_ptr_mut(0) {
+        // SAFETY: a valid per-CPU slot; programs do not migrate while they run.
+        unsafe { *n += 1 };
+    }
+}
 
 /// A listener: its network namespace (0 when unknown) and port. Two containers listening on
 /// the same port are two listeners.
@@ -257,6 +195,10 @@ unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
         put(addr_of_mut!((*dst).flags), (*src).flags);
     }
 }
+
+/// Bytes 8 to 15 of an IPv4-mapped IPv6 address whose IPv4 address is 0.0.0.0, as a
+/// little-endian `u64`: `ff ff` at bytes 10 and 11. OR the IPv4 address, shifted up 32 bits.
+const V4_MAPPED_HIGH: u64 = 0xffff_0000;
 
 /// Zeroes 16 bytes at an 8-byte aligned address.
 #[inline(always)]
@@ -323,8 +265,12 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
 }
 
 /// The current task as an owner: only called for transitions its own system call drives.
+///
+/// # Safety
+/// `dst` must be writable.
 #[inline(always)]
-fn current_owner(dst: *mut Owner) {
+unsafe fn current_owner(dst: *mut Owner) {
+    // SAFETY: see above; the helper writes 16 bytes into `comm`.
     unsafe {
         bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), 16);
         put(
@@ -335,8 +281,13 @@ fn current_owner(dst: *mut Owner) {
     }
 }
 
+/// No owner known.
+///
+/// # Safety
+/// `dst` must be writable.
 #[inline(always)]
-fn clear_owner(dst: *mut Owner) {
+unsafe fn clear_owner(dst: *mut Owner) {
+    // SAFETY: see above.
     unsafe {
         put(addr_of_mut!((*dst).comm[0]), 0);
         put(addr_of_mut!((*dst).comm[1]), 0);
@@ -365,7 +316,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             saddr: [load(ctx, v6), load(ctx, v6 + 8)],
             daddr: [load(ctx, d6), load(ctx, d6 + 8)],
         };
-        claim(transition_key(f.skaddr, f.old, f.new));
         return on_transition(&cfg, &f, &addrs);
     }
     let f = Fields {
@@ -381,78 +331,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
         daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
         len: 16,
-    };
-    claim(transition_key(f.skaddr, f.old, f.new));
-    on_transition(&cfg, &f, &addrs)
-}
-
-/// The `inet_sock_set_state` program as a raw tracepoint, which the kernel skips only when
-/// this very program is running on the CPU. Attached after the classic program, it runs
-/// right after it for each transition and handles exactly those the kernel skipped that one
-/// for (see [`claim`]): a softirq's that interrupted it, or any run while another classic
-/// tracing program held the CPU (the kernel never nests them, and counts a miss).
-/// With `raw_catches_all` (the classic program not attached) it handles every transition.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn raw_set_state(ctx: RawTracePointContext) -> i32 {
-    if idle() {
-        return 0;
-    }
-    // SAFETY: as in try_timer_start.
-    let all = unsafe { read_volatile(&CONFIG.raw_catches_all) } != 0;
-    if !all {
-        // The classic program ran for this transition (it claims each first thing).
-        let key = transition_key(ctx.arg(0), ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-        let Some(c) = CLAIMS.get_ptr_mut(0) else {
-            // Cannot happen (a per-CPU array's only slot); never take a transition twice.
-            return 0;
-        };
-        if unclaim(c, key) {
-            return 0;
-        }
-        if let Some(n) = CAUGHT.get_ptr_mut(0) {
-            // SAFETY: a valid per-CPU slot.
-            unsafe { *n += 1 };
-        }
-        let _ = try_raw_set_state(&ctx);
-        // SAFETY: as in `claim`.
-        unsafe { put(addr_of_mut!((*c).in_raw), 0) };
-        return 0;
-    }
-    let _ = try_raw_set_state(&ctx);
-    0
-}
-
-/// A transition from the tracepoint's arguments (`sk`, `oldstate`, `newstate`), the record's
-/// other fields read from the socket the way the kernel fills them in.
-fn try_raw_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.sock;
-    if o.known == 0 {
-        return Ok(());
-    }
-    let sk: u64 = ctx.arg(0);
-    let f = Fields {
-        protocol: kread(sk, o.sk_protocol)?,
-        family: kread(sk, o.skc_family)?,
-        old: ctx.arg::<u64>(1) as u8,
-        new: ctx.arg::<u64>(2) as u8,
-        skaddr: sk,
-        sport: u16::from_be(kread(sk, o.inet_sport)?),
-        dport: u16::from_be(kread(sk, o.skc_dport)?),
-    };
-    let addrs = match f.family {
-        AF_INET => Addrs::Read {
-            saddr: (sk + o.inet_saddr as u64) as *const u8,
-            daddr: (sk + o.skc_daddr as u64) as *const u8,
-            len: 4,
-        },
-        AF_INET6 => Addrs::Read {
-            saddr: (sk + o.skc_v6_rcv_saddr as u64) as *const u8,
-            daddr: (sk + o.skc_v6_daddr as u64) as *const u8,
-            len: 16,
-        },
-        _ => return Ok(()),
     };
     on_transition(&cfg, &f, &addrs)
 }
@@ -593,7 +471,12 @@ fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(), i32> {
     }
     if old == state::CLOSE && new == state::LISTEN {
         // SAFETY: every path above initialised the owner.
-        let _ = LISTENERS.insert(&listen_key(netns, sport), unsafe { &*owner_ptr }, 0);
+        if LISTENERS
+            .insert(&listen_key(netns, sport), unsafe { &*owner_ptr }, 0)
+            .is_err()
+        {
+            forgot();
+        }
     } else if old == state::LISTEN && new == state::CLOSE {
         let _ = LISTENERS.remove(&listen_key(netns, sport));
     }
@@ -740,7 +623,8 @@ fn reset(
             cgroup = (*info).cgroup;
         },
         None => {
-            clear_owner(owner_ptr);
+            // SAFETY: a local.
+            unsafe { clear_owner(owner_ptr) };
             if k == kind::RESET_RECEIVED {
                 // Remember the reset even for a socket not met before, so its coming
                 // FIN_WAIT2/CLOSING→CLOSE is not taken for an entry into TIME_WAIT.
@@ -865,35 +749,6 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
     tw_armed(timer, expires.wrapping_sub(now))
 }
 
-/// `timer_start` as a raw tracepoint: no record is built for the program (every timer on
-/// the system passes here), and the kernel skips it only when this very program is already
-/// running on the CPU, not when any tracing program is.
-#[raw_tracepoint(tracepoint = "timer_start")]
-pub fn raw_timer_start(ctx: RawTracePointContext) -> i32 {
-    if idle() {
-        return 0;
-    }
-    let _ = try_raw_timer_start(&ctx);
-    0
-}
-
-/// A timer was armed (`timer_start(timer, …)`'s arguments).
-fn try_raw_timer_start(ctx: &RawTracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_timer_start.
-    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
-    let at = unsafe { read_volatile(&CONFIG.timewait.timer_function) };
-    let timer: u64 = ctx.arg(0);
-    let function: u64 = kread(timer, at)?;
-    if function != handler || handler == 0 {
-        return Ok(());
-    }
-    let at = unsafe { read_volatile(&CONFIG.timewait.timer_expires) };
-    let expires: u64 = kread(timer, at)?;
-    // What the tracepoint's record calls `now`: jiffies.
-    let now = unsafe { bpf_jiffies64() };
-    tw_armed(timer, expires.wrapping_sub(now))
-}
-
 /// A timewait socket's timer, armed for `timeout` jiffies: report the socket.
 fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
     // SAFETY: as in try_set_state.
@@ -916,7 +771,8 @@ fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16)
     };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    clear_owner(owner.as_mut_ptr());
+    // SAFETY: a local.
+    unsafe { clear_owner(owner.as_mut_ptr()) };
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: tw,
@@ -965,26 +821,6 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
     if let Ok(timer) = read::<u64>(&ctx, at) {
         let _ = tw_timer_end(timer, kind::TW_EXPIRED);
     }
-    0
-}
-
-/// `timer_cancel(timer)` as a raw tracepoint (see [`raw_timer_start`]).
-#[raw_tracepoint(tracepoint = "timer_cancel")]
-pub fn raw_timer_cancel(ctx: RawTracePointContext) -> i32 {
-    if idle() {
-        return 0;
-    }
-    let _ = tw_timer_end(ctx.arg(0), kind::TW_CANCELLED);
-    0
-}
-
-/// `timer_expire_entry(timer, …)` as a raw tracepoint (see [`raw_timer_start`]).
-#[raw_tracepoint(tracepoint = "timer_expire_entry")]
-pub fn raw_timer_expire(ctx: RawTracePointContext) -> i32 {
-    if idle() {
-        return 0;
-    }
-    let _ = tw_timer_end(ctx.arg(0), kind::TW_EXPIRED);
     0
 }
 
@@ -1048,6 +884,11 @@ fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
     if handler == 0 || kread::<u64>(timer, at)? != handler {
         return Ok(());
     }
+    tw_timer_report(timer, k)
+}
+
+/// Reports the end `k` of a timewait socket's timer, if the filters keep the socket.
+fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     // No map remembers which timers were reported (an insert per arming cost more than the
     // rest of the program): with a filter, the socket is read again and judged the same way.
     // SAFETY: as in try_set_state.
@@ -1057,7 +898,8 @@ fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
         return Ok(());
     }
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    clear_owner(owner.as_mut_ptr());
+    // SAFETY: a local.
+    unsafe { clear_owner(owner.as_mut_ptr()) };
     let rec = Record {
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: tw,
@@ -1145,13 +987,20 @@ fn emit(wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
                 put(d.add(1), daddr[1]);
             }
             Addrs::Read { saddr, daddr, len } => {
-                zero16(addr_of_mut!((*e).saddr));
-                zero16(addr_of_mut!((*e).daddr));
+                let (s, d) = (addr_of_mut!((*e).saddr), addr_of_mut!((*e).daddr));
+                zero16(s);
+                zero16(d);
+                // IPv4 is written mapped (`::ffff:a.b.c.d`), as the tracepoint's record has it.
+                let at = if len == 4 {
+                    put(s.cast::<u64>().add(1), V4_MAPPED_HIGH);
+                    put(d.cast::<u64>().add(1), V4_MAPPED_HIGH);
+                    12
+                } else {
+                    0
+                };
                 if len != 0 {
-                    let _ =
-                        bpf_probe_read_kernel(addr_of_mut!((*e).saddr).cast(), len, saddr.cast());
-                    let _ =
-                        bpf_probe_read_kernel(addr_of_mut!((*e).daddr).cast(), len, daddr.cast());
+                    let _ = bpf_probe_read_kernel(s.cast::<u8>().add(at).cast(), len, saddr.cast());
+                    let _ = bpf_probe_read_kernel(d.cast::<u8>().add(at).cast(), len, daddr.cast());
                 }
             }
         }

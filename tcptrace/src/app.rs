@@ -282,6 +282,8 @@ fn drive<'a>(
         ring_bytes: source.ring_buffer_size,
         timewait: true,
         paths: crate::probe::Paths::Fast,
+        max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
+        ..ProbeConfig::default()
     })?;
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
@@ -441,6 +443,7 @@ pub fn live(
         Ok::<(), anyhow::Error>(())
     })?;
     let timer_misses = probe.timer_misses();
+    let forgotten = probe.forgotten_total();
     drop(probe);
     if let Some(rec) = &mut recorder {
         rec.flush().context("writing the recording")?;
@@ -452,8 +455,16 @@ pub fn live(
     let _ = writeln!(
         io::stderr(),
         "tcptrace: {transitions} transitions and {others} other events read, {lost} lost \
-         (ring buffer full or nested in the kernel), {} sockets evicted (--max-sockets){}",
+         (ring buffer full or nested in the kernel), {} sockets evicted (--max-sockets){}{}",
         view.evicted(),
+        if forgotten > 0 {
+            format!(
+                ", {forgotten} facts the kernel could not keep (listeners beyond the map, or \
+                 socket storage it could not allocate: owners or durations are missing)"
+            )
+        } else {
+            String::new()
+        },
         if timer_misses > 0 {
             format!(
                 ", {timer_misses} timer events skipped by the kernel (nested runs; most are \

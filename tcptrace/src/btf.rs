@@ -53,8 +53,10 @@ struct Member {
 struct Type {
     name: u32,
     kind: u32,
-    /// For modifiers and typedefs: the type referred to.
+    /// For modifiers, typedefs and pointers: the type referred to.
     refers: u32,
+    /// For function prototypes: how many parameters.
+    params: usize,
     members: Vec<Member>,
 }
 
@@ -63,6 +65,7 @@ pub struct Btf {
     strings: Vec<u8>,
     types: Vec<Type>,
     structs: HashMap<String, u32>,
+    typedefs: HashMap<String, u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -93,8 +96,10 @@ impl Btf {
             name: 0,
             kind: 0,
             refers: 0,
+            params: 0,
             members: Vec::new(),
         }];
+        let mut typedefs = HashMap::new();
         while at < end {
             let name = u32_at(b, at)?;
             let info = u32_at(b, at + 4)?;
@@ -126,10 +131,14 @@ impl Btf {
                 k => return Err(BtfError::Kind(k)),
             };
             at += extra;
+            if kind == KIND_TYPEDEF && name != 0 {
+                typedefs.insert(name, types.len() as u32);
+            }
             types.push(Type {
                 name,
                 kind,
                 refers: size_or_type,
+                params: if kind == KIND_FUNC_PROTO { vlen } else { 0 },
                 members,
             });
         }
@@ -137,6 +146,7 @@ impl Btf {
             strings,
             types,
             structs: HashMap::new(),
+            typedefs: HashMap::new(),
         };
         for (id, t) in btf.types.iter().enumerate() {
             if t.kind == KIND_STRUCT && t.name != 0 {
@@ -144,6 +154,10 @@ impl Btf {
                 btf.structs.entry(name).or_insert(id as u32);
             }
         }
+        btf.typedefs = typedefs
+            .into_iter()
+            .map(|(name, id)| (btf.string(name).to_string(), id))
+            .collect();
         Ok(btf)
     }
 
@@ -172,6 +186,18 @@ impl Btf {
             }
         }
         None
+    }
+
+    /// How many arguments a BTF tracepoint hands its programs (its `btf_trace_NAME`
+    /// prototype's parameters but the first, the context); None when it has no such type.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let id = *self.typedefs.get(&format!("btf_trace_{name}"))?;
+        let ptr = self.resolve(id)?;
+        if ptr.kind != KIND_PTR {
+            return None;
+        }
+        let proto = self.resolve(ptr.refers)?;
+        (proto.kind == KIND_FUNC_PROTO).then(|| proto.params.saturating_sub(1))
     }
 
     /// The byte offset of `path` (`"__tw_common.skc_dport"`) inside struct `name`, looking
@@ -282,6 +308,23 @@ mod tests {
         let mut b = blob();
         b.truncate(30);
         assert!(Btf::parse(&b).is_err());
+    }
+
+    /// The BTF tracepoints' prototypes, as the kernel declares them: the counts the loader
+    /// relies on (`tcp_send_reset` has its `reason` from Linux 6.10 on).
+    #[test]
+    fn the_running_kernels_tracepoint_arguments() {
+        let Ok(btf) = Btf::from_sys() else {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        assert_eq!(btf.tracepoint_args("inet_sock_set_state"), Some(3));
+        assert_eq!(btf.tracepoint_args("tcp_receive_reset"), Some(1));
+        assert_eq!(btf.tracepoint_args("timer_cancel"), Some(1));
+        let send = btf.tracepoint_args("tcp_send_reset").unwrap();
+        assert!((1..=3).contains(&send), "{send}");
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
     }
 
     /// On the running kernel (no root needed to read it): the offsets the notes measured on

@@ -103,7 +103,8 @@ pub fn run(load: bool) -> Vec<Item> {
         "timer tracepoints",
         false,
         probe::timewait_offsets()
-            .map(|_| "timer:timer_start, timer_cancel, timer_expire_entry".into())
+            .and_then(|mut o| probe::timer_format_offsets(&mut o))
+            .map(|()| "timer:timer_start, timer_cancel, timer_expire_entry".into())
             .map_err(|e| format!("{e}: no TIME_WAIT exits")),
     ));
     items.push(item("network namespaces and cgroups", false, containers()));

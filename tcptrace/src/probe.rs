@@ -15,11 +15,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array as BpfArray, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, TracePoint},
 };
 use tcptrace_common::{
-    ABSENT, Config, EVENT_SIZE, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
-    SockOffsets, TimewaitOffsets,
+    ABSENT, Config, EVENT_SIZE, INET_SPAN_BYTES, NsOffsets, ReceiveResetOffsets, SendResetOffsets,
+    SetStateOffsets, SockOffsets, TimewaitOffsets,
 };
 
 use crate::{
@@ -73,25 +73,48 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Trace timewait sockets' timers (TIME_WAIT exits), where the host allows it.
     pub timewait: bool,
-    /// Which kernel paths to take (the fastest the kernel allows, unless a test says
+    /// Which kernel programs to take (the fastest the kernel allows, unless a test says
     /// otherwise).
     pub paths: Paths,
+    /// Entries of the classic programs' per-socket map (the BTF ones keep no such map).
+    pub max_sockets: u32,
+    /// Entries of the listeners' map (each listening socket's owner, by namespace and port).
+    pub max_listeners: u32,
 }
 
-/// The kernel paths a probe takes. Only [`Paths::Fast`] is for use; the others exist so tests
-/// can exercise the fallbacks it relies on.
+/// The kernel programs a probe runs. Only [`Paths::Fast`] is for use; [`Paths::Portable`]
+/// exists so tests can exercise the fallback it relies on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Paths {
-    /// Transitions from the classic tracepoint, read with plain loads where the record has
-    /// the known layout, plus the raw tracepoint for the transitions the kernel skipped the
-    /// classic program for; timers through raw tracepoints. Each falls back to the portable
-    /// path where the kernel refuses it.
+    /// The BTF tracepoint programs with socket-local storage where the kernel takes them
+    /// (Linux 5.11 and later with BTF), else the classic ones, with one warning saying why.
     #[default]
     Fast,
-    /// What any kernel takes: classic tracepoints everywhere, a helper read per record field.
+    /// The classic tracepoint programs, whatever the kernel: what kernels without BTF take.
     Portable,
-    /// Transitions through the raw tracepoint only, each read from its socket.
-    RawTransitions,
+}
+
+/// Which set of kernel programs a running probe uses. The two are never attached together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSide {
+    /// BTF tracepoints; each socket's facts in socket-local storage, freed with the socket.
+    Btf,
+    /// Classic tracepoints reading the records; each socket's facts in an LRU map of
+    /// `--max-sockets` entries.
+    Classic,
+}
+
+impl KernelSide {
+    /// How `tcptrace check` and the logs name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            KernelSide::Btf => "BTF tracepoints, per-socket state in socket-local storage",
+            KernelSide::Classic => {
+                "classic tracepoints, per-socket state in an LRU map (the fallback for kernels \
+                 without BTF or socket storage for tracing programs)"
+            }
+        }
+    }
 }
 
 impl Default for ProbeConfig {
@@ -105,6 +128,8 @@ impl Default for ProbeConfig {
             ring_bytes: DEFAULT_RING_BYTES,
             timewait: true,
             paths: Paths::Fast,
+            max_sockets: DEFAULT_KERNEL_SOCKETS,
+            max_listeners: DEFAULT_KERNEL_LISTENERS,
         }
     }
 }
@@ -116,42 +141,107 @@ const LOST_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Wake the reader early only once 64 KiB are waiting; it drains on a tick otherwise.
 pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
+/// Entries of the classic programs' per-socket LRU map, unless the command line says.
+pub const DEFAULT_KERNEL_SOCKETS: u32 = 65_536;
+/// Entries of the listeners' map: one per listening port and network namespace.
+pub const DEFAULT_KERNEL_LISTENERS: u32 = 16_384;
 
 /// A loaded, attached probe. Dropping it detaches the program and frees its maps.
 pub struct Probe {
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
+    forgotten: PerCpuArray<MapData, u64>,
     lost_reported: u64,
     /// When the loss counters were last read.
     lost_checked: std::time::Instant,
     /// The TCP programs' descriptors (owned by `_ebpf`), for their missed runs.
     tcp_progs: Vec<RawFd>,
-    /// Transitions the raw tracepoint took over from a skipped classic program, per CPU.
-    caught: Option<PerCpuArray<MapData, u64>>,
     /// The timer programs' descriptors.
     timer_progs: Vec<RawFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     timewait_traced: bool,
+    side: KernelSide,
     // Keeps the program and its link alive; declared last so it is dropped last.
     _ebpf: Ebpf,
 }
 
+/// The TCP programs of each kernel side: transitions, resets sent, resets received.
+const TCP_PROGRAMS: [(&str, &str); 3] = [
+    ("inet_sock_set_state", "btf_set_state"),
+    ("tcp_send_reset", "btf_send_reset"),
+    ("tcp_receive_reset", "btf_receive_reset"),
+];
+/// The timer programs of each kernel side: timewait timers armed, cancelled, fired.
+const TIMER_PROGRAMS: [(&str, &str); 3] = [
+    ("timer_start", "btf_timer_start"),
+    ("timer_cancel", "btf_timer_cancel"),
+    ("timer_expire_entry", "btf_timer_expire"),
+];
+
 impl Probe {
-    /// Loads, configures and attaches the program.
+    /// Loads, configures and attaches the programs: the BTF set where the kernel takes it,
+    /// else the classic one.
     pub fn start(cfg: &ProbeConfig) -> Result<Probe, ProbeError> {
         check_privileges()?;
         if cfg.ring_bytes < 4096 || !cfg.ring_bytes.is_power_of_two() {
             return Err(ProbeError::RingSize(cfg.ring_bytes));
         }
         raise_memlock();
+        // The kernel's BTF, read once: struct offsets for TIME_WAIT exits, namespaces,
+        // cgroups and the BTF programs.
+        let btf = Btf::from_sys();
+        let kcfg = shared_config(cfg, &btf);
+        if cfg.paths == Paths::Fast {
+            match Probe::start_btf(cfg, kcfg, &btf) {
+                Ok(p) => return Ok(p),
+                Err(e) => log::warn!(
+                    "using the classic tracepoints: {e}; per-socket facts are then kept in a \
+                     map of {} sockets (--max-sockets)",
+                    cfg.max_sockets
+                ),
+            }
+        }
+        Probe::start_classic(cfg, kcfg)
+    }
+
+    /// The BTF tracepoint programs, with per-socket state in socket-local storage.
+    fn start_btf(
+        cfg: &ProbeConfig,
+        mut kcfg: Config,
+        btf: &Result<Btf, String>,
+    ) -> Result<Probe, String> {
+        let btf = btf.as_ref().map_err(|e| format!("no kernel BTF ({e})"))?;
+        kcfg.sock = sock_offsets(btf)?;
+        kcfg.send_reset_reason = u32::from(btf.tracepoint_args("tcp_send_reset") >= Some(3));
+        // aya resolves each BTF tracepoint's type in its own reading of the kernel's BTF,
+        // dropped once they are loaded.
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        // SK_STATE replaces SOCKS: one entry, not a preallocated table nobody uses.
+        let mut ebpf = load(cfg, &kcfg, 1).map_err(|e| e.to_string())?;
+        for (_, name) in TCP_PROGRAMS {
+            attach_btf(&mut ebpf, name, &kernel_btf)?;
+        }
+        let timewait_traced = cfg.timewait
+            && kcfg.timewait.handler != 0
+            && TIMER_PROGRAMS.iter().all(|(_, name)| {
+                attach_btf(&mut ebpf, name, &kernel_btf)
+                    .map_err(|e| log::warn!("TIME_WAIT exits are not traced: {name}: {e}"))
+                    .is_ok()
+            });
+        drop(kernel_btf);
+        let tcp = TCP_PROGRAMS.map(|(_, btf)| btf);
+        let timers = TIMER_PROGRAMS.map(|(_, btf)| btf);
+        let names = if timewait_traced { &timers[..] } else { &[] };
+        Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())
+    }
+
+    /// The classic tracepoint programs: what kernels without BTF (or without socket storage
+    /// for tracing programs) take.
+    fn start_classic(cfg: &ProbeConfig, mut kcfg: Config) -> Result<Probe, ProbeError> {
         let format_path = tracepoint_format("sock", "inet_sock_set_state")?;
         let text = fs::read_to_string(&format_path)
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
-        let mut kcfg = cfg.kernel;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
-        if cfg.paths == Paths::Portable {
-            kcfg.offsets.known_layout = 0;
-        }
         // The reset tracepoints tell who aborted a connection. Without them (before Linux
         // 4.16/5.x, or a changed format) tracing goes on and aborts are classified `unknown`.
         let send = optional_format("tcp_send_reset", parse_send_reset_format);
@@ -162,134 +252,22 @@ impl Probe {
         if let Some(o) = recv {
             kcfg.receive_reset = o;
         }
-        // The kernel's BTF, read once: struct offsets for TIME_WAIT exits, namespaces and
-        // cgroups.
-        let btf = Btf::from_sys();
-        // Each socket's network namespace and cgroup. Without them (no BTF, another layout)
-        // tracing goes on, reports them as unknown, and says so once.
-        kcfg.ns = match &btf {
-            Ok(btf) => {
-                let (o, missing) = ns_offsets(btf);
-                for m in missing {
-                    log::warn!("{m}");
-                }
-                o
-            }
-            Err(e) => {
-                log::warn!("network namespaces and cgroups are not reported: no kernel BTF ({e})");
-                NsOffsets::UNKNOWN
-            }
-        };
-        // The socket's own fields, for the raw tracepoint program (it gets the socket, not the
-        // record). Without them that program is not attached.
-        if cfg.paths != Paths::Portable
-            && let Ok(btf) = &btf
+        if kcfg.timewait.handler != 0
+            && let Err(e) = timer_format_offsets(&mut kcfg.timewait)
         {
-            match sock_offsets(btf) {
-                Ok(o) => kcfg.sock = o,
-                Err(e) => log::debug!("no raw tracepoint for transitions: {e}"),
-            }
+            log::warn!("TIME_WAIT exits are not traced on this host: {e}");
+            kcfg.timewait.handler = 0;
         }
-        if cfg.paths == Paths::RawTransitions {
-            if kcfg.sock.known == 0 {
-                return Err(ProbeError::Load(
-                    "the raw tracepoint needs the socket's field offsets from the kernel's BTF"
-                        .into(),
-                ));
-            }
-            kcfg.raw_catches_all = 1;
-        }
-        if kcfg.netns_count > 0 && !kcfg.ns.netns_known() {
-            log::warn!("--netns cannot match: this kernel's network namespaces are unknown");
-        }
-        // TIME_WAIT exits come from the timewait socket's timer. Without the symbol, BTF or
-        // the timer tracepoints, tracing goes on without them, and says so once.
-        let timewait = match btf
-            .as_ref()
-            .map_err(|e| format!("no kernel BTF ({e})"))
-            .and_then(timewait_offsets_in)
-        {
-            Ok(o) if cfg.timewait => Some(o),
-            Ok(_) => None,
-            Err(e) => {
-                log::warn!("TIME_WAIT exits are not traced on this host: {e}");
-                None
-            }
-        };
-        if let Some(o) = timewait {
-            kcfg.timewait = o;
-        }
-
-        let mut ebpf = EbpfLoader::new()
-            // The programs read tracepoint fields at offsets from tracefs, and kernel
-            // structures at offsets from our own BTF reader: no CO-RE relocation, so the
-            // loader need not parse the kernel's BTF (tens of MiB of heap, ~50 ms).
-            .btf(None)
-            .override_global("CONFIG", &kcfg, true)
-            .map_max_entries("EVENTS", cfg.ring_bytes)
-            .load(PROGRAM)
-            .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
-        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
-        {
-            let mut ports: BpfArray<_, u8> = BpfArray::try_from(
-                ebpf.map_mut("PORTS")
-                    .ok_or_else(|| ProbeError::Load("map PORTS is missing".into()))?,
-            )
-            .map_err(|e| ProbeError::Load(e.to_string()))?;
-            for (port, bits) in &cfg.ports {
-                ports
-                    .set(u32::from(*port), bits, 0)
-                    .map_err(|e| ProbeError::Load(format!("setting the port filter: {e}")))?;
-            }
-        }
-        let ring = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or_else(|| ProbeError::Load("map EVENTS is missing".into()))?,
-        )
-        .map_err(|e| ProbeError::Load(e.to_string()))?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map("LOST")
-                .ok_or_else(|| ProbeError::Load("map LOST is missing".into()))?,
-        )
-        .map_err(|e| ProbeError::Load(e.to_string()))?;
-        if cfg.paths != Paths::RawTransitions {
-            let prog: &mut TracePoint = ebpf
-                .program_mut("inet_sock_set_state")
-                .ok_or_else(|| ProbeError::Load("program inet_sock_set_state is missing".into()))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
-            prog.load()
-                .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
-            prog.attach("sock", "inet_sock_set_state")
-                .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
-        }
-        // The raw program beside it takes over the transitions the kernel skips the classic
-        // one for (whenever another tracing program holds the CPU): without it those are
-        // counted lost. It must be attached after the classic one, so that the kernel runs
-        // it second for each transition and finds the classic program's claim.
-        let raw_attached = kcfg.sock.known != 0 && {
-            match attach_raw(&mut ebpf, "raw_set_state", "inet_sock_set_state") {
-                Ok(()) => true,
-                Err(e) if cfg.paths == Paths::RawTransitions => {
-                    return Err(ProbeError::Attach(format!("raw inet_sock_set_state: {e}")));
-                }
-                Err(e) => {
-                    log::debug!("no raw tracepoint for transitions: {e}");
-                    false
-                }
-            }
-        };
-        let caught = if raw_attached && cfg.paths == Paths::Fast {
-            Some(
-                PerCpuArray::try_from(
-                    ebpf.take_map("CAUGHT")
-                        .ok_or_else(|| ProbeError::Load("map CAUGHT is missing".into()))?,
-                )
-                .map_err(|e| ProbeError::Load(e.to_string()))?,
-            )
-        } else {
-            None
-        };
+        let mut ebpf = load(cfg, &kcfg, cfg.max_sockets)?;
+        let prog: &mut TracePoint = ebpf
+            .program_mut("inet_sock_set_state")
+            .ok_or_else(|| ProbeError::Load("program inet_sock_set_state is missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+        prog.load()
+            .map_err(|e| ProbeError::Load(verifier_error(&e)))?;
+        prog.attach("sock", "inet_sock_set_state")
+            .map_err(|e| ProbeError::Attach(format!("{e:#}")))?;
         for (name, wanted) in [
             ("tcp_send_reset", send.is_some()),
             ("tcp_receive_reset", recv.is_some()),
@@ -298,26 +276,36 @@ impl Probe {
                 log::warn!("tcp:{name} is not traced ({e}); resets will show as `unknown`");
             }
         }
-        let mut timewait_traced = timewait.is_some();
-        // Which program serves each timer tracepoint: the raw one where the kernel takes it.
-        let mut timer_names = Vec::new();
-        if timewait_traced {
-            for (name, raw) in [
-                ("timer_start", "raw_timer_start"),
-                ("timer_cancel", "raw_timer_cancel"),
-                ("timer_expire_entry", "raw_timer_expire"),
-            ] {
-                let raw = (cfg.paths != Paths::Portable).then_some(raw);
-                match attach_timer(&mut ebpf, name, raw) {
-                    Ok(prog) => timer_names.push(prog),
-                    Err(e) => {
-                        log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}");
-                        timewait_traced = false;
-                        break;
-                    }
-                }
-            }
-        }
+        let timewait_traced = cfg.timewait
+            && kcfg.timewait.handler != 0
+            && TIMER_PROGRAMS.iter().all(|(name, _)| {
+                attach_optional(&mut ebpf, "timer", name)
+                    .map_err(|e| log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}"))
+                    .is_ok()
+            });
+        let tcp = TCP_PROGRAMS.map(|(classic, _)| classic);
+        let timers = TIMER_PROGRAMS.map(|(classic, _)| classic);
+        let names = if timewait_traced { &timers[..] } else { &[] };
+        Probe::assemble(ebpf, cfg, KernelSide::Classic, &tcp, names)
+    }
+
+    /// The probe around loaded programs: its maps, and the descriptors of the programs whose
+    /// missed runs count as lost events.
+    fn assemble(
+        mut ebpf: Ebpf,
+        cfg: &ProbeConfig,
+        side: KernelSide,
+        tcp: &[&str],
+        timers: &[&str],
+    ) -> Result<Probe, ProbeError> {
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        set_ports(&mut ebpf, &cfg.ports)?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST")?)
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let forgotten = PerCpuArray::try_from(take_map(&mut ebpf, "FORGOTTEN")?)
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
         let fds = |names: &[&str]| -> Vec<RawFd> {
             names
                 .iter()
@@ -325,25 +313,26 @@ impl Probe {
                 .map(|fd| fd.as_fd().as_raw_fd())
                 .collect()
         };
-        // Each run these programs missed is a lost event, but for the raw program's when it
-        // only catches (its misses are runs the classic one made).
-        let mut tcp_progs = fds(&["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"]);
-        if cfg.paths == Paths::RawTransitions {
-            tcp_progs.extend(fds(&["raw_set_state"]));
-        }
-        let timer_progs = fds(&timer_names);
+        let (tcp_progs, timer_progs) = (fds(tcp), fds(timers));
+        log::debug!("kernel side: {}", side.describe());
         Ok(Probe {
             ring,
             lost,
+            forgotten,
             lost_reported: 0,
             lost_checked: std::time::Instant::now(),
             tcp_progs,
-            caught,
             timer_progs,
             logger,
-            timewait_traced,
+            timewait_traced: !timers.is_empty(),
+            side,
             _ebpf: ebpf,
         })
+    }
+
+    /// Which set of kernel programs this probe runs.
+    pub fn kernel_side(&self) -> KernelSide {
+        self.side
     }
 
     /// Whether timewait sockets' timers are traced (TIME_WAIT exits and residency).
@@ -395,28 +384,20 @@ impl Probe {
     }
 
     /// Every TCP event the kernel could not deliver since the probe started: those the ring
-    /// buffer had no room for, and the runs the kernel skipped because a tracing program was
-    /// already running on that CPU (the kernel does not nest them, and counts the miss), but
-    /// for the transitions the raw program took over.
+    /// buffer had no room for, and the runs the kernel skipped because the same program (a
+    /// BTF one) or any classic tracing program was already running on that CPU (the kernel
+    /// does not nest them, and counts the miss).
     pub fn lost_total(&self) -> u64 {
-        let full: u64 = self
-            .lost
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0);
+        let full = per_cpu_sum(&self.lost);
         let missed: u64 = self.tcp_progs.iter().map(|&fd| recursion_misses(fd)).sum();
-        // The kernel counts a miss for each transition the raw program then took over.
-        full + missed.saturating_sub(self.caught_total())
+        full + missed
     }
 
-    /// Transitions the raw tracepoint program took over from the classic one, which the
-    /// kernel skipped. Delivered; not lost.
-    pub fn caught_total(&self) -> u64 {
-        self.caught
-            .as_ref()
-            .and_then(|c| c.get(&0, 0).ok())
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+    /// Facts the kernel side could not keep since the probe started: listeners that found
+    /// their map full (their accepted sockets get no owner), sockets whose storage the kernel
+    /// could not allocate (their transitions get no duration or owner).
+    pub fn forgotten_total(&self) -> u64 {
+        per_cpu_sum(&self.forgotten)
     }
 
     /// Timer events the kernel skipped (nested runs): each could hide a TIME_WAIT exit.
@@ -430,6 +411,112 @@ impl Probe {
 }
 
 const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
+
+/// The sum of a one-slot per-CPU counter (0 when it cannot be read).
+fn per_cpu_sum(map: &PerCpuArray<MapData, u64>) -> u64 {
+    map.get(&0, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}
+
+/// The kernel-side configuration both program sets share: filters (from the command line),
+/// network namespace and cgroup offsets, and the timewait timers' (each missing part says so
+/// once and is reported as unknown).
+fn shared_config(cfg: &ProbeConfig, btf: &Result<Btf, String>) -> Config {
+    let mut kcfg = cfg.kernel;
+    kcfg.ns = match btf {
+        Ok(btf) => {
+            let (o, missing) = ns_offsets(btf);
+            for m in missing {
+                log::warn!("{m}");
+            }
+            o
+        }
+        Err(e) => {
+            log::warn!("network namespaces and cgroups are not reported: no kernel BTF ({e})");
+            NsOffsets::UNKNOWN
+        }
+    };
+    if kcfg.netns_count > 0 && !kcfg.ns.netns_known() {
+        log::warn!("--netns cannot match: this kernel's network namespaces are unknown");
+    }
+    // TIME_WAIT exits come from the timewait socket's timer. Without the symbol, BTF or the
+    // timer tracepoints, tracing goes on without them, and says so once.
+    if cfg.timewait {
+        match btf
+            .as_ref()
+            .map_err(|e| format!("no kernel BTF ({e})"))
+            .and_then(timewait_offsets_in)
+        {
+            Ok(o) => kcfg.timewait = o,
+            Err(e) => log::warn!("TIME_WAIT exits are not traced on this host: {e}"),
+        }
+    }
+    kcfg
+}
+
+/// Loads the object with its configuration frozen in, and its maps sized: the ring buffer,
+/// the classic programs' per-socket map (`socks` entries) and the listeners' map.
+fn load(cfg: &ProbeConfig, kcfg: &Config, socks: u32) -> Result<Ebpf, ProbeError> {
+    EbpfLoader::new()
+        // The programs read tracepoint fields at offsets from tracefs, and kernel structures
+        // at offsets from our own BTF reader: no CO-RE relocation, so the loader need not
+        // parse the kernel's BTF for the object.
+        .btf(None)
+        // A kernel without socket storage still runs the classic programs.
+        .allow_unsupported_maps()
+        .override_global("CONFIG", kcfg, true)
+        .map_max_entries("EVENTS", cfg.ring_bytes)
+        .map_max_entries("SOCKS", socks.max(1))
+        .map_max_entries("LISTENERS", cfg.max_listeners.max(1))
+        .load(PROGRAM)
+        .map_err(|e| ProbeError::Load(format!("{e:#}")))
+}
+
+/// Moves a map out of the object.
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, ProbeError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| ProbeError::Load(format!("map {name} is missing")))
+}
+
+/// Fills the port filter's array.
+fn set_ports(ebpf: &mut Ebpf, ports: &[(u16, u8)]) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut("PORTS")
+        .ok_or_else(|| ProbeError::Load("map PORTS is missing".into()))?;
+    let mut array: BpfArray<_, u8> =
+        BpfArray::try_from(map).map_err(|e| ProbeError::Load(e.to_string()))?;
+    for (port, bits) in ports {
+        array
+            .set(u32::from(*port), bits, 0)
+            .map_err(|e| ProbeError::Load(format!("setting the port filter: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Loads a BTF tracepoint program (its name says its tracepoint after `btf_`'s fixed
+/// mapping) and attaches it.
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<(), String> {
+    let tracepoint = btf_tracepoint_of(prog);
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or("the program is missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(tracepoint, btf)
+        .map_err(|e| format!("{tracepoint}: {}", verifier_error(&e)))?;
+    p.attach().map_err(|e| format!("{tracepoint}: {e:#}"))?;
+    Ok(())
+}
+
+/// The tracepoint a BTF program attaches to.
+fn btf_tracepoint_of(prog: &str) -> &'static str {
+    TCP_PROGRAMS
+        .iter()
+        .chain(TIMER_PROGRAMS.iter())
+        .find(|(_, btf)| *btf == prog)
+        .map_or("", |(classic, _)| classic)
+}
 
 /// How many times the kernel skipped a program because it was already running on that CPU
 /// (`bpf_prog_info.recursion_misses`, Linux 5.12+; 0 when unknown).
@@ -478,45 +565,6 @@ fn attach_optional(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<(), St
     Ok(())
 }
 
-/// Attaches the program for one `timer:*` tracepoint: the raw tracepoint `raw` when the
-/// kernel takes it (no record built for every timer on the system, and no run skipped because
-/// another tracing program was running on the CPU), else the classic one. Returns the name of
-/// the program attached.
-fn attach_timer(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    raw: Option<&'static str>,
-) -> Result<&'static str, String> {
-    let Some(raw) = raw else {
-        return attach_optional(ebpf, "timer", name).map(|()| name);
-    };
-    match attach_raw(ebpf, raw, name) {
-        Ok(()) => Ok(raw),
-        Err(e) => {
-            log::debug!("raw tracepoint {name}: {e}; using the tracepoint timer:{name}");
-            attach_optional(ebpf, "timer", name).map(|()| name)
-        }
-    }
-}
-
-/// Loads the program `prog` and attaches it to the raw tracepoint `tracepoint`; on failure
-/// it is unloaded again.
-fn attach_raw(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> Result<(), String> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or("the program is missing")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    let attached = p
-        .load()
-        .map_err(|e| verifier_error(&e))
-        .and_then(|()| p.attach(tracepoint).map_err(|e| format!("{e:#}")));
-    if attached.is_err() {
-        let _ = p.unload();
-    }
-    attached.map(|_| ())
-}
-
 /// The byte offset of `path` in struct `ty` (BTF), as the programs take it.
 fn offset16(btf: &Btf, ty: &str, path: &str) -> Result<u16, String> {
     btf.offset(ty, path)
@@ -524,23 +572,35 @@ fn offset16(btf: &Btf, ty: &str, path: &str) -> Result<u16, String> {
         .and_then(|o| u16::try_from(o).map_err(|_| format!("{ty}.{path} is too far in")))
 }
 
-/// Where a full socket keeps the fields of the `inet_sock_set_state` record (BTF offsets).
+/// Where sockets and segments keep what the tracepoints' records hold (BTF offsets), for
+/// the BTF programs.
 pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, String> {
     let at = |ty: &str, path: &str| offset16(btf, ty, path);
     // An inet_sock starts with its sock, which starts with its sock_common.
     if at("inet_sock", "sk")? != 0 || at("sock", "__sk_common")? != 0 {
         return Err("inet_sock or sock does not start with its sock".into());
     }
+    let inet_saddr = at("inet_sock", "inet_saddr")?;
+    let sport_in_span = at("inet_sock", "inet_sport")?
+        .checked_sub(inet_saddr)
+        .filter(|d| d + 2 <= INET_SPAN_BYTES)
+        .ok_or("inet_sock.inet_sport is not within 8 bytes after inet_saddr")?;
     Ok(SockOffsets {
         known: 1,
         sk_protocol: at("sock", "sk_protocol")?,
         skc_family: at("sock_common", "skc_family")?,
+        skc_state: at("sock_common", "skc_state")?,
         skc_dport: at("sock_common", "skc_dport")?,
+        skc_num: at("sock_common", "skc_num")?,
         skc_daddr: at("sock_common", "skc_daddr")?,
+        skc_rcv_saddr: at("sock_common", "skc_rcv_saddr")?,
         skc_v6_daddr: at("sock_common", "skc_v6_daddr")?,
         skc_v6_rcv_saddr: at("sock_common", "skc_v6_rcv_saddr")?,
-        inet_sport: at("inet_sock", "inet_sport")?,
-        inet_saddr: at("inet_sock", "inet_saddr")?,
+        inet_saddr,
+        inet_sport_in_span: sport_in_span,
+        skb_head: at("sk_buff", "head")?,
+        skb_network_header: at("sk_buff", "network_header")?,
+        skb_transport_header: at("sk_buff", "transport_header")?,
         _pad: 0,
     })
 }
@@ -608,12 +668,33 @@ pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
     timewait_offsets_in(&btf)
 }
 
-/// [`timewait_offsets`] with the kernel's BTF already read.
+/// [`timewait_offsets`] with the kernel's BTF already read: the handler's address and the
+/// timewait socket's and timer's fields (the classic programs also need
+/// [`timer_format_offsets`]).
 fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
     let handler = kallsyms_address("tw_timer_handler")?;
     let tw = |path: &str| offset16(btf, "inet_timewait_sock", path);
     let common = |m: &str| tw(&format!("__tw_common.{m}"));
     let timer = |m: &str| offset16(btf, "timer_list", m);
+    Ok(TimewaitOffsets {
+        handler,
+        tw_timer: tw("tw_timer")?,
+        tw_substate: tw("tw_substate")?,
+        skc_family: common("skc_family")?,
+        skc_dport: common("skc_dport")?,
+        skc_num: common("skc_num")?,
+        skc_daddr: common("skc_daddr")?,
+        skc_rcv_saddr: common("skc_rcv_saddr")?,
+        skc_v6_daddr: common("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        timer_function: timer("function")?,
+        timer_expires: timer("expires")?,
+        ..TimewaitOffsets::default()
+    })
+}
+
+/// Where the classic timer programs find their fields in the `timer:*` tracepoints' records.
+pub fn timer_format_offsets(o: &mut TimewaitOffsets) -> Result<(), String> {
     let format = |name: &str| -> Result<String, String> {
         let path = tracepoint_format("timer", name).map_err(|e| e.to_string())?;
         fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
@@ -635,28 +716,14 @@ fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
         tracepoint: "timer:timer_cancel",
         fields: parse_fields(&cancel),
     };
-    Ok(TimewaitOffsets {
-        handler,
-        start_timer: start.get("timer", 8)?,
-        start_function: start.get("function", 8)?,
-        start_expires: start.get("expires", 8)?,
-        start_now: start.get("now", 8)?,
-        expire_timer: expire.get("timer", 8)?,
-        expire_function: expire.get("function", 8)?,
-        cancel_timer: cancel.get("timer", 8)?,
-        tw_timer: tw("tw_timer")?,
-        tw_substate: tw("tw_substate")?,
-        skc_family: common("skc_family")?,
-        skc_dport: common("skc_dport")?,
-        skc_num: common("skc_num")?,
-        skc_daddr: common("skc_daddr")?,
-        skc_rcv_saddr: common("skc_rcv_saddr")?,
-        skc_v6_daddr: common("skc_v6_daddr")?,
-        skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
-        timer_function: timer("function")?,
-        timer_expires: timer("expires")?,
-        _pad: 0,
-    })
+    o.start_timer = start.get("timer", 8)?;
+    o.start_function = start.get("function", 8)?;
+    o.start_expires = start.get("expires", 8)?;
+    o.start_now = start.get("now", 8)?;
+    o.expire_timer = expire.get("timer", 8)?;
+    o.expire_function = expire.get("function", 8)?;
+    o.cancel_timer = cancel.get("timer", 8)?;
+    Ok(())
 }
 
 /// The address of a kernel symbol; restricted `kallsyms` (zeros) is an error.
@@ -726,38 +793,45 @@ impl Caps {
         self.root || self.eff & cap != 0
     }
 
-    /// The first capability the core stream lacks, if any.
+    /// The first capability the core stream lacks, if any: loading and attaching tracing
+    /// programs.
     pub fn missing(&self) -> Option<&'static str> {
-        if self.root || self.has(CAP_SYS_ADMIN) && self.has(CAP_DAC_READ_SEARCH) {
+        if self.root {
             return None;
         }
-        [
-            (CAP_BPF, "CAP_BPF"),
-            (CAP_PERFMON, "CAP_PERFMON"),
-            (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
-        ]
-        .into_iter()
-        .find(|(c, _)| !self.has(*c))
-        .map(|(_, n)| n)
+        [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+            .into_iter()
+            .find(|(c, _)| !self.has(*c) && !self.has(CAP_SYS_ADMIN))
+            .map(|(_, n)| n)
     }
 
     /// A line for `tcptrace check`.
     pub fn verdict(&self) -> Result<String, String> {
-        match self.missing() {
-            None if self.root => Ok("root".into()),
-            None if self.has(CAP_SYSLOG) => {
-                Ok("CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH and CAP_SYSLOG".into())
-            }
-            None => Ok(
-                "CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH (no CAP_SYSLOG: no \
-                        TIME_WAIT exits)"
-                    .into(),
-            ),
-            Some(cap) => Err(format!(
+        if let Some(cap) = self.missing() {
+            return Err(format!(
                 "missing {cap}: run as root (`sudo tcptrace …`), or grant CAP_BPF, CAP_PERFMON, \
-                 CAP_DAC_READ_SEARCH (and CAP_SYSLOG)"
-            )),
+                 CAP_SYSLOG (and CAP_DAC_READ_SEARCH for kernels without BTF)"
+            ));
         }
+        if self.root {
+            return Ok("root".into());
+        }
+        let mut line = String::from("CAP_BPF, CAP_PERFMON");
+        for (cap, name, without) in [
+            (CAP_SYSLOG, "CAP_SYSLOG", "no TIME_WAIT exits"),
+            (
+                CAP_DAC_READ_SEARCH,
+                "CAP_DAC_READ_SEARCH",
+                "kernels without BTF cannot be traced (tracefs)",
+            ),
+        ] {
+            if self.has(cap) {
+                line += &format!(", {name}");
+            } else {
+                line += &format!(" (no {name}: {without})");
+            }
+        }
+        Ok(line)
     }
 }
 

@@ -27,8 +27,9 @@ use crate::{
     demo::Tracer,
 };
 
-/// The maps whose entries are watched, with their capacities.
-const MAPS: [(&str, u64); 2] = [("SOCKS", 65_536), ("LISTENERS", 4_096)];
+/// The maps whose entries are watched, with their capacities: the listeners' map (the
+/// BTF programs keep each socket's facts in the socket itself, which frees them with it).
+const MAPS: [(&str, u64); 1] = [("LISTENERS", 16_384)];
 
 /// Makes sure bpftool is there (Debian's bpftool), installing it when it is not.
 fn bpftool_ready() -> Result<()> {

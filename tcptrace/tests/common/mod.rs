@@ -14,7 +14,7 @@ use std::{
 use tcptrace::{
     event::{Event, RawEvent, State, Transition, decode},
     filter::Filter,
-    probe::{Paths, Probe, ProbeConfig},
+    probe::{KernelSide, Paths, Probe, ProbeConfig},
 };
 
 /// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere
@@ -88,16 +88,10 @@ pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
     probe_built(ports, ring_bytes, timewait, Paths::Fast)
 }
 
-/// [`probe_for_ports`] taking only the paths that work on any kernel (classic tracepoints,
-/// a helper read per record field): the fallbacks of the fast paths, checked the same way.
+/// [`probe_for_ports`] with the classic tracepoint programs, which kernels without BTF take:
+/// the fallback, checked the same way.
 pub fn portable_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
     probe_built(ports, ring_bytes, true, Paths::Portable)
-}
-
-/// [`probe_for_ports`] with every transition read from its socket by the raw tracepoint
-/// program (which otherwise only takes over the runs the kernel skipped the classic one for).
-pub fn raw_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
-    probe_built(ports, ring_bytes, true, Paths::RawTransitions)
 }
 
 fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, paths: Paths) -> Probe {
@@ -106,14 +100,27 @@ fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, paths: Paths) -> 
         ..Filter::default()
     };
     let (kernel, ports) = filter.kernel();
-    Probe::start(&ProbeConfig {
+    let probe = Probe::start(&ProbeConfig {
         kernel,
         ports,
         ring_bytes,
         timewait,
         paths,
+        ..ProbeConfig::default()
     })
-    .expect("the probe loads and attaches")
+    .expect("the probe loads and attaches");
+    // A silent fallback would test the other side: each path must be the one asked for
+    // (every kernel these tests run on has BTF and socket storage for tracing programs).
+    let side = match paths {
+        Paths::Fast => KernelSide::Btf,
+        Paths::Portable => KernelSide::Classic,
+    };
+    assert_eq!(
+        probe.kernel_side(),
+        side,
+        "the probe took the other kernel side"
+    );
+    probe
 }
 
 /// `n` connections to 127.0.0.1:`port` on `listener`, each closed first by the client (the

@@ -1,0 +1,765 @@
+//! The BTF tracepoint programs: what tcptrace attaches wherever the kernel has BTF and lets
+//! tracing programs keep socket-local storage (Linux 5.11 on).
+//!
+//! Each program gets the kernel's own objects (`struct sock *`, `struct sk_buff *`,
+//! `struct timer_list *`) and reads their fields with typed loads at offsets the loader found
+//! in the kernel's BTF, which the verifier checks. What tcptrace knows of a socket lives in
+//! the socket itself ([`SK_STATE`]): created at its first transition, freed with it, never
+//! evicted, never confused with a later socket at the same address.
+//!
+//! The kernel runs one of these programs at most once per CPU at a time: a transition that a
+//! softirq makes while the same program runs in a task on that CPU is skipped, and counted
+//! by the kernel as a miss of that program, which userspace reports as lost.
+
+use core::{
+    ffi::c_void,
+    mem::MaybeUninit,
+    ptr::{addr_of, addr_of_mut, null_mut, read_volatile},
+};
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_jiffies64, bpf_probe_read_kernel, bpf_sk_storage_get},
+    },
+    macros::{btf_map, btf_tracepoint},
+    programs::BtfTracePointContext,
+};
+use tcptrace_common::{
+    ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
+};
+
+use crate::{
+    Addrs, CONFIG, LISTENERS, Owner, Record, SockInfo, V4_MAPPED_HIGH, clear_owner, copy_owner,
+    current_owner, emit, forgot, idle, listen_key, port_bits, put, tw_armed, tw_timer_report,
+};
+
+/// What tcptrace knows of each socket, kept with the socket: zeroed at creation, freed with
+/// the socket.
+#[btf_map]
+static SK_STATE: SkStorage<SockInfo> = SkStorage::new();
+
+/// The loader's configuration, behind a pointer the compiler cannot see through (so it does
+/// not fold the placeholder zeros), while the verifier reads every field as the constant the
+/// loader froze: branches on it are pruned, and offsets read from it are known.
+#[inline(always)]
+fn config() -> &'static Config {
+    let p: *const Config = addr_of!(CONFIG);
+    // SAFETY: a volatile read of a local pointer to a static; the static lives forever and
+    // is never written by the program.
+    unsafe { &*read_volatile(&p) }
+}
+
+/// A field of a kernel object at `off` (a constant from [`config`]): one load, which the
+/// verifier checks against the kernel's BTF type of `obj`; a fault reads as 0.
+///
+/// # Safety
+/// `obj` must be a BTF-typed pointer the program was handed (or loaded from one), and `off`
+/// the offset of a field of type `T` in its type.
+#[inline(always)]
+unsafe fn field<T: Copy>(obj: *const u8, off: u16) -> T {
+    // SAFETY: see above; the verifier rejects the program otherwise.
+    unsafe { read_volatile(obj.add(usize::from(off)).cast::<T>()) }
+}
+
+/// The socket's storage, created (zeroed) if `create` and it has none; null when the kernel
+/// could not allocate it (counted) or, without `create`, when it has none.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program (a request socket maps to its listener).
+#[inline(always)]
+unsafe fn storage(sk: *const u8, create: bool) -> *mut SockInfo {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: the map is SK_STATE's definition; the kernel checks `sk`.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            addr_of!(SK_STATE).cast_mut().cast(),
+            sk.cast_mut().cast(),
+            null_mut(),
+            flags,
+        )
+    }
+    .cast::<SockInfo>();
+    if create && st.is_null() {
+        forgot();
+    }
+    st
+}
+
+/// `inet_sock.inet_saddr` (network order, as loaded) and `inet_sock.inet_sport` (host order)
+/// of a full socket: past `struct sock`'s end, so one helper read covers both.
+///
+/// # Safety
+/// `sk` must be a full inet socket.
+#[inline(always)]
+unsafe fn inet_span(sk: *const u8) -> (u32, u16) {
+    let cfg = config();
+    let mut span = 0u64;
+    // SAFETY: 8 bytes into a local; the helper checks the kernel address.
+    unsafe {
+        bpf_probe_read_kernel(
+            addr_of_mut!(span).cast::<c_void>(),
+            u32::from(INET_SPAN_BYTES),
+            sk.add(usize::from(cfg.sock.inet_saddr)).cast(),
+        )
+    };
+    let sport = (span >> (8 * u64::from(cfg.sock.inet_sport_in_span))) as u16;
+    (span as u32, u16::from_be(sport))
+}
+
+/// The inode number of a socket's network namespace (full, timewait or request socket: all
+/// start with a `sock_common`); 0 when unknown.
+///
+/// # Safety
+/// `sk` must be a socket handed to the program.
+#[inline(always)]
+unsafe fn sock_netns(sk: *const u8) -> u32 {
+    let o = &config().ns;
+    if o.skc_net == ABSENT || o.net_inum == ABSENT {
+        return 0;
+    }
+    // SAFETY: `skc_net.net` is a `struct net *` and `ns.inum` a u32 in it (BTF offsets).
+    unsafe {
+        let net: *const u8 = field(sk, o.skc_net);
+        if net.is_null() {
+            return 0;
+        }
+        field(net, o.net_inum)
+    }
+}
+
+/// The cgroup2 id of a full socket; 0 when unknown.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn sock_cgroup(sk: *const u8) -> u64 {
+    let o = &config().ns;
+    if o.sk_cgroup == ABSENT || o.cgroup_kn == ABSENT || o.kn_id == ABSENT {
+        return 0;
+    }
+    // SAFETY: a chain of BTF-typed pointers: sock → cgroup → kernfs_node → id.
+    unsafe {
+        let cgrp: *const u8 = field(sk, o.sk_cgroup);
+        if cgrp.is_null() {
+            return 0;
+        }
+        let kn: *const u8 = field(cgrp, o.cgroup_kn);
+        if kn.is_null() {
+            return 0;
+        }
+        field(kn, o.kn_id)
+    }
+}
+
+/// An IPv4 address (network order, as loaded) as the two words of its mapped IPv6 form.
+#[inline(always)]
+fn v4_mapped(a: u32) -> [u64; 2] {
+    [0, V4_MAPPED_HIGH | (u64::from(a) << 32)]
+}
+
+/// A 16-byte address field of a kernel object.
+///
+/// # Safety
+/// As [`field`], for an `in6_addr` at `off`.
+#[inline(always)]
+unsafe fn v6_at(obj: *const u8, off: u16) -> [u64; 2] {
+    // SAFETY: two loads inside the 16-byte field.
+    unsafe { [field(obj, off), field(obj, off + 8)] }
+}
+
+/// The endpoints of a full socket: what `inet_sock_set_state`'s record holds.
+struct Ends {
+    protocol: u16,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    /// IPv4 local address, network order (IPv6 ones are loaded when emitting).
+    saddr4: u32,
+}
+
+/// Reads an IPv4 or IPv6 full socket's protocol, family and ports.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn sock_ends(sk: *const u8) -> Option<Ends> {
+    let o = &config().sock;
+    // SAFETY: BTF offsets of `struct sock` fields; the span is the inet_sock's.
+    unsafe {
+        let family: u16 = field(sk, o.skc_family);
+        if family != AF_INET && family != AF_INET6 {
+            return None;
+        }
+        let (saddr4, sport) = inet_span(sk);
+        Some(Ends {
+            protocol: field(sk, o.sk_protocol),
+            family,
+            sport,
+            dport: u16::from_be(field(sk, o.skc_dport)),
+            saddr4,
+        })
+    }
+}
+
+/// [`sock_ends`] of a socket that the loader's protocol and family filters keep.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn full_ends(sk: *const u8) -> Option<Ends> {
+    let cfg = config();
+    // SAFETY: `sk` as required.
+    let e = unsafe { sock_ends(sk)? };
+    let mptcp_kept = e.protocol == IPPROTO_MPTCP && cfg.mptcp != 0;
+    if e.protocol != IPPROTO_TCP && !mptcp_kept {
+        return None;
+    }
+    if cfg.family != 0 && cfg.family != e.family {
+        return None;
+    }
+    Some(e)
+}
+
+/// A full socket's addresses, in the form of the tracepoint's record.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn full_addrs(sk: *const u8, e: &Ends) -> Addrs {
+    let o = &config().sock;
+    // SAFETY: BTF offsets of `sock_common` address fields.
+    unsafe {
+        if e.family == AF_INET {
+            Addrs::Loaded {
+                saddr: v4_mapped(e.saddr4),
+                daddr: v4_mapped(field(sk, o.skc_daddr)),
+            }
+        } else {
+            Addrs::Loaded {
+                saddr: v6_at(sk, o.skc_v6_rcv_saddr),
+                daddr: v6_at(sk, o.skc_v6_daddr),
+            }
+        }
+    }
+}
+
+/// A transition of a full TCP socket: `inet_sock_set_state(sk, oldstate, newstate)`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    // SAFETY: the tracepoint hands a full socket being changed, and the states.
+    unsafe { set_state(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8) };
+    0
+}
+
+/// A socket's first transition, after which nothing earlier in its storage applies: a new
+/// connect or listen on a socket that was closed, or a child created by its listener.
+#[inline(always)]
+fn birth(old: u8, new: u8) -> bool {
+    (old == state::CLOSE && (new == state::SYN_SENT || new == state::LISTEN))
+        || (old == state::LISTEN && new == state::SYN_RECV)
+}
+
+/// The per-socket bookkeeping of one transition (before filtering, so durations stay right
+/// for sockets whose earlier transitions were filtered out), then the event if kept.
+///
+/// # Safety
+/// `sk` must be the full socket the tracepoint handed over.
+#[inline(always)]
+unsafe fn set_state(sk: *const u8, old: u8, new: u8) {
+    // SAFETY: `sk` as required.
+    let Some(ends) = (unsafe { full_ends(sk) }) else {
+        return;
+    };
+    let cfg = config();
+    // SAFETY: `sk` as required.
+    let st = unsafe { storage(sk, true) };
+    let mut spare = MaybeUninit::<Owner>::uninit();
+    let mut rec = Record {
+        // SAFETY: a helper without arguments.
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk as u64,
+        in_from: 0,
+        aux: 0,
+        sport: ends.sport,
+        dport: ends.dport,
+        family: ends.family,
+        kind: kind::TRANSITION,
+        old,
+        new,
+        flags: if ends.protocol == IPPROTO_MPTCP {
+            flag::MPTCP
+        } else {
+            0
+        },
+        netns: 0,
+        cgroup: 0,
+    };
+    // SAFETY: `st` is the socket's storage or null; `spare` is written before it is read.
+    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec) };
+    let listener_change = (old == state::CLOSE && new == state::LISTEN)
+        || (old == state::LISTEN && new == state::CLOSE);
+    if old == state::LISTEN && new == state::SYN_RECV {
+        // SAFETY: `sk` as required; `owner` points at the storage's or the spare owner.
+        unsafe {
+            rec.netns = sock_netns(sk);
+            inherit_listener(owner, rec.netns, ends.sport);
+        }
+    }
+    let keep = filter_keeps(
+        cfg,
+        ends.family,
+        old,
+        new,
+        rec.flags,
+        ends.sport,
+        ends.dport,
+        port_bits,
+    );
+    // The namespace and cgroup are read once per socket, and only for what is kept (or a
+    // listener coming or going, for its key).
+    let read_now = keep && rec.cgroup == 0;
+    // SAFETY: `sk` as required.
+    unsafe {
+        if (read_now || listener_change) && rec.netns == 0 {
+            rec.netns = sock_netns(sk);
+        }
+        if read_now {
+            rec.cgroup = sock_cgroup(sk);
+            if !st.is_null() {
+                put(addr_of_mut!((*st).netns), rec.netns);
+                put(addr_of_mut!((*st).cgroup), rec.cgroup);
+            }
+        }
+    }
+    if listener_change {
+        // SAFETY: `owner` was filled by `life`.
+        unsafe { listener(old, rec.netns, ends.sport, owner) };
+    }
+    if !keep || !netns_keeps(cfg, rec.netns) {
+        return;
+    }
+    // SAFETY: `sk` as required.
+    let addrs = unsafe { full_addrs(sk, &ends) };
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+}
+
+/// Updates the socket's storage for a transition at `rec.ts` (a new life at a birth, the
+/// time in the state left, the owner when its own system call drives the transition) and
+/// fills `rec`'s duration, flags, namespace and cgroup from it. Returns where the owner is:
+/// in the storage, or in `spare` when the socket has none.
+///
+/// # Safety
+/// `st` is null or the socket's storage; `spare` is writable.
+#[inline(always)]
+unsafe fn life(st: *mut SockInfo, spare: *mut Owner, rec: &mut Record) -> *mut Owner {
+    let (old, new) = (rec.old, rec.new);
+    let driven = driven_by_owner(old, new);
+    if st.is_null() {
+        // SAFETY: `spare` is writable.
+        unsafe {
+            if driven {
+                current_owner(spare);
+            } else {
+                clear_owner(spare);
+            }
+        }
+        return spare;
+    }
+    // SAFETY: `st` is the socket's storage, which lives as long as the socket.
+    unsafe {
+        let owner = addr_of_mut!((*st).owner);
+        if birth(old, new) {
+            put(addr_of_mut!((*st).last_ts), 0);
+            put(addr_of_mut!((*st).flags), 0);
+            put(addr_of_mut!((*st).netns), 0);
+            put(addr_of_mut!((*st).cgroup), 0);
+            clear_owner(owner);
+        }
+        let last = (*st).last_ts;
+        if last != 0 {
+            rec.in_from = rec.ts.wrapping_sub(last);
+            rec.flags |= flag::DURATION_KNOWN;
+        }
+        put(addr_of_mut!((*st).last_ts), rec.ts);
+        if driven {
+            current_owner(owner);
+        }
+        rec.flags |= (*st).flags as u8;
+        rec.netns = (*st).netns;
+        rec.cgroup = (*st).cgroup;
+        owner
+    }
+}
+
+/// An accepted socket's owner: its listener's (created in softirq, where the current task is
+/// arbitrary).
+///
+/// # Safety
+/// `owner` is writable.
+#[inline(always)]
+unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) {
+    if let Some(l) = LISTENERS.get_ptr(&listen_key(netns, port)) {
+        // SAFETY: `l` is a live map value; `owner` is writable.
+        unsafe {
+            copy_owner(owner, l);
+            put(
+                addr_of_mut!((*owner).flags),
+                (*l).flags | flag::OWNER_FROM_LISTENER as u32,
+            );
+        }
+    }
+}
+
+/// A listener starts (`old` is CLOSE) or stops: remember or forget its owner; a listener
+/// that does not fit in the map is counted.
+///
+/// # Safety
+/// `owner` points at an initialised owner.
+#[inline(always)]
+unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner) {
+    let key = listen_key(netns, port);
+    if old == state::CLOSE {
+        // SAFETY: `owner` is initialised.
+        if LISTENERS.insert(&key, unsafe { &*owner }, 0).is_err() {
+            forgot();
+        }
+    } else {
+        let _ = LISTENERS.remove(&key);
+    }
+}
+
+/// A reset arrived for a full socket: `tcp_receive_reset(sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn btf_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    // SAFETY: the tracepoint hands the full socket that received the reset.
+    unsafe { receive_reset(sk) };
+    0
+}
+
+/// Marks the socket as reset (its coming FIN_WAIT2/CLOSING→CLOSE is then no entry into
+/// TIME_WAIT) before any filter, then reports the reset if kept.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn receive_reset(sk: *const u8) {
+    // SAFETY: `sk` as required.
+    let Some(ends) = (unsafe { full_ends(sk) }) else {
+        return;
+    };
+    let cfg = config();
+    // SAFETY: `sk` as required.
+    let st = unsafe { storage(sk, true) };
+    let mut spare = MaybeUninit::<Owner>::uninit();
+    let mut owner = spare.as_mut_ptr();
+    let (mut netns, mut cgroup) = (0, 0);
+    // SAFETY: `st` is the socket's storage or null; `spare` is writable.
+    unsafe {
+        if st.is_null() {
+            clear_owner(owner);
+        } else {
+            put(
+                addr_of_mut!((*st).flags),
+                (*st).flags | flag::RESET_RECEIVED as u32,
+            );
+            owner = addr_of_mut!((*st).owner);
+            (netns, cgroup) = ((*st).netns, (*st).cgroup);
+        }
+    }
+    // A received reset's state is not reported, so it never matches a state filter.
+    if !filter_keeps(cfg, ends.family, 0, 0, 0, ends.sport, ends.dport, port_bits) {
+        return;
+    }
+    // SAFETY: `sk` as required.
+    unsafe {
+        if netns == 0 {
+            (netns, cgroup) = (sock_netns(sk), sock_cgroup(sk));
+        }
+    }
+    if !netns_keeps(cfg, netns) {
+        return;
+    }
+    let rec = Record {
+        // SAFETY: a helper without arguments.
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk as u64,
+        in_from: 0,
+        aux: 0,
+        sport: ends.sport,
+        dport: ends.dport,
+        family: ends.family,
+        kind: kind::RESET_RECEIVED,
+        old: 0,
+        new: 0,
+        flags: 0,
+        netns,
+        cgroup,
+    };
+    // SAFETY: `sk` as required.
+    let addrs = unsafe { full_addrs(sk, &ends) };
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+}
+
+/// This host sends a reset: `tcp_send_reset(sk, skb[, reason])`, with a full, timewait or
+/// request socket, or none (a segment for a port nothing listens on: a refused connection).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn btf_send_reset(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    // The context is read at constant offsets only: the verifier allows no other.
+    let reason = if config().send_reset_reason != 0 {
+        u64::from(ctx.arg::<u64>(2) as u32)
+    } else {
+        NO_REASON
+    };
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    // SAFETY: the tracepoint hands the socket (or null) and the segment answered.
+    unsafe { send_reset(sk, skb, reason) };
+    0
+}
+
+/// A sent reset's endpoints and socket facts.
+struct Sent {
+    state: u8,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    addrs: Addrs,
+}
+
+/// # Safety
+/// `sk` is null or a socket, `skb` a segment, both handed to the program.
+#[inline(always)]
+unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
+    let cfg = config();
+    // SAFETY: as required.
+    let sent = unsafe {
+        if sk.is_null() {
+            segment_ends(skb)
+        } else {
+            socket_ends(sk)
+        }
+    };
+    let Some(Sent {
+        state: st,
+        family,
+        sport,
+        dport,
+        addrs,
+    }) = sent
+    else {
+        return;
+    };
+    if cfg.family != 0 && cfg.family != family {
+        return;
+    }
+    // A reset counts as being in the socket's state for the state filter.
+    if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
+        return;
+    }
+    let full = !sk.is_null() && st != state::TIME_WAIT && st != state::NEW_SYN_RECV;
+    let mut spare = MaybeUninit::<Owner>::uninit();
+    let mut owner = spare.as_mut_ptr();
+    let (mut netns, mut cgroup) = (0, 0);
+    // SAFETY: `sk` is a full socket where `full`; the storage is the socket's.
+    unsafe {
+        clear_owner(owner);
+        let st = if full { storage(sk, false) } else { null_mut() };
+        if !st.is_null() {
+            owner = addr_of_mut!((*st).owner);
+            (netns, cgroup) = ((*st).netns, (*st).cgroup);
+        }
+        if netns == 0 && !sk.is_null() {
+            netns = sock_netns(sk);
+            cgroup = if full { sock_cgroup(sk) } else { 0 };
+        }
+    }
+    if !netns_keeps(cfg, netns) {
+        return;
+    }
+    let rec = Record {
+        // SAFETY: a helper without arguments.
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk as u64,
+        in_from: 0,
+        aux: reason,
+        sport,
+        dport,
+        family,
+        kind: kind::RESET_SENT,
+        old: st,
+        new: st,
+        flags: 0,
+        netns,
+        cgroup,
+    };
+    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+}
+
+/// The endpoints of a socket sending a reset: a full one's as its transitions report them,
+/// a timewait or request socket's from its `sock_common`.
+///
+/// # Safety
+/// `sk` must be a socket handed to the program.
+#[inline(always)]
+unsafe fn socket_ends(sk: *const u8) -> Option<Sent> {
+    let o = &config().sock;
+    // SAFETY: BTF offsets of `sock_common`, which every kind of socket starts with.
+    unsafe {
+        let st: u8 = field(sk, o.skc_state);
+        if st != state::TIME_WAIT && st != state::NEW_SYN_RECV {
+            let e = sock_ends(sk)?;
+            let addrs = full_addrs(sk, &e);
+            return Some(Sent {
+                state: st,
+                family: e.family,
+                sport: e.sport,
+                dport: e.dport,
+                addrs,
+            });
+        }
+        let family: u16 = field(sk, o.skc_family);
+        let addrs = match family {
+            AF_INET => Addrs::Loaded {
+                saddr: v4_mapped(field(sk, o.skc_rcv_saddr)),
+                daddr: v4_mapped(field(sk, o.skc_daddr)),
+            },
+            AF_INET6 => Addrs::Loaded {
+                saddr: v6_at(sk, o.skc_v6_rcv_saddr),
+                daddr: v6_at(sk, o.skc_v6_daddr),
+            },
+            _ => return None,
+        };
+        Some(Sent {
+            state: st,
+            family,
+            sport: field(sk, o.skc_num),
+            dport: u16::from_be(field(sk, o.skc_dport)),
+            addrs,
+        })
+    }
+}
+
+/// The endpoints of a reset sent with no socket: the segment it answers, reversed.
+///
+/// # Safety
+/// `skb` must be the segment handed to the program.
+#[inline(always)]
+unsafe fn segment_ends(skb: *const u8) -> Option<Sent> {
+    let o = &config().sock;
+    // The verifier allows no arithmetic on a pointer that may be null.
+    if skb.is_null() {
+        return None;
+    }
+    // SAFETY: BTF offsets of `sk_buff`; the headers are read with the checking helper.
+    unsafe {
+        let head: u64 = field(skb, o.skb_head);
+        let ip = head + u64::from(field::<u16>(skb, o.skb_network_header));
+        let tcp = head + u64::from(field::<u16>(skb, o.skb_transport_header));
+        let ports: u32 = kread_at(tcp)?;
+        // The segment's source is the remote end.
+        let (rport, lport) = (ports as u16, (ports >> 16) as u16);
+        let version = kread_at::<u8>(ip)? >> 4;
+        let (family, saddr, daddr) = match version {
+            4 => (
+                AF_INET,
+                v4_mapped(kread_at(ip + 16)?),
+                v4_mapped(kread_at(ip + 12)?),
+            ),
+            6 => (
+                AF_INET6,
+                [kread_at(ip + 24)?, kread_at(ip + 32)?],
+                [kread_at(ip + 8)?, kread_at(ip + 16)?],
+            ),
+            _ => return None,
+        };
+        Some(Sent {
+            state: 0,
+            family,
+            sport: u16::from_be(lport),
+            dport: u16::from_be(rport),
+            addrs: Addrs::Loaded { saddr, daddr },
+        })
+    }
+}
+
+/// Reads a `T` at a kernel address with the checking helper.
+#[inline(always)]
+fn kread_at<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the address and fails cleanly.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+/// Whether `timer` is a timewait socket's: its handler, one typed load, decides (most timers
+/// on the host are not).
+///
+/// # Safety
+/// `timer` must be the `struct timer_list *` the tracepoint handed over.
+#[inline(always)]
+unsafe fn tw_timer(timer: *const u8) -> bool {
+    let o = &config().timewait;
+    // SAFETY: `timer_list.function`'s BTF offset.
+    o.handler != 0 && unsafe { field::<u64>(timer, o.timer_function) } == o.handler
+}
+
+/// A timer was armed: `timer_start(timer, …)`.
+#[btf_tracepoint(function = "timer_start")]
+pub fn btf_timer_start(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let timer: *const u8 = ctx.arg(0);
+    // SAFETY: the tracepoint hands the timer.
+    unsafe {
+        if !tw_timer(timer) {
+            return 0;
+        }
+        let expires: u64 = field(timer, config().timewait.timer_expires);
+        let _ = tw_armed(timer as u64, expires.wrapping_sub(bpf_jiffies64()));
+    }
+    0
+}
+
+/// A pending timer was deleted: `timer_cancel(timer)` (before a re-arm, before it runs, or
+/// alone when the timewait socket is killed early).
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn btf_timer_cancel(ctx: BtfTracePointContext) -> i32 {
+    timer_end(&ctx, kind::TW_CANCELLED)
+}
+
+/// A timer fires: `timer_expire_entry(timer, …)`.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn btf_timer_expire(ctx: BtfTracePointContext) -> i32 {
+    timer_end(&ctx, kind::TW_EXPIRED)
+}
+
+#[inline(always)]
+fn timer_end(ctx: &BtfTracePointContext, k: u8) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let timer: *const u8 = ctx.arg(0);
+    // SAFETY: the tracepoint hands the timer.
+    if unsafe { tw_timer(timer) } {
+        let _ = tw_timer_report(timer as u64, k);
+    }
+    0
+}
