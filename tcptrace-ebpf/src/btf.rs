@@ -8,8 +8,10 @@
 //! evicted, never confused with a later socket at the same address.
 //!
 //! The kernel runs one of these programs at most once per CPU at a time: a transition that a
-//! softirq makes while the same program runs in a task on that CPU is skipped, and counted
-//! by the kernel as a miss of that program, which userspace reports as lost.
+//! softirq makes while the transition program runs in a task on that CPU skips it, and a
+//! second copy of it takes that transition over ([`btf_set_state_nested`]). What neither
+//! handles is counted by the kernel as a miss that no copy took over, which userspace reports
+//! as lost.
 
 use core::{
     ffi::c_void,
@@ -24,7 +26,8 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
         generated::{bpf_jiffies64, bpf_probe_read_kernel, bpf_sk_storage_get},
     },
-    macros::{btf_map, btf_tracepoint},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use tcptrace_common::{
@@ -33,8 +36,9 @@ use tcptrace_common::{
 };
 
 use crate::{
-    Addrs, CONFIG, LISTENERS, Owner, Record, SockInfo, V4_MAPPED_HIGH, clear_owner, copy_owner,
-    current_owner, emit, forgot, idle, listen_key, port_bits, put, tw_armed, tw_timer_report,
+    Addrs, CONFIG, COUNTER_SLOTS, LISTENERS, Owner, Record, Slot, SockInfo, V4_MAPPED_HIGH,
+    clear_owner, copy_owner, count, current_owner, emit, forgot, idle, listen_key, port_bits, put,
+    tw_armed, tw_timer_report,
 };
 
 /// What tcptrace knows of each socket, kept with the socket: zeroed at creation, freed with
@@ -71,7 +75,7 @@ unsafe fn field<T: Copy>(obj: *const u8, off: u16) -> T {
 /// # Safety
 /// `sk` must be a full socket handed to the program (a request socket maps to its listener).
 #[inline(always)]
-unsafe fn storage(sk: *const u8, create: bool) -> *mut SockInfo {
+unsafe fn storage(sk: *const u8, create: bool, slot: Slot) -> *mut SockInfo {
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
@@ -88,7 +92,7 @@ unsafe fn storage(sk: *const u8, create: bool) -> *mut SockInfo {
     }
     .cast::<SockInfo>();
     if create && st.is_null() {
-        forgot();
+        forgot(slot);
     }
     st
 }
@@ -252,15 +256,65 @@ unsafe fn full_addrs(sk: *const u8, e: &Ends) -> Addrs {
 }
 
 /// A transition of a full TCP socket: `inet_sock_set_state(sk, oldstate, newstate)`.
+///
+/// Marks itself running on this CPU meanwhile, for [`btf_set_state_nested`].
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let Some(running) = RUNNING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; the program does not migrate while it runs. Volatile: the
+    // nested copy reads it in between.
+    unsafe { put(running, 1) };
+    transition(&ctx, Slot::Transition);
+    // SAFETY: as above.
+    unsafe { put(running, 0) };
+    0
+}
+
+/// The same program again, attached after [`btf_set_state`], so the kernel runs it right
+/// after that one for every transition. The kernel never runs a BTF program inside itself on
+/// a CPU: a transition made by a softirq that interrupted `btf_set_state` in a task skips
+/// that program. This copy, not running then, finds `btf_set_state` marked running — so
+/// certainly skipped — and takes the transition over (counted in [`CAUGHT`]). Otherwise it
+/// leaves at once. It never takes a transition `btf_set_state` took: no duplicates, and
+/// what neither takes (nested in the instants before `btf_set_state` marks itself or after
+/// it unmarks itself) the kernel counts as a miss, which is reported lost.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let Some(running) = RUNNING.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot.
+    if unsafe { read_volatile(running) } == 0 {
+        return 0;
+    }
+    count(&CAUGHT, Slot::Nested);
+    transition(&ctx, Slot::Nested);
+    0
+}
+
+/// Per CPU: non-zero while [`btf_set_state`] runs there.
+#[map]
+static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: transitions [`btf_set_state_nested`] took over, each of which the kernel counted
+/// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses.
+#[map]
+static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// One transition, counted in `slot` (the program's).
+#[inline(always)]
+fn transition(ctx: &BtfTracePointContext, slot: Slot) {
     let sk: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands a full socket being changed, and the states.
-    unsafe { set_state(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8) };
-    0
+    unsafe { set_state(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8, slot) };
 }
 
 /// A socket's first transition, after which nothing earlier in its storage applies: a new
@@ -277,14 +331,14 @@ fn birth(old: u8, new: u8) -> bool {
 /// # Safety
 /// `sk` must be the full socket the tracepoint handed over.
 #[inline(always)]
-unsafe fn set_state(sk: *const u8, old: u8, new: u8) {
+unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
     // SAFETY: `sk` as required.
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
     };
     let cfg = config();
     // SAFETY: `sk` as required.
-    let st = unsafe { storage(sk, true) };
+    let st = unsafe { storage(sk, true, slot) };
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut rec = Record {
         // SAFETY: a helper without arguments.
@@ -345,14 +399,14 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8) {
     }
     if listener_change {
         // SAFETY: `owner` was filled by `life`.
-        unsafe { listener(old, rec.netns, ends.sport, owner) };
+        unsafe { listener(old, rec.netns, ends.sport, owner, slot) };
     }
     if !keep || !netns_keeps(cfg, rec.netns) {
         return;
     }
     // SAFETY: `sk` as required.
     let addrs = unsafe { full_addrs(sk, &ends) };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
 /// Updates the socket's storage for a transition at `rec.ts` (a new life at a birth, the
@@ -428,12 +482,12 @@ unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) {
 /// # Safety
 /// `owner` points at an initialised owner.
 #[inline(always)]
-unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner) {
+unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner, slot: Slot) {
     let key = listen_key(netns, port);
     if old == state::CLOSE {
         // SAFETY: `owner` is initialised.
         if LISTENERS.insert(&key, unsafe { &*owner }, 0).is_err() {
-            forgot();
+            forgot(slot);
         }
     } else {
         let _ = LISTENERS.remove(&key);
@@ -465,7 +519,7 @@ unsafe fn receive_reset(sk: *const u8) {
     };
     let cfg = config();
     // SAFETY: `sk` as required.
-    let st = unsafe { storage(sk, true) };
+    let st = unsafe { storage(sk, true, Slot::ResetReceived) };
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut owner = spare.as_mut_ptr();
     let (mut netns, mut cgroup) = (0, 0);
@@ -513,7 +567,7 @@ unsafe fn receive_reset(sk: *const u8) {
     };
     // SAFETY: `sk` as required.
     let addrs = unsafe { full_addrs(sk, &ends) };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+    emit(Slot::ResetReceived, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
 /// This host sends a reset: `tcp_send_reset(sk, skb[, reason])`, with a full, timewait or
@@ -582,7 +636,11 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     // SAFETY: `sk` is a full socket where `full`; the storage is the socket's.
     unsafe {
         clear_owner(owner);
-        let st = if full { storage(sk, false) } else { null_mut() };
+        let st = if full {
+            storage(sk, false, Slot::ResetSent)
+        } else {
+            null_mut()
+        };
         if !st.is_null() {
             owner = addr_of_mut!((*st).owner);
             (netns, cgroup) = ((*st).netns, (*st).cgroup);
@@ -611,7 +669,7 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
         netns,
         cgroup,
     };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner);
+    emit(Slot::ResetSent, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
 /// The endpoints of a socket sending a reset: a full one's as its transitions report them,

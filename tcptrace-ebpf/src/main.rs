@@ -128,7 +128,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Events that found the ring buffer full, per CPU. Loss is never silent.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Port filter sets: port → bits of `tcptrace_common::port_filter`. An array, not a hash:
 /// the kernel inlines its lookup (an index), and 64 KiB covers every port.
@@ -150,14 +150,40 @@ static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(4096, 0)
 /// Per CPU: facts the kernel side could not keep (a listener that found [`LISTENERS`] full,
 /// a socket whose storage the kernel could not allocate). Never silent: userspace shows it.
 #[map]
-static FORGOTTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static FORGOTTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Counts one fact not kept.
+/// Slots of the per-CPU counters: one per [`Slot`].
+const COUNTER_SLOTS: u32 = 7;
+
+/// Counts one fact not kept, in the counting program's slot.
 #[inline(always)]
-fn forgot() {
-    if let Some(n) = FORGOTTEN.get_ptr_mut(0) {
-        // SAFETY: a valid per-CPU slot; programs do not migrate while they run.
-        unsafe { *n += 1 };
+fn forgot(slot: Slot) {
+    count(&FORGOTTEN, slot);
+}
+
+/// Which program counts. Each has its own slot in the per-CPU counters: the kernel never
+/// runs a program inside itself on a CPU, so no two increments of one slot interleave (one
+/// program interrupting another while it counts would otherwise lose an increment, and the
+/// BPF target offers Rust no atomic add).
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Slot {
+    Transition = 0,
+    /// The BTF transition program's nested copy.
+    Nested = 1,
+    ResetSent = 2,
+    ResetReceived = 3,
+    TimerStart = 4,
+    TimerCancel = 5,
+    TimerExpire = 6,
+}
+
+/// Adds one to `slot` of a per-CPU counter (userspace sums every slot of every CPU).
+#[inline(always)]
+fn count(counter: &PerCpuArray<u64>, slot: Slot) {
+    if let Some(n) = counter.get_ptr_mut(slot as u32) {
+        // SAFETY: a valid per-CPU slot that only this program writes on this CPU.
+        unsafe { put(n, *n + 1) };
     }
 }
 
@@ -475,7 +501,7 @@ fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(), i32> {
             .insert(&listen_key(netns, sport), unsafe { &*owner_ptr }, 0)
             .is_err()
         {
-            forgot();
+            forgot(Slot::Transition);
         }
     } else if old == state::LISTEN && new == state::CLOSE {
         let _ = LISTENERS.remove(&listen_key(netns, sport));
@@ -499,7 +525,7 @@ fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(), i32> {
         netns,
         cgroup,
     };
-    emit(cfg.wakeup_bytes, &rec, addrs, owner_ptr);
+    emit(Slot::Transition, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
     Ok(())
 }
 
@@ -670,7 +696,12 @@ fn reset(
         netns,
         cgroup,
     };
-    emit(cfg.wakeup_bytes, &rec, addrs, owner_ptr);
+    let slot = if k == kind::RESET_SENT {
+        Slot::ResetSent
+    } else {
+        Slot::ResetReceived
+    };
+    emit(slot, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
     Ok(())
 }
 
@@ -794,7 +825,13 @@ fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         daddr: (tw + daddr as u64) as *const u8,
         len,
     };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
+    emit(
+        Slot::TimerStart,
+        cfg.wakeup_bytes,
+        &rec,
+        &addrs,
+        owner.as_ptr(),
+    );
     Ok(())
 }
 
@@ -921,7 +958,12 @@ fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
         daddr: core::ptr::null(),
         len: 0,
     };
-    emit(cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
+    let slot = if k == kind::TW_EXPIRED {
+        Slot::TimerExpire
+    } else {
+        Slot::TimerCancel
+    };
+    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
     Ok(())
 }
 
@@ -962,13 +1004,11 @@ enum Addrs {
     Loaded { saddr: [u64; 2], daddr: [u64; 2] },
 }
 
-/// Writes one event into the ring buffer, or counts it lost.
+/// Writes one event into the ring buffer, or counts it lost in `slot`.
 #[inline(always)]
-fn emit(wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
+fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        if let Some(n) = LOST.get_ptr_mut(0) {
-            unsafe { *n += 1 };
-        }
+        count(&LOST, slot);
         return;
     };
     let e = entry.as_mut_ptr();

@@ -151,6 +151,8 @@ pub struct Probe {
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     forgotten: PerCpuArray<MapData, u64>,
+    /// Transitions the nested copy took over (BTF side only).
+    caught: Option<PerCpuArray<MapData, u64>>,
     lost_reported: u64,
     /// When the loss counters were last read.
     lost_checked: std::time::Instant,
@@ -171,6 +173,8 @@ const TCP_PROGRAMS: [(&str, &str); 3] = [
     ("tcp_send_reset", "btf_send_reset"),
     ("tcp_receive_reset", "btf_receive_reset"),
 ];
+/// The BTF transition program's second copy, which takes over the transitions nested in it.
+const NESTED_PROGRAM: &str = "btf_set_state_nested";
 /// The timer programs of each kernel side: timewait timers armed, cancelled, fired.
 const TIMER_PROGRAMS: [(&str, &str); 3] = [
     ("timer_start", "btf_timer_start"),
@@ -218,7 +222,10 @@ impl Probe {
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
         // SK_STATE replaces SOCKS: one entry, not a preallocated table nobody uses.
         let mut ebpf = load(cfg, &kcfg, 1).map_err(|e| e.to_string())?;
-        for (_, name) in TCP_PROGRAMS {
+        // The nested copy must run after the transition program for each transition: the
+        // kernel calls a tracepoint's programs in the order they were attached.
+        let [transitions, sent, received] = TCP_PROGRAMS.map(|(_, btf)| btf);
+        for name in [transitions, NESTED_PROGRAM, sent, received] {
             attach_btf(&mut ebpf, name, &kernel_btf)?;
         }
         let timewait_traced = cfg.timewait
@@ -306,6 +313,13 @@ impl Probe {
             .map_err(|e| ProbeError::Load(e.to_string()))?;
         let forgotten = PerCpuArray::try_from(take_map(&mut ebpf, "FORGOTTEN")?)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let caught = match side {
+            KernelSide::Btf => Some(
+                PerCpuArray::try_from(take_map(&mut ebpf, "CAUGHT")?)
+                    .map_err(|e| ProbeError::Load(e.to_string()))?,
+            ),
+            KernelSide::Classic => None,
+        };
         let fds = |names: &[&str]| -> Vec<RawFd> {
             names
                 .iter()
@@ -319,6 +333,7 @@ impl Probe {
             ring,
             lost,
             forgotten,
+            caught,
             lost_reported: 0,
             lost_checked: std::time::Instant::now(),
             tcp_progs,
@@ -386,11 +401,21 @@ impl Probe {
     /// Every TCP event the kernel could not deliver since the probe started: those the ring
     /// buffer had no room for, and the runs the kernel skipped because the same program (a
     /// BTF one) or any classic tracing program was already running on that CPU (the kernel
-    /// does not nest them, and counts the miss).
+    /// does not nest them, and counts the miss) — but for the transitions that the BTF
+    /// program's nested copy took over.
     pub fn lost_total(&self) -> u64 {
-        let full = per_cpu_sum(&self.lost);
-        let missed: u64 = self.tcp_progs.iter().map(|&fd| recursion_misses(fd)).sum();
-        full + missed
+        per_cpu_sum(&self.lost) + self.missed_runs().saturating_sub(self.caught_total())
+    }
+
+    /// TCP program runs the kernel skipped because the program was already running on that
+    /// CPU (a transition nested in another's), whether or not the nested copy took them over.
+    pub fn missed_runs(&self) -> u64 {
+        self.tcp_progs.iter().map(|&fd| recursion_misses(fd)).sum()
+    }
+
+    /// Transitions the BTF program's nested copy took over from a skipped run: delivered.
+    pub fn caught_total(&self) -> u64 {
+        self.caught.as_ref().map_or(0, per_cpu_sum)
     }
 
     /// Facts the kernel side could not keep since the probe started: listeners that found
@@ -412,11 +437,13 @@ impl Probe {
 
 const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
 
-/// The sum of a one-slot per-CPU counter (0 when it cannot be read).
+/// The sum of a per-CPU counter over every slot (one per program) and CPU (a slot that
+/// cannot be read counts 0).
 fn per_cpu_sum(map: &PerCpuArray<MapData, u64>) -> u64 {
-    map.get(&0, 0)
-        .map(|per_cpu| per_cpu.iter().sum())
-        .unwrap_or(0)
+    (0..map.len())
+        .filter_map(|slot| map.get(&slot, 0).ok())
+        .map(|per_cpu| per_cpu.iter().sum::<u64>())
+        .sum()
 }
 
 /// The kernel-side configuration both program sets share: filters (from the command line),
@@ -511,6 +538,9 @@ fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<(), String>
 
 /// The tracepoint a BTF program attaches to.
 fn btf_tracepoint_of(prog: &str) -> &'static str {
+    if prog == NESTED_PROGRAM {
+        return "inet_sock_set_state";
+    }
     TCP_PROGRAMS
         .iter()
         .chain(TIMER_PROGRAMS.iter())

@@ -16,6 +16,7 @@ use common::root_or_skip;
 /// Ids of the loaded BPF programs whose names are tcptrace's (the kernel keeps 15 chars).
 fn ours() -> HashSet<u32> {
     const NAMES: [&str; 12] = [
+        // The kernel keeps 15 characters: `btf_set_state` covers its nested copy too.
         "inet_sock_set_s",
         "tcp_send_reset",
         "tcp_receive_res",
