@@ -115,11 +115,15 @@ pub fn run(load: bool) -> Vec<Item> {
             true,
             Probe::start(&ProbeConfig::default())
                 .map(|p| {
-                    if p.timewait_traced() {
-                        "the eBPF programs load, attach and detach (all six)".into()
+                    let exits = if p.timewait_traced() {
+                        ""
                     } else {
-                        "the eBPF programs load, attach and detach (without TIME_WAIT exits)".into()
-                    }
+                        ", without TIME_WAIT exits"
+                    };
+                    format!(
+                        "the eBPF programs load, attach and detach ({}{exits})",
+                        p.kernel_side().describe()
+                    )
                 })
                 .map_err(|e| e.to_string()),
         ));

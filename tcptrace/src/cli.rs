@@ -265,7 +265,9 @@ pub struct SourceArgs {
     #[arg(long, value_name = "BYTES", default_value_t = crate::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
     /// Follow at most N sockets (connections and TIME_WAIT sockets) at once, about 21 bytes
-    /// each; beyond that the oldest are evicted, counted and reported.
+    /// each; beyond that the oldest are evicted, counted and reported. On kernels without
+    /// BTF it also sizes the kernel's map of sockets (each socket's facts otherwise live in
+    /// the socket itself).
     #[arg(long, value_name = "N", default_value_t = crate::track::DEFAULT_CAP, value_parser = parse_max_sockets)]
     pub max_sockets: usize,
     /// Attach every probe, but each program returns at once: nothing is traced. For

@@ -872,6 +872,48 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
             serde_json::Value::Object(per_closer),
         );
     }
+    let cost = kernel_cost(&mut b)?;
+    table.push_str(&format!(
+        "\nkernel time, one client-closes-first storm of {} connections under tcptrace report \
+         (bpf_stats)\n{:<24} {:>10} {:>10}\n",
+        a.connections, "program", "runs", "ns/run"
+    ));
+    for (name, runs, ns) in &cost.programs {
+        table.push_str(&format!("{name:<24} {runs:>10} {ns:>10.0}\n"));
+    }
+    table.push_str(&format!(
+        "all programs: {:.2} µs per connection — target ≤ {:.0} µs: {}; transition program \
+         {:.0} ns per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns: {}\n",
+        cost.ns_per_connection / 1e3,
+        KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+        verdict(cost.ns_per_connection <= KERNEL_NS_PER_CONNECTION_MAX),
+        cost.transition_ns_per_run,
+        verdict(cost.transition_ns_per_run <= TRANSITION_NS_PER_RUN_MAX),
+    ));
+    if cost.ns_per_connection > KERNEL_NS_PER_CONNECTION_MAX {
+        misses.push(format!(
+            "kernel time ≤ {:.0} µs per connection ({:.2} µs)",
+            KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+            cost.ns_per_connection / 1e3
+        ));
+    }
+    if cost.transition_ns_per_run.is_nan() || cost.transition_ns_per_run > TRANSITION_NS_PER_RUN_MAX
+    {
+        misses.push(format!(
+            "transition program ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns per run ({:.0} ns)",
+            cost.transition_ns_per_run
+        ));
+    }
+    results.insert(
+        "kernel_cost".into(),
+        json!({
+            "ns_per_connection": cost.ns_per_connection,
+            "transition_ns_per_run": cost.transition_ns_per_run,
+            "programs": cost.programs.iter().map(|(n, r, ns)| {
+                json!({"name": n, "runs": r, "ns_per_run": ns})
+            }).collect::<Vec<_>>(),
+        }),
+    );
     if startup > 300.0 {
         misses.push(format!(
             "start to probes attached ≤ 300 ms ({startup:.0} ms)"
@@ -1142,6 +1184,97 @@ fn profile(b: &mut Bench) -> Result<Vec<String>> {
         println!("  {l}");
     }
     Ok(top)
+}
+
+/// What tcptrace's kernel programs cost during one storm, as the kernel measures it
+/// (`kernel.bpf_stats_enabled`: each run's time, two clock reads added per run).
+struct KernelCost {
+    /// Per program: (name, runs, nanoseconds per run).
+    programs: Vec<(String, u64, f64)>,
+    /// Nanoseconds of every program's runs per connection of the storm.
+    ns_per_connection: f64,
+    /// Nanoseconds per run of the transition program.
+    transition_ns_per_run: f64,
+}
+
+/// Target: kernel time per connection for the aggregating views.
+const KERNEL_NS_PER_CONNECTION_MAX: f64 = 4_000.0;
+/// Target: the transition program's time per run.
+const TRANSITION_NS_PER_RUN_MAX: f64 = 250.0;
+
+/// `(name, run_cnt, run_time_ns)` of tcptrace's loaded programs, from bpftool.
+fn program_stats() -> Result<Vec<(String, u64, u64)>> {
+    let text = crate::capture(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let progs: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(progs
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?;
+            let ours = name.starts_with("btf_")
+                || [
+                    "inet_sock_set_s",
+                    "tcp_send_reset",
+                    "tcp_receive_res",
+                    "timer_",
+                ]
+                .iter()
+                .any(|n| name.starts_with(n));
+            ours.then(|| {
+                (
+                    name.to_string(),
+                    p["run_cnt"].as_u64().unwrap_or(0),
+                    p["run_time_ns"].as_u64().unwrap_or(0),
+                )
+            })
+        })
+        .collect())
+}
+
+/// One client-closes-first storm under `tcptrace report` with the kernel's run statistics
+/// on: what each program costs per run, and all of them per connection.
+fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
+    crate::soak::bpftool_ready()?;
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS)?;
+    b.port += 1;
+    let port = b.port;
+    let ns = Netns::new()?;
+    let mut tracer = Tracer::start(
+        b.bin,
+        &["report".into(), "--port".into(), port.to_string()],
+        &b.dir.join("kernel-cost.out"),
+    )?;
+    std::fs::write(STATS, "1")?;
+    let before = program_stats()?;
+    let run = storm(&ns, port, b.a.connections, b.a.workers, Closer::Client);
+    let after = program_stats();
+    std::fs::write(STATS, was.trim())?;
+    tracer.stop()?;
+    run?;
+    let mut programs = Vec::new();
+    let mut total_ns = 0;
+    for (name, cnt, ns_total) in after? {
+        let (c0, t0) = before
+            .iter()
+            .find(|p| p.0 == name)
+            .map_or((0, 0), |p| (p.1, p.2));
+        let (runs, ns) = (cnt.saturating_sub(c0), ns_total.saturating_sub(t0));
+        total_ns += ns;
+        programs.push((name, runs, ns as f64 / runs.max(1) as f64));
+    }
+    programs.sort_by(|a, b| a.0.cmp(&b.0));
+    let transition_ns_per_run = programs
+        .iter()
+        .find(|p| p.0 == "btf_set_state")
+        .map_or(f64::NAN, |p| p.2);
+    Ok(KernelCost {
+        ns_per_connection: total_ns as f64 / b.a.connections as f64,
+        transition_ns_per_run,
+        programs,
+    })
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use crate::{
 const MAPS: [(&str, u64); 1] = [("LISTENERS", 16_384)];
 
 /// Makes sure bpftool is there (Debian's bpftool), installing it when it is not.
-fn bpftool_ready() -> Result<()> {
+pub(crate) fn bpftool_ready() -> Result<()> {
     let found = || {
         Command::new("bpftool")
             .arg("version")
