@@ -64,12 +64,26 @@ pub fn run(load: bool) -> Vec<Item> {
             None => Err("cannot read /proc/sys/kernel/osrelease".into()),
         },
     ));
+    // The BTF programs read the kernel's objects: they need the kernel's BTF, not tracefs.
+    // Without them, the classic programs need the tracepoint's format file.
+    let btf_programs = crate::btf::Btf::from_sys()
+        .and_then(|b| probe::sock_offsets(&b))
+        .map(|_| "the kernel's BTF describes the sockets the BTF tracepoints hand over".into());
+    let classic_needed = btf_programs.is_err();
+    items.push(item("BTF tracepoints", false, btf_programs));
     items.push(item(
         "sock:inet_sock_set_state",
-        true,
+        classic_needed,
         read_format("sock", "inet_sock_set_state")
             .and_then(|t| parse_set_state_format(&t))
-            .map(|_| "the state-transition tracepoint is usable".into()),
+            .map(|_| "the state-transition tracepoint is usable".into())
+            .map_err(|e| {
+                if classic_needed {
+                    e
+                } else {
+                    format!("{e} (only kernels without BTF need it)")
+                }
+            }),
     ));
     items.push(item(
         "tcp:tcp_send_reset, tcp_receive_reset",

@@ -431,6 +431,17 @@ fn check_reports_every_requirement() {
         "{text}"
     );
     assert!(text.contains("load and attach"), "{text}");
+    assert!(
+        text.contains("(BTF tracepoints, per-socket state in socket-local storage"),
+        "names the kernel side it loads: {text}"
+    );
+
+    // The BTF programs need no tracefs: CAP_BPF and CAP_PERFMON are enough to run.
+    let out = as_nobody("+bpf,+perfmon", &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("✓ load and attach"), "{text}");
+    assert!(text.contains("only kernels without BTF need it"), "{text}");
 
     let out = as_nobody("-all", &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
