@@ -10,20 +10,113 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+/// A TCP state, as the kernel numbers them (`include/net/tcp_states.h`): the one definition
+/// both sides use. The kernel side matches the numbers in [`state`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The state with kernel number `n`, if there is one.
+    pub const fn from_kernel(n: u8) -> Option<TcpState> {
+        if n >= 1 && n as usize <= TcpState::ALL.len() {
+            Some(TcpState::ALL[n as usize - 1])
+        } else {
+            None
+        }
+    }
+
+    /// The kernel's name without the `TCP_` prefix (`ESTABLISHED`, `TIME_WAIT`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// A state by name, in any case, with `-` or `_`, with or without `TCP_` (`TIME_WAIT`,
+    /// `time-wait`, `TCP_TIME_WAIT`), and `CLOSED` for `CLOSE`.
+    pub fn from_name(s: &str) -> Option<TcpState> {
+        let s = s.trim();
+        let s = match s.get(..4) {
+            Some(p) if p.eq_ignore_ascii_case("TCP_") => &s[4..],
+            _ => s,
+        };
+        if s.eq_ignore_ascii_case("CLOSED") {
+            return Some(TcpState::Close);
+        }
+        let same = |name: &str| {
+            name.len() == s.len()
+                && name.bytes().zip(s.bytes()).all(|(n, c)| {
+                    let c = if c == b'-' { b'_' } else { c };
+                    n == c.to_ascii_uppercase()
+                })
+        };
+        TcpState::ALL.into_iter().find(|st| same(st.name()))
+    }
+}
+
+impl core::fmt::Display for TcpState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// The kernel's numbers of the states, for matching what the kernel reports.
 pub mod state {
-    pub const ESTABLISHED: u8 = 1;
-    pub const SYN_SENT: u8 = 2;
-    pub const SYN_RECV: u8 = 3;
-    pub const FIN_WAIT1: u8 = 4;
-    pub const FIN_WAIT2: u8 = 5;
-    pub const TIME_WAIT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const CLOSE_WAIT: u8 = 8;
-    pub const LAST_ACK: u8 = 9;
-    pub const LISTEN: u8 = 10;
-    pub const CLOSING: u8 = 11;
-    pub const NEW_SYN_RECV: u8 = 12;
+    use super::TcpState;
+
+    pub const ESTABLISHED: u8 = TcpState::Established as u8;
+    pub const SYN_SENT: u8 = TcpState::SynSent as u8;
+    pub const SYN_RECV: u8 = TcpState::SynRecv as u8;
+    pub const FIN_WAIT1: u8 = TcpState::FinWait1 as u8;
+    pub const FIN_WAIT2: u8 = TcpState::FinWait2 as u8;
+    pub const TIME_WAIT: u8 = TcpState::TimeWait as u8;
+    pub const CLOSE: u8 = TcpState::Close as u8;
+    pub const CLOSE_WAIT: u8 = TcpState::CloseWait as u8;
+    pub const LAST_ACK: u8 = TcpState::LastAck as u8;
+    pub const LISTEN: u8 = TcpState::Listen as u8;
+    pub const CLOSING: u8 = TcpState::Closing as u8;
+    pub const NEW_SYN_RECV: u8 = TcpState::NewSynRecv as u8;
     /// The highest state number the kernel uses.
     pub const MAX: u8 = NEW_SYN_RECV;
 }
@@ -554,6 +647,24 @@ mod tests {
                 && netns_keeps(&c, 7);
             assert!(!kept, "{c:?}");
         }
+    }
+
+    #[test]
+    fn states_by_number_and_by_name() {
+        for st in TcpState::ALL {
+            assert_eq!(TcpState::from_kernel(st as u8), Some(st));
+            assert_eq!(TcpState::from_name(st.name()), Some(st));
+        }
+        assert_eq!(TcpState::from_kernel(0), None);
+        assert_eq!(TcpState::from_kernel(MAX + 1), None);
+        assert_eq!(TcpState::from_name("time-wait"), Some(TcpState::TimeWait));
+        assert_eq!(
+            TcpState::from_name(" tcp_close_wait"),
+            Some(TcpState::CloseWait)
+        );
+        assert_eq!(TcpState::from_name("closed"), Some(TcpState::Close));
+        assert_eq!(TcpState::from_name("TIME_WIAT"), None);
+        assert_eq!(TcpState::from_name("TCP_"), None);
     }
 
     #[test]

@@ -326,7 +326,7 @@ impl FilterArgs {
 }
 
 fn parse_state(s: &str) -> Result<State, String> {
-    s.parse::<State>().map_err(|e| {
+    crate::event::parse_state(s).map_err(|e| {
         let names: Vec<&str> = State::ALL.iter().map(|s| s.name()).collect();
         format!("{e}; states are {}", names.join(", "))
     })

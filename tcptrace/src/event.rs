@@ -4,7 +4,6 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    str::FromStr,
 };
 
 use tcptrace_common::{self as common, AF_INET, AF_INET6, flag, kind};
@@ -12,70 +11,8 @@ use tcptrace_common::{self as common, AF_INET, AF_INET6, flag, kind};
 /// The raw record shared with the kernel (re-exported for sources and tests).
 pub use tcptrace_common::Event as RawEvent;
 
-/// A TCP state, as the kernel numbers them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum State {
-    Established = 1,
-    SynSent = 2,
-    SynRecv = 3,
-    FinWait1 = 4,
-    FinWait2 = 5,
-    TimeWait = 6,
-    Close = 7,
-    CloseWait = 8,
-    LastAck = 9,
-    Listen = 10,
-    Closing = 11,
-    NewSynRecv = 12,
-}
-
-impl State {
-    /// Every state, in kernel order.
-    pub const ALL: [State; 12] = [
-        State::Established,
-        State::SynSent,
-        State::SynRecv,
-        State::FinWait1,
-        State::FinWait2,
-        State::TimeWait,
-        State::Close,
-        State::CloseWait,
-        State::LastAck,
-        State::Listen,
-        State::Closing,
-        State::NewSynRecv,
-    ];
-
-    /// The state with kernel number `n`, if there is one.
-    pub fn from_kernel(n: u8) -> Option<State> {
-        State::ALL.get(usize::from(n).checked_sub(1)?).copied()
-    }
-
-    /// The kernel's name without the `TCP_` prefix (`ESTABLISHED`, `TIME_WAIT`, …).
-    pub const fn name(self) -> &'static str {
-        match self {
-            State::Established => "ESTABLISHED",
-            State::SynSent => "SYN_SENT",
-            State::SynRecv => "SYN_RECV",
-            State::FinWait1 => "FIN_WAIT1",
-            State::FinWait2 => "FIN_WAIT2",
-            State::TimeWait => "TIME_WAIT",
-            State::Close => "CLOSE",
-            State::CloseWait => "CLOSE_WAIT",
-            State::LastAck => "LAST_ACK",
-            State::Listen => "LISTEN",
-            State::Closing => "CLOSING",
-            State::NewSynRecv => "NEW_SYN_RECV",
-        }
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.name())
-    }
-}
+/// A TCP state: the contract's own ([`tcptrace_common::TcpState`]), the kernel side's too.
+pub use tcptrace_common::TcpState as State;
 
 /// A state name that is not one.
 #[derive(Debug, thiserror::Error)]
@@ -87,29 +24,22 @@ pub struct UnknownState {
     pub suggestion: Option<&'static str>,
 }
 
-impl FromStr for State {
-    type Err = UnknownState;
-
-    /// Accepts the kernel names in any case, with `-` or `_`, with or without `TCP_`
-    /// (`TIME_WAIT`, `time-wait`, `TCP_TIME_WAIT`), and `CLOSED` for `CLOSE`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
-        let norm = norm.strip_prefix("TCP_").unwrap_or(&norm);
-        let norm = if norm == "CLOSED" { "CLOSE" } else { norm };
-        if let Some(st) = State::ALL.iter().find(|st| st.name() == norm) {
-            return Ok(*st);
-        }
-        let suggestion = State::ALL
-            .iter()
-            .map(|st| (strsim::jaro_winkler(norm, st.name()), st.name()))
-            .filter(|(score, _)| *score > 0.75)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, name)| name);
-        Err(UnknownState {
-            given: s.to_string(),
-            suggestion,
-        })
+/// A state by name ([`State::from_name`]), or an error that suggests the closest name.
+pub fn parse_state(s: &str) -> Result<State, UnknownState> {
+    if let Some(st) = State::from_name(s) {
+        return Ok(st);
     }
+    let norm = s.trim().to_ascii_uppercase().replace('-', "_");
+    let suggestion = State::ALL
+        .iter()
+        .map(|st| (strsim::jaro_winkler(&norm, st.name()), st.name()))
+        .filter(|(score, _)| *score > 0.75)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, name)| name);
+    Err(UnknownState {
+        given: s.to_string(),
+        suggestion,
+    })
 }
 
 /// A process name as the kernel stores it: up to 16 bytes, NUL-padded.
@@ -534,13 +464,13 @@ mod tests {
     #[test]
     fn state_names_round_trip_and_suggest() {
         for st in State::ALL {
-            assert_eq!(st.name().parse::<State>().unwrap(), st);
+            assert_eq!(parse_state(st.name()).unwrap(), st);
             assert_eq!(State::from_kernel(st as u8), Some(st));
         }
-        assert_eq!("time-wait".parse::<State>().unwrap(), State::TimeWait);
-        assert_eq!("TCP_CLOSE_WAIT".parse::<State>().unwrap(), State::CloseWait);
-        assert_eq!("closed".parse::<State>().unwrap(), State::Close);
-        let err = "TIME_WIAT".parse::<State>().unwrap_err();
+        assert_eq!(parse_state("time-wait").unwrap(), State::TimeWait);
+        assert_eq!(parse_state("TCP_CLOSE_WAIT").unwrap(), State::CloseWait);
+        assert_eq!(parse_state("closed").unwrap(), State::Close);
+        let err = parse_state("TIME_WIAT").unwrap_err();
         assert_eq!(err.suggestion, Some("TIME_WAIT"));
         assert!(err.to_string().contains("did you mean TIME_WAIT?"));
         assert_eq!(State::from_kernel(0), None);
