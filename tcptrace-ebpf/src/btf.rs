@@ -38,7 +38,7 @@ use tcptrace_common::{
 use crate::{
     Addrs, CONFIG, COUNTER_SLOTS, LISTENERS, Owner, Record, Slot, SockInfo, V4_MAPPED_HIGH,
     clear_owner, copy_owner, count, current_owner, emit, forgot, idle, listen_key, port_bits, put,
-    tw_armed, tw_timer_report,
+    reset_record, tw_armed, tw_timer_report,
 };
 
 /// What tcptrace knows of each socket, kept with the socket: zeroed at creation, freed with
@@ -549,22 +549,14 @@ unsafe fn receive_reset(sk: *const u8) {
     if !netns_keeps(cfg, netns) {
         return;
     }
-    let rec = Record {
-        // SAFETY: a helper without arguments.
-        ts: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk as u64,
-        in_from: 0,
-        aux: 0,
-        sport: ends.sport,
-        dport: ends.dport,
-        family: ends.family,
-        kind: kind::RESET_RECEIVED,
-        old: 0,
-        new: 0,
-        flags: 0,
-        netns,
-        cgroup,
-    };
+    let rec = reset_record(
+        kind::RESET_RECEIVED,
+        sk as u64,
+        0,
+        (ends.family, ends.sport, ends.dport),
+        0,
+        (netns, cgroup),
+    );
     // SAFETY: `sk` as required.
     let addrs = unsafe { full_addrs(sk, &ends) };
     emit(Slot::ResetReceived, cfg.wakeup_bytes, &rec, &addrs, owner);
@@ -653,22 +645,14 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     if !netns_keeps(cfg, netns) {
         return;
     }
-    let rec = Record {
-        // SAFETY: a helper without arguments.
-        ts: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk as u64,
-        in_from: 0,
-        aux: reason,
-        sport,
-        dport,
-        family,
-        kind: kind::RESET_SENT,
-        old: st,
-        new: st,
-        flags: 0,
-        netns,
-        cgroup,
-    };
+    let rec = reset_record(
+        kind::RESET_SENT,
+        sk as u64,
+        reason,
+        (family, sport, dport),
+        st,
+        (netns, cgroup),
+    );
     emit(Slot::ResetSent, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 

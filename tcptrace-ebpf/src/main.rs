@@ -681,11 +681,40 @@ fn reset(
     if !netns_keeps(cfg, netns) {
         return Ok(());
     }
-    let rec = Record {
+    let rec = reset_record(
+        k,
+        skaddr,
+        reason,
+        (family, sport, dport),
+        st,
+        (netns, cgroup),
+    );
+    let slot = if k == kind::RESET_SENT {
+        Slot::ResetSent
+    } else {
+        Slot::ResetReceived
+    };
+    emit(slot, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
+    Ok(())
+}
+
+/// The record of a reset of kind `k` on the socket at `skaddr` (0: none) in state `st` (0:
+/// not reported), now.
+#[inline(always)]
+fn reset_record(
+    k: u8,
+    skaddr: u64,
+    aux: u64,
+    (family, sport, dport): (u16, u16, u16),
+    st: u8,
+    (netns, cgroup): (u32, u64),
+) -> Record {
+    Record {
+        // SAFETY: a helper without arguments.
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr,
         in_from: 0,
-        aux: reason,
+        aux,
         sport,
         dport,
         family,
@@ -695,14 +724,7 @@ fn reset(
         flags: 0,
         netns,
         cgroup,
-    };
-    let slot = if k == kind::RESET_SENT {
-        Slot::ResetSent
-    } else {
-        Slot::ResetReceived
-    };
-    emit(slot, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
-    Ok(())
+    }
 }
 
 /// Reads a field of kernel memory at `base + off`.
