@@ -24,12 +24,16 @@ const CONNS: usize = 200_000;
 /// Listeners (one per port): each source and destination pair has its own ephemeral ports.
 const LISTENERS: usize = 4;
 
-/// Connections each holding process keeps open (both ends: twice as many descriptors, under
-/// the hard limit of open files that a process may not raise without CAP_SYS_RESOURCE).
-const PER_HOLDER: usize = 9_000;
+/// Connections each holding process keeps open, at most (both ends: twice as many
+/// descriptors, under the hard limit of open files, which a process may not raise without
+/// CAP_SYS_RESOURCE).
+const PER_HOLDER_MAX: usize = 9_000;
+/// Descriptors a holder keeps besides its connections'.
+const SPARE_FDS: usize = 64;
 
-/// Raises the soft limit of open files to the hard one (inherited by the holders).
-fn raise_nofile() {
+/// Raises the soft limit of open files to the hard one (inherited by the holders); returns
+/// how many connections one holder may then keep.
+fn raise_nofile() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -40,11 +44,13 @@ fn raise_nofile() {
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
+    let per_holder = (lim.rlim_cur as usize).saturating_sub(SPARE_FDS) / 2;
     assert!(
-        lim.rlim_cur as usize > 2 * PER_HOLDER + 64,
-        "RLIMIT_NOFILE {} is too low to hold {PER_HOLDER} connections",
+        per_holder >= 1_000,
+        "RLIMIT_NOFILE {} is too low to hold connections",
         lim.rlim_cur
     );
+    per_holder.min(PER_HOLDER_MAX)
 }
 
 /// Loopback addresses the clients connect from, each from ports of its own: every client
@@ -256,7 +262,7 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
     if !root_or_skip("two_hundred_thousand_open_connections_keep_their_durations_and_owners") {
         return;
     }
-    raise_nofile();
+    let per_holder = raise_nofile();
     let pair = NetPair::new();
     let ns = pair.a.clone();
     let base = 22_000 + (std::process::id() % 1000) as u16 * 4;
@@ -274,13 +280,13 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
             .collect();
         let lfds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
         let pipes = Pipes::new();
-        let holders = CONNS.div_ceil(PER_HOLDER);
-        let mut fds = vec![0i32; 2 * PER_HOLDER];
+        let holders = CONNS.div_ceil(per_holder);
+        let mut fds = vec![0i32; 2 * per_holder];
         let pids: Vec<libc::pid_t> = (0..holders)
             .map(|h| {
-                let n = PER_HOLDER.min(CONNS - h * PER_HOLDER);
+                let n = per_holder.min(CONNS - h * per_holder);
                 // SAFETY: the child uses only system calls and `fds`, allocated above.
-                unsafe { holder((h * PER_HOLDER, n), &lfds, &p, pipes, &mut fds) }
+                unsafe { holder((h * per_holder, n), &lfds, &p, pipes, &mut fds) }
             })
             .collect();
         // SAFETY: our descriptor; the holders have their own copies.
