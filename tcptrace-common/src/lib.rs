@@ -334,7 +334,7 @@ pub struct TimewaitOffsets {
     pub skc_rcv_saddr: u16,
     pub skc_v6_daddr: u16,
     pub skc_v6_rcv_saddr: u16,
-    /// `timer_list.function` and `timer_list.expires`, for the raw tracepoints (which get
+    /// `timer_list.function` and `timer_list.expires`, for the BTF tracepoints (which get
     /// the timer, not a record of its fields).
     pub timer_function: u16,
     pub timer_expires: u16,

@@ -1,5 +1,6 @@
-//! The live source: loads the embedded eBPF program, configures it, attaches it to
-//! `sock:inet_sock_set_state`, and drains its ring buffer in batches.
+//! The live source: loads the embedded eBPF programs — the BTF tracepoint set where the kernel
+//! takes it, else the classic one — configures them, attaches them to TCP's transitions,
+//! resets and timewait timers, and drains their ring buffer in batches.
 //!
 //! This is the only module that talks to the kernel. Everything it produces is a
 //! [`RawEvent`], exactly what a recording holds, so every view works the same live and on a
