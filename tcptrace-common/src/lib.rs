@@ -566,6 +566,27 @@ pub fn ports_keep(cfg: &Config, lport: u16, rport: u16, ports: impl Fn(u16) -> u
     true
 }
 
+/// Whether the family and port filters may keep any event of a socket, given what is known
+/// of it now: a port of 0 is not known yet (a connecting socket's local port before it is
+/// chosen) and could be any. A socket they cannot keep needs no per-socket state: its ports
+/// and family never change to ones they keep.
+#[inline(always)]
+pub fn socket_may_be_kept(
+    cfg: &Config,
+    family: u16,
+    lport: u16,
+    rport: u16,
+    ports: impl Fn(u16) -> u8,
+) -> bool {
+    (cfg.family == 0 || cfg.family == family)
+        && ports_keep(
+            cfg,
+            lport,
+            rport,
+            |p| if p == 0 { u8::MAX } else { ports(p) },
+        )
+}
+
 #[inline(always)]
 const fn bit(s: u8) -> u32 {
     if s < 32 { 1u32 << s } else { 0 }
@@ -721,6 +742,41 @@ mod tests {
             netns_keeps(&cfg, 4026532999),
             "the count is bounded by the array"
         );
+    }
+
+    #[test]
+    fn a_socket_is_ruled_out_only_by_what_is_known_of_it() {
+        let ports = |p: u16| match p {
+            80 => port_filter::ANY | port_filter::LOCAL,
+            _ => 0,
+        };
+        let any = Config {
+            port_filters: port_filter::ANY,
+            ..Config::default()
+        };
+        // A connect to port 80, its local port not chosen yet; then chosen.
+        assert!(socket_may_be_kept(&any, AF_INET, 0, 80, ports));
+        assert!(socket_may_be_kept(&any, AF_INET, 40000, 80, ports));
+        // A connect elsewhere: its local port could still be 80 until it is chosen.
+        assert!(socket_may_be_kept(&any, AF_INET, 0, 443, ports));
+        assert!(!socket_may_be_kept(&any, AF_INET, 40000, 443, ports));
+        let local = Config {
+            port_filters: port_filter::LOCAL,
+            family: AF_INET6,
+            ..Config::default()
+        };
+        assert!(!socket_may_be_kept(&local, AF_INET, 80, 1, ports), "family");
+        assert!(socket_may_be_kept(&local, AF_INET6, 80, 1, ports));
+        assert!(!socket_may_be_kept(&local, AF_INET6, 81, 80, ports));
+        // What may be kept is a superset of what is kept, whatever the ports.
+        for (l, r) in [(0, 0), (80, 0), (0, 80), (80, 80), (1, 2), (80, 2), (2, 80)] {
+            for cfg in [&any, &local] {
+                if filter_keeps(cfg, AF_INET6, 1, 4, 0, l, r, ports) {
+                    assert!(socket_may_be_kept(cfg, AF_INET6, l, r, ports), "{l} {r}");
+                }
+            }
+        }
+        assert!(socket_may_be_kept(&Config::default(), AF_INET, 1, 2, ports));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, socket_may_be_kept, state,
 };
 
 use crate::{
@@ -337,8 +337,11 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
         return;
     };
     let cfg = config();
+    // A socket the family and port filters can never keep gets no storage (creating it is
+    // most of this program's cost): its transitions are bookkept for nothing.
+    let wanted = socket_may_be_kept(cfg, ends.family, ends.sport, ends.dport, port_bits);
     // SAFETY: `sk` as required.
-    let st = unsafe { storage(sk, true, slot) };
+    let st = unsafe { storage(sk, wanted, slot) };
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut rec = Record {
         // SAFETY: a helper without arguments.
