@@ -12,11 +12,12 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
-    event::{Event, RawEvent, State, decode},
+    event::{Event, RawEvent, State},
     filter::CompiledFilter,
     output::{Format, human_ns},
-    timewait::{End, Exit, Timewaits},
-    track::{FastMap, Tracker, service_port},
+    pipeline::Pipeline,
+    timewait::End,
+    track::{FastMap, service_port},
     view::{Flow, View},
 };
 
@@ -83,16 +84,14 @@ pub struct Bucket {
 
 /// The histogram view.
 pub struct Hist<W: Write> {
-    filter: CompiledFilter,
+    /// Tracks sockets with `--by port` (for their roles), follows timewait sockets when
+    /// TIME_WAIT is asked for.
+    pipe: Pipeline,
     states: Vec<State>,
     by: By,
-    tracker: Tracker,
     hists: BTreeMap<(State, Option<u16>), Histogram<u64>>,
     out: W,
     format: Format,
-    closes: Vec<crate::track::Close>,
-    timewaits: Timewaits,
-    exits: Vec<Exit>,
     /// The service port of each connection now in TIME_WAIT (with `--by port`).
     tw_ports: FastMap<(SocketAddr, SocketAddr), u16>,
 }
@@ -105,31 +104,37 @@ impl<W: Write> Hist<W> {
         } else {
             states.to_vec()
         };
-        Hist {
-            filter,
+        let pipe = Pipeline::new(filter);
+        let pipe = if by == By::Port {
+            pipe.tracking()
+        } else {
+            pipe
+        };
+        let hist = Hist {
+            pipe,
             states,
             by,
-            tracker: Tracker::default(),
             hists: BTreeMap::new(),
             out,
             format,
-            closes: Vec::new(),
-            timewaits: Timewaits::new(true),
-            exits: Vec::new(),
             tw_ports: FastMap::default(),
-        }
+        };
+        hist.timers(true)
     }
 
     /// Whether timewait timers are traced (else TIME_WAIT residencies cannot be known).
     pub fn timers(mut self, traced: bool) -> Self {
-        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self.pipe = if self.states.contains(&State::TimeWait) {
+            self.pipe.timewaits(traced)
+        } else {
+            self.pipe.without_timewaits()
+        };
         self
     }
 
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
-        self.tracker = Tracker::new(n);
-        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
+        self.pipe = self.pipe.max_sockets(n);
         self
     }
 
@@ -140,8 +145,9 @@ impl<W: Write> Hist<W> {
 
     /// TIME_WAIT residencies of the timewait sockets that ended (not those never created).
     fn record_exits(&mut self) {
-        for x in self.exits.drain(..) {
-            if x.end == End::NotCreated || !self.filter.keeps_exit(&x) {
+        let mut exits = std::mem::take(&mut self.pipe.exits);
+        for x in exits.drain(..) {
+            if x.end == End::NotCreated || !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
             let port =
@@ -157,6 +163,21 @@ impl<W: Write> Hist<W> {
                 .or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"));
             let _ = h.record(x.residency_ns);
         }
+        self.pipe.exits = exits;
+    }
+
+    /// With `--by port`: the service port of each connection that entered TIME_WAIT, for its
+    /// exit. Bounded like the sockets: an exit never seen (lost, evicted) must not leave its
+    /// entry here forever.
+    fn note_timewait_ports(&mut self) {
+        let mut closes = std::mem::take(&mut self.pipe.closes);
+        for c in closes.drain(..).filter(|c| c.timewait) {
+            if self.tw_ports.len() >= self.pipe.cap() {
+                self.tw_ports.clear();
+            }
+            self.tw_ports.insert((c.local, c.remote), c.service_port());
+        }
+        self.pipe.closes = closes;
     }
 
     /// The histograms, summarised, in the order the states were asked for (lifecycle
@@ -214,26 +235,26 @@ fn summarise(state: State, port: Option<u16>, h: &Histogram<u64>) -> Summary {
 
 impl<W: Write> View for Hist<W> {
     fn evicted(&self) -> u64 {
-        self.tracker.evicted() + self.timewaits.evicted()
+        self.pipe.evicted()
     }
 
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
-            if !self.filter.kernel_keeps(raw) {
+            let Some(ev) = self.pipe.decode(raw) else {
                 continue;
-            }
-            let Ok(ev) = decode(raw) else { continue };
+            };
             if let Event::Transition(t) = &ev
                 && let Some(d) = t.in_from_ns
                 && self.states.contains(&t.from)
-                && self.filter.keeps(t)
+                && self.pipe.filter().keeps(t)
             {
                 let port = match self.by {
                     By::State => None,
                     By::Port => {
                         let role = self
-                            .tracker
-                            .role(t.skaddr)
+                            .pipe
+                            .tracker()
+                            .and_then(|tr| tr.role(t.skaddr))
                             .unwrap_or(crate::track::Role::Unknown);
                         Some(service_port(role, t.local, t.remote))
                     }
@@ -246,33 +267,22 @@ impl<W: Write> View for Hist<W> {
                     .or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"));
                 let _ = h.record(d);
             }
-            if self.by == By::Port {
-                self.tracker.observe(&ev, &mut self.closes);
-                for c in self.closes.drain(..).filter(|c| c.timewait) {
-                    // Bounded like the sockets: an exit never seen (lost, evicted) must not
-                    // leave its entry here forever.
-                    if self.tw_ports.len() >= self.tracker.cap() {
-                        self.tw_ports.clear();
-                    }
-                    self.tw_ports.insert((c.local, c.remote), c.service_port());
-                }
-            }
-            if self.states.contains(&State::TimeWait) {
-                self.timewaits.observe(&ev, &mut self.exits);
-                self.record_exits();
-            }
+            self.pipe.fold(&ev);
+            self.note_timewait_ports();
+            self.record_exits();
         }
         Ok(Flow::More)
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
-        self.timewaits.expire(now_ns, &mut self.exits);
+        self.pipe.expire_exits(now_ns);
         self.record_exits();
         Ok(Flow::More)
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.timewaits.flush(&mut self.exits);
+        self.pipe.finish();
+        self.note_timewait_ports();
         self.record_exits();
         let summaries = self.summaries();
         match self.format {

@@ -1,8 +1,10 @@
 //! tcptrace: an eBPF tracer of TCP state transitions.
 //!
 //! Data flows one way: a source ([`probe`] live, or [`record`] from a file) produces raw
-//! events; [`event`] decodes them; [`filter`] keeps what was asked for; a [`view`] renders
-//! ([`output`]) or aggregates them; [`cgroup`] names the cgroups sockets belong to. Only
+//! events; the [`pipeline`] decodes them ([`event`]), keeps what [`filter`] asks for, and
+//! folds them into closes ([`track`]) and timewait ends ([`timewait`]) — once, for every view;
+//! a [`view`] renders ([`output`]) or aggregates them; [`cgroup`] names the cgroups sockets
+//! belong to. Only
 //! [`probe`] touches the kernel, so everything else is tested on synthetic or recorded
 //! events without root.
 pub mod app;
@@ -16,6 +18,7 @@ pub mod filter;
 pub mod hist;
 pub mod metrics;
 pub mod output;
+pub mod pipeline;
 pub mod population;
 pub mod probe;
 pub mod record;

@@ -20,10 +20,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    event::{Direction, Event, RawEvent, State, decode},
+    event::{Direction, Event, RawEvent, State},
     filter::CompiledFilter,
-    timewait::{End, Exit, Timewaits},
-    track::{Close, FastMap, Role, Tracker, service_port},
+    pipeline::Pipeline,
+    timewait::End,
+    track::{FastMap, Role, service_port},
     view::{Flow, View},
 };
 
@@ -353,13 +354,10 @@ impl Families {
 
 /// The exporter's view: events in, metric families updated.
 pub struct Metrics {
-    filter: CompiledFilter,
+    /// Tracks every socket, follows timewait sockets.
+    pipe: Pipeline,
     families: Families,
     labels: Labeller,
-    tracker: Tracker,
-    closes: Vec<Close>,
-    timewaits: Timewaits,
-    exits: Vec<Exit>,
     /// The labels of each connection now in TIME_WAIT, and when it entered.
     tw_labels: FastMap<(SocketAddr, SocketAddr), (PortLabels, u64)>,
     last_sweep_ns: u64,
@@ -377,7 +375,7 @@ impl Metrics {
         let families = Families::new();
         families.register(registry.sub_registry_with_prefix("tcptrace"));
         Metrics {
-            filter,
+            pipe: Pipeline::new(filter).tracking().timewaits(false),
             families,
             labels: Labeller {
                 policy: labels.ports,
@@ -386,10 +384,6 @@ impl Metrics {
                 max_netns: labels.max_netns,
                 netns: FastMap::default(),
             },
-            tracker: Tracker::default(),
-            closes: Vec::new(),
-            timewaits: Timewaits::new(false),
-            exits: Vec::new(),
             tw_labels: FastMap::default(),
             last_sweep_ns: 0,
             evicted_seen: 0,
@@ -400,7 +394,7 @@ impl Metrics {
 
     /// Whether timewait timers are traced (TIME_WAIT exits, residency and population).
     pub fn timers(mut self, traced: bool) -> Self {
-        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self.pipe = self.pipe.timewaits(traced);
         self.families.tw_traced.set(i64::from(traced));
         self
     }
@@ -416,16 +410,15 @@ impl Metrics {
 
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
-        self.tracker = Tracker::new(n);
-        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
+        self.pipe = self.pipe.max_sockets(n);
         self
     }
 
     fn tally_closes(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
-        let mut closes = std::mem::take(&mut self.closes);
+        let mut closes = std::mem::take(&mut self.pipe.closes);
         for c in closes.drain(..) {
-            if !self.filter.keeps_close(&c) {
+            if !self.pipe.filter().keeps_close(&c) {
                 continue;
             }
             let port = self.labels.port(c.service_port(), c.role == Role::Server);
@@ -443,8 +436,8 @@ impl Metrics {
             if c.timewait {
                 let key = PortLabels { port, netns };
                 self.families.tw_entries.get_or_create(&key).inc();
-                if self.timewaits.traced() {
-                    if self.tw_labels.len() >= self.tracker.cap() {
+                if self.pipe.timewaits_traced() {
+                    if self.tw_labels.len() >= self.pipe.cap() {
                         // Bounded like the sockets; the sweep keeps this rare.
                         self.forget_timewaits(|_| true);
                     }
@@ -458,14 +451,14 @@ impl Metrics {
                 }
             }
         }
-        self.closes = closes;
+        self.pipe.closes = closes;
     }
 
     fn tally_exits(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
-        let mut exits = std::mem::take(&mut self.exits);
+        let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
-            if !self.filter.keeps_exit(&x) {
+            if !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
             let key = match self.tw_labels.remove(&(x.local, x.remote)) {
@@ -498,7 +491,7 @@ impl Metrics {
                     .observe(x.residency_ns as f64 / 1e9);
             }
         }
-        self.exits = exits;
+        self.pipe.exits = exits;
     }
 
     /// Takes the connections `pred` selects out of the TIME_WAIT population.
@@ -521,22 +514,21 @@ impl Metrics {
         self.evicted_seen = evicted;
         self.families
             .tracked
-            .set(i64::try_from(self.tracker.tracked()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.pipe.tracked()).unwrap_or(i64::MAX));
     }
 }
 
 impl View for Metrics {
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
-            if !self.filter.kernel_keeps(raw) {
+            let Some(ev) = self.pipe.decode(raw) else {
                 continue;
-            }
-            let Ok(ev) = decode(raw) else { continue };
+            };
             match &ev {
                 Event::Lost { count, .. } => {
                     self.families.lost.inc_by(*count);
                 }
-                Event::Transition(t) if self.filter.keeps(t) => {
+                Event::Transition(t) if self.pipe.filter().keeps(t) => {
                     if t.from == State::Listen || t.to == State::Listen {
                         // A listener (or a connection accepted from one): its port is a
                         // service of this host.
@@ -570,7 +562,7 @@ impl View for Metrics {
                 Event::Reset(r)
                     if r.skaddr.is_none()
                         && r.direction == Direction::Sent
-                        && self.filter.keeps_reset(r) =>
+                        && self.pipe.filter().keeps_reset(r) =>
                 {
                     let port = self.labels.port(r.local.port(), false);
                     let netns = self.labels.netns(r.netns);
@@ -587,9 +579,8 @@ impl View for Metrics {
                 }
                 _ => {}
             }
-            self.tracker.observe(&ev, &mut self.closes);
+            self.pipe.fold(&ev);
             self.tally_closes();
-            self.timewaits.observe(&ev, &mut self.exits);
             self.tally_exits();
         }
         self.sync_gauges();
@@ -597,9 +588,8 @@ impl View for Metrics {
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
-        self.tracker.expire(now_ns, &mut self.closes);
+        self.pipe.tick(now_ns);
         self.tally_closes();
-        self.timewaits.expire(now_ns, &mut self.exits);
         self.tally_exits();
         if now_ns.saturating_sub(self.last_sweep_ns) >= 10_000_000_000 {
             self.last_sweep_ns = now_ns;
@@ -615,7 +605,7 @@ impl View for Metrics {
     }
 
     fn evicted(&self) -> u64 {
-        self.tracker.evicted() + self.timewaits.evicted()
+        self.pipe.evicted()
     }
 }
 

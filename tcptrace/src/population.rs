@@ -13,10 +13,11 @@ use serde::Serialize;
 
 use crate::{
     diag::DiagTimewait,
-    event::{RawEvent, State, TimerEvent, TimerOp, decode, encode_timer},
+    event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
     filter::CompiledFilter,
     output::{Format, human_ns, rfc3339},
-    timewait::{End, Exit, Timewaits},
+    pipeline::Pipeline,
+    timewait::{End, Timewaits},
     view::{Flow, View},
 };
 
@@ -100,9 +101,8 @@ struct Counts {
 
 /// The view.
 pub struct Population<W: Write> {
-    filter: CompiledFilter,
-    tw: Timewaits,
-    exits: Vec<Exit>,
+    /// Follows timewait sockets (no lifecycles).
+    pipe: Pipeline,
     seeded: Vec<Seeded>,
     out: W,
     format: Format,
@@ -127,9 +127,7 @@ impl<W: Write> Population<W> {
         traced: bool,
     ) -> Self {
         Population {
-            filter,
-            tw: Timewaits::new(traced),
-            exits: Vec::new(),
+            pipe: Pipeline::new(filter).timewaits(traced),
             seeded: Vec::new(),
             out,
             format,
@@ -146,7 +144,7 @@ impl<W: Write> Population<W> {
 
     /// Follows at most `n` timewait sockets at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
-        self.tw = std::mem::take(&mut self.tw).with_cap(n);
+        self.pipe = self.pipe.max_sockets(n);
         self
     }
 
@@ -168,10 +166,8 @@ impl<W: Write> Population<W> {
                     netns,
                 },
             });
-            if self.filter.kernel_keeps(&raw)
-                && self
-                    .filter
-                    .keeps_parts(None, d.local, d.remote, netns, None)
+            let filter = self.pipe.filter();
+            if filter.kernel_keeps(&raw) && filter.keeps_parts(None, d.local, d.remote, netns, None)
             {
                 self.seeded.push(Seeded {
                     local: d.local,
@@ -189,14 +185,23 @@ impl<W: Write> Population<W> {
         self.out
     }
 
+    /// The timewait sockets followed.
+    fn lives(&self) -> impl Iterator<Item = &crate::timewait::Life> {
+        self.pipe
+            .timewait_sockets()
+            .into_iter()
+            .flat_map(Timewaits::population)
+    }
+
     fn count_exits(&mut self) {
-        let created = self.tw.created();
+        let created = self.pipe.timewait_sockets().map_or(0, Timewaits::created);
         let new = created - self.created_seen;
         self.created_seen = created;
         self.interval.created += new;
         self.total.created += new;
-        for x in self.exits.drain(..) {
-            if !self.filter.keeps_exit(&x) {
+        let mut exits = std::mem::take(&mut self.pipe.exits);
+        for x in exits.drain(..) {
+            if !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
             for c in [&mut self.interval, &mut self.total] {
@@ -210,6 +215,7 @@ impl<W: Write> Population<W> {
                 let _ = self.residency.record(x.residency_ns);
             }
         }
+        self.pipe.exits = exits;
     }
 
     /// The population now.
@@ -217,7 +223,7 @@ impl<W: Write> Population<W> {
         let now = self.now;
         // A seeded socket whose timer was re-armed since is traced now: count it once.
         let traced: std::collections::HashSet<(SocketAddr, SocketAddr)> =
-            self.tw.population().map(|l| (l.local, l.remote)).collect();
+            self.lives().map(|l| (l.local, l.remote)).collect();
         self.seeded
             .retain(|s| s.expires_ns > now && !traced.contains(&(s.local, s.remote)));
         let mut by_port: HashMap<u16, u64> = HashMap::new();
@@ -237,8 +243,9 @@ impl<W: Write> Population<W> {
                 e30 += u64::from(left <= 30 * SEC);
             };
         let mut population = 0;
-        for l in self.tw.population() {
-            if !self.filter.keeps_life(l) {
+        let filter = self.pipe.filter();
+        for l in self.lives() {
+            if !filter.keeps_life(l) {
                 continue;
             }
             population += 1;
@@ -320,16 +327,15 @@ fn top(it: impl IntoIterator<Item = (String, u64)>) -> Vec<Count> {
 
 impl<W: Write> View for Population<W> {
     fn evicted(&self) -> u64 {
-        self.tw.evicted()
+        self.pipe.evicted()
     }
 
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
-            if !self.filter.kernel_keeps(raw) {
+            let Some(ev) = self.pipe.decode(raw) else {
                 continue;
-            }
-            let Ok(ev) = decode(raw) else { continue };
-            self.tw.observe(&ev, &mut self.exits);
+            };
+            self.pipe.fold(&ev);
             self.count_exits();
             self.advance(ev.ts_ns())?;
         }
@@ -337,14 +343,14 @@ impl<W: Write> View for Population<W> {
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
-        self.tw.expire(now_ns, &mut self.exits);
+        self.pipe.tick(now_ns);
         self.count_exits();
         self.advance(now_ns)?;
         Ok(Flow::More)
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.tw.flush(&mut self.exits);
+        self.pipe.finish();
         self.count_exits();
         self.emit()?;
         let h = &self.residency;
@@ -355,7 +361,7 @@ impl<W: Write> View for Population<W> {
             expired: self.total.expired,
             killed: self.total.killed,
             not_created: self.total.not_created,
-            remaining: self.tw.population().count() as u64 + self.seeded.len() as u64,
+            remaining: self.lives().count() as u64 + self.seeded.len() as u64,
             residency_p50_ns: q(h.value_at_quantile(0.5)),
             residency_p99_ns: q(h.value_at_quantile(0.99)),
             residency_max_ns: q(h.max()),

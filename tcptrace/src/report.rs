@@ -9,11 +9,12 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
-    event::{Direction, Event, RawEvent, decode},
+    event::{Direction, Event, RawEvent},
     filter::CompiledFilter,
     output::{Format, human_ns, rfc3339},
-    timewait::{End, Exit, Timewaits},
-    track::{Close, FastMap, How, Initiator, Role, Tracker, service_port},
+    pipeline::Pipeline,
+    timewait::End,
+    track::{Close, FastMap, How, Initiator, Role, service_port},
     view::{Flow, View},
 };
 
@@ -246,10 +247,9 @@ pub struct Summary {
 
 /// The report view.
 pub struct Report<W: Write> {
-    filter: CompiledFilter,
+    /// Tracks every socket, follows timewait sockets.
+    pipe: Pipeline,
     state_mask: u32,
-    tracker: Tracker,
-    closes: Vec<Close>,
     rows: FastMap<(u16, Way), Row>,
     out: W,
     format: Format,
@@ -258,8 +258,6 @@ pub struct Report<W: Write> {
     window_start: Option<u64>,
     last_ts: u64,
     lost: u64,
-    timewaits: Timewaits,
-    exits: Vec<Exit>,
     /// The row of each connection now in TIME_WAIT.
     tw_rows: FastMap<(SocketAddr, SocketAddr), (u16, Way)>,
 }
@@ -277,10 +275,8 @@ impl<W: Write> Report<W> {
         interval_ns: Option<u64>,
     ) -> Self {
         Report {
-            filter,
+            pipe: Pipeline::new(filter).tracking().timewaits(false),
             state_mask,
-            tracker: Tracker::default(),
-            closes: Vec::new(),
             rows: FastMap::default(),
             out,
             format,
@@ -289,22 +285,19 @@ impl<W: Write> Report<W> {
             window_start: None,
             last_ts: 0,
             lost: 0,
-            timewaits: Timewaits::new(false),
-            exits: Vec::new(),
             tw_rows: FastMap::default(),
         }
     }
 
     /// Whether timewait timers are traced (TIME_WAIT residency per row, missing ones counted).
     pub fn timers(mut self, traced: bool) -> Self {
-        self.timewaits = Timewaits::new(traced).with_cap(self.tracker.cap());
+        self.pipe = self.pipe.timewaits(traced);
         self
     }
 
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
-        self.tracker = Tracker::new(n);
-        self.timewaits = std::mem::take(&mut self.timewaits).with_cap(n);
+        self.pipe = self.pipe.max_sockets(n);
         self
     }
 
@@ -318,9 +311,9 @@ impl<W: Write> Report<W> {
 
     fn tally_exits(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
-        let mut exits = std::mem::take(&mut self.exits);
+        let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
-            if !self.filter.keeps_exit(&x) {
+            if !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
             let key = self.tw_rows.remove(&(x.local, x.remote));
@@ -343,7 +336,7 @@ impl<W: Write> Report<W> {
                     .record(x.residency_ns);
             }
         }
-        self.exits = exits;
+        self.pipe.exits = exits;
     }
 
     /// The writer (for tests).
@@ -353,9 +346,9 @@ impl<W: Write> Report<W> {
 
     fn tally(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
-        let mut closes = std::mem::take(&mut self.closes);
+        let mut closes = std::mem::take(&mut self.pipe.closes);
         for c in closes.drain(..) {
-            if !self.filter.keeps_close(&c) {
+            if !self.pipe.filter().keeps_close(&c) {
                 continue;
             }
             if self.state_mask != 0 && u32::from(c.states) & self.state_mask == 0 {
@@ -363,17 +356,17 @@ impl<W: Write> Report<W> {
             }
             let way = Way::of(c.role);
             let port = c.service_port();
-            if c.timewait && self.timewaits.traced() {
+            if c.timewait && self.pipe.timewaits_traced() {
                 // Bounded like the sockets: an exit never seen (lost, evicted) must not
                 // leave its entry here forever.
-                if self.tw_rows.len() >= self.tracker.cap() {
+                if self.tw_rows.len() >= self.pipe.cap() {
                     self.tw_rows.clear();
                 }
                 self.tw_rows.insert((c.local, c.remote), (port, way));
             }
             self.row(port, way).add(&c);
         }
-        self.closes = closes;
+        self.pipe.closes = closes;
     }
 
     /// Takes the rows of the current window.
@@ -398,7 +391,7 @@ impl<W: Write> Report<W> {
             duration_ns: end_ts.saturating_sub(start),
             connections: rows.iter().map(|r| r.closed).sum(),
             lost: self.lost,
-            evicted: self.tracker.evicted() + self.timewaits.evicted(),
+            evicted: self.pipe.evicted(),
             rows,
         };
         self.window_start = Some(end_ts);
@@ -422,7 +415,7 @@ impl<W: Write> Report<W> {
         if let (Some(iv), Some(start)) = (self.interval_ns, self.window_start)
             && now >= start + iv
         {
-            self.tracker.expire(now, &mut self.closes);
+            self.pipe.expire_closes(now);
             self.tally();
             self.emit(start + iv)?;
         }
@@ -432,15 +425,14 @@ impl<W: Write> Report<W> {
 
 impl<W: Write> View for Report<W> {
     fn evicted(&self) -> u64 {
-        self.tracker.evicted() + self.timewaits.evicted()
+        self.pipe.evicted()
     }
 
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
-            if !self.filter.kernel_keeps(raw) {
+            let Some(ev) = self.pipe.decode(raw) else {
                 continue;
-            }
-            let Ok(ev) = decode(raw) else { continue };
+            };
             let ts = ev.ts_ns();
             self.window_start.get_or_insert(ts);
             self.maybe_emit(ts)?;
@@ -452,23 +444,22 @@ impl<W: Write> View for Report<W> {
                     if r.skaddr.is_none()
                         && r.direction == Direction::Sent
                         && self.state_mask == 0
-                        && self.filter.keeps_reset(r) =>
+                        && self.pipe.filter().keeps_reset(r) =>
                 {
                     let port = service_port(Role::Server, r.local, r.remote);
                     self.row(port, Way::In).refused += 1;
                 }
                 _ => {}
             }
-            self.tracker.observe(&ev, &mut self.closes);
+            self.pipe.fold(&ev);
             self.tally();
-            self.timewaits.observe(&ev, &mut self.exits);
             self.tally_exits();
         }
         Ok(Flow::More)
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
-        self.timewaits.expire(now_ns, &mut self.exits);
+        self.pipe.expire_exits(now_ns);
         self.tally_exits();
         self.window_start.get_or_insert(now_ns);
         self.last_ts = self.last_ts.max(now_ns);
@@ -477,9 +468,8 @@ impl<W: Write> View for Report<W> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.tracker.flush(&mut self.closes);
+        self.pipe.finish();
         self.tally();
-        self.timewaits.flush(&mut self.exits);
         self.tally_exits();
         self.emit(self.last_ts)
     }
