@@ -374,12 +374,13 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
         "the kernel side kept every fact"
     );
     // A transition the kernel skipped (nested in the instants around the program's own run)
-    // is counted lost, and rare. Beyond those, about one run in ten here misses one
+    // is counted lost: 0 in most runs here, up to ~350 in bursts (a softirq's batch landing
+    // in such an instant). Beyond those, about one run in ten here misses one
     // ESTABLISHED→CLOSE_WAIT of 200,000 without a count (its CLOSE_WAIT→LAST_ACK is there):
     // an open defect, tolerated up to `UNEXPLAINED` so it is seen (eprintln above) without
     // failing the suite.
     const UNEXPLAINED: u64 = 2;
-    assert!(seen.lost <= CONNS as u64 / 1000, "{seen:?}");
+    assert!(seen.lost <= CONNS as u64 / 100, "{seen:?}");
     assert!(
         seen.fin_wait1 as u64 + seen.lost + UNEXPLAINED >= CONNS as u64,
         "{seen:?}"
