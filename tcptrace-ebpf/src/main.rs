@@ -153,7 +153,7 @@ static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(4096, 0)
 static FORGOTTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Slots of the per-CPU counters: one per [`Slot`].
-const COUNTER_SLOTS: u32 = 7;
+const COUNTER_SLOTS: u32 = Slot::TimerExpire as u32 + 1;
 
 /// Counts one fact not kept, in the counting program's slot.
 #[inline(always)]
@@ -175,6 +175,7 @@ enum Slot {
     ResetReceived = 3,
     TimerStart = 4,
     TimerCancel = 5,
+    /// The last: [`COUNTER_SLOTS`] counts from it.
     TimerExpire = 6,
 }
 

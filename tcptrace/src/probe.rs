@@ -91,7 +91,8 @@ pub enum Paths {
     /// (Linux 5.11 and later with BTF), else the classic ones, with one warning saying why.
     #[default]
     Fast,
-    /// The classic tracepoint programs, whatever the kernel: what kernels without BTF take.
+    /// The classic tracepoint programs, whatever the kernel, reading the record field by
+    /// field: what kernels without BTF, or with a record layout tcptrace does not know, take.
     Portable,
 }
 
@@ -168,7 +169,8 @@ pub struct Probe {
     _ebpf: Ebpf,
 }
 
-/// The TCP programs of each kernel side: transitions, resets sent, resets received.
+/// The TCP programs of each kernel side, by tracepoint (the classic program bears its name):
+/// transitions, resets sent, resets received.
 const TCP_PROGRAMS: [(&str, &str); 3] = [
     ("inet_sock_set_state", "btf_set_state"),
     ("tcp_send_reset", "btf_send_reset"),
@@ -225,14 +227,15 @@ impl Probe {
         let mut ebpf = load(cfg, &kcfg, 1).map_err(|e| e.to_string())?;
         // The nested copy must run after the transition program for each transition: the
         // kernel calls a tracepoint's programs in the order they were attached.
-        let [transitions, sent, received] = TCP_PROGRAMS.map(|(_, btf)| btf);
-        for name in [transitions, NESTED_PROGRAM, sent, received] {
-            attach_btf(&mut ebpf, name, &kernel_btf)?;
+        let [transitions, sent, received] = TCP_PROGRAMS;
+        let nested = (transitions.0, NESTED_PROGRAM);
+        for (tracepoint, name) in [transitions, nested, sent, received] {
+            attach_btf(&mut ebpf, name, tracepoint, &kernel_btf)?;
         }
-        let timewait_traced = cfg.timewait
-            && kcfg.timewait.handler != 0
-            && TIMER_PROGRAMS.iter().all(|(_, name)| {
-                attach_btf(&mut ebpf, name, &kernel_btf)
+        // The handler's address is only found when timewait sockets are to be traced.
+        let timewait_traced = kcfg.timewait.handler != 0
+            && TIMER_PROGRAMS.iter().all(|(tracepoint, name)| {
+                attach_btf(&mut ebpf, name, tracepoint, &kernel_btf)
                     .map_err(|e| log::warn!("TIME_WAIT exits are not traced: {name}: {e}"))
                     .is_ok()
             });
@@ -250,6 +253,11 @@ impl Probe {
         let text = fs::read_to_string(&format_path)
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
+        if cfg.paths == Paths::Portable {
+            // What a kernel whose record layout tcptrace does not know takes: a helper read
+            // per field (so that tests run it).
+            kcfg.offsets.known_layout = 0;
+        }
         // The reset tracepoints tell who aborted a connection. Without them (before Linux
         // 4.16/5.x, or a changed format) tracing goes on and aborts are classified `unknown`.
         let send = optional_format("tcp_send_reset", parse_send_reset_format);
@@ -284,8 +292,7 @@ impl Probe {
                 log::warn!("tcp:{name} is not traced ({e}); resets will show as `unknown`");
             }
         }
-        let timewait_traced = cfg.timewait
-            && kcfg.timewait.handler != 0
+        let timewait_traced = kcfg.timewait.handler != 0
             && TIMER_PROGRAMS.iter().all(|(name, _)| {
                 attach_optional(&mut ebpf, "timer", name)
                     .map_err(|e| log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}"))
@@ -522,10 +529,8 @@ fn set_ports(ebpf: &mut Ebpf, ports: &[(u16, u8)]) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Loads a BTF tracepoint program (its name says its tracepoint after `btf_`'s fixed
-/// mapping) and attaches it.
-fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<(), String> {
-    let tracepoint = btf_tracepoint_of(prog);
+/// Loads the BTF tracepoint program `prog` for `tracepoint` and attaches it.
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &aya::Btf) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut(prog)
         .ok_or("the program is missing")?
@@ -535,18 +540,6 @@ fn attach_btf(ebpf: &mut Ebpf, prog: &str, btf: &aya::Btf) -> Result<(), String>
         .map_err(|e| format!("{tracepoint}: {}", verifier_error(&e)))?;
     p.attach().map_err(|e| format!("{tracepoint}: {e:#}"))?;
     Ok(())
-}
-
-/// The tracepoint a BTF program attaches to.
-fn btf_tracepoint_of(prog: &str) -> &'static str {
-    if prog == NESTED_PROGRAM {
-        return "inet_sock_set_state";
-    }
-    TCP_PROGRAMS
-        .iter()
-        .chain(TIMER_PROGRAMS.iter())
-        .find(|(_, btf)| *btf == prog)
-        .map_or("", |(classic, _)| classic)
 }
 
 /// How many times the kernel skipped a program because it was already running on that CPU
