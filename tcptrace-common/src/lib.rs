@@ -10,6 +10,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod connection;
+pub mod verdict;
+
 /// A TCP state, as the kernel numbers them (`include/net/tcp_states.h`): the one definition
 /// both sides use. The kernel side matches the numbers in [`state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -155,6 +158,12 @@ pub mod kind {
     /// A timewait timer fired (`timer:timer_expire_entry`): the 2MSL (or FIN_WAIT2) expiry.
     /// Only `skaddr`.
     pub const TW_EXPIRED: u8 = 7;
+    /// A connection ended: its whole life in one record of two slots, this one (the end
+    /// transition, as a [`TRANSITION`] record has it) and a
+    /// [`ConnectionTail`](super::connection::ConnectionTail) right after it.
+    pub const CONNECTION: u8 = 8;
+    /// The second slot of a [`CONNECTION`] record.
+    pub const CONNECTION_TAIL: u8 = 9;
 }
 
 /// `aux` of a [`kind::RESET_SENT`] event on kernels whose tracepoint has no reason field.
@@ -446,7 +455,18 @@ pub struct Config {
     /// Non-zero when the `tcp_send_reset` BTF tracepoint has its third argument, the
     /// kernel's `enum sk_rst_reason` (Linux 6.10 on).
     pub send_reset_reason: u32,
-    pub _pad1: u32,
+    /// Bits of [`records`]: what the programs write (0: transitions and resets, as always).
+    pub records: u32,
+}
+
+/// Bits of [`Config::records`].
+pub mod records {
+    /// Also write a connection record ([`kind::CONNECTION`](super::kind::CONNECTION)) at the
+    /// end of each connection (BTF programs only).
+    pub const CONNECTIONS: u32 = 1 << 0;
+    /// Write no transition records, and only the resets a connection record cannot hold
+    /// (sent with no socket, or after the end): for views that only read connections.
+    pub const NO_TRANSITIONS: u32 = 1 << 1;
 }
 
 impl Config {
@@ -644,6 +664,7 @@ mod user {
     unsafe impl aya::Pod for super::TimewaitOffsets {}
     unsafe impl aya::Pod for super::NsOffsets {}
     unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::connection::ConnectionTail {}
 }
 
 #[cfg(test)]

@@ -32,19 +32,37 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    driven_by_owner, filter_keeps, flag, kind, netns_keeps, socket_may_be_kept, state,
+    connection::{SockLife, ends_connection, is_birth},
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
+    socket_may_be_kept, state,
 };
 
 use crate::{
-    Addrs, CONFIG, COUNTER_SLOTS, LISTENERS, Owner, Record, Slot, SockInfo, V4_MAPPED_HIGH,
-    clear_owner, copy_owner, count, current_owner, emit, forgot, idle, listen_key, port_bits, put,
-    reset_record, tw_armed, tw_timer_report,
+    Addrs, CONFIG, COUNTER_SLOTS, LISTENERS, Owner, Record, Slot, V4_MAPPED_HIGH, clear_owner,
+    copy_owner, count, current_owner, emit, emit_connection, forgot, idle, listen_key, port_bits,
+    put, reset_record, tw_armed, tw_timer_report,
 };
+
+/// What tcptrace knows of a socket, kept with it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SkState {
+    /// Its life so far: times, path, evidence (the connection record's tail).
+    life: SockLife,
+    /// Its owner, learnt from its own system calls or its listener.
+    owner: Owner,
+    /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
+    flags: u32,
+    /// The socket's network namespace inode, read once (0: not read yet, or unknown).
+    netns: u32,
+    /// The socket's cgroup id, read with `netns` (a socket keeps both for life).
+    cgroup: u64,
+}
 
 /// What tcptrace knows of each socket, kept with the socket: zeroed at creation, freed with
 /// the socket.
 #[btf_map]
-static SK_STATE: SkStorage<SockInfo> = SkStorage::new();
+static SK_STATE: SkStorage<SkState> = SkStorage::new();
 
 /// The loader's configuration, behind a pointer the compiler cannot see through (so it does
 /// not fold the placeholder zeros), while the verifier reads every field as the constant the
@@ -75,7 +93,7 @@ unsafe fn field<T: Copy>(obj: *const u8, off: u16) -> T {
 /// # Safety
 /// `sk` must be a full socket handed to the program (a request socket maps to its listener).
 #[inline(always)]
-unsafe fn storage(sk: *const u8, create: bool, slot: Slot) -> *mut SockInfo {
+unsafe fn storage(sk: *const u8, create: bool, slot: Slot) -> *mut SkState {
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
@@ -90,7 +108,7 @@ unsafe fn storage(sk: *const u8, create: bool, slot: Slot) -> *mut SockInfo {
             flags,
         )
     }
-    .cast::<SockInfo>();
+    .cast::<SkState>();
     if create && st.is_null() {
         forgot(slot);
     }
@@ -317,14 +335,6 @@ fn transition(ctx: &BtfTracePointContext, slot: Slot) {
     unsafe { set_state(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8, slot) };
 }
 
-/// A socket's first transition, after which nothing earlier in its storage applies: a new
-/// connect or listen on a socket that was closed, or a child created by its listener.
-#[inline(always)]
-fn birth(old: u8, new: u8) -> bool {
-    (old == state::CLOSE && (new == state::SYN_SENT || new == state::LISTEN))
-        || (old == state::LISTEN && new == state::SYN_RECV)
-}
-
 /// The per-socket bookkeeping of one transition (before filtering, so durations stay right
 /// for sockets whose earlier transitions were filtered out), then the event if kept.
 ///
@@ -374,19 +384,30 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
             inherit_listener(owner, rec.netns, ends.sport);
         }
     }
-    let keep = filter_keeps(
-        cfg,
-        ends.family,
-        old,
-        new,
-        rec.flags,
-        ends.sport,
-        ends.dport,
-        port_bits,
-    );
+    // A listener's start and end are written whatever views read: no connection record
+    // holds them. Nor does the moment both FINs crossed, which the peer's verdict needs when
+    // it ends first (rare: a simultaneous close).
+    let crossing = old == state::FIN_WAIT1 && new == state::CLOSING;
+    let keep = (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing)
+        && filter_keeps(
+            cfg,
+            ends.family,
+            old,
+            new,
+            rec.flags,
+            ends.sport,
+            ends.dport,
+            port_bits,
+        );
+    // A connection's end, for views that read connections: the family and port filters
+    // apply (the states are the view's to select).
+    let connection = cfg.records & records::CONNECTIONS != 0
+        && !st.is_null()
+        && ends_connection(old, new)
+        && ports_keep(cfg, ends.sport, ends.dport, port_bits);
     // The namespace and cgroup are read once per socket, and only for what is kept (or a
     // listener coming or going, for its key).
-    let read_now = keep && rec.cgroup == 0;
+    let read_now = (keep || connection) && rec.cgroup == 0;
     // SAFETY: `sk` as required.
     unsafe {
         if (read_now || listener_change) && rec.netns == 0 {
@@ -404,23 +425,39 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
         // SAFETY: `owner` was filled by `life`.
         unsafe { listener(old, rec.netns, ends.sport, owner, slot) };
     }
-    if !keep || !netns_keeps(cfg, rec.netns) {
+    if !(keep || connection) || !netns_keeps(cfg, rec.netns) {
         return;
     }
     // SAFETY: `sk` as required.
     let addrs = unsafe { full_addrs(sk, &ends) };
-    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+    if keep {
+        emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+    }
+    if connection {
+        // SAFETY: `st` is the socket's storage (not null); `owner` is initialised.
+        unsafe {
+            emit_connection(
+                slot,
+                cfg.wakeup_bytes,
+                &rec,
+                &addrs,
+                owner,
+                addr_of!((*st).life),
+            );
+        }
+    }
 }
 
-/// Updates the socket's storage for a transition at `rec.ts` (a new life at a birth, the
-/// time in the state left, the owner when its own system call drives the transition) and
-/// fills `rec`'s duration, flags, namespace and cgroup from it. Returns where the owner is:
-/// in the storage, or in `spare` when the socket has none.
+/// Updates the socket's storage for a transition at `rec.ts` (its life: a new one at a
+/// birth, the time in the state left, the path and the evidence; the owner when its own
+/// system call drives the transition) and fills `rec`'s duration, flags, namespace and
+/// cgroup from it. Returns where the owner is: in the storage, or in `spare` when the socket
+/// has none.
 ///
 /// # Safety
 /// `st` is null or the socket's storage; `spare` is writable.
 #[inline(always)]
-unsafe fn life(st: *mut SockInfo, spare: *mut Owner, rec: &mut Record) -> *mut Owner {
+unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record) -> *mut Owner {
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
     if st.is_null() {
@@ -434,22 +471,20 @@ unsafe fn life(st: *mut SockInfo, spare: *mut Owner, rec: &mut Record) -> *mut O
         }
         return spare;
     }
-    // SAFETY: `st` is the socket's storage, which lives as long as the socket.
+    // SAFETY: `st` is the socket's storage, which lives as long as the socket; the socket
+    // is locked while it changes state, so no other program writes it meanwhile.
     unsafe {
         let owner = addr_of_mut!((*st).owner);
-        if birth(old, new) {
-            put(addr_of_mut!((*st).last_ts), 0);
+        if is_birth(old, new) {
             put(addr_of_mut!((*st).flags), 0);
             put(addr_of_mut!((*st).netns), 0);
             put(addr_of_mut!((*st).cgroup), 0);
             clear_owner(owner);
         }
-        let last = (*st).last_ts;
-        if last != 0 {
-            rec.in_from = rec.ts.wrapping_sub(last);
+        if let Some(d) = (*st).life.on_transition(rec.ts, old, new) {
+            rec.in_from = d;
             rec.flags |= flag::DURATION_KNOWN;
         }
-        put(addr_of_mut!((*st).last_ts), rec.ts);
         if driven {
             current_owner(owner);
         }
@@ -535,12 +570,16 @@ unsafe fn receive_reset(sk: *const u8) {
                 addr_of_mut!((*st).flags),
                 (*st).flags | flag::RESET_RECEIVED as u32,
             );
+            (*st).life.on_reset(true, None);
             owner = addr_of_mut!((*st).owner);
             (netns, cgroup) = ((*st).netns, (*st).cgroup);
         }
     }
-    // A received reset's state is not reported, so it never matches a state filter.
-    if !filter_keeps(cfg, ends.family, 0, 0, 0, ends.sport, ends.dport, port_bits) {
+    // A received reset's state is not reported, so it never matches a state filter; a
+    // connection record holds it.
+    if cfg.records & records::NO_TRANSITIONS != 0
+        || !filter_keeps(cfg, ends.family, 0, 0, 0, ends.sport, ends.dport, port_bits)
+    {
         return;
     }
     // SAFETY: `sk` as required.
@@ -617,28 +656,41 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     else {
         return;
     };
+    let full = !sk.is_null() && st != state::TIME_WAIT && st != state::NEW_SYN_RECV;
+    // SAFETY: `sk` is a full socket where `full`.
+    let storage = if full {
+        unsafe { storage(sk, false, Slot::ResetSent) }
+    } else {
+        null_mut()
+    };
+    if !storage.is_null() {
+        // Bookkept before any filter, like transitions: the connection record holds it.
+        let reason = (reason != NO_REASON).then_some(reason as u32);
+        // SAFETY: the socket's storage; the socket is locked while it sends a reset.
+        unsafe { (*storage).life.on_reset(false, reason) };
+    }
     if cfg.family != 0 && cfg.family != family {
+        return;
+    }
+    // Views that read connections need only the resets no record holds: with no socket (a
+    // refused connection), or after the end (an abortive close logs the transition first).
+    let unrecorded = sk.is_null() || st == state::CLOSE;
+    if cfg.records & records::NO_TRANSITIONS != 0 && !unrecorded {
         return;
     }
     // A reset counts as being in the socket's state for the state filter.
     if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
         return;
     }
-    let full = !sk.is_null() && st != state::TIME_WAIT && st != state::NEW_SYN_RECV;
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut owner = spare.as_mut_ptr();
     let (mut netns, mut cgroup) = (0, 0);
     // SAFETY: `sk` is a full socket where `full`; the storage is the socket's.
     unsafe {
         clear_owner(owner);
-        let st = if full {
-            storage(sk, false, Slot::ResetSent)
-        } else {
-            null_mut()
-        };
-        if !st.is_null() {
-            owner = addr_of_mut!((*st).owner);
-            (netns, cgroup) = ((*st).netns, (*st).cgroup);
+        if !storage.is_null() {
+            owner = addr_of_mut!((*storage).owner);
+            (netns, cgroup) = ((*storage).netns, (*storage).cgroup);
         }
         if netns == 0 && !sk.is_null() {
             netns = sock_netns(sk);

@@ -34,7 +34,9 @@ use aya_log_ebpf::error;
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, MAX_KERNEL_NETNS,
     NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, SockOffsets,
-    TimewaitOffsets, driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
+    TimewaitOffsets,
+    connection::{ConnectionRecord, STATES_LEFT, SockLife},
+    driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -119,7 +121,7 @@ static CONFIG: Config = Config {
         _pad: 0,
     },
     send_reset_reason: 0,
-    _pad1: 0,
+    records: 0,
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
@@ -1034,7 +1036,63 @@ fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owne
         count(&LOST, slot);
         return;
     };
-    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; `owner` is initialised.
+    unsafe { fill(entry.as_mut_ptr(), r, a, owner) };
+    entry.submit(wake_flags(wakeup_bytes, core::mem::size_of::<Event>()));
+}
+
+/// Writes a connection record (the end transition `r`, then `life`'s tail) into the ring
+/// buffer as one entry, or counts it lost in `slot`.
+///
+/// # Safety
+/// `owner` is initialised and `life` readable.
+#[inline(always)]
+unsafe fn emit_connection(
+    slot: Slot,
+    wakeup_bytes: u32,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectionRecord>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    let c = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe {
+        fill(addr_of_mut!((*c).head), r, a, owner);
+        put(addr_of_mut!((*c).head.kind), kind::CONNECTION);
+        let t = addr_of_mut!((*c).tail);
+        let mut i = 0;
+        while i < STATES_LEFT {
+            put(addr_of_mut!((*t).in_state_ns[i]), (*life).in_state_ns[i]);
+            i += 1;
+        }
+        put(addr_of_mut!((*t).entered), (*life).entered);
+        put(addr_of_mut!((*t).kind), kind::CONNECTION_TAIL);
+        put(addr_of_mut!((*t).first_from), (*life).first_from);
+        put(addr_of_mut!((*t).evidence), (*life).evidence);
+        put(addr_of_mut!((*t).flags), (*life).flags);
+        put(addr_of_mut!((*t)._pad), 0);
+        put(addr_of_mut!((*t).reset_reason), (*life).reset_reason);
+        put(addr_of_mut!((*t)._pad2), 0);
+        put(addr_of_mut!((*t).born_ns), (*life).born_ns);
+    }
+    entry.submit(wake_flags(
+        wakeup_bytes,
+        core::mem::size_of::<ConnectionRecord>(),
+    ));
+}
+
+/// Writes every field of one event.
+///
+/// # Safety
+/// `e` is writable and `owner` initialised.
+#[inline(always)]
+unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: *const Owner) {
+    // SAFETY: as required; every access is a separate volatile store (see `put`).
     unsafe {
         put(addr_of_mut!((*e).ts_ns), r.ts);
         put(addr_of_mut!((*e).skaddr), r.skaddr);
@@ -1083,24 +1141,29 @@ fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owne
         put(addr_of_mut!((*e)._pad2), 0);
         put(addr_of_mut!((*e).cgroup), r.cgroup);
     }
-    // Wake the reader once each time the unread data grows past another `wakeup_bytes`:
-    // not on every record while it is above (each wake-up is an interrupt — a self-IPI, a
-    // VM exit under a hypervisor — and a busy reader may take milliseconds to drain, during
-    // which every record would raise one). The reader's own tick covers a missed crossing.
+}
+
+/// Whether submitting a record of `size` bytes wakes the reader: once each time the unread
+/// data grows past another `wakeup_bytes`, not on every record while it is above (each
+/// wake-up is an interrupt — a self-IPI, a VM exit under a hypervisor — and a busy reader
+/// may take milliseconds to drain, during which every record would raise one). The reader's
+/// own tick covers a missed crossing.
+#[inline(always)]
+fn wake_flags(wakeup_bytes: u32, size: usize) -> u64 {
     let wake = if wakeup_bytes == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
         let w = wakeup_bytes as u64;
         // Unread bytes, this record (and its 8-byte header) included.
         let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-        let before = avail.saturating_sub(core::mem::size_of::<Event>() as u64 + 8);
+        let before = avail.saturating_sub(size as u64 + 8);
         if avail / w != before / w {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
         }
     };
-    entry.submit(wake as u64);
+    wake as u64
 }
 
 trait CtxPtr {

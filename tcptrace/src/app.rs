@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use tcptrace_common::records;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -24,7 +25,7 @@ use crate::{
     output::{Renderer, Style, local_utc_offset_secs},
     population::Population,
     probe::{Probe, ProbeConfig, wall_offset_ns},
-    record::{Reader, Writer},
+    record::{Reader, Writer, header_flag},
     report::Report,
     view::{Flow, Stream, View},
 };
@@ -68,9 +69,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = cli.common.filter.filter();
             let format = cli.common.output.format();
             let names = cgroup_names(&cli.common.source, &filter);
-            drive(&filter, &cli.common.source, |wall, timers| {
+            drive(&filter, &cli.common.source, Reads::Transitions, |facts| {
                 let style = Style {
-                    wall_offset_ns: wall,
+                    wall_offset_ns: facts.wall_offset_ns,
                     utc_offset_secs: local_utc_offset_secs(),
                     color,
                     addr_width: Style::addr_width_for(filter.family),
@@ -86,7 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         cli.count,
                     )
                     .max_sockets(cli.common.source.max_sockets)
-                    .timers(timers),
+                    .timers(facts.timers),
                 ))
             })
         }
@@ -99,12 +100,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&whole, &a.common.source, |wall, timers| {
+            drive(&whole, &a.common.source, Reads::Connections, |facts| {
                 let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
-                    Report::new(whole, mask, out, format, wall, interval)
+                    Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
+                        .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
-                        .timers(timers),
+                        .timers(facts.timers),
                 ))
             })
         }
@@ -114,12 +116,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let interval = a.interval.as_nanos() as u64;
             let live = a.common.source.from.is_none();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, |wall, timers| {
-                if !timers {
+            drive(&filter, &a.common.source, Reads::Connections, |facts| {
+                if !facts.timers {
                     log::warn!("timewait timers are not traced: the population only grows");
                 }
                 let compiled = filter.compile().with_cgroups(names);
+                let (wall, timers) = (facts.wall_offset_ns, facts.timers);
                 let view = Population::new(compiled, out, format, wall, interval, timers)
+                    .records(facts.records)
                     .max_sockets(a.common.source.max_sockets);
                 // Live, count the TIME_WAIT sockets that exist already (own namespace).
                 Ok(Box::new(if live {
@@ -139,12 +143,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, |_, timers| {
+            drive(&filter, &a.common.source, Reads::Connections, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
                 Ok(Box::new(
                     Hist::new(compiled, &filter.states, a.by, out, format)
+                        .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
-                        .timers(timers),
+                        .timers(facts.timers),
                 ))
             })
         }
@@ -180,12 +185,13 @@ fn serve(a: &ServeArgs) -> Result<()> {
         max_netns: a.max_netns_labels,
     };
     let names = cgroup_names(&a.source, &filter);
-    drive(&filter, &a.source, |_, timers| {
+    drive(&filter, &a.source, Reads::Connections, |facts| {
         let mut registry = prometheus_client::registry::Registry::default();
         let compiled = filter.compile().with_cgroups(names);
         let mut view = Metrics::new(compiled, labels, &mut registry)
+            .records(facts.records)
             .max_sockets(a.source.max_sockets)
-            .timers(timers);
+            .timers(facts.timers);
         if a.source.from.is_none() {
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
@@ -256,26 +262,56 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
 /// with `filter`'s kernel part.
 /// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
+/// What a view is told of its source.
+#[derive(Clone, Copy, Debug)]
+struct Facts {
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC of the traced host.
+    wall_offset_ns: i64,
+    /// Timewait sockets' timers are traced.
+    timers: bool,
+    /// Connection records come (the view reads connections from them).
+    records: bool,
+}
+
+/// What a view reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reads {
+    /// Every transition and reset (the stream).
+    Transitions,
+    /// Whole connections, and the timewait sockets' timers (every aggregating view).
+    Connections,
+}
+
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
-    make_view: impl FnOnce(i64, bool) -> Result<Box<dyn View + 'a>>,
+    reads: Reads,
+    make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
 ) -> Result<()> {
     if let Some(path) = &source.from {
         let mut reader = open_recording(path)?;
         let h = *reader.header();
-        let mut view = make_view(
-            h.wall_offset_ns,
-            h.flags & crate::record::header_flag::TIMERS_TRACED != 0,
-        )?;
+        let mut view = make_view(Facts {
+            wall_offset_ns: h.wall_offset_ns,
+            timers: h.flags & header_flag::TIMERS_TRACED != 0,
+            records: h.flags & header_flag::CONNECTIONS != 0,
+        })?;
         return replay(&mut reader, view.as_mut())
             .with_context(|| format!("replaying {}", path.display()));
     }
     let (kernel, ports) = filter.kernel();
+    // A recording holds transitions and connection records both, so it replays through
+    // every view; otherwise the kernel writes only what the view reads.
+    let records = match (reads, source.record.is_some()) {
+        (_, true) => records::CONNECTIONS,
+        (Reads::Transitions, false) => 0,
+        (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
+    };
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
             wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
             idle: source.idle_probes.into(),
+            records,
             ..kernel
         },
         ports,
@@ -289,22 +325,29 @@ fn drive<'a>(
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
-    let wall = wall_offset_ns();
-    let timers = probe.timewait_traced();
-    let flags = if timers {
-        crate::record::header_flag::TIMERS_TRACED
+    let facts = Facts {
+        wall_offset_ns: wall_offset_ns(),
+        timers: probe.timewait_traced(),
+        records: probe.connection_records(),
+    };
+    let flags = (if facts.timers {
+        header_flag::TIMERS_TRACED
     } else {
         0
-    };
+    }) | (if facts.records {
+        header_flag::CONNECTIONS
+    } else {
+        0
+    });
     let recorder = match &source.record {
         Some(path) => Some(
             File::create(path)
-                .and_then(|f| Writer::new(f, wall, flags))
+                .and_then(|f| Writer::new(f, facts.wall_offset_ns, flags))
                 .with_context(|| format!("cannot write the recording {}", path.display()))?,
         ),
         None => None,
     };
-    let mut view = make_view(wall, timers)?;
+    let mut view = make_view(facts)?;
     live(probe, recorder, view.as_mut(), source.duration)
 }
 
@@ -373,7 +416,7 @@ pub fn live(
         .build()
         .context("starting the event loop")?;
     let mut batch: Vec<RawEvent> = Vec::with_capacity(16 << 10);
-    let (mut transitions, mut others, mut lost) = (0u64, 0u64, 0u64);
+    let (mut transitions, mut connections, mut others, mut lost) = (0u64, 0u64, 0u64, 0u64);
     let mut feed = |probe: &mut Probe, view: &mut dyn View, last: bool| -> Result<Flow> {
         batch.clear();
         let n = if last {
@@ -388,6 +431,8 @@ pub fn live(
             match raw.kind {
                 tcptrace_common::kind::LOST => lost += raw.aux,
                 tcptrace_common::kind::TRANSITION => transitions += 1,
+                tcptrace_common::kind::CONNECTION => connections += 1,
+                tcptrace_common::kind::CONNECTION_TAIL => {}
                 _ => others += 1,
             }
         }
@@ -454,8 +499,13 @@ pub fn live(
     // Not eprintln!: a closed stderr must not turn a clean end into a panic.
     let _ = writeln!(
         io::stderr(),
-        "tcptrace: {transitions} transitions and {others} other events read, {lost} lost \
+        "tcptrace: {transitions} transitions{} and {others} other events read, {lost} lost \
          (ring buffer full or nested in the kernel), {} sockets evicted (--max-sockets){}{}",
+        if connections > 0 {
+            format!(", {connections} connection records")
+        } else {
+            String::new()
+        },
         view.evicted(),
         if forgotten > 0 {
             format!(

@@ -6,7 +6,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tcptrace_common::{self as common, AF_INET, AF_INET6, flag, kind};
+use tcptrace_common::{
+    self as common, AF_INET, AF_INET6, connection::ConnectionTail, flag, kind, verdict::Evidence,
+};
 
 /// The raw record shared with the kernel (re-exported for sources and tests).
 pub use tcptrace_common::Event as RawEvent;
@@ -190,6 +192,12 @@ pub enum Event {
     Transition(Transition),
     /// A reset.
     Reset(Reset),
+    /// A connection's end, with its whole life (assembled by the
+    /// [`Pipeline`](crate::pipeline::Pipeline) from the record's two slots).
+    Connection(Connection),
+    /// One slot of a connection record, on its own: what [`decode`] makes of each (the
+    /// pipeline joins them into an [`Event::Connection`]; views never see these).
+    Part(Part),
     /// Events the kernel could not deliver (ring buffer full) since the previous report.
     Lost {
         /// CLOCK_MONOTONIC nanoseconds when the loss was noticed.
@@ -207,7 +215,89 @@ impl Event {
             Event::Reset(r) => r.ts_ns,
             Event::Timer(t) => t.ts_ns,
             Event::Lost { ts_ns, .. } => *ts_ns,
+            Event::Connection(c) => c.end.ts_ns,
+            Event::Part(Part::Head(t)) => t.ts_ns,
+            Event::Part(Part::Tail(_)) => 0,
         }
+    }
+}
+
+/// One connection's whole life, from its connection record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The transition that ended it, with its endpoints, owner, namespace and cgroup.
+    pub end: Transition,
+    /// Its evidence, the time it spent in each state, its birth.
+    pub tail: ConnectionTail,
+}
+
+/// A slot of a connection record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The first: the end transition.
+    Head(Transition),
+    /// The second.
+    Tail(ConnectionTail),
+}
+
+impl Connection {
+    /// The socket's evidence.
+    pub fn evidence(&self) -> Evidence {
+        Evidence(self.tail.evidence)
+    }
+
+    /// When the socket was born, if that was seen.
+    pub fn born_ns(&self) -> Option<u64> {
+        (self.tail.born_ns != 0).then_some(self.tail.born_ns)
+    }
+
+    /// Bit `1 << state` for every state the socket was seen in, as a
+    /// [`Close`](crate::track::Close) has it.
+    pub fn states(&self) -> u16 {
+        let mut bits = 0u16;
+        self.transitions(|t| bits |= 1 << t.from as u16 | 1 << t.to as u16);
+        bits
+    }
+
+    /// Its transitions, rebuilt from the record (see [`tcptrace_common::connection::path`]),
+    /// each with the time spent in the state it left when known: what a view that counts
+    /// transitions or times states needs.
+    pub fn transitions(&self, mut each: impl FnMut(&Transition)) {
+        let end = &self.end;
+        let raw_to = if end.to == State::TimeWait {
+            State::Close as u8
+        } else {
+            end.to as u8
+        };
+        tcptrace_common::connection::path(
+            self.tail.first_from,
+            self.tail.entered,
+            end.from as u8,
+            raw_to,
+            |from, to| {
+                let (Some(from), Some(_)) = (State::from_kernel(from), State::from_kernel(to))
+                else {
+                    return;
+                };
+                if from == end.from {
+                    each(end);
+                    return;
+                }
+                let to = State::from_kernel(to).unwrap_or(State::Close);
+                let in_from_ns = self
+                    .tail
+                    .in_state_ns
+                    .get(from as usize - 1)
+                    .copied()
+                    .filter(|d| *d != 0);
+                each(&Transition {
+                    from,
+                    to,
+                    in_from_ns,
+                    ..*end
+                });
+            },
+        );
     }
 }
 
@@ -244,10 +334,11 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     match raw.kind {
         kind::TW_CANCELLED => return timer(TimerOp::Cancelled),
         kind::TW_EXPIRED => return timer(TimerOp::Expired),
+        kind::CONNECTION_TAIL => return decode_tail(raw),
         _ => {}
     }
     let direction = match raw.kind {
-        kind::TRANSITION | kind::TW_ARMED => None,
+        kind::TRANSITION | kind::TW_ARMED | kind::CONNECTION => None,
         kind::RESET_SENT => Some(Direction::Sent),
         kind::RESET_RECEIVED => Some(Direction::Received),
         kind::LOST => {
@@ -312,7 +403,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         raw.flags,
     ))
     .ok_or(DecodeError::State(raw.newstate))?;
-    Ok(Event::Transition(Transition {
+    let t = Transition {
         ts_ns: raw.ts_ns,
         skaddr: raw.skaddr,
         local,
@@ -324,7 +415,28 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         mptcp: raw.flags & flag::MPTCP != 0,
         netns,
         cgroup,
-    }))
+    };
+    Ok(if raw.kind == kind::CONNECTION {
+        Event::Part(Part::Head(t))
+    } else {
+        Event::Transition(t)
+    })
+}
+
+/// The second slot of a connection record, checked.
+fn decode_tail(raw: &RawEvent) -> Result<Event, DecodeError> {
+    let tail: ConnectionTail = bytemuck::cast(*raw);
+    if tail.first_from != 0 {
+        State::from_kernel(tail.first_from).ok_or(DecodeError::State(tail.first_from))?;
+    }
+    Ok(Event::Part(Part::Tail(tail)))
+}
+
+/// Encodes a connection record's two slots (for tests and fakes).
+pub fn encode_connection(end: &Transition, tail: &ConnectionTail) -> [RawEvent; 2] {
+    let mut head = encode(end);
+    head.kind = kind::CONNECTION;
+    [head, bytemuck::cast(*tail)]
 }
 
 /// An IPv4 address from the tracepoint's 16-byte field: the kernel stores it v4-mapped

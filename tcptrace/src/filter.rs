@@ -172,8 +172,21 @@ impl CompiledFilter {
         if !netns_keeps(&self.kernel, raw.netns) {
             return false;
         }
+        // A connection record is kept whatever its states (the view selects them), and its
+        // second slot with its first.
+        let states_apply = raw.kind != kind::CONNECTION;
+        let stateless;
+        let cfg = if states_apply {
+            &self.kernel
+        } else {
+            stateless = tcptrace_common::Config {
+                state_mask: 0,
+                ..self.kernel
+            };
+            &stateless
+        };
         filter_keeps(
-            &self.kernel,
+            cfg,
             raw.family,
             raw.oldstate,
             raw.newstate,

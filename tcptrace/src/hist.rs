@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
-    event::{Event, RawEvent, State},
+    event::{RawEvent, State},
     filter::CompiledFilter,
     output::{Format, human_ns},
     pipeline::Pipeline,
@@ -104,7 +104,7 @@ impl<W: Write> Hist<W> {
         } else {
             states.to_vec()
         };
-        let pipe = Pipeline::new(filter);
+        let pipe = Pipeline::new(filter).with_steps();
         let pipe = if by == By::Port {
             pipe.tracking()
         } else {
@@ -132,10 +132,40 @@ impl<W: Write> Hist<W> {
         self
     }
 
+    /// Whether the source carries connection records (the view then reads connections from
+    /// them, not from transitions).
+    pub fn records(mut self, yes: bool) -> Self {
+        self.pipe = self.pipe.from_records(yes);
+        self
+    }
+
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
         self.pipe = self.pipe.max_sockets(n);
         self
+    }
+
+    /// Records the time spent in each state left, from the transitions folded.
+    fn record_steps(&mut self) {
+        let mut steps = std::mem::take(&mut self.pipe.steps);
+        for (t, role) in steps.drain(..) {
+            let Some(d) = t.in_from_ns else { continue };
+            if !self.states.contains(&t.from) || !self.pipe.filter().keeps(&t) {
+                continue;
+            }
+            let port = match self.by {
+                By::State => None,
+                By::Port => Some(service_port(role, t.local, t.remote)),
+            };
+            // Three significant digits, auto-resizing: `record` grows the range (the
+            // saturating variant would clamp to it).
+            let h = self
+                .hists
+                .entry((t.from, port))
+                .or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"));
+            let _ = h.record(d);
+        }
+        self.pipe.steps = steps;
     }
 
     /// The writer (for tests).
@@ -243,31 +273,8 @@ impl<W: Write> View for Hist<W> {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
-            if let Event::Transition(t) = &ev
-                && let Some(d) = t.in_from_ns
-                && self.states.contains(&t.from)
-                && self.pipe.filter().keeps(t)
-            {
-                let port = match self.by {
-                    By::State => None,
-                    By::Port => {
-                        let role = self
-                            .pipe
-                            .tracker()
-                            .and_then(|tr| tr.role(t.skaddr))
-                            .unwrap_or(crate::track::Role::Unknown);
-                        Some(service_port(role, t.local, t.remote))
-                    }
-                };
-                // Three significant digits, auto-resizing: `record` grows the range (the
-                // saturating variant would clamp to it).
-                let h = self
-                    .hists
-                    .entry((t.from, port))
-                    .or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"));
-                let _ = h.record(d);
-            }
             self.pipe.fold(&ev);
+            self.record_steps();
             self.note_timewait_ports();
             self.record_exits();
         }

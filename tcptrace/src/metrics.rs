@@ -375,7 +375,10 @@ impl Metrics {
         let families = Families::new();
         families.register(registry.sub_registry_with_prefix("tcptrace"));
         Metrics {
-            pipe: Pipeline::new(filter).tracking().timewaits(false),
+            pipe: Pipeline::new(filter)
+                .tracking()
+                .timewaits(false)
+                .with_steps(),
             families,
             labels: Labeller {
                 policy: labels.ports,
@@ -408,10 +411,56 @@ impl Metrics {
         self
     }
 
+    /// Whether the source carries connection records (the view then reads connections from
+    /// them, not from transitions).
+    pub fn records(mut self, yes: bool) -> Self {
+        self.pipe = self.pipe.from_records(yes);
+        self
+    }
+
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
         self.pipe = self.pipe.max_sockets(n);
         self
+    }
+
+    /// Counts the transitions folded, and times the states they left.
+    fn tally_steps(&mut self) {
+        let mut steps = std::mem::take(&mut self.pipe.steps);
+        for (t, _) in steps.drain(..) {
+            if !self.pipe.filter().keeps(&t) {
+                continue;
+            }
+            if t.from == State::Listen || t.to == State::Listen {
+                // A listener (or a connection accepted from one): its port is a service of
+                // this host.
+                self.labels.port(t.local.port(), true);
+            }
+            let netns = self.labels.netns(t.netns);
+            let families = &self.families;
+            self.hot_transitions
+                .entry((t.from, t.to, netns))
+                .or_insert_with(|| {
+                    families.transitions.get_or_create_owned(&TransitionLabels {
+                        from: t.from.name(),
+                        to: t.to.name(),
+                        netns,
+                    })
+                })
+                .inc();
+            if let Some(d) = t.in_from_ns {
+                self.hot_durations
+                    .entry((t.from, netns))
+                    .or_insert_with(|| {
+                        families.durations.get_or_create_owned(&StateLabels {
+                            state: t.from.name(),
+                            netns,
+                        })
+                    })
+                    .observe(d as f64 / 1e9);
+            }
+        }
+        self.pipe.steps = steps;
     }
 
     fn tally_closes(&mut self) {
@@ -528,36 +577,6 @@ impl View for Metrics {
                 Event::Lost { count, .. } => {
                     self.families.lost.inc_by(*count);
                 }
-                Event::Transition(t) if self.pipe.filter().keeps(t) => {
-                    if t.from == State::Listen || t.to == State::Listen {
-                        // A listener (or a connection accepted from one): its port is a
-                        // service of this host.
-                        self.labels.port(t.local.port(), true);
-                    }
-                    let netns = self.labels.netns(t.netns);
-                    let families = &self.families;
-                    self.hot_transitions
-                        .entry((t.from, t.to, netns))
-                        .or_insert_with(|| {
-                            families.transitions.get_or_create_owned(&TransitionLabels {
-                                from: t.from.name(),
-                                to: t.to.name(),
-                                netns,
-                            })
-                        })
-                        .inc();
-                    if let Some(d) = t.in_from_ns {
-                        self.hot_durations
-                            .entry((t.from, netns))
-                            .or_insert_with(|| {
-                                families.durations.get_or_create_owned(&StateLabels {
-                                    state: t.from.name(),
-                                    netns,
-                                })
-                            })
-                            .observe(d as f64 / 1e9);
-                    }
-                }
                 // A SYN for a port nothing listens on: this host refused a connection.
                 Event::Reset(r)
                     if r.skaddr.is_none()
@@ -580,6 +599,7 @@ impl View for Metrics {
                 _ => {}
             }
             self.pipe.fold(&ev);
+            self.tally_steps();
             self.tally_closes();
             self.tally_exits();
         }

@@ -1,13 +1,20 @@
 //! The one path every view's events take: kernel-side filter (for recordings made without
-//! it) → decode → fold into connection lifecycles ([`Tracker`]: closes) and timewait sockets
-//! ([`Timewaits`]: exits). Views hold a [`Pipeline`], act on each event it decodes, then let it
-//! fold the event, and read the closes and exits it concluded.
+//! it) → decode (joining a connection record's two slots) → fold into connection lifecycles
+//! ([`Tracker`]: closes) and timewait sockets ([`Timewaits`]: exits). Views hold a
+//! [`Pipeline`], act on each event it decodes, then let it fold the event, and read the
+//! closes, exits and steps it concluded.
+//!
+//! Connections come either as transitions, folded here, or — from kernels that write them —
+//! as connection records, each a whole life ([`Pipeline::from_records`]): the closes, and
+//! the transitions rebuilt from them ([`Pipeline::steps`]), are the same either way.
+
+use tcptrace_common::kind;
 
 use crate::{
-    event::{Event, RawEvent, decode},
+    event::{Event, Part, RawEvent, State, Transition, decode},
     filter::CompiledFilter,
     timewait::{Exit, Timewaits},
-    track::{Close, DEFAULT_CAP, Tracker},
+    track::{Close, DEFAULT_CAP, Role, Tracker},
 };
 
 /// Decode, filter, track and timewait, once.
@@ -19,6 +26,16 @@ pub struct Pipeline {
     /// The most sockets, and timewait sockets, followed at once.
     cap: usize,
     undecodable: u64,
+    /// Connections come as records, not transitions.
+    records: bool,
+    /// The first slot of a connection record, waiting for its second: `Some(None)` when
+    /// the filter dropped it (the second goes with it).
+    head: Option<Option<Transition>>,
+    /// Whether [`Pipeline::steps`] is filled.
+    keep_steps: bool,
+    /// Transitions folded and not yet taken by the view, each with its socket's role:
+    /// decoded ones, or those rebuilt from a connection record.
+    pub steps: Vec<(Transition, Role)>,
     /// Closes concluded and not yet taken by the view.
     pub closes: Vec<Close>,
     /// Timewait ends concluded and not yet taken by the view.
@@ -34,6 +51,10 @@ impl Pipeline {
             timewaits: None,
             cap: DEFAULT_CAP,
             undecodable: 0,
+            records: false,
+            head: None,
+            keep_steps: false,
+            steps: Vec::new(),
             closes: Vec::new(),
             exits: Vec::new(),
         }
@@ -41,7 +62,26 @@ impl Pipeline {
 
     /// Also follows each socket's life and classifies its close.
     pub fn tracking(mut self) -> Pipeline {
-        self.tracker = Some(Tracker::new(self.cap));
+        self.tracker = Some(Tracker::new(self.cap).from_records(self.records));
+        self
+    }
+
+    /// Takes connections from their records (`yes`: the source has them) instead of
+    /// following their transitions.
+    pub fn from_records(mut self, yes: bool) -> Pipeline {
+        self.records = yes;
+        self.tracker = self.tracker.take().map(|t| t.from_records(yes));
+        self
+    }
+
+    /// Whether connections come from their records.
+    pub fn uses_records(&self) -> bool {
+        self.records
+    }
+
+    /// Also lists every transition folded in [`Pipeline::steps`].
+    pub fn with_steps(mut self) -> Pipeline {
+        self.keep_steps = true;
         self
     }
 
@@ -61,7 +101,7 @@ impl Pipeline {
     pub fn max_sockets(mut self, n: usize) -> Pipeline {
         self.cap = n;
         if self.tracker.is_some() {
-            self.tracker = Some(Tracker::new(n));
+            self.tracker = Some(Tracker::new(n).from_records(self.records));
         }
         self.timewaits = self.timewaits.take().map(|t| t.with_cap(n));
         self
@@ -85,10 +125,20 @@ impl Pipeline {
     /// The event in `raw`, when the filter's kernel part keeps it (a recording holds what
     /// the kernel kept for its own run) and it decodes (counted otherwise).
     pub fn decode(&mut self, raw: &RawEvent) -> Option<Event> {
+        if raw.kind == kind::CONNECTION_TAIL {
+            return self.join_tail(raw);
+        }
         if !self.filter.kernel_keeps(raw) {
+            if raw.kind == kind::CONNECTION {
+                self.take_head(None);
+            }
             return None;
         }
         match decode(raw) {
+            Ok(Event::Part(Part::Head(t))) => {
+                self.take_head(Some(t));
+                None
+            }
             Ok(ev) => Some(ev),
             Err(_) => {
                 self.undecodable += 1;
@@ -97,13 +147,73 @@ impl Pipeline {
         }
     }
 
+    /// Keeps a connection record's first slot (None: filtered out) for its second.
+    fn take_head(&mut self, head: Option<Transition>) {
+        // A first slot whose second never came is counted once the next one shows.
+        if self.head.replace(head).is_some() {
+            self.undecodable += 1;
+        }
+    }
+
+    /// A connection record's second slot, joined to its first.
+    fn join_tail(&mut self, raw: &RawEvent) -> Option<Event> {
+        let (head, tail) = (self.head.take(), decode(raw));
+        match (head, tail) {
+            (Some(Some(end)), Ok(Event::Part(Part::Tail(tail)))) => {
+                Some(Event::Connection(crate::event::Connection { end, tail }))
+            }
+            // Its first slot was filtered out.
+            (Some(None), Ok(_)) => None,
+            _ => {
+                self.undecodable += 1;
+                None
+            }
+        }
+    }
+
     /// Folds a decoded event into the lifecycles and timewait sockets followed.
     pub fn fold(&mut self, ev: &Event) {
+        if self.keep_steps {
+            self.note_steps(ev);
+        }
         if let Some(tr) = &mut self.tracker {
             tr.observe(ev, &mut self.closes);
         }
         if let Some(tw) = &mut self.timewaits {
-            tw.observe(ev, &mut self.exits);
+            match ev {
+                // A timewait socket's entry and the handshake of a connection that may take
+                // its 4-tuple, from the connection's rebuilt transitions.
+                Event::Connection(c) if self.records => {
+                    c.transitions(|t| tw.observe(&Event::Transition(*t), &mut self.exits));
+                }
+                Event::Transition(_) if self.records => {}
+                _ => tw.observe(ev, &mut self.exits),
+            }
+        }
+    }
+
+    /// Lists the transitions `ev` stands for, from the source that carries connections.
+    fn note_steps(&mut self, ev: &Event) {
+        match ev {
+            Event::Transition(t) if !self.records => {
+                let role = self
+                    .tracker
+                    .as_ref()
+                    .and_then(|tr| tr.role(t.skaddr))
+                    .unwrap_or(Role::Unknown);
+                self.steps.push((*t, role));
+            }
+            Event::Connection(c) if self.records => {
+                let role = c.evidence().role();
+                c.transitions(|t| self.steps.push((*t, role)));
+            }
+            // A listener's start and end come as transitions: they are no connection's.
+            Event::Transition(t)
+                if t.to == State::Listen || t.from == State::Listen && t.to == State::Close =>
+            {
+                self.steps.push((*t, Role::Unknown));
+            }
+            _ => {}
         }
     }
 

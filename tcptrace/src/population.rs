@@ -142,6 +142,13 @@ impl<W: Write> Population<W> {
         }
     }
 
+    /// Whether the source carries connection records (the view then reads the entries into
+    /// TIME_WAIT from them, not from transitions).
+    pub fn records(mut self, yes: bool) -> Self {
+        self.pipe = self.pipe.from_records(yes);
+        self
+    }
+
     /// Follows at most `n` timewait sockets at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
         self.pipe = self.pipe.max_sockets(n);

@@ -20,7 +20,7 @@ use aya::{
 };
 use tcptrace_common::{
     ABSENT, Config, EVENT_SIZE, INET_SPAN_BYTES, NsOffsets, ReceiveResetOffsets, SendResetOffsets,
-    SetStateOffsets, SockOffsets, TimewaitOffsets,
+    SetStateOffsets, SockOffsets, TimewaitOffsets, records,
 };
 
 use crate::{
@@ -164,6 +164,8 @@ pub struct Probe {
     timer_progs: Vec<RawFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     timewait_traced: bool,
+    /// The kernel writes connection records.
+    connections: bool,
     side: KernelSide,
     // Keeps the program and its link alive; declared last so it is dropped last.
     _ebpf: Ebpf,
@@ -243,12 +245,17 @@ impl Probe {
         let tcp = TCP_PROGRAMS.map(|(_, btf)| btf);
         let timers = TIMER_PROGRAMS.map(|(_, btf)| btf);
         let names = if timewait_traced { &timers[..] } else { &[] };
-        Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())
+        let mut probe =
+            Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())?;
+        probe.connections = kcfg.records & records::CONNECTIONS != 0;
+        Ok(probe)
     }
 
     /// The classic tracepoint programs: what kernels without BTF (or without socket storage
     /// for tracing programs) take.
     fn start_classic(cfg: &ProbeConfig, mut kcfg: Config) -> Result<Probe, ProbeError> {
+        // The classic programs write every transition and reset, and no connection record.
+        kcfg.records = 0;
         let format_path = tracepoint_format("sock", "inet_sock_set_state")?;
         let text = fs::read_to_string(&format_path)
             .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
@@ -348,6 +355,7 @@ impl Probe {
             timer_progs,
             logger,
             timewait_traced: !timers.is_empty(),
+            connections: false,
             side,
             _ebpf: ebpf,
         })
@@ -356,6 +364,12 @@ impl Probe {
     /// Which set of kernel programs this probe runs.
     pub fn kernel_side(&self) -> KernelSide {
         self.side
+    }
+
+    /// Whether the kernel writes a connection record at each connection's end (the BTF
+    /// programs, when asked).
+    pub fn connection_records(&self) -> bool {
+        self.connections
     }
 
     /// Whether timewait sockets' timers are traced (TIME_WAIT exits and residency).
@@ -383,8 +397,11 @@ impl Probe {
     fn drain_checking(&mut self, out: &mut Vec<RawEvent>, force: bool) -> usize {
         let before = out.len();
         while let Some(item) = self.ring.next() {
-            if let Ok(ev) = bytemuck::try_pod_read_unaligned::<RawEvent>(&item[..]) {
-                out.push(ev);
+            // One record, or a connection record's two slots.
+            for slot in item.chunks_exact(EVENT_SIZE) {
+                if let Ok(ev) = bytemuck::try_pod_read_unaligned::<RawEvent>(slot) {
+                    out.push(ev);
+                }
             }
         }
         if let Some(logger) = &mut self.logger {

@@ -1,9 +1,13 @@
 //! Recordings: the raw event stream in a file, replayable through every view without root.
 //!
-//! Layout (little-endian), format 2: a 48-byte [`Header`] — magic `TCPTRACE`, format
+//! Layout (little-endian), format 3: a 48-byte [`Header`] — magic `TCPTRACE`, format
 //! version, event size, the wall-clock offset of the recording host's monotonic clock,
 //! flags, the recording host's boot id — then fixed-size 112-byte [`RawEvent`] records
-//! exactly as the kernel wrote them (plus the lost-events records userspace adds).
+//! exactly as the kernel wrote them (plus the lost-events records userspace adds). A
+//! connection record takes two consecutive records (kinds `CONNECTION` and
+//! `CONNECTION_TAIL`); the header's [`header_flag::CONNECTIONS`] says they are there.
+//!
+//! Format 2 is format 3 without connection records: the same layout, read the same way.
 //!
 //! Format 1 (tcptrace before network namespaces and cgroups) is still read: a 32-byte
 //! header (no boot id) and 96-byte records, the first 96 bytes of today's layout; its events
@@ -19,8 +23,8 @@ use crate::event::{RawEvent, decode};
 
 /// The first 8 bytes of every recording.
 pub const MAGIC: [u8; 8] = *b"TCPTRACE";
-/// The format version this build writes (it reads 1 and 2).
-pub const VERSION: u32 = 2;
+/// The format version this build writes (it reads 1 to 3).
+pub const VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -49,6 +53,9 @@ pub mod header_flag {
     /// The timewait sockets' timers were traced: TIME_WAIT exits are in the recording, and an
     /// entry without one means no timewait socket was created.
     pub const TIMERS_TRACED: u64 = 1 << 0;
+    /// The kernel wrote a connection record at each connection's end (beside the
+    /// transitions): views that fold connections read those.
+    pub const CONNECTIONS: u64 = 1 << 1;
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<Header>();
@@ -167,7 +174,7 @@ impl<R: Read> Reader<R> {
         let version = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
         let (header_size, event_size) = match version {
             1 => (HEADER_SIZE_V1, EVENT_SIZE_V1),
-            VERSION => (HEADER_SIZE, EVENT_SIZE),
+            2 | VERSION => (HEADER_SIZE, EVENT_SIZE),
             found => return Err(RecordError::Version { found }),
         };
         let more = read_full(&mut input, &mut raw[HEADER_SIZE_V1..header_size])?;
@@ -314,7 +321,7 @@ mod tests {
     fn the_header_carries_this_hosts_boot_id() {
         let bytes = recording(&[]);
         let h = *Reader::new(&bytes[..]).unwrap().header();
-        assert_eq!((h.version, h.event_size), (2, 112));
+        assert_eq!((h.version, h.event_size), (VERSION, 112));
         assert_eq!(h.boot_id, boot_id());
         assert_eq!(
             parse_boot_id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n"),
@@ -393,11 +400,15 @@ mod tests {
             read_all(b"hello world"),
             Err(RecordError::NotARecording)
         ));
-        let mut v3 = bytes.clone();
-        v3[8] = 3;
-        let err = read_all(&v3).unwrap_err();
-        assert!(matches!(err, RecordError::Version { found: 3 }));
-        assert!(err.to_string().contains("reads versions 1 to 2"), "{err}");
+        let mut v4 = bytes.clone();
+        v4[8] = 4;
+        let err = read_all(&v4).unwrap_err();
+        assert!(matches!(err, RecordError::Version { found: 4 }));
+        assert!(err.to_string().contains("reads versions 1 to 3"), "{err}");
+        // Format 2 is format 3 without connection records.
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert_eq!(read_all(&v2).unwrap(), events);
         let mut v0 = bytes.clone();
         v0[8] = 0;
         assert!(matches!(
@@ -416,7 +427,7 @@ mod tests {
             read_all(&small),
             Err(RecordError::EventSize {
                 found: 96,
-                version: 2,
+                version: VERSION,
                 expected: 112
             })
         ));

@@ -295,6 +295,13 @@ impl<W: Write> Report<W> {
         self
     }
 
+    /// Whether the source carries connection records (the view then reads connections from
+    /// them, not from transitions).
+    pub fn records(mut self, yes: bool) -> Self {
+        self.pipe = self.pipe.from_records(yes);
+        self
+    }
+
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
         self.pipe = self.pipe.max_sockets(n);

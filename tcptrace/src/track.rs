@@ -23,90 +23,10 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use serde::Serialize;
+use tcptrace_common::verdict::{Evidence, Verdict, conclude};
+pub use tcptrace_common::verdict::{How, Initiator, Role};
 
-use crate::event::{Direction, Event, Owner, Reset, State, Transition};
-
-/// Who ended the connection first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Initiator {
-    /// This side: it sent the first FIN, or the reset that aborted the connection.
-    Local,
-    /// The peer: its FIN arrived first, its reset aborted the connection, or it refused it.
-    Remote,
-    /// Both FINs crossed.
-    Simultaneous,
-    /// No evidence.
-    Unknown,
-}
-
-/// How the connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum How {
-    /// An orderly close with FINs.
-    Fin,
-    /// This side sent a reset.
-    RstSent,
-    /// A reset arrived.
-    RstReceived,
-    /// The connect was refused (a reset in answer to the SYN).
-    Refused,
-    /// The kernel gave up (handshake, retransmission or keepalive timeout).
-    Timeout,
-    /// No evidence.
-    Unknown,
-}
-
-/// Which end of the connection this socket is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// It connected (`connect()`).
-    Client,
-    /// It was accepted from a listener.
-    Server,
-    /// First seen mid-life.
-    Unknown,
-}
-
-impl Initiator {
-    /// The name used in JSON and text.
-    pub fn name(self) -> &'static str {
-        match self {
-            Initiator::Local => "local",
-            Initiator::Remote => "remote",
-            Initiator::Simultaneous => "simultaneous",
-            Initiator::Unknown => "unknown",
-        }
-    }
-}
-
-impl How {
-    /// The name used in JSON and text.
-    pub fn name(self) -> &'static str {
-        match self {
-            How::Fin => "fin",
-            How::RstSent => "rst_sent",
-            How::RstReceived => "rst_received",
-            How::Refused => "refused",
-            How::Timeout => "timeout",
-            How::Unknown => "unknown",
-        }
-    }
-}
-
-impl Role {
-    /// The name used in JSON and text.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Client => "client",
-            Role::Server => "server",
-            Role::Unknown => "unknown",
-        }
-    }
-}
+use crate::event::{Connection, Direction, Event, Owner, Reset, State, Transition};
 
 /// The end of one socket's life, classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,9 +86,6 @@ pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
 /// How long an abort waits for the reset that explains it (the application's abortive close
 /// logs the transition first and its reset right after, on the same CPU).
 const RESET_GRACE_NS: u64 = 50_000_000;
-/// A connect cannot time out before the first SYN retransmission (RTO 1 s).
-const MIN_CONNECT_TIMEOUT_NS: u64 = 1_000_000_000;
-
 /// A hash map with a fast, per-process randomly seeded hasher (foldhash): the analysis
 /// looks up every event, and SipHash was a tenth of the stream's CPU time; the seed keeps
 /// crafted remote addresses from colliding on purpose.
@@ -177,25 +94,17 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// What is known of one live socket, unpacked (see [`Slot`] for how it is stored).
 #[derive(Clone, Copy, Debug)]
 struct Life {
-    born: bool,
     first_ts: u64,
-    role: Role,
-    first_fin: Option<Initiator>,
-    simultaneous: bool,
-    reset: Option<Direction>,
+    evidence: Evidence,
     /// Bit `1 << state` for every state it was seen in.
     states: u16,
 }
 
 impl Life {
-    fn new(first_ts: u64, born: bool, role: Role) -> Life {
+    fn new(first_ts: u64, evidence: Evidence) -> Life {
         Life {
-            born,
             first_ts,
-            role,
-            first_fin: None,
-            simultaneous: false,
-            reset: None,
+            evidence,
             states: 0,
         }
     }
@@ -224,41 +133,15 @@ impl std::hash::Hash for Key {
 struct Slot {
     first_ts: [u32; 2],
     states: u16,
-    bits: u8,
+    evidence: Evidence,
 }
-
-const BORN: u8 = 1;
-const SIMULTANEOUS: u8 = 1 << 1;
-const ROLE_SHIFT: u8 = 2;
-const FIN_SHIFT: u8 = 4;
-const RESET_SHIFT: u8 = 6;
 
 impl Slot {
     fn pack(l: &Life) -> Slot {
-        let role = match l.role {
-            Role::Unknown => 0,
-            Role::Client => 1,
-            Role::Server => 2,
-        };
-        let fin = match l.first_fin {
-            None | Some(Initiator::Unknown) => 0,
-            Some(Initiator::Local) => 1,
-            Some(Initiator::Remote) => 2,
-            Some(Initiator::Simultaneous) => 3,
-        };
-        let reset = match l.reset {
-            None => 0,
-            Some(Direction::Sent) => 1,
-            Some(Direction::Received) => 2,
-        };
         Slot {
             first_ts: [l.first_ts as u32, (l.first_ts >> 32) as u32],
             states: l.states,
-            bits: (u8::from(l.born) * BORN)
-                | (u8::from(l.simultaneous) * SIMULTANEOUS)
-                | (role << ROLE_SHIFT)
-                | (fin << FIN_SHIFT)
-                | (reset << RESET_SHIFT),
+            evidence: l.evidence,
         }
     }
 
@@ -266,31 +149,10 @@ impl Slot {
         u64::from(self.first_ts[1]) << 32 | u64::from(self.first_ts[0])
     }
 
-    fn role(&self) -> Role {
-        match self.bits >> ROLE_SHIFT & 3 {
-            1 => Role::Client,
-            2 => Role::Server,
-            _ => Role::Unknown,
-        }
-    }
-
     fn unpack(&self) -> Life {
         Life {
-            born: self.bits & BORN != 0,
             first_ts: self.first_ts(),
-            role: self.role(),
-            first_fin: match self.bits >> FIN_SHIFT & 3 {
-                1 => Some(Initiator::Local),
-                2 => Some(Initiator::Remote),
-                3 => Some(Initiator::Simultaneous),
-                _ => None,
-            },
-            simultaneous: self.bits & SIMULTANEOUS != 0,
-            reset: match self.bits >> RESET_SHIFT & 3 {
-                1 => Some(Direction::Sent),
-                2 => Some(Direction::Received),
-                _ => None,
-            },
+            evidence: self.evidence,
             states: self.states,
         }
     }
@@ -398,6 +260,7 @@ impl std::fmt::Debug for Live {
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     close: Close,
+    verdict: Verdict,
     from: State,
     in_from_ns: Option<u64>,
     gap: bool,
@@ -421,6 +284,8 @@ pub struct Tracker {
     /// The last time events were lost: missing evidence of a socket seen before proves
     /// nothing.
     last_loss: Option<u64>,
+    /// Lives come whole in connection records: transitions are not followed.
+    records: bool,
 }
 
 /// The default number of sockets followed at once.
@@ -443,7 +308,20 @@ impl Tracker {
             evicted: 0,
             clock: 0,
             last_loss: None,
+            records: false,
         }
+    }
+
+    /// Concludes connections from their records ([`Event::Connection`]) rather than from
+    /// transitions (which it then ignores).
+    pub fn from_records(mut self, yes: bool) -> Self {
+        self.records = yes;
+        self
+    }
+
+    /// Whether connections are concluded from their records.
+    pub fn uses_records(&self) -> bool {
+        self.records
     }
 
     /// Sockets evicted because the cap was reached.
@@ -463,20 +341,25 @@ impl Tracker {
 
     /// The role of a socket followed now.
     pub fn role(&self, skaddr: u64) -> Option<Role> {
-        self.live.get(skaddr).map(|l| l.role)
+        self.live.get(skaddr).map(|l| l.evidence.role())
     }
 
-    fn gap(&self, l: &Life) -> bool {
-        self.last_loss.is_some_and(|t| l.first_ts <= t)
+    fn gap(&self, first_ts: u64) -> bool {
+        self.last_loss.is_some_and(|t| first_ts <= t)
     }
 
     /// Feeds one event; appends the closes it completes to `out`.
     pub fn observe(&mut self, ev: &Event, out: &mut Vec<Close>) {
         self.clock = self.clock.max(ev.ts_ns());
         match ev {
-            Event::Transition(t) => self.transition(t, out),
+            Event::Transition(t) if !self.records => self.transition(t, out),
+            // Both FINs crossed: the peer may end before this socket's record comes.
+            Event::Transition(t) if (t.from, t.to) == (State::FinWait1, State::Closing) => {
+                self.crossing(t);
+            }
+            Event::Connection(c) if self.records => self.connection(c, out),
             Event::Reset(r) => self.reset(r, out),
-            Event::Timer(_) => {}
+            Event::Transition(_) | Event::Connection(_) | Event::Part(_) | Event::Timer(_) => {}
             Event::Lost { .. } => {
                 self.last_loss = Some(self.clock);
                 for p in &mut self.pending {
@@ -525,13 +408,8 @@ impl Tracker {
             return;
         }
         self.make_room(t.skaddr);
-        let (born, role) = match (t.from, t.to) {
-            (State::Close, State::SynSent) => (true, Role::Client),
-            (State::Listen, State::SynRecv) | (State::Close, State::SynRecv) => {
-                (true, Role::Server)
-            }
-            _ => (false, Role::Unknown),
-        };
+        let (from, to) = (t.from as u8, t.to as u8);
+        let born = Evidence::birth_role(from, to).is_some();
         let mut life = match self.live.get(t.skaddr) {
             // A birth at an address already followed: the slab gave an earlier socket's
             // memory to a new one, and that socket's end was never seen (skipped by the
@@ -539,126 +417,117 @@ impl Tracker {
             // one's role and evidence.
             Some(_) if born => {
                 self.evicted += 1;
-                Life::new(t.ts_ns, born, role)
+                Life::new(t.ts_ns, Evidence::default())
             }
             Some(life) => life,
-            None => Life::new(t.ts_ns, born, role),
+            None => Life::new(t.ts_ns, Evidence::default()),
         };
+        life.evidence.on_transition(from, to);
         life.states |= 1 << t.from as u16 | 1 << t.to as u16;
-        match (t.from, t.to) {
-            (State::Established | State::SynRecv, State::FinWait1) => {
-                life.first_fin.get_or_insert(Initiator::Local);
-            }
-            (State::Established | State::SynRecv, State::CloseWait) => {
-                life.first_fin.get_or_insert(Initiator::Remote);
-            }
-            (State::FinWait1, State::Closing) => {
-                life.simultaneous = true;
-                // Both FINs were sent before either arrived: a simultaneous close for the
-                // peer too, even if its own view differs (our FIN was lost and retransmitted
-                // after its FIN was acknowledged). When the peer is traced here as well
-                // (loopback, containers), tell it when it closes, so both records agree.
-                if self.crossed.len() >= CROSSED_CAP {
-                    let horizon = self.clock.saturating_sub(120_000_000_000);
-                    self.crossed.retain(|_, ts| *ts > horizon);
-                    if self.crossed.len() >= CROSSED_CAP {
-                        self.crossed.clear();
-                    }
-                }
-                self.crossed.insert((t.remote, t.local), t.ts_ns);
-            }
-            _ => {}
+        if (t.from, t.to) == (State::FinWait1, State::Closing) {
+            self.crossing(t);
         }
         if t.to != State::Close && t.to != State::TimeWait {
             self.live.put(t.skaddr, &life);
             return;
         }
         self.live.remove(t.skaddr);
-        if let Some(ts) = self.crossed.remove(&(t.local, t.remote))
-            && life.first_ts <= ts
-        {
-            life.simultaneous = true;
-        }
-        let mut close = Close {
+        let close = Close {
             ts_ns: t.ts_ns,
             skaddr: t.skaddr,
             local: t.local,
             remote: t.remote,
             initiator: Initiator::Unknown,
             how: How::Unknown,
-            timewait: t.to == State::TimeWait,
-            role: life.role,
-            lifetime_ns: life.born.then(|| t.ts_ns.saturating_sub(life.first_ts)),
+            timewait: false,
+            role: life.evidence.role(),
+            lifetime_ns: born_lifetime(&life, t.ts_ns),
             owner: t.owner,
-            midlife: !life.born,
+            midlife: !life.evidence.born(),
             states: life.states,
             netns: t.netns,
             cgroup: t.cgroup,
         };
-        let first = life.first_fin;
-        match (t.from, t.to) {
-            (State::FinWait2, State::TimeWait) => {
-                // Our FIN was acknowledged before the peer's arrived: we closed first.
-                close.initiator = Initiator::Local;
-                close.how = How::Fin;
-            }
-            (State::Closing, State::TimeWait) => {
-                close.initiator = Initiator::Simultaneous;
-                close.how = How::Fin;
-            }
-            (_, State::TimeWait) => {
-                // Not a path the kernel takes into TIME_WAIT: claim nothing more.
-                close.initiator = first.unwrap_or(Initiator::Unknown);
-            }
-            (State::LastAck, State::Close) => {
-                // LAST_ACK comes from CLOSE_WAIT: the peer's FIN came first.
-                close.initiator = first.unwrap_or(Initiator::Remote);
-                close.how = if life.reset == Some(Direction::Received) {
-                    How::RstReceived
-                } else {
-                    How::Fin
-                };
-            }
-            (from, _) => {
-                // An abort: a reset explains it, in either order.
-                match life.reset {
-                    // A reset in answer to our SYN: the peer refused, whatever else was seen.
-                    Some(Direction::Received) if from == State::SynSent => {
-                        close.initiator = Initiator::Remote;
-                        close.how = How::Refused;
-                    }
-                    Some(Direction::Received) => {
-                        close.initiator = first.unwrap_or(Initiator::Remote);
-                        close.how = How::RstReceived;
-                    }
-                    Some(Direction::Sent) => {
-                        close.initiator = first.unwrap_or(Initiator::Local);
-                        close.how = How::RstSent;
-                    }
-                    None => {
-                        close.initiator = first.map_or(Initiator::Unknown, |f| {
-                            if life.simultaneous {
-                                Initiator::Simultaneous
-                            } else {
-                                f
-                            }
-                        });
-                        let gap = self.gap(&life) || close.midlife;
-                        self.pending.push(Pending {
-                            close,
-                            from,
-                            in_from_ns: t.in_from_ns,
-                            gap,
-                        });
-                        return;
-                    }
-                }
+        let gap = self.gap(life.first_ts) || close.midlife;
+        self.conclude(close, life.evidence, life.first_ts, t, gap, out);
+    }
+
+    /// Both FINs were sent before either arrived: a simultaneous close for the peer too,
+    /// even if its own view differs (our FIN was lost and retransmitted after its FIN was
+    /// acknowledged). When the peer is traced here as well (loopback, containers), tell it
+    /// when it closes, so both records agree.
+    fn crossing(&mut self, t: &Transition) {
+        if self.crossed.len() >= CROSSED_CAP {
+            let horizon = self.clock.saturating_sub(120_000_000_000);
+            self.crossed.retain(|_, ts| *ts > horizon);
+            if self.crossed.len() >= CROSSED_CAP {
+                self.crossed.clear();
             }
         }
-        if life.simultaneous && close.how == How::Fin {
-            close.initiator = Initiator::Simultaneous;
+        self.crossed.insert((t.remote, t.local), t.ts_ns);
+    }
+
+    /// Classifies the end `t` of a socket first seen at `first_ts` with `evidence`
+    /// ([`conclude`]): out now, or waiting for the reset of an abort.
+    fn conclude(
+        &mut self,
+        mut close: Close,
+        mut evidence: Evidence,
+        first_ts: u64,
+        t: &Transition,
+        gap: bool,
+        out: &mut Vec<Close>,
+    ) {
+        if let Some(ts) = self.crossed.remove(&(t.local, t.remote))
+            && first_ts <= ts
+        {
+            evidence.cross();
         }
-        out.push(close);
+        let verdict = conclude(evidence, t.from as u8, t.to as u8);
+        close.initiator = verdict.initiator;
+        close.how = verdict.how;
+        close.timewait = verdict.timewait;
+        if verdict.awaits_reset {
+            self.pending.push(Pending {
+                close,
+                verdict,
+                from: t.from,
+                in_from_ns: t.in_from_ns,
+                gap,
+            });
+        } else {
+            out.push(close);
+        }
+    }
+
+    /// Feeds a connection record: the whole life of a socket, concluded as its transitions
+    /// would be.
+    fn connection(&mut self, c: &Connection, out: &mut Vec<Close>) {
+        let t = &c.end;
+        let evidence = c.evidence();
+        // (Its own crossing came as a transition when it happened: see `observe`.)
+        let born = c.born_ns();
+        let first_ts = born.unwrap_or(t.ts_ns);
+        let close = Close {
+            ts_ns: t.ts_ns,
+            skaddr: t.skaddr,
+            local: t.local,
+            remote: t.remote,
+            initiator: Initiator::Unknown,
+            how: How::Unknown,
+            timewait: false,
+            role: evidence.role(),
+            lifetime_ns: born.map(|b| t.ts_ns.saturating_sub(b)),
+            owner: t.owner,
+            midlife: !evidence.born(),
+            states: c.states(),
+            netns: t.netns,
+            cgroup: t.cgroup,
+        };
+        let gap = self.last_loss.is_some_and(|l| born.is_none_or(|b| b <= l))
+            || close.midlife
+            || c.tail.flags & tcptrace_common::connection::tail_flag::GAP != 0;
+        self.conclude(close, evidence, first_ts, t, gap, out);
     }
 
     fn reset(&mut self, r: &Reset, out: &mut Vec<Close>) {
@@ -668,43 +537,47 @@ impl Tracker {
         if r.direction == Direction::Sent
             && let Some(i) = self.pending.iter().position(|p| p.close.skaddr == sk)
         {
-            let mut p = self.pending.remove(i).close;
-            if p.initiator == Initiator::Unknown {
-                p.initiator = Initiator::Local;
-            }
-            p.how = How::RstSent;
-            out.push(p);
+            let p = self.pending.remove(i);
+            let v = p.verdict.with_late_reset();
+            out.push(Close {
+                initiator: v.initiator,
+                how: v.how,
+                ..p.close
+            });
             return;
         }
+        if self.records {
+            // The kernel keeps each socket's resets in its record.
+            return;
+        }
+        let received = r.direction == Direction::Received;
         if let Some(mut life) = self.live.get(sk) {
-            // The first reset decides: an answer to the peer's reset is not an abort.
-            life.reset.get_or_insert(r.direction);
+            life.evidence.on_reset(received);
             self.live.put(sk, &life);
-        } else if r.direction == Direction::Received {
+        } else if received {
             // A socket first met through the reset that is about to end it.
             self.make_room(sk);
-            let mut life = Life::new(r.ts_ns, false, Role::Unknown);
-            life.reset = Some(Direction::Received);
+            let mut life = Life::new(r.ts_ns, Evidence::default());
+            life.evidence.on_reset(true);
             self.live.put(sk, &life);
         }
         let _ = out;
     }
 }
 
+/// The lifetime of a socket ending at `end_ns`, when its birth was seen.
+fn born_lifetime(l: &Life, end_ns: u64) -> Option<u64> {
+    l.evidence.born().then(|| end_ns.saturating_sub(l.first_ts))
+}
+
 /// An abort for which no reset came: a timeout, if the evidence is complete.
 fn no_reset(p: Pending) -> Close {
-    let mut c = p.close;
-    if p.gap {
-        return c;
+    let v = p.verdict.without_reset(p.from as u8, p.in_from_ns, p.gap);
+    Close {
+        initiator: v.initiator,
+        how: v.how,
+        ..p.close
     }
-    c.how = match p.from {
-        // Closing an unconnected socket looks the same as a connect that timed out; only
-        // the time spent trying tells them apart.
-        State::SynSent if p.in_from_ns.is_some_and(|d| d >= MIN_CONNECT_TIMEOUT_NS) => How::Timeout,
-        State::SynSent => How::Unknown,
-        _ => How::Timeout,
-    };
-    c
 }
 
 #[cfg(test)]
@@ -713,6 +586,7 @@ mod tests {
 
     use super::*;
     use crate::event::Comm;
+    use std::collections::HashMap;
 
     const C: &str = "10.0.0.1:40000";
     const S: &str = "10.0.0.2:80";
@@ -1108,6 +982,188 @@ mod tests {
 
     fn any_event() -> impl Strategy<Value = (u64, u8, u8, u8)> {
         (0u64..4, 0u8..16, 1u8..=12, 1u8..=12)
+    }
+
+    /// What the kernel writes for `events` when views read connections: each socket's life
+    /// folded as the BTF programs fold it ([`SockLife`]), one connection record at each end,
+    /// and only the transitions and resets no record holds.
+    fn as_kernel_records(events: &[Event]) -> Vec<Event> {
+        use tcptrace_common::connection::{SockLife, ends_connection};
+        let raw_to = |t: &Transition| match t.to {
+            State::TimeWait => State::Close as u8,
+            s => s as u8,
+        };
+        let mut lives: HashMap<u64, SockLife> = HashMap::new();
+        let mut out = Vec::new();
+        for e in events {
+            match e {
+                Event::Transition(t) => {
+                    let life = lives.entry(t.skaddr).or_default();
+                    let (old, new) = (t.from as u8, raw_to(t));
+                    life.on_transition(t.ts_ns, old, new);
+                    let listener =
+                        t.to == State::Listen || t.from == State::Listen && t.to == State::Close;
+                    let crossing = (t.from, t.to) == (State::FinWait1, State::Closing);
+                    if listener || crossing {
+                        out.push(*e);
+                    }
+                    if ends_connection(old, new) {
+                        out.push(Event::Connection(Connection {
+                            end: *t,
+                            tail: life.tail(),
+                        }));
+                    }
+                }
+                Event::Reset(r) => {
+                    let received = r.direction == Direction::Received;
+                    // A received reset gives the socket storage; a sent one finds it or not.
+                    let life = match r.skaddr {
+                        Some(sk) if received => Some(lives.entry(sk).or_default()),
+                        Some(sk) => lives.get_mut(&sk),
+                        None => None,
+                    };
+                    let ended = life
+                        .as_ref()
+                        .is_some_and(|l| l.last_state == State::Close as u8);
+                    if let Some(l) = life {
+                        l.on_reset(received, r.reason);
+                    }
+                    if !received && (r.skaddr.is_none() || ended) {
+                        out.push(*e);
+                    }
+                }
+                Event::Lost { .. } => out.push(*e),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The closes a tracker concludes from `events`.
+    fn closes_of(events: &[Event], records: bool) -> Vec<super::Close> {
+        let mut tr = Tracker::default().from_records(records);
+        let mut out = Vec::new();
+        for e in events {
+            tr.observe(e, &mut out);
+        }
+        tr.flush(&mut out);
+        out.sort_by_key(|c| (c.skaddr, c.ts_ns));
+        out
+    }
+
+    /// One socket's life for the property below: which path, cut short by an abort at
+    /// `cut`, first seen `skip` steps in; a reset (0: none, 1: received before the end, 2:
+    /// sent before it, 3: sent right after it) after step `at`.
+    fn any_life() -> impl Strategy<Value = (u8, u8, u8, u8, u8)> {
+        (0u8..4, 1u8..8, 0u8..3, 0u8..4, 0u8..6)
+    }
+
+    fn life_events(sk: u64, (path, cut, skip, reset, at): (u8, u8, u8, u8, u8)) -> Vec<Script> {
+        let steps: &[(State, State)] = match path {
+            0 => &[
+                (Close, SynSent),
+                (SynSent, Established),
+                (Established, FinWait1),
+                (FinWait1, FinWait2),
+                (FinWait2, TimeWait),
+            ],
+            1 => &[
+                (Listen, SynRecv),
+                (SynRecv, Established),
+                (Established, CloseWait),
+                (CloseWait, LastAck),
+                (LastAck, Close),
+            ],
+            2 => &[
+                (Close, SynSent),
+                (SynSent, Established),
+                (Established, FinWait1),
+                (FinWait1, Closing),
+                (Closing, TimeWait),
+            ],
+            _ => &[
+                (Close, SynSent),
+                (SynSent, Established),
+                (Established, CloseWait),
+                (CloseWait, LastAck),
+                (LastAck, Close),
+            ],
+        };
+        let mut path: Vec<(State, State)> = steps.to_vec();
+        if (cut as usize) < path.len() {
+            // An abort from the state reached.
+            let from = path[cut as usize].0;
+            path.truncate(cut as usize);
+            path.push((from, Close));
+        }
+        let skip = (skip as usize).min(path.len() - 1);
+        let mut out = Vec::new();
+        for (i, (from, to)) in path.iter().enumerate().skip(skip) {
+            let last = i + 1 == path.len();
+            let before_end =
+                (reset == 1 || reset == 2) && (i == at as usize || last && i < at as usize);
+            if before_end {
+                let mut s = Script::new();
+                let d = if reset == 1 {
+                    Direction::Received
+                } else {
+                    Direction::Sent
+                };
+                s.rst(Some(sk), C, S, d);
+                out.push(s);
+            }
+            let mut s = Script::new();
+            s.t(sk, C, S, *from, *to);
+            out.push(s);
+            if last && reset == 3 {
+                let mut s = Script::new();
+                s.rst(Some(sk), C, S, Direction::Sent);
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Whatever the lives and however they interleave, the closes concluded from the
+        /// connection records the kernel writes are the closes concluded from the
+        /// transitions: the same rule decides on the same evidence.
+        #[test]
+        fn records_and_transitions_give_the_same_closes(
+            lives in proptest::collection::vec(any_life(), 1..5),
+            order in proptest::collection::vec(0usize..5, 0..40),
+            lost_at in proptest::option::of(0usize..30),
+        ) {
+            let mut queues: Vec<std::collections::VecDeque<Script>> = lives
+                .iter()
+                .enumerate()
+                .map(|(i, l)| life_events(i as u64 + 1, *l).into())
+                .collect();
+            // Interleaved as `order` picks, then whatever remains in turn; one clock.
+            let mut picks = order.into_iter().chain(std::iter::repeat(0));
+            let mut events = Vec::new();
+            let mut ts = 1_000;
+            while queues.iter().any(|q| !q.is_empty()) {
+                let live: Vec<usize> = (0..queues.len()).filter(|i| !queues[*i].is_empty()).collect();
+                let q = live[picks.next().unwrap_or(0) % live.len()];
+                let s = queues[q].pop_front().unwrap();
+                for mut e in s.events {
+                    ts += 1_000;
+                    match &mut e {
+                        Event::Transition(t) => t.ts_ns = ts,
+                        Event::Reset(r) => r.ts_ns = ts,
+                        _ => {}
+                    }
+                    if lost_at == Some(events.len()) {
+                        events.push(Event::Lost { ts_ns: ts, count: 1 });
+                    }
+                    events.push(e);
+                }
+            }
+            let from_transitions = closes_of(&events, false);
+            let from_records = closes_of(&as_kernel_records(&events), true);
+            prop_assert_eq!(from_transitions, from_records);
+        }
     }
 
     proptest! {

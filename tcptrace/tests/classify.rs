@@ -1,5 +1,8 @@
 //! Root-only: who closed it, on real connections across two network namespaces (IPv4 and
 //! IPv6), for every way a connection ends; both sides' verdicts and the report's counts.
+//!
+//! The kernel writes each connection twice here, as its transitions and as one connection
+//! record: every verdict, and the report, must be the same from either.
 
 mod common;
 
@@ -16,9 +19,10 @@ use tcptrace::{
     event::{Event, RawEvent, decode},
     filter::Filter,
     output::Format,
+    pipeline::Pipeline,
     probe::{DEFAULT_RING_BYTES, Probe},
     report::Report,
-    track::{Close, How, Initiator, Role, Tracker},
+    track::{Close, How, Initiator, Role},
     view::View,
 };
 
@@ -35,7 +39,7 @@ fn run(
     server: impl FnOnce(TcpStream) + Send + 'static,
     client: impl FnOnce(SocketAddr) + Send + 'static,
 ) -> (Vec<RawEvent>, Vec<Close>) {
-    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let addr = SocketAddr::new(if v6 { pair.b6 } else { pair.b4 }, port);
     let (tx, rx) = mpsc::channel();
     let srv = NetPair::run_in(&pair.b, move || {
@@ -57,22 +61,61 @@ fn run(
     collect_closes(&mut probe, want)
 }
 
+/// Drains until `want` closes are concluded from the transitions and from the connection
+/// records alike (or 10 s pass), and checks that both say the same; returns every record
+/// and the closes.
 fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Close>) {
     let mut raw_all = Vec::new();
-    let mut tracker = Tracker::default();
-    let mut closes = Vec::new();
+    let mut from_transitions = Folded::new(false);
+    let mut from_records = Folded::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while closes.len() < want && Instant::now() < deadline {
+    while (from_transitions.closes.len() < want || from_records.closes.len() < want)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(50));
         let mut raw = Vec::new();
         probe.drain(&mut raw);
-        for r in &raw {
-            tracker.observe(&decode(r).unwrap(), &mut closes);
-        }
-        tracker.expire(tcptrace::probe::monotonic_ns(), &mut closes);
+        let now = tcptrace::probe::monotonic_ns();
+        from_transitions.feed(&raw, now);
+        from_records.feed(&raw, now);
         raw_all.extend(raw);
     }
-    (raw_all, closes)
+    let (mut a, mut b) = (from_transitions.closes, from_records.closes);
+    a.sort_by_key(|c| c.skaddr);
+    b.sort_by_key(|c| c.skaddr);
+    assert_eq!(
+        a, b,
+        "closes from transitions, then from connection records"
+    );
+    (raw_all, a)
+}
+
+/// Closes concluded from one kind of record.
+struct Folded {
+    pipe: Pipeline,
+    closes: Vec<Close>,
+}
+
+impl Folded {
+    fn new(records: bool) -> Folded {
+        let pipe = Pipeline::new(Filter::default().compile())
+            .from_records(records)
+            .tracking();
+        Folded {
+            pipe,
+            closes: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, raw: &[RawEvent], now: u64) {
+        for r in raw {
+            if let Some(ev) = self.pipe.decode(r) {
+                self.pipe.fold(&ev);
+            }
+        }
+        self.pipe.expire_closes(now);
+        self.closes.append(&mut self.pipe.closes);
+    }
 }
 
 fn verdict(closes: &[Close], role: Role) -> Verdict {
@@ -83,19 +126,28 @@ fn verdict(closes: &[Close], role: Role) -> Verdict {
     (c.initiator, c.how, c.timewait)
 }
 
-/// The report's JSON for these events.
+/// The report's JSON for these events: the same from the transitions and from the
+/// connection records.
 fn report(raw: &[RawEvent]) -> serde_json::Value {
-    let mut r = Report::new(
-        Filter::default().compile(),
-        0,
-        Vec::new(),
-        Format::Json,
-        0,
-        None,
+    let [a, b] = [false, true].map(|records| {
+        let mut r = Report::new(
+            Filter::default().compile(),
+            0,
+            Vec::new(),
+            Format::Json,
+            0,
+            None,
+        )
+        .records(records);
+        r.push(raw).unwrap();
+        r.finish().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.into_inner()).unwrap()
+    });
+    assert_eq!(
+        a, b,
+        "the report from transitions, then from connection records"
     );
-    r.push(raw).unwrap();
-    r.finish().unwrap();
-    serde_json::from_slice(&r.into_inner()).unwrap()
+    a
 }
 
 /// The report row for `port` in direction `dir` ("in" or "out").
@@ -134,6 +186,8 @@ fn check(
             Event::Reset(r) => format!("{:?} {} RST {:?}", r.skaddr, r.local, r.direction),
             Event::Lost { count, .. } => format!("LOST {count}"),
             Event::Timer(t) => format!("{} tw {:#x} {:?}", t.ts_ns / 1000, t.tw, t.op),
+            Event::Part(p) => format!("connection record {p:?}"),
+            Event::Connection(c) => format!("connection {c:?}"),
         })
         .collect();
     let what = &format!("{what}\nevents:\n{}", events.join("\n"));

@@ -1,5 +1,7 @@
 //! Root-only: floods on loopback stay within `--max-sockets`, and what was forgotten or
-//! missed is said, in the report and on stderr.
+//! missed is said, in the report and on stderr. Views that read connection records hold no
+//! socket in userspace at all; the stream, which follows transitions, holds at most
+//! `--max-sockets`.
 
 mod common;
 
@@ -14,8 +16,14 @@ use common::root_or_skip;
 
 /// `tcptrace report --json --port PORT --max-sockets CAP`, started and tracing.
 fn report(port: u16, cap: usize) -> Child {
+    tracer(&["report"], port, cap)
+}
+
+/// `tcptrace [ARGS] --json --port PORT --max-sockets CAP`, started and tracing.
+fn tracer(args: &[&str], port: u16, cap: usize) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
-        .args(["report", "--json", "--port", &port.to_string()])
+        .args(args)
+        .args(["--json", "--port", &port.to_string()])
         .args(["--max-sockets", &cap.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -40,7 +48,13 @@ fn peak_kib(pid: u32) -> u64 {
 }
 
 /// Stops the tracer; returns its report (JSON) and the summary it wrote on stderr.
-fn finish(mut child: Child) -> (serde_json::Value, String) {
+fn finish(child: Child) -> (serde_json::Value, String) {
+    let (out, err) = stop(child);
+    (serde_json::from_str(out.trim()).unwrap(), err)
+}
+
+/// Stops the tracer; returns what it wrote on stdout and on stderr.
+fn stop(mut child: Child) -> (String, String) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let mut out = String::new();
@@ -58,7 +72,7 @@ fn finish(mut child: Child) -> (serde_json::Value, String) {
         .read_to_string(&mut err)
         .unwrap();
     assert!(child.wait().unwrap().success(), "{err}");
-    (serde_json::from_str(out.trim()).unwrap(), err)
+    (out, err)
 }
 
 /// The number in `text` just before `word`.
@@ -83,45 +97,81 @@ fn nonblocking_connect(to: SocketAddr) -> socket2::Socket {
     s
 }
 
+/// A listener that never accepts, with a one-slot queue: once it is full the SYNs are
+/// dropped and the connecting sockets stay in SYN_SENT.
+fn deaf_listener() -> socket2::Socket {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .unwrap();
+    l.listen(1).unwrap();
+    l
+}
+
+const HALF_OPEN: usize = 3_000;
+
+/// Holds `HALF_OPEN` connects to `l` half-open for a while, then closes them all; returns
+/// the tracer's peak RSS meanwhile (KiB).
+fn half_open_flood(l: socket2::Socket, tracer: &Child) -> u64 {
+    let to = l.local_addr().unwrap().as_socket().unwrap();
+    let held: Vec<_> = (0..HALF_OPEN).map(|_| nonblocking_connect(to)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let peak = peak_kib(tracer.id());
+    drop(held);
+    drop(l);
+    std::thread::sleep(Duration::from_millis(300));
+    peak
+}
+
 #[test]
 fn a_half_open_flood_is_capped_and_the_evictions_are_reported() {
     if !root_or_skip("a_half_open_flood_is_capped_and_the_evictions_are_reported") {
         return;
     }
     const CAP: usize = 1_000;
-    const N: usize = 3_000;
-    // A listener that never accepts, with a one-slot queue: once it is full the SYNs are
-    // dropped and the connecting sockets stay in SYN_SENT.
-    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    l.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
-        .unwrap();
-    l.listen(1).unwrap();
-    let to = l.local_addr().unwrap().as_socket().unwrap();
-    let tracer = report(to.port(), CAP);
-    let held: Vec<_> = (0..N).map(|_| nonblocking_connect(to)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let peak_while_held = peak_kib(tracer.id());
-    drop(held);
-    drop(l);
-    std::thread::sleep(Duration::from_millis(300));
-    let (report, said) = finish(tracer);
+    const N: usize = HALF_OPEN;
+    // The stream follows transitions: it holds at most CAP sockets.
+    let l = deaf_listener();
+    let port = l.local_addr().unwrap().as_socket().unwrap().port();
+    let stream = tracer(&[], port, CAP);
+    let peak_while_held = half_open_flood(l, &stream);
+    let (_, said) = stop(stream);
     let evicted = number_before(&said, " sockets evicted");
     // Every socket beyond the cap pushed an older one out (in batches of a sixteenth).
     assert!(
         evicted as usize >= N - CAP && evicted as usize <= N,
         "{evicted} evicted: {said}"
     );
-    assert_eq!(report["evicted"], evicted, "{report}");
-    // Connections whose beginning was forgotten are still counted when they end, as seen
-    // mid-life: none is made up, and none is missing unless the kernel said it lost it. (The
-    // one or two the queue took end too, on the server side.)
+    // 1,000 sockets are a few tens of KiB: the tracer's memory has no reason to move.
+    assert!(
+        peak_while_held < 64 << 10,
+        "peak RSS {peak_while_held} KiB while {N} sockets were half-open"
+    );
+    // The report reads each connection whole at its end: nothing to hold, nothing evicted,
+    // every connection counted with its beginning.
+    let l = deaf_listener();
+    let port = l.local_addr().unwrap().as_socket().unwrap().port();
+    let tracer = report(port, CAP);
+    let peak_while_held = half_open_flood(l, &tracer);
+    let (report, said) = finish(tracer);
+    assert_eq!(number_before(&said, " sockets evicted"), 0, "{said}");
+    assert_eq!(report["evicted"], 0, "{report}");
+    // (The one or two the queue took end too, on the server side.)
     let connections = report["connections"].as_u64().unwrap();
     let lost = number_before(&said, " lost");
     assert!(
         connections + lost >= N as u64 && connections <= N as u64 + 4,
         "{connections} connections, {lost} lost: {report}"
     );
-    // 1,000 sockets are a few tens of KiB: the tracer's memory has no reason to move.
+    let outgoing = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["direction"] == "out")
+        .unwrap_or_else(|| panic!("no outgoing row: {report}"));
+    assert!(
+        outgoing["closed"].as_u64().unwrap() + lost >= N as u64,
+        "every connect is known as a client's: {report}"
+    );
     assert!(
         peak_while_held < 64 << 10,
         "peak RSS {peak_while_held} KiB while {N} sockets were half-open"

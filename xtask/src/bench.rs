@@ -597,9 +597,12 @@ impl Bench<'_> {
                         .filter(|l| l.contains(r#""kind":"transition""#))
                         .count() as u64
                 } else {
-                    number_before(&said, " transitions").with_context(|| {
+                    let transitions = number_before(&said, " transitions").with_context(|| {
                         format!("tcptrace did not say how many transitions it read: {said}")
-                    })?
+                    })?;
+                    // A connection record stands for the five transitions of a storm
+                    // connection's side.
+                    transitions + 5 * number_before(&said, " connection records").unwrap_or(0)
                 }
             }
             Running::Tcpstates(mut r) => {
@@ -1294,5 +1297,8 @@ mod tests {
         assert_eq!(number_before(s, " transitions"), Some(200_002));
         assert_eq!(number_before(s, " other"), Some(9));
         assert_eq!(number_before(s, " missing"), None);
+        let s = "tcptrace: 2 transitions, 40000 connection records and 0 other events read";
+        assert_eq!(number_before(s, " transitions"), Some(2));
+        assert_eq!(number_before(s, " connection records"), Some(40_000));
     }
 }

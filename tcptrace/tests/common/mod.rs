@@ -85,23 +85,46 @@ pub fn probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
 
 /// The same, choosing whether timewait timers are traced.
 pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
-    probe_built(ports, ring_bytes, timewait, Paths::Fast)
+    probe_built(ports, ring_bytes, timewait, Paths::Fast, 0)
+}
+
+/// [`probe_for_ports`] whose kernel side also writes a connection record at each
+/// connection's end, beside the transitions (what `--record` asks for).
+pub fn recording_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    let probe = probe_built(
+        ports,
+        ring_bytes,
+        true,
+        Paths::Fast,
+        tcptrace_common::records::CONNECTIONS,
+    );
+    assert!(
+        probe.connection_records(),
+        "connection records were asked for"
+    );
+    probe
 }
 
 /// [`probe_for_ports`] with the classic tracepoint programs, which kernels without BTF take:
 /// the fallback, checked the same way.
 pub fn portable_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
-    probe_built(ports, ring_bytes, true, Paths::Portable)
+    probe_built(ports, ring_bytes, true, Paths::Portable, 0)
 }
 
-fn probe_built(ports: &[u16], ring_bytes: u32, timewait: bool, paths: Paths) -> Probe {
+fn probe_built(
+    ports: &[u16],
+    ring_bytes: u32,
+    timewait: bool,
+    paths: Paths,
+    records: u32,
+) -> Probe {
     let filter = Filter {
         ports: ports.to_vec(),
         ..Filter::default()
     };
     let (kernel, ports) = filter.kernel();
     let probe = Probe::start(&ProbeConfig {
-        kernel,
+        kernel: tcptrace_common::Config { records, ..kernel },
         ports,
         ring_bytes,
         timewait,
