@@ -182,10 +182,8 @@ impl Pipeline {
         if let Some(tw) = &mut self.timewaits {
             match ev {
                 // A timewait socket's entry and the handshake of a connection that may take
-                // its 4-tuple, from the connection's rebuilt transitions.
-                Event::Connection(c) if self.records => {
-                    c.transitions(|t| tw.observe(&Event::Transition(*t), &mut self.exits));
-                }
+                // its 4-tuple.
+                Event::Connection(c) if self.records => tw.connection(c, &mut self.exits),
                 Event::Transition(_) if self.records => {}
                 _ => tw.observe(ev, &mut self.exits),
             }

@@ -10,7 +10,7 @@
 use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
-    event::{Event, Owner, State, TimerEvent, TimerOp, Transition},
+    event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
     track::FastMap,
 };
 
@@ -92,6 +92,19 @@ pub struct Life {
     pub cgroup: Option<u64>,
     /// A cancel seen, not yet explained by a re-arm or an expiry.
     cancelled_at: Option<u64>,
+    /// The last re-arm that followed a cancel, and the life as it was before: a connection
+    /// record that shows a new connection on the 4-tuple born before that arming proves
+    /// the cancel was a kill and the arming a new timewait socket at the same address.
+    after_cancel: Option<Rearm>,
+}
+
+/// A re-arm that followed a cancel.
+#[derive(Clone, Copy, Debug)]
+struct Rearm {
+    cancelled_at: u64,
+    armed_at: u64,
+    rearms: u32,
+    substate: State,
 }
 
 /// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
@@ -199,17 +212,8 @@ impl Timewaits {
         match ev {
             Event::Timer(t) => self.timer(t, out),
             Event::Transition(t) => {
-                // A full socket on the 4-tuple of a cancelled timewait socket: the timewait
-                // socket made way for a new connection (tcp_tw_reuse, or a SYN it accepted).
-                // Its slab object may come back for that connection's own timewait socket,
-                // with the same 4-tuple: without this, that would read as a re-arm. Looked
-                // for at the new connection's handshake (its first transitions with both
-                // ports), not on every transition: a storm makes ten per connection.
-                if matches!(t.from, State::SynSent | State::SynRecv | State::Listen)
-                    && let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
-                    && let Some(at) = self.live.get(&tw).and_then(|l| l.cancelled_at)
-                {
-                    out.extend(self.end(tw, at, End::Killed));
+                if matches!(t.from, State::SynSent | State::SynRecv | State::Listen) {
+                    self.handshake(t, out);
                 }
                 if t.to == State::TimeWait {
                     self.entry(t);
@@ -218,6 +222,79 @@ impl Timewaits {
             _ => {}
         }
         self.expire(ev.ts_ns(), out);
+    }
+
+    /// Feeds a connection record: what its transitions would tell, looked at once.
+    pub fn connection(&mut self, c: &Connection, out: &mut Vec<Exit>) {
+        let handshake = [State::SynSent, State::SynRecv]
+            .iter()
+            .any(|s| c.tail.entered & (1 << *s as u16) != 0)
+            || [State::SynSent, State::SynRecv, State::Listen]
+                .iter()
+                .any(|s| c.tail.first_from == *s as u8);
+        if handshake {
+            self.handshake(&c.end, out);
+            if let Some(born) = c.born_ns() {
+                self.split_if_reused(&c.end, born, out);
+            }
+        }
+        if c.end.to == State::TimeWait {
+            self.entry(&c.end);
+        }
+        self.expire(c.end.ts_ns, out);
+    }
+
+    /// A connection on the 4-tuple born after a timewait socket there was created and
+    /// before its last re-arm that followed a cancel: the cancel was a kill (the new
+    /// connection took the 4-tuple) and the arming its own timewait socket at the same
+    /// address — what [`Timewaits::handshake`] tells at once from transitions, told late from
+    /// a connection record that comes at the connection's end.
+    fn split_if_reused(&mut self, t: &Transition, born_ns: u64, out: &mut Vec<Exit>) {
+        let Some(&tw) = self.by_tuple.get(&(t.local, t.remote)) else {
+            return;
+        };
+        let Some(life) = self.live.get_mut(&tw) else {
+            return;
+        };
+        let Some(r) = life.after_cancel else {
+            return;
+        };
+        if born_ns <= life.since_ns || born_ns > r.armed_at {
+            return;
+        }
+        out.push(Exit {
+            ts_ns: r.cancelled_at,
+            tw,
+            local: life.local,
+            remote: life.remote,
+            end: End::Killed,
+            residency_ns: r.cancelled_at.saturating_sub(life.since_ns),
+            rearms: r.rearms,
+            substate: r.substate,
+            owner: life.owner,
+            netns: life.netns,
+            cgroup: life.cgroup,
+        });
+        life.since_ns = r.armed_at;
+        life.rearms = life.rearms.saturating_sub(r.rearms + 1);
+        life.owner = None;
+        life.cgroup = None;
+        life.after_cancel = None;
+        self.created += 1;
+    }
+
+    /// A full socket on the 4-tuple of a cancelled timewait socket: the timewait socket
+    /// made way for a new connection (tcp_tw_reuse, or a SYN it accepted). Its slab object
+    /// may come back for that connection's own timewait socket, with the same 4-tuple:
+    /// without this, that would read as a re-arm. Looked for at the new connection's
+    /// handshake (its first transitions with both ports), not on every transition: a storm
+    /// makes ten per connection.
+    fn handshake(&mut self, t: &Transition, out: &mut Vec<Exit>) {
+        if let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
+            && let Some(at) = self.live.get(&tw).and_then(|l| l.cancelled_at)
+        {
+            out.extend(self.end(tw, at, End::Killed));
+        }
     }
 
     fn entry(&mut self, t: &Transition) {
@@ -248,7 +325,16 @@ impl Timewaits {
             } => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
                     if life.local == local && life.remote == remote {
-                        if life.cancelled_at.take().is_some() || life.substate != substate {
+                        let cancelled = life.cancelled_at.take();
+                        if let Some(at) = cancelled {
+                            life.after_cancel = Some(Rearm {
+                                cancelled_at: at,
+                                armed_at: t.ts_ns,
+                                rearms: life.rearms,
+                                substate: life.substate,
+                            });
+                        }
+                        if cancelled.is_some() || life.substate != substate {
                             life.rearms += 1;
                         }
                         life.substate = substate;
@@ -284,6 +370,7 @@ impl Timewaits {
                         netns: netns.or(entry.and_then(|e| e.netns)),
                         cgroup,
                         cancelled_at: None,
+                        after_cancel: None,
                     },
                 );
             }
@@ -416,6 +503,88 @@ mod tests {
         }
         t.flush(&mut out);
         out
+    }
+
+    /// A client connection on `C` born at `born` whose life ends entering TIME_WAIT at
+    /// `end`: its transitions, and its connection record as the kernel writes it.
+    fn client_life(born: u64, end: u64) -> (Vec<Event>, Event) {
+        use tcptrace_common::connection::SockLife;
+        let path = [
+            (State::Close, State::SynSent),
+            (State::SynSent, State::Established),
+            (State::Established, State::FinWait1),
+            (State::FinWait1, State::FinWait2),
+            (State::FinWait2, State::TimeWait),
+        ];
+        let mut life = SockLife::default();
+        let mut transitions = Vec::new();
+        for (i, (from, to)) in path.iter().enumerate() {
+            let ts = if i + 1 == path.len() {
+                end
+            } else {
+                born + i as u64 * 1_000
+            };
+            let raw_to = if *to == State::TimeWait {
+                State::Close
+            } else {
+                *to
+            };
+            life.on_transition(ts, *from as u8, raw_to as u8);
+            let Event::Transition(mut t) = entry(ts, C) else {
+                unreachable!()
+            };
+            (t.from, t.to) = (*from, *to);
+            transitions.push(Event::Transition(t));
+        }
+        let Some(Event::Transition(end)) = transitions.last().copied() else {
+            unreachable!()
+        };
+        let record = Event::Connection(Connection {
+            end,
+            tail: life.tail(),
+        });
+        (transitions, record)
+    }
+
+    #[test]
+    fn a_reused_address_reads_the_same_from_transitions_and_from_records() {
+        // Connection A leaves timewait socket 1; connection B, born while it lives, takes
+        // the 4-tuple (the kernel kills socket 1 as B connects) and leaves its own timewait
+        // socket at the same address; it expires.
+        let (a, a_record) = client_life(SEC, 2 * SEC);
+        let (b, b_record) = client_life(3 * SEC, 4 * SEC);
+        let armed_a = armed(2 * SEC - 5, 1, State::TimeWait, C);
+        let kill = op(3 * SEC + 500, 1, TimerOp::Cancelled);
+        let armed_b = armed(4 * SEC - 5, 1, State::TimeWait, C);
+        let expiry = op(64 * SEC, 1, TimerOp::Expired);
+        // Transitions: B's handshake comes between the kill and B's timewait socket.
+        let mut from_transitions = a[..4].to_vec();
+        from_transitions.extend([armed_a, a[4], b[0], kill]);
+        from_transitions.extend(b[1..4].iter().copied());
+        from_transitions.extend([armed_b, b[4], expiry]);
+        // Records: B's comes after its timewait socket is armed.
+        let from_records = [armed_a, a_record, kill, armed_b, b_record, expiry];
+        let summary = |out: Vec<Exit>| {
+            out.iter()
+                .map(|x| (x.ts_ns, x.end, x.residency_ns, x.rearms, x.owner.is_some()))
+                .collect::<Vec<_>>()
+        };
+        let expected = [
+            (3 * SEC + 500, End::Killed, SEC + 505, 0, true),
+            (64 * SEC, End::Expired, 60 * SEC + 5, 0, true),
+        ];
+        assert_eq!(summary(run(&from_transitions)), expected);
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        for e in &from_records {
+            match e {
+                Event::Connection(c) => t.connection(c, &mut out),
+                e => t.observe(e, &mut out),
+            }
+        }
+        t.flush(&mut out);
+        assert_eq!(t.created(), 2);
+        assert_eq!(summary(out), expected);
     }
 
     #[test]

@@ -478,7 +478,9 @@ impl Tracker {
         gap: bool,
         out: &mut Vec<Close>,
     ) {
-        if let Some(ts) = self.crossed.remove(&(t.local, t.remote))
+        // (Hashing two endpoints per close is not free; crossings are rare.)
+        if !self.crossed.is_empty()
+            && let Some(ts) = self.crossed.remove(&(t.local, t.remote))
             && first_ts <= ts
         {
             evidence.cross();
