@@ -340,7 +340,8 @@ impl Families {
         );
         r.register(
             "tracked_sockets",
-            "Sockets tcptrace follows now",
+            "Open connections tcptrace follows in userspace now (0 where the kernel sends one \
+             record per connection and keeps the open ones with their sockets)",
             self.tracked.clone(),
         );
         r.register(
