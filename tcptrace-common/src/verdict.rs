@@ -19,6 +19,13 @@
 //!   reset right after, so an abort with no reset yet [awaits](Verdict::awaits_reset) it
 //!   briefly. No reset either way means the kernel gave up (`timeout`), unless evidence may
 //!   be missing ([`Verdict::without_reset`]).
+//! - A reset "received" is not always the peer's: when data reaches a socket whose
+//!   application has shut its reading side (FIN_WAIT1/2, CLOSE_WAIT, CLOSING, LAST_ACK), the
+//!   kernel aborts it through the same path as a received reset (`tcp_receive_reset` fires)
+//!   and then sends a reset itself (`TCP_ABORT_ON_DATA`). No peer answers a reset with a
+//!   reset, so a reset sent by the socket after one "received" proves the abort was this
+//!   side's: received-then-sent is an abort sent ([`Evidence::on_reset`]), and a close
+//!   explained by a received reset in those states awaits that sent reset briefly too.
 
 use crate::state;
 
@@ -116,6 +123,11 @@ const FIN_SHIFT: u8 = 3;
 const CROSSED: u8 = 1 << 5;
 const RESET_SHIFT: u8 = 6;
 const TWO_BITS: u8 = 3;
+/// Values of the two reset bits.
+const RESET_SENT: u8 = 1;
+const RESET_RECEIVED: u8 = 2;
+/// A reset "received", then one sent: the kernel aborted the socket itself.
+const RESET_OWN_ABORT: u8 = 3;
 
 impl Evidence {
     /// The role a transition gives a socket it starts: CLOSE→SYN_SENT (a connect) makes a
@@ -165,12 +177,18 @@ impl Evidence {
     }
 
     /// Folds a reset in (`received`: it arrived; else this socket sent it). The first reset
-    /// decides: an answer to the peer's reset is not an abort.
+    /// decides — but for a reset sent after one received, which proves the received one was
+    /// the kernel's own abort (no peer answers a reset with a reset).
     #[inline(always)]
     pub fn on_reset(&mut self, received: bool) {
-        if (self.0 >> RESET_SHIFT) & TWO_BITS == 0 {
-            self.0 |= if received { 2 } else { 1 } << RESET_SHIFT;
-        }
+        let seen = (self.0 >> RESET_SHIFT) & TWO_BITS;
+        let now = match (seen, received) {
+            (0, true) => RESET_RECEIVED,
+            (0, false) => RESET_SENT,
+            (RESET_RECEIVED, false) => RESET_OWN_ABORT,
+            (seen, _) => seen,
+        };
+        self.0 = (self.0 & !(TWO_BITS << RESET_SHIFT)) | now << RESET_SHIFT;
     }
 
     /// Both FINs crossed: seen by this socket, or told by its traced peer.
@@ -207,11 +225,12 @@ impl Evidence {
         self.0 & CROSSED != 0
     }
 
-    /// The first reset: `Some(true)` received, `Some(false)` sent.
+    /// The reset that decides: `Some(true)` received from the peer, `Some(false)` sent by
+    /// this side (first, or after the kernel's own abort dressed as a received one).
     pub const fn first_reset_received(self) -> Option<bool> {
         match (self.0 >> RESET_SHIFT) & TWO_BITS {
-            1 => Some(false),
-            2 => Some(true),
+            RESET_SENT | RESET_OWN_ABORT => Some(false),
+            RESET_RECEIVED => Some(true),
             _ => None,
         }
     }
@@ -226,9 +245,23 @@ pub struct Verdict {
     pub how: How,
     /// Whether this side went into TIME_WAIT.
     pub timewait: bool,
-    /// An abort with no reset yet: the reset this side may send right after the transition
-    /// decides ([`Verdict::with_late_reset`]), else [`Verdict::without_reset`].
+    /// An abort with no reset yet, or one explained by a reset "received" in a state where
+    /// the kernel aborts on data itself: the reset this side may send right after the
+    /// transition decides ([`Verdict::with_late_reset`]), else [`Verdict::without_reset`].
     pub awaits_reset: bool,
+    /// Who ended it if this side's reset follows.
+    if_reset_sent: Initiator,
+}
+
+/// The states in which data arriving after the application shut its reading side makes the
+/// kernel abort the socket (`tcp_rcv_state_process`): `tcp_receive_reset` fires for that
+/// abort as for a reset received.
+const fn aborts_on_data(from: u8) -> bool {
+    use state::*;
+    matches!(
+        from,
+        FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | CLOSING | LAST_ACK
+    )
 }
 
 /// The verdict on a socket whose life ended with `from`→`to` (`to` as
@@ -241,6 +274,7 @@ pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
         how: How::Unknown,
         timewait: to == TIME_WAIT,
         awaits_reset: false,
+        if_reset_sent: Initiator::Local,
     };
     match (from, to) {
         // Our FIN was acknowledged before the peer's arrived: we closed first.
@@ -251,10 +285,13 @@ pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
         // LAST_ACK comes from CLOSE_WAIT: the peer's FIN came first.
         (LAST_ACK, _) => {
             v.initiator = first.unwrap_or(Initiator::Remote);
+            v.if_reset_sent = v.initiator;
             v.how = match e.first_reset_received() {
                 Some(true) => How::RstReceived,
-                _ => How::Fin,
+                Some(false) => How::RstSent,
+                None => How::Fin,
             };
+            v.awaits_reset = v.how == How::RstReceived;
         }
         // An abort: a reset explains it, in either order.
         (from, _) => match e.first_reset_received() {
@@ -265,6 +302,8 @@ pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
             Some(true) => {
                 v.initiator = first.unwrap_or(Initiator::Remote);
                 v.how = How::RstReceived;
+                v.if_reset_sent = first.unwrap_or(Initiator::Local);
+                v.awaits_reset = aborts_on_data(from);
             }
             Some(false) => {
                 v.initiator = first.unwrap_or(Initiator::Local);
@@ -274,6 +313,10 @@ pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
                 v.initiator = match first {
                     Some(_) if e.crossed() => Initiator::Simultaneous,
                     f => or_unknown(f),
+                };
+                v.if_reset_sent = match v.initiator {
+                    Initiator::Unknown => Initiator::Local,
+                    i => i,
                 };
                 v.awaits_reset = true;
             }
@@ -293,11 +336,10 @@ const fn or_unknown(i: Option<Initiator>) -> Initiator {
 }
 
 impl Verdict {
-    /// An awaited abort, explained by the reset this side sent right after it.
+    /// An awaited abort, explained by the reset this side sent right after it (after a
+    /// reset "received", the kernel's own abort on data).
     pub fn with_late_reset(mut self) -> Verdict {
-        if self.initiator == Initiator::Unknown {
-            self.initiator = Initiator::Local;
-        }
+        self.initiator = self.if_reset_sent;
         self.how = How::RstSent;
         self.awaits_reset = false;
         self
@@ -310,7 +352,8 @@ impl Verdict {
     /// `from`) tells them apart.
     pub fn without_reset(mut self, from: u8, in_from_ns: Option<u64>, gap: bool) -> Verdict {
         self.awaits_reset = false;
-        if gap {
+        // A reset the peer did send stands.
+        if gap || self.how == How::RstReceived {
             return self;
         }
         self.how = match from {
@@ -367,6 +410,53 @@ mod tests {
         assert_eq!(e, Evidence::new(true, Role::Client));
         e.on_transition(LISTEN, SYN_RECV);
         assert_eq!(e.role(), Role::Server);
+    }
+
+    #[test]
+    fn the_kernels_own_abort_on_data_is_a_reset_sent() {
+        // This side shut down (FIN_WAIT2), the peer's data arrived: the kernel "receives" a
+        // reset, the socket closes, then the kernel sends one. In the transition's order...
+        let mut e = Evidence::new(true, Role::Server);
+        e.on_transition(ESTABLISHED, FIN_WAIT1);
+        e.on_transition(FIN_WAIT1, FIN_WAIT2);
+        e.on_reset(true);
+        let v = conclude(e, FIN_WAIT2, CLOSE);
+        assert_eq!(
+            (v.initiator, v.how, v.awaits_reset),
+            (Initiator::Local, How::RstReceived, true)
+        );
+        let late = v.with_late_reset();
+        assert_eq!((late.initiator, late.how), (Initiator::Local, How::RstSent));
+        // ...and with the sent reset folded in before the end.
+        e.on_reset(false);
+        let v = conclude(e, FIN_WAIT2, CLOSE);
+        assert_eq!(
+            (v.initiator, v.how, v.awaits_reset),
+            (Initiator::Local, How::RstSent, false)
+        );
+        // A reset the peer sent, and nothing after: it stands.
+        let mut peer = Evidence::new(true, Role::Client);
+        peer.on_transition(ESTABLISHED, CLOSE_WAIT);
+        peer.on_reset(true);
+        let v = conclude(peer, CLOSE_WAIT, CLOSE);
+        assert!(v.awaits_reset);
+        let v = v.without_reset(CLOSE_WAIT, None, false);
+        assert_eq!((v.initiator, v.how), (Initiator::Remote, How::RstReceived));
+        // In ESTABLISHED the kernel never aborts on data: no waiting.
+        let mut est = Evidence::new(true, Role::Client);
+        est.on_reset(true);
+        assert!(!conclude(est, ESTABLISHED, CLOSE).awaits_reset);
+        // LAST_ACK: the peer's FIN came first whoever's reset ended it.
+        let mut last = Evidence::new(true, Role::Server);
+        last.on_transition(ESTABLISHED, CLOSE_WAIT);
+        last.on_reset(true);
+        let v = conclude(last, LAST_ACK, CLOSE).with_late_reset();
+        assert_eq!((v.initiator, v.how), (Initiator::Remote, How::RstSent));
+        // A sent reset first, then one received: the first decides.
+        let mut sent = Evidence::new(true, Role::Client);
+        sent.on_reset(false);
+        sent.on_reset(true);
+        assert_eq!(sent.first_reset_received(), Some(false));
     }
 
     #[test]

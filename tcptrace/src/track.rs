@@ -1055,9 +1055,10 @@ mod tests {
 
     /// One socket's life for the property below: which path, cut short by an abort at
     /// `cut`, first seen `skip` steps in; a reset (0: none, 1: received before the end, 2:
-    /// sent before it, 3: sent right after it) after step `at`.
+    /// sent before it, 3: sent right after it, 4: received before it and sent right after
+    /// it — the kernel's own abort on data) after step `at`.
     fn any_life() -> impl Strategy<Value = (u8, u8, u8, u8, u8)> {
-        (0u8..4, 1u8..8, 0u8..3, 0u8..4, 0u8..6)
+        (0u8..4, 1u8..8, 0u8..3, 0u8..5, 0u8..6)
     }
 
     fn life_events(sk: u64, (path, cut, skip, reset, at): (u8, u8, u8, u8, u8)) -> Vec<Script> {
@@ -1103,10 +1104,10 @@ mod tests {
         for (i, (from, to)) in path.iter().enumerate().skip(skip) {
             let last = i + 1 == path.len();
             let before_end =
-                (reset == 1 || reset == 2) && (i == at as usize || last && i < at as usize);
+                matches!(reset, 1 | 2 | 4) && (i == at as usize || last && i < at as usize);
             if before_end {
                 let mut s = Script::new();
-                let d = if reset == 1 {
+                let d = if reset != 2 {
                     Direction::Received
                 } else {
                     Direction::Sent
@@ -1117,7 +1118,7 @@ mod tests {
             let mut s = Script::new();
             s.t(sk, C, S, *from, *to);
             out.push(s);
-            if last && reset == 3 {
+            if last && matches!(reset, 3 | 4) {
                 let mut s = Script::new();
                 s.rst(Some(sk), C, S, Direction::Sent);
                 out.push(s);

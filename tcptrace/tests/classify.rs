@@ -317,6 +317,54 @@ fn abort(s: TcpStream) {
 }
 
 #[test]
+fn the_kernels_own_abort_on_data_is_a_reset_sent() {
+    if !root_or_skip("the_kernels_own_abort_on_data_is_a_reset_sent") {
+        return;
+    }
+    let pair = NetPair::new();
+    for (v6, port) in ports(47_000) {
+        // The server shuts both ways but keeps its socket (FIN_WAIT2, reading side shut);
+        // the client, having read the FIN, still sends: the server's kernel aborts on data
+        // ("receives" a reset through tcp_reset, then sends one, TCP_ABORT_ON_DATA).
+        let what = format!("abort on data after shutdown, v6={v6}");
+        let (raw, closes) = run(
+            &pair,
+            v6,
+            port,
+            true,
+            |s| {
+                s.shutdown(Shutdown::Both).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            },
+            |a| {
+                let mut c = TcpStream::connect(a).unwrap();
+                drain(&c);
+                c.write_all(b"late data").unwrap();
+                // Once the reset has arrived (in CLOSE_WAIT the kernel reports it as EPIPE),
+                // writing fails.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let reset = loop {
+                    std::thread::sleep(Duration::from_millis(10));
+                    match c.write_all(b"more") {
+                        Err(e) => break e,
+                        Ok(()) => assert!(Instant::now() < deadline, "no reset came"),
+                    }
+                };
+                assert_eq!(reset.kind(), std::io::ErrorKind::BrokenPipe, "{reset}");
+            },
+        );
+        check(
+            &raw,
+            &closes,
+            port,
+            (Remote, RstReceived, false),
+            (Local, RstSent, false),
+            &what,
+        );
+    }
+}
+
+#[test]
 fn resets_by_either_side_and_refused_connects() {
     if !root_or_skip("resets_by_either_side_and_refused_connects") {
         return;
