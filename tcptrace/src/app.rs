@@ -125,15 +125,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 let view = Population::new(compiled, out, format, wall, interval, timers)
                     .records(facts.records)
                     .max_sockets(a.common.source.max_sockets);
-                // Live, count the TIME_WAIT sockets that exist already (own namespace).
+                // Live, count the TIME_WAIT sockets that exist already, in every namespace.
                 Ok(Box::new(if live {
-                    match crate::diag::time_wait_sockets() {
-                        Ok(found) => view.seed(&found, crate::probe::monotonic_ns()),
-                        Err(e) => {
-                            log::warn!("cannot read existing TIME_WAIT sockets (sock_diag): {e}");
-                            view
-                        }
-                    }
+                    let found = backfill_timewaits(a.common.source.max_sockets);
+                    view.seed(&found, crate::probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -349,6 +344,28 @@ fn drive<'a>(
     };
     let mut view = make_view(facts)?;
     live(probe, recorder, view.as_mut(), source.duration)
+}
+
+/// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),
+/// saying once what could not be seen.
+fn backfill_timewaits(limit: usize) -> Vec<crate::diag::DiagTimewait> {
+    let b = crate::diag::time_wait_sockets_everywhere(limit);
+    if b.unreachable > 0 {
+        log::warn!(
+            "existing TIME_WAIT sockets of {} of {} network namespaces cannot be read (they \
+             count from their next event): {}",
+            b.unreachable,
+            b.namespaces + b.unreachable,
+            b.first_error.as_deref().unwrap_or("")
+        );
+    }
+    if b.skipped > 0 {
+        log::warn!(
+            "{} existing TIME_WAIT sockets beyond --max-sockets {limit} were left out",
+            b.skipped
+        );
+    }
+    b.timewaits
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

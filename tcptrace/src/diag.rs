@@ -1,9 +1,12 @@
 //! The TIME_WAIT and listening sockets that exist now, from sock_diag (`NETLINK_SOCK_DIAG`, the netlink
-//! interface behind `ss`). It sees only the caller's own network namespace.
+//! interface behind `ss`). sock_diag answers for the caller's network namespace: the
+//! backfill of every namespace enters each in a thread of its own ([`in_namespace`]).
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
 };
 
 /// A TIME_WAIT socket as sock_diag reports it.
@@ -15,6 +18,124 @@ pub struct DiagTimewait {
     pub remote: SocketAddr,
     /// Milliseconds until its timer expires.
     pub expires_ms: u32,
+    /// The inode of its network namespace (None: unknown).
+    pub netns: Option<u32>,
+}
+
+/// A network namespace: its inode, and a path that opens it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Its inode number (what events carry as `netns`).
+    pub inode: u32,
+    /// `/proc/self/ns/net`, `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub path: PathBuf,
+}
+
+/// Every network namespace in use on the host, each once (by inode): this process's own
+/// first, then those `ip netns` names, then those of every process (containers).
+pub fn network_namespaces() -> Vec<Namespace> {
+    let mut paths = vec![PathBuf::from("/proc/self/ns/net")];
+    let mut named: Vec<PathBuf> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    named.sort();
+    paths.extend(named);
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    paths.extend(
+        pids.iter()
+            .map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))),
+    );
+    let mut seen = std::collections::HashSet::new();
+    paths
+        .into_iter()
+        .filter_map(|path| {
+            let inode = ns_inode(&path)?;
+            seen.insert(inode).then_some(Namespace { inode, path })
+        })
+        .collect()
+}
+
+/// The inode of the namespace at `path` (a symlink `net:[N]` or a bind mount of it).
+fn ns_inode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    u32::try_from(std::fs::metadata(path).ok()?.ino()).ok()
+}
+
+/// Runs `f` inside the network namespace `ns`, in a thread of its own (entering a namespace
+/// changes the calling thread's; the caller's stays where it is). Entering another
+/// namespace needs CAP_SYS_ADMIN.
+pub fn in_namespace<T: Send>(
+    ns: &Namespace,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    let file = std::fs::File::open(&ns.path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor we own, affecting only this (scoped) thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the backfill thread panicked")))
+    })
+}
+
+/// What the backfill of every namespace found.
+#[derive(Debug, Default)]
+pub struct Backfill {
+    /// The TIME_WAIT sockets found, at most the limit asked for.
+    pub timewaits: Vec<DiagTimewait>,
+    /// Namespaces looked into.
+    pub namespaces: usize,
+    /// Namespaces that could not be entered or read, with the first error.
+    pub unreachable: usize,
+    /// Why the first of them could not.
+    pub first_error: Option<String>,
+    /// TIME_WAIT sockets left out beyond the limit.
+    pub skipped: usize,
+}
+
+/// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
+pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill {
+    let mut b = Backfill::default();
+    for (i, ns) in network_namespaces().iter().enumerate() {
+        // The own namespace needs no entering (nor the privilege to).
+        let found = if i == 0 {
+            time_wait_sockets()
+        } else {
+            in_namespace(ns, time_wait_sockets)
+        };
+        match found {
+            Ok(found) => {
+                b.namespaces += 1;
+                for mut d in found {
+                    if b.timewaits.len() >= limit {
+                        b.skipped += 1;
+                        continue;
+                    }
+                    d.netns = Some(ns.inode);
+                    b.timewaits.push(d);
+                }
+            }
+            Err(e) => {
+                b.unreachable += 1;
+                b.first_error
+                    .get_or_insert_with(|| format!("{}: {e}", ns.path.display()));
+            }
+        }
+    }
+    b
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -150,6 +271,7 @@ fn msg(p: &[u8]) -> DiagTimewait {
         local: SocketAddr::new(addr(8), sport),
         remote: SocketAddr::new(addr(24), dport),
         expires_ms: u32::from_ne_bytes([p[52], p[53], p[54], p[55]]),
+        netns: None,
     }
 }
 
@@ -182,6 +304,7 @@ mod tests {
                 local: "10.0.0.1:40000".parse().unwrap(),
                 remote: "10.0.0.2:80".parse().unwrap(),
                 expires_ms: 59_000,
+                netns: None,
             }]
         );
         assert!(

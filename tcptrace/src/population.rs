@@ -31,6 +31,7 @@ struct Seeded {
     local: SocketAddr,
     remote: SocketAddr,
     expires_ns: u64,
+    netns: Option<u32>,
 }
 
 /// One count in a top list.
@@ -158,9 +159,8 @@ impl<W: Write> Population<W> {
     /// Adds the timewait sockets that existed before tracing began (from sock_diag, in the
     /// tracer's own namespace), as of `now_ns`.
     pub fn seed(mut self, found: &[DiagTimewait], now_ns: u64) -> Self {
-        // sock_diag answers for tcptrace's own network namespace only.
-        let netns = crate::filter::netns_inode(std::path::Path::new("/proc/self/ns/net")).ok();
         for d in found {
+            let netns = d.netns;
             // Through the same filter as traced ones: a synthetic arming.
             let raw = encode_timer(&TimerEvent {
                 ts_ns: now_ns,
@@ -180,6 +180,7 @@ impl<W: Write> Population<W> {
                     local: d.local,
                     remote: d.remote,
                     expires_ns: now_ns + u64::from(d.expires_ms) * 1_000_000,
+                    netns,
                 });
             }
         }
@@ -228,11 +229,12 @@ impl<W: Write> Population<W> {
     /// The population now.
     pub fn snapshot(&mut self) -> Snapshot {
         let now = self.now;
-        // A seeded socket whose timer was re-armed since is traced now: count it once.
-        let traced: std::collections::HashSet<(SocketAddr, SocketAddr)> =
-            self.lives().map(|l| (l.local, l.remote)).collect();
+        // A seeded socket whose timer was re-armed since is traced now: count it once (the
+        // same 4-tuple may live in two namespaces).
+        let traced: std::collections::HashSet<(Option<u32>, SocketAddr, SocketAddr)> =
+            self.lives().map(|l| (l.netns, l.local, l.remote)).collect();
         self.seeded
-            .retain(|s| s.expires_ns > now && !traced.contains(&(s.local, s.remote)));
+            .retain(|s| s.expires_ns > now && !traced.contains(&(s.netns, s.local, s.remote)));
         let mut by_port: HashMap<u16, u64> = HashMap::new();
         let mut by_remote: HashMap<SocketAddr, u64> = HashMap::new();
         let mut by_proc: HashMap<String, u64> = HashMap::new();

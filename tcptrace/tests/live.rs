@@ -435,6 +435,10 @@ fn check_reports_every_requirement() {
     );
     assert!(text.contains("load and attach"), "{text}");
     assert!(
+        text.contains("✓ sockets that exist at start") && text.contains("network namespaces ("),
+        "root reads every namespace's sockets: {text}"
+    );
+    assert!(
         text.contains("(BTF tracepoints, per-socket state in socket-local storage"),
         "names the kernel side it loads: {text}"
     );
@@ -445,6 +449,12 @@ fn check_reports_every_requirement() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("✓ load and attach"), "{text}");
     assert!(text.contains("only kernels without BTF need it"), "{text}");
+    if crate::common::other_network_namespaces() {
+        assert!(
+            text.contains("! sockets that exist at start") && text.contains("CAP_SYS_ADMIN"),
+            "without CAP_SYS_ADMIN other namespaces cannot be read, and check says so: {text}"
+        );
+    }
 
     let out = as_nobody("-all", &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);

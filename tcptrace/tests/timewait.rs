@@ -401,3 +401,55 @@ fn two_namespaces_populations_are_counted_and_none_is_seeded_from_ours() {
     };
     assert_eq!((count(&pair.a), count(&pair.b)), (3, 2));
 }
+
+#[test]
+fn time_wait_sockets_of_every_namespace_are_counted_from_the_start() {
+    if !root_or_skip("time_wait_sockets_of_every_namespace_are_counted_from_the_start") {
+        return;
+    }
+    let pair = NetPair::new();
+    let port = 27_000 + (std::process::id() % 1000) as u16;
+    // Three TIME_WAIT sockets in namespace a (its clients close first), before tracing.
+    let in_b = SocketAddr::new(pair.b4, port);
+    let srv = server(&pair, in_b, 3);
+    let clients: Vec<SocketAddr> = (0..3).map(|_| client(&pair, in_b, 0)).collect();
+    srv.join().unwrap();
+    let ns_a = std::fs::metadata(format!("/run/netns/{}", pair.a))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    // The kernel's own list (sock_diag, in namespace a) holds them.
+    for c in &clients {
+        assert!(in_sock_diag(&pair.a, *c, in_b), "{c} in TIME_WAIT");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args([
+            "timewait",
+            "--json",
+            "--interval",
+            "1s",
+            "--duration",
+            "1500ms",
+        ])
+        .args(["--port", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let first: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "timewait_population")
+        .unwrap_or_else(|| panic!("no population in {text}"));
+    assert_eq!(
+        first["seeded"], 3,
+        "namespace {ns_a}'s, from the start: {first:#}"
+    );
+    assert_eq!(first["population"], 3, "{first:#}");
+    let remote = &first["by_remote"][0];
+    assert_eq!(remote["key"], in_b.to_string(), "{first:#}");
+    assert_eq!(remote["count"], 3, "{first:#}");
+}

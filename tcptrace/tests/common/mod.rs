@@ -350,3 +350,9 @@ pub fn start_tracer(args: &[&str]) -> std::process::Child {
     assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
     tracer
 }
+
+/// Whether the host has a network namespace other than this process's (a test's own
+/// namespaces count: they live in /run/netns).
+pub fn other_network_namespaces() -> bool {
+    tcptrace::diag::network_namespaces().len() > 1
+}
