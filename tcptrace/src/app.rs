@@ -87,7 +87,8 @@ pub fn run(cli: Cli) -> Result<()> {
                         cli.count,
                     )
                     .max_sockets(cli.common.source.max_sockets)
-                    .timers(facts.timers),
+                    .timers(facts.timers)
+                    .known_at_start(&facts.at_start),
                 ))
             })
         }
@@ -106,7 +107,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
-                        .timers(facts.timers),
+                        .timers(facts.timers)
+                        .known_at_start(&facts.at_start),
                 ))
             })
         }
@@ -186,7 +188,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
             .max_sockets(a.source.max_sockets)
-            .timers(facts.timers);
+            .timers(facts.timers)
+            .known_at_start(&facts.at_start);
         if a.source.from.is_none() {
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
@@ -258,7 +261,7 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
 /// with `filter`'s kernel part.
 /// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
 /// What a view is told of its source.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Facts {
     /// CLOCK_REALTIME − CLOCK_MONOTONIC of the traced host.
     wall_offset_ns: i64,
@@ -266,6 +269,8 @@ struct Facts {
     timers: bool,
     /// Connection records come (the view reads connections from them).
     records: bool,
+    /// Connections open when tracing began (live only).
+    at_start: Vec<crate::track::AtStart>,
 }
 
 /// What a view reads.
@@ -290,6 +295,7 @@ fn drive<'a>(
             wall_offset_ns: h.wall_offset_ns,
             timers: h.flags & header_flag::TIMERS_TRACED != 0,
             records: h.flags & header_flag::CONNECTIONS != 0,
+            at_start: Vec::new(),
         })?;
         return replay(&mut reader, view.as_mut())
             .with_context(|| format!("replaying {}", path.display()));
@@ -320,10 +326,13 @@ fn drive<'a>(
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
+    // After attaching: a connection opened meanwhile is seen from its birth as well.
+    let at_start = backfill_connections(source.max_sockets);
     let facts = Facts {
         wall_offset_ns: wall_offset_ns(),
         timers: probe.timewait_traced(),
         records: probe.connection_records(),
+        at_start,
     };
     let flags = (if facts.timers {
         header_flag::TIMERS_TRACED
@@ -346,6 +355,51 @@ fn drive<'a>(
     live(probe, recorder, view.as_mut(), source.duration)
 }
 
+/// The connections open now in every network namespace (at most `limit`), with their role
+/// and owner, saying once what could not be seen.
+fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
+    use crate::{
+        event::{Comm, Owner},
+        track::Role,
+    };
+    let b = crate::diag::connections_everywhere(limit);
+    if b.unreachable > 0 {
+        log::warn!(
+            "open connections of {} of {} network namespaces cannot be read (those that \
+             close get no role): {}",
+            b.unreachable,
+            b.namespaces + b.unreachable,
+            b.first_error.as_deref().unwrap_or("")
+        );
+    }
+    let inodes = b
+        .found
+        .iter()
+        .map(|e| e.inode)
+        .filter(|i| *i != 0)
+        .collect();
+    let owners = crate::diag::socket_owners(&inodes);
+    b.found
+        .iter()
+        .map(|e| crate::track::AtStart {
+            netns: Some(e.netns),
+            local: e.local,
+            remote: e.remote,
+            role: if e.server { Role::Server } else { Role::Client },
+            owner: owners.get(&e.inode).map(|(pid, comm)| {
+                let mut c = [0u8; 16];
+                let n = comm.len().min(15);
+                c[..n].copy_from_slice(&comm.as_bytes()[..n]);
+                Owner {
+                    pid: *pid,
+                    comm: Comm(c),
+                    from_listener: false,
+                }
+            }),
+        })
+        .collect()
+}
+
 /// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),
 /// saying once what could not be seen.
 fn backfill_timewaits(limit: usize) -> Vec<crate::diag::DiagTimewait> {
@@ -365,7 +419,7 @@ fn backfill_timewaits(limit: usize) -> Vec<crate::diag::DiagTimewait> {
             b.skipped
         );
     }
-    b.timewaits
+    b.found
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -168,6 +168,7 @@ fn containers() -> Result<String, String> {
 /// network namespace (sock_diag, entering each).
 fn backfill() -> Result<String, String> {
     let b = crate::diag::time_wait_sockets_everywhere(0);
+    let _: &[crate::diag::DiagTimewait] = &b.found;
     let total = b.namespaces + b.unreachable;
     if b.unreachable > 0 {
         return Err(format!(

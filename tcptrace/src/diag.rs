@@ -3,6 +3,7 @@
 //! backfill of every namespace enters each in a thread of its own ([`in_namespace`]).
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd as _,
@@ -20,6 +21,32 @@ pub struct DiagTimewait {
     pub expires_ms: u32,
     /// The inode of its network namespace (None: unknown).
     pub netns: Option<u32>,
+}
+
+/// A socket as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// Its TCP state (kernel number).
+    pub state: u8,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Milliseconds until its pending timer expires (0: none).
+    pub expires_ms: u32,
+    /// The inode of its socket file (0: none, as for timewait sockets and orphans).
+    pub inode: u32,
+}
+
+impl DiagSocket {
+    fn timewait(&self) -> DiagTimewait {
+        DiagTimewait {
+            local: self.local,
+            remote: self.remote,
+            expires_ms: self.expires_ms,
+            netns: None,
+        }
+    }
 }
 
 /// A network namespace: its inode, and a path that opens it.
@@ -91,42 +118,46 @@ pub fn in_namespace<T: Send>(
     })
 }
 
-/// What the backfill of every namespace found.
-#[derive(Debug, Default)]
-pub struct Backfill {
-    /// The TIME_WAIT sockets found, at most the limit asked for.
-    pub timewaits: Vec<DiagTimewait>,
+/// What a backfill of every namespace found.
+#[derive(Debug)]
+pub struct Backfill<T> {
+    /// What was found, at most the limit asked for.
+    pub found: Vec<T>,
     /// Namespaces looked into.
     pub namespaces: usize,
-    /// Namespaces that could not be entered or read, with the first error.
+    /// Namespaces that could not be entered or read.
     pub unreachable: usize,
     /// Why the first of them could not.
     pub first_error: Option<String>,
-    /// TIME_WAIT sockets left out beyond the limit.
+    /// Items left out beyond the limit.
     pub skipped: usize,
 }
 
-/// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
-pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill {
-    let mut b = Backfill::default();
+/// Runs `read` in every network namespace (this process's own without entering it: that
+/// needs no privilege) and gathers at most `limit` items.
+fn everywhere<T: Send>(
+    limit: usize,
+    read: impl Fn(&Namespace) -> io::Result<Vec<T>> + Sync,
+) -> Backfill<T> {
+    let mut b = Backfill {
+        found: Vec::new(),
+        namespaces: 0,
+        unreachable: 0,
+        first_error: None,
+        skipped: 0,
+    };
     for (i, ns) in network_namespaces().iter().enumerate() {
-        // The own namespace needs no entering (nor the privilege to).
         let found = if i == 0 {
-            time_wait_sockets()
+            read(ns)
         } else {
-            in_namespace(ns, time_wait_sockets)
+            in_namespace(ns, || read(ns))
         };
         match found {
             Ok(found) => {
                 b.namespaces += 1;
-                for mut d in found {
-                    if b.timewaits.len() >= limit {
-                        b.skipped += 1;
-                        continue;
-                    }
-                    d.netns = Some(ns.inode);
-                    b.timewaits.push(d);
-                }
+                let room = limit.saturating_sub(b.found.len());
+                b.skipped += found.len().saturating_sub(room);
+                b.found.extend(found.into_iter().take(room));
             }
             Err(e) => {
                 b.unreachable += 1;
@@ -136,6 +167,103 @@ pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill {
         }
     }
     b
+}
+
+/// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
+pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill<DiagTimewait> {
+    everywhere(limit, |ns| {
+        let mut found = time_wait_sockets()?;
+        for d in &mut found {
+            d.netns = Some(ns.inode);
+        }
+        Ok(found)
+    })
+}
+
+/// A connection that was open when tracing began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Existing {
+    /// Its network namespace's inode.
+    pub netns: u32,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Its state then (kernel number).
+    pub state: u8,
+    /// Accepted from a listener: its namespace listens on its local port (on its address
+    /// or any). Otherwise it connected.
+    pub server: bool,
+    /// The inode of its socket file (0: none, an orphan), for its owner.
+    pub inode: u32,
+}
+
+/// The states of a full socket's connection (not listening, not yet accepted, not ended).
+const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
+
+/// Every connection open now in every network namespace on the host (at most `limit`),
+/// each with its role from its namespace's listeners.
+pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
+    everywhere(limit, |ns| {
+        let listeners = sockets(1 << TCP_LISTEN)?;
+        let open = sockets(OPEN_STATES)?;
+        Ok(open
+            .iter()
+            .map(|s| Existing {
+                netns: ns.inode,
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                server: listeners.iter().any(|l| {
+                    l.local.port() == s.local.port()
+                        && (l.local.ip().is_unspecified() || l.local.ip() == s.local.ip())
+                }),
+                inode: s.inode,
+            })
+            .collect())
+    })
+}
+
+/// The processes that hold the socket files of `inodes`: socket inode → (pid, command),
+/// read from every process's descriptors (as `ss -p` does).
+pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u32, String)> {
+    let mut owners = HashMap::new();
+    if inodes.is_empty() {
+        return owners;
+    }
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let mut comm = None;
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if inodes.contains(&inode) && !owners.contains_key(&inode) {
+                let comm = comm.get_or_insert_with(|| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|c| c.trim_end().to_string())
+                        .unwrap_or_default()
+                });
+                owners.insert(inode, (pid, comm.clone()));
+            }
+        }
+    }
+    owners
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -155,9 +283,18 @@ const MSG_LEN: usize = 72;
 
 /// Every TIME_WAIT socket (IPv4 and IPv6) in this network namespace.
 pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
+    Ok(sockets(1 << TCP_TIME_WAIT)?
+        .iter()
+        .map(DiagSocket::timewait)
+        .collect())
+}
+
+/// The TCP sockets (IPv4 and IPv6) of this network namespace in the states of `states`
+/// (bits `1 << state`).
+pub fn sockets(states: u32) -> io::Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, 1 << TCP_TIME_WAIT, &mut out)?;
+        dump(family, states, &mut out)?;
     }
     Ok(out)
 }
@@ -165,10 +302,7 @@ pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
 /// The ports that TCP sockets listen on in this network namespace (IPv4 and IPv6), sorted,
 /// without duplicates.
 pub fn listening_ports() -> io::Result<Vec<u16>> {
-    let mut found = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, 1 << TCP_LISTEN, &mut found)?;
-    }
+    let found = sockets(1 << TCP_LISTEN)?;
     let mut ports: Vec<u16> = found.iter().map(|s| s.local.port()).collect();
     ports.sort_unstable();
     ports.dedup();
@@ -176,7 +310,7 @@ pub fn listening_ports() -> io::Result<Vec<u16>> {
 }
 
 /// The sockets of `family` in the states of `states` (bits `1 << state`).
-fn dump(family: u8, states: u32, out: &mut Vec<DiagTimewait>) -> io::Result<()> {
+fn dump(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
     // SAFETY: a plain socket call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -219,7 +353,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<DiagTimewait>) -> io::Result<()> 
 }
 
 /// Parses one datagram of netlink messages; true once the dump is complete.
-fn parse(mut b: &[u8], out: &mut Vec<DiagTimewait>) -> io::Result<bool> {
+fn parse(mut b: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
     while b.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes(b[0..4].try_into().map_err(|_| bad())?) as usize;
@@ -253,8 +387,9 @@ fn parse(mut b: &[u8], out: &mut Vec<DiagTimewait>) -> io::Result<bool> {
 }
 
 /// One `inet_diag_msg`: family, state, timer, retrans, then `inet_diag_sockid` (ports in
-/// network order, 16-byte addresses, interface, cookie), then `idiag_expires`.
-fn msg(p: &[u8]) -> DiagTimewait {
+/// network order, 16-byte addresses, interface, cookie), then `idiag_expires`, the queues,
+/// the uid and the inode.
+fn msg(p: &[u8]) -> DiagSocket {
     let family = p[0];
     let sport = u16::from_be_bytes([p[4], p[5]]);
     let dport = u16::from_be_bytes([p[6], p[7]]);
@@ -267,11 +402,13 @@ fn msg(p: &[u8]) -> DiagTimewait {
             IpAddr::V6(Ipv6Addr::from(a))
         }
     };
-    DiagTimewait {
+    let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    DiagSocket {
+        state: p[1],
         local: SocketAddr::new(addr(8), sport),
         remote: SocketAddr::new(addr(24), dport),
-        expires_ms: u32::from_ne_bytes([p[52], p[53], p[54], p[55]]),
-        netns: None,
+        expires_ms: word(52),
+        inode: word(68),
     }
 }
 
@@ -292,6 +429,7 @@ mod tests {
         m[p + 8..p + 12].copy_from_slice(&[10, 0, 0, 1]);
         m[p + 24..p + 28].copy_from_slice(&[10, 0, 0, 2]);
         m[p + 52..p + 56].copy_from_slice(&59_000u32.to_ne_bytes());
+        m[p + 68..p + 72].copy_from_slice(&4242u32.to_ne_bytes());
         let mut done = vec![0u8; NLMSG_HDR + 4];
         done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -300,11 +438,12 @@ mod tests {
         assert!(parse(&done, &mut out).unwrap());
         assert_eq!(
             out,
-            [DiagTimewait {
+            [DiagSocket {
+                state: 6,
                 local: "10.0.0.1:40000".parse().unwrap(),
                 remote: "10.0.0.2:80".parse().unwrap(),
                 expires_ms: 59_000,
-                netns: None,
+                inode: 4242,
             }]
         );
         assert!(

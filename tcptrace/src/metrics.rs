@@ -419,6 +419,13 @@ impl Metrics {
         self
     }
 
+    /// Connections open when tracing began (from the backfill): their closes get the role
+    /// and owner found then.
+    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+        self.pipe = self.pipe.known_at_start(found);
+        self
+    }
+
     /// Follows at most `n` sockets, and `n` timewait sockets, at once.
     pub fn max_sockets(mut self, n: usize) -> Self {
         self.pipe = self.pipe.max_sockets(n);

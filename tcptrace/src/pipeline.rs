@@ -74,6 +74,15 @@ impl Pipeline {
         self
     }
 
+    /// Connections open when tracing began (from the backfill): their closes get the role
+    /// and owner found then.
+    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Pipeline {
+        if let Some(t) = &mut self.tracker {
+            t.known_at_start(found);
+        }
+        self
+    }
+
     /// Whether connections come from their records.
     pub fn uses_records(&self) -> bool {
         self.records

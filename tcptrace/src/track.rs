@@ -286,6 +286,27 @@ pub struct Tracker {
     last_loss: Option<u64>,
     /// Lives come whole in connection records: transitions are not followed.
     records: bool,
+    /// Connections open when tracing began (from the backfill), by namespace and endpoints:
+    /// the role and owner of those that close mid-life.
+    at_start: FastMap<Endpoints, (Role, Option<Owner>)>,
+}
+
+/// A connection's network namespace and endpoints (local, remote).
+type Endpoints = (Option<u32>, SocketAddr, SocketAddr);
+
+/// A connection open when tracing began: what its close, seen mid-life, can be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtStart {
+    /// Its network namespace's inode.
+    pub netns: Option<u32>,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Accepted from a listener, or connected.
+    pub role: Role,
+    /// The process that held its socket then.
+    pub owner: Option<Owner>,
 }
 
 /// The default number of sockets followed at once.
@@ -309,6 +330,16 @@ impl Tracker {
             clock: 0,
             last_loss: None,
             records: false,
+            at_start: FastMap::default(),
+        }
+    }
+
+    /// Connections open when tracing began: their closes get the role and owner found then
+    /// (at most the tracker's cap of them are kept).
+    pub fn known_at_start(&mut self, found: &[AtStart]) {
+        for c in found.iter().take(self.cap) {
+            self.at_start
+                .insert((c.netns, c.local, c.remote), (c.role, c.owner));
         }
     }
 
@@ -484,6 +515,15 @@ impl Tracker {
             && first_ts <= ts
         {
             evidence.cross();
+        }
+        if close.midlife
+            && !self.at_start.is_empty()
+            && let Some((role, owner)) = self.at_start.remove(&(t.netns, t.local, t.remote))
+        {
+            if close.role == Role::Unknown {
+                close.role = role;
+            }
+            close.owner = close.owner.or(owner);
         }
         let verdict = conclude(evidence, t.from as u8, t.to as u8);
         close.initiator = verdict.initiator;
@@ -984,6 +1024,42 @@ mod tests {
 
     fn any_event() -> impl Strategy<Value = (u64, u8, u8, u8)> {
         (0u64..4, 0u8..16, 1u8..=12, 1u8..=12)
+    }
+
+    #[test]
+    fn a_connection_open_before_the_trace_gets_the_role_the_backfill_found() {
+        let mut s = Script::new();
+        // Seen from ESTABLISHED on (socket 1 opened before tracing), and a fresh one (2).
+        s.t(1, C, S, Established, FinWait1)
+            .t(1, C, S, FinWait1, FinWait2)
+            .t(1, C, S, FinWait2, TimeWait)
+            .t(2, S, C, Listen, SynRecv)
+            .t(2, S, C, SynRecv, Established)
+            .t(2, S, C, Established, CloseWait)
+            .t(2, S, C, CloseWait, LastAck)
+            .t(2, S, C, LastAck, Close);
+        let known = |local: &str, remote: &str, netns: u32, role| AtStart {
+            netns: Some(netns),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            role,
+            owner: None,
+        };
+        let mut tr = Tracker::default();
+        tr.known_at_start(&[
+            known(C, S, 4_026_531_841, Role::Client),
+            // Another namespace's connection on the same endpoints tells nothing.
+            known(S, C, 1, Role::Client),
+        ]);
+        let mut out = Vec::new();
+        for e in &s.events {
+            tr.observe(e, &mut out);
+        }
+        tr.flush(&mut out);
+        out.sort_by_key(|c| c.skaddr);
+        assert_eq!((out[0].role, out[0].midlife), (Role::Client, true));
+        assert_eq!(out[0].lifetime_ns, None, "its birth was not seen");
+        assert_eq!((out[1].role, out[1].midlife), (Role::Server, false));
     }
 
     /// What the kernel writes for `events` when views read connections: each socket's life

@@ -538,3 +538,72 @@ fn simultaneous_attempt(pair: &NetPair, v6: bool, port: u16) -> bool {
         true
     }
 }
+
+#[test]
+fn a_connection_older_than_the_trace_gets_its_role_and_owner() {
+    if !root_or_skip("a_connection_older_than_the_trace_gets_its_role_and_owner") {
+        return;
+    }
+    let pair = NetPair::new();
+    let port = 48_000 + (std::process::id() % 500) as u16;
+    let addr = SocketAddr::new(pair.b4, port);
+    // Open before tracing begins: a server in namespace b, its client in namespace a.
+    let (tx, rx) = mpsc::channel();
+    let (close_tx, close_rx) = mpsc::channel::<()>();
+    let srv = NetPair::run_in(&pair.b, move || {
+        let l = TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        let (c, _) = l.accept().unwrap();
+        drain(&c);
+    });
+    rx.recv().unwrap();
+    let (opened_tx, opened_rx) = mpsc::channel();
+    let cli = NetPair::run_in(&pair.a, move || {
+        let c = TcpStream::connect(addr).unwrap();
+        opened_tx.send(()).unwrap();
+        close_rx.recv().unwrap();
+        drop(c);
+    });
+    opened_rx.recv().unwrap();
+    let tracer = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args([
+            "report",
+            "--json",
+            "--duration",
+            "2s",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed while traced (the client first).
+    std::thread::sleep(Duration::from_millis(1000));
+    close_tx.send(()).unwrap();
+    cli.join().unwrap();
+    srv.join().unwrap();
+    let out = tracer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Both sides known (rows `in` and `out`, not `unknown`): the accepted one by its
+    // namespace's listener, the other connected; each with an owner.
+    for (dir, initiator) in [("out", "local"), ("in", "remote")] {
+        let r = row(&rep, port, dir);
+        assert_eq!(r["closed"], 1, "{dir}: {rep:#}");
+        assert_eq!(r[initiator], 1, "{dir}: {rep:#}");
+        assert_ne!(r["top_processes"][0]["comm"], "?", "{dir}: {rep:#}");
+    }
+    assert!(
+        rep["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["direction"] != "unknown"),
+        "{rep:#}"
+    );
+}
