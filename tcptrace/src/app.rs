@@ -136,6 +136,37 @@ pub fn run(cli: Cli) -> Result<()> {
                 }))
             })
         }
+        Some(Command::Ports(a)) => {
+            let filter = a.common.filter.filter();
+            let format = a.common.output.format();
+            let interval = a.interval.as_nanos() as u64;
+            let live = a.common.source.from.is_none();
+            let names = cgroup_names(&a.common.source, &filter);
+            drive(&filter, &a.common.source, Reads::Transitions, |facts| {
+                if !facts.timers {
+                    log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
+                }
+                let compiled = filter.compile().with_cgroups(names);
+                let ranges = Box::new(crate::ports::HostRanges::default());
+                let view = crate::ports::Ports::new(
+                    compiled,
+                    ranges,
+                    out,
+                    format,
+                    facts.wall_offset_ns,
+                    interval,
+                )
+                .max_sockets(a.common.source.max_sockets)
+                .timers(facts.timers);
+                Ok(Box::new(if live {
+                    let open = crate::diag::connections_everywhere(a.common.source.max_sockets);
+                    let tws = backfill_timewaits(a.common.source.max_sockets);
+                    view.seed(&open.found, &tws, crate::probe::monotonic_ns())
+                } else {
+                    view
+                }))
+            })
+        }
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();

@@ -41,9 +41,22 @@ Examples:
   sudo tcptrace timewait --lport 8080 -i 10s the server side of :8080
   sudo tcptrace timewait --json --duration 1m
 
-At start-up the TIME_WAIT sockets already present in tcptrace's own network namespace are
-read from sock_diag (as `ss` does) and counted as `seeded`, their ages estimated from their
-timers; those created later are traced in every namespace.";
+At start-up the TIME_WAIT sockets already present in every network namespace are read from
+sock_diag (as `ss` does) and counted as `seeded`, their ages estimated from their timers;
+those created later are traced.";
+
+const PORTS_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace ports                        every second until Ctrl-C
+  sudo tcptrace ports --rport 5432 -i 5s     connections to PostgreSQL servers
+  sudo tcptrace ports --json --duration 1m
+
+A local port is held from connect() until the socket is gone, its TIME_WAIT included (the
+side that closes first keeps it 60 s). Without bind() before connect(), one port serves many
+destinations at once: ports run out per destination (local address, remote address and
+port), each choosing from the namespace's ip_local_port_range minus ip_local_reserved_ports.
+FAILED counts connects that found no free port (EADDRNOTAVAIL); EXHAUSTION is the time left
+at the current rise.";
 
 const HIST_EXAMPLES: &str = "\
 Examples:
@@ -108,6 +121,11 @@ pub enum Command {
     /// expires soon, creation and expiry rates.
     #[command(after_help = TIMEWAIT_EXAMPLES)]
     Timewait(TimewaitArgs),
+    /// Running out of local ports: per destination, the ports held (open connections and
+    /// TIME_WAIT) out of those the port range allows, connect rate, connects that failed for
+    /// want of a port, and the time left at the current rise.
+    #[command(after_help = PORTS_EXAMPLES)]
+    Ports(PortsArgs),
     /// A Prometheus exporter: transitions, closes by port, role and initiator, the TIME_WAIT
     /// population and its residency, state durations, on /metrics.
     #[command(after_help = SERVE_EXAMPLES)]
@@ -163,6 +181,16 @@ pub struct TimewaitArgs {
     pub common: CommonArgs,
     /// How often to print the population.
     #[arg(short, long, value_name = "INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+/// `tcptrace ports`.
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// How often to print the table.
+    #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
 }
 

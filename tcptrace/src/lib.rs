@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod population;
+pub mod ports;
 pub mod probe;
 pub mod record;
 pub mod report;
