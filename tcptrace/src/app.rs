@@ -167,6 +167,40 @@ pub fn run(cli: Cli) -> Result<()> {
                 }))
             })
         }
+        Some(Command::Doctor(a)) => {
+            let filter = a.common.filter.filter();
+            let format = a.common.output.format();
+            let mut source = a.common.source.clone();
+            source.duration = source.duration.or(Some(Duration::from_secs(30)));
+            let names = cgroup_names(&source, &filter);
+            let problems = std::rc::Rc::new(std::cell::Cell::new(0));
+            let counted = problems.clone();
+            drive(&filter, &source, Reads::Transitions, |facts| {
+                let compiled = filter.compile().with_cgroups(names);
+                let namespaces: Vec<Option<u32>> = crate::diag::network_namespaces()
+                    .iter()
+                    .map(|n| Some(n.inode))
+                    .collect();
+                let view = crate::doctor::Doctor::new(
+                    compiled,
+                    Box::new(crate::doctor::Host),
+                    Box::new(crate::ports::HostRanges::default()),
+                    out,
+                    format,
+                )
+                .timers(facts.timers)
+                .counters_at_start(&namespaces)
+                .count_problems_in(counted);
+                Ok(Box::new(view))
+            })
+            .and_then(|()| match problems.get() {
+                0 => Ok(()),
+                n => Err(anyhow::anyhow!(
+                    "doctor: {n} setting{} a problem here (see above)",
+                    if n == 1 { " is" } else { "s are" }
+                )),
+            })
+        }
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();

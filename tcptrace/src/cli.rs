@@ -45,6 +45,17 @@ At start-up the TIME_WAIT sockets already present in every network namespace are
 sock_diag (as `ss` does) and counted as `seeded`, their ages estimated from their timers;
 those created later are traced.";
 
+const DOCTOR_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace doctor                       30 s of traffic, then one verdict per setting
+  sudo tcptrace doctor --duration 5m --json  for a longer look, as data
+  tcptrace doctor --from trace.tcptrace      judge a recording (settings read from this host)
+
+Each finding: the setting and its value in the namespace, a verdict (problem, warning, ok,
+info), the measurement behind it in one line, and what to do. Where the evidence says so,
+the advice is to change who closes first (keep-alive, pooling, letting clients close)
+rather than a sysctl. Exit status: 0 when nothing is a problem, 1 when something is.";
+
 const PORTS_EXAMPLES: &str = "\
 Examples:
   sudo tcptrace ports                        every second until Ctrl-C
@@ -126,6 +137,11 @@ pub enum Command {
     /// want of a port, and the time left at the current rise.
     #[command(after_help = PORTS_EXAMPLES)]
     Ports(PortsArgs),
+    /// Judges the TCP settings people tune blind (tcp_tw_reuse, tcp_fin_timeout,
+    /// ip_local_port_range, tcp_max_tw_buckets, the listen queues, …) from what this host
+    /// does, for --duration (30 s by default); exits 1 when one is a problem.
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorArgs),
     /// A Prometheus exporter: transitions, closes by port, role and initiator, the TIME_WAIT
     /// population and its residency, state durations, on /metrics.
     #[command(after_help = SERVE_EXAMPLES)]
@@ -192,6 +208,13 @@ pub struct PortsArgs {
     /// How often to print the table.
     #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
+}
+
+/// `tcptrace doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// `tcptrace report`.
@@ -277,7 +300,7 @@ pub struct FilterArgs {
 }
 
 /// Where events come from and when to stop.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 #[command(next_help_heading = "Source")]
 pub struct SourceArgs {
     /// Replay a recording instead of tracing live (no root needed).

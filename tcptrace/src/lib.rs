@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod diag;
+pub mod doctor;
 pub mod event;
 pub mod filter;
 pub mod hist;

@@ -175,6 +175,21 @@ struct Window {
     expiries: u64,
 }
 
+/// The fullest a destination got since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Peak {
+    /// The most ports held at once (at an interval's end).
+    pub in_use: u64,
+    /// Ports available toward it.
+    pub available: u64,
+    /// in_use / available, at its highest.
+    pub usage: f64,
+    /// Connects that failed for want of a port.
+    pub failures: u64,
+    /// Connects made.
+    pub connects: u64,
+}
+
 /// One destination's row.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Row {
@@ -219,6 +234,7 @@ pub struct Ports<W: Write> {
     window: FastMap<Dest, Window>,
     failures_total: FastMap<Dest, u64>,
     last_in_use: FastMap<Dest, u64>,
+    peaks: FastMap<Dest, Peak>,
     out: W,
     format: Format,
     wall_offset_ns: i64,
@@ -249,6 +265,7 @@ impl<W: Write> Ports<W> {
             window: FastMap::default(),
             failures_total: FastMap::default(),
             last_in_use: FastMap::default(),
+            peaks: FastMap::default(),
             out,
             format,
             wall_offset_ns,
@@ -294,6 +311,17 @@ impl<W: Write> Ports<W> {
             }
         }
         self
+    }
+
+    /// Each destination's fullest moment since the start (as of the last interval).
+    pub fn peaks(&self) -> impl Iterator<Item = (&Dest, &Peak)> {
+        self.peaks.iter()
+    }
+
+    /// Concludes the interval now (as [`View::tick`] would at its end).
+    pub fn close_interval(&mut self) -> Vec<Row> {
+        self.count_expiries();
+        self.snapshot()
     }
 
     /// The writer (for tests).
@@ -432,6 +460,22 @@ impl<W: Write> Ports<W> {
                 }
             })
             .collect();
+        for r in &rows {
+            let d = Dest {
+                netns: r.netns,
+                laddr: r.laddr,
+                raddr: r.raddr,
+                rport: r.rport,
+            };
+            let p = self.peaks.entry(d).or_default();
+            if r.in_use >= p.in_use {
+                p.in_use = r.in_use;
+                p.usage = r.usage;
+            }
+            p.available = r.available;
+            p.failures = r.failures_total;
+            p.connects += window.get(&d).map_or(0, |w| w.connects);
+        }
         // Destinations with nothing held and nothing happening are forgotten.
         self.last_in_use
             .retain(|d, n| *n > 0 || window.contains_key(d));

@@ -139,3 +139,159 @@ fn a_destination_running_out_of_ports_is_shown_before_connects_fail() {
         "tcptrace: {in_use}, sock_diag: {held}: {text}"
     );
 }
+
+/// A server in namespace b on `server` that reads each connection to its end, for `secs`.
+fn patient_server(pair: &NetPair, server: SocketAddr, secs: u64) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = mpsc::channel();
+    let h = NetPair::run_in(&pair.b, move || {
+        let l = TcpListener::bind(server).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    let mut b = [0u8; 1];
+                    while c.read(&mut b).map(|k| k > 0).unwrap_or(false) {}
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+    rx.recv().unwrap();
+    h
+}
+
+/// From namespace a: `n` connects to `server` 20 ms apart, each closed first; the
+/// EADDRNOTAVAIL failures.
+fn closing_first(pair: &NetPair, server: SocketAddr, n: usize) -> u64 {
+    NetPair::run_in(&pair.a, move || {
+        let mut failures = 0u64;
+        for _ in 0..n {
+            match TcpStream::connect_timeout(&server, Duration::from_secs(1)) {
+                Ok(c) => drop(c),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{e}");
+                    failures += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        failures
+    })
+    .join()
+    .unwrap()
+}
+
+/// `tcptrace doctor --json` for `secs`, on `port`: its exit code and its reports.
+fn doctor(port: u16, secs: u64) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["doctor", "--json", "--duration", &format!("{secs}s")])
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    child
+}
+
+/// The finding on `sysctl` in the report of namespace `ns`.
+fn finding(reports: &str, ns: &str, sysctl: &str) -> serde_json::Value {
+    let inode = std::fs::metadata(format!("/run/netns/{ns}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let report: serde_json::Value = reports
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "doctor" && r["netns"] == inode)
+        .unwrap_or_else(|| panic!("no report for namespace {ns} ({inode}) in {reports}"));
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["sysctl"] == sysctl)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {sysctl} in {report:#}"))
+}
+
+/// A TcpExt counter of namespace `ns`, as the kernel keeps it.
+fn tcp_ext(ns: &str, name: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/netstat"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let names = lines[0].split_whitespace();
+    let values = lines[1].split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
+    if !root_or_skip("doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured") {
+        return;
+    }
+    // Ports running out toward one destination.
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    let port = 30_000 + (std::process::id() % 1000) as u16;
+    let server = SocketAddr::new(pair.b4, port);
+    let doc = doctor(port, 4);
+    let srv = patient_server(&pair, server, 3);
+    let failures = closing_first(&pair, server, 70);
+    assert!(failures > 0, "the 50 ports ran out");
+    srv.join().unwrap();
+    let out = doc.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "a problem: {text}");
+    let f = finding(&text, &pair.a, "net.ipv4.ip_local_port_range");
+    assert_eq!(f["verdict"], "problem", "{f}");
+    assert_eq!(f["value"], "40000 40049", "{f}");
+    let evidence = f["evidence"].as_str().unwrap();
+    assert!(
+        evidence.starts_with(&format!("{failures} connects to {server}")),
+        "the failures counted, and the destination: {evidence}"
+    );
+    assert!(
+        f["advice"]
+            .as_str()
+            .unwrap()
+            .contains("closed first by this host"),
+        "{f}"
+    );
+    let f = finding(&text, &pair.a, "net.ipv4.tcp_tw_reuse");
+    assert_eq!(f["verdict"], "warning", "reuse would help here: {f}");
+
+    // A TIME_WAIT limit of 5: the sixth close on gets no timewait socket.
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "5");
+    let port = port + 1;
+    let server = SocketAddr::new(pair.b4, port);
+    let before = tcp_ext(&pair.a, "TCPTimeWaitOverflow");
+    let doc = doctor(port, 3);
+    let srv = patient_server(&pair, server, 2);
+    assert_eq!(closing_first(&pair, server, 20), 0);
+    srv.join().unwrap();
+    let out = doc.wait_with_output().unwrap();
+    let overflow = tcp_ext(&pair.a, "TCPTimeWaitOverflow") - before;
+    assert!(overflow > 0, "the limit was reached");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "a problem: {text}");
+    let f = finding(&text, &pair.a, "net.ipv4.tcp_max_tw_buckets");
+    assert_eq!(f["verdict"], "problem", "{f}");
+    assert!(
+        f["evidence"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("(TCPTimeWaitOverflow +{overflow})")),
+        "the kernel's own count: {f}"
+    );
+}
