@@ -209,6 +209,9 @@ pub struct Measured {
     pub timewait_peak: u64,
     /// Closes seen to get no timewait socket.
     pub timewait_not_created: u64,
+    /// TIME_WAIT sockets of this host's outgoing connections ended early (taken over by a new
+    /// connect on the same 4-tuple with `tcp_tw_reuse`, or reset).
+    pub timewait_taken_over: u64,
     /// Each destination's fullest moment.
     pub destinations: Vec<(Dest, Peak)>,
 }
@@ -223,6 +226,7 @@ impl Default for Measured {
             orphans: Histogram::new(3).expect("3 significant digits is valid"),
             timewait_peak: 0,
             timewait_not_created: 0,
+            timewait_taken_over: 0,
             destinations: Vec::new(),
         }
     }
@@ -333,9 +337,12 @@ fn tw_reuse(s: &Settings, m: &Measured) -> Finding {
     let loopback_only = fullest(m).is_some_and(|(d, _)| !d.raddr.is_loopback()) && reuse == 2;
     let evidence = format!(
         "{} outgoing connections left TIME_WAIT here (tcp_tw_reuse can only let new connects \
-         reuse those), {} incoming ones (it does nothing for them); timestamps {}",
+         reuse those), {} incoming ones (it does nothing for them); {} of the outgoing ones' \
+         TIME_WAIT sockets on an ephemeral port ended early (taken over by a new connect, or \
+         reset); timestamps {}",
         m.outgoing_timewait,
         m.incoming_timewait,
+        m.timewait_taken_over,
         if timestamps { "on" } else { "off" }
     );
     let (verdict, advice) = if pressure && (reuse == 0 || loopback_only) && m.outgoing_timewait > 0
@@ -635,11 +642,15 @@ impl<W: Write> Doctor<W> {
         self.pipe.closes = closes;
         let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
+            let ephemeral = self.ports.ephemeral(x.netns, x.local.port());
             let m = self.had_traffic(x.netns);
-            if x.end == End::NotCreated {
-                m.timewait_not_created += 1;
-            } else if x.substate == State::FinWait2 {
-                let _ = m.orphans.record(x.residency_ns.max(1));
+            match x.end {
+                End::NotCreated => m.timewait_not_created += 1,
+                End::Killed if ephemeral => m.timewait_taken_over += 1,
+                _ if x.substate == State::FinWait2 => {
+                    let _ = m.orphans.record(x.residency_ns.max(1));
+                }
+                _ => {}
             }
         }
         self.pipe.exits = exits;

@@ -318,6 +318,11 @@ impl<W: Write> Ports<W> {
         self.peaks.iter()
     }
 
+    /// Whether `port` is in the port range of namespace `netns` (one a connect may choose).
+    pub fn ephemeral(&mut self, netns: Option<u32>, port: u16) -> bool {
+        self.ranges.range(netns).contains(port)
+    }
+
     /// Concludes the interval now (as [`View::tick`] would at its end).
     pub fn close_interval(&mut self) -> Vec<Row> {
         self.count_expiries();

@@ -363,8 +363,11 @@ fn record_then_replay_gives_identical_json() {
 
 /// Runs the binary as `nobody` with the given capabilities (inheritable and ambient).
 fn as_nobody(caps: &str, args: &[&str]) -> std::process::Output {
-    // A copy outside the build tree, which `nobody` may not be able to traverse.
-    let dir = std::env::temp_dir().join(format!("tcptrace-caps-{}", std::process::id()));
+    // A copy outside the build tree, which `nobody` may not be able to traverse; one per
+    // call (tests run in parallel: copying over a binary another runs fails, ETXTBSY).
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tcptrace-caps-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("tcptrace");
     std::fs::copy(env!("CARGO_BIN_EXE_tcptrace"), &bin).unwrap();

@@ -163,9 +163,9 @@ fn patient_server(pair: &NetPair, server: SocketAddr, secs: u64) -> std::thread:
     h
 }
 
-/// From namespace a: `n` connects to `server` 20 ms apart, each closed first; the
+/// From namespace a: `n` connects to `server` `gap_ms` apart, each closed first; the
 /// EADDRNOTAVAIL failures.
-fn closing_first(pair: &NetPair, server: SocketAddr, n: usize) -> u64 {
+fn closing_first(pair: &NetPair, server: SocketAddr, n: usize, gap_ms: u64) -> u64 {
     NetPair::run_in(&pair.a, move || {
         let mut failures = 0u64;
         for _ in 0..n {
@@ -176,7 +176,7 @@ fn closing_first(pair: &NetPair, server: SocketAddr, n: usize) -> u64 {
                     failures += 1;
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(gap_ms));
         }
         failures
     })
@@ -246,7 +246,7 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
     let server = SocketAddr::new(pair.b4, port);
     let doc = doctor(port, 4);
     let srv = patient_server(&pair, server, 3);
-    let failures = closing_first(&pair, server, 70);
+    let failures = closing_first(&pair, server, 70, 20);
     assert!(failures > 0, "the 50 ports ran out");
     srv.join().unwrap();
     let out = doc.wait_with_output().unwrap();
@@ -270,6 +270,45 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
     let f = finding(&text, &pair.a, "net.ipv4.tcp_tw_reuse");
     assert_eq!(f["verdict"], "warning", "reuse would help here: {f}");
 
+    // The same load, a little slower, with tcp_tw_reuse=1 (timestamps on): connects take
+    // TIME_WAIT ports older than a second (tcp_tw_reuse_delay), so once the 50 ports are
+    // used (over 1.5 s) none fails, and doctor says why.
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
+    let port = port + 2;
+    let server = SocketAddr::new(pair.b4, port);
+    let doc = doctor(port, 5);
+    let srv = patient_server(&pair, server, 4);
+    assert_eq!(
+        closing_first(&pair, server, 70, 30),
+        0,
+        "reuse kept ports free"
+    );
+    srv.join().unwrap();
+    let out = doc.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let f = finding(&text, &pair.a, "net.ipv4.ip_local_port_range");
+    assert_ne!(f["verdict"], "problem", "{f}");
+    let f = finding(&text, &pair.a, "net.ipv4.tcp_tw_reuse");
+    assert_eq!(
+        (f["verdict"].as_str(), f["value"].as_str()),
+        (Some("ok"), Some("1")),
+        "{f}"
+    );
+    let taken = f["evidence"]
+        .as_str()
+        .unwrap()
+        .split("incoming ones (it does nothing for them); ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{f}"));
+    assert!(
+        taken > 0,
+        "TIME_WAIT sockets taken over by new connects: {f}"
+    );
+
     // A TIME_WAIT limit of 5: the sixth close on gets no timewait socket.
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "5");
@@ -278,7 +317,7 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
     let before = tcp_ext(&pair.a, "TCPTimeWaitOverflow");
     let doc = doctor(port, 3);
     let srv = patient_server(&pair, server, 2);
-    assert_eq!(closing_first(&pair, server, 20), 0);
+    assert_eq!(closing_first(&pair, server, 20, 20), 0);
     srv.join().unwrap();
     let out = doc.wait_with_output().unwrap();
     let overflow = tcp_ext(&pair.a, "TCPTimeWaitOverflow") - before;
