@@ -467,6 +467,9 @@ pub mod records {
     /// Write no transition records, and only the resets a connection record cannot hold
     /// (sent with no socket, or after the end): for views that only read connections.
     pub const NO_TRANSITIONS: u32 = 1 << 1;
+    /// With [`NO_TRANSITIONS`], still write each connect's first transition
+    /// (CLOSE→SYN_SENT): for views that count the local ports connections hold while open.
+    pub const CONNECTS: u32 = 1 << 2;
 }
 
 impl Config {

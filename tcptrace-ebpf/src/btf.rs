@@ -388,17 +388,20 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
     // holds them. Nor does the moment both FINs crossed, which the peer's verdict needs when
     // it ends first (rare: a simultaneous close).
     let crossing = old == state::FIN_WAIT1 && new == state::CLOSING;
-    let keep = (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing)
-        && filter_keeps(
-            cfg,
-            ends.family,
-            old,
-            new,
-            rec.flags,
-            ends.sport,
-            ends.dport,
-            port_bits,
-        );
+    let connect =
+        cfg.records & records::CONNECTS != 0 && old == state::CLOSE && new == state::SYN_SENT;
+    let keep =
+        (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing || connect)
+            && filter_keeps(
+                cfg,
+                ends.family,
+                old,
+                new,
+                rec.flags,
+                ends.sport,
+                ends.dport,
+                port_bits,
+            );
     // A connection's end, for views that read connections: the family and port filters
     // apply (the states are the view's to select).
     let connection = cfg.records & records::CONNECTIONS != 0

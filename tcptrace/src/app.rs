@@ -247,11 +247,21 @@ fn serve(a: &ServeArgs) -> Result<()> {
         max_netns: a.max_netns_labels,
     };
     let names = cgroup_names(&a.source, &filter);
-    drive(&filter, &a.source, Reads::Connections, |facts| {
+    drive(&filter, &a.source, Reads::ConnectionsAndConnects, |facts| {
+        // What holds ports already (live only).
+        let (ports_open, ports_timewait) = if a.source.from.is_none() {
+            (
+                crate::diag::connections_everywhere(a.source.max_sockets).found,
+                backfill_timewaits(a.source.max_sockets),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut registry = prometheus_client::registry::Registry::default();
         let compiled = filter.compile().with_cgroups(names);
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
+            .seed_ports(&ports_open, &ports_timewait, crate::probe::monotonic_ns())
             .max_sockets(a.source.max_sockets)
             .timers(facts.timers)
             .known_at_start(&facts.at_start);
@@ -345,6 +355,8 @@ enum Reads {
     Transitions,
     /// Whole connections, and the timewait sockets' timers (every aggregating view).
     Connections,
+    /// The same, and each connect as it starts (views that count ports held).
+    ConnectionsAndConnects,
 }
 
 fn drive<'a>(
@@ -372,6 +384,9 @@ fn drive<'a>(
         (_, true) => records::CONNECTIONS,
         (Reads::Transitions, false) => 0,
         (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
+        (Reads::ConnectionsAndConnects, false) => {
+            records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS
+        }
     };
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {

@@ -133,6 +133,25 @@ struct StateLabels {
     netns: NsLabel,
 }
 
+/// Labels of `tcptrace_port_usage_ratio`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DestinationLabels {
+    /// `ADDR:PORT` of the destination.
+    destination: String,
+    /// The local address connects are made from.
+    laddr: String,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_connect_failures_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabels {
+    reason: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
 /// Labels of `tcptrace_timewait_residency_seconds`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResidencyLabels {
@@ -263,6 +282,8 @@ struct Families {
     evicted: Counter,
     tracked: Gauge,
     tw_traced: Gauge,
+    port_usage: Family<DestinationLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    connect_failures: Family<FailureLabels, Counter>,
 }
 
 impl Families {
@@ -279,6 +300,8 @@ impl Families {
             evicted: Counter::default(),
             tracked: Gauge::default(),
             tw_traced: Gauge::default(),
+            port_usage: Family::default(),
+            connect_failures: Family::default(),
         }
     }
 
@@ -345,6 +368,19 @@ impl Families {
             self.tracked.clone(),
         );
         r.register(
+            "port_usage_ratio",
+            "Local ports held toward a destination (open connections this host made, and \
+             TIME_WAIT sockets on a port of the range) over those ip_local_port_range allows; \
+             1 means connects there fail (the fullest --max-port-labels destinations)",
+            self.port_usage.clone(),
+        );
+        r.register(
+            "connect_failures",
+            "Connects that failed before reaching the network, by reason (no_port: no free \
+             local port, EADDRNOTAVAIL)",
+            self.connect_failures.clone(),
+        );
+        r.register(
             "timewait_timers_traced",
             "1 when timewait sockets' timers are traced (TIME_WAIT exits and population), 0 \
              when this kernel does not allow it",
@@ -367,7 +403,17 @@ pub struct Metrics {
     /// and an atomic add rather than a family's lock and label hashing.
     hot_transitions: FastMap<(State, State, NsLabel), Counter>,
     hot_durations: FastMap<(State, NsLabel), Histogram>,
+    /// Ports held per destination.
+    ports: crate::ports::PortsCore,
+    /// The destinations labelled now (the fullest, up to the port labels' cap).
+    port_series: Vec<DestinationLabels>,
+    last_ports_ns: u64,
+    /// The latest event's time.
+    last_ts: u64,
 }
+
+/// How often the ports held are counted.
+const PORTS_EVERY_NS: u64 = 1_000_000_000;
 
 impl Metrics {
     /// An exporter of what `filter` keeps, its families registered in `registry` under the
@@ -393,6 +439,64 @@ impl Metrics {
             evicted_seen: 0,
             hot_transitions: FastMap::default(),
             hot_durations: FastMap::default(),
+            ports: crate::ports::PortsCore::new(Box::new(crate::ports::HostRanges::default()), 0),
+            port_series: Vec::new(),
+            last_ports_ns: 0,
+            last_ts: 0,
+        }
+    }
+
+    /// Where each namespace's port range comes from (the host's by default).
+    pub fn port_ranges(mut self, ranges: Box<dyn crate::ports::Ranges>) -> Self {
+        self.ports = crate::ports::PortsCore::new(ranges, 0);
+        self.ports.set_records(self.pipe.uses_records());
+        self
+    }
+
+    /// What existed at start (`now_ns`), for the ports held: the connections this host made
+    /// that are open, and the TIME_WAIT sockets.
+    pub fn seed_ports(
+        mut self,
+        open: &[crate::diag::Existing],
+        timewaits: &[crate::diag::DiagTimewait],
+        now_ns: u64,
+    ) -> Self {
+        self.ports.seed(open, timewaits, now_ns);
+        self
+    }
+
+    /// Counts the ports held per destination and exports the fullest.
+    fn sync_ports(&mut self, now_ns: u64) {
+        let population = crate::ports::timewait_tuples(&self.pipe);
+        let rows = self.ports.snapshot(&population, now_ns);
+        let cap = self.labels.policy.max;
+        let mut labelled = Vec::with_capacity(cap.min(rows.len()));
+        for r in &rows {
+            let netns = self.labels.netns(r.netns);
+            if r.failures > 0 {
+                self.families
+                    .connect_failures
+                    .get_or_create(&FailureLabels {
+                        reason: "no_port",
+                        netns,
+                    })
+                    .inc_by(r.failures);
+            }
+            if labelled.len() < cap && r.in_use > 0 {
+                let l = DestinationLabels {
+                    destination: std::net::SocketAddr::new(r.raddr, r.rport).to_string(),
+                    laddr: r.laddr.to_string(),
+                    netns,
+                };
+                self.families.port_usage.get_or_create(&l).set(r.usage);
+                labelled.push(l);
+            }
+        }
+        // A destination that holds no port any more (or left the fullest) goes away.
+        for old in std::mem::replace(&mut self.port_series, labelled.clone()) {
+            if !labelled.contains(&old) {
+                self.families.port_usage.remove(&old);
+            }
         }
     }
 
@@ -416,6 +520,7 @@ impl Metrics {
     /// them, not from transitions).
     pub fn records(mut self, yes: bool) -> Self {
         self.pipe = self.pipe.from_records(yes);
+        self.ports.set_records(yes);
         self
     }
 
@@ -518,6 +623,7 @@ impl Metrics {
             if !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
+            self.ports.exit(&x);
             let key = match self.tw_labels.remove(&(x.local, x.remote)) {
                 Some((key, _)) => {
                     self.families.tw_sockets.get_or_create(&key).dec();
@@ -581,6 +687,14 @@ impl View for Metrics {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
+            self.last_ts = self.last_ts.max(ev.ts_ns());
+            match &ev {
+                Event::Transition(t) if self.pipe.filter().keeps(t) => self.ports.transition(t),
+                Event::Connection(c) if self.pipe.filter().keeps(&c.end) => {
+                    self.ports.connection(c);
+                }
+                _ => {}
+            }
             match &ev {
                 Event::Lost { count, .. } => {
                     self.families.lost.inc_by(*count);
@@ -623,11 +737,17 @@ impl View for Metrics {
             self.last_sweep_ns = now_ns;
             self.forget_timewaits(|since| now_ns.saturating_sub(since) > TW_STALE_NS);
         }
+        if now_ns.saturating_sub(self.last_ports_ns) >= PORTS_EVERY_NS {
+            self.last_ports_ns = now_ns;
+            self.sync_ports(now_ns);
+        }
         self.sync_gauges();
         Ok(Flow::More)
     }
 
     fn finish(&mut self) -> io::Result<()> {
+        // The ports held as the events leave them (a replay's last word).
+        self.sync_ports(self.last_ts.max(self.last_ports_ns));
         self.sync_gauges();
         Ok(())
     }

@@ -222,10 +222,12 @@ pub struct Row {
     pub exhaustion_s: Option<f64>,
 }
 
-/// The view.
-pub struct Ports<W: Write> {
-    pipe: Pipeline,
+/// Ports held and connects made per destination, from the events a pipeline decodes: what
+/// the `ports` view prints and `serve` exports.
+pub struct PortsCore {
     ranges: Box<dyn Ranges>,
+    /// Connections come as records (their connects as transitions).
+    records: bool,
     connects: FastMap<u64, Connect>,
     /// Connections open at start (by namespace and endpoints) toward each destination.
     open_at_start: FastMap<(Option<u32>, SocketAddr, SocketAddr), Dest>,
@@ -235,30 +237,19 @@ pub struct Ports<W: Write> {
     failures_total: FastMap<Dest, u64>,
     last_in_use: FastMap<Dest, u64>,
     peaks: FastMap<Dest, Peak>,
-    out: W,
-    format: Format,
     wall_offset_ns: i64,
-    interval_ns: u64,
     window_start: Option<u64>,
-    now: u64,
 }
 
-/// Rows printed per interval in text (JSON has them all).
-const TEXT_ROWS: usize = 20;
+/// A timewait socket as the ports count it: namespace, local and remote endpoints.
+pub type TimewaitTuple = (Option<u32>, SocketAddr, SocketAddr);
 
-impl<W: Write> Ports<W> {
-    /// A table every `interval_ns`, with each namespace's range from `ranges`.
-    pub fn new(
-        filter: CompiledFilter,
-        ranges: Box<dyn Ranges>,
-        out: W,
-        format: Format,
-        wall_offset_ns: i64,
-        interval_ns: u64,
-    ) -> Self {
-        Ports {
-            pipe: Pipeline::new(filter).timewaits(true),
+impl PortsCore {
+    /// Counts with each namespace's range from `ranges`.
+    pub fn new(ranges: Box<dyn Ranges>, wall_offset_ns: i64) -> PortsCore {
+        PortsCore {
             ranges,
+            records: false,
             connects: FastMap::default(),
             open_at_start: FastMap::default(),
             timewait_at_start: Vec::new(),
@@ -266,34 +257,26 @@ impl<W: Write> Ports<W> {
             failures_total: FastMap::default(),
             last_in_use: FastMap::default(),
             peaks: FastMap::default(),
-            out,
-            format,
             wall_offset_ns,
-            interval_ns: interval_ns.max(1),
             window_start: None,
-            now: 0,
         }
     }
 
-    /// Whether timewait timers are traced (else TIME_WAIT sockets are not followed).
-    pub fn timers(mut self, traced: bool) -> Self {
-        self.pipe = if traced {
-            self.pipe.timewaits(true)
-        } else {
-            self.pipe.without_timewaits()
-        };
+    /// Connections come as records, their connects as transitions (a connect then holds
+    /// a port from its start: the record tells which port only at the end).
+    pub fn records(mut self, yes: bool) -> PortsCore {
+        self.set_records(yes);
         self
     }
 
-    /// Follows at most `n` sockets at once.
-    pub fn max_sockets(mut self, n: usize) -> Self {
-        self.pipe = self.pipe.max_sockets(n);
-        self
+    /// As [`PortsCore::records`].
+    pub fn set_records(&mut self, yes: bool) {
+        self.records = yes;
     }
 
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
-    pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
+    pub fn seed(&mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) {
         for e in open.iter().filter(|e| !e.server) {
             let netns = Some(e.netns);
             if self.ranges.range(netns).contains(e.local.port()) {
@@ -310,7 +293,6 @@ impl<W: Write> Ports<W> {
                     .push((t.netns, t.local, t.remote, expires));
             }
         }
-        self
     }
 
     /// Each destination's fullest moment since the start (as of the last interval).
@@ -323,39 +305,35 @@ impl<W: Write> Ports<W> {
         self.ranges.range(netns).contains(port)
     }
 
-    /// Concludes the interval now (as [`View::tick`] would at its end).
-    pub fn close_interval(&mut self) -> Vec<Row> {
-        self.count_expiries();
-        self.snapshot()
-    }
-
-    /// The writer (for tests).
-    pub fn into_inner(self) -> W {
-        self.out
-    }
-
-    fn transition(&mut self, t: &Transition) {
-        if !self.pipe.filter().keeps(t) {
-            return;
-        }
+    /// A transition (one the filter keeps): a connect starts, or (without records) a
+    /// connection progresses or ends.
+    pub fn transition(&mut self, t: &Transition) {
         if (t.from, t.to) == (State::Close, State::SynSent) {
             let dest = Dest::of(t.netns, t.local, t.remote);
             self.window.entry(dest).or_default().connects += 1;
-            self.connects.insert(
-                t.skaddr,
-                Connect {
-                    dest,
-                    holds: t.local.port() != 0,
-                },
-            );
+            let holds = self.records || t.local.port() != 0;
+            self.connects.insert(t.skaddr, Connect { dest, holds });
             return;
         }
+        if !self.records {
+            self.progress(t);
+        }
+    }
+
+    /// A connection's record (one the filter keeps): its end.
+    pub fn connection(&mut self, c: &crate::event::Connection) {
+        if self.records {
+            self.progress(&c.end);
+        }
+    }
+
+    fn progress(&mut self, t: &Transition) {
         let ended = matches!(t.to, State::Close | State::TimeWait);
         if let Some(c) = self.connects.get_mut(&t.skaddr) {
             c.holds |= t.local.port() != 0;
             if ended {
                 let c = self.connects.remove(&t.skaddr).expect("present");
-                if !c.holds && t.from == State::SynSent {
+                if t.local.port() == 0 && t.from == State::SynSent {
                     // Back to CLOSE before a port was chosen: none was free.
                     self.window.entry(c.dest).or_default().failures += 1;
                     *self.failures_total.entry(c.dest).or_default() += 1;
@@ -366,19 +344,17 @@ impl<W: Write> Ports<W> {
         }
     }
 
-    fn count_expiries(&mut self) {
-        let mut exits = std::mem::take(&mut self.pipe.exits);
-        for x in exits.drain(..) {
-            if x.end == End::Expired && self.ranges.range(x.netns).contains(x.local.port()) {
-                let dest = Dest::of(x.netns, x.local, x.remote);
-                self.window.entry(dest).or_default().expiries += 1;
-            }
+    /// A timewait socket's end.
+    pub fn exit(&mut self, x: &crate::timewait::Exit) {
+        if x.end == End::Expired && self.ranges.range(x.netns).contains(x.local.port()) {
+            let dest = Dest::of(x.netns, x.local, x.remote);
+            self.window.entry(dest).or_default().expiries += 1;
         }
-        self.pipe.exits = exits;
     }
 
-    /// Each destination's ports held now: (open connections, TIME_WAIT sockets).
-    fn held(&mut self) -> FastMap<Dest, (u64, u64)> {
+    /// Each destination's ports held at `now`: (open connections, TIME_WAIT sockets), the
+    /// traced timewait sockets being `population`.
+    fn held(&mut self, population: &[TimewaitTuple], now: u64) -> FastMap<Dest, (u64, u64)> {
         let mut held: FastMap<Dest, (u64, u64)> = FastMap::default();
         for c in self.connects.values().filter(|c| c.holds) {
             held.entry(c.dest).or_default().0 += 1;
@@ -386,25 +362,15 @@ impl<W: Write> Ports<W> {
         for d in self.open_at_start.values() {
             held.entry(*d).or_default().0 += 1;
         }
-        let now = self.now;
-        let traced: Vec<(Option<u32>, SocketAddr, SocketAddr)> = self
-            .pipe
-            .timewait_sockets()
-            .map(|t| {
-                t.population()
-                    .map(|l| (l.netns, l.local, l.remote))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let traced_set: std::collections::HashSet<_> = traced.iter().copied().collect();
+        let traced: std::collections::HashSet<_> = population.iter().copied().collect();
         self.timewait_at_start
-            .retain(|(n, l, r, exp)| *exp > now && !traced_set.contains(&(*n, *l, *r)));
-        let seeded: Vec<_> = self
+            .retain(|(n, l, r, exp)| *exp > now && !traced.contains(&(*n, *l, *r)));
+        let seeded: Vec<TimewaitTuple> = self
             .timewait_at_start
             .iter()
             .map(|(n, l, r, _)| (*n, *l, *r))
             .collect();
-        for (netns, local, remote) in traced.into_iter().chain(seeded) {
+        for (netns, local, remote) in population.iter().copied().chain(seeded) {
             if self.ranges.range(netns).contains(local.port()) {
                 held.entry(Dest::of(netns, local, remote)).or_default().1 += 1;
             }
@@ -412,14 +378,13 @@ impl<W: Write> Ports<W> {
         held
     }
 
-    /// The rows of the interval that ends now, busiest first.
-    pub fn snapshot(&mut self) -> Vec<Row> {
-        let now = self.now;
+    /// The rows of the interval that ends at `now`, fullest first.
+    pub fn snapshot(&mut self, population: &[TimewaitTuple], now: u64) -> Vec<Row> {
         let secs = self
             .window_start
             .map_or(1.0, |w| now.saturating_sub(w) as f64 / 1e9)
             .max(1e-3);
-        let held = self.held();
+        let held = self.held(population, now);
         let window = std::mem::take(&mut self.window);
         // Those holding ports, busy this interval, or that held some the interval before
         // (their row shows the drop).
@@ -487,6 +452,106 @@ impl<W: Write> Ports<W> {
         rows.sort_by(|a, b| b.usage.total_cmp(&a.usage).then(b.in_use.cmp(&a.in_use)));
         self.window_start = Some(now);
         rows
+    }
+}
+
+/// The traced timewait sockets of a pipeline, as the ports count them.
+pub fn timewait_tuples(pipe: &Pipeline) -> Vec<TimewaitTuple> {
+    pipe.timewait_sockets()
+        .map(|t| {
+            t.population()
+                .map(|l| (l.netns, l.local, l.remote))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The view.
+pub struct Ports<W: Write> {
+    pipe: Pipeline,
+    core: PortsCore,
+    out: W,
+    format: Format,
+    interval_ns: u64,
+    window_start: Option<u64>,
+    now: u64,
+}
+
+/// Rows printed per interval in text (JSON has them all).
+const TEXT_ROWS: usize = 20;
+
+impl<W: Write> Ports<W> {
+    /// A table every `interval_ns`, with each namespace's range from `ranges`.
+    pub fn new(
+        filter: CompiledFilter,
+        ranges: Box<dyn Ranges>,
+        out: W,
+        format: Format,
+        wall_offset_ns: i64,
+        interval_ns: u64,
+    ) -> Self {
+        Ports {
+            pipe: Pipeline::new(filter).timewaits(true),
+            core: PortsCore::new(ranges, wall_offset_ns),
+            out,
+            format,
+            interval_ns: interval_ns.max(1),
+            window_start: None,
+            now: 0,
+        }
+    }
+
+    /// Whether timewait timers are traced (else TIME_WAIT sockets are not followed).
+    pub fn timers(mut self, traced: bool) -> Self {
+        self.pipe = if traced {
+            self.pipe.timewaits(true)
+        } else {
+            self.pipe.without_timewaits()
+        };
+        self
+    }
+
+    /// Follows at most `n` sockets at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.pipe = self.pipe.max_sockets(n);
+        self
+    }
+
+    /// What existed at start (`now_ns`): the connections this host made that are open, and
+    /// the TIME_WAIT sockets.
+    pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
+        self.core.seed(open, timewaits, now_ns);
+        self
+    }
+
+    /// Each destination's fullest moment since the start (as of the last interval).
+    pub fn peaks(&self) -> impl Iterator<Item = (&Dest, &Peak)> {
+        self.core.peaks()
+    }
+
+    /// Whether `port` is in the port range of namespace `netns` (one a connect may choose).
+    pub fn ephemeral(&mut self, netns: Option<u32>, port: u16) -> bool {
+        self.core.ephemeral(netns, port)
+    }
+
+    /// The writer (for tests).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn count_expiries(&mut self) {
+        let mut exits = std::mem::take(&mut self.pipe.exits);
+        for x in exits.drain(..) {
+            self.core.exit(&x);
+        }
+        self.pipe.exits = exits;
+    }
+
+    /// The rows of the interval that ends now, fullest first.
+    pub fn snapshot(&mut self) -> Vec<Row> {
+        let population = timewait_tuples(&self.pipe);
+        self.window_start = Some(self.now);
+        self.core.snapshot(&population, self.now)
     }
 
     fn emit(&mut self) -> io::Result<()> {
@@ -559,8 +624,10 @@ impl<W: Write> View for Ports<W> {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
-            if let Event::Transition(t) = &ev {
-                self.transition(t);
+            if let Event::Transition(t) = &ev
+                && self.pipe.filter().keeps(t)
+            {
+                self.core.transition(t);
             }
             self.pipe.fold(&ev);
             self.count_expiries();

@@ -19,8 +19,10 @@ const CAPABILITIES: [&str; 4] = ["BPF", "PERFMON", "DAC_READ_SEARCH", "SYSLOG"];
 const HOST_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/btf"];
 
 /// Metric families `tcptrace serve` exports.
-const COUNTERS_AND_GAUGES: [&str; 9] = [
+const COUNTERS_AND_GAUGES: [&str; 11] = [
     "tcptrace_transitions_total",
+    "tcptrace_port_usage_ratio",
+    "tcptrace_connect_failures_total",
     "tcptrace_closes_total",
     "tcptrace_timewait_sockets",
     "tcptrace_timewait_entries_total",
@@ -640,6 +642,10 @@ fn exported_families() -> BTreeSet<String> {
         "10.0.0.5:40000".parse().unwrap(),
         "10.0.0.9:8080".parse().unwrap(),
     );
+    let (open, no_port): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "10.0.0.5:40001".parse().unwrap(),
+        "10.0.0.5:0".parse().unwrap(),
+    );
     let t = |ts: u64, sk: u64, local, remote, from, to| {
         encode(&Transition {
             ts_ns: ts,
@@ -683,6 +689,11 @@ fn exported_families() -> BTreeSet<String> {
         ),
         t(90, 0xb, s, c, FinWait2, TimeWait),
         t(100, 0xa, c, s, LastAck, Close),
+        // A connection left open (its port held), and a connect that found no free port.
+        t(101, 0xe, open, s, Close, SynSent),
+        t(102, 0xe, open, s, SynSent, Established),
+        t(103, 0xf, no_port, s, Close, SynSent),
+        t(104, 0xf, no_port, s, SynSent, Close),
         raw_lost(110, 1),
         timer(60_000_000_100, TimerOp::Cancelled),
         timer(60_000_000_200, TimerOp::Expired),

@@ -334,3 +334,76 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
         "the kernel's own count: {f}"
     );
 }
+
+/// `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::Write as _;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn serve_exports_the_port_usage_and_the_failed_connects() {
+    if !root_or_skip("serve_exports_the_port_usage_and_the_failed_connects") {
+        return;
+    }
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    let port = 31_000 + (std::process::id() % 1000) as u16;
+    let server = SocketAddr::new(pair.b4, port);
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--port",
+            &port.to_string(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(serve.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "serve ended"
+        );
+        if let Some(rest) = line.trim().strip_prefix("Serving metrics on http://") {
+            break rest.trim_end_matches("/metrics").to_string();
+        }
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let srv = patient_server(&pair, server, 3);
+    let failures = closing_first(&pair, server, 70, 20);
+    assert!(failures > 0, "the 50 ports ran out");
+    srv.join().unwrap();
+    // The ports are counted once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let body = scrape(&addr);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let _ = serve.wait();
+    let metric = |prefix: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {body}"))
+    };
+    assert_eq!(
+        metric("tcptrace_connect_failures_total{reason=\"no_port\"}") as u64,
+        failures,
+        "every failed connect: {body}"
+    );
+    let usage = metric(&format!(
+        "tcptrace_port_usage_ratio{{destination=\"{server}\",laddr=\"{}\"}}",
+        pair.a4
+    ));
+    assert!(usage >= 0.9, "{usage}: {body}");
+}
