@@ -207,6 +207,29 @@ impl CompiledFilter {
         self.keeps_parts(r.owner.as_ref(), r.local, r.remote, r.netns, r.cgroup)
     }
 
+    /// Whether a socket found at start (no event of its own: its endpoints and namespace)
+    /// is one the filter keeps, judged as the kernel and userspace parts would judge an
+    /// event of it.
+    pub fn keeps_socket(
+        &self,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+        netns: Option<u32>,
+    ) -> bool {
+        let raw = crate::event::encode_timer(&crate::event::TimerEvent {
+            ts_ns: 0,
+            tw: 0,
+            op: crate::event::TimerOp::Armed {
+                substate: crate::event::State::TimeWait,
+                timeout_jiffies: 0,
+                local,
+                remote,
+                netns,
+            },
+        });
+        self.kernel_keeps(&raw) && self.keeps_parts(None, local, remote, netns, None)
+    }
+
     /// The userspace part for a classified close.
     pub fn keeps_close(&self, c: &Close) -> bool {
         self.keeps_parts(c.owner.as_ref(), c.local, c.remote, c.netns, c.cgroup)

@@ -461,7 +461,10 @@ impl Metrics {
         timewaits: &[crate::diag::DiagTimewait],
         now_ns: u64,
     ) -> Self {
-        self.ports.seed(open, timewaits, now_ns);
+        let filter = self.pipe.filter();
+        self.ports.seed(open, timewaits, now_ns, |l, r, n| {
+            filter.keeps_socket(l, r, n)
+        });
         self
     }
 

@@ -276,10 +276,17 @@ impl PortsCore {
 
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
-    pub fn seed(&mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) {
+    /// Only those `keep` keeps (the filter's judgement of their endpoints and namespace).
+    pub fn seed(
+        &mut self,
+        open: &[Existing],
+        timewaits: &[DiagTimewait],
+        now_ns: u64,
+        keep: impl Fn(SocketAddr, SocketAddr, Option<u32>) -> bool,
+    ) {
         for e in open.iter().filter(|e| !e.server) {
             let netns = Some(e.netns);
-            if self.ranges.range(netns).contains(e.local.port()) {
+            if keep(e.local, e.remote, netns) && self.ranges.range(netns).contains(e.local.port()) {
                 self.open_at_start.insert(
                     (netns, e.local, e.remote),
                     Dest::of(netns, e.local, e.remote),
@@ -287,7 +294,9 @@ impl PortsCore {
             }
         }
         for t in timewaits {
-            if self.ranges.range(t.netns).contains(t.local.port()) {
+            if keep(t.local, t.remote, t.netns)
+                && self.ranges.range(t.netns).contains(t.local.port())
+            {
                 let expires = now_ns + u64::from(t.expires_ms) * 1_000_000;
                 self.timewait_at_start
                     .push((t.netns, t.local, t.remote, expires));
@@ -520,7 +529,10 @@ impl<W: Write> Ports<W> {
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
     pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
-        self.core.seed(open, timewaits, now_ns);
+        let filter = self.pipe.filter();
+        self.core.seed(open, timewaits, now_ns, |l, r, n| {
+            filter.keeps_socket(l, r, n)
+        });
         self
     }
 
@@ -597,9 +609,16 @@ pub fn render_text(rows: &[Row]) -> String {
             r.laddr,
             r.netns.map(|n| format!(" [{n}]")).unwrap_or_default()
         );
-        let eta = r
-            .exhaustion_s
-            .map_or_else(|| "-".into(), |e| format!("{e:.0}s"));
+        let eta = r.exhaustion_s.map_or_else(
+            || "-".into(),
+            |e| {
+                if e < 10.0 {
+                    format!("{e:.1}s")
+                } else {
+                    format!("{e:.0}s")
+                }
+            },
+        );
         let _ = writeln!(
             s,
             "  {:<44} {:>12} {:>5.0}% {:>8.1} {:>7} {:>11}",

@@ -104,8 +104,8 @@ pub struct ClientArgs {
     refused: bool,
 }
 
-/// Moves this process into a named network namespace (before any thread or socket).
-fn enter_netns(name: &str) -> Result<()> {
+/// Moves this process (or thread) into a named network namespace (before any socket).
+pub fn enter_netns(name: &str) -> Result<()> {
     let f = File::open(format!("/run/netns/{name}"))
         .with_context(|| format!("no network namespace {name}"))?;
     // SAFETY: setns on a namespace descriptor we hold.
