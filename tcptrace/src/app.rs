@@ -262,6 +262,14 @@ fn serve(a: &ServeArgs) -> Result<()> {
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
             .seed_ports(&ports_open, &ports_timewait, crate::probe::monotonic_ns())
+            .doctor(
+                Box::new(crate::doctor::Host),
+                a.doctor_interval.as_nanos() as u64,
+                &crate::diag::network_namespaces()
+                    .iter()
+                    .map(|n| Some(n.inode))
+                    .collect::<Vec<_>>(),
+            )
             .max_sockets(a.source.max_sockets)
             .timers(facts.timers)
             .known_at_start(&facts.at_start);

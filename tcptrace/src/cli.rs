@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// At most N namespaces get their own label; the rest are `other`.
     #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_NETNS_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from), requires = "label_netns")]
     pub max_netns_labels: usize,
+    /// How often the settings are judged from the traffic of the last interval
+    /// (tcptrace_doctor_verdict, as `tcptrace doctor` judges them).
+    #[arg(long, value_name = "INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub doctor_interval: Duration,
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]

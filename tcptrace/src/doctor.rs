@@ -40,7 +40,16 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn name(self) -> &'static str {
+    /// Every verdict.
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Problem,
+        Verdict::Warning,
+        Verdict::Ok,
+        Verdict::Info,
+    ];
+
+    /// The name used in JSON, text and metrics.
+    pub fn name(self) -> &'static str {
         match self {
             Verdict::Problem => "problem",
             Verdict::Warning => "warning",
@@ -551,13 +560,124 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
+/// What doctor gathers per namespace, over a window (the whole run for `tcptrace doctor`,
+/// each `--doctor-interval` for `serve`), and judges at its end.
+pub struct Collector {
+    facts: Box<dyn HostFacts>,
+    start: FastMap<Option<u32>, Counters>,
+    measured: FastMap<Option<u32>, Measured>,
+}
+
+impl Collector {
+    /// Facts (settings, counters) from `facts`.
+    pub fn new(facts: Box<dyn HostFacts>) -> Collector {
+        Collector {
+            facts,
+            start: FastMap::default(),
+            measured: FastMap::default(),
+        }
+    }
+
+    /// The counters of these namespaces as they are now, the window's start (a namespace
+    /// seen later starts from its first event).
+    pub fn counters_at_start(&mut self, namespaces: &[Option<u32>]) {
+        for n in namespaces {
+            let c = self.facts.counters(*n);
+            self.start.insert(*n, c);
+        }
+    }
+
+    fn had_traffic(&mut self, netns: Option<u32>) -> &mut Measured {
+        if !self.start.contains_key(&netns) {
+            let c = self.facts.counters(netns);
+            self.start.insert(netns, c);
+        }
+        self.measured.entry(netns).or_default()
+    }
+
+    /// A namespace had traffic.
+    pub fn traffic(&mut self, netns: Option<u32>) {
+        self.had_traffic(netns);
+    }
+
+    /// A connection's close (one the filter keeps).
+    pub fn close(&mut self, c: &crate::track::Close) {
+        let m = self.had_traffic(c.netns);
+        m.closes += 1;
+        if c.timewait && c.initiator != Initiator::Remote {
+            match c.role {
+                Role::Client => m.outgoing_timewait += 1,
+                Role::Server => m.incoming_timewait += 1,
+                Role::Unknown => {}
+            }
+        }
+        m.timeouts += u64::from(c.how == crate::track::How::Timeout);
+    }
+
+    /// A timewait socket's end; `ephemeral`: on a port of its namespace's range.
+    pub fn exit(&mut self, x: &crate::timewait::Exit, ephemeral: bool) {
+        let m = self.had_traffic(x.netns);
+        match x.end {
+            End::NotCreated => m.timewait_not_created += 1,
+            End::Killed if ephemeral => m.timewait_taken_over += 1,
+            _ if x.substate == State::FinWait2 => {
+                let _ = m.orphans.record(x.residency_ns.max(1));
+            }
+            _ => {}
+        }
+    }
+
+    /// The timewait sockets alive now, by namespace.
+    pub fn population<'a>(&mut self, lives: impl Iterator<Item = &'a crate::timewait::Life>) {
+        let mut now: FastMap<Option<u32>, u64> = FastMap::default();
+        for l in lives {
+            *now.entry(l.netns).or_default() += 1;
+        }
+        for (netns, n) in now {
+            let m = self.had_traffic(netns);
+            m.timewait_peak = m.timewait_peak.max(n);
+        }
+    }
+
+    /// Every namespace that had traffic in the window, judged, with the destinations'
+    /// fullest moments `peaks`; then a new window starts.
+    pub fn judge<'a>(&mut self, peaks: impl Iterator<Item = (&'a Dest, &'a Peak)>) -> Vec<Report> {
+        for (d, p) in peaks {
+            self.measured
+                .entry(d.netns)
+                .or_default()
+                .destinations
+                .push((*d, *p));
+        }
+        let mut netns: Vec<Option<u32>> = self.measured.keys().copied().collect();
+        netns.sort();
+        let reports = netns
+            .into_iter()
+            .map(|n| {
+                let settings = self.facts.settings(n);
+                let now = self.facts.counters(n);
+                let moved = now.since(self.start.get(&n).unwrap_or(&now));
+                self.start.insert(n, now);
+                let m = &self.measured[&n];
+                let mut findings = judge(&settings, &moved, m);
+                findings.sort_by_key(|f| f.verdict);
+                Report {
+                    kind: "doctor",
+                    netns: n,
+                    findings,
+                }
+            })
+            .collect();
+        self.measured.clear();
+        reports
+    }
+}
+
 /// The view.
 pub struct Doctor<W: Write> {
     pipe: Pipeline,
     ports: Ports<io::Sink>,
-    facts: Box<dyn HostFacts>,
-    start: FastMap<Option<u32>, Counters>,
-    measured: FastMap<Option<u32>, Measured>,
+    collector: Collector,
     out: W,
     format: Format,
     last_tick: u64,
@@ -576,9 +696,7 @@ impl<W: Write> Doctor<W> {
         Doctor {
             pipe: Pipeline::new(filter.clone()).tracking().timewaits(true),
             ports: Ports::new(filter, ranges, io::sink(), Format::Json, 0, 1_000_000_000),
-            facts,
-            start: FastMap::default(),
-            measured: FastMap::default(),
+            collector: Collector::new(facts),
             out,
             format,
             last_tick: 0,
@@ -600,10 +718,7 @@ impl<W: Write> Doctor<W> {
     /// The counters of these namespaces as they are before tracing (every namespace seen
     /// later starts from its first event).
     pub fn counters_at_start(mut self, namespaces: &[Option<u32>]) -> Self {
-        for n in namespaces {
-            let c = self.facts.counters(*n);
-            self.start.insert(*n, c);
-        }
+        self.collector.counters_at_start(namespaces);
         self
     }
 
@@ -614,85 +729,31 @@ impl<W: Write> Doctor<W> {
         self
     }
 
-    fn had_traffic(&mut self, netns: Option<u32>) -> &mut Measured {
-        if !self.start.contains_key(&netns) {
-            let c = self.facts.counters(netns);
-            self.start.insert(netns, c);
-        }
-        self.measured.entry(netns).or_default()
-    }
-
     fn fold_conclusions(&mut self) {
         let mut closes = std::mem::take(&mut self.pipe.closes);
         for c in closes.drain(..) {
-            if !self.pipe.filter().keeps_close(&c) {
-                continue;
+            if self.pipe.filter().keeps_close(&c) {
+                self.collector.close(&c);
             }
-            let m = self.had_traffic(c.netns);
-            m.closes += 1;
-            if c.timewait && c.initiator != Initiator::Remote {
-                match c.role {
-                    Role::Client => m.outgoing_timewait += 1,
-                    Role::Server => m.incoming_timewait += 1,
-                    Role::Unknown => {}
-                }
-            }
-            m.timeouts += u64::from(c.how == crate::track::How::Timeout);
         }
         self.pipe.closes = closes;
         let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
             let ephemeral = self.ports.ephemeral(x.netns, x.local.port());
-            let m = self.had_traffic(x.netns);
-            match x.end {
-                End::NotCreated => m.timewait_not_created += 1,
-                End::Killed if ephemeral => m.timewait_taken_over += 1,
-                _ if x.substate == State::FinWait2 => {
-                    let _ = m.orphans.record(x.residency_ns.max(1));
-                }
-                _ => {}
-            }
+            self.collector.exit(&x, ephemeral);
         }
         self.pipe.exits = exits;
     }
 
     fn sample_population(&mut self) {
-        let mut now: FastMap<Option<u32>, u64> = FastMap::default();
         if let Some(t) = self.pipe.timewait_sockets() {
-            for l in t.population() {
-                *now.entry(l.netns).or_default() += 1;
-            }
-        }
-        for (netns, n) in now {
-            let m = self.had_traffic(netns);
-            m.timewait_peak = m.timewait_peak.max(n);
+            self.collector.population(t.population());
         }
     }
 
     /// Every namespace that had traffic, judged.
     pub fn reports(&mut self) -> Vec<Report> {
-        for (d, p) in self.ports.peaks() {
-            let entry = self.measured.entry(d.netns).or_default();
-            entry.destinations.push((*d, *p));
-        }
-        let mut netns: Vec<Option<u32>> = self.measured.keys().copied().collect();
-        netns.sort();
-        netns
-            .into_iter()
-            .map(|n| {
-                let settings = self.facts.settings(n);
-                let now = self.facts.counters(n);
-                let moved = now.since(self.start.get(&n).unwrap_or(&now));
-                let m = &self.measured[&n];
-                let mut findings = judge(&settings, &moved, m);
-                findings.sort_by_key(|f| f.verdict);
-                Report {
-                    kind: "doctor",
-                    netns: n,
-                    findings,
-                }
-            })
-            .collect()
+        self.collector.judge(self.ports.peaks())
     }
 }
 
@@ -727,7 +788,7 @@ impl<W: Write> View for Doctor<W> {
                 continue;
             };
             if let Event::Transition(t) = &ev {
-                self.had_traffic(t.netns);
+                self.collector.traffic(t.netns);
             }
             self.pipe.fold(&ev);
             self.fold_conclusions();

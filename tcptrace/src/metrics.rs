@@ -144,6 +144,15 @@ struct DestinationLabels {
     netns: NsLabel,
 }
 
+/// Labels of `tcptrace_doctor_verdict`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VerdictLabels {
+    sysctl: &'static str,
+    verdict: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
 /// Labels of `tcptrace_connect_failures_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct FailureLabels {
@@ -284,6 +293,7 @@ struct Families {
     tw_traced: Gauge,
     port_usage: Family<DestinationLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     connect_failures: Family<FailureLabels, Counter>,
+    doctor: Family<VerdictLabels, Gauge>,
 }
 
 impl Families {
@@ -302,6 +312,7 @@ impl Families {
             tw_traced: Gauge::default(),
             port_usage: Family::default(),
             connect_failures: Family::default(),
+            doctor: Family::default(),
         }
     }
 
@@ -375,6 +386,13 @@ impl Families {
             self.port_usage.clone(),
         );
         r.register(
+            "doctor_verdict",
+            "tcptrace doctor's verdict on each setting over the last --doctor-interval, from \
+             what the traffic showed: 1 on the verdict given (problem, warning, ok, info), 0 on \
+             the others",
+            self.doctor.clone(),
+        );
+        r.register(
             "connect_failures",
             "Connects that failed before reaching the network, by reason (no_port: no free \
              local port, EADDRNOTAVAIL)",
@@ -408,6 +426,8 @@ pub struct Metrics {
     /// The destinations labelled now (the fullest, up to the port labels' cap).
     port_series: Vec<DestinationLabels>,
     last_ports_ns: u64,
+    /// Doctor's evidence over the current window, its length, and when it began.
+    doctor: Option<(crate::doctor::Collector, u64, u64)>,
     /// The latest event's time.
     last_ts: u64,
 }
@@ -442,7 +462,63 @@ impl Metrics {
             ports: crate::ports::PortsCore::new(Box::new(crate::ports::HostRanges::default()), 0),
             port_series: Vec::new(),
             last_ports_ns: 0,
+            doctor: None,
             last_ts: 0,
+        }
+    }
+
+    /// Judges the settings every `interval_ns` from what the traffic showed, with facts from
+    /// `facts` (tcptrace_doctor_verdict).
+    /// The counters of `namespaces` are taken now, the first window's start.
+    pub fn doctor(
+        mut self,
+        facts: Box<dyn crate::doctor::HostFacts>,
+        interval_ns: u64,
+        namespaces: &[Option<u32>],
+    ) -> Self {
+        let mut collector = crate::doctor::Collector::new(facts);
+        collector.counters_at_start(namespaces);
+        self.doctor = Some((collector, interval_ns.max(1), 0));
+        self
+    }
+
+    /// Judges the window that ends at `now_ns`, if it is long enough.
+    fn sync_doctor(&mut self, now_ns: u64, force: bool) {
+        let Some((collector, interval, since)) = &mut self.doctor else {
+            return;
+        };
+        if *since == 0 {
+            *since = now_ns;
+            return;
+        }
+        if !force && now_ns.saturating_sub(*since) < *interval {
+            return;
+        }
+        *since = now_ns;
+        let peaks = self.ports.take_peaks();
+        let reports = collector.judge(peaks.iter());
+        // Namespaces that share a label (all of them without --label-netns) show the worst
+        // verdict among them.
+        let mut worst: FastMap<(&'static str, NsLabel), crate::doctor::Verdict> =
+            FastMap::default();
+        for r in reports {
+            let netns = self.labels.netns(r.netns);
+            for f in &r.findings {
+                let v = worst.entry((f.sysctl, netns)).or_insert(f.verdict);
+                *v = (*v).min(f.verdict);
+            }
+        }
+        for ((sysctl, netns), verdict) in worst {
+            for v in crate::doctor::Verdict::ALL {
+                self.families
+                    .doctor
+                    .get_or_create(&VerdictLabels {
+                        sysctl,
+                        verdict: v.name(),
+                        netns,
+                    })
+                    .set(i64::from(v == verdict));
+            }
         }
     }
 
@@ -586,6 +662,9 @@ impl Metrics {
             if !self.pipe.filter().keeps_close(&c) {
                 continue;
             }
+            if let Some((collector, _, _)) = &mut self.doctor {
+                collector.close(&c);
+            }
             let port = self.labels.port(c.service_port(), c.role == Role::Server);
             let netns = self.labels.netns(c.netns);
             self.families
@@ -627,6 +706,10 @@ impl Metrics {
                 continue;
             }
             self.ports.exit(&x);
+            if let Some((collector, _, _)) = &mut self.doctor {
+                let ephemeral = self.ports.ephemeral(x.netns, x.local.port());
+                collector.exit(&x, ephemeral);
+            }
             let key = match self.tw_labels.remove(&(x.local, x.remote)) {
                 Some((key, _)) => {
                     self.families.tw_sockets.get_or_create(&key).dec();
@@ -743,6 +826,12 @@ impl View for Metrics {
         if now_ns.saturating_sub(self.last_ports_ns) >= PORTS_EVERY_NS {
             self.last_ports_ns = now_ns;
             self.sync_ports(now_ns);
+            if let Some((collector, _, _)) = &mut self.doctor
+                && let Some(t) = self.pipe.timewait_sockets()
+            {
+                collector.population(t.population());
+            }
+            self.sync_doctor(now_ns, false);
         }
         self.sync_gauges();
         Ok(Flow::More)

@@ -309,6 +309,11 @@ impl PortsCore {
         self.peaks.iter()
     }
 
+    /// Each destination's fullest moment since the last call (or the start).
+    pub fn take_peaks(&mut self) -> FastMap<Dest, Peak> {
+        std::mem::take(&mut self.peaks)
+    }
+
     /// Whether `port` is in the port range of namespace `netns` (one a connect may choose).
     pub fn ephemeral(&mut self, netns: Option<u32>, port: u16) -> bool {
         self.ranges.range(netns).contains(port)
@@ -452,7 +457,7 @@ impl PortsCore {
                 p.usage = r.usage;
             }
             p.available = r.available;
-            p.failures = r.failures_total;
+            p.failures += r.failures;
             p.connects += window.get(&d).map_or(0, |w| w.connects);
         }
         // Destinations with nothing held and nothing happening are forgotten.

@@ -364,6 +364,7 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
             "--port",
             &port.to_string(),
         ])
+        .args(["--doctor-interval", "3s"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -378,13 +379,18 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
             break rest.trim_end_matches("/metrics").to_string();
         }
     };
+    let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let srv = patient_server(&pair, server, 3);
     let failures = closing_first(&pair, server, 70, 20);
     assert!(failures > 0, "the 50 ports ran out");
     srv.join().unwrap();
-    // The ports are counted once a second.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The ports are counted once a second, the settings judged every 3 s: the first
+    // judgement covers the failures (from about 1.5 s on), and holds until 6 s.
+    std::thread::sleep(
+        (started + Duration::from_millis(4500))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
     let body = scrape(&addr);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
@@ -406,4 +412,8 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
         pair.a4
     ));
     assert!(usage >= 0.9, "{usage}: {body}");
+    let verdict = metric(
+        "tcptrace_doctor_verdict{sysctl=\"net.ipv4.ip_local_port_range\",verdict=\"problem\"}",
+    );
+    assert_eq!(verdict, 1.0, "doctor's verdict, exported: {body}");
 }
