@@ -463,22 +463,8 @@ impl Tracker {
             return;
         }
         self.live.remove(t.skaddr);
-        let close = Close {
-            ts_ns: t.ts_ns,
-            skaddr: t.skaddr,
-            local: t.local,
-            remote: t.remote,
-            initiator: Initiator::Unknown,
-            how: How::Unknown,
-            timewait: false,
-            role: life.evidence.role(),
-            lifetime_ns: born_lifetime(&life, t.ts_ns),
-            owner: t.owner,
-            midlife: !life.evidence.born(),
-            states: life.states,
-            netns: t.netns,
-            cgroup: t.cgroup,
-        };
+        let born = life.evidence.born().then_some(life.first_ts);
+        let close = Close::unconcluded(t, life.evidence, born, life.states);
         let gap = self.gap(life.first_ts) || close.midlife;
         self.conclude(close, life.evidence, life.first_ts, t, gap, out);
     }
@@ -550,22 +536,7 @@ impl Tracker {
         // (Its own crossing came as a transition when it happened: see `observe`.)
         let born = c.born_ns();
         let first_ts = born.unwrap_or(t.ts_ns);
-        let close = Close {
-            ts_ns: t.ts_ns,
-            skaddr: t.skaddr,
-            local: t.local,
-            remote: t.remote,
-            initiator: Initiator::Unknown,
-            how: How::Unknown,
-            timewait: false,
-            role: evidence.role(),
-            lifetime_ns: born.map(|b| t.ts_ns.saturating_sub(b)),
-            owner: t.owner,
-            midlife: !evidence.born(),
-            states: c.states(),
-            netns: t.netns,
-            cgroup: t.cgroup,
-        };
+        let close = Close::unconcluded(t, evidence, born, c.states());
         let gap = self.last_loss.is_some_and(|l| born.is_none_or(|b| b <= l))
             || close.midlife
             || c.tail.flags & tcptrace_common::connection::tail_flag::GAP != 0;
@@ -607,9 +578,27 @@ impl Tracker {
     }
 }
 
-/// The lifetime of a socket ending at `end_ns`, when its birth was seen.
-fn born_lifetime(l: &Life, end_ns: u64) -> Option<u64> {
-    l.evidence.born().then(|| end_ns.saturating_sub(l.first_ts))
+impl Close {
+    /// The close of a socket whose life ended with `t`, before the verdict: its role and
+    /// birth (`born_ns`) from its evidence, its states seen.
+    fn unconcluded(t: &Transition, e: Evidence, born_ns: Option<u64>, states: u16) -> Close {
+        Close {
+            ts_ns: t.ts_ns,
+            skaddr: t.skaddr,
+            local: t.local,
+            remote: t.remote,
+            initiator: Initiator::Unknown,
+            how: How::Unknown,
+            timewait: false,
+            role: e.role(),
+            lifetime_ns: born_ns.map(|b| t.ts_ns.saturating_sub(b)),
+            owner: t.owner,
+            midlife: !e.born(),
+            states,
+            netns: t.netns,
+            cgroup: t.cgroup,
+        }
+    }
 }
 
 /// An abort for which no reset came: a timeout, if the evidence is complete.

@@ -13,22 +13,6 @@ use std::{
 
 use common::*;
 
-/// Sets a sysctl inside a namespace.
-fn sysctl(ns: &str, key: &str, value: &str) {
-    let st = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "sysctl {key}={value} in {ns}");
-}
-
 /// Sockets in namespace `ns` holding a local port toward `to`: open or in TIME_WAIT.
 fn held_per_sock_diag(ns: &str, to: SocketAddr) -> usize {
     let out = Command::new("ip")
@@ -39,15 +23,22 @@ fn held_per_sock_diag(ns: &str, to: SocketAddr) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// Two namespaces whose first (a, the clients') has 50 local ports and no reuse of
+/// TIME_WAIT ones.
+fn fifty_ports() -> NetPair {
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    pair
+}
+
 #[test]
 fn a_destination_running_out_of_ports_is_shown_before_connects_fail() {
     if !root_or_skip("a_destination_running_out_of_ports_is_shown_before_connects_fail") {
         return;
     }
-    let pair = NetPair::new();
-    // 50 local ports, no reuse of TIME_WAIT ones: the client, closing first, uses them up.
-    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
-    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    // The client, closing first, uses the 50 ports up.
+    let pair = fifty_ports();
     let port = 29_000 + (std::process::id() % 1000) as u16;
     let server = SocketAddr::new(pair.b4, port);
     let tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
@@ -58,41 +49,9 @@ fn a_destination_running_out_of_ports_is_shown_before_connects_fail() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    let (tx, rx) = mpsc::channel();
-    let srv = NetPair::run_in(&pair.b, move || {
-        let l = TcpListener::bind(server).unwrap();
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while std::time::Instant::now() < deadline {
-            match l.accept() {
-                Ok((mut c, _)) => {
-                    c.set_nonblocking(false).unwrap();
-                    let mut b = [0u8; 1];
-                    while c.read(&mut b).map(|k| k > 0).unwrap_or(false) {}
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    });
-    rx.recv().unwrap();
+    let srv = patient_server(&pair, server, 3);
     // Connects every 20 ms, each closed first by the client, until ports run out.
-    let failures = NetPair::run_in(&pair.a, move || {
-        let mut failures = 0u64;
-        for _ in 0..70 {
-            match TcpStream::connect_timeout(&server, Duration::from_secs(1)) {
-                Ok(c) => drop(c),
-                Err(e) => {
-                    assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{e}");
-                    failures += 1;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        failures
-    })
-    .join()
-    .unwrap();
+    let failures = closing_first(&pair, server, 70, 20);
     assert!(failures > 0, "the 50 ports ran out");
     let held = held_per_sock_diag(&pair.a, server);
     srv.join().unwrap();
@@ -239,9 +198,7 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
         return;
     }
     // Ports running out toward one destination.
-    let pair = NetPair::new();
-    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
-    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    let pair = fifty_ports();
     let port = 30_000 + (std::process::id() % 1000) as u16;
     let server = SocketAddr::new(pair.b4, port);
     let doc = doctor(port, 4);
@@ -351,9 +308,7 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
     if !root_or_skip("serve_exports_the_port_usage_and_the_failed_connects") {
         return;
     }
-    let pair = NetPair::new();
-    sysctl(&pair.a, "net.ipv4.ip_local_port_range", "40000 40049");
-    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "0");
+    let pair = fifty_ports();
     let port = 31_000 + (std::process::id() % 1000) as u16;
     let server = SocketAddr::new(pair.b4, port);
     let mut serve = Command::new(env!("CARGO_BIN_EXE_tcptrace"))

@@ -17,22 +17,6 @@ use tcptrace::{
     timewait::{End, Exit, Timewaits},
 };
 
-/// Sets a sysctl inside a namespace.
-fn sysctl(ns: &str, key: &str, value: &str) {
-    let st = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "sysctl {key}={value} in {ns}");
-}
-
 /// A server in namespace b that accepts `n` connections and closes each after the client.
 fn server(pair: &NetPair, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
     let (tx, rx) = mpsc::channel();

@@ -356,3 +356,19 @@ pub fn start_tracer(args: &[&str]) -> std::process::Child {
 pub fn other_network_namespaces() -> bool {
     tcptrace::diag::network_namespaces().len() > 1
 }
+
+/// Sets a sysctl inside a namespace.
+pub fn sysctl(ns: &str, key: &str, value: &str) {
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "sysctl {key}={value} in {ns}");
+}
