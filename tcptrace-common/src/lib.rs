@@ -183,6 +183,10 @@ pub mod flag {
     /// The socket received a reset earlier in its life (`tcp:tcp_receive_reset`): a
     /// FIN_WAIT2/CLOSING→CLOSE after it is the reset's doing, not an entry into TIME_WAIT.
     pub const RESET_RECEIVED: u8 = 1 << 4;
+    /// On a timewait timer's cancel or expiry: `oldstate` is the timewait socket's substate
+    /// then (FIN_WAIT2 or TIME_WAIT), read at that moment (a peer's FIN can move it to
+    /// TIME_WAIT without a timer event). Without this bit (older recordings) it says nothing.
+    pub const SUBSTATE_AT_END: u8 = 1 << 5;
 }
 
 /// One record in the ring buffer (and, unchanged, in a recording).

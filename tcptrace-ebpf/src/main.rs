@@ -959,6 +959,8 @@ fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     if cfg.filters() && tw_kept(&cfg, tw, false)?.is_none() {
         return Ok(());
     }
+    // Its substate now: a peer's FIN may have moved it to TIME_WAIT with no timer event.
+    let substate: u8 = kread(tw, cfg.timewait.tw_substate)?;
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     // SAFETY: a local.
     unsafe { clear_owner(owner.as_mut_ptr()) };
@@ -971,9 +973,9 @@ fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
         dport: 0,
         family: 0,
         kind: k,
-        old: state::TIME_WAIT,
+        old: substate,
         new: state::TIME_WAIT,
-        flags: 0,
+        flags: flag::SUBSTATE_AT_END,
         netns: 0,
         cgroup: 0,
     };

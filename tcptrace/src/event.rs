@@ -181,6 +181,9 @@ pub struct TimerEvent {
     pub tw: u64,
     /// What happened.
     pub op: TimerOp,
+    /// On a cancel or expiry: the socket's substate at that moment (None: not said, as in
+    /// recordings made before tcptrace read it).
+    pub substate_at_end: Option<State>,
 }
 
 /// A decoded event.
@@ -325,10 +328,16 @@ pub fn raw_lost(ts_ns: u64, count: u64) -> RawEvent {
 /// Decodes one raw record.
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     let timer = |op| {
+        let substate_at_end = if raw.flags & flag::SUBSTATE_AT_END != 0 {
+            Some(State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?)
+        } else {
+            None
+        };
         Ok(Event::Timer(TimerEvent {
             ts_ns: raw.ts_ns,
             tw: raw.skaddr,
             op,
+            substate_at_end,
         }))
     };
     match raw.kind {
@@ -505,6 +514,10 @@ pub fn encode_timer(t: &TimerEvent) -> RawEvent {
         TimerOp::Cancelled => raw.kind = kind::TW_CANCELLED,
         TimerOp::Expired => raw.kind = kind::TW_EXPIRED,
     }
+    if let (Some(s), TimerOp::Cancelled | TimerOp::Expired) = (t.substate_at_end, t.op) {
+        raw.oldstate = s as u8;
+        raw.flags |= flag::SUBSTATE_AT_END;
+    }
     raw
 }
 
@@ -631,6 +644,7 @@ mod tests {
             let timer = TimerEvent {
                 ts_ns: 3,
                 tw: 4,
+                substate_at_end: None,
                 op: TimerOp::Armed {
                     substate: State::TimeWait,
                     timeout_jiffies: 15000,
@@ -640,6 +654,17 @@ mod tests {
                 },
             };
             assert_eq!(decode(&encode_timer(&timer)).unwrap(), Event::Timer(timer));
+            for op in [TimerOp::Cancelled, TimerOp::Expired] {
+                for substate_at_end in [None, Some(State::FinWait2), Some(State::TimeWait)] {
+                    let end = TimerEvent {
+                        ts_ns: 5,
+                        tw: 4,
+                        op,
+                        substate_at_end,
+                    };
+                    assert_eq!(decode(&encode_timer(&end)).unwrap(), Event::Timer(end));
+                }
+            }
         }
         // A record from a kernel that could not read them (or a format-1 recording).
         let mut raw = encode_reset(&Reset {

@@ -219,6 +219,7 @@ impl CompiledFilter {
         let raw = crate::event::encode_timer(&crate::event::TimerEvent {
             ts_ns: 0,
             tw: 0,
+            substate_at_end: None,
             op: crate::event::TimerOp::Armed {
                 substate: crate::event::State::TimeWait,
                 timeout_jiffies: 0,

@@ -952,6 +952,7 @@ mod tests {
         let armed = crate::event::encode_timer(&crate::event::TimerEvent {
             ts_ns: ts + 3,
             tw: sk << 8,
+            substate_at_end: None,
             op: crate::event::TimerOp::Armed {
                 substate: TimeWait,
                 timeout_jiffies: 15000,

@@ -165,6 +165,7 @@ impl<W: Write> Population<W> {
             let raw = encode_timer(&TimerEvent {
                 ts_ns: now_ns,
                 tw: 0,
+                substate_at_end: None,
                 op: TimerOp::Armed {
                     substate: State::TimeWait,
                     timeout_jiffies: 0,

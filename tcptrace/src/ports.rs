@@ -713,6 +713,7 @@ mod tests {
         encode_timer(&TimerEvent {
             ts_ns: ts,
             tw,
+            substate_at_end: None,
             op: TimerOp::Armed {
                 substate: State::TimeWait,
                 timeout_jiffies: 15000,

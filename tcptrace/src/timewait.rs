@@ -376,11 +376,19 @@ impl Timewaits {
             }
             TimerOp::Cancelled => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
+                    // Read as it is cancelled: a peer's FIN may have moved it to TIME_WAIT
+                    // without a timer event of its own.
+                    life.substate = t.substate_at_end.unwrap_or(life.substate);
                     life.cancelled_at = Some(t.ts_ns);
                     self.cancels.push_back((t.ts_ns, t.tw));
                 }
             }
-            TimerOp::Expired => out.extend(self.end(t.tw, t.ts_ns, End::Expired)),
+            TimerOp::Expired => {
+                if let Some(life) = self.live.get_mut(&t.tw) {
+                    life.substate = t.substate_at_end.unwrap_or(life.substate);
+                }
+                out.extend(self.end(t.tw, t.ts_ns, End::Expired));
+            }
         }
     }
 
@@ -461,6 +469,7 @@ mod tests {
         Event::Timer(TimerEvent {
             ts_ns: ts,
             tw,
+            substate_at_end: None,
             op: TimerOp::Armed {
                 substate,
                 timeout_jiffies: 15000,
@@ -472,7 +481,12 @@ mod tests {
     }
 
     fn op(ts: u64, tw: u64, op: TimerOp) -> Event {
-        Event::Timer(TimerEvent { ts_ns: ts, tw, op })
+        Event::Timer(TimerEvent {
+            ts_ns: ts,
+            tw,
+            op,
+            substate_at_end: None,
+        })
     }
 
     fn entry(ts: u64, local: &str) -> Event {
@@ -585,6 +599,29 @@ mod tests {
         t.flush(&mut out);
         assert_eq!(t.created(), 2);
         assert_eq!(summary(out), expected);
+    }
+
+    #[test]
+    fn the_substate_is_the_one_the_socket_has_at_its_end() {
+        // Armed as an orphan in FIN_WAIT2; the peer's FIN landed in the same timer-wheel
+        // bucket (no timer event); the expiry reads TIME_WAIT.
+        let expiry = Event::Timer(TimerEvent {
+            ts_ns: 61 * SEC,
+            tw: 1,
+            op: TimerOp::Expired,
+            substate_at_end: Some(State::TimeWait),
+        });
+        let out = run(&[
+            armed(SEC, 1, State::FinWait2, C),
+            entry(SEC + 10, C),
+            expiry,
+        ]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].substate, State::TimeWait);
+        // Recordings from before say nothing at the end: the arming's substate stands.
+        let old = op(61 * SEC, 1, TimerOp::Expired);
+        let out = run(&[armed(SEC, 1, State::FinWait2, C), entry(SEC + 10, C), old]);
+        assert_eq!(out[0].substate, State::FinWait2);
     }
 
     #[test]

@@ -565,7 +565,7 @@ fn a_connection_older_than_the_trace_gets_its_role_and_owner() {
         drop(c);
     });
     opened_rx.recv().unwrap();
-    let tracer = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+    let mut tracer = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
         .args([
             "report",
             "--json",
@@ -578,8 +578,13 @@ fn a_connection_older_than_the_trace_gets_its_role_and_owner() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Closed while traced (the client first).
-    std::thread::sleep(Duration::from_millis(1000));
+    // Closed while traced (the client first): once the probes are attached.
+    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    tracer.stderr = Some(err.into_inner());
+    std::thread::sleep(Duration::from_millis(300));
     close_tx.send(()).unwrap();
     cli.join().unwrap();
     srv.join().unwrap();

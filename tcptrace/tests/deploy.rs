@@ -665,6 +665,7 @@ fn exported_families() -> BTreeSet<String> {
         encode_timer(&TimerEvent {
             ts_ns: ts,
             tw: 0xd,
+            substate_at_end: None,
             op,
         })
     };

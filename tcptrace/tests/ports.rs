@@ -41,14 +41,15 @@ fn a_destination_running_out_of_ports_is_shown_before_connects_fail() {
     let pair = fifty_ports();
     let port = 29_000 + (std::process::id() % 1000) as u16;
     let server = SocketAddr::new(pair.b4, port);
-    let tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+    let mut tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
         .args(["ports", "--json", "--interval", "300ms", "--duration", "4s"])
         .args(["--port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_tracing(&mut tracer);
+    std::thread::sleep(Duration::from_millis(300));
     let srv = patient_server(&pair, server, 3);
     // Connects every 20 ms, each closed first by the client, until ports run out.
     let failures = closing_first(&pair, server, 70, 20);
@@ -145,14 +146,14 @@ fn closing_first(pair: &NetPair, server: SocketAddr, n: usize, gap_ms: u64) -> u
 
 /// `tcptrace doctor --json` for `secs`, on `port`: its exit code and its reports.
 fn doctor(port: u16, secs: u64) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
         .args(["doctor", "--json", "--duration", &format!("{secs}s")])
         .args(["--port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_tracing(&mut child);
     child
 }
 

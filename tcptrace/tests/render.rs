@@ -203,6 +203,7 @@ fn workload() -> Vec<RawEvent> {
         encode_timer(&TimerEvent {
             ts_ns: 3 * SEC + 2_049_000,
             tw: 0xd,
+            substate_at_end: None,
             op: TimerOp::Armed {
                 substate: State::TimeWait,
                 timeout_jiffies: 15000,
@@ -214,11 +215,13 @@ fn workload() -> Vec<RawEvent> {
         encode_timer(&TimerEvent {
             ts_ns: 63 * SEC + 300_000_000,
             tw: 0xd,
+            substate_at_end: None,
             op: TimerOp::Cancelled,
         }),
         encode_timer(&TimerEvent {
             ts_ns: 63 * SEC + 300_000_100,
             tw: 0xd,
+            substate_at_end: None,
             op: TimerOp::Expired,
         }),
     ];

@@ -135,16 +135,11 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
 
     let mut tw = Timewaits::new(true);
     let (mut exits, mut saw_entry) = (Vec::new(), false);
+    let mut timers = Vec::new();
     let mut vanished_at = None;
     let deadline = Instant::now() + Duration::from_secs(70);
     while Instant::now() < deadline && (exits.is_empty() || vanished_at.is_none()) {
-        follow(
-            &mut probe,
-            &mut tw,
-            &mut exits,
-            &mut saw_entry,
-            &mut Vec::new(),
-        );
+        follow(&mut probe, &mut tw, &mut exits, &mut saw_entry, &mut timers);
         if !saw_entry {
             assert!(
                 monotonic_ns() - closed_at < 2_000_000_000,
@@ -164,6 +159,13 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
     assert_eq!(
         (x.end, x.remote, x.substate),
         (End::Expired, srv_addr, State::TimeWait)
+    );
+    // The kernel side read the substate as the timer fired.
+    assert!(
+        timers.iter().any(|t| t.tw == x.tw
+            && t.op == TimerOp::Expired
+            && t.substate_at_end == Some(State::TimeWait)),
+        "{timers:#?}"
     );
     let secs = x.residency_ns as f64 / 1e9;
     assert!(

@@ -372,3 +372,13 @@ pub fn sysctl(ns: &str, key: &str, value: &str) {
         .unwrap();
     assert!(st.success(), "sysctl {key}={value} in {ns}");
 }
+
+/// Waits until the tracer `child` (stderr piped) says its probes are attached; its stderr
+/// stays readable after.
+pub fn wait_tracing(child: &mut std::process::Child) {
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    child.stderr = Some(err.into_inner());
+}
