@@ -153,9 +153,11 @@ impl Counters {
 /// Where a namespace's settings and counters come from (the host live, fakes in tests).
 pub trait HostFacts {
     /// The namespace's settings.
-    fn settings(&mut self, netns: Option<u32>) -> Settings;
-    /// The namespace's counters now.
-    fn counters(&mut self, netns: Option<u32>) -> Counters;
+    /// The namespace's settings (None: it cannot be read, e.g. entering it needs
+    /// CAP_SYS_ADMIN, or it is gone).
+    fn settings(&mut self, netns: Option<u32>) -> Option<Settings>;
+    /// The namespace's counters now (None: they cannot be read).
+    fn counters(&mut self, netns: Option<u32>) -> Option<Counters>;
 }
 
 /// The host's namespaces, read inside each (entering it when it is not tcptrace's own).
@@ -175,7 +177,7 @@ impl Host {
 }
 
 impl HostFacts for Host {
-    fn settings(&mut self, netns: Option<u32>) -> Settings {
+    fn settings(&mut self, netns: Option<u32>) -> Option<Settings> {
         Host::inside(netns, || {
             SYSCTLS
                 .iter()
@@ -186,17 +188,16 @@ impl HostFacts for Host {
                 })
                 .collect()
         })
-        .unwrap_or_default()
     }
 
-    fn counters(&mut self, netns: Option<u32>) -> Counters {
+    fn counters(&mut self, netns: Option<u32>) -> Option<Counters> {
         Host::inside(netns, || {
             // This thread's namespace (/proc/net is the main thread's).
             std::fs::read_to_string("/proc/thread-self/net/netstat")
+                .ok()
                 .map(|s| Counters::parse(&s))
-                .unwrap_or_default()
         })
-        .unwrap_or_default()
+        .flatten()
     }
 }
 
@@ -566,6 +567,8 @@ pub struct Collector {
     facts: Box<dyn HostFacts>,
     start: FastMap<Option<u32>, Counters>,
     measured: FastMap<Option<u32>, Measured>,
+    /// Namespaces whose settings could not be read (said once).
+    unreadable: std::collections::HashSet<Option<u32>>,
 }
 
 impl Collector {
@@ -575,6 +578,7 @@ impl Collector {
             facts,
             start: FastMap::default(),
             measured: FastMap::default(),
+            unreadable: std::collections::HashSet::new(),
         }
     }
 
@@ -582,14 +586,16 @@ impl Collector {
     /// seen later starts from its first event).
     pub fn counters_at_start(&mut self, namespaces: &[Option<u32>]) {
         for n in namespaces {
-            let c = self.facts.counters(*n);
-            self.start.insert(*n, c);
+            if let Some(c) = self.facts.counters(*n) {
+                self.start.insert(*n, c);
+            }
         }
     }
 
     fn had_traffic(&mut self, netns: Option<u32>) -> &mut Measured {
-        if !self.start.contains_key(&netns) {
-            let c = self.facts.counters(netns);
+        if !self.start.contains_key(&netns)
+            && let Some(c) = self.facts.counters(netns)
+        {
             self.start.insert(netns, c);
         }
         self.measured.entry(netns).or_default()
@@ -653,19 +659,30 @@ impl Collector {
         netns.sort();
         let reports = netns
             .into_iter()
-            .map(|n| {
-                let settings = self.facts.settings(n);
-                let now = self.facts.counters(n);
+            .filter_map(|n| {
+                // A namespace whose settings cannot be read is not judged: no verdict
+                // without its values (tcptrace says so once).
+                let Some(settings) = self.facts.settings(n) else {
+                    if self.unreadable.insert(n) {
+                        log::warn!(
+                            "doctor cannot read the settings of network namespace {} \
+                             (entering it needs CAP_SYS_ADMIN): not judged",
+                            n.map_or("?".into(), |n| n.to_string())
+                        );
+                    }
+                    return None;
+                };
+                let now = self.facts.counters(n).unwrap_or_default();
                 let moved = now.since(self.start.get(&n).unwrap_or(&now));
                 self.start.insert(n, now);
                 let m = &self.measured[&n];
                 let mut findings = judge(&settings, &moved, m);
                 findings.sort_by_key(|f| f.verdict);
-                Report {
+                Some(Report {
                     kind: "doctor",
                     netns: n,
                     findings,
-                }
+                })
             })
             .collect();
         self.measured.clear();
@@ -1047,6 +1064,55 @@ mod tests {
         assert_eq!(
             find(&f, "net.ipv4.tcp_keepalive_time").verdict,
             Verdict::Info
+        );
+    }
+
+    /// Namespace 1 readable, with its TIME_WAIT overflow counter moving by 3 between reads;
+    /// namespace 2 not readable.
+    struct Fake {
+        reads: u64,
+    }
+
+    impl HostFacts for Fake {
+        fn settings(&mut self, netns: Option<u32>) -> Option<Settings> {
+            (netns == Some(1)).then(|| settings(&[("net.ipv4.tcp_max_tw_buckets", "5")]))
+        }
+        fn counters(&mut self, netns: Option<u32>) -> Option<Counters> {
+            if netns != Some(1) {
+                return None;
+            }
+            self.reads += 1;
+            Some(Counters {
+                timewait_overflow: 3 * self.reads,
+                ..Counters::default()
+            })
+        }
+    }
+
+    #[test]
+    fn a_namespace_is_judged_on_its_own_counters_and_only_if_readable() {
+        let mut c = Collector::new(Box::new(Fake { reads: 0 }));
+        c.counters_at_start(&[Some(1), Some(2)]);
+        c.traffic(Some(1));
+        c.traffic(Some(2));
+        let reports = c.judge(std::iter::empty());
+        assert_eq!(reports.len(), 1, "namespace 2 cannot be read: {reports:?}");
+        assert_eq!(reports[0].netns, Some(1));
+        let f = find(&reports[0].findings, "net.ipv4.tcp_max_tw_buckets");
+        assert_eq!(f.verdict, Verdict::Problem);
+        assert!(
+            f.evidence.contains("TCPTimeWaitOverflow +3"),
+            "{}",
+            f.evidence
+        );
+        // The next window starts from the end of this one.
+        c.traffic(Some(1));
+        let again = c.judge(std::iter::empty());
+        let f = find(&again[0].findings, "net.ipv4.tcp_max_tw_buckets");
+        assert!(
+            f.evidence.contains("TCPTimeWaitOverflow +3"),
+            "{}",
+            f.evidence
         );
     }
 
