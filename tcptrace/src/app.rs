@@ -201,6 +201,30 @@ pub fn run(cli: Cli) -> Result<()> {
                 )),
             })
         }
+        Some(Command::Stuck(a)) => {
+            let filter = a.common.filter.filter();
+            let format = a.common.output.format();
+            let live = a.common.source.from.is_none();
+            let names = cgroup_names(&a.common.source, &filter);
+            drive(&filter, &a.common.source, Reads::Transitions, |facts| {
+                let compiled = filter.compile().with_cgroups(names);
+                let view = crate::stuck::Stuck::new(
+                    compiled,
+                    &filter.states,
+                    a.older_than.as_nanos() as u64,
+                    out,
+                    format,
+                    facts.wall_offset_ns,
+                    a.interval.as_nanos() as u64,
+                );
+                Ok(Box::new(if live {
+                    let found = open_connections_with_owners(a.common.source.max_sockets);
+                    view.seed(&found, crate::probe::monotonic_ns())
+                } else {
+                    view
+                }))
+            })
+        }
         Some(Command::Hist(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
@@ -443,18 +467,16 @@ fn drive<'a>(
     live(probe, recorder, view.as_mut(), source.duration)
 }
 
-/// The connections open now in every network namespace (at most `limit`), with their role
-/// and owner, saying once what could not be seen.
-fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
-    use crate::{
-        event::{Comm, Owner},
-        track::Role,
-    };
+/// The connections open now in every network namespace (at most `limit`), each with the
+/// process holding its socket, saying once what could not be seen.
+fn open_connections_with_owners(
+    limit: usize,
+) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
+    use crate::event::{Comm, Owner};
     let b = crate::diag::connections_everywhere(limit);
     if b.unreachable > 0 {
         log::warn!(
-            "open connections of {} of {} network namespaces cannot be read (those that \
-             close get no role): {}",
+            "open connections of {} of {} network namespaces cannot be read: {}",
             b.unreachable,
             b.namespaces + b.unreachable,
             b.first_error.as_deref().unwrap_or("")
@@ -468,13 +490,9 @@ fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
         .collect();
     let owners = crate::diag::socket_owners(&inodes);
     b.found
-        .iter()
-        .map(|e| crate::track::AtStart {
-            netns: Some(e.netns),
-            local: e.local,
-            remote: e.remote,
-            role: if e.server { Role::Server } else { Role::Client },
-            owner: owners.get(&e.inode).map(|(pid, comm)| {
+        .into_iter()
+        .map(|e| {
+            let owner = owners.get(&e.inode).map(|(pid, comm)| {
                 let mut c = [0u8; 16];
                 let n = comm.len().min(15);
                 c[..n].copy_from_slice(&comm.as_bytes()[..n]);
@@ -483,7 +501,24 @@ fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
                     comm: Comm(c),
                     from_listener: false,
                 }
-            }),
+            });
+            (e, owner)
+        })
+        .collect()
+}
+
+/// The connections open now in every network namespace (at most `limit`), with their role
+/// and owner.
+fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
+    use crate::track::Role;
+    open_connections_with_owners(limit)
+        .into_iter()
+        .map(|(e, owner)| crate::track::AtStart {
+            netns: Some(e.netns),
+            local: e.local,
+            remote: e.remote,
+            role: if e.server { Role::Server } else { Role::Client },
+            owner,
         })
         .collect()
 }

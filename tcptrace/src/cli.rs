@@ -45,6 +45,16 @@ At start-up the TIME_WAIT sockets already present in every network namespace are
 sock_diag (as `ss` does) and counted as `seeded`, their ages estimated from their timers;
 those created later are traced.";
 
+const STUCK_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace stuck                        every 5 s: sockets stuck for 30 s or more
+  sudo tcptrace stuck --state CLOSE_WAIT --older-than 5m --lport 8080
+  sudo tcptrace stuck --json -i 1m
+
+A socket's time in its state is known from the transition into it; one found at start
+(sock_diag, in every namespace) was there before tracing began, and its age shows as a
+lower bound (\"at least\").";
+
 const DOCTOR_EXAMPLES: &str = "\
 Examples:
   sudo tcptrace doctor                       30 s of traffic, then one verdict per setting
@@ -142,6 +152,11 @@ pub enum Command {
     /// does, for --duration (30 s by default); exits 1 when one is a problem.
     #[command(after_help = DOCTOR_EXAMPLES)]
     Doctor(DoctorArgs),
+    /// Sockets stuck in a state they should pass through (CLOSE_WAIT: an application that
+    /// never closes; FIN_WAIT1/2, LAST_ACK, CLOSING, SYN_SENT, SYN_RECV), older than
+    /// --older-than, with their owner, grouped by process, state and port.
+    #[command(after_help = STUCK_EXAMPLES)]
+    Stuck(StuckArgs),
     /// A Prometheus exporter: transitions, closes by port, role and initiator, the TIME_WAIT
     /// population and its residency, state durations, on /metrics.
     #[command(after_help = SERVE_EXAMPLES)]
@@ -211,6 +226,19 @@ pub struct PortsArgs {
     pub common: CommonArgs,
     /// How often to print the table.
     #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+/// `tcptrace stuck`.
+#[derive(Debug, Args)]
+pub struct StuckArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Show sockets that have sat in their state at least this long.
+    #[arg(long, value_name = "AGE", default_value = "30s", value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// How often to print them.
+    #[arg(short, long, value_name = "INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub interval: Duration,
 }
 

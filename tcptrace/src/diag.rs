@@ -36,7 +36,12 @@ pub struct DiagSocket {
     pub expires_ms: u32,
     /// The inode of its socket file (0: none, as for timewait sockets and orphans).
     pub inode: u32,
+    /// Its pending timer (`idiag_timer`: 3 for a timewait socket's).
+    pub timer: u8,
 }
+
+/// `idiag_timer` of a timewait socket.
+const TIMER_TIMEWAIT: u8 = 3;
 
 impl DiagSocket {
     fn timewait(&self) -> DiagTimewait {
@@ -209,6 +214,9 @@ pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
         let open = sockets(OPEN_STATES)?;
         Ok(open
             .iter()
+            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+            // no connection's socket any more.
+            .filter(|s| s.timer != TIMER_TIMEWAIT)
             .map(|s| Existing {
                 netns: ns.inode,
                 local: s.local,
@@ -409,6 +417,7 @@ fn msg(p: &[u8]) -> DiagSocket {
         remote: SocketAddr::new(addr(24), dport),
         expires_ms: word(52),
         inode: word(68),
+        timer: p[2],
     }
 }
 
@@ -444,6 +453,7 @@ mod tests {
                 remote: "10.0.0.2:80".parse().unwrap(),
                 expires_ms: 59_000,
                 inode: 4242,
+                timer: 0,
             }]
         );
         assert!(

@@ -209,25 +209,29 @@ impl CompiledFilter {
 
     /// Whether a socket found at start (no event of its own: its endpoints and namespace)
     /// is one the filter keeps, judged as the kernel and userspace parts would judge an
-    /// event of it.
+    /// event of it — but for the states, which the caller judges by the socket's own.
     pub fn keeps_socket(
         &self,
         local: std::net::SocketAddr,
         remote: std::net::SocketAddr,
         netns: Option<u32>,
     ) -> bool {
-        let raw = crate::event::encode_timer(&crate::event::TimerEvent {
+        use crate::event::State;
+        let mut raw = crate::event::encode(&Transition {
             ts_ns: 0,
-            tw: 0,
-            substate_at_end: None,
-            op: crate::event::TimerOp::Armed {
-                substate: crate::event::State::TimeWait,
-                timeout_jiffies: 0,
-                local,
-                remote,
-                netns,
-            },
+            skaddr: 0,
+            local,
+            remote,
+            from: State::Established,
+            to: State::Established,
+            in_from_ns: None,
+            owner: None,
+            mptcp: false,
+            netns,
+            cgroup: None,
         });
+        // A connection record: judged whatever its states.
+        raw.kind = tcptrace_common::kind::CONNECTION;
         self.kernel_keeps(&raw) && self.keeps_parts(None, local, remote, netns, None)
     }
 

@@ -26,6 +26,7 @@ pub mod probe;
 pub mod record;
 pub mod report;
 pub mod serve;
+pub mod stuck;
 pub mod timewait;
 pub mod track;
 pub mod view;

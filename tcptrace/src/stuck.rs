@@ -1,0 +1,428 @@
+//! `tcptrace stuck`: sockets that sit too long in a state they should pass through — an
+//! application that never closes after its peer did (CLOSE_WAIT), FINs or handshakes that
+//! get no answer — with their owner, grouped by process, state and port.
+//!
+//! A socket's time in its state is known from the transition into it; one found at start
+//! (sock_diag in every namespace) has been there since before tracing began at least, and
+//! its age is shown as a lower bound.
+
+use std::{
+    io::{self, Write},
+    net::SocketAddr,
+};
+
+use serde::Serialize;
+
+use crate::{
+    diag::Existing,
+    event::{Event, Owner, RawEvent, State, Transition},
+    filter::CompiledFilter,
+    output::{Format, human_ns, rfc3339},
+    pipeline::Pipeline,
+    track::FastMap,
+    view::{Flow, View},
+};
+
+/// The states a socket should only pass through.
+pub const STUCK_STATES: [State; 7] = [
+    State::CloseWait,
+    State::FinWait1,
+    State::FinWait2,
+    State::LastAck,
+    State::Closing,
+    State::SynSent,
+    State::SynRecv,
+];
+
+/// A socket in one of [`STUCK_STATES`].
+#[derive(Clone, Copy, Debug)]
+struct Sitting {
+    state: State,
+    netns: Option<u32>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// When it entered the state (or when tracing began, for one found then).
+    since_ns: u64,
+    /// Found at start: it was there before, `since_ns` is a lower bound.
+    at_start: bool,
+    owner: Option<Owner>,
+}
+
+/// One socket, stuck.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Row {
+    pub kind: &'static str,
+    pub time: String,
+    pub state: &'static str,
+    pub netns: Option<u32>,
+    pub laddr: std::net::IpAddr,
+    pub lport: u16,
+    pub raddr: std::net::IpAddr,
+    pub rport: u16,
+    /// How long it has been in `state` (at least, with `age_at_least`).
+    pub age_ns: u64,
+    /// It was in the state before tracing began: `age_ns` is how long tracing has run.
+    pub age_at_least: bool,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+/// The view.
+pub struct Stuck<W: Write> {
+    pipe: Pipeline,
+    /// Traced sockets, by kernel address.
+    sitting: FastMap<u64, Sitting>,
+    /// Sockets found at start (no address known), by namespace and endpoints, with theirs.
+    found: FastMap<(Option<u32>, SocketAddr, SocketAddr), Sitting>,
+    states: Vec<State>,
+    older_than_ns: u64,
+    out: W,
+    format: Format,
+    wall_offset_ns: i64,
+    interval_ns: u64,
+    window_start: Option<u64>,
+    now: u64,
+}
+
+impl<W: Write> Stuck<W> {
+    /// Every `interval_ns`, the sockets in `states` (all of [`STUCK_STATES`] when empty)
+    /// for longer than `older_than_ns`.
+    pub fn new(
+        filter: CompiledFilter,
+        states: &[State],
+        older_than_ns: u64,
+        out: W,
+        format: Format,
+        wall_offset_ns: i64,
+        interval_ns: u64,
+    ) -> Self {
+        let states = if states.is_empty() {
+            STUCK_STATES.to_vec()
+        } else {
+            states.to_vec()
+        };
+        Stuck {
+            pipe: Pipeline::new(filter),
+            sitting: FastMap::default(),
+            found: FastMap::default(),
+            states,
+            older_than_ns,
+            out,
+            format,
+            wall_offset_ns,
+            interval_ns: interval_ns.max(1),
+            window_start: None,
+            now: 0,
+        }
+    }
+
+    /// The connections open at start (`now_ns`), with their owners: those in a watched
+    /// state have sat there since before `now_ns`.
+    pub fn seed(mut self, found: &[(Existing, Option<Owner>)], now_ns: u64) -> Self {
+        for (e, owner) in found {
+            let Some(state) = State::from_kernel(e.state) else {
+                continue;
+            };
+            let netns = Some(e.netns);
+            if self.states.contains(&state)
+                && self.pipe.filter().keeps_socket(e.local, e.remote, netns)
+            {
+                self.found.insert(
+                    (netns, e.local, e.remote),
+                    Sitting {
+                        state,
+                        netns,
+                        local: e.local,
+                        remote: e.remote,
+                        since_ns: now_ns,
+                        at_start: true,
+                        owner: *owner,
+                    },
+                );
+            }
+        }
+        self.now = now_ns;
+        self.window_start = Some(now_ns);
+        self
+    }
+
+    /// The writer (for tests).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn transition(&mut self, t: &Transition) {
+        // A socket found at start moves on: followed by its address from now on.
+        let was = self
+            .sitting
+            .remove(&t.skaddr)
+            .or_else(|| self.found.remove(&(t.netns, t.local, t.remote)));
+        // Its owner stays known across its states.
+        let owner = t.owner.or(was.and_then(|s| s.owner));
+        if self.states.contains(&t.to) {
+            self.sitting.insert(
+                t.skaddr,
+                Sitting {
+                    state: t.to,
+                    netns: t.netns,
+                    local: t.local,
+                    remote: t.remote,
+                    since_ns: t.ts_ns,
+                    at_start: false,
+                    owner,
+                },
+            );
+        }
+    }
+
+    /// The sockets stuck now, oldest first.
+    pub fn snapshot(&self) -> Vec<Row> {
+        let time = rfc3339(i128::from(self.now) + i128::from(self.wall_offset_ns));
+        // A traced socket's endpoints are those of the transition into its state.
+        let traced = self
+            .sitting
+            .values()
+            .map(|s| (s.netns, s.local, s.remote, s));
+        let found = self.found.iter().map(|((n, l, r), s)| (*n, *l, *r, s));
+        let mut rows: Vec<Row> = traced
+            .chain(found)
+            .filter_map(|(netns, local, remote, s)| {
+                let age = self.now.saturating_sub(s.since_ns);
+                (age >= self.older_than_ns).then(|| Row {
+                    kind: "stuck",
+                    time: time.clone(),
+                    state: s.state.name(),
+                    netns,
+                    laddr: local.ip(),
+                    lport: local.port(),
+                    raddr: remote.ip(),
+                    rport: remote.port(),
+                    age_ns: age,
+                    age_at_least: s.at_start,
+                    pid: s.owner.map(|o| o.pid),
+                    comm: s.owner.map(|o| o.comm.as_str().into_owned()),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| b.age_ns.cmp(&a.age_ns).then(a.lport.cmp(&b.lport)));
+        rows
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        let rows = self.snapshot();
+        match self.format {
+            Format::Json => {
+                for r in &rows {
+                    serde_json::to_writer(&mut self.out, r)?;
+                    writeln!(self.out)?;
+                }
+            }
+            Format::Text => write!(self.out, "{}", render_text(&rows))?,
+        }
+        self.window_start = Some(self.now);
+        self.out.flush()
+    }
+
+    fn advance(&mut self, now: u64) -> io::Result<()> {
+        self.now = self.now.max(now);
+        let start = *self.window_start.get_or_insert(now);
+        if self.now >= start + self.interval_ns {
+            self.emit()?;
+        }
+        Ok(())
+    }
+}
+
+/// The rows grouped by process, state and local port: "nginx (777) holds 312 CLOSE_WAIT
+/// on :8080, oldest 41m".
+pub fn render_text(rows: &[Row]) -> String {
+    use std::fmt::Write as _;
+    let mut groups: FastMap<(String, &'static str, u16), (u64, u64, bool)> = FastMap::default();
+    for r in rows {
+        let who = match (&r.comm, r.pid) {
+            (Some(c), Some(p)) => format!("{c} ({p})"),
+            _ => "an unknown process".into(),
+        };
+        let g = groups.entry((who, r.state, r.lport)).or_default();
+        g.0 += 1;
+        if r.age_ns >= g.1 {
+            g.1 = r.age_ns;
+            g.2 = r.age_at_least;
+        }
+    }
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    groups.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
+    let mut s = String::new();
+    if let Some(first) = rows.first() {
+        let _ = writeln!(s, "{}  {} stuck sockets", first.time, rows.len());
+    }
+    for ((who, state, port), (n, oldest, at_least)) in groups {
+        let _ = writeln!(
+            s,
+            "  {who} holds {n} {state} on :{port}, oldest {}{}",
+            if at_least { "at least " } else { "" },
+            human_ns(oldest)
+        );
+    }
+    s
+}
+
+impl<W: Write> View for Stuck<W> {
+    fn evicted(&self) -> u64 {
+        self.pipe.evicted()
+    }
+
+    fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
+        for raw in batch {
+            let Some(ev) = self.pipe.decode(raw) else {
+                continue;
+            };
+            if let Event::Transition(t) = &ev
+                && self.pipe.filter().keeps(t)
+            {
+                self.transition(t);
+            }
+            self.advance(ev.ts_ns())?;
+        }
+        Ok(Flow::More)
+    }
+
+    fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
+        self.advance(now_ns)?;
+        Ok(Flow::More)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.emit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::{Comm, encode},
+        filter::Filter,
+    };
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn t(ts: u64, local: &str, remote: &str, from: State, to: State, pid: Option<u32>) -> RawEvent {
+        encode(&Transition {
+            ts_ns: ts,
+            skaddr: 1,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            from,
+            to,
+            in_from_ns: None,
+            owner: pid.map(|pid| Owner {
+                pid,
+                comm: Comm(*b"nginx\0\0\0\0\0\0\0\0\0\0\0"),
+                from_listener: false,
+            }),
+            mptcp: false,
+            netns: Some(7),
+            cgroup: None,
+        })
+    }
+
+    #[test]
+    fn a_close_wait_older_than_the_threshold_is_shown_with_its_owner_until_it_leaves() {
+        let mut v = Stuck::new(
+            Filter::default().compile(),
+            &[],
+            10 * SEC,
+            Vec::new(),
+            Format::Json,
+            0,
+            5 * SEC,
+        );
+        let (srv, cli) = ("10.0.0.1:8080", "10.0.0.2:40000");
+        v.push(&[t(
+            SEC,
+            srv,
+            cli,
+            State::SynRecv,
+            State::Established,
+            Some(777),
+        )])
+        .unwrap();
+        // The peer closes; the application does not. (The kernel names the owner it
+        // remembers on every transition of the socket.)
+        v.push(&[t(
+            2 * SEC,
+            srv,
+            cli,
+            State::Established,
+            State::CloseWait,
+            Some(777),
+        )])
+        .unwrap();
+        v.tick(6 * SEC).unwrap(); // 4 s in CLOSE_WAIT: not yet.
+        v.tick(12 * SEC).unwrap(); // 10 s: shown.
+        v.push(&[t(
+            13 * SEC,
+            srv,
+            cli,
+            State::CloseWait,
+            State::LastAck,
+            Some(777),
+        )])
+        .unwrap();
+        v.push(&[t(
+            13 * SEC + 1,
+            srv,
+            cli,
+            State::LastAck,
+            State::Close,
+            None,
+        )])
+        .unwrap();
+        v.tick(18 * SEC).unwrap(); // Gone.
+        let text = String::from_utf8(v.into_inner()).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 1, "{text}");
+        let r = &rows[0];
+        assert_eq!(r["state"], "CLOSE_WAIT");
+        assert_eq!(r["lport"], 8080);
+        assert_eq!(r["age_ns"], 10 * SEC);
+        assert_eq!(r["age_at_least"], false);
+        assert_eq!(
+            (r["pid"].as_u64(), r["comm"].as_str()),
+            (Some(777), Some("nginx"))
+        );
+    }
+
+    #[test]
+    fn one_found_at_start_is_shown_with_a_lower_bound() {
+        let found = Existing {
+            netns: 7,
+            local: "10.0.0.1:8080".parse().unwrap(),
+            remote: "10.0.0.2:40001".parse().unwrap(),
+            state: State::CloseWait as u8,
+            server: true,
+            inode: 0,
+        };
+        let v = Stuck::new(
+            Filter::default().compile(),
+            &[State::CloseWait],
+            0,
+            Vec::new(),
+            Format::Text,
+            0,
+            SEC,
+        )
+        .seed(&[(found, None)], 5 * SEC);
+        let mut v = v;
+        v.tick(65 * SEC).unwrap();
+        let text = String::from_utf8(v.into_inner()).unwrap();
+        assert!(
+            text.contains("an unknown process holds 1 CLOSE_WAIT on :8080, oldest at least 1m"),
+            "{text}"
+        );
+    }
+}
