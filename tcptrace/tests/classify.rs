@@ -579,11 +579,7 @@ fn a_connection_older_than_the_trace_gets_its_role_and_owner() {
         .spawn()
         .unwrap();
     // Closed while traced (the client first): once the probes are attached.
-    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
-    tracer.stderr = Some(err.into_inner());
+    wait_tracing(&mut tracer);
     std::thread::sleep(Duration::from_millis(300));
     close_tx.send(()).unwrap();
     cli.join().unwrap();

@@ -344,10 +344,7 @@ pub fn start_tracer(args: &[&str]) -> std::process::Child {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    wait_tracing(&mut tracer);
     tracer
 }
 
