@@ -521,6 +521,28 @@ pub struct SockOffsets {
     pub _pad: u16,
 }
 
+/// A listener: its network namespace (0 when unknown) and port — the key of the kernel
+/// side's `LISTENERS` map. Two containers listening on the same port are two listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A socket's owner as the kernel side keeps it (in a socket's storage, or per listener).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Owner {
+    /// The command name, NUL-padded (16 bytes).
+    pub comm: [u64; 2],
+    /// The process id (tgid).
+    pub pid: u32,
+    /// Bits of [`flag`] ([`flag::OWNER_KNOWN`], [`flag::OWNER_FROM_LISTENER`]).
+    pub flags: u32,
+}
+
 /// How many bytes the BTF programs read at `inet_sock.inet_saddr` to get it and `inet_sport`.
 pub const INET_SPAN_BYTES: u16 = 8;
 
@@ -672,6 +694,8 @@ mod user {
     unsafe impl aya::Pod for super::NsOffsets {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::connection::ConnectionTail {}
+    unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::Owner {}
 }
 
 #[cfg(test)]

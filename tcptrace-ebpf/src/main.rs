@@ -32,9 +32,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, MAX_KERNEL_NETNS,
-    NO_REASON, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets, SockOffsets,
-    TimewaitOffsets,
+    ABSENT, AF_INET, AF_INET6, Config, Event, IPPROTO_MPTCP, IPPROTO_TCP, ListenKey,
+    MAX_KERNEL_NETNS, NO_REASON, NsOffsets, Owner, ReceiveResetOffsets, SendResetOffsets,
+    SetStateOffsets, SockOffsets, TimewaitOffsets,
     connection::{ConnectionRecord, STATES_LEFT, SockLife},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
@@ -188,24 +188,6 @@ fn count(counter: &PerCpuArray<u64>, slot: Slot) {
         // SAFETY: a valid per-CPU slot that only this program writes on this CPU.
         unsafe { put(n, *n + 1) };
     }
-}
-
-/// A listener: its network namespace (0 when unknown) and port. Two containers listening on
-/// the same port are two listeners.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ListenKey {
-    netns: u32,
-    port: u16,
-    _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Owner {
-    comm: [u64; 2],
-    pid: u32,
-    flags: u32,
 }
 
 // The BPF backend has no memset/memmove: LLVM turns adjacent stores and struct copies into

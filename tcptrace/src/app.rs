@@ -434,6 +434,8 @@ fn drive<'a>(
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;
+    let mut probe = probe;
+    seed_listeners(&mut probe);
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
@@ -465,6 +467,26 @@ fn drive<'a>(
     };
     let mut view = make_view(facts)?;
     live(probe, recorder, view.as_mut(), source.duration)
+}
+
+/// Tells the kernel side who owns the listeners that exist already (every namespace), so
+/// that the connections they accept during the trace have an owner.
+fn seed_listeners(probe: &mut Probe) {
+    let found = crate::diag::listeners_everywhere().found;
+    let inodes = found.iter().map(|l| l.2).filter(|i| *i != 0).collect();
+    let owners = crate::diag::socket_owners(&inodes);
+    let known: Vec<(u32, u16, u32, [u8; 16])> = found
+        .iter()
+        .filter_map(|(netns, port, inode)| {
+            let (pid, comm) = owners.get(inode)?;
+            let mut c = [0u8; 16];
+            let n = comm.len().min(15);
+            c[..n].copy_from_slice(&comm.as_bytes()[..n]);
+            Some((*netns, *port, *pid, c))
+        })
+        .collect();
+    let added = probe.seed_listeners(&known);
+    log::debug!("{added} listeners' owners told to the kernel side");
 }
 
 /// The connections open now in every network namespace (at most `limit`), each with the

@@ -232,6 +232,16 @@ pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
     })
 }
 
+/// Every listening socket of every network namespace: (namespace, port, socket inode).
+pub fn listeners_everywhere() -> Backfill<(u32, u16, u32)> {
+    everywhere(usize::MAX, |ns| {
+        Ok(sockets(1 << TCP_LISTEN)?
+            .iter()
+            .map(|s| (ns.inode, s.local.port(), s.inode))
+            .collect())
+    })
+}
+
 /// The processes that hold the socket files of `inodes`: socket inode → (pid, command),
 /// read from every process's descriptors (as `ss -p` does).
 pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u32, String)> {

@@ -361,6 +361,41 @@ impl Probe {
         })
     }
 
+    /// Tells the kernel side the owners of listeners that predate the trace (the listen()
+    /// it learns them from is past): their accepted sockets then get an owner at once.
+    /// `(netns, port, pid, comm)` each; a listener the kernel already knows keeps its own.
+    /// Returns how many were added.
+    pub fn seed_listeners(&mut self, listeners: &[(u32, u16, u32, [u8; 16])]) -> usize {
+        use tcptrace_common::{ListenKey, Owner, flag};
+        let Some(map) = self._ebpf.map_mut("LISTENERS") else {
+            return 0;
+        };
+        let Ok(mut map) = aya::maps::HashMap::<_, ListenKey, Owner>::try_from(map) else {
+            return 0;
+        };
+        // BPF_NOEXIST: what the kernel side learnt itself stays.
+        const NOEXIST: u64 = 1;
+        listeners
+            .iter()
+            .filter(|(netns, port, pid, comm)| {
+                let key = ListenKey {
+                    netns: *netns,
+                    port: *port,
+                    _pad: 0,
+                };
+                let owner = Owner {
+                    comm: [
+                        u64::from_le_bytes(comm[..8].try_into().expect("8 bytes")),
+                        u64::from_le_bytes(comm[8..].try_into().expect("8 bytes")),
+                    ],
+                    pid: *pid,
+                    flags: u32::from(flag::OWNER_KNOWN),
+                };
+                map.insert(key, owner, NOEXIST).is_ok()
+            })
+            .count()
+    }
+
     /// Which set of kernel programs this probe runs.
     pub fn kernel_side(&self) -> KernelSide {
         self.side
