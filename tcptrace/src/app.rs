@@ -469,6 +469,14 @@ fn drive<'a>(
     live(probe, recorder, view.as_mut(), source.duration)
 }
 
+/// A command name as the kernel keeps it: at most 15 bytes, NUL-padded to 16.
+fn comm_bytes(comm: &str) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    let n = comm.len().min(15);
+    c[..n].copy_from_slice(&comm.as_bytes()[..n]);
+    c
+}
+
 /// Tells the kernel side who owns the listeners that exist already (every namespace), so
 /// that the connections they accept during the trace have an owner.
 fn seed_listeners(probe: &mut Probe) {
@@ -479,10 +487,7 @@ fn seed_listeners(probe: &mut Probe) {
         .iter()
         .filter_map(|(netns, port, inode)| {
             let (pid, comm) = owners.get(inode)?;
-            let mut c = [0u8; 16];
-            let n = comm.len().min(15);
-            c[..n].copy_from_slice(&comm.as_bytes()[..n]);
-            Some((*netns, *port, *pid, c))
+            Some((*netns, *port, *pid, comm_bytes(comm)))
         })
         .collect();
     let added = probe.seed_listeners(&known);
@@ -514,15 +519,10 @@ fn open_connections_with_owners(
     b.found
         .into_iter()
         .map(|e| {
-            let owner = owners.get(&e.inode).map(|(pid, comm)| {
-                let mut c = [0u8; 16];
-                let n = comm.len().min(15);
-                c[..n].copy_from_slice(&comm.as_bytes()[..n]);
-                Owner {
-                    pid: *pid,
-                    comm: Comm(c),
-                    from_listener: false,
-                }
+            let owner = owners.get(&e.inode).map(|(pid, comm)| Owner {
+                pid: *pid,
+                comm: Comm(comm_bytes(comm)),
+                from_listener: false,
             });
             (e, owner)
         })
