@@ -88,7 +88,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                     .max_sockets(cli.common.source.max_sockets)
                     .timers(facts.timers)
-                    .known_at_start(&facts.at_start),
+                    .known_at_start(&facts.roles_at_start()),
                 ))
             })
         }
@@ -108,7 +108,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers)
-                        .known_at_start(&facts.at_start),
+                        .known_at_start(&facts.roles_at_start()),
                 ))
             })
         }
@@ -159,9 +159,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 .max_sockets(a.common.source.max_sockets)
                 .timers(facts.timers);
                 Ok(Box::new(if live {
-                    let open = crate::diag::connections_everywhere(a.common.source.max_sockets);
                     let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&open.found, &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -204,7 +203,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Stuck(a)) => {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
-            let live = a.common.source.from.is_none();
             let names = cgroup_names(&a.common.source, &filter);
             drive(&filter, &a.common.source, Reads::Transitions, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
@@ -217,12 +215,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     facts.wall_offset_ns,
                     a.interval.as_nanos() as u64,
                 );
-                Ok(Box::new(if live {
-                    let found = open_connections_with_owners(a.common.source.max_sockets);
-                    view.seed(&found, crate::probe::monotonic_ns())
-                } else {
-                    view
-                }))
+                Ok(Box::new(
+                    view.seed(&facts.at_start, crate::probe::monotonic_ns()),
+                ))
             })
         }
         Some(Command::Hist(a)) => {
@@ -273,19 +268,20 @@ fn serve(a: &ServeArgs) -> Result<()> {
     let names = cgroup_names(&a.source, &filter);
     drive(&filter, &a.source, Reads::ConnectionsAndConnects, |facts| {
         // What holds ports already (live only).
-        let (ports_open, ports_timewait) = if a.source.from.is_none() {
-            (
-                crate::diag::connections_everywhere(a.source.max_sockets).found,
-                backfill_timewaits(a.source.max_sockets),
-            )
+        let ports_timewait = if a.source.from.is_none() {
+            backfill_timewaits(a.source.max_sockets)
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new()
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let compiled = filter.compile().with_cgroups(names);
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
-            .seed_ports(&ports_open, &ports_timewait, crate::probe::monotonic_ns())
+            .seed_ports(
+                &facts.open_at_start(),
+                &ports_timewait,
+                crate::probe::monotonic_ns(),
+            )
             .doctor(
                 Box::new(crate::doctor::Host),
                 a.doctor_interval.as_nanos() as u64,
@@ -296,7 +292,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             )
             .max_sockets(a.source.max_sockets)
             .timers(facts.timers)
-            .known_at_start(&facts.at_start);
+            .known_at_start(&facts.roles_at_start());
         if a.source.from.is_none() {
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
@@ -376,8 +372,9 @@ struct Facts {
     timers: bool,
     /// Connection records come (the view reads connections from them).
     records: bool,
-    /// Connections open when tracing began (live only).
-    at_start: Vec<crate::track::AtStart>,
+    /// The connections and listeners open when tracing began, each with the process holding
+    /// its socket (live only).
+    at_start: Vec<(crate::diag::Existing, Option<crate::event::Owner>)>,
 }
 
 /// What a view reads.
@@ -435,13 +432,13 @@ fn drive<'a>(
         ..ProbeConfig::default()
     })?;
     let mut probe = probe;
-    seed_listeners(&mut probe);
+    // After attaching: a connection opened meanwhile is seen from its birth as well.
+    let at_start = sockets_at_start(source.max_sockets);
+    seed_listeners(&mut probe, &at_start);
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
-    // After attaching: a connection opened meanwhile is seen from its birth as well.
-    let at_start = backfill_connections(source.max_sockets);
     let facts = Facts {
         wall_offset_ns: wall_offset_ns(),
         timers: probe.timewait_traced(),
@@ -477,28 +474,28 @@ fn comm_bytes(comm: &str) -> [u8; 16] {
     c
 }
 
-/// Tells the kernel side who owns the listeners that exist already (every namespace), so
-/// that the connections they accept during the trace have an owner.
-fn seed_listeners(probe: &mut Probe) {
-    let found = crate::diag::listeners_everywhere().found;
-    let inodes = found.iter().map(|l| l.2).filter(|i| *i != 0).collect();
-    let owners = crate::diag::socket_owners(&inodes);
-    let known: Vec<(u32, u16, u32, [u8; 16])> = found
+/// Tells the kernel side who owns the listeners that exist already, so that the
+/// connections they accept during the trace have an owner.
+fn seed_listeners(
+    probe: &mut Probe,
+    at_start: &[(crate::diag::Existing, Option<crate::event::Owner>)],
+) {
+    let known: Vec<(u32, u16, u32, [u8; 16])> = at_start
         .iter()
-        .filter_map(|(netns, port, inode)| {
-            let (pid, comm) = owners.get(inode)?;
-            Some((*netns, *port, *pid, comm_bytes(comm)))
+        .filter(|(e, _)| e.listening())
+        .filter_map(|(e, owner)| {
+            let o = owner.as_ref()?;
+            Some((e.netns, e.local.port(), o.pid, o.comm.0))
         })
         .collect();
     let added = probe.seed_listeners(&known);
     log::debug!("{added} listeners' owners told to the kernel side");
 }
 
-/// The connections open now in every network namespace (at most `limit`), each with the
-/// process holding its socket, saying once what could not be seen.
-fn open_connections_with_owners(
-    limit: usize,
-) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
+/// The connections and listeners open now in every network namespace (at most `limit`),
+/// each with the process holding its socket, saying once what could not be seen: read once
+/// at start, for every view.
+fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
     use crate::event::{Comm, Owner};
     let b = crate::diag::connections_everywhere(limit);
     if b.unreachable > 0 {
@@ -529,20 +526,27 @@ fn open_connections_with_owners(
         .collect()
 }
 
-/// The connections open now in every network namespace (at most `limit`), with their role
-/// and owner.
-fn backfill_connections(limit: usize) -> Vec<crate::track::AtStart> {
-    use crate::track::Role;
-    open_connections_with_owners(limit)
-        .into_iter()
-        .map(|(e, owner)| crate::track::AtStart {
-            netns: Some(e.netns),
-            local: e.local,
-            remote: e.remote,
-            role: if e.server { Role::Server } else { Role::Client },
-            owner,
-        })
-        .collect()
+impl Facts {
+    /// The connections open at start, as the tracker takes them (their role and owner).
+    fn roles_at_start(&self) -> Vec<crate::track::AtStart> {
+        use crate::track::Role;
+        self.at_start
+            .iter()
+            .filter(|(e, _)| !e.listening())
+            .map(|(e, owner)| crate::track::AtStart {
+                netns: Some(e.netns),
+                local: e.local,
+                remote: e.remote,
+                role: if e.server { Role::Server } else { Role::Client },
+                owner: *owner,
+            })
+            .collect()
+    }
+
+    /// The connections and listeners open at start, without their owners.
+    fn open_at_start(&self) -> Vec<crate::diag::Existing> {
+        self.at_start.iter().map(|(e, _)| *e).collect()
+    }
 }
 
 /// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),

@@ -206,40 +206,48 @@ pub struct Existing {
 /// The states of a full socket's connection (not listening, not yet accepted, not ended).
 const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
 
-/// Every connection open now in every network namespace on the host (at most `limit`),
-/// each with its role from its namespace's listeners.
+/// Every connection open now in every network namespace on the host, each with its role
+/// from its namespace's listeners, and the listeners themselves (state LISTEN, `server`
+/// set): at most `limit` in all.
 pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
     everywhere(limit, |ns| {
         let listeners = sockets(1 << TCP_LISTEN)?;
         let open = sockets(OPEN_STATES)?;
-        Ok(open
-            .iter()
-            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
-            // no connection's socket any more.
-            .filter(|s| s.timer != TIMER_TIMEWAIT)
-            .map(|s| Existing {
-                netns: ns.inode,
-                local: s.local,
-                remote: s.remote,
-                state: s.state,
-                server: listeners.iter().any(|l| {
-                    l.local.port() == s.local.port()
-                        && (l.local.ip().is_unspecified() || l.local.ip() == s.local.ip())
-                }),
-                inode: s.inode,
-            })
+        let listening = listeners.iter().map(|l| Existing {
+            netns: ns.inode,
+            local: l.local,
+            remote: l.remote,
+            state: l.state,
+            server: true,
+            inode: l.inode,
+        });
+        Ok(listening
+            .chain(
+                open.iter()
+                    // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+                    // no connection's socket any more.
+                    .filter(|s| s.timer != TIMER_TIMEWAIT)
+                    .map(|s| Existing {
+                        netns: ns.inode,
+                        local: s.local,
+                        remote: s.remote,
+                        state: s.state,
+                        server: listeners.iter().any(|l| {
+                            l.local.port() == s.local.port()
+                                && (l.local.ip().is_unspecified() || l.local.ip() == s.local.ip())
+                        }),
+                        inode: s.inode,
+                    }),
+            )
             .collect())
     })
 }
 
-/// Every listening socket of every network namespace: (namespace, port, socket inode).
-pub fn listeners_everywhere() -> Backfill<(u32, u16, u32)> {
-    everywhere(usize::MAX, |ns| {
-        Ok(sockets(1 << TCP_LISTEN)?
-            .iter()
-            .map(|s| (ns.inode, s.local.port(), s.inode))
-            .collect())
-    })
+impl Existing {
+    /// A listening socket, not a connection.
+    pub fn listening(&self) -> bool {
+        self.state == TCP_LISTEN as u8
+    }
 }
 
 /// The processes that hold the socket files of `inodes`: socket inode → (pid, command),

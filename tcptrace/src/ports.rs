@@ -264,12 +264,6 @@ impl PortsCore {
 
     /// Connections come as records, their connects as transitions (a connect then holds
     /// a port from its start: the record tells which port only at the end).
-    pub fn records(mut self, yes: bool) -> PortsCore {
-        self.set_records(yes);
-        self
-    }
-
-    /// As [`PortsCore::records`].
     pub fn set_records(&mut self, yes: bool) {
         self.records = yes;
     }

@@ -124,7 +124,8 @@ impl<W: Write> Stuck<W> {
                 continue;
             };
             let netns = Some(e.netns);
-            if self.states.contains(&state)
+            if !e.listening()
+                && self.states.contains(&state)
                 && self.pipe.filter().keeps_socket(e.local, e.remote, netns)
             {
                 self.found.insert(

@@ -350,11 +350,6 @@ impl Tracker {
         self
     }
 
-    /// Whether connections are concluded from their records.
-    pub fn uses_records(&self) -> bool {
-        self.records
-    }
-
     /// Sockets evicted because the cap was reached.
     pub fn evicted(&self) -> u64 {
         self.evicted
