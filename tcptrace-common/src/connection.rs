@@ -128,6 +128,28 @@ impl SockLife {
         }
     }
 
+    /// Whether a transition leaving `old` shows that the one before it was never folded in:
+    /// the kernel ran no program for it (nothing else updates the storage), so it was lost.
+    #[inline(always)]
+    pub fn missed_before(&self, old: u8) -> bool {
+        self.last_ts != 0 && self.last_state != old
+    }
+
+    /// Whether the transition `old`→… is not folded in yet: the last state seen is the one
+    /// it leaves. Right after the transition program ran for it, the last state is the one it
+    /// entered instead.
+    #[inline(always)]
+    pub fn awaits(&self, old: u8) -> bool {
+        self.last_ts != 0 && self.last_state == old
+    }
+
+    /// The state a socket that is being destroyed was last seen entering, when that is not
+    /// CLOSE: its end was never folded in (lost), and this is where it ended from.
+    #[inline(always)]
+    pub fn unseen_end(&self) -> Option<u8> {
+        (self.last_ts != 0 && self.last_state != state::CLOSE).then_some(self.last_state)
+    }
+
     /// Folds the transition `old`→`new` at `ts` in; returns the nanoseconds spent in `old`
     /// when the transition into it was seen.
     #[inline(always)]
@@ -282,6 +304,25 @@ mod tests {
             (FIN_WAIT2, CLOSE),
         ]);
         assert_eq!(steps(t.first_from, t.entered, FIN_WAIT2, CLOSE), seen);
+    }
+
+    #[test]
+    fn what_the_storage_tells_of_transitions_no_program_ran_for() {
+        let mut l = SockLife::default();
+        // Nothing seen yet: no gap, nothing awaited, no end to infer (a socket older than
+        // the trace, or one whose storage was never created).
+        assert!(!l.missed_before(ESTABLISHED) && !l.awaits(ESTABLISHED));
+        assert_eq!(l.unseen_end(), None);
+        l.on_transition(10, CLOSE, SYN_SENT);
+        l.on_transition(20, SYN_SENT, ESTABLISHED);
+        // The next transition is awaited; one from elsewhere shows a missed one.
+        assert!(l.awaits(ESTABLISHED) && !l.missed_before(ESTABLISHED));
+        assert!(l.missed_before(CLOSE_WAIT) && !l.awaits(CLOSE_WAIT));
+        // Destroyed now, it ended unseen from ESTABLISHED.
+        assert_eq!(l.unseen_end(), Some(ESTABLISHED));
+        l.on_transition(30, ESTABLISHED, CLOSE);
+        assert_eq!(l.unseen_end(), None, "its end was seen");
+        assert!(!l.awaits(ESTABLISHED), "folded in: no longer awaited");
     }
 
     #[test]

@@ -11,7 +11,12 @@
 //! softirq makes while the transition program runs in a task on that CPU skips it, and a
 //! second copy of it takes that transition over ([`btf_set_state_nested`]). What neither
 //! handles is counted by the kernel as a miss that no copy took over, which userspace reports
-//! as lost.
+//! as lost. A transition that no program ran for at all (seen on a busy host: a softirq's
+//! transition on a CPU where another task was interrupted, with no miss counted by the
+//! kernel) leaves its mark in the socket's storage: the next transition leaves a state the
+//! last one seen did not enter, or the socket is destroyed in a state other than CLOSE.
+//! Both are counted ([`UNSEEN`]) and reported as lost, and a connection whose end went
+//! unseen still gets its record when the socket is destroyed ([`btf_destroy_sock`]).
 
 use core::{
     ffi::c_void,
@@ -32,7 +37,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    connection::{SockLife, ends_connection, is_birth},
+    connection::{SockLife, ends_connection, is_birth, tail_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
 };
@@ -297,10 +302,12 @@ pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
 /// after that one for every transition. The kernel never runs a BTF program inside itself on
 /// a CPU: a transition made by a softirq that interrupted `btf_set_state` in a task skips
 /// that program. This copy, not running then, finds `btf_set_state` marked running — so
-/// certainly skipped — and takes the transition over (counted in [`CAUGHT`]). Otherwise it
-/// leaves at once. It never takes a transition `btf_set_state` took: no duplicates, and
-/// what neither takes (nested in the instants before `btf_set_state` marks itself or after
-/// it unmarks itself) the kernel counts as a miss, which is reported lost.
+/// certainly skipped — and takes the transition over (counted in [`CAUGHT`]). Unmarked, it
+/// asks the socket's storage: a transition `btf_set_state` took is folded in (the last state
+/// is the one it entered), one it skipped in the instants before it marks itself or after it
+/// unmarks itself is not (the last state is the one it leaves), and is taken over too. It
+/// never takes a transition `btf_set_state` took: no duplicates. What neither takes (a
+/// socket without storage) the kernel counts as a miss, which is reported lost.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     if idle() {
@@ -310,13 +317,31 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // SAFETY: this CPU's slot.
-    if unsafe { read_volatile(running) } == 0 {
+    let marked = unsafe { read_volatile(running) } != 0;
+    if !marked && !skipped_unmarked(&ctx) {
         return 0;
     }
     count(&CAUGHT, Slot::Nested);
     transition(&ctx, Slot::Nested);
     0
 }
+
+/// Whether the socket's storage still awaits this transition (see [`btf_set_state_nested`]).
+#[inline(always)]
+fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
+    let sk: *const u8 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u8;
+    // SAFETY: the tracepoint hands a full socket; its storage, if any, lives as long.
+    unsafe {
+        let st = storage(sk, false, Slot::Nested);
+        !st.is_null() && (*st).life.awaits(old)
+    }
+}
+
+/// Per CPU: transitions that no program ran for, found afterwards in the socket's storage
+/// (see the module's documentation): reported lost.
+#[map]
+static UNSEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Per CPU: non-zero while [`btf_set_state`] runs there.
 #[map]
@@ -332,7 +357,15 @@ static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0
 fn transition(ctx: &BtfTracePointContext, slot: Slot) {
     let sk: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands a full socket being changed, and the states.
-    unsafe { set_state(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8, slot) };
+    unsafe {
+        set_state(
+            sk,
+            ctx.arg::<u64>(1) as u8,
+            ctx.arg::<u64>(2) as u8,
+            slot,
+            false,
+        )
+    };
 }
 
 /// The per-socket bookkeeping of one transition (before filtering, so durations stay right
@@ -340,8 +373,11 @@ fn transition(ctx: &BtfTracePointContext, slot: Slot) {
 ///
 /// # Safety
 /// `sk` must be the full socket the tracepoint handed over.
+///
+/// `unseen_end`: the transition is a socket's end that no program ran for, folded in when
+/// the socket is destroyed: only its connection record is written, marked incomplete.
 #[inline(always)]
-unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
+unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: bool) {
     // SAFETY: `sk` as required.
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
@@ -374,7 +410,11 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
         cgroup: 0,
     };
     // SAFETY: `st` is the socket's storage or null; `spare` is written before it is read.
-    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec) };
+    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot) };
+    if unseen_end && !st.is_null() {
+        // SAFETY: the socket's storage.
+        unsafe { (*st).life.flags |= tail_flag::GAP };
+    }
     let listener_change = (old == state::CLOSE && new == state::LISTEN)
         || (old == state::LISTEN && new == state::CLOSE);
     if old == state::LISTEN && new == state::SYN_RECV {
@@ -390,18 +430,18 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
     let crossing = old == state::FIN_WAIT1 && new == state::CLOSING;
     let connect =
         cfg.records & records::CONNECTS != 0 && old == state::CLOSE && new == state::SYN_SENT;
-    let keep =
-        (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing || connect)
-            && filter_keeps(
-                cfg,
-                ends.family,
-                old,
-                new,
-                rec.flags,
-                ends.sport,
-                ends.dport,
-                port_bits,
-            );
+    let keep = !unseen_end
+        && (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing || connect)
+        && filter_keeps(
+            cfg,
+            ends.family,
+            old,
+            new,
+            rec.flags,
+            ends.sport,
+            ends.dport,
+            port_bits,
+        );
     // A connection's end, for views that read connections: the family and port filters
     // apply (the states are the view's to select).
     let connection = cfg.records & records::CONNECTIONS != 0
@@ -455,12 +495,13 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot) {
 /// birth, the time in the state left, the path and the evidence; the owner when its own
 /// system call drives the transition) and fills `rec`'s duration, flags, namespace and
 /// cgroup from it. Returns where the owner is: in the storage, or in `spare` when the socket
-/// has none.
+/// has none. A transition that the storage shows was missed before this one is counted in
+/// `slot` of [`UNSEEN`].
 ///
 /// # Safety
 /// `st` is null or the socket's storage; `spare` is writable.
 #[inline(always)]
-unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record) -> *mut Owner {
+unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record, slot: Slot) -> *mut Owner {
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
     if st.is_null() {
@@ -483,6 +524,9 @@ unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record) -> *mut Ow
             put(addr_of_mut!((*st).netns), 0);
             put(addr_of_mut!((*st).cgroup), 0);
             clear_owner(owner);
+        }
+        if (*st).life.missed_before(old) {
+            count(&UNSEEN, slot);
         }
         if let Some(d) = (*st).life.on_transition(rec.ts, old, new) {
             rec.in_from = d;
@@ -533,6 +577,30 @@ unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner, slot: Sl
     } else {
         let _ = LISTENERS.remove(&key);
     }
+}
+
+/// A full TCP socket is destroyed: `tcp_destroy_sock(sk)`, after its last transition. One
+/// whose storage shows a state other than CLOSE ended unseen: counted, and its end folded in
+/// now, so that its connection has a record.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn btf_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    // SAFETY: the tracepoint hands a full socket being destroyed; its storage, if any, is
+    // freed after this.
+    unsafe {
+        let st = storage(sk, false, Slot::Destroy);
+        if st.is_null() {
+            return 0;
+        }
+        if let Some(last) = (*st).life.unseen_end() {
+            count(&UNSEEN, Slot::Destroy);
+            set_state(sk, last, state::CLOSE, Slot::Destroy, true);
+        }
+    }
+    0
 }
 
 /// A reset arrived for a full socket: `tcp_receive_reset(sk)`.

@@ -155,7 +155,7 @@ static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(4096, 0)
 static FORGOTTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Slots of the per-CPU counters: one per [`Slot`].
-const COUNTER_SLOTS: u32 = Slot::TimerExpire as u32 + 1;
+const COUNTER_SLOTS: u32 = Slot::Destroy as u32 + 1;
 
 /// Counts one fact not kept, in the counting program's slot.
 #[inline(always)]
@@ -177,8 +177,9 @@ enum Slot {
     ResetReceived = 3,
     TimerStart = 4,
     TimerCancel = 5,
-    /// The last: [`COUNTER_SLOTS`] counts from it.
     TimerExpire = 6,
+    /// The BTF program on socket destruction. The last: [`COUNTER_SLOTS`] counts from it.
+    Destroy = 7,
 }
 
 /// Adds one to `slot` of a per-CPU counter (userspace sums every slot of every CPU).

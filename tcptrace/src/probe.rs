@@ -153,8 +153,8 @@ pub struct Probe {
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     forgotten: PerCpuArray<MapData, u64>,
-    /// Transitions the nested copy took over (BTF side only).
-    caught: Option<PerCpuArray<MapData, u64>>,
+    /// What the BTF side counts besides: transitions taken over, transitions unseen.
+    btf: Option<BtfCounters>,
     lost_reported: u64,
     /// When the loss counters were last read.
     lost_checked: std::time::Instant,
@@ -171,6 +171,14 @@ pub struct Probe {
     _ebpf: Ebpf,
 }
 
+/// The BTF side's own counters (per CPU, a slot per program).
+struct BtfCounters {
+    /// Transitions the nested copy took over.
+    caught: PerCpuArray<MapData, u64>,
+    /// Transitions no program ran for, found in their socket's storage.
+    unseen: PerCpuArray<MapData, u64>,
+}
+
 /// The TCP programs of each kernel side, by tracepoint (the classic program bears its name):
 /// transitions, resets sent, resets received.
 const TCP_PROGRAMS: [(&str, &str); 3] = [
@@ -180,6 +188,9 @@ const TCP_PROGRAMS: [(&str, &str); 3] = [
 ];
 /// The BTF transition program's second copy, which takes over the transitions nested in it.
 const NESTED_PROGRAM: &str = "btf_set_state_nested";
+/// The BTF program on socket destruction, which finds the ends no program ran for. Optional:
+/// without it (`tcp_destroy_sock` is Linux 5.3+) such ends go uncounted and have no record.
+const DESTROY_PROGRAM: (&str, &str) = ("tcp_destroy_sock", "btf_destroy_sock");
 /// The timer programs of each kernel side: timewait timers armed, cancelled, fired.
 const TIMER_PROGRAMS: [(&str, &str); 3] = [
     ("timer_start", "btf_timer_start"),
@@ -233,6 +244,10 @@ impl Probe {
         let nested = (transitions.0, NESTED_PROGRAM);
         for (tracepoint, name) in [transitions, nested, sent, received] {
             attach_btf(&mut ebpf, name, tracepoint, &kernel_btf)?;
+        }
+        let (tracepoint, name) = DESTROY_PROGRAM;
+        if let Err(e) = attach_btf(&mut ebpf, name, tracepoint, &kernel_btf) {
+            log::warn!("a connection end the kernel skips is not counted as lost: {name}: {e}");
         }
         // The handler's address is only found when timewait sockets are to be traced.
         let timewait_traced = kcfg.timewait.handler != 0
@@ -324,15 +339,13 @@ impl Probe {
         set_ports(&mut ebpf, &cfg.ports)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
-        let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST")?)
-            .map_err(|e| ProbeError::Load(e.to_string()))?;
-        let forgotten = PerCpuArray::try_from(take_map(&mut ebpf, "FORGOTTEN")?)
-            .map_err(|e| ProbeError::Load(e.to_string()))?;
-        let caught = match side {
-            KernelSide::Btf => Some(
-                PerCpuArray::try_from(take_map(&mut ebpf, "CAUGHT")?)
-                    .map_err(|e| ProbeError::Load(e.to_string()))?,
-            ),
+        let lost = per_cpu_map(&mut ebpf, "LOST")?;
+        let forgotten = per_cpu_map(&mut ebpf, "FORGOTTEN")?;
+        let btf = match side {
+            KernelSide::Btf => Some(BtfCounters {
+                caught: per_cpu_map(&mut ebpf, "CAUGHT")?,
+                unseen: per_cpu_map(&mut ebpf, "UNSEEN")?,
+            }),
             KernelSide::Classic => None,
         };
         let fds = |names: &[&str]| -> Vec<RawFd> {
@@ -348,7 +361,7 @@ impl Probe {
             ring,
             lost,
             forgotten,
-            caught,
+            btf,
             lost_reported: 0,
             lost_checked: std::time::Instant::now(),
             tcp_progs,
@@ -464,7 +477,9 @@ impl Probe {
     /// does not nest them, and counts the miss) — but for the transitions that the BTF
     /// program's nested copy took over.
     pub fn lost_total(&self) -> u64 {
-        per_cpu_sum(&self.lost) + self.missed_runs().saturating_sub(self.caught_total())
+        per_cpu_sum(&self.lost)
+            + self.missed_runs().saturating_sub(self.caught_total())
+            + self.unseen_total()
     }
 
     /// TCP program runs the kernel skipped because the program was already running on that
@@ -475,7 +490,13 @@ impl Probe {
 
     /// Transitions the BTF program's nested copy took over from a skipped run: delivered.
     pub fn caught_total(&self) -> u64 {
-        self.caught.as_ref().map_or(0, per_cpu_sum)
+        self.btf.as_ref().map_or(0, |b| per_cpu_sum(&b.caught))
+    }
+
+    /// Transitions the kernel ran no program for and counted no miss for, found afterwards
+    /// in their socket's storage (BTF side only): part of [`Probe::lost_total`].
+    pub fn unseen_total(&self) -> u64 {
+        self.btf.as_ref().map_or(0, |b| per_cpu_sum(&b.unseen))
     }
 
     /// Facts the kernel side could not keep since the probe started: listeners that found
@@ -582,6 +603,11 @@ fn set_ports(ebpf: &mut Ebpf, ports: &[(u16, u8)]) -> Result<(), ProbeError> {
 }
 
 /// Loads the BTF tracepoint program `prog` for `tracepoint` and attaches it.
+/// A per-CPU counter map of the loaded object, taken out of it.
+fn per_cpu_map(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+    PerCpuArray::try_from(take_map(ebpf, name)?).map_err(|e| ProbeError::Load(e.to_string()))
+}
+
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &aya::Btf) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut(prog)

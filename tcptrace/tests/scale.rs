@@ -363,10 +363,11 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
         seen.count(&decode(r).unwrap());
     }
     eprintln!(
-        "{seen:?}; {} facts forgotten; {} runs nested, {} taken over",
+        "{seen:?}; {} facts forgotten; {} runs nested, {} taken over; {} unseen",
         probe.forgotten_total(),
         probe.missed_runs(),
-        probe.caught_total()
+        probe.caught_total(),
+        probe.unseen_total()
     );
     assert_eq!(
         probe.forgotten_total(),
@@ -374,20 +375,18 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
         "the kernel side kept every fact"
     );
     // A transition the kernel skipped (nested in the instants around the program's own run)
-    // is counted lost: 0 in most runs here, up to ~350 in bursts (a softirq's batch landing
-    // in such an instant). Beyond those, about one run in ten here misses one
-    // ESTABLISHED→CLOSE_WAIT of 200,000 without a count (its CLOSE_WAIT→LAST_ACK is there):
-    // an open defect, tolerated up to `UNEXPLAINED` so it is seen (eprintln above) without
-    // failing the suite.
-    const UNEXPLAINED: u64 = 2;
+    // is taken over or counted lost: 0 in most runs here, up to ~350 in bursts (a softirq's
+    // batch landing in such an instant). One the kernel ran no program for (about one run in
+    // ten here: an ESTABLISHED→CLOSE_WAIT in a softirq on a CPU where another task was
+    // interrupted) is counted lost by the gap it leaves in the socket's storage.
     assert!(seen.lost <= CONNS as u64 / 100, "{seen:?}");
     assert!(
-        seen.fin_wait1 as u64 + seen.lost + UNEXPLAINED >= CONNS as u64,
-        "{seen:?}"
+        seen.fin_wait1 as u64 + seen.lost >= CONNS as u64,
+        "every client's ESTABLISHED→FIN_WAIT1 delivered or counted lost: {seen:?}"
     );
     assert!(
-        seen.close_wait as u64 + seen.lost + UNEXPLAINED >= CONNS as u64,
-        "{seen:?}"
+        seen.close_wait as u64 + seen.lost >= CONNS as u64,
+        "every server's ESTABLISHED→CLOSE_WAIT delivered or counted lost: {seen:?}"
     );
     assert!(
         seen.fin_wait1 <= CONNS && seen.close_wait <= CONNS,
