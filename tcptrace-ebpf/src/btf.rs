@@ -286,15 +286,19 @@ pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
-    let Some(running) = RUNNING.get_ptr_mut(0) else {
+    let Some(mark) = RUNNING.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's slot; the program does not migrate while it runs. Volatile: the
     // nested copy reads it in between.
-    unsafe { put(running, 1) };
+    unsafe { put(addr_of_mut!((*mark).running), 1) };
     transition(&ctx, Slot::Transition);
     // SAFETY: as above.
-    unsafe { put(running, 0) };
+    unsafe {
+        put(addr_of_mut!((*mark).last_sk), ctx.arg::<u64>(0));
+        put(addr_of_mut!((*mark).last_new), ctx.arg::<u64>(2));
+        put(addr_of_mut!((*mark).running), 0);
+    }
     0
 }
 
@@ -313,12 +317,24 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
-    let Some(running) = RUNNING.get_ptr(0) else {
+    let Some(mark) = RUNNING.get_ptr(0) else {
         return 0;
     };
     // SAFETY: this CPU's slot.
-    let marked = unsafe { read_volatile(running) } != 0;
-    if !marked && !skipped_unmarked(&ctx) {
+    let (marked, last) = unsafe {
+        (
+            read_volatile(addr_of!((*mark).running)) != 0,
+            (
+                read_volatile(addr_of!((*mark).last_sk)),
+                read_volatile(addr_of!((*mark).last_new)),
+            ),
+        )
+    };
+    // The transition `btf_set_state` last finished on this CPU is this one in all but the
+    // rarest case (a socket's consecutive transitions enter different states): only
+    // otherwise is the socket's storage asked.
+    let this = (ctx.arg::<u64>(0), ctx.arg::<u64>(2));
+    if !marked && (last == this || !skipped_unmarked(&ctx)) {
         return 0;
     }
     count(&CAUGHT, Slot::Nested);
@@ -343,9 +359,19 @@ fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
 #[map]
 static UNSEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Per CPU: non-zero while [`btf_set_state`] runs there.
+/// What [`btf_set_state`] tells [`btf_set_state_nested`] on a CPU.
+#[repr(C)]
+struct Mark {
+    /// Non-zero while it runs there.
+    running: u64,
+    /// The socket of the transition it last finished there, and the state it entered.
+    last_sk: u64,
+    last_new: u64,
+}
+
+/// Per CPU: [`btf_set_state`]'s [`Mark`].
 #[map]
-static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static RUNNING: PerCpuArray<Mark> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: transitions [`btf_set_state_nested`] took over, each of which the kernel counted
 /// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses.
