@@ -96,6 +96,19 @@ pub fn run(load: bool) -> Vec<Item> {
             .map_err(|e| format!("{e}: aborts will be classified `unknown`")),
     ));
     items.push(item(
+        "tcp:tcp_destroy_sock",
+        false,
+        crate::btf::Btf::from_sys().and_then(|b| {
+            b.tracepoint_args("tcp_destroy_sock")
+                .map(|_| "a connection end no program ran for is counted lost".into())
+                .ok_or_else(|| {
+                    "the kernel's BTF has no tcp_destroy_sock tracepoint (Linux 5.3+): a \
+                     connection end the kernel skips goes uncounted"
+                        .into()
+                })
+        }),
+    ));
+    items.push(item(
         "BTF",
         false,
         crate::btf::Btf::from_sys()

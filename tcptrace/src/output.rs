@@ -414,6 +414,26 @@ fn wall_ns(ts_ns: u64, wall_offset_ns: i64) -> i128 {
     i128::from(ts_ns) + i128::from(wall_offset_ns)
 }
 
+/// Writes `rows` as JSON lines, or as `text` renders them, and flushes: what the views that
+/// print every interval write.
+pub fn write_rows<W: Write, R: Serialize>(
+    out: &mut W,
+    format: Format,
+    rows: &[R],
+    text: impl FnOnce(&[R]) -> String,
+) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for r in rows {
+                serde_json::to_writer(&mut *out, r)?;
+                writeln!(out)?;
+            }
+        }
+        Format::Text => write!(out, "{}", text(rows))?,
+    }
+    out.flush()
+}
+
 /// RFC 3339 in UTC with nanoseconds: `2026-11-25T01:02:03.123456789Z`.
 pub fn rfc3339(unix_ns: i128) -> String {
     WallTime(unix_ns).to_string()

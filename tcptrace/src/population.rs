@@ -15,10 +15,10 @@ use crate::{
     diag::DiagTimewait,
     event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
     filter::CompiledFilter,
-    output::{Format, human_ns, rfc3339},
+    output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::{End, Timewaits},
-    view::{Flow, View},
+    view::{Flow, Interval, View},
 };
 
 /// The kernel's TIME_WAIT length (TCP_TIMEWAIT_LEN) and default FIN_WAIT2 timeout.
@@ -108,9 +108,7 @@ pub struct Population<W: Write> {
     out: W,
     format: Format,
     wall_offset_ns: i64,
-    interval_ns: u64,
-    window_start: Option<u64>,
-    now: u64,
+    clock: Interval,
     interval: Counts,
     total: Counts,
     created_seen: u64,
@@ -133,9 +131,7 @@ impl<W: Write> Population<W> {
             out,
             format,
             wall_offset_ns,
-            interval_ns: interval_ns.max(1),
-            window_start: None,
-            now: 0,
+            clock: Interval::new(interval_ns),
             interval: Counts::default(),
             total: Counts::default(),
             created_seen: 0,
@@ -185,7 +181,7 @@ impl<W: Write> Population<W> {
                 });
             }
         }
-        self.now = now_ns;
+        self.clock.set(now_ns, false);
         self
     }
 
@@ -229,7 +225,7 @@ impl<W: Write> Population<W> {
 
     /// The population now.
     pub fn snapshot(&mut self) -> Snapshot {
-        let now = self.now;
+        let now = self.clock.now();
         // A seeded socket whose timer was re-armed since is traced now: count it once (the
         // same 4-tuple may live in two namespaces).
         let traced: std::collections::HashSet<(Option<u32>, SocketAddr, SocketAddr)> =
@@ -279,11 +275,11 @@ impl<W: Write> Population<W> {
         // Rates over the window, which the last one at the end may make very short: never
         // divide by less than a second.
         let secs = self
-            .window_start
+            .clock
+            .restart()
             .map_or(1.0, |w| now.saturating_sub(w) as f64 / 1e9)
             .max(1.0);
         let c = std::mem::take(&mut self.interval);
-        self.window_start = Some(now);
         Snapshot {
             kind: "timewait_population",
             time: rfc3339(i128::from(now) + i128::from(self.wall_offset_ns)),
@@ -305,20 +301,11 @@ impl<W: Write> Population<W> {
 
     fn emit(&mut self) -> io::Result<()> {
         let s = self.snapshot();
-        match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, &s)?;
-                writeln!(self.out)?;
-            }
-            Format::Text => write!(self.out, "{}", render_snapshot(&s))?,
-        }
-        self.out.flush()
+        write_rows(&mut self.out, self.format, &[s], |s| render_snapshot(&s[0]))
     }
 
     fn advance(&mut self, now: u64) -> io::Result<()> {
-        self.now = self.now.max(now);
-        let start = *self.window_start.get_or_insert(now);
-        if self.now >= start + self.interval_ns {
+        if self.clock.advance(now) {
             self.emit()?;
         }
         Ok(())

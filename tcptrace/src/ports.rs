@@ -27,11 +27,11 @@ use crate::{
     diag::{DiagTimewait, Existing},
     event::{Event, RawEvent, State, Transition},
     filter::CompiledFilter,
-    output::{Format, rfc3339},
+    output::{Format, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::End,
     track::FastMap,
-    view::{Flow, View},
+    view::{Flow, Interval, View},
 };
 
 /// The local ports a namespace's connects choose from.
@@ -480,9 +480,7 @@ pub struct Ports<W: Write> {
     core: PortsCore,
     out: W,
     format: Format,
-    interval_ns: u64,
-    window_start: Option<u64>,
-    now: u64,
+    clock: Interval,
 }
 
 /// Rows printed per interval in text (JSON has them all).
@@ -503,9 +501,7 @@ impl<W: Write> Ports<W> {
             core: PortsCore::new(ranges, wall_offset_ns),
             out,
             format,
-            interval_ns: interval_ns.max(1),
-            window_start: None,
-            now: 0,
+            clock: Interval::new(interval_ns),
         }
     }
 
@@ -561,28 +557,17 @@ impl<W: Write> Ports<W> {
     /// The rows of the interval that ends now, fullest first.
     pub fn snapshot(&mut self) -> Vec<Row> {
         let population = timewait_tuples(&self.pipe);
-        self.window_start = Some(self.now);
-        self.core.snapshot(&population, self.now)
+        self.clock.restart();
+        self.core.snapshot(&population, self.clock.now())
     }
 
     fn emit(&mut self) -> io::Result<()> {
         let rows = self.snapshot();
-        match self.format {
-            Format::Json => {
-                for r in &rows {
-                    serde_json::to_writer(&mut self.out, r)?;
-                    writeln!(self.out)?;
-                }
-            }
-            Format::Text => write!(self.out, "{}", render_text(&rows))?,
-        }
-        self.out.flush()
+        write_rows(&mut self.out, self.format, &rows, render_text)
     }
 
     fn advance(&mut self, now: u64) -> io::Result<()> {
-        self.now = self.now.max(now);
-        let start = *self.window_start.get_or_insert(now);
-        if self.now >= start + self.interval_ns {
+        if self.clock.advance(now) {
             self.emit()?;
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use crate::{
     event::{Direction, Event, RawEvent},
     filter::CompiledFilter,
-    output::{Format, human_ns, rfc3339},
+    output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::End,
     track::{Close, FastMap, How, Initiator, Role, service_port},
@@ -415,14 +415,7 @@ impl<W: Write> Report<W> {
 
     fn emit(&mut self, end_ts: u64) -> io::Result<()> {
         let s = self.summary(end_ts);
-        match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, &s)?;
-                writeln!(self.out)?;
-            }
-            Format::Text => write!(self.out, "{}", render_text(&s))?,
-        }
-        self.out.flush()
+        write_rows(&mut self.out, self.format, &[s], |s| render_text(&s[0]))
     }
 
     fn maybe_emit(&mut self, now: u64) -> io::Result<()> {

@@ -17,10 +17,10 @@ use crate::{
     diag::Existing,
     event::{Event, Owner, RawEvent, State, Transition},
     filter::CompiledFilter,
-    output::{Format, human_ns, rfc3339},
+    output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     track::FastMap,
-    view::{Flow, View},
+    view::{Flow, Interval, View},
 };
 
 /// The states a socket should only pass through.
@@ -79,9 +79,7 @@ pub struct Stuck<W: Write> {
     out: W,
     format: Format,
     wall_offset_ns: i64,
-    interval_ns: u64,
-    window_start: Option<u64>,
-    now: u64,
+    clock: Interval,
 }
 
 impl<W: Write> Stuck<W> {
@@ -110,9 +108,7 @@ impl<W: Write> Stuck<W> {
             out,
             format,
             wall_offset_ns,
-            interval_ns: interval_ns.max(1),
-            window_start: None,
-            now: 0,
+            clock: Interval::new(interval_ns),
         }
     }
 
@@ -142,8 +138,7 @@ impl<W: Write> Stuck<W> {
                 );
             }
         }
-        self.now = now_ns;
-        self.window_start = Some(now_ns);
+        self.clock.set(now_ns, true);
         self
     }
 
@@ -178,7 +173,8 @@ impl<W: Write> Stuck<W> {
 
     /// The sockets stuck now, oldest first.
     pub fn snapshot(&self) -> Vec<Row> {
-        let time = rfc3339(i128::from(self.now) + i128::from(self.wall_offset_ns));
+        let now = self.clock.now();
+        let time = rfc3339(i128::from(now) + i128::from(self.wall_offset_ns));
         // A traced socket's endpoints are those of the transition into its state.
         let traced = self
             .sitting
@@ -188,7 +184,7 @@ impl<W: Write> Stuck<W> {
         let mut rows: Vec<Row> = traced
             .chain(found)
             .filter_map(|(netns, local, remote, s)| {
-                let age = self.now.saturating_sub(s.since_ns);
+                let age = now.saturating_sub(s.since_ns);
                 (age >= self.older_than_ns).then(|| Row {
                     kind: "stuck",
                     time: time.clone(),
@@ -211,23 +207,12 @@ impl<W: Write> Stuck<W> {
 
     fn emit(&mut self) -> io::Result<()> {
         let rows = self.snapshot();
-        match self.format {
-            Format::Json => {
-                for r in &rows {
-                    serde_json::to_writer(&mut self.out, r)?;
-                    writeln!(self.out)?;
-                }
-            }
-            Format::Text => write!(self.out, "{}", render_text(&rows))?,
-        }
-        self.window_start = Some(self.now);
-        self.out.flush()
+        self.clock.restart();
+        write_rows(&mut self.out, self.format, &rows, render_text)
     }
 
     fn advance(&mut self, now: u64) -> io::Result<()> {
-        self.now = self.now.max(now);
-        let start = *self.window_start.get_or_insert(now);
-        if self.now >= start + self.interval_ns {
+        if self.clock.advance(now) {
             self.emit()?;
         }
         Ok(())

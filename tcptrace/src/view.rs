@@ -21,6 +21,54 @@ pub enum Flow {
     Done,
 }
 
+/// The clock of a view that prints every interval: the latest time seen (never going back)
+/// and when the interval under way began.
+#[derive(Clone, Copy, Debug)]
+pub struct Interval {
+    length_ns: u64,
+    start: Option<u64>,
+    now: u64,
+}
+
+impl Interval {
+    /// Intervals of `length_ns` (at least 1); the first begins at the first time seen.
+    pub fn new(length_ns: u64) -> Self {
+        Interval {
+            length_ns: length_ns.max(1),
+            start: None,
+            now: 0,
+        }
+    }
+
+    /// Moves the clock to `ts` (never back); whether the interval under way has run its
+    /// length.
+    pub fn advance(&mut self, ts: u64) -> bool {
+        self.now = self.now.max(ts);
+        let start = *self.start.get_or_insert(ts);
+        self.now >= start + self.length_ns
+    }
+
+    /// The latest time seen.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Sets the clock to `ts` before anything is seen (what existed at start); with `begin`,
+    /// the first interval begins then too.
+    pub fn set(&mut self, ts: u64, begin: bool) {
+        self.now = ts;
+        if begin {
+            self.start = Some(ts);
+        }
+    }
+
+    /// Ends the interval under way now and begins the next; returns when the ended one
+    /// began (None before anything was seen).
+    pub fn restart(&mut self) -> Option<u64> {
+        self.start.replace(self.now)
+    }
+}
+
 /// Something that consumes the event stream.
 pub trait View {
     /// Called once before the first batch.
@@ -201,5 +249,28 @@ impl<W: Write> View for Stream<W> {
         self.pipe.finish();
         self.print_closes()?;
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Interval;
+
+    #[test]
+    fn an_interval_ends_after_its_length_from_the_first_time_seen_and_never_goes_back() {
+        let mut c = Interval::new(10);
+        assert!(!c.advance(100), "the first time seen begins the interval");
+        assert!(!c.advance(105));
+        assert!(
+            !c.advance(50),
+            "an earlier time does not move the clock back"
+        );
+        assert_eq!(c.now(), 105);
+        assert!(c.advance(110));
+        assert_eq!(c.restart(), Some(100), "the ended interval began at 100");
+        assert!(!c.advance(119) && c.advance(120), "the next began at 110");
+        let mut seeded = Interval::new(10);
+        seeded.set(500, true);
+        assert_eq!((seeded.now(), seeded.advance(510)), (500, true));
     }
 }
