@@ -171,6 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let format = a.common.output.format();
             let mut source = a.common.source.clone();
             source.duration = source.duration.or(Some(Duration::from_secs(30)));
+            let live = source.from.is_none();
             let names = cgroup_names(&source, &filter);
             let problems = std::rc::Rc::new(std::cell::Cell::new(0));
             let counted = problems.clone();
@@ -187,10 +188,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     out,
                     format,
                 )
+                .max_sockets(source.max_sockets)
                 .timers(facts.timers)
                 .counters_at_start(&namespaces)
                 .count_problems_in(counted);
-                Ok(Box::new(view))
+                Ok(Box::new(if live {
+                    let tws = backfill_timewaits(source.max_sockets);
+                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
+                } else {
+                    view
+                }))
             })
             .and_then(|()| match problems.get() {
                 0 => Ok(()),

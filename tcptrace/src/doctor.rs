@@ -15,14 +15,15 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
+    diag::{DiagTimewait, Existing},
     event::{Event, RawEvent, State},
     filter::CompiledFilter,
     output::{Format, human_ns},
     pipeline::Pipeline,
-    ports::{Dest, Peak, Ports, Ranges},
+    ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},
     timewait::End,
     track::{FastMap, Initiator, Role},
-    view::{Flow, View},
+    view::{Flow, Interval, View},
 };
 
 /// A setting's verdict.
@@ -152,7 +153,6 @@ impl Counters {
 
 /// Where a namespace's settings and counters come from (the host live, fakes in tests).
 pub trait HostFacts {
-    /// The namespace's settings.
     /// The namespace's settings (None: it cannot be read, e.g. entering it needs
     /// CAP_SYS_ADMIN, or it is gone).
     fn settings(&mut self, netns: Option<u32>) -> Option<Settings>;
@@ -343,8 +343,9 @@ fn tw_reuse(s: &Settings, m: &Measured) -> Finding {
     let value = setting(s, "net.ipv4.tcp_tw_reuse");
     let reuse = num(s, "net.ipv4.tcp_tw_reuse").unwrap_or(0);
     let timestamps = num(s, "net.ipv4.tcp_timestamps").unwrap_or(1) != 0;
-    let pressure = fullest(m).is_some_and(|(_, p)| p.failures > 0 || p.usage >= PORT_USAGE_WARNING);
-    let loopback_only = fullest(m).is_some_and(|(d, _)| !d.raddr.is_loopback()) && reuse == 2;
+    let top = fullest(m);
+    let pressure = top.is_some_and(|(_, p)| p.failures > 0 || p.usage >= PORT_USAGE_WARNING);
+    let loopback_only = top.is_some_and(|(d, _)| !d.raddr.is_loopback()) && reuse == 2;
     let evidence = format!(
         "{} outgoing connections left TIME_WAIT here (tcp_tw_reuse can only let new connects \
          reuse those), {} incoming ones (it does nothing for them); {} of the outgoing ones' \
@@ -468,7 +469,8 @@ fn max_tw_buckets(s: &Settings, c: &Counters, m: &Measured) -> Finding {
             .map(|l| format!(" of {l} allowed"))
             .unwrap_or_default()
     );
-    let near = limit.is_some_and(|l| l > 0 && m.timewait_peak * 10 >= l * 8);
+    let near =
+        limit.is_some_and(|l| l > 0 && m.timewait_peak.saturating_mul(10) >= l.saturating_mul(8));
     let (verdict, advice) = if refused > 0 {
         (
             Verdict::Problem,
@@ -565,7 +567,9 @@ pub struct Report {
 /// each `--doctor-interval` for `serve`), and judges at its end.
 pub struct Collector {
     facts: Box<dyn HostFacts>,
-    start: FastMap<Option<u32>, Counters>,
+    /// Each namespace's counters at the window's start, read once (None: they could not
+    /// be read, and are not asked for again before the window ends).
+    start: FastMap<Option<u32>, Option<Counters>>,
     measured: FastMap<Option<u32>, Measured>,
     /// Namespaces whose settings could not be read (said once).
     unreadable: std::collections::HashSet<Option<u32>>,
@@ -586,16 +590,14 @@ impl Collector {
     /// seen later starts from its first event).
     pub fn counters_at_start(&mut self, namespaces: &[Option<u32>]) {
         for n in namespaces {
-            if let Some(c) = self.facts.counters(*n) {
-                self.start.insert(*n, c);
-            }
+            let c = self.facts.counters(*n);
+            self.start.insert(*n, c);
         }
     }
 
     fn had_traffic(&mut self, netns: Option<u32>) -> &mut Measured {
-        if !self.start.contains_key(&netns)
-            && let Some(c) = self.facts.counters(netns)
-        {
+        if !self.start.contains_key(&netns) {
+            let c = self.facts.counters(netns);
             self.start.insert(netns, c);
         }
         self.measured.entry(netns).or_default()
@@ -672,8 +674,12 @@ impl Collector {
                     }
                     return None;
                 };
-                let now = self.facts.counters(n).unwrap_or_default();
-                let moved = now.since(self.start.get(&n).unwrap_or(&now));
+                let now = self.facts.counters(n);
+                let before = self.start.get(&n).copied().flatten();
+                let moved = match (&now, &before) {
+                    (Some(now), Some(before)) => now.since(before),
+                    _ => Counters::default(),
+                };
                 self.start.insert(n, now);
                 let m = &self.measured[&n];
                 let mut findings = judge(&settings, &moved, m);
@@ -690,14 +696,19 @@ impl Collector {
     }
 }
 
+/// How often the doctor view samples the ports held and the TIME_WAIT population.
+const SAMPLE_EVERY_NS: u64 = 1_000_000_000;
+
 /// The view.
 pub struct Doctor<W: Write> {
     pipe: Pipeline,
-    ports: Ports<io::Sink>,
+    /// The destinations' ports, counted from the same pipeline's transitions and exits.
+    ports: PortsCore,
     collector: Collector,
     out: W,
     format: Format,
-    last_tick: u64,
+    /// Each second (of events or ticks), the ports and the TIME_WAIT population are sampled.
+    sample: Interval,
     problems: std::rc::Rc<std::cell::Cell<usize>>,
 }
 
@@ -711,12 +722,12 @@ impl<W: Write> Doctor<W> {
         format: Format,
     ) -> Self {
         Doctor {
-            pipe: Pipeline::new(filter.clone()).tracking().timewaits(true),
-            ports: Ports::new(filter, ranges, io::sink(), Format::Json, 0, 1_000_000_000),
+            pipe: Pipeline::new(filter).tracking().timewaits(true),
+            ports: PortsCore::new(ranges, 0),
             collector: Collector::new(facts),
             out,
             format,
-            last_tick: 0,
+            sample: Interval::new(SAMPLE_EVERY_NS),
             problems: std::rc::Rc::default(),
         }
     }
@@ -728,7 +739,22 @@ impl<W: Write> Doctor<W> {
         } else {
             self.pipe.without_timewaits()
         };
-        self.ports = self.ports.timers(traced);
+        self
+    }
+
+    /// Follows at most `n` sockets at once.
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.pipe = self.pipe.max_sockets(n);
+        self
+    }
+
+    /// What existed at start (`now_ns`), for the ports held: the connections this host made
+    /// that are open, and the TIME_WAIT sockets.
+    pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
+        let filter = self.pipe.filter();
+        self.ports.seed(open, timewaits, now_ns, |l, r, n| {
+            filter.keeps_socket(l, r, n)
+        });
         self
     }
 
@@ -756,15 +782,32 @@ impl<W: Write> Doctor<W> {
         self.pipe.closes = closes;
         let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
+            if !self.pipe.filter().keeps_exit(&x) {
+                continue;
+            }
+            self.ports.exit(&x);
             let ephemeral = self.ports.ephemeral(x.netns, x.local.port());
             self.collector.exit(&x, ephemeral);
         }
         self.pipe.exits = exits;
     }
 
-    fn sample_population(&mut self) {
+    /// Moves the sampling clock to `now`; each second, the ports held and the TIME_WAIT
+    /// population (what the filter keeps).
+    fn advance(&mut self, now: u64) {
+        if self.sample.advance(now) {
+            self.sample.restart();
+            self.sample_now();
+        }
+    }
+
+    fn sample_now(&mut self) {
+        self.ports
+            .snapshot(&timewait_tuples(&self.pipe), self.sample.now());
         if let Some(t) = self.pipe.timewait_sockets() {
-            self.collector.population(t.population());
+            let filter = self.pipe.filter();
+            self.collector
+                .population(t.population().filter(|l| filter.keeps_life(l)));
         }
     }
 
@@ -799,36 +842,32 @@ impl<W: Write> View for Doctor<W> {
     }
 
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
-        self.ports.push(batch)?;
         for raw in batch {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
             if let Event::Transition(t) = &ev {
                 self.collector.traffic(t.netns);
+                self.ports.transition(t, self.pipe.filter().keeps(t));
             }
             self.pipe.fold(&ev);
             self.fold_conclusions();
+            self.advance(ev.ts_ns());
         }
         Ok(Flow::More)
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
-        self.ports.tick(now_ns)?;
         self.pipe.tick(now_ns);
         self.fold_conclusions();
-        if now_ns.saturating_sub(self.last_tick) >= 1_000_000_000 {
-            self.last_tick = now_ns;
-            self.sample_population();
-        }
+        self.advance(now_ns);
         Ok(Flow::More)
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.ports.finish()?;
         self.pipe.finish();
         self.fold_conclusions();
-        self.sample_population();
+        self.sample_now();
         let reports = self.reports();
         self.problems.set(
             reports

@@ -483,7 +483,7 @@ impl Metrics {
     }
 
     /// Judges the window that ends at `now_ns`, if it is long enough.
-    fn sync_doctor(&mut self, now_ns: u64, force: bool) {
+    fn sync_doctor(&mut self, now_ns: u64) {
         let Some((collector, interval, since)) = &mut self.doctor else {
             return;
         };
@@ -491,7 +491,7 @@ impl Metrics {
             *since = now_ns;
             return;
         }
-        if !force && now_ns.saturating_sub(*since) < *interval {
+        if now_ns.saturating_sub(*since) < *interval {
             return;
         }
         *since = now_ns;
@@ -520,13 +520,6 @@ impl Metrics {
                     .set(i64::from(v == verdict));
             }
         }
-    }
-
-    /// Where each namespace's port range comes from (the host's by default).
-    pub fn port_ranges(mut self, ranges: Box<dyn crate::ports::Ranges>) -> Self {
-        self.ports = crate::ports::PortsCore::new(ranges, 0);
-        self.ports.set_records(self.pipe.uses_records());
-        self
     }
 
     /// What existed at start (`now_ns`), for the ports held: the connections this host made
@@ -775,10 +768,8 @@ impl View for Metrics {
             };
             self.last_ts = self.last_ts.max(ev.ts_ns());
             match &ev {
-                Event::Transition(t) if self.pipe.filter().keeps(t) => self.ports.transition(t),
-                Event::Connection(c) if self.pipe.filter().keeps(&c.end) => {
-                    self.ports.connection(c);
-                }
+                Event::Transition(t) => self.ports.transition(t, self.pipe.filter().keeps(t)),
+                Event::Connection(c) => self.ports.connection(c),
                 _ => {}
             }
             match &ev {
@@ -829,9 +820,10 @@ impl View for Metrics {
             if let Some((collector, _, _)) = &mut self.doctor
                 && let Some(t) = self.pipe.timewait_sockets()
             {
-                collector.population(t.population());
+                let filter = self.pipe.filter();
+                collector.population(t.population().filter(|l| filter.keeps_life(l)));
             }
-            self.sync_doctor(now_ns, false);
+            self.sync_doctor(now_ns);
         }
         self.sync_gauges();
         Ok(Flow::More)

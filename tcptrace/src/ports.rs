@@ -313,10 +313,14 @@ impl PortsCore {
         self.ranges.range(netns).contains(port)
     }
 
-    /// A transition (one the filter keeps): a connect starts, or (without records) a
-    /// connection progresses or ends.
-    pub fn transition(&mut self, t: &Transition) {
+    /// A transition: a connect starts (when `kept`: the filter keeps it), or (without
+    /// records) a connection progresses or ends, kept or not — a connect counted is never
+    /// left behind because the filter dropped its end (e.g. one no owner is known for).
+    pub fn transition(&mut self, t: &Transition, kept: bool) {
         if (t.from, t.to) == (State::Close, State::SynSent) {
+            if !kept {
+                return;
+            }
             let dest = Dest::of(t.netns, t.local, t.remote);
             self.window.entry(dest).or_default().connects += 1;
             let holds = self.records || t.local.port() != 0;
@@ -328,7 +332,7 @@ impl PortsCore {
         }
     }
 
-    /// A connection's record (one the filter keeps): its end.
+    /// A connection's record (kept or not, as [`PortsCore::transition`]): its end.
     pub fn connection(&mut self, c: &crate::event::Connection) {
         if self.records {
             self.progress(&c.end);
@@ -336,18 +340,17 @@ impl PortsCore {
     }
 
     fn progress(&mut self, t: &Transition) {
-        let ended = matches!(t.to, State::Close | State::TimeWait);
-        if let Some(c) = self.connects.get_mut(&t.skaddr) {
-            c.holds |= t.local.port() != 0;
-            if ended {
-                let c = self.connects.remove(&t.skaddr).expect("present");
-                if t.local.port() == 0 && t.from == State::SynSent {
-                    // Back to CLOSE before a port was chosen: none was free.
-                    self.window.entry(c.dest).or_default().failures += 1;
-                    *self.failures_total.entry(c.dest).or_default() += 1;
-                }
+        if !matches!(t.to, State::Close | State::TimeWait) {
+            if let Some(c) = self.connects.get_mut(&t.skaddr) {
+                c.holds |= t.local.port() != 0;
             }
-        } else if ended {
+        } else if let Some(c) = self.connects.remove(&t.skaddr) {
+            if t.local.port() == 0 && t.from == State::SynSent {
+                // Back to CLOSE before a port was chosen: none was free.
+                self.window.entry(c.dest).or_default().failures += 1;
+                *self.failures_total.entry(c.dest).or_default() += 1;
+            }
+        } else if !self.open_at_start.is_empty() {
             self.open_at_start.remove(&(t.netns, t.local, t.remote));
         }
     }
@@ -463,11 +466,12 @@ impl PortsCore {
     }
 }
 
-/// The traced timewait sockets of a pipeline, as the ports count them.
+/// The traced timewait sockets of a pipeline that its filter keeps, as the ports count them.
 pub fn timewait_tuples(pipe: &Pipeline) -> Vec<TimewaitTuple> {
     pipe.timewait_sockets()
         .map(|t| {
             t.population()
+                .filter(|l| pipe.filter().keeps_life(l))
                 .map(|l| (l.netns, l.local, l.remote))
                 .collect()
         })
@@ -549,7 +553,9 @@ impl<W: Write> Ports<W> {
     fn count_expiries(&mut self) {
         let mut exits = std::mem::take(&mut self.pipe.exits);
         for x in exits.drain(..) {
-            self.core.exit(&x);
+            if self.pipe.filter().keeps_exit(&x) {
+                self.core.exit(&x);
+            }
         }
         self.pipe.exits = exits;
     }
@@ -627,10 +633,8 @@ impl<W: Write> View for Ports<W> {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
-            if let Event::Transition(t) = &ev
-                && self.pipe.filter().keeps(t)
-            {
-                self.core.transition(t);
+            if let Event::Transition(t) = &ev {
+                self.core.transition(t, self.pipe.filter().keeps(t));
             }
             self.pipe.fold(&ev);
             self.count_expiries();

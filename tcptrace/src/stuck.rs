@@ -147,15 +147,19 @@ impl<W: Write> Stuck<W> {
         self.out
     }
 
-    fn transition(&mut self, t: &Transition) {
+    /// A transition; `kept`: the filter keeps it. A socket leaves the state it sat in
+    /// whether or not the filter keeps the transition (one without a known owner is not kept
+    /// by `--pid`); it only sits in a new one when kept.
+    fn transition(&mut self, t: &Transition, kept: bool) {
         // A socket found at start moves on: followed by its address from now on.
-        let was = self
-            .sitting
-            .remove(&t.skaddr)
-            .or_else(|| self.found.remove(&(t.netns, t.local, t.remote)));
+        let was = self.sitting.remove(&t.skaddr).or_else(|| {
+            (!self.found.is_empty())
+                .then(|| self.found.remove(&(t.netns, t.local, t.remote)))
+                .flatten()
+        });
         // Its owner stays known across its states.
         let owner = t.owner.or(was.and_then(|s| s.owner));
-        if self.states.contains(&t.to) {
+        if kept && self.states.contains(&t.to) {
             self.sitting.insert(
                 t.skaddr,
                 Sitting {
@@ -263,10 +267,8 @@ impl<W: Write> View for Stuck<W> {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
-            if let Event::Transition(t) = &ev
-                && self.pipe.filter().keeps(t)
-            {
-                self.transition(t);
+            if let Event::Transition(t) = &ev {
+                self.transition(t, self.pipe.filter().keeps(t));
             }
             self.advance(ev.ts_ns())?;
         }
@@ -381,6 +383,46 @@ mod tests {
             (r["pid"].as_u64(), r["comm"].as_str()),
             (Some(777), Some("nginx"))
         );
+    }
+
+    #[test]
+    fn a_socket_leaves_its_state_even_when_the_filter_drops_the_transition_out() {
+        // `--pid 777`: the kernel names no owner for a packet-driven LAST_ACK→CLOSE, so the
+        // filter drops it, yet the socket is gone.
+        let filter = Filter {
+            pids: vec![777],
+            ..Filter::default()
+        };
+        let mut v = Stuck::new(
+            filter.compile(),
+            &[State::LastAck],
+            0,
+            Vec::new(),
+            Format::Json,
+            0,
+            SEC,
+        );
+        let (srv, cli) = ("10.0.0.1:8080", "10.0.0.2:40000");
+        v.push(&[t(
+            SEC,
+            srv,
+            cli,
+            State::CloseWait,
+            State::LastAck,
+            Some(777),
+        )])
+        .unwrap();
+        v.tick(2 * SEC + 1).unwrap();
+        v.push(&[t(3 * SEC, srv, cli, State::LastAck, State::Close, None)])
+            .unwrap();
+        v.tick(5 * SEC).unwrap();
+        let text = String::from_utf8(v.into_inner()).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 1, "listed once, while in LAST_ACK: {text}");
+        assert_eq!(rows[0]["state"], "LAST_ACK");
     }
 
     #[test]
