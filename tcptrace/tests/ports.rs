@@ -19,7 +19,12 @@ fn held_per_sock_diag(ns: &str, to: SocketAddr) -> usize {
         .args(["netns", "exec", ns, "ss", "-Htan", "exclude", "listening"])
         .arg(format!("dst {to}"))
         .output()
-        .unwrap();
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
@@ -321,6 +326,8 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
             &port.to_string(),
         ])
         .args(["--doctor-interval", "3s"])
+        // A backstop: a test that panics before killing it leaves no root tracer behind.
+        .args(["--duration", "5m"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -18,7 +18,12 @@ fn close_wait_per_sock_diag(ns: &str, port: u16) -> usize {
         .args(["netns", "exec", ns, "ss", "-Htan", "state", "close-wait"])
         .arg(format!("sport = :{port}"))
         .output()
-        .unwrap();
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
