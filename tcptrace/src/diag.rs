@@ -102,6 +102,23 @@ fn ns_inode(path: &Path) -> Option<u32> {
     u32::try_from(std::fs::metadata(path).ok()?.ino()).ok()
 }
 
+/// Runs `f` inside the network namespace whose inode is `netns`: here when that is this
+/// process's own (or unknown), else in a thread that enters it (found among
+/// [`network_namespaces`]). None when it cannot be found or entered, or `f` fails.
+pub fn in_netns<T: Send>(
+    netns: Option<u32>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> Option<T> {
+    let own = ns_inode(Path::new("/proc/self/ns/net"));
+    if netns.is_none() || netns == own {
+        return f().ok();
+    }
+    let ns = network_namespaces()
+        .into_iter()
+        .find(|n| Some(n.inode) == netns)?;
+    in_namespace(&ns, f).ok()
+}
+
 /// Runs `f` inside the network namespace `ns`, in a thread of its own (entering a namespace
 /// changes the calling thread's; the caller's stays where it is). Entering another
 /// namespace needs CAP_SYS_ADMIN.

@@ -164,40 +164,25 @@ pub trait HostFacts {
 #[derive(Default)]
 pub struct Host;
 
-impl Host {
-    fn inside<T: Send>(netns: Option<u32>, read: impl Fn() -> T + Send + Sync) -> Option<T> {
-        let namespaces = crate::diag::network_namespaces();
-        let own = namespaces.first().map(|n| n.inode);
-        if netns.is_none() || netns == own {
-            return Some(read());
-        }
-        let ns = namespaces.iter().find(|n| Some(n.inode) == netns)?;
-        crate::diag::in_namespace(ns, || Ok(read())).ok()
-    }
-}
-
 impl HostFacts for Host {
     fn settings(&mut self, netns: Option<u32>) -> Option<Settings> {
-        Host::inside(netns, || {
-            SYSCTLS
+        crate::diag::in_netns(netns, || {
+            Ok(SYSCTLS
                 .iter()
                 .filter_map(|name| {
                     let path = format!("/proc/sys/{}", name.replace('.', "/"));
                     let v = std::fs::read_to_string(path).ok()?;
                     Some((*name, v.split_whitespace().collect::<Vec<_>>().join(" ")))
                 })
-                .collect()
+                .collect())
         })
     }
 
     fn counters(&mut self, netns: Option<u32>) -> Option<Counters> {
-        Host::inside(netns, || {
+        crate::diag::in_netns(netns, || {
             // This thread's namespace (/proc/net is the main thread's).
-            std::fs::read_to_string("/proc/thread-self/net/netstat")
-                .ok()
-                .map(|s| Counters::parse(&s))
+            std::fs::read_to_string("/proc/thread-self/net/netstat").map(|s| Counters::parse(&s))
         })
-        .flatten()
     }
 }
 

@@ -112,13 +112,7 @@ impl HostRanges {
                 .unwrap_or_default();
             Ok(PortRange::parse(&range, &reserved))
         };
-        let namespaces = crate::diag::network_namespaces();
-        let own = namespaces.first().map(|n| n.inode);
-        if netns.is_none() || netns == own {
-            return read_here().ok().flatten();
-        }
-        let ns = namespaces.iter().find(|n| Some(n.inode) == netns)?;
-        crate::diag::in_namespace(ns, read_here).ok().flatten()
+        crate::diag::in_netns(netns, read_here).flatten()
     }
 }
 
