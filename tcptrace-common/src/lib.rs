@@ -11,6 +11,7 @@
 use bytemuck::{Pod, Zeroable};
 
 pub mod connection;
+pub mod details;
 pub mod verdict;
 
 /// A TCP state, as the kernel numbers them (`include/net/tcp_states.h`): the one definition
@@ -164,6 +165,11 @@ pub mod kind {
     pub const CONNECTION: u8 = 8;
     /// The second slot of a [`CONNECTION`] record.
     pub const CONNECTION_TAIL: u8 = 9;
+    /// What the kernel's counters say of a connection at its end
+    /// ([`Details`](super::details::Details)): one slot written right before the end's own
+    /// record (a [`TRANSITION`] into CLOSE or TIME_WAIT, or a [`CONNECTION`] record), in the
+    /// same reservation.
+    pub const DETAILS: u8 = 10;
 }
 
 /// `aux` of a [`kind::RESET_SENT`] event on kernels whose tracepoint has no reason field.
@@ -461,6 +467,8 @@ pub struct Config {
     pub send_reset_reason: u32,
     /// Bits of [`records`]: what the programs write (0: transitions and resets, as always).
     pub records: u32,
+    /// Where a TCP socket keeps its counters, for [`records::DETAILS`].
+    pub tcp: details::TcpOffsets,
 }
 
 /// Bits of [`Config::records`].
@@ -474,6 +482,9 @@ pub mod records {
     /// With [`NO_TRANSITIONS`], still write each connect's first transition
     /// (CLOSE→SYN_SENT): for views that count the local ports connections hold while open.
     pub const CONNECTS: u32 = 1 << 2;
+    /// Write a [`Details`](super::details::Details) slot before each connection's end
+    /// (BTF programs only, with [`Config::tcp`] known).
+    pub const DETAILS: u32 = 1 << 3;
 }
 
 impl Config {
@@ -694,6 +705,8 @@ mod user {
     unsafe impl aya::Pod for super::NsOffsets {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::connection::ConnectionTail {}
+    unsafe impl aya::Pod for super::details::Details {}
+    unsafe impl aya::Pod for super::details::TcpOffsets {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::Owner {}
 }

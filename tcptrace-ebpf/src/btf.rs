@@ -21,7 +21,7 @@
 use core::{
     ffi::c_void,
     mem::MaybeUninit,
-    ptr::{addr_of, addr_of_mut, null_mut, read_volatile},
+    ptr::{addr_of, addr_of_mut, null, null_mut, read_volatile},
 };
 
 use aya_ebpf::{
@@ -29,23 +29,27 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_jiffies64, bpf_probe_read_kernel, bpf_sk_storage_get},
+        generated::{
+            bpf_jiffies64, bpf_probe_read_kernel, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+        },
     },
     macros::{btf_map, btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NO_REASON,
-    connection::{SockLife, ends_connection, is_birth, tail_flag},
+    ABSENT, AF_INET, AF_INET6, Config, Event, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP,
+    NO_REASON,
+    connection::{ConnectionRecord, SockLife, ends_connection, is_birth, tail_flag},
+    details::{Details, details_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
 };
 
 use crate::{
-    Addrs, CONFIG, COUNTER_SLOTS, LISTENERS, Owner, Record, Slot, V4_MAPPED_HIGH, clear_owner,
-    copy_owner, count, current_owner, emit, emit_connection, forgot, idle, listen_key, port_bits,
-    put, reset_record, tw_armed, tw_timer_report,
+    Addrs, CONFIG, COUNTER_SLOTS, EVENTS, LISTENERS, LOST, Owner, Record, Slot, V4_MAPPED_HIGH,
+    clear_owner, copy_owner, count, current_owner, emit, emit_connection, fill, fill_connection,
+    forgot, idle, listen_key, port_bits, put, reset_record, tw_armed, tw_timer_report, wake_flags,
 };
 
 /// What tcptrace knows of a socket, kept with it.
@@ -499,22 +503,160 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: boo
     }
     // SAFETY: `sk` as required.
     let addrs = unsafe { full_addrs(sk, &ends) };
+    // The connection's counters, read at its end for each record that ends it.
+    let tp = if ends_connection(old, new) {
+        // SAFETY: `sk` as required.
+        unsafe { tcp_sock(sk) }
+    } else {
+        null()
+    };
     if keep {
-        emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+        if tp.is_null() {
+            emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+        } else {
+            // SAFETY: `tp` is the socket as a `tcp_sock`; `owner` is initialised.
+            unsafe { emit_detailed_end(slot, &rec, &addrs, owner, tp) };
+        }
     }
     if connection {
         // SAFETY: `st` is the socket's storage (not null); `owner` is initialised.
         unsafe {
-            emit_connection(
-                slot,
-                cfg.wakeup_bytes,
-                &rec,
-                &addrs,
-                owner,
-                addr_of!((*st).life),
-            );
+            let life = addr_of!((*st).life);
+            if tp.is_null() {
+                emit_connection(slot, cfg.wakeup_bytes, &rec, &addrs, owner, life);
+            } else {
+                emit_detailed_connection(slot, &rec, &addrs, owner, life, tp);
+            }
         }
     }
+}
+
+/// The socket as a `tcp_sock` (a BTF pointer the verifier checks loads from) when the
+/// loader asked for [`Details`]; null otherwise, or for a socket that is not TCP's (an
+/// MPTCP meta socket).
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn tcp_sock(sk: *const u8) -> *const u8 {
+    let cfg = config();
+    if cfg.records & records::DETAILS == 0 || cfg.tcp.known == 0 {
+        return null();
+    }
+    // SAFETY: the helper checks that `sk` is a full TCP socket, or returns null.
+    unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
+        .cast::<u8>()
+        .cast_const()
+}
+
+/// Writes the end's [`Details`] slot, read from the socket's counters.
+///
+/// # Safety
+/// `d` is writable; `tp` is the socket as a `tcp_sock` (from [`tcp_sock`]).
+#[inline(always)]
+unsafe fn fill_details(d: *mut Details, r: &Record, tp: *const u8) {
+    let o = &config().tcp;
+    // SAFETY: as required: BTF offsets of `tcp_sock` fields, each load checked by the
+    // verifier; every store a separate volatile one (see `put`).
+    unsafe {
+        put(addr_of_mut!((*d).ts_ns), r.ts);
+        put(addr_of_mut!((*d).skaddr), r.skaddr);
+        put(addr_of_mut!((*d).bytes_acked), field(tp, o.bytes_acked));
+        put(
+            addr_of_mut!((*d).bytes_received),
+            field(tp, o.bytes_received),
+        );
+        put(addr_of_mut!((*d).segs_out), field(tp, o.segs_out));
+        put(addr_of_mut!((*d).segs_in), field(tp, o.segs_in));
+        put(addr_of_mut!((*d).total_retrans), field(tp, o.total_retrans));
+        put(addr_of_mut!((*d).srtt_us), field::<u32>(tp, o.srtt_us) >> 3);
+        put(
+            addr_of_mut!((*d).rttvar_us),
+            field::<u32>(tp, o.mdev_us) >> 2,
+        );
+        put(addr_of_mut!((*d).min_rtt_us), field(tp, o.min_rtt));
+        put(addr_of_mut!((*d).sk_err), field::<i32>(tp, o.sk_err) as u32);
+        put(
+            addr_of_mut!((*d).user_timeout_ms),
+            field(tp, o.user_timeout),
+        );
+        put(addr_of_mut!((*d).packets_out), field(tp, o.packets_out));
+        put(addr_of_mut!((*d)._pad), 0);
+        put(addr_of_mut!((*d)._reserved[0]), 0);
+        put(addr_of_mut!((*d)._reserved[1]), 0);
+        put(addr_of_mut!((*d).retransmits), field(tp, o.retransmits));
+        put(addr_of_mut!((*d).probes_out), field(tp, o.probes_out));
+        put(addr_of_mut!((*d).kind), kind::DETAILS);
+        let keepopen = (field::<u64>(tp, o.sk_flags) >> o.keepopen_bit) & 1 != 0;
+        put(
+            addr_of_mut!((*d).flags),
+            if keepopen { details_flag::KEEPALIVE } else { 0 },
+        );
+        put(addr_of_mut!((*d)._pad2), 0);
+        put(addr_of_mut!((*d)._reserved2[0]), 0);
+        put(addr_of_mut!((*d)._reserved2[1]), 0);
+    }
+}
+
+/// An end transition with its [`Details`] before it: one entry of two slots.
+#[repr(C)]
+struct DetailedEnd {
+    details: Details,
+    end: Event,
+}
+
+/// A connection record with its [`Details`] before it: one entry of three slots.
+#[repr(C)]
+struct DetailedConnection {
+    details: Details,
+    connection: ConnectionRecord,
+}
+
+/// Writes the end transition `r` after its details, as one entry, or counts it lost.
+///
+/// # Safety
+/// As [`fill_details`]; `owner` is initialised.
+#[inline(always)]
+unsafe fn emit_detailed_end(slot: Slot, r: &Record, a: &Addrs, owner: *const Owner, tp: *const u8) {
+    let Some(mut entry) = EVENTS.reserve::<DetailedEnd>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe {
+        fill_details(addr_of_mut!((*e).details), r, tp);
+        fill(addr_of_mut!((*e).end), r, a, owner);
+    }
+    let size = core::mem::size_of::<DetailedEnd>();
+    entry.submit(wake_flags(config().wakeup_bytes, size));
+}
+
+/// Writes a connection record after its details, as one entry, or counts it lost.
+///
+/// # Safety
+/// As [`fill_details`]; `owner` is initialised and `life` readable.
+#[inline(always)]
+unsafe fn emit_detailed_connection(
+    slot: Slot,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+    tp: *const u8,
+) {
+    let Some(mut entry) = EVENTS.reserve::<DetailedConnection>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe {
+        fill_details(addr_of_mut!((*e).details), r, tp);
+        fill_connection(addr_of_mut!((*e).connection), r, a, owner, life);
+    }
+    let size = core::mem::size_of::<DetailedConnection>();
+    entry.submit(wake_flags(config().wakeup_bytes, size));
 }
 
 /// Updates the socket's storage for a transition at `rec.ts` (its life: a new one at a

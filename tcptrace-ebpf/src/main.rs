@@ -36,6 +36,7 @@ use tcptrace_common::{
     MAX_KERNEL_NETNS, NO_REASON, NsOffsets, Owner, ReceiveResetOffsets, SendResetOffsets,
     SetStateOffsets, SockOffsets, TimewaitOffsets,
     connection::{ConnectionRecord, STATES_LEFT, SockLife},
+    details::TcpOffsets,
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, state,
 };
 
@@ -122,6 +123,7 @@ static CONFIG: Config = Config {
     },
     send_reset_reason: 0,
     records: 0,
+    tcp: TcpOffsets::UNKNOWN,
 };
 
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
@@ -1044,8 +1046,27 @@ unsafe fn emit_connection(
         count(&LOST, slot);
         return;
     };
-    let c = entry.as_mut_ptr();
     // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe { fill_connection(entry.as_mut_ptr(), r, a, owner, life) };
+    entry.submit(wake_flags(
+        wakeup_bytes,
+        core::mem::size_of::<ConnectionRecord>(),
+    ));
+}
+
+/// Writes every field of a connection record: the end transition `r`, then `life`'s tail.
+///
+/// # Safety
+/// `c` is writable, `owner` initialised and `life` readable.
+#[inline(always)]
+unsafe fn fill_connection(
+    c: *mut ConnectionRecord,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+) {
+    // SAFETY: as required; every access is a separate volatile store (see `put`).
     unsafe {
         fill(addr_of_mut!((*c).head), r, a, owner);
         put(addr_of_mut!((*c).head.kind), kind::CONNECTION);
@@ -1065,10 +1086,6 @@ unsafe fn emit_connection(
         put(addr_of_mut!((*t)._pad2), 0);
         put(addr_of_mut!((*t).born_ns), (*life).born_ns);
     }
-    entry.submit(wake_flags(
-        wakeup_bytes,
-        core::mem::size_of::<ConnectionRecord>(),
-    ));
 }
 
 /// Writes every field of one event.

@@ -460,6 +460,10 @@ fn drive<'a>(
         header_flag::CONNECTIONS
     } else {
         0
+    }) | (if probe.details() {
+        header_flag::DETAILS
+    } else {
+        0
     });
     let recorder = match &source.record {
         Some(path) => Some(

@@ -66,6 +66,7 @@ pub struct Btf {
     types: Vec<Type>,
     structs: HashMap<String, u32>,
     typedefs: HashMap<String, u32>,
+    enums: HashMap<String, u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -124,7 +125,19 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_ENUM => {
+                    // Each enumerator: its name and its (32-bit) value, kept as a member.
+                    for i in 0..vlen {
+                        let m = at + i * 8;
+                        members.push(Member {
+                            name: u32_at(b, m)?,
+                            ty: u32_at(b, m + 4)?,
+                            bit_offset: 0,
+                        });
+                    }
+                    vlen * 8
+                }
+                KIND_FUNC_PROTO => vlen * 8,
                 KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                 KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
                 | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
@@ -147,13 +160,21 @@ impl Btf {
             types,
             structs: HashMap::new(),
             typedefs: HashMap::new(),
+            enums: HashMap::new(),
         };
+        let (mut structs, mut enums) = (HashMap::new(), HashMap::new());
         for (id, t) in btf.types.iter().enumerate() {
-            if t.kind == KIND_STRUCT && t.name != 0 {
+            let names = match t.kind {
+                KIND_STRUCT => &mut structs,
+                KIND_ENUM => &mut enums,
+                _ => continue,
+            };
+            if t.name != 0 {
                 let name = btf.string(t.name).to_string();
-                btf.structs.entry(name).or_insert(id as u32);
+                names.entry(name).or_insert(id as u32);
             }
         }
+        (btf.structs, btf.enums) = (structs, enums);
         btf.typedefs = typedefs
             .into_iter()
             .map(|(name, id)| (btf.string(name).to_string(), id))
@@ -221,6 +242,28 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// The enumerators of `enum name` with their values, in declaration order.
+    pub fn enumerators(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
+        let id = *self
+            .enums
+            .get(name)
+            .ok_or_else(|| BtfError::NoStruct(format!("enum {name}")))?;
+        Ok(self.types[id as usize]
+            .members
+            .iter()
+            .map(|m| (self.string(m.name).to_string(), m.ty))
+            .collect())
+    }
+
+    /// The value of enumerator `constant` of `enum name`.
+    pub fn enumerator(&self, name: &str, constant: &str) -> Result<u32, BtfError> {
+        self.enumerators(name)?
+            .into_iter()
+            .find(|(n, _)| n == constant)
+            .map(|(_, v)| v)
+            .ok_or_else(|| BtfError::NoMember(format!("enum {name}"), constant.to_string()))
+    }
+
     /// A member by name in a struct or union, descending into anonymous members; returns its
     /// bit offset and type.
     fn find(&self, ty: &Type, name: &str) -> Option<(u32, u32)> {
@@ -245,9 +288,10 @@ impl Btf {
 mod tests {
     use super::*;
 
-    /// A hand-built BTF blob: `struct outer { int a; union { int b; struct { short c; short d; }; }; }`.
+    /// A hand-built BTF blob: `struct outer { int a; union { int b; struct { short c; short d; }; }; }`
+    /// and `enum colour { RED = 1, BLUE = 7 }`.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0d\0short\0".to_vec();
+        let strings = b"\0int\0outer\0a\0b\0c\0d\0short\0colour\0RED\0BLUE\0".to_vec();
         let s = |name: &str| {
             let needle = format!("\0{name}\0");
             strings
@@ -269,6 +313,15 @@ mod tests {
         push(&[0, info(KIND_UNION, 2), 4, s("b"), 1, 0, 0, 3, 0]); // 4: union { b; struct }
         push(&[0, info(KIND_CONST, 0), 4]); // 5: const union
         push(&[s("outer"), info(KIND_STRUCT, 2), 8, s("a"), 1, 0, 0, 5, 32]); // 6: outer
+        push(&[
+            s("colour"),
+            info(KIND_ENUM, 2),
+            4,
+            s("RED"),
+            1,
+            s("BLUE"),
+            7,
+        ]); // 7: colour
         let mut b = Vec::new();
         for w in [
             0xeb9f_u32 | (1 << 16),
@@ -300,6 +353,18 @@ mod tests {
             btf.offset("nope", "a"),
             Err(BtfError::NoStruct(_))
         ));
+    }
+
+    #[test]
+    fn enumerators_by_name() {
+        let btf = Btf::parse(&blob()).unwrap();
+        assert_eq!(
+            btf.enumerators("colour").unwrap(),
+            [("RED".to_string(), 1), ("BLUE".to_string(), 7)]
+        );
+        assert_eq!(btf.enumerator("colour", "BLUE").unwrap(), 7);
+        assert!(btf.enumerator("colour", "GREEN").is_err());
+        assert!(btf.enumerators("outer").is_err(), "a struct is no enum");
     }
 
     #[test]

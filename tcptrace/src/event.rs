@@ -12,6 +12,8 @@ use tcptrace_common::{
 
 /// The raw record shared with the kernel (re-exported for sources and tests).
 pub use tcptrace_common::Event as RawEvent;
+/// A connection's counters at its end (see [`Event::Details`]).
+pub use tcptrace_common::details::Details;
 
 /// A TCP state: the contract's own ([`tcptrace_common::TcpState`]), the kernel side's too.
 pub use tcptrace_common::TcpState as State;
@@ -198,6 +200,9 @@ pub enum Event {
     /// A connection's end, with its whole life (assembled by the
     /// [`Pipeline`](crate::pipeline::Pipeline) from the record's two slots).
     Connection(Connection),
+    /// What the kernel's counters said of a connection at its end: comes right before the
+    /// end's own event (its transition into CLOSE, or its connection record).
+    Details(Details),
     /// One slot of a connection record, on its own: what [`decode`] makes of each (the
     /// pipeline joins them into an [`Event::Connection`]; views never see these).
     Part(Part),
@@ -219,6 +224,7 @@ impl Event {
             Event::Timer(t) => t.ts_ns,
             Event::Lost { ts_ns, .. } => *ts_ns,
             Event::Connection(c) => c.end.ts_ns,
+            Event::Details(d) => d.ts_ns,
             Event::Part(Part::Head(t)) => t.ts_ns,
             Event::Part(Part::Tail(_)) => 0,
         }
@@ -344,6 +350,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         kind::TW_CANCELLED => return timer(TimerOp::Cancelled),
         kind::TW_EXPIRED => return timer(TimerOp::Expired),
         kind::CONNECTION_TAIL => return decode_tail(raw),
+        kind::DETAILS => return Ok(Event::Details(bytemuck::cast(*raw))),
         _ => {}
     }
     let direction = match raw.kind {
@@ -439,6 +446,14 @@ fn decode_tail(raw: &RawEvent) -> Result<Event, DecodeError> {
         State::from_kernel(tail.first_from).ok_or(DecodeError::State(tail.first_from))?;
     }
     Ok(Event::Part(Part::Tail(tail)))
+}
+
+/// Encodes a connection's details slot (for tests and fakes).
+pub fn encode_details(d: &Details) -> RawEvent {
+    bytemuck::cast(Details {
+        kind: kind::DETAILS,
+        ..*d
+    })
 }
 
 /// Encodes a connection record's two slots (for tests and fakes).

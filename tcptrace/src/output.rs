@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     cgroup::{CgroupName, Cgroups},
-    event::{Direction, Owner, Reset, State, Transition},
+    event::{Details, Direction, Owner, Reset, State, Transition},
     timewait::{End, Exit},
     track::{Close, FastMap},
 };
@@ -190,10 +190,11 @@ impl Renderer {
                 let what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
                 let lifetime = c.lifetime_ns.map(human_ns).unwrap_or_else(|| "-".into());
                 let tail = format!(
-                    "  {}{}{}",
+                    "  {}{}{}{}",
                     c.role.name(),
                     if c.timewait { ", TIME_WAIT here" } else { "" },
-                    if c.midlife { ", seen mid-life" } else { "" }
+                    if c.midlife { ", seen mid-life" } else { "" },
+                    c.details.as_ref().map(details_text).unwrap_or_default()
                 );
                 let (on, off) = self.paint("\x1b[1m");
                 self.text_row(
@@ -669,7 +670,98 @@ fn close_json(b: &mut Vec<u8>, second: &mut SecondCache, ns: &mut NsJson, wall: 
         None => b.extend_from_slice(b"null"),
     }
     ns.cgroup_into(b, c.cgroup);
+    details_json(b, c.details.as_ref());
     b.push(b'}');
+}
+
+/// Appends a close's counters (`null` each when they were not read), as serde_json writes
+/// [`DetailsJson`].
+fn details_json(b: &mut Vec<u8>, d: Option<&Details>) {
+    let mut num = itoa::Buffer::new();
+    let mut field = |name: &[u8], v: Option<u64>| {
+        b.extend_from_slice(name);
+        match v {
+            Some(v) => b.extend_from_slice(num.format(v).as_bytes()),
+            None => b.extend_from_slice(b"null"),
+        }
+    };
+    let v = DetailsJson::new(d);
+    field(br#","bytes_sent":"#, v.bytes_sent);
+    field(br#","bytes_received":"#, v.bytes_received);
+    field(br#","segs_out":"#, v.segs_out);
+    field(br#","segs_in":"#, v.segs_in);
+    field(br#","retrans":"#, v.retrans);
+    field(br#","srtt_us":"#, v.srtt_us);
+    field(br#","rttvar_us":"#, v.rttvar_us);
+    field(br#","min_rtt_us":"#, v.min_rtt_us);
+}
+
+/// A close's counters in its JSON record.
+#[derive(Serialize)]
+struct DetailsJson {
+    bytes_sent: Option<u64>,
+    bytes_received: Option<u64>,
+    segs_out: Option<u64>,
+    segs_in: Option<u64>,
+    retrans: Option<u64>,
+    srtt_us: Option<u64>,
+    rttvar_us: Option<u64>,
+    min_rtt_us: Option<u64>,
+}
+
+impl DetailsJson {
+    fn new(d: Option<&Details>) -> Self {
+        let srtt = d.and_then(Details::srtt_us);
+        DetailsJson {
+            bytes_sent: d.map(|d| d.bytes_acked),
+            bytes_received: d.map(|d| d.bytes_received),
+            segs_out: d.map(|d| d.segs_out.into()),
+            segs_in: d.map(|d| d.segs_in.into()),
+            retrans: d.map(|d| d.total_retrans.into()),
+            srtt_us: srtt.map(u64::from),
+            // A deviation without a smoothed time means nothing.
+            rttvar_us: d.filter(|_| srtt.is_some()).map(|d| d.rttvar_us.into()),
+            min_rtt_us: d.and_then(Details::min_rtt_us).map(u64::from),
+        }
+    }
+}
+
+/// A close's counters in its text line: `  sent 1.00MiB recv 12B rtt 41.0µs retrans 3`.
+fn details_text(d: &Details) -> String {
+    let mut t = format!(
+        "  sent {} recv {}",
+        human_bytes(d.bytes_acked),
+        human_bytes(d.bytes_received)
+    );
+    if let Some(srtt) = d.srtt_us() {
+        t.push_str(&format!(" rtt {}", human_ns(u64::from(srtt) * 1_000)));
+    }
+    if d.total_retrans != 0 {
+        t.push_str(&format!(" retrans {}", d.total_retrans));
+    }
+    t
+}
+
+/// Bytes for people: `850B`, `12.3KiB`, `1.00MiB`, `2.50GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    let digits = if v < 10.0 {
+        2
+    } else if v < 100.0 {
+        1
+    } else {
+        0
+    };
+    format!("{v:.digits$}{}", UNITS[unit])
 }
 
 /// The namespace and cgroup fields of JSON records, with each resolved cgroup's fields
@@ -878,6 +970,8 @@ struct CloseJson<'a> {
     skaddr: Hex,
     #[serde(flatten)]
     ns: NsFields<'a>,
+    #[serde(flatten)]
+    details: DetailsJson,
 }
 
 #[derive(Serialize)]
@@ -933,6 +1027,7 @@ mod tests {
 
     use super::*;
     use crate::event::Comm;
+    use tcptrace_common::details::NO_MIN_RTT;
 
     fn serde_transition(r: &Renderer, names: &Cgroups, t: &Transition) -> String {
         let name = t.cgroup.and_then(|id| names.resolve(id));
@@ -1050,6 +1145,7 @@ mod tests {
             netns in proptest::option::of(1u32..),
             cgroup in proptest::option::of(prop_oneof![1u64..4, 4u64..]),
             paths in proptest::collection::vec(any_cgroup_path(), 3),
+            details in proptest::option::of(any::<[u64; 6]>()),
         ) {
             use crate::track::{How, Initiator, Role};
             let names = Cgroups::from_paths((1u64..).zip(paths));
@@ -1074,6 +1170,17 @@ mod tests {
                 states: 0,
                 netns,
                 cgroup,
+                details: details.map(|[a, b, c, d, e, f]| Details {
+                    bytes_acked: a,
+                    bytes_received: b,
+                    segs_out: c as u32,
+                    segs_in: (c >> 32) as u32,
+                    total_retrans: d as u32,
+                    srtt_us: (d >> 32) as u32 % 3,
+                    rttvar_us: e as u32,
+                    min_rtt_us: [(e >> 32) as u32, NO_MIN_RTT][f as usize % 2],
+                    ..Details::default()
+                }),
             };
             let mut r = json_renderer(wall_offset, &names);
             let mut out = Vec::new();
@@ -1092,6 +1199,7 @@ mod tests {
                 comm: c.owner.as_ref().map(|o| o.comm.as_str()),
                 skaddr: Hex(c.skaddr),
                 ns: NsFields::new(c.netns, c.cgroup, name.as_deref()),
+                details: DetailsJson::new(c.details.as_ref()),
             })
             .unwrap();
             prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
@@ -1121,6 +1229,17 @@ mod tests {
             "{long}"
         );
         assert_eq!(ns.text(Some(9)), "9", "unresolved: the id");
+    }
+
+    #[test]
+    fn human_byte_counts() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1023), "1023B");
+        assert_eq!(human_bytes(1024), "1.00KiB");
+        assert_eq!(human_bytes(12_595), "12.3KiB");
+        assert_eq!(human_bytes(1 << 20), "1.00MiB");
+        assert_eq!(human_bytes(150 << 20), "150MiB");
+        assert_eq!(human_bytes(5 << 40), "5.00TiB");
     }
 
     #[test]

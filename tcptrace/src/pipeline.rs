@@ -137,6 +137,10 @@ impl Pipeline {
         if raw.kind == kind::CONNECTION_TAIL {
             return self.join_tail(raw);
         }
+        if raw.kind == kind::DETAILS {
+            // Kept or not with the end record right after it, which the tracker joins it to.
+            return decode(raw).ok();
+        }
         if !self.filter.kernel_keeps(raw) {
             if raw.kind == kind::CONNECTION {
                 self.take_head(None);

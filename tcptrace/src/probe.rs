@@ -20,7 +20,7 @@ use aya::{
 };
 use tcptrace_common::{
     ABSENT, Config, EVENT_SIZE, INET_SPAN_BYTES, NsOffsets, ReceiveResetOffsets, SendResetOffsets,
-    SetStateOffsets, SockOffsets, TimewaitOffsets, records,
+    SetStateOffsets, SockOffsets, TimewaitOffsets, details::TcpOffsets, records,
 };
 
 use crate::{
@@ -166,6 +166,8 @@ pub struct Probe {
     timewait_traced: bool,
     /// The kernel writes connection records.
     connections: bool,
+    /// The programs write each connection's details before its end.
+    details: bool,
     side: KernelSide,
     // Keeps the program and its link alive; declared last so it is dropped last.
     _ebpf: Ebpf,
@@ -233,6 +235,16 @@ impl Probe {
         let btf = btf.as_ref().map_err(|e| format!("no kernel BTF ({e})"))?;
         kcfg.sock = sock_offsets(btf)?;
         kcfg.send_reset_reason = u32::from(btf.tracepoint_args("tcp_send_reset") >= Some(3));
+        match tcp_offsets(btf) {
+            Ok(tcp) => {
+                kcfg.tcp = tcp;
+                kcfg.records |= records::DETAILS;
+            }
+            Err(e) => log::warn!(
+                "connection details (bytes, round-trip times, retransmissions) are not \
+                 reported on this kernel: {e}"
+            ),
+        }
         // aya resolves each BTF tracepoint's type in its own reading of the kernel's BTF,
         // dropped once they are loaded.
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
@@ -263,6 +275,7 @@ impl Probe {
         let mut probe =
             Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())?;
         probe.connections = kcfg.records & records::CONNECTIONS != 0;
+        probe.details = kcfg.records & records::DETAILS != 0;
         Ok(probe)
     }
 
@@ -369,6 +382,7 @@ impl Probe {
             logger,
             timewait_traced: !timers.is_empty(),
             connections: false,
+            details: false,
             side,
             _ebpf: ebpf,
         })
@@ -418,6 +432,11 @@ impl Probe {
     /// programs, when asked).
     pub fn connection_records(&self) -> bool {
         self.connections
+    }
+
+    /// Whether the programs write each connection's details before its end.
+    pub fn details(&self) -> bool {
+        self.details
     }
 
     /// Whether timewait sockets' timers are traced (TIME_WAIT exits and residency).
@@ -704,6 +723,44 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, String> {
         skb_network_header: at("sk_buff", "network_header")?,
         skb_transport_header: at("sk_buff", "transport_header")?,
         _pad: 0,
+    })
+}
+
+/// Where a TCP socket keeps the counters of [`Details`](tcptrace_common::details::Details),
+/// from the kernel's BTF: every offset from the start of the `tcp_sock`.
+pub fn tcp_offsets(btf: &Btf) -> Result<TcpOffsets, String> {
+    let at = |ty: &str, path: &str| offset16(btf, ty, path);
+    // A tcp_sock starts with its inet_connection_sock, which starts with its inet_sock (and
+    // that with its sock: see `sock_offsets`).
+    if at("tcp_sock", "inet_conn")? != 0 || at("inet_connection_sock", "icsk_inet")? != 0 {
+        return Err("tcp_sock does not start with its inet_connection_sock".into());
+    }
+    if at("minmax", "s")? != 0 {
+        return Err("minmax does not start with its samples".into());
+    }
+    let keepopen = btf
+        .enumerator("sock_flags", "SOCK_KEEPOPEN")
+        .map_err(|e| e.to_string())?;
+    Ok(TcpOffsets {
+        known: 1,
+        bytes_acked: at("tcp_sock", "bytes_acked")?,
+        bytes_received: at("tcp_sock", "bytes_received")?,
+        segs_out: at("tcp_sock", "segs_out")?,
+        segs_in: at("tcp_sock", "segs_in")?,
+        total_retrans: at("tcp_sock", "total_retrans")?,
+        srtt_us: at("tcp_sock", "srtt_us")?,
+        mdev_us: at("tcp_sock", "mdev_us")?,
+        min_rtt: at("tcp_sock", "rtt_min")? + at("minmax_sample", "v")?,
+        packets_out: at("tcp_sock", "packets_out")?,
+        sk_err: at("sock", "sk_err")?,
+        sk_flags: at("sock_common", "skc_flags")?,
+        keepopen_bit: u16::try_from(keepopen)
+            .ok()
+            .filter(|b| *b < 64)
+            .ok_or(format!("SOCK_KEEPOPEN is bit {keepopen}"))?,
+        user_timeout: at("inet_connection_sock", "icsk_user_timeout")?,
+        retransmits: at("inet_connection_sock", "icsk_retransmits")?,
+        probes_out: at("inet_connection_sock", "icsk_probes_out")?,
     })
 }
 

@@ -1,13 +1,17 @@
 //! Recordings: the raw event stream in a file, replayable through every view without root.
 //!
-//! Layout (little-endian), format 3: a 48-byte [`Header`] — magic `TCPTRACE`, format
+//! Layout (little-endian), format 4: a 48-byte [`Header`] — magic `TCPTRACE`, format
 //! version, event size, the wall-clock offset of the recording host's monotonic clock,
 //! flags, the recording host's boot id — then fixed-size 112-byte [`RawEvent`] records
 //! exactly as the kernel wrote them (plus the lost-events records userspace adds). A
 //! connection record takes two consecutive records (kinds `CONNECTION` and
-//! `CONNECTION_TAIL`); the header's [`header_flag::CONNECTIONS`] says they are there.
+//! `CONNECTION_TAIL`); the header's [`header_flag::CONNECTIONS`] says they are there. A
+//! connection's details (kind `DETAILS`: bytes, segments, retransmissions, round-trip
+//! times at its end) take one record right before its end transition or connection record;
+//! [`header_flag::DETAILS`] says they are there.
 //!
-//! Format 2 is format 3 without connection records: the same layout, read the same way.
+//! Format 3 is format 4 without details records, format 2 format 3 without connection
+//! records: the same layout, read the same way.
 //!
 //! Format 1 (tcptrace before network namespaces and cgroups) is still read: a 32-byte
 //! header (no boot id) and 96-byte records, the first 96 bytes of today's layout; its events
@@ -23,8 +27,8 @@ use crate::event::{RawEvent, decode};
 
 /// The first 8 bytes of every recording.
 pub const MAGIC: [u8; 8] = *b"TCPTRACE";
-/// The format version this build writes (it reads 1 to 3).
-pub const VERSION: u32 = 3;
+/// The format version this build writes (it reads 1 to 4).
+pub const VERSION: u32 = 4;
 /// The oldest format version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -56,6 +60,8 @@ pub mod header_flag {
     /// The kernel wrote a connection record at each connection's end (beside the
     /// transitions): views that fold connections read those.
     pub const CONNECTIONS: u64 = 1 << 1;
+    /// The kernel wrote each connection's details (kind `DETAILS`) before its end.
+    pub const DETAILS: u64 = 1 << 2;
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<Header>();
@@ -174,7 +180,7 @@ impl<R: Read> Reader<R> {
         let version = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
         let (header_size, event_size) = match version {
             1 => (HEADER_SIZE_V1, EVENT_SIZE_V1),
-            2 | VERSION => (HEADER_SIZE, EVENT_SIZE),
+            2 | 3 | VERSION => (HEADER_SIZE, EVENT_SIZE),
             found => return Err(RecordError::Version { found }),
         };
         let more = read_full(&mut input, &mut raw[HEADER_SIZE_V1..header_size])?;
@@ -400,15 +406,17 @@ mod tests {
             read_all(b"hello world"),
             Err(RecordError::NotARecording)
         ));
-        let mut v4 = bytes.clone();
-        v4[8] = 4;
-        let err = read_all(&v4).unwrap_err();
-        assert!(matches!(err, RecordError::Version { found: 4 }));
-        assert!(err.to_string().contains("reads versions 1 to 3"), "{err}");
-        // Format 2 is format 3 without connection records.
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        assert_eq!(read_all(&v2).unwrap(), events);
+        let mut v5 = bytes.clone();
+        v5[8] = 5;
+        let err = read_all(&v5).unwrap_err();
+        assert!(matches!(err, RecordError::Version { found: 5 }));
+        assert!(err.to_string().contains("reads versions 1 to 4"), "{err}");
+        // Formats 2 and 3 are format 4 without details or connection records.
+        for older in [2, 3] {
+            let mut v = bytes.clone();
+            v[8] = older;
+            assert_eq!(read_all(&v).unwrap(), events, "format {older}");
+        }
         let mut v0 = bytes.clone();
         v0[8] = 0;
         assert!(matches!(

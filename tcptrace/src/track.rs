@@ -26,7 +26,7 @@ use std::{collections::HashMap, net::SocketAddr};
 use tcptrace_common::verdict::{Evidence, Verdict, conclude};
 pub use tcptrace_common::verdict::{How, Initiator, Role};
 
-use crate::event::{Connection, Direction, Event, Owner, Reset, State, Transition};
+use crate::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition};
 
 /// The end of one socket's life, classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +61,9 @@ pub struct Close {
     pub netns: Option<u32>,
     /// The socket's cgroup2 id, from the transition that ended it (None: unknown).
     pub cgroup: Option<u64>,
+    /// What the kernel's counters said at its end (None: not read, as by the classic
+    /// programs, or a recording made before they were).
+    pub details: Option<Details>,
 }
 
 impl Close {
@@ -289,6 +292,9 @@ pub struct Tracker {
     /// Connections open when tracing began (from the backfill), by namespace and endpoints:
     /// the role and owner of those that close mid-life.
     at_start: FastMap<Endpoints, (Role, Option<Owner>)>,
+    /// The details that came right before the event being observed: its end's, if it ends
+    /// the same socket.
+    details: Option<Details>,
 }
 
 /// A connection's network namespace and endpoints (local, remote).
@@ -331,6 +337,7 @@ impl Tracker {
             last_loss: None,
             records: false,
             at_start: FastMap::default(),
+            details: None,
         }
     }
 
@@ -377,6 +384,11 @@ impl Tracker {
     /// Feeds one event; appends the closes it completes to `out`.
     pub fn observe(&mut self, ev: &Event, out: &mut Vec<Close>) {
         self.clock = self.clock.max(ev.ts_ns());
+        if let Event::Details(d) = ev {
+            // The kernel writes them right before the end they belong to.
+            self.details = Some(*d);
+            return;
+        }
         match ev {
             Event::Transition(t) if !self.records => self.transition(t, out),
             // Both FINs crossed: the peer may end before this socket's record comes.
@@ -385,7 +397,11 @@ impl Tracker {
             }
             Event::Connection(c) if self.records => self.connection(c, out),
             Event::Reset(r) => self.reset(r, out),
-            Event::Transition(_) | Event::Connection(_) | Event::Part(_) | Event::Timer(_) => {}
+            Event::Transition(_)
+            | Event::Connection(_)
+            | Event::Part(_)
+            | Event::Timer(_)
+            | Event::Details(_) => {}
             Event::Lost { .. } => {
                 self.last_loss = Some(self.clock);
                 for p in &mut self.pending {
@@ -393,6 +409,8 @@ impl Tracker {
                 }
             }
         }
+        // Details belong to the event right after them, and to no later one.
+        self.details = None;
         self.expire(self.clock, out);
     }
 
@@ -506,6 +524,7 @@ impl Tracker {
             }
             close.owner = close.owner.or(owner);
         }
+        close.details = self.details.take().filter(|d| d.skaddr == close.skaddr);
         let verdict = conclude(evidence, t.from as u8, t.to as u8);
         close.initiator = verdict.initiator;
         close.how = verdict.how;
@@ -592,6 +611,7 @@ impl Close {
             states,
             netns: t.netns,
             cgroup: t.cgroup,
+            details: None,
         }
     }
 }
@@ -667,6 +687,16 @@ mod tests {
             }));
             self
         }
+        /// The kernel's details of socket `sk`, as it writes them before an end.
+        fn d(&mut self, sk: u64, bytes: u64) -> &mut Self {
+            self.events.push(Event::Details(Details {
+                ts_ns: self.ts + 1_000,
+                skaddr: sk,
+                bytes_acked: bytes,
+                ..Details::default()
+            }));
+            self
+        }
         fn lost(&mut self) -> &mut Self {
             self.ts += 1_000;
             self.events.push(Event::Lost {
@@ -727,6 +757,42 @@ mod tests {
             40000,
             "the port learnt after connect()"
         );
+    }
+
+    #[test]
+    fn details_go_to_the_end_right_after_them_and_to_no_other() {
+        let mut s = Script::new();
+        s.t(1, "10.0.0.1:0", S, Close, SynSent)
+            .t(1, C, S, SynSent, Established)
+            // Right before its end: its own.
+            .d(1, 11)
+            .t(1, C, S, Established, Close);
+        s.t(2, "10.0.0.1:0", S, Close, SynSent)
+            .t(2, C, S, SynSent, Established)
+            // Another socket's, before this end: not this one's.
+            .d(9, 22)
+            .t(2, C, S, Established, Close);
+        s.t(3, "10.0.0.1:0", S, Close, SynSent)
+            .t(3, C, S, SynSent, Established)
+            // Its own, but another event came between: not the end's.
+            .d(3, 33)
+            .t(4, C, S, Close, SynSent)
+            .t(3, C, S, Established, Close);
+        // An abort waits for its reset with its details.
+        s.t(5, "10.0.0.1:0", S, Close, SynSent)
+            .t(5, C, S, SynSent, Established)
+            .d(5, 55)
+            .t(5, C, S, Established, Close)
+            .rst(Some(5), C, S, Direction::Sent);
+        let bytes: HashMap<u64, Option<u64>> = s
+            .run()
+            .iter()
+            .map(|c| (c.skaddr, c.details.map(|d| d.bytes_acked)))
+            .collect();
+        assert_eq!(bytes[&1], Some(11));
+        assert_eq!(bytes[&2], None);
+        assert_eq!(bytes[&3], None);
+        assert_eq!(bytes[&5], Some(55));
     }
 
     #[test]

@@ -19,8 +19,7 @@ use tcptrace::{
     event::{Event, RawEvent, decode},
     filter::Filter,
     output::Format,
-    pipeline::Pipeline,
-    probe::{DEFAULT_RING_BYTES, Probe},
+    probe::DEFAULT_RING_BYTES,
     report::Report,
     track::{Close, How, Initiator, Role},
     view::View,
@@ -59,63 +58,6 @@ fn run(
     srv.join().unwrap();
     let want = if listen { 2 } else { 1 };
     collect_closes(&mut probe, want)
-}
-
-/// Drains until `want` closes are concluded from the transitions and from the connection
-/// records alike (or 10 s pass), and checks that both say the same; returns every record
-/// and the closes.
-fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Close>) {
-    let mut raw_all = Vec::new();
-    let mut from_transitions = Folded::new(false);
-    let mut from_records = Folded::new(true);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (from_transitions.closes.len() < want || from_records.closes.len() < want)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-        let mut raw = Vec::new();
-        probe.drain(&mut raw);
-        let now = tcptrace::probe::monotonic_ns();
-        from_transitions.feed(&raw, now);
-        from_records.feed(&raw, now);
-        raw_all.extend(raw);
-    }
-    let (mut a, mut b) = (from_transitions.closes, from_records.closes);
-    a.sort_by_key(|c| c.skaddr);
-    b.sort_by_key(|c| c.skaddr);
-    assert_eq!(
-        a, b,
-        "closes from transitions, then from connection records"
-    );
-    (raw_all, a)
-}
-
-/// Closes concluded from one kind of record.
-struct Folded {
-    pipe: Pipeline,
-    closes: Vec<Close>,
-}
-
-impl Folded {
-    fn new(records: bool) -> Folded {
-        let pipe = Pipeline::new(Filter::default().compile())
-            .from_records(records)
-            .tracking();
-        Folded {
-            pipe,
-            closes: Vec::new(),
-        }
-    }
-
-    fn feed(&mut self, raw: &[RawEvent], now: u64) {
-        for r in raw {
-            if let Some(ev) = self.pipe.decode(r) {
-                self.pipe.fold(&ev);
-            }
-        }
-        self.pipe.expire_closes(now);
-        self.closes.append(&mut self.pipe.closes);
-    }
 }
 
 fn verdict(closes: &[Close], role: Role) -> Verdict {
@@ -188,10 +130,17 @@ fn check(
             Event::Timer(t) => format!("{} tw {:#x} {:?}", t.ts_ns / 1000, t.tw, t.op),
             Event::Part(p) => format!("connection record {p:?}"),
             Event::Connection(c) => format!("connection {c:?}"),
+            Event::Details(d) => format!("details {d:?}"),
         })
         .collect();
     let what = &format!("{what}\nevents:\n{}", events.join("\n"));
     assert_eq!(closes.len(), 2, "{what}: {closes:#?}");
+    for c in closes {
+        assert!(
+            c.details.is_some_and(|d| d.skaddr == c.skaddr),
+            "{what}: the kernel read every end's counters: {c:#?}"
+        );
+    }
     assert_eq!(verdict(closes, Role::Client), client, "{what}: client");
     assert_eq!(verdict(closes, Role::Server), server, "{what}: server");
     let rep = report(raw);

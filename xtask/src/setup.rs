@@ -197,19 +197,20 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     let missing: Vec<&str> = [
         ("ip", "-V", "iproute2"),
         ("prometheus", "--version", "prometheus"),
+        ("nft", "--version", "nftables"),
     ]
     .into_iter()
     .filter(|(cmd, arg, _)| capture(Command::new(cmd).arg(arg)).is_err())
     .map(|(_, _, pkg)| pkg)
     .collect();
     if missing.is_empty() {
-        say("✓ iproute2, prometheus".into());
+        say("✓ iproute2, prometheus, nftables".into());
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
         println!(
-            "! missing {} (the namespace and Prometheus tests need them): install with your \
-             package manager",
+            "! missing {} (the namespace, Prometheus and retransmission tests need them): \
+             install with your package manager",
             missing.join(", ")
         );
         return Ok(());

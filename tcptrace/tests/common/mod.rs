@@ -14,7 +14,9 @@ use std::{
 use tcptrace::{
     event::{Event, RawEvent, State, Transition, decode},
     filter::Filter,
+    pipeline::Pipeline,
     probe::{KernelSide, Paths, Probe, ProbeConfig},
+    track::Close,
 };
 
 /// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere
@@ -378,4 +380,61 @@ pub fn wait_tracing(child: &mut std::process::Child) {
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
     assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
     child.stderr = Some(err.into_inner());
+}
+
+/// Drains until `want` closes are concluded from the transitions and from the connection
+/// records alike (or 10 s pass), and checks that both say the same; returns every record
+/// and the closes.
+pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Close>) {
+    let mut raw_all = Vec::new();
+    let mut from_transitions = Folded::new(false);
+    let mut from_records = Folded::new(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (from_transitions.closes.len() < want || from_records.closes.len() < want)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut raw = Vec::new();
+        probe.drain(&mut raw);
+        let now = tcptrace::probe::monotonic_ns();
+        from_transitions.feed(&raw, now);
+        from_records.feed(&raw, now);
+        raw_all.extend(raw);
+    }
+    let (mut a, mut b) = (from_transitions.closes, from_records.closes);
+    a.sort_by_key(|c| c.skaddr);
+    b.sort_by_key(|c| c.skaddr);
+    assert_eq!(
+        a, b,
+        "closes from transitions, then from connection records"
+    );
+    (raw_all, a)
+}
+
+/// Closes concluded from one kind of record.
+pub struct Folded {
+    pub pipe: Pipeline,
+    pub closes: Vec<Close>,
+}
+
+impl Folded {
+    pub fn new(records: bool) -> Folded {
+        let pipe = Pipeline::new(Filter::default().compile())
+            .from_records(records)
+            .tracking();
+        Folded {
+            pipe,
+            closes: Vec::new(),
+        }
+    }
+
+    pub fn feed(&mut self, raw: &[RawEvent], now: u64) {
+        for r in raw {
+            if let Some(ev) = self.pipe.decode(r) {
+                self.pipe.fold(&ev);
+            }
+        }
+        self.pipe.expire_closes(now);
+        self.closes.append(&mut self.pipe.closes);
+    }
 }
