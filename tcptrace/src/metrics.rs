@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    event::{Direction, Event, RawEvent, State},
+    event::{Details, Direction, Event, RawEvent, State},
     filter::CompiledFilter,
     pipeline::Pipeline,
     timewait::End,
@@ -108,6 +108,26 @@ struct CloseLabels {
     netns: NsLabel,
 }
 
+/// Labels of the per-connection counters' series: the close's service port and role.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RoleLabels {
+    port: PortLabel,
+    role: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_connection_bytes_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BytesLabels {
+    port: PortLabel,
+    role: &'static str,
+    /// `sent` (acknowledged by the peer) or `received`.
+    direction: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
 /// Labels of the TIME_WAIT population and entries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PortLabels {
@@ -191,6 +211,18 @@ fn residency_buckets() -> Histogram {
         0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 59.0, 60.0, 60.5, 61.0, 62.0, 65.0, 90.0, 120.0,
         180.0,
     ])
+}
+
+/// Bucket bounds of round-trip times: 1, 2.5 and 5 per decade from 10 µs to 10 s.
+fn rtt_buckets() -> Histogram {
+    let mut b = Vec::with_capacity(19);
+    let mut decade = 1e-5;
+    while decade < 10.0 {
+        b.extend([decade, decade * 2.5, decade * 5.0]);
+        decade *= 10.0;
+    }
+    b.push(10.0);
+    Histogram::new(b)
 }
 
 /// Which ports get a `port` label of their own.
@@ -294,6 +326,10 @@ struct Families {
     port_usage: Family<DestinationLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     connect_failures: Family<FailureLabels, Counter>,
     doctor: Family<VerdictLabels, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
+    segments_sent: Family<RoleLabels, Counter>,
+    retransmits: Family<RoleLabels, Counter>,
+    rtt: HistFamily<RoleLabels>,
 }
 
 impl Families {
@@ -313,6 +349,10 @@ impl Families {
             port_usage: Family::default(),
             connect_failures: Family::default(),
             doctor: Family::default(),
+            bytes: Family::default(),
+            segments_sent: Family::default(),
+            retransmits: Family::default(),
+            rtt: Family::new_with_constructor(rtt_buckets),
         }
     }
 
@@ -329,6 +369,30 @@ impl Families {
              connected), who closed first (local, remote, simultaneous) and how (fin, \
              rst_sent, rst_received, refused, timeout)",
             self.closes.clone(),
+        );
+        r.register(
+            "connection_bytes",
+            "Bytes of ended connections, by service port, role and direction (sent: \
+             acknowledged by the peer; received: in order), read from each socket at its end",
+            self.bytes.clone(),
+        );
+        r.register(
+            "segments_sent",
+            "Segments ended connections sent, retransmissions included, by service port and \
+             role",
+            self.segments_sent.clone(),
+        );
+        r.register(
+            "retransmitted_segments",
+            "Segments ended connections retransmitted, by service port and role",
+            self.retransmits.clone(),
+        );
+        r.register_with_unit(
+            "round_trip_time",
+            "Smoothed round-trip time of each ended connection that measured one, at its end, \
+             by service port and role",
+            Unit::Seconds,
+            self.rtt.clone(),
         );
         r.register(
             "timewait_sockets",
@@ -670,6 +734,9 @@ impl Metrics {
                     netns,
                 })
                 .inc();
+            if let Some(d) = &c.details {
+                self.count_details(d, port, c.role.name(), netns);
+            }
             if c.timewait {
                 let key = PortLabels { port, netns };
                 self.families.tw_entries.get_or_create(&key).inc();
@@ -689,6 +756,31 @@ impl Metrics {
             }
         }
         self.pipe.closes = closes;
+    }
+
+    /// Adds a close's counters to its port's and role's series.
+    fn count_details(&self, d: &Details, port: PortLabel, role: &'static str, netns: NsLabel) {
+        let f = &self.families;
+        for (direction, n) in [("sent", d.bytes_acked), ("received", d.bytes_received)] {
+            f.bytes
+                .get_or_create(&BytesLabels {
+                    port,
+                    role,
+                    direction,
+                    netns,
+                })
+                .inc_by(n);
+        }
+        let key = RoleLabels { port, role, netns };
+        f.segments_sent
+            .get_or_create(&key)
+            .inc_by(d.segs_out.into());
+        f.retransmits
+            .get_or_create(&key)
+            .inc_by(d.total_retrans.into());
+        if let Some(srtt) = d.srtt_us() {
+            f.rtt.get_or_create(&key).observe(f64::from(srtt) / 1e6);
+        }
     }
 
     fn tally_exits(&mut self) {

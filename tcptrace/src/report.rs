@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use crate::{
     event::{Direction, Event, RawEvent},
     filter::CompiledFilter,
-    output::{Format, human_ns, rfc3339, write_rows},
+    output::{Format, human_bytes, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::End,
     track::{Close, FastMap, How, Initiator, Role, service_port},
@@ -89,6 +89,19 @@ pub struct Row {
     /// Closes that should have entered TIME_WAIT but got no timewait socket
     /// (`tcp_max_tw_buckets` reached).
     pub timewait_not_created: u64,
+    /// Connections whose counters were read at their end (see `docs/json.md`): what the
+    /// next four sum over.
+    pub with_counters: u64,
+    /// Bytes this host sent that the peers acknowledged.
+    pub bytes_sent: u64,
+    /// Bytes this host received in order, over the same connections.
+    pub bytes_received: u64,
+    /// Segments this host sent, over the same connections.
+    pub segs_out: u64,
+    /// Of those, retransmitted.
+    pub retrans: u64,
+    /// Smoothed round-trip times at the end, over the connections that measured one.
+    pub srtt: Option<Rtt>,
     /// Processes that owned the connections, most first (at most 3).
     pub top_processes: Vec<TopProcess>,
     /// A plain-language reading, for rows with enough connections.
@@ -97,6 +110,26 @@ pub struct Row {
     procs: FastMap<String, u64>,
     #[serde(skip)]
     residency: Option<hdrhistogram::Histogram<u64>>,
+    #[serde(skip)]
+    rtts: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Percentiles of round-trip times, µs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rtt {
+    /// Connections that measured one.
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// A histogram of two significant digits from `low` up, growing as needed: ~20 KiB, where
+/// three digits from 1 took ~250 KiB (and a report can have many rows).
+fn two_digit_histogram(low: u64) -> hdrhistogram::Histogram<u64> {
+    let mut h = hdrhistogram::Histogram::new_with_bounds(low, 1 << 40, 2).expect("valid bounds");
+    h.auto(true);
+    h
 }
 
 /// Percentiles of TIME_WAIT residency, nanoseconds.
@@ -126,6 +159,17 @@ impl Row {
             How::Fin | How::Unknown => {}
         }
         self.timewait += u64::from(c.timewait);
+        if let Some(d) = &c.details {
+            self.with_counters += 1;
+            self.bytes_sent += d.bytes_acked;
+            self.bytes_received += d.bytes_received;
+            self.segs_out += u64::from(d.segs_out);
+            self.retrans += u64::from(d.total_retrans);
+            if let Some(srtt) = d.srtt_us() {
+                let h = self.rtts.get_or_insert_with(|| two_digit_histogram(1));
+                let _ = h.record(u64::from(srtt));
+            }
+        }
         let comm = c.owner.as_ref().map(|o| o.comm.as_str());
         let comm = comm.as_deref().unwrap_or("?");
         // Look up by reference: a String is only made for a name not seen before.
@@ -151,6 +195,12 @@ impl Row {
             p50_ns: h.value_at_quantile(0.5),
             p99_ns: h.value_at_quantile(0.99),
             max_ns: h.max(),
+        });
+        self.srtt = self.rtts.take().map(|h| Rtt {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            max_us: h.max(),
         });
         self.advice = advice(self);
     }
@@ -339,14 +389,7 @@ impl<W: Write> Report<W> {
             } else {
                 let _ = row
                     .residency
-                    .get_or_insert_with(|| {
-                        // Two digits from 1 µs: ~20 KiB a row, where three digits from 1 ns
-                        // took ~250 KiB (and a report can have many rows).
-                        let mut h = hdrhistogram::Histogram::new_with_bounds(1_000, 1 << 40, 2)
-                            .expect("valid bounds");
-                        h.auto(true);
-                        h
-                    })
+                    .get_or_insert_with(|| two_digit_histogram(1_000))
                     .record(x.residency_ns);
             }
         }
@@ -482,6 +525,25 @@ impl<W: Write> View for Report<W> {
     }
 }
 
+/// `text`, or `-` when no connection of the row had its counters read.
+fn counted(r: &Row, text: String) -> String {
+    if r.with_counters == 0 {
+        return "-".into();
+    }
+    text
+}
+
+/// Retransmitted segments, with their share of those sent: `12 (0.4%)`.
+fn retrans_text(retrans: u64, segs_out: u64) -> String {
+    if retrans == 0 {
+        return "0".into();
+    }
+    format!(
+        "{retrans} ({:.1}%)",
+        retrans as f64 * 100.0 / segs_out.max(1) as f64
+    )
+}
+
 /// The report as a table with a reading under each busy row.
 pub fn render_text(s: &Summary) -> String {
     let mut t = Table::new();
@@ -500,6 +562,10 @@ pub fn render_text(s: &Summary) -> String {
         "TIMEOUT",
         "TIME_WAIT",
         "TW p50/p99/max",
+        "SENT",
+        "RECV",
+        "RETRANS",
+        "RTT p50/p99",
         "TOP PROCESSES",
     ]);
     let pct = |n: u64, d: u64| {
@@ -530,6 +596,16 @@ pub fn render_text(s: &Summary) -> String {
                     human_ns(t.max_ns)
                 )
             }),
+            counted(r, human_bytes(r.bytes_sent)),
+            counted(r, human_bytes(r.bytes_received)),
+            counted(r, retrans_text(r.retrans, r.segs_out)),
+            r.srtt.map_or("-".into(), |t| {
+                format!(
+                    "{}/{}",
+                    human_ns(t.p50_us * 1_000),
+                    human_ns(t.p99_us * 1_000)
+                )
+            }),
             r.top_processes
                 .iter()
                 .map(|p| format!("{} ({})", p.comm, p.count))
@@ -544,7 +620,7 @@ pub fn render_text(s: &Summary) -> String {
             ));
         }
     }
-    for i in 2..13 {
+    for i in 2..17 {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);
         }

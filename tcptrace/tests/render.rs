@@ -3,8 +3,8 @@
 use tcptrace::{
     cgroup::{CgroupFilter, Cgroups},
     event::{
-        Comm, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition, encode,
-        encode_reset, encode_timer, raw_lost,
+        Comm, Details, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition,
+        encode, encode_details, encode_reset, encode_timer, raw_lost,
     },
     filter::Filter,
     output::{Format, Renderer, Style},
@@ -227,6 +227,30 @@ fn workload() -> Vec<RawEvent> {
     ];
     // In time order, as the kernel delivers them.
     events.sort_by_key(|e| e.ts_ns);
+    // The counters the kernel read at the client's and the server's ends, right before each.
+    for (sk, sent, received, srtt_us, retrans) in [
+        (0xa, 1_048_578, 1_201, 41, 3),
+        (0xb, 1_201, 1_048_577, 37, 0),
+    ] {
+        let end = events
+            .iter()
+            .rposition(|e| e.skaddr == sk && e.kind == tcptrace_common::kind::TRANSITION)
+            .unwrap();
+        let d = Details {
+            ts_ns: events[end].ts_ns,
+            skaddr: sk,
+            bytes_acked: sent,
+            bytes_received: received,
+            segs_out: 760,
+            segs_in: 740,
+            total_retrans: retrans,
+            srtt_us,
+            rttvar_us: 9,
+            min_rtt_us: 21,
+            ..Details::default()
+        };
+        events.insert(end, encode_details(&d));
+    }
     events
 }
 
