@@ -235,6 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let compiled = filter.compile().with_cgroups(names);
                 Ok(Box::new(
                     Hist::new(compiled, &filter.states, a.by, out, format)
+                        .metric(a.metric)
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers),

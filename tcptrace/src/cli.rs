@@ -84,6 +84,8 @@ Examples:
   sudo tcptrace hist --duration 30s          every state, 30 seconds
   sudo tcptrace hist --state SYN_SENT        connect latency only
   sudo tcptrace hist --state CLOSE_WAIT --by port   where applications are slow to close
+  sudo tcptrace hist --metric rtt            round-trip times per service port
+  sudo tcptrace hist --metric bytes --port 443   how much each connection moved
   tcptrace hist --from trace.tcptrace --json";
 
 /// Traces TCP state transitions with eBPF: who closes each connection first, which side
@@ -264,9 +266,14 @@ pub struct ReportArgs {
 pub struct HistArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// One histogram per state, or per state and service port.
+    /// One histogram per state, or per state and service port (the per-connection metrics
+    /// are always per service port).
     #[arg(long, value_enum, default_value_t = crate::hist::By::State)]
     pub by: crate::hist::By,
+    /// What to measure: the time spent in each state, or each connection's smoothed
+    /// round-trip time, bytes sent and received, or lifetime, read at its end.
+    #[arg(long, value_enum, default_value_t = crate::hist::Metric::State)]
+    pub metric: crate::hist::Metric,
 }
 
 /// What every view takes: which events, from where, printed how.

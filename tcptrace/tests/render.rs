@@ -446,8 +446,13 @@ fn report_json() {
 }
 
 fn hist(format: Format, by: tcptrace::hist::By) -> String {
+    hist_of(format, by, tcptrace::hist::Metric::State)
+}
+
+fn hist_of(format: Format, by: tcptrace::hist::By, metric: tcptrace::hist::Metric) -> String {
     use tcptrace::hist::Hist;
-    let mut view = Hist::new(Filter::default().compile(), &[], by, Vec::new(), format);
+    let mut view =
+        Hist::new(Filter::default().compile(), &[], by, Vec::new(), format).metric(metric);
     view.push(&workload()).unwrap();
     view.finish().unwrap();
     String::from_utf8(view.into_inner()).unwrap()
@@ -470,6 +475,25 @@ fn hist_json_by_port() {
             .map(|b| b["count"].as_u64().unwrap())
             .sum();
         assert_eq!(v["count"], total, "every sample is in a bucket: {line}");
+    }
+    insta::assert_snapshot!(out);
+}
+
+/// Each connection's counters and lifetime, per service port: what the kernel read at the
+/// ends (rtt, bytes both ways) and what the tracker measured (lifetime).
+#[test]
+fn hist_of_connections() {
+    use tcptrace::hist::{By, Metric};
+    let mut out = String::new();
+    for metric in [Metric::Rtt, Metric::Bytes, Metric::Lifetime] {
+        out.push_str(&hist_of(Format::Text, By::State, metric));
+        let json = hist_of(Format::Json, By::State, metric);
+        for line in json.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["port"], 8080, "per service port: {line}");
+            assert_eq!(v["count"], 1, "one connection per role: {line}");
+        }
+        out.push_str(&json);
     }
     insta::assert_snapshot!(out);
 }
