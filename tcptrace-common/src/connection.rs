@@ -64,6 +64,23 @@ pub struct ConnectionRecord {
     pub tail: ConnectionTail,
 }
 
+/// What the kernel side keeps with each socket (its socket-local storage), which userspace
+/// also reads, socket by socket, through sock_diag (`INET_DIAG_REQ_SK_BPF_STORAGES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockStorage {
+    /// Its life so far: times, path, evidence (the connection record's tail).
+    pub life: SockLife,
+    /// Its owner, learnt from its own system calls or its listener.
+    pub owner: crate::Owner,
+    /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
+    pub flags: u32,
+    /// The socket's network namespace inode, read once (0: not read yet, or unknown).
+    pub netns: u32,
+    /// The socket's cgroup id, read with `netns` (a socket keeps both for life).
+    pub cgroup: u64,
+}
+
 /// What the kernel keeps of one socket's life (in its socket-local storage), folded by
 /// [`SockLife::on_transition`] and [`SockLife::on_reset`], the same functions userspace
 /// tests run.

@@ -40,7 +40,7 @@ use aya_ebpf::{
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, Event, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP,
     NO_REASON,
-    connection::{ConnectionRecord, SockLife, ends_connection, is_birth, tail_flag},
+    connection::{ConnectionRecord, SockLife, SockStorage, ends_connection, is_birth, tail_flag},
     details::{Details, details_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
@@ -52,21 +52,8 @@ use crate::{
     forgot, idle, listen_key, port_bits, put, reset_record, tw_armed, tw_timer_report, wake_flags,
 };
 
-/// What tcptrace knows of a socket, kept with it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SkState {
-    /// Its life so far: times, path, evidence (the connection record's tail).
-    life: SockLife,
-    /// Its owner, learnt from its own system calls or its listener.
-    owner: Owner,
-    /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
-    flags: u32,
-    /// The socket's network namespace inode, read once (0: not read yet, or unknown).
-    netns: u32,
-    /// The socket's cgroup id, read with `netns` (a socket keeps both for life).
-    cgroup: u64,
-}
+/// What tcptrace knows of a socket, kept with it (also read by userspace through sock_diag).
+type SkState = SockStorage;
 
 /// What tcptrace knows of each socket, kept with the socket: zeroed at creation, freed with
 /// the socket.

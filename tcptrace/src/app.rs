@@ -302,6 +302,12 @@ fn serve(a: &ServeArgs) -> Result<()> {
             .timers(facts.timers)
             .known_at_start(&facts.roles_at_start());
         if a.source.from.is_none() {
+            view = view.stuck(stuck_watch(
+                facts.storage_map.clone(),
+                a.stuck_older_than,
+                a.stuck_interval,
+                a.source.max_sockets,
+            ));
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
             match crate::diag::listening_ports() {
@@ -322,6 +328,30 @@ fn serve(a: &ServeArgs) -> Result<()> {
         until_signal()?;
     }
     Ok(())
+}
+
+/// Stuck sockets from sock_diag in every namespace (at most `limit` per scan), with when
+/// each entered its state from the kernel side's socket storage (`map`).
+fn stuck_watch(
+    map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    older_than: std::time::Duration,
+    every: std::time::Duration,
+    limit: usize,
+) -> crate::stuck::Watch {
+    use std::os::fd::AsFd as _;
+    let scan = Box::new(move || {
+        let map = map.as_deref().map(|f| f.as_fd());
+        let b = crate::diag::sitting_everywhere(crate::stuck::STUCK_STATE_BITS, map, limit);
+        if b.unreachable > 0 {
+            log::debug!(
+                "stuck sockets: {} namespaces could not be read ({})",
+                b.unreachable,
+                b.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        b.found
+    });
+    crate::stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -383,6 +413,9 @@ struct Facts {
     /// The connections and listeners open when tracing began, each with the process holding
     /// its socket (live only).
     at_start: Vec<(crate::diag::Existing, Option<crate::event::Owner>)>,
+    /// The socket-storage map of the BTF programs, for sock_diag to read with each socket
+    /// (live, BTF programs only).
+    storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// What a view reads.
@@ -410,6 +443,7 @@ fn drive<'a>(
             timers: h.flags & header_flag::TIMERS_TRACED != 0,
             records: h.flags & header_flag::CONNECTIONS != 0,
             at_start: Vec::new(),
+            storage_map: None,
         })?;
         return replay(&mut reader, view.as_mut())
             .with_context(|| format!("replaying {}", path.display()));
@@ -452,6 +486,7 @@ fn drive<'a>(
         timers: probe.timewait_traced(),
         records: probe.connection_records(),
         at_start,
+        storage_map: probe.storage_map().map(std::sync::Arc::new),
     };
     let flags = (if facts.timers {
         header_flag::TIMERS_TRACED

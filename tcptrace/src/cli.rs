@@ -205,6 +205,14 @@ pub struct ServeArgs {
     /// (tcptrace_doctor_verdict, as `tcptrace doctor` judges them).
     #[arg(long, value_name = "INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub doctor_interval: Duration,
+    /// Count as stuck (tcptrace_stuck_sockets) the sockets that have sat at least this long
+    /// in CLOSE_WAIT, FIN_WAIT1/2, LAST_ACK, CLOSING, SYN_SENT or SYN_RECV.
+    #[arg(long, value_name = "AGE", default_value = "30s", value_parser = parse_duration)]
+    pub stuck_older_than: Duration,
+    /// How often the host's sockets are scanned for stuck ones (sock_diag in every network
+    /// namespace, states filtered by the kernel).
+    #[arg(long, value_name = "INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub stuck_interval: Duration,
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]

@@ -2,11 +2,13 @@
 //! interface behind `ss`). sock_diag answers for the caller's network namespace: the
 //! backfill of every namespace enters each in a thread of its own ([`in_namespace`]).
 
+use tcptrace_common::connection::SockStorage;
+
 use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -38,6 +40,16 @@ pub struct DiagSocket {
     pub inode: u32,
     /// Its pending timer (`idiag_timer`: 3 for a timewait socket's).
     pub timer: u8,
+}
+
+/// A socket with what tcptrace's kernel side keeps with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredSocket {
+    /// The socket.
+    pub socket: DiagSocket,
+    /// Its value in the socket-storage map asked about; None when it has none (not seen by
+    /// the programs since they were attached, or not a socket they keep anything for).
+    pub storage: Option<SockStorage>,
 }
 
 /// `idiag_timer` of a timewait socket.
@@ -249,14 +261,74 @@ pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
                         local: s.local,
                         remote: s.remote,
                         state: s.state,
-                        server: listeners.iter().any(|l| {
-                            l.local.port() == s.local.port()
-                                && (l.local.ip().is_unspecified() || l.local.ip() == s.local.ip())
-                        }),
+                        server: listens_on(&listeners, s.local),
                         inode: s.inode,
                     }),
             )
             .collect())
+    })
+}
+
+/// A socket found sitting in a state, by a scan of every namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sitting {
+    /// Its network namespace's inode.
+    pub netns: u32,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Its state (kernel number).
+    pub state: u8,
+    /// Accepted from a listener (its namespace listens on its local port), else connected.
+    pub server: bool,
+    /// When it entered the state (CLOCK_MONOTONIC ns), from what the kernel side keeps with
+    /// it; None when that does not say (it was in the state before tracing began).
+    pub entered_ns: Option<u64>,
+    /// Its owner as the kernel side learnt it.
+    pub owner: Option<(u32, [u8; 16])>,
+}
+
+/// Every socket in `states` (bits `1 << state`) in every network namespace on the host (at
+/// most `limit`), each with when it entered its state where `map` (the socket-storage map
+/// of the BTF programs) says so.
+pub fn sitting_everywhere(states: u32, map: Option<BorrowedFd>, limit: usize) -> Backfill<Sitting> {
+    everywhere(limit, |ns| {
+        let listeners = sockets(1 << TCP_LISTEN)?;
+        let found = stored_sockets(states, map)?;
+        Ok(found
+            .iter()
+            .filter(|s| s.socket.timer != TIMER_TIMEWAIT)
+            .map(|s| {
+                let d = &s.socket;
+                let life = s.storage.map(|st| (st.life, st.owner));
+                // The storage tells the time of the transition into this state only if that
+                // transition was the last one it saw.
+                let entered_ns = life
+                    .filter(|(l, _)| l.last_state == d.state && l.last_ts != 0)
+                    .map(|(l, _)| l.last_ts);
+                let owner = life
+                    .filter(|(_, o)| o.flags & u32::from(tcptrace_common::flag::OWNER_KNOWN) != 0)
+                    .map(|(_, o)| (o.pid, bytemuck::cast(o.comm)));
+                Sitting {
+                    netns: ns.inode,
+                    local: d.local,
+                    remote: d.remote,
+                    state: d.state,
+                    server: listens_on(&listeners, d.local),
+                    entered_ns,
+                    owner,
+                }
+            })
+            .collect())
+    })
+}
+
+/// Whether one of `listeners` listens on `local`'s port (on its address or any).
+fn listens_on(listeners: &[DiagSocket], local: SocketAddr) -> bool {
+    listeners.iter().any(|l| {
+        l.local.port() == local.port()
+            && (l.local.ip().is_unspecified() || l.local.ip() == local.ip())
     })
 }
 
@@ -319,6 +391,21 @@ const TCP_TIME_WAIT: u32 = 6;
 const TCP_LISTEN: u32 = 10;
 /// `struct nlmsghdr`.
 const NLMSG_HDR: usize = 16;
+/// `INET_DIAG_REQ_SK_BPF_STORAGES`: the request's attribute naming storage maps.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`: one map, by descriptor.
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+/// The request's attributes: the nested one (4 bytes) holding a map descriptor (8).
+const STORAGE_REQ_LEN: usize = 12;
+/// `INET_DIAG_SK_BPF_STORAGES`: the reply's attribute holding the storages.
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+/// `SK_DIAG_BPF_STORAGE`: one map's storage, nested.
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+/// `SK_DIAG_BPF_STORAGE_MAP_VALUE`: its value.
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+/// An attribute's type without the nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
 /// `struct inet_diag_req_v2`.
 const REQ_LEN: usize = 56;
 /// `struct inet_diag_msg`.
@@ -335,9 +422,16 @@ pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
 /// The TCP sockets (IPv4 and IPv6) of this network namespace in the states of `states`
 /// (bits `1 << state`).
 pub fn sockets(states: u32) -> io::Result<Vec<DiagSocket>> {
+    let found = stored_sockets(states, None)?;
+    Ok(found.into_iter().map(|s| s.socket).collect())
+}
+
+/// [`sockets`], each with its value in the socket-storage map `map` (a map of
+/// [`SockStorage`]); the kernel lets a caller with CAP_BPF (or CAP_SYS_ADMIN) read it.
+pub fn stored_sockets(states: u32, map: Option<BorrowedFd>) -> io::Result<Vec<StoredSocket>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, states, &mut out)?;
+        dump(family, states, map, &mut out)?;
     }
     Ok(out)
 }
@@ -352,8 +446,39 @@ pub fn listening_ports() -> io::Result<Vec<u16>> {
     Ok(ports)
 }
 
-/// The sockets of `family` in the states of `states` (bits `1 << state`).
-fn dump(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+/// The request for the sockets of `family` in `states`, asking for their values in `map`.
+fn request(family: u8, states: u32, map: Option<BorrowedFd>) -> Vec<u8> {
+    let attrs = if map.is_some() { STORAGE_REQ_LEN } else { 0 };
+    let len = NLMSG_HDR + REQ_LEN + attrs;
+    let mut req = vec![0u8; len];
+    req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = family;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&states.to_ne_bytes());
+    if let Some(map) = map {
+        // A nested INET_DIAG_REQ_SK_BPF_STORAGES holding one SK_DIAG_BPF_STORAGE_REQ_MAP_FD.
+        let a = NLMSG_HDR + REQ_LEN;
+        req[a..a + 2].copy_from_slice(&(STORAGE_REQ_LEN as u16).to_ne_bytes());
+        req[a + 2..a + 4]
+            .copy_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        req[a + 4..a + 6].copy_from_slice(&8u16.to_ne_bytes());
+        req[a + 6..a + 8].copy_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        req[a + 8..a + 12].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    }
+    req
+}
+
+/// The sockets of `family` in the states of `states` (bits `1 << state`), with their values
+/// in `map` when asked.
+fn dump(
+    family: u8,
+    states: u32,
+    map: Option<BorrowedFd>,
+    out: &mut Vec<StoredSocket>,
+) -> io::Result<()> {
     // SAFETY: a plain socket call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -369,14 +494,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
 
-    let mut req = [0u8; NLMSG_HDR + REQ_LEN];
-    req[0..4].copy_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = family;
-    req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&states.to_ne_bytes());
+    let req = request(family, states, map);
     // SAFETY: sending our own buffer on our own socket (to the kernel: the default address).
     let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
@@ -396,7 +514,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
 }
 
 /// Parses one datagram of netlink messages; true once the dump is complete.
-fn parse(mut b: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
+fn parse(mut b: &[u8], out: &mut Vec<StoredSocket>) -> io::Result<bool> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
     while b.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes(b[0..4].try_into().map_err(|_| bad())?) as usize;
@@ -419,7 +537,10 @@ fn parse(mut b: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
             }
-            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => out.push(msg(payload)),
+            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => out.push(StoredSocket {
+                socket: msg(payload),
+                storage: storage(&payload[MSG_LEN..]),
+            }),
             _ => {}
         }
         // Messages are 4-byte aligned.
@@ -427,6 +548,28 @@ fn parse(mut b: &[u8], out: &mut Vec<DiagSocket>) -> io::Result<bool> {
         b = &b[next.min(b.len())..];
     }
     Ok(false)
+}
+
+/// The attributes of a message, as (type without its flags, value), in order.
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*b.first()?, *b.get(1)?]));
+        let ty = u16::from_ne_bytes([*b.get(2)?, *b.get(3)?]) & NLA_TYPE_MASK;
+        let value = b.get(4..len)?;
+        // Attributes are 4-byte aligned.
+        b = b.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((ty, value))
+    })
+}
+
+/// The socket's storage value in a message's attributes
+/// (`INET_DIAG_SK_BPF_STORAGES` → `SK_DIAG_BPF_STORAGE` → `SK_DIAG_BPF_STORAGE_MAP_VALUE`).
+fn storage(attrs: &[u8]) -> Option<SockStorage> {
+    let (_, storages) = attributes(attrs).find(|(t, _)| *t == INET_DIAG_SK_BPF_STORAGES)?;
+    let (_, one) = attributes(storages).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = attributes(one).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    let value = value.get(..std::mem::size_of::<SockStorage>())?;
+    Some(bytemuck::pod_read_unaligned(value))
 }
 
 /// One `inet_diag_msg`: family, state, timer, retrans, then `inet_diag_sockid` (ports in
@@ -480,8 +623,9 @@ mod tests {
         let mut out = Vec::new();
         assert!(!parse(&m, &mut out).unwrap());
         assert!(parse(&done, &mut out).unwrap());
+        assert_eq!(out[0].storage, None);
         assert_eq!(
-            out,
+            out.iter().map(|s| s.socket).collect::<Vec<_>>(),
             [DiagSocket {
                 state: 6,
                 local: "10.0.0.1:40000".parse().unwrap(),

@@ -128,6 +128,23 @@ struct BytesLabels {
     netns: NsLabel,
 }
 
+/// Labels of `tcptrace_stuck_sockets`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StuckLabels {
+    state: &'static str,
+    port: PortLabel,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
+/// Labels of `tcptrace_stuck_oldest_seconds`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StuckStateLabels {
+    state: &'static str,
+    #[prometheus(flatten)]
+    netns: NsLabel,
+}
+
 /// Labels of the TIME_WAIT population and entries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PortLabels {
@@ -330,6 +347,8 @@ struct Families {
     segments_sent: Family<RoleLabels, Counter>,
     retransmits: Family<RoleLabels, Counter>,
     rtt: HistFamily<RoleLabels>,
+    stuck: Family<StuckLabels, Gauge>,
+    stuck_oldest: Family<StuckStateLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Families {
@@ -353,6 +372,8 @@ impl Families {
             segments_sent: Family::default(),
             retransmits: Family::default(),
             rtt: Family::new_with_constructor(rtt_buckets),
+            stuck: Family::default(),
+            stuck_oldest: Family::default(),
         }
     }
 
@@ -393,6 +414,21 @@ impl Families {
              by service port and role",
             Unit::Seconds,
             self.rtt.clone(),
+        );
+        r.register(
+            "stuck_sockets",
+            "Sockets sitting longer than --stuck-older-than in a state they should only pass \
+             through (CLOSE_WAIT: an application that never closed after its peer did; \
+             FIN_WAIT1/2, LAST_ACK, CLOSING, SYN_SENT, SYN_RECV: no answer), by state and \
+             service port, every --stuck-interval",
+            self.stuck.clone(),
+        );
+        r.register_with_unit(
+            "stuck_oldest",
+            "How long the oldest of those sockets has sat in its state, by state (a lower \
+             bound for one that was there before tcptrace started)",
+            Unit::Seconds,
+            self.stuck_oldest.clone(),
         );
         r.register(
             "timewait_sockets",
@@ -494,6 +530,9 @@ pub struct Metrics {
     doctor: Option<(crate::doctor::Collector, u64, u64)>,
     /// The latest event's time.
     last_ts: u64,
+    /// Stuck sockets, scanned every interval, and the series set by the last scan.
+    stuck: Option<crate::stuck::Watch>,
+    stuck_series: (Vec<StuckLabels>, Vec<StuckStateLabels>),
 }
 
 /// How often the ports held are counted.
@@ -528,6 +567,8 @@ impl Metrics {
             last_ports_ns: 0,
             doctor: None,
             last_ts: 0,
+            stuck: None,
+            stuck_series: (Vec::new(), Vec::new()),
         }
     }
 
@@ -544,6 +585,66 @@ impl Metrics {
         collector.counters_at_start(namespaces);
         self.doctor = Some((collector, interval_ns.max(1), 0));
         self
+    }
+
+    /// Counts stuck sockets from `watch`'s scans (tcptrace_stuck_sockets).
+    pub fn stuck(mut self, watch: crate::stuck::Watch) -> Self {
+        self.stuck = Some(watch);
+        self
+    }
+
+    /// Scans for stuck sockets if the interval has passed, and sets their series; a series
+    /// of the last scan that this one did not set goes away.
+    fn sync_stuck(&mut self, now_ns: u64) {
+        let Some(watch) = &mut self.stuck else {
+            return;
+        };
+        let filter = self.pipe.filter();
+        let keeps =
+            |s: &crate::diag::Sitting| filter.keeps_socket(s.local, s.remote, Some(s.netns));
+        let Some(counted) = watch.maybe_count(now_ns, keeps) else {
+            return;
+        };
+        let (mut stuck, mut oldest) = (Vec::new(), Vec::new());
+        for ((state, netns, port), n) in counted.stuck {
+            let l = StuckLabels {
+                state: state.name(),
+                port: self.labels.port(port, false),
+                netns: self.labels.netns(netns),
+            };
+            // Ports that share a label add up.
+            let g = self.families.stuck.get_or_create(&l);
+            let before = if stuck.contains(&l) { g.get() } else { 0 };
+            g.set(before + i64::try_from(n).unwrap_or(i64::MAX));
+            stuck.push(l);
+        }
+        for ((state, netns), age) in counted.oldest_ns {
+            let l = StuckStateLabels {
+                state: state.name(),
+                netns: self.labels.netns(netns),
+            };
+            let g = self.families.stuck_oldest.get_or_create(&l);
+            let secs = age as f64 / 1e9;
+            g.set(if oldest.contains(&l) {
+                g.get().max(secs)
+            } else {
+                secs
+            });
+            oldest.push(l);
+        }
+        let (old_stuck, old_oldest) = std::mem::replace(&mut self.stuck_series, (stuck, oldest));
+        for l in old_stuck
+            .iter()
+            .filter(|l| !self.stuck_series.0.contains(l))
+        {
+            self.families.stuck.remove(l);
+        }
+        for l in old_oldest
+            .iter()
+            .filter(|l| !self.stuck_series.1.contains(l))
+        {
+            self.families.stuck_oldest.remove(l);
+        }
     }
 
     /// Judges the window that ends at `now_ns`, if it is long enough.
@@ -917,6 +1018,7 @@ impl View for Metrics {
             }
             self.sync_doctor(now_ns);
         }
+        self.sync_stuck(now_ns);
         self.sync_gauges();
         Ok(Flow::More)
     }

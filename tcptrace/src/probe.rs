@@ -423,6 +423,19 @@ impl Probe {
             .count()
     }
 
+    /// A descriptor of the socket-storage map (what the BTF programs keep with each socket,
+    /// [`SockStorage`](tcptrace_common::connection::SockStorage)), for sock_diag to read
+    /// socket by socket; None with the classic programs.
+    pub fn storage_map(&self) -> Option<std::os::fd::OwnedFd> {
+        if self.side != KernelSide::Btf {
+            return None;
+        }
+        match self._ebpf.map("SK_STATE")? {
+            aya::maps::Map::SkStorage(m) => m.fd().as_fd().try_clone_to_owned().ok(),
+            _ => None,
+        }
+    }
+
     /// Which set of kernel programs this probe runs.
     pub fn kernel_side(&self) -> KernelSide {
         self.side

@@ -34,6 +34,16 @@ pub const STUCK_STATES: [State; 7] = [
     State::SynRecv,
 ];
 
+/// [`STUCK_STATES`] as sock_diag's bits `1 << state`.
+pub const STUCK_STATE_BITS: u32 = {
+    let (mut bits, mut i) = (0u32, 0);
+    while i < STUCK_STATES.len() {
+        bits |= 1 << STUCK_STATES[i] as u8;
+        i += 1;
+    }
+    bits
+};
+
 /// A socket in one of [`STUCK_STATES`].
 #[derive(Clone, Copy, Debug)]
 struct Sitting {
@@ -257,6 +267,102 @@ pub fn render_text(rows: &[Row]) -> String {
     s
 }
 
+/// What finds the sockets sitting in states now (live: sock_diag in every namespace, with
+/// the kernel side's socket storage for when each entered its state).
+pub type Scan = Box<dyn FnMut() -> Vec<crate::diag::Sitting> + Send>;
+
+/// Stuck sockets counted from periodic scans (for `serve`, whose kernel side writes no
+/// transitions): the ages come from the kernel side's socket storage, or, for a socket in its
+/// state since before tracing, from the first scan that found it there (a lower bound).
+pub struct Watch {
+    scan: Scan,
+    older_than_ns: u64,
+    every_ns: u64,
+    last_ns: Option<u64>,
+    /// When each socket without a known entry was first found in its state.
+    first_seen: FastMap<(u32, SocketAddr, SocketAddr, u8), u64>,
+}
+
+/// What one scan counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Sockets past the threshold, per (state, namespace, service port).
+    pub stuck: FastMap<(State, Option<u32>, u16), u64>,
+    /// The oldest age per (state, namespace), ns, over those sockets.
+    pub oldest_ns: FastMap<(State, Option<u32>), u64>,
+}
+
+impl Watch {
+    /// Every `every_ns`, asks `scan` for the sockets in [`STUCK_STATES`] (it may find
+    /// others: they are left out) and counts those there for at least `older_than_ns`.
+    pub fn new(scan: Scan, older_than_ns: u64, every_ns: u64) -> Watch {
+        Watch {
+            scan,
+            older_than_ns,
+            every_ns: every_ns.max(1),
+            last_ns: None,
+            first_seen: FastMap::default(),
+        }
+    }
+
+    /// Scans at `now_ns` if an interval has passed since the last scan (or none was made);
+    /// `keeps` selects the sockets (the view's filter).
+    pub fn maybe_count(
+        &mut self,
+        now_ns: u64,
+        keeps: impl Fn(&crate::diag::Sitting) -> bool,
+    ) -> Option<Counted> {
+        if self
+            .last_ns
+            .is_some_and(|l| now_ns.saturating_sub(l) < self.every_ns)
+        {
+            return None;
+        }
+        self.last_ns = Some(now_ns);
+        let found = (self.scan)();
+        Some(self.count(now_ns, &found, keeps))
+    }
+
+    fn count(
+        &mut self,
+        now_ns: u64,
+        found: &[crate::diag::Sitting],
+        keeps: impl Fn(&crate::diag::Sitting) -> bool,
+    ) -> Counted {
+        let mut seen = FastMap::default();
+        let mut c = Counted::default();
+        for s in found.iter().filter(|s| keeps(s)) {
+            let Some(state) = State::from_kernel(s.state).filter(|st| STUCK_STATES.contains(st))
+            else {
+                continue;
+            };
+            let key = (s.netns, s.local, s.remote, s.state);
+            let since = match s.entered_ns {
+                Some(t) => t,
+                None => *self.first_seen.get(&key).unwrap_or(&now_ns),
+            };
+            if s.entered_ns.is_none() {
+                seen.insert(key, since);
+            }
+            let age = now_ns.saturating_sub(since);
+            if age < self.older_than_ns {
+                continue;
+            }
+            let port = if s.server {
+                s.local.port()
+            } else {
+                s.remote.port()
+            };
+            *c.stuck.entry((state, Some(s.netns), port)).or_default() += 1;
+            let oldest = c.oldest_ns.entry((state, Some(s.netns))).or_default();
+            *oldest = (*oldest).max(age);
+        }
+        // Sockets gone from their state are forgotten.
+        self.first_seen = seen;
+        c
+    }
+}
+
 impl<W: Write> View for Stuck<W> {
     fn evicted(&self) -> u64 {
         self.pipe.evicted()
@@ -452,5 +558,83 @@ mod tests {
             text.contains("an unknown process holds 1 CLOSE_WAIT on :8080, oldest at least 1m"),
             "{text}"
         );
+    }
+
+    /// A scan that finds what the test put in `found` (shared, so it can change).
+    fn fake_scan(found: &std::sync::Arc<std::sync::Mutex<Vec<crate::diag::Sitting>>>) -> Scan {
+        let found = found.clone();
+        Box::new(move || found.lock().unwrap().clone())
+    }
+
+    fn sitting(
+        state: u8,
+        local: &str,
+        server: bool,
+        entered_ns: Option<u64>,
+    ) -> crate::diag::Sitting {
+        crate::diag::Sitting {
+            netns: 7,
+            local: local.parse().unwrap(),
+            remote: "10.0.0.2:40000".parse().unwrap(),
+            state,
+            server,
+            entered_ns,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn the_watch_counts_by_entry_time_or_first_sighting_and_forgets_what_left() {
+        const CLOSE_WAIT: u8 = 8;
+        const FIN_WAIT2: u8 = 5;
+        let found = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            // Entered CLOSE_WAIT at 1 s (the kernel side saw it): 9 s old at 10 s.
+            sitting(CLOSE_WAIT, "10.0.0.1:8080", true, Some(SEC)),
+            // There before tracing: its age counts from the first scan that found it.
+            sitting(CLOSE_WAIT, "10.0.0.1:8080", true, None),
+            // A client's: its service port is the remote one.
+            sitting(FIN_WAIT2, "10.0.0.1:50000", false, Some(2 * SEC)),
+            // Not a state one gets stuck in (a scan may find others): left out.
+            sitting(1, "10.0.0.1:8080", true, Some(0)),
+        ]));
+        found.lock().unwrap()[1].remote = "10.0.0.3:40001".parse().unwrap();
+        let mut w = Watch::new(fake_scan(&found), 5 * SEC, SEC);
+        let keep = |_: &crate::diag::Sitting| true;
+        let first = w.maybe_count(10 * SEC, keep).unwrap();
+        assert_eq!(
+            first.stuck.get(&(State::CloseWait, Some(7), 8080)),
+            Some(&1)
+        );
+        assert_eq!(
+            first.stuck.get(&(State::FinWait2, Some(7), 40000)),
+            Some(&1)
+        );
+        assert_eq!(
+            first.oldest_ns.get(&(State::CloseWait, Some(7))),
+            Some(&(9 * SEC))
+        );
+        assert_eq!(first.stuck.len(), 2, "{first:?}");
+        assert!(
+            w.maybe_count(10 * SEC + 1, keep).is_none(),
+            "not before the interval"
+        );
+        let later = w.maybe_count(16 * SEC, keep).unwrap();
+        assert_eq!(
+            later.stuck.get(&(State::CloseWait, Some(7), 8080)),
+            Some(&2),
+            "the one first seen at 10 s is 6 s old: {later:?}"
+        );
+        // It leaves, then comes back: a new sighting, a new age.
+        let back = found.lock().unwrap().remove(1);
+        assert!(w.maybe_count(17 * SEC, keep).is_some());
+        found.lock().unwrap().push(back);
+        let again = w.maybe_count(18 * SEC, keep).unwrap();
+        assert_eq!(
+            again.stuck.get(&(State::CloseWait, Some(7), 8080)),
+            Some(&1)
+        );
+        // The filter decides.
+        let none = w.maybe_count(19 * SEC, |s: &crate::diag::Sitting| s.local.port() != 8080);
+        assert_eq!(none.unwrap().stuck.len(), 1);
     }
 }

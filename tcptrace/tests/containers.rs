@@ -282,21 +282,6 @@ fn a_client_in_a_cgroup_is_named_and_cgroup_filters_by_it() {
     drop(listener);
 }
 
-/// `GET /metrics` from a `tcptrace serve` at `addr`: the body.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    reply.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 #[test]
 fn serve_labels_each_namespace_apart() {
     if !root_or_skip("serve_labels_each_namespace_apart") {

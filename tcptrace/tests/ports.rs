@@ -298,17 +298,6 @@ fn doctor_names_the_port_range_and_the_time_wait_limit_from_what_it_measured() {
     );
 }
 
-/// `GET /metrics` from `addr`.
-fn scrape(addr: &str) -> String {
-    use std::io::Write as _;
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[test]
 fn serve_exports_the_port_usage_and_the_failed_connects() {
     if !root_or_skip("serve_exports_the_port_usage_and_the_failed_connects") {

@@ -438,3 +438,44 @@ impl Folded {
         self.closes.append(&mut self.pipe.closes);
     }
 }
+
+/// `tcptrace serve --listen 127.0.0.1:0` with `args` (and a 5-minute backstop, so that a test
+/// that panics leaves no root tracer behind); returns it and the address it serves on.
+pub fn start_serve(args: &[&str]) -> (std::process::Child, String) {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--duration", "5m"])
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(serve.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "serve ended before serving"
+        );
+        if let Some(rest) = line.trim().strip_prefix("Serving metrics on http://") {
+            break rest.trim_end_matches("/metrics").to_string();
+        }
+    };
+    (serve, addr)
+}
+
+/// `GET /metrics` from a `tcptrace serve` at `addr`: the body.
+pub fn scrape(addr: &str) -> String {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the sample `series` (name and labels, as exposed) in a scrape's `body`.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
