@@ -78,6 +78,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 };
                 let renderer = Renderer::new(format, style)
                     .with_cgroups(names.clone())
+                    // A recording replays on the host that made it: its kernel's numbering.
+                    .reset_names(crate::reason::ResetNames::from_sys())
                     .show_ns(cli.common.output.show_ns);
                 Ok(Box::new(
                     Stream::new(
@@ -105,6 +107,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
                     Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
+                        .reset_names(crate::reason::ResetNames::from_sys())
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers)

@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod population;
 pub mod ports;
 pub mod probe;
+pub mod reason;
 pub mod record;
 pub mod report;
 pub mod serve;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     cgroup::{CgroupName, Cgroups},
     event::{Details, Direction, Owner, Reset, State, Transition},
+    reason::{ResetNames, end_reason},
     timewait::{End, Exit},
     track::{Close, FastMap},
 };
@@ -60,6 +61,8 @@ pub struct Renderer {
     ns: NsJson,
     /// Text: show each socket's network namespace and cgroup.
     show_ns: bool,
+    /// The kernel's names of reset reasons.
+    reset_names: ResetNames,
 }
 
 /// Width of the text NETNS column (namespace inodes are ten digits).
@@ -78,7 +81,15 @@ impl Renderer {
             second: SecondCache::default(),
             ns: NsJson::new(Cgroups::none()),
             show_ns: false,
+            reset_names: ResetNames::default(),
         }
+    }
+
+    /// Names reset reasons as the kernel does (without them, resets carry their numbers
+    /// only, and closes by a reset sent say `unknown` for their reason).
+    pub fn reset_names(mut self, names: ResetNames) -> Self {
+        self.reset_names = names;
+        self
     }
 
     /// Names cgroups with `names` (without it, every cgroup is shown as its id).
@@ -146,10 +157,13 @@ impl Renderer {
         };
         match self.format {
             Format::Text => {
-                let what = match r.state {
+                let mut what = match r.state {
                     Some(st) => format!("RST {dir} in {st}"),
                     None => format!("RST {dir}"),
                 };
+                if let Some(name) = r.reason.and_then(|n| self.reset_names.name(n)) {
+                    what.push_str(&format!(" ({name})"));
+                }
                 let (on, off) = self.paint("\x1b[31m");
                 self.text_row(
                     r.ts_ns,
@@ -170,6 +184,10 @@ impl Renderer {
                     direction: dir,
                     state: r.state.map(State::name),
                     reason: r.reason,
+                    reason_name: r
+                        .reason
+                        .and_then(|n| self.reset_names.name(n))
+                        .map(str::to_string),
                     pid: r.owner.as_ref().map(|o| o.pid),
                     comm: r.owner.as_ref().map(|o| o.comm.as_str()),
                     skaddr: r.skaddr.map(Hex),
@@ -187,7 +205,12 @@ impl Renderer {
         self.line.clear();
         match self.format {
             Format::Text => {
-                let what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
+                let reason = end_reason(c, &self.reset_names);
+                let mut what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
+                // Only where it says more than `how`.
+                if !["fin", "peer_reset", "refused", "unknown"].contains(&reason.as_str()) {
+                    what.push_str(&format!(" ({reason})"));
+                }
                 let lifetime = c.lifetime_ns.map(human_ns).unwrap_or_else(|| "-".into());
                 let tail = format!(
                     "  {}{}{}{}",
@@ -213,7 +236,13 @@ impl Renderer {
             Format::Json => {
                 self.json.clear();
                 let wall = wall_ns(c.ts_ns, self.style.wall_offset_ns);
+                let reason = end_reason(c, &self.reset_names);
                 close_json(&mut self.json, &mut self.second, &mut self.ns, wall, c);
+                // Before the closing brace: the reason, a plain identifier.
+                self.json.pop();
+                self.json.extend_from_slice(br#","reason":""#);
+                self.json.extend_from_slice(reason.as_bytes());
+                self.json.extend_from_slice(br#""}"#);
                 self.json.push(b'\n');
                 return out.write_all(&self.json);
             }
@@ -945,6 +974,7 @@ struct ResetJson<'a> {
     direction: &'static str,
     state: Option<&'static str>,
     reason: Option<u32>,
+    reason_name: Option<String>,
     pid: Option<u32>,
     comm: Option<Cow<'a, str>>,
     skaddr: Option<Hex>,
@@ -972,6 +1002,7 @@ struct CloseJson<'a> {
     ns: NsFields<'a>,
     #[serde(flatten)]
     details: DetailsJson,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -1181,6 +1212,7 @@ mod tests {
                     min_rtt_us: [(e >> 32) as u32, NO_MIN_RTT][f as usize % 2],
                     ..Details::default()
                 }),
+                reset_reason: None,
             };
             let mut r = json_renderer(wall_offset, &names);
             let mut out = Vec::new();
@@ -1200,6 +1232,7 @@ mod tests {
                 skaddr: Hex(c.skaddr),
                 ns: NsFields::new(c.netns, c.cgroup, name.as_deref()),
                 details: DetailsJson::new(c.details.as_ref()),
+                reason: end_reason(&c, &ResetNames::default()),
             })
             .unwrap();
             prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));

@@ -13,6 +13,7 @@ use crate::{
     filter::CompiledFilter,
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
+    reason::{ResetNames, end_reason},
     timewait::End,
     track::{Close, FastMap, How, Initiator, Role, service_port},
     view::{Flow, View},
@@ -102,6 +103,8 @@ pub struct Row {
     pub retrans: u64,
     /// Smoothed round-trip times at the end, over the connections that measured one.
     pub srtt: Option<Rtt>,
+    /// Why the connections ended, exactly (see `reason` in `docs/json.md`): count per reason.
+    pub reasons: std::collections::BTreeMap<String, u64>,
     /// Processes that owned the connections, most first (at most 3).
     pub top_processes: Vec<TopProcess>,
     /// A plain-language reading, for rows with enough connections.
@@ -143,8 +146,9 @@ pub struct Residency {
 }
 
 impl Row {
-    fn add(&mut self, c: &Close) {
+    fn add(&mut self, c: &Close, names: &ResetNames) {
         self.closed += 1;
+        *self.reasons.entry(end_reason(c, names)).or_default() += 1;
         match c.initiator {
             Initiator::Local => self.local += 1,
             Initiator::Remote => self.remote += 1,
@@ -310,6 +314,8 @@ pub struct Report<W: Write> {
     lost: u64,
     /// The row of each connection now in TIME_WAIT.
     tw_rows: FastMap<(SocketAddr, SocketAddr), (u16, Way)>,
+    /// The kernel's names of reset reasons.
+    reset_names: ResetNames,
 }
 
 impl<W: Write> Report<W> {
@@ -336,7 +342,14 @@ impl<W: Write> Report<W> {
             last_ts: 0,
             lost: 0,
             tw_rows: FastMap::default(),
+            reset_names: ResetNames::default(),
         }
+    }
+
+    /// Names reset reasons as the kernel does (for each row's `reasons`).
+    pub fn reset_names(mut self, names: ResetNames) -> Self {
+        self.reset_names = names;
+        self
     }
 
     /// Whether timewait timers are traced (TIME_WAIT residency per row, missing ones counted).
@@ -421,7 +434,9 @@ impl<W: Write> Report<W> {
                 }
                 self.tw_rows.insert((c.local, c.remote), (port, way));
             }
-            self.row(port, way).add(&c);
+            let names = std::mem::take(&mut self.reset_names);
+            self.row(port, way).add(&c, &names);
+            self.reset_names = names;
         }
         self.pipe.closes = closes;
     }

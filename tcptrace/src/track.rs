@@ -64,6 +64,9 @@ pub struct Close {
     /// What the kernel's counters said at its end (None: not read, as by the classic
     /// programs, or a recording made before they were).
     pub details: Option<Details>,
+    /// The kernel's `sk_rst_reason` of the first reset this side sent (None: none sent, or
+    /// the kernel does not say).
+    pub reset_reason: Option<u32>,
 }
 
 impl Close {
@@ -101,6 +104,9 @@ struct Life {
     evidence: Evidence,
     /// Bit `1 << state` for every state it was seen in.
     states: u16,
+    /// The kernel's `sk_rst_reason` of the first reset it sent, plus one (0: none, or the
+    /// kernel did not say; the kernel's reasons are below 255).
+    reset_reason: u8,
 }
 
 impl Life {
@@ -109,6 +115,7 @@ impl Life {
             first_ts,
             evidence,
             states: 0,
+            reset_reason: 0,
         }
     }
 }
@@ -130,14 +137,17 @@ impl std::hash::Hash for Key {
     }
 }
 
-/// A [`Life`] as stored: 12 bytes. Addresses and owners are not kept: every transition
+/// A [`Life`] as stored: 12 bytes (the reset's reason takes what was padding). Addresses and owners are not kept: every transition
 /// carries them (the kernel remembers the owner), and the close is decided at a transition.
 #[derive(Clone, Copy)]
 struct Slot {
     first_ts: [u32; 2],
     states: u16,
     evidence: Evidence,
+    reset_reason: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 12);
 
 impl Slot {
     fn pack(l: &Life) -> Slot {
@@ -145,6 +155,7 @@ impl Slot {
             first_ts: [l.first_ts as u32, (l.first_ts >> 32) as u32],
             states: l.states,
             evidence: l.evidence,
+            reset_reason: l.reset_reason,
         }
     }
 
@@ -157,6 +168,7 @@ impl Slot {
             first_ts: self.first_ts(),
             evidence: self.evidence,
             states: self.states,
+            reset_reason: self.reset_reason,
         }
     }
 }
@@ -477,7 +489,8 @@ impl Tracker {
         }
         self.live.remove(t.skaddr);
         let born = life.evidence.born().then_some(life.first_ts);
-        let close = Close::unconcluded(t, life.evidence, born, life.states);
+        let mut close = Close::unconcluded(t, life.evidence, born, life.states);
+        close.reset_reason = u32::from(life.reset_reason).checked_sub(1);
         let gap = self.gap(life.first_ts) || close.midlife;
         self.conclude(close, life.evidence, life.first_ts, t, gap, out);
     }
@@ -550,7 +563,8 @@ impl Tracker {
         // (Its own crossing came as a transition when it happened: see `observe`.)
         let born = c.born_ns();
         let first_ts = born.unwrap_or(t.ts_ns);
-        let close = Close::unconcluded(t, evidence, born, c.states());
+        let mut close = Close::unconcluded(t, evidence, born, c.states());
+        close.reset_reason = c.tail.reset_reason.checked_sub(1);
         let gap = self.last_loss.is_some_and(|l| born.is_none_or(|b| b <= l))
             || close.midlife
             || c.tail.flags & tcptrace_common::connection::tail_flag::GAP != 0;
@@ -569,6 +583,7 @@ impl Tracker {
             out.push(Close {
                 initiator: v.initiator,
                 how: v.how,
+                reset_reason: p.close.reset_reason.or(r.reason),
                 ..p.close
             });
             return;
@@ -580,6 +595,10 @@ impl Tracker {
         let received = r.direction == Direction::Received;
         if let Some(mut life) = self.live.get(sk) {
             life.evidence.on_reset(received);
+            if !received && life.reset_reason == 0 {
+                // As the kernel keeps it in its storage: plus one, 0 for none.
+                life.reset_reason = r.reason.map_or(0, |n| n.saturating_add(1).min(255) as u8);
+            }
             self.live.put(sk, &life);
         } else if received {
             // A socket first met through the reset that is about to end it.
@@ -612,6 +631,7 @@ impl Close {
             netns: t.netns,
             cgroup: t.cgroup,
             details: None,
+            reset_reason: None,
         }
     }
 }
@@ -680,7 +700,9 @@ mod tests {
                 remote: remote.parse().unwrap(),
                 direction: d,
                 state: None,
-                reason: None,
+                // A sent reset's reason, as the kernel gives it: a different one each time,
+                // so that the close shows which it kept (the first).
+                reason: (d == Direction::Sent).then_some(self.ts as u32 / 1_000),
                 owner: None,
                 netns: None,
                 cgroup: None,
@@ -1182,9 +1204,10 @@ mod tests {
     /// One socket's life for the property below: which path, cut short by an abort at
     /// `cut`, first seen `skip` steps in; a reset (0: none, 1: received before the end, 2:
     /// sent before it, 3: sent right after it, 4: received before it and sent right after
-    /// it — the kernel's own abort on data) after step `at`.
+    /// it — the kernel's own abort on data, 5: two sent before it, each with its reason)
+    /// after step `at`.
     fn any_life() -> impl Strategy<Value = (u8, u8, u8, u8, u8)> {
-        (0u8..4, 1u8..8, 0u8..3, 0u8..5, 0u8..6)
+        (0u8..4, 1u8..8, 0u8..3, 0u8..6, 0u8..6)
     }
 
     fn life_events(sk: u64, (path, cut, skip, reset, at): (u8, u8, u8, u8, u8)) -> Vec<Script> {
@@ -1230,15 +1253,18 @@ mod tests {
         for (i, (from, to)) in path.iter().enumerate().skip(skip) {
             let last = i + 1 == path.len();
             let before_end =
-                matches!(reset, 1 | 2 | 4) && (i == at as usize || last && i < at as usize);
+                matches!(reset, 1 | 2 | 4 | 5) && (i == at as usize || last && i < at as usize);
             if before_end {
                 let mut s = Script::new();
-                let d = if reset != 2 {
-                    Direction::Received
-                } else {
+                let d = if matches!(reset, 2 | 5) {
                     Direction::Sent
+                } else {
+                    Direction::Received
                 };
                 s.rst(Some(sk), C, S, d);
+                if reset == 5 {
+                    s.rst(Some(sk), C, S, d);
+                }
                 out.push(s);
             }
             let mut s = Script::new();

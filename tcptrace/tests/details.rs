@@ -13,7 +13,11 @@ use std::{
 };
 
 use common::*;
-use tcptrace::{probe::DEFAULT_RING_BYTES, track::Close, track::Role};
+use tcptrace::{
+    probe::DEFAULT_RING_BYTES,
+    reason::{ResetNames, end_reason},
+    track::{Close, Role},
+};
 
 /// Sends `bytes` from namespace a to a server in namespace b that reads them all, then
 /// closes after the client; returns the client's and the server's closes.
@@ -104,6 +108,22 @@ fn retrans_segs(ns: &str) -> u64 {
     .unwrap()
 }
 
+/// Adds nftables `rule` to the input of namespace `ns` (a table of its own there).
+fn drop_in(ns: &str, rule: &str) {
+    for cmd in [
+        "add table inet tct".to_string(),
+        "add chain inet tct in { type filter hook input priority 0; }".to_string(),
+        format!("add rule inet tct in {rule}"),
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", ns, "nft"])
+            .args(cmd.split(' '))
+            .status()
+            .unwrap();
+        assert!(st.success(), "nft {cmd} in {ns}");
+    }
+}
+
 /// Whether nftables' `nft` runs (`cargo xtask setup` installs it); fails under CI=true.
 fn nft_or_skip(test: &str) -> bool {
     if Command::new("nft").arg("--version").output().is_ok() {
@@ -126,19 +146,10 @@ fn retransmissions_are_the_namespaces_own_count() {
     let pair = NetPair::new();
     let port = free_port();
     // The server's namespace drops one in five of the segments carrying data.
-    let rule = format!("tcp dport {port} meta length gt 200 numgen inc mod 5 0 drop");
-    for cmd in [
-        "add table inet tct".to_string(),
-        "add chain inet tct in { type filter hook input priority 0; }".to_string(),
-        format!("add rule inet tct in {rule}"),
-    ] {
-        let st = Command::new("ip")
-            .args(["netns", "exec", &pair.b, "nft"])
-            .args(cmd.split(' '))
-            .status()
-            .unwrap();
-        assert!(st.success(), "nft {cmd}");
-    }
+    drop_in(
+        &pair.b,
+        &format!("tcp dport {port} meta length gt 200 numgen inc mod 5 0 drop"),
+    );
     let before = retrans_segs(&pair.a);
     let (client, _) = upload(&pair, port, BYTES);
     let retransmitted = retrans_segs(&pair.a) - before;
@@ -151,4 +162,188 @@ fn retransmissions_are_the_namespaces_own_count() {
         "the client's retransmissions are all its namespace counted: {c:?}"
     );
     assert!(within_1pct(c.bytes_acked, BYTES), "{c:?}");
+}
+
+/// Sets an integer socket option.
+fn setsockopt(s: &TcpStream, level: i32, name: i32, value: i32) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid descriptor and a pointer to an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// How a scripted client meets its end, in namespace a, against a server in namespace b
+/// whose input the test may cut.
+#[derive(Clone, Copy)]
+enum Ending {
+    /// The server's namespace drops every SYN: the connect times out.
+    SynsDropped,
+    /// The link goes silent after the handshake; keepalive probes go unanswered.
+    SilentKeepalive,
+    /// The link goes silent; data is sent with TCP_USER_TIMEOUT set.
+    SilentUserTimeout,
+    /// The link goes silent; data is retransmitted until tcp_retries2 runs out.
+    SilentRetransmit,
+    /// The server closes without reading what the client sent: it aborts.
+    UnreadData,
+}
+
+/// Runs `ending` on a fresh pair; returns the close of the side it ends (the client's, or
+/// the server's for [`Ending::UnreadData`]) with its reason as this kernel names it.
+fn ended(ending: Ending) -> (Close, String) {
+    let pair = NetPair::new();
+    let port = free_port();
+    let addr = SocketAddr::new(pair.b4, port);
+    let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let silence = format!("tcp dport {port} drop");
+    match ending {
+        Ending::SynsDropped => {
+            sysctl(&pair.a, "net.ipv4.tcp_syn_retries", "1");
+            drop_in(&pair.b, &silence);
+            let r = NetPair::run_in(&pair.a, move || TcpStream::connect(addr).err())
+                .join()
+                .unwrap();
+            assert_eq!(r.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
+        }
+        Ending::UnreadData => {
+            let (tx, rx) = mpsc::channel();
+            let srv = NetPair::run_in(&pair.b, move || {
+                let l = TcpListener::bind(addr).unwrap();
+                tx.send(()).unwrap();
+                let (c, _) = l.accept().unwrap();
+                // Wait for the data to arrive, then close without reading it.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                drop(c);
+            });
+            rx.recv().unwrap();
+            NetPair::run_in(&pair.a, move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(b"never read").unwrap();
+                let mut rest = Vec::new();
+                let _ = c.read_to_end(&mut rest);
+            })
+            .join()
+            .unwrap();
+            srv.join().unwrap();
+        }
+        silent => {
+            sysctl(&pair.a, "net.ipv4.tcp_retries2", "1");
+            let (tx, rx) = mpsc::channel();
+            let (done_tx, done_rx) = mpsc::channel::<()>();
+            let srv = NetPair::run_in(&pair.b, move || {
+                let l = TcpListener::bind(addr).unwrap();
+                tx.send(()).unwrap();
+                let (c, _) = l.accept().unwrap();
+                done_rx.recv().unwrap();
+                drop(c);
+            });
+            rx.recv().unwrap();
+            let c = NetPair::run_in(&pair.a, move || TcpStream::connect(addr).unwrap())
+                .join()
+                .unwrap();
+            match silent {
+                Ending::SilentKeepalive => {
+                    setsockopt(&c, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                    setsockopt(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
+                    setsockopt(&c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+                    setsockopt(&c, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
+                }
+                Ending::SilentUserTimeout => {
+                    setsockopt(&c, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 1000);
+                }
+                _ => {}
+            }
+            drop_in(&pair.b, &silence);
+            let mut c = c;
+            if !matches!(silent, Ending::SilentKeepalive) {
+                c.write_all(b"into the void").unwrap();
+            }
+            let mut b = [0u8; 1];
+            let err = c.read(&mut b).expect_err("the connection times out");
+            assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+            drop(c);
+            done_tx.send(()).unwrap();
+            srv.join().unwrap();
+        }
+    }
+    let (_, closes) = collect_closes(&mut probe, 1);
+    let role = if matches!(ending, Ending::UnreadData) {
+        Role::Server
+    } else {
+        Role::Client
+    };
+    let c = *closes
+        .iter()
+        .find(|c| c.role == role)
+        .unwrap_or_else(|| panic!("no {role:?} close: {closes:#?}"));
+    let reason = end_reason(&c, &ResetNames::from_sys());
+    (c, reason)
+}
+
+#[test]
+fn a_connect_whose_syns_go_unanswered_ends_by_syn_timeout() {
+    let test = "a_connect_whose_syns_go_unanswered_ends_by_syn_timeout";
+    if !root_or_skip(test) || !nft_or_skip(test) {
+        return;
+    }
+    let (c, reason) = ended(Ending::SynsDropped);
+    assert_eq!(reason, "syn_timeout", "{c:#?}");
+}
+
+#[test]
+fn unanswered_keepalive_probes_end_by_keepalive() {
+    let test = "unanswered_keepalive_probes_end_by_keepalive";
+    if !root_or_skip(test) || !nft_or_skip(test) {
+        return;
+    }
+    let (c, reason) = ended(Ending::SilentKeepalive);
+    assert_eq!(reason, "keepalive", "{c:#?}");
+}
+
+#[test]
+fn a_user_timeout_ends_by_user_timeout() {
+    let test = "a_user_timeout_ends_by_user_timeout";
+    if !root_or_skip(test) || !nft_or_skip(test) {
+        return;
+    }
+    let (c, reason) = ended(Ending::SilentUserTimeout);
+    assert_eq!(reason, "user_timeout", "{c:#?}");
+}
+
+#[test]
+fn retransmissions_that_run_out_end_by_rto_timeout() {
+    let test = "retransmissions_that_run_out_end_by_rto_timeout";
+    if !root_or_skip(test) || !nft_or_skip(test) {
+        return;
+    }
+    let (c, reason) = ended(Ending::SilentRetransmit);
+    assert_eq!(reason, "rto_timeout", "{c:#?}");
+}
+
+/// The kernel names the reset it sends when an application closes with unread data
+/// (Linux 6.10 on: `SK_RST_REASON_TCP_ABORT_ON_CLOSE`).
+#[test]
+fn closing_with_unread_data_ends_by_abort_on_close() {
+    if !root_or_skip("closing_with_unread_data_ends_by_abort_on_close") {
+        return;
+    }
+    let (c, reason) = ended(Ending::UnreadData);
+    if ResetNames::from_sys().name(0).is_none() {
+        eprintln!("SKIPPED the reason's name: this kernel has no enum sk_rst_reason");
+        return;
+    }
+    assert_eq!(reason, "abort_on_close", "{c:#?}");
 }

@@ -8,6 +8,7 @@ use tcptrace::{
     },
     filter::Filter,
     output::{Format, Renderer, Style},
+    reason::ResetNames,
     view::{Flow, Stream, View},
 };
 
@@ -269,6 +270,7 @@ fn render_ns(format: Format, filter: Filter, show_ns: bool) -> String {
         filter.compile().with_cgroups(names()),
         Renderer::new(format, style)
             .with_cgroups(names())
+            .reset_names(ResetNames::from_pairs([(1, "NO_SOCKET")]))
             .show_ns(show_ns),
         Vec::new(),
         None,
