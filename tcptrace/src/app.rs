@@ -69,7 +69,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = cli.common.filter.filter();
             let format = cli.common.output.format();
             let names = cgroup_names(&cli.common.source, &filter);
-            drive(&filter, &cli.common.source, Reads::Transitions, |facts| {
+            let wants = (Reads::Transitions, Counters::Read);
+            drive(&filter, &cli.common.source, wants, |facts| {
                 let style = Style {
                     wall_offset_ns: facts.wall_offset_ns,
                     utc_offset_secs: local_utc_offset_secs(),
@@ -103,7 +104,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let format = a.common.output.format();
             let interval = a.interval.map(|d| d.as_nanos() as u64);
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&whole, &a.common.source, Reads::Connections, |facts| {
+            let wants = (Reads::Connections, Counters::Read);
+            drive(&whole, &a.common.source, wants, |facts| {
                 let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
                     Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
@@ -121,7 +123,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let interval = a.interval.as_nanos() as u64;
             let live = a.common.source.from.is_none();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, Reads::Connections, |facts| {
+            let wants = (Reads::Connections, Counters::Skip);
+            drive(&filter, &a.common.source, wants, |facts| {
                 if !facts.timers {
                     log::warn!("timewait timers are not traced: the population only grows");
                 }
@@ -145,7 +148,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let interval = a.interval.as_nanos() as u64;
             let live = a.common.source.from.is_none();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, Reads::Transitions, |facts| {
+            let wants = (Reads::Transitions, Counters::Skip);
+            drive(&filter, &a.common.source, wants, |facts| {
                 if !facts.timers {
                     log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
                 }
@@ -178,7 +182,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let names = cgroup_names(&source, &filter);
             let problems = std::rc::Rc::new(std::cell::Cell::new(0));
             let counted = problems.clone();
-            drive(&filter, &source, Reads::Transitions, |facts| {
+            let wants = (Reads::Transitions, Counters::Skip);
+            drive(&filter, &source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
                 let namespaces: Vec<Option<u32>> = crate::diag::network_namespaces()
                     .iter()
@@ -214,7 +219,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, Reads::Transitions, |facts| {
+            let wants = (Reads::Transitions, Counters::Skip);
+            drive(&filter, &a.common.source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
                 let view = crate::stuck::Stuck::new(
                     compiled,
@@ -234,16 +240,27 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
             let names = cgroup_names(&a.common.source, &filter);
-            drive(&filter, &a.common.source, Reads::Connections, |facts| {
-                let compiled = filter.compile().with_cgroups(names);
-                Ok(Box::new(
-                    Hist::new(compiled, &filter.states, a.by, out, format)
-                        .metric(a.metric)
-                        .records(facts.records)
-                        .max_sockets(a.common.source.max_sockets)
-                        .timers(facts.timers),
-                ))
-            })
+            // Only the per-connection metrics read the connections' counters.
+            let counters = if a.metric == crate::hist::Metric::State {
+                Counters::Skip
+            } else {
+                Counters::Read
+            };
+            drive(
+                &filter,
+                &a.common.source,
+                (Reads::Connections, counters),
+                |facts| {
+                    let compiled = filter.compile().with_cgroups(names);
+                    Ok(Box::new(
+                        Hist::new(compiled, &filter.states, a.by, out, format)
+                            .metric(a.metric)
+                            .records(facts.records)
+                            .max_sockets(a.common.source.max_sockets)
+                            .timers(facts.timers),
+                    ))
+                },
+            )
         }
         Some(Command::Serve(a)) => serve(a),
     };
@@ -277,7 +294,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
         max_netns: a.max_netns_labels,
     };
     let names = cgroup_names(&a.source, &filter);
-    drive(&filter, &a.source, Reads::ConnectionsAndConnects, |facts| {
+    let wants = (Reads::ConnectionsAndConnects, Counters::Read);
+    drive(&filter, &a.source, wants, |facts| {
         // What holds ports already (live only).
         let ports_timewait = if a.source.from.is_none() {
             backfill_timewaits(a.source.max_sockets)
@@ -421,6 +439,14 @@ struct Facts {
     storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
+/// Whether a view reads each connection's counters at its end (bytes, RTTs, the socket's
+/// error): a cost in the kernel at each end, only paid for views that show them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counters {
+    Read,
+    Skip,
+}
+
 /// What a view reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reads {
@@ -435,7 +461,7 @@ enum Reads {
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
-    reads: Reads,
+    (reads, counters): (Reads, Counters),
     make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
 ) -> Result<()> {
     if let Some(path) = &source.from {
@@ -455,12 +481,15 @@ fn drive<'a>(
     // A recording holds transitions and connection records both, so it replays through
     // every view; otherwise the kernel writes only what the view reads.
     let records = match (reads, source.record.is_some()) {
-        (_, true) => records::CONNECTIONS,
+        (_, true) => records::CONNECTIONS | records::DETAILS,
         (Reads::Transitions, false) => 0,
         (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
         (Reads::ConnectionsAndConnects, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS
         }
+    } | match counters {
+        Counters::Read => records::DETAILS,
+        Counters::Skip => 0,
     };
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {

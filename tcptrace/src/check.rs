@@ -96,6 +96,31 @@ pub fn run(load: bool) -> Vec<Item> {
             .map_err(|e| format!("{e}: aborts will be classified `unknown`")),
     ));
     items.push(item(
+        "connection details",
+        false,
+        crate::btf::Btf::from_sys()
+            .and_then(|b| probe::tcp_offsets(&b))
+            .map(|_| {
+                "bytes, segments, retransmissions, round-trip times and errors are read from \
+                 each socket at its end"
+                    .into()
+            })
+            .map_err(|e| format!("{e}: closes carry no counters, and timeouts no exact reason")),
+    ));
+    items.push(item(
+        "reset reason names",
+        false,
+        crate::btf::Btf::from_sys().and_then(|b| {
+            b.enumerators("sk_rst_reason")
+                .map(|all| format!("the kernel names its {} reset reasons", all.len()))
+                .map_err(|_| {
+                    "the kernel's BTF has no enum sk_rst_reason (Linux 6.10+): resets carry no \
+                     reason"
+                        .into()
+                })
+        }),
+    ));
+    items.push(item(
         "tcp:tcp_destroy_sock",
         false,
         crate::btf::Btf::from_sys().and_then(|b| {

@@ -521,6 +521,8 @@ pub struct Metrics {
     /// and an atomic add rather than a family's lock and label hashing.
     hot_transitions: FastMap<(State, State, NsLabel), Counter>,
     hot_durations: FastMap<(State, NsLabel), Histogram>,
+    /// The same for the per-connection counters' series, by port, role and namespace.
+    hot_details: FastMap<(PortLabel, &'static str, NsLabel), DetailSeries>,
     /// Ports held per destination.
     ports: crate::ports::PortsCore,
     /// The destinations labelled now (the fullest, up to the port labels' cap).
@@ -533,6 +535,36 @@ pub struct Metrics {
     /// Stuck sockets, scanned every interval, and the series set by the last scan.
     stuck: Option<crate::stuck::Watch>,
     stuck_series: (Vec<StuckLabels>, Vec<StuckStateLabels>),
+}
+
+/// Handles on one (port, role, namespace)'s per-connection counter series.
+#[derive(Clone, Debug)]
+struct DetailSeries {
+    sent: Counter,
+    received: Counter,
+    segments: Counter,
+    retransmits: Counter,
+    rtt: Histogram,
+}
+
+impl DetailSeries {
+    fn of(f: &Families, key: RoleLabels) -> Self {
+        let bytes = |direction| {
+            f.bytes.get_or_create_owned(&BytesLabels {
+                port: key.port,
+                role: key.role,
+                direction,
+                netns: key.netns,
+            })
+        };
+        DetailSeries {
+            sent: bytes("sent"),
+            received: bytes("received"),
+            segments: f.segments_sent.get_or_create_owned(&key),
+            retransmits: f.retransmits.get_or_create_owned(&key),
+            rtt: f.rtt.get_or_create_owned(&key),
+        }
+    }
 }
 
 /// How often the ports held are counted.
@@ -562,6 +594,7 @@ impl Metrics {
             evicted_seen: 0,
             hot_transitions: FastMap::default(),
             hot_durations: FastMap::default(),
+            hot_details: FastMap::default(),
             ports: crate::ports::PortsCore::new(Box::new(crate::ports::HostRanges::default()), 0),
             port_series: Vec::new(),
             last_ports_ns: 0,
@@ -860,27 +893,18 @@ impl Metrics {
     }
 
     /// Adds a close's counters to its port's and role's series.
-    fn count_details(&self, d: &Details, port: PortLabel, role: &'static str, netns: NsLabel) {
+    fn count_details(&mut self, d: &Details, port: PortLabel, role: &'static str, netns: NsLabel) {
         let f = &self.families;
-        for (direction, n) in [("sent", d.bytes_acked), ("received", d.bytes_received)] {
-            f.bytes
-                .get_or_create(&BytesLabels {
-                    port,
-                    role,
-                    direction,
-                    netns,
-                })
-                .inc_by(n);
-        }
-        let key = RoleLabels { port, role, netns };
-        f.segments_sent
-            .get_or_create(&key)
-            .inc_by(d.segs_out.into());
-        f.retransmits
-            .get_or_create(&key)
-            .inc_by(d.total_retrans.into());
+        let s = self
+            .hot_details
+            .entry((port, role, netns))
+            .or_insert_with(|| DetailSeries::of(f, RoleLabels { port, role, netns }));
+        s.sent.inc_by(d.bytes_acked);
+        s.received.inc_by(d.bytes_received);
+        s.segments.inc_by(d.segs_out.into());
+        s.retransmits.inc_by(d.total_retrans.into());
         if let Some(srtt) = d.srtt_us() {
-            f.rtt.get_or_create(&key).observe(f64::from(srtt) / 1e6);
+            s.rtt.observe(f64::from(srtt) / 1e6);
         }
     }
 

@@ -235,15 +235,17 @@ impl Probe {
         let btf = btf.as_ref().map_err(|e| format!("no kernel BTF ({e})"))?;
         kcfg.sock = sock_offsets(btf)?;
         kcfg.send_reset_reason = u32::from(btf.tracepoint_args("tcp_send_reset") >= Some(3));
-        match tcp_offsets(btf) {
-            Ok(tcp) => {
-                kcfg.tcp = tcp;
-                kcfg.records |= records::DETAILS;
+        if kcfg.records & records::DETAILS != 0 {
+            match tcp_offsets(btf) {
+                Ok(tcp) => kcfg.tcp = tcp,
+                Err(e) => {
+                    kcfg.records &= !records::DETAILS;
+                    log::warn!(
+                        "connection details (bytes, round-trip times, retransmissions, exact \
+                         end reasons) are not reported on this kernel: {e}"
+                    );
+                }
             }
-            Err(e) => log::warn!(
-                "connection details (bytes, round-trip times, retransmissions) are not \
-                 reported on this kernel: {e}"
-            ),
         }
         // aya resolves each BTF tracepoint's type in its own reading of the kernel's BTF,
         // dropped once they are loaded.

@@ -10,7 +10,7 @@ use std::{
     net::TcpListener,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -36,20 +36,6 @@ fn loopback_in(ns: &str, port: u16, n: usize) {
     })
     .join()
     .unwrap();
-}
-
-/// Lets the tracer drain, stops it with SIGINT and returns its JSON records.
-fn stop_tracer(tracer: Child) -> Vec<serde_json::Value> {
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
-    let out = tracer.wait_with_output().unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -92,6 +92,45 @@ fn an_upload_counts_its_bytes_on_both_sides_and_a_round_trip_time() {
     assert!(s.segs_in <= c.segs_out, "{c:?} {s:?}");
 }
 
+/// `tcptrace report`, whose kernel side writes connection records and their counters only:
+/// each side's row carries the bytes that went its way.
+#[test]
+fn report_counts_the_bytes_of_each_side() {
+    if !root_or_skip("report_counts_the_bytes_of_each_side") {
+        return;
+    }
+    const BYTES: usize = 1 << 20;
+    let pair = NetPair::new();
+    let port = free_port();
+    let p = port.to_string();
+    let tracer = start_tracer(&["report", "--json", "--port", &p, "--duration", "5m"]);
+    upload(&pair, port, BYTES);
+    let reports = stop_tracer(tracer);
+    let rows = reports[0]["rows"].as_array().unwrap();
+    let row = |dir: &str| {
+        rows.iter()
+            .find(|r| r["port"] == port && r["direction"] == dir)
+            .unwrap_or_else(|| panic!("no :{port} {dir} row: {reports:?}"))
+    };
+    let (out, inn) = (row("out"), row("in"));
+    assert_eq!(
+        (out["with_counters"].as_u64(), inn["with_counters"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        within_1pct(out["bytes_sent"].as_u64().unwrap(), BYTES),
+        "{out}"
+    );
+    assert!(
+        within_1pct(inn["bytes_received"].as_u64().unwrap(), BYTES),
+        "{inn}"
+    );
+    assert!(
+        inn["srtt"]["count"] == 1 && out["srtt"]["count"] == 1,
+        "{out} {inn}"
+    );
+}
+
 /// The namespace's `Tcp: RetransSegs` (`/proc/net/snmp`), read from inside it.
 fn retrans_segs(ns: &str) -> u64 {
     NetPair::run_in(ns, || {

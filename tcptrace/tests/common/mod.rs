@@ -91,18 +91,20 @@ pub fn probe_with(ports: &[u16], ring_bytes: u32, timewait: bool) -> Probe {
 }
 
 /// [`probe_for_ports`] whose kernel side also writes a connection record at each
-/// connection's end, beside the transitions (what `--record` asks for).
+/// connection's end, beside the transitions, and each connection's counters before its end
+/// (what `--record` asks for).
 pub fn recording_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    use tcptrace_common::records;
     let probe = probe_built(
         ports,
         ring_bytes,
         true,
         Paths::Fast,
-        tcptrace_common::records::CONNECTIONS,
+        records::CONNECTIONS | records::DETAILS,
     );
     assert!(
-        probe.connection_records(),
-        "connection records were asked for"
+        probe.connection_records() && probe.details(),
+        "connection records and counters were asked for"
     );
     probe
 }
@@ -478,4 +480,18 @@ pub fn scrape(addr: &str) -> String {
 pub fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Lets the tracer drain, stops it with SIGINT and returns its JSON records.
+pub fn stop_tracer(tracer: std::process::Child) -> Vec<serde_json::Value> {
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let out = tracer.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
