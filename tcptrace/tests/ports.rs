@@ -306,31 +306,8 @@ fn serve_exports_the_port_usage_and_the_failed_connects() {
     let pair = fifty_ports();
     let port = 31_000 + (std::process::id() % 1000) as u16;
     let server = SocketAddr::new(pair.b4, port);
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["--doctor-interval", "3s"])
-        // A backstop: a test that panics before killing it leaves no root tracer behind.
-        .args(["--duration", "5m"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(serve.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
-            "serve ended"
-        );
-        if let Some(rest) = line.trim().strip_prefix("Serving metrics on http://") {
-            break rest.trim_end_matches("/metrics").to_string();
-        }
-    };
+    let p = port.to_string();
+    let (mut serve, addr) = start_serve(&["--port", &p, "--doctor-interval", "3s"]);
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let srv = patient_server(&pair, server, 3);

@@ -36,26 +36,8 @@ fn an_application_that_never_closes_is_found_with_its_sockets_ages() {
     let port = 32_000 + (std::process::id() % 1000) as u16;
     let addr = SocketAddr::new(pair.b4, port);
     // A server in namespace b that accepts and never closes (until told).
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let (accepted_tx, accepted_rx) = mpsc::channel();
-    let srv = NetPair::run_in(&pair.b, move || {
-        let l = TcpListener::bind(addr).unwrap();
-        ready_tx.send(()).unwrap();
-        let mut held = Vec::new();
-        for _ in 0..2 {
-            held.push(l.accept().unwrap().0);
-            accepted_tx.send(()).unwrap();
-        }
-        done_rx.recv().unwrap();
-        drop(held);
-    });
-    ready_rx.recv().unwrap();
-    let client = |pair: &NetPair| {
-        NetPair::run_in(&pair.a, move || drop(TcpStream::connect(addr).unwrap()))
-            .join()
-            .unwrap();
-    };
+    let (srv, accepted_rx, done_tx) = holding_server(&pair, addr, 2);
+    let client = |pair: &NetPair| connect_and_close(pair, addr);
     // One before tracing: its server side sits in CLOSE_WAIT from then on.
     client(&pair);
     accepted_rx.recv().unwrap();
