@@ -542,7 +542,29 @@ fn drive<'a>(
         None => None,
     };
     let mut view = make_view(facts)?;
+    if let Some(pipe) = view.pipeline_mut() {
+        pipe.prove_overflows(overflow_proof());
+    }
     live(probe, recorder, view.as_mut(), source.duration)
+}
+
+/// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
+/// count (read inside it), from its value now.
+fn overflow_proof() -> crate::timewait::OverflowProof {
+    use crate::doctor::HostFacts as _;
+    let namespaces: Vec<Option<u32>> = std::iter::once(None)
+        .chain(
+            crate::diag::network_namespaces()
+                .iter()
+                .map(|n| Some(n.inode)),
+        )
+        .collect();
+    let read = |netns| {
+        crate::doctor::Host
+            .counters(netns)
+            .map(|c| c.timewait_overflow)
+    };
+    crate::timewait::OverflowProof::new(Box::new(read), &namespaces)
 }
 
 /// A command name as the kernel keeps it: at most 15 bytes, NUL-padded to 16.

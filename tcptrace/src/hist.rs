@@ -469,6 +469,10 @@ impl<W: Write> View for Hist<W> {
         self.pipe.evicted()
     }
 
+    fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        Some(&mut self.pipe)
+    }
+
     fn push(&mut self, batch: &[RawEvent]) -> io::Result<Flow> {
         for raw in batch {
             let Some(ev) = self.pipe.decode(raw) else {

@@ -1057,6 +1057,10 @@ impl View for Metrics {
     fn evicted(&self) -> u64 {
         self.pipe.evicted()
     }
+
+    fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        Some(&mut self.pipe)
+    }
 }
 
 /// The tracer's own CPU time and memory (`process_cpu_seconds_total`,

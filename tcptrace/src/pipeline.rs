@@ -13,7 +13,7 @@ use tcptrace_common::kind;
 use crate::{
     event::{Event, Part, RawEvent, State, Transition, decode},
     filter::CompiledFilter,
-    timewait::{Exit, Timewaits},
+    timewait::{Exit, OverflowProof, Timewaits},
     track::{Close, DEFAULT_CAP, Role, Tracker},
 };
 
@@ -33,6 +33,8 @@ pub struct Pipeline {
     head: Option<Option<Transition>>,
     /// Whether [`Pipeline::steps`] is filled.
     keep_steps: bool,
+    /// The proof of refused timewait sockets, until timewait sockets are followed.
+    proof: Option<OverflowProof>,
     /// Transitions folded and not yet taken by the view, each with its socket's role:
     /// decoded ones, or those rebuilt from a connection record.
     pub steps: Vec<(Transition, Role)>,
@@ -54,6 +56,7 @@ impl Pipeline {
             records: false,
             head: None,
             keep_steps: false,
+            proof: None,
             steps: Vec::new(),
             closes: Vec::new(),
             exits: Vec::new(),
@@ -96,8 +99,22 @@ impl Pipeline {
 
     /// Also follows timewait sockets (`traced`: their timers are traced, so their ends are).
     pub fn timewaits(mut self, traced: bool) -> Pipeline {
-        self.timewaits = Some(Timewaits::new(traced).with_cap(self.cap));
+        let proof = self.timewaits.take().and_then(|mut t| t.take_proof());
+        self.timewaits = Some(
+            Timewaits::new(traced)
+                .with_cap(self.cap)
+                .prove_with(proof.or(self.proof.take())),
+        );
         self
+    }
+
+    /// Claims refused timewait sockets with `proof` (see [`OverflowProof`]); without it,
+    /// none is claimed.
+    pub fn prove_overflows(&mut self, proof: OverflowProof) {
+        match self.timewaits.take() {
+            Some(t) => self.timewaits = Some(t.prove_with(Some(proof))),
+            None => self.proof = Some(proof),
+        }
     }
 
     /// Follows no timewait sockets.

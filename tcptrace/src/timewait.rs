@@ -22,7 +22,8 @@ pub enum End {
     /// Cancelled early: port reuse, a reset, the namespace going away.
     Killed,
     /// The close should have entered TIME_WAIT but no timewait socket was created
-    /// (`tcp_max_tw_buckets` reached: the kernel counts it as `TCPTimeWaitOverflow`).
+    /// (`tcp_max_tw_buckets` reached), and the kernel proved it: its namespace's
+    /// `TCPTimeWaitOverflow` count moved (see [`OverflowProof`]).
     NotCreated,
 }
 
@@ -98,6 +99,70 @@ pub struct Life {
     after_cancel: Option<Rearm>,
 }
 
+/// Reads a network namespace's `TCPTimeWaitOverflow` count now (None: it cannot be read).
+pub type OverflowCount = Box<dyn FnMut(Option<u32>) -> Option<u64>>;
+
+/// What proves that the kernel refused a timewait socket: the namespace's
+/// `TCPTimeWaitOverflow` count moved past the refusals already claimed. An entry into
+/// TIME_WAIT whose timewait socket never showed is otherwise not claimed refused: its
+/// timer events may have been lost or skipped, or the socket killed before its timer ran.
+pub struct OverflowProof {
+    read: OverflowCount,
+    /// Each namespace's count when tracing began (a namespace created since starts at 0).
+    base: FastMap<Option<u32>, u64>,
+    /// Refusals claimed so far, per namespace.
+    claimed: FastMap<Option<u32>, u64>,
+    /// The count last read, per namespace: a read proves every refusal up to it, so a burst
+    /// of refusals costs one read.
+    seen: FastMap<Option<u32>, u64>,
+}
+
+impl OverflowProof {
+    /// Proof read with `read`; the counts of `namespaces` (those that exist now) are taken
+    /// now, as the base.
+    pub fn new(mut read: OverflowCount, namespaces: &[Option<u32>]) -> OverflowProof {
+        let base: FastMap<Option<u32>, u64> = namespaces
+            .iter()
+            .filter_map(|&n| Some((n, read(n)?)))
+            .collect();
+        OverflowProof {
+            read,
+            seen: base.clone(),
+            base,
+            claimed: FastMap::default(),
+        }
+    }
+
+    /// Whether the kernel counted one more refusal in `netns` than claimed so far (which
+    /// then counts as claimed). Reads the count only when the last read does not prove it.
+    fn refused(&mut self, netns: Option<u32>) -> bool {
+        let base = self.base.get(&netns).copied().unwrap_or(0);
+        let claimed = self.claimed.get(&netns).copied().unwrap_or(0);
+        let proves = |count: u64| count.saturating_sub(base) > claimed;
+        let seen = self.seen.get(&netns).copied().unwrap_or(0);
+        if !proves(seen) {
+            match (self.read)(netns) {
+                Some(now) if proves(now) => {
+                    self.seen.insert(netns, now);
+                }
+                _ => return false,
+            }
+        }
+        *self.claimed.entry(netns).or_default() += 1;
+        true
+    }
+}
+
+impl std::fmt::Debug for OverflowProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "OverflowProof({} claimed)",
+            self.claimed.values().sum::<u64>()
+        )
+    }
+}
+
 /// A re-arm that followed a cancel.
 #[derive(Clone, Copy, Debug)]
 struct Rearm {
@@ -133,6 +198,11 @@ pub struct Timewaits {
     evicted: u64,
     /// When lives whose end was never seen were last looked for.
     last_sweep_ns: u64,
+    /// What proves a refused timewait socket (None: nothing can, as in a replay).
+    proof: Option<OverflowProof>,
+    /// Entries into TIME_WAIT whose timewait socket never showed, with no proof that the
+    /// kernel refused it.
+    unproven: u64,
 }
 
 /// How often lives whose end was never seen are looked for.
@@ -161,6 +231,23 @@ impl Timewaits {
     /// Whether timers are traced.
     pub fn traced(&self) -> bool {
         self.traced
+    }
+
+    /// Claims a refused timewait socket ([`End::NotCreated`]) only with `proof`.
+    pub fn prove_with(mut self, proof: Option<OverflowProof>) -> Self {
+        self.proof = proof;
+        self
+    }
+
+    /// Its proof, taken away (for a rebuilt follower).
+    pub fn take_proof(&mut self) -> Option<OverflowProof> {
+        self.proof.take()
+    }
+
+    /// Entries into TIME_WAIT whose timewait socket never showed and that the kernel did
+    /// not count as refused.
+    pub fn unproven(&self) -> u64 {
+        self.unproven
     }
 
     /// Timewait sockets forgotten because the cap was reached or their end was never seen.
@@ -433,6 +520,10 @@ impl Timewaits {
                 break;
             }
             self.expected.remove(0);
+            if !self.proof.as_mut().is_some_and(|p| p.refused(t.netns)) {
+                self.unproven += 1;
+                continue;
+            }
             out.push(Exit {
                 ts_ns: t.ts_ns,
                 tw: 0,
@@ -707,16 +798,67 @@ mod tests {
         );
     }
 
+    /// A namespace's overflow count that the test moves, and how often it was read.
+    fn counter(
+        start: u64,
+    ) -> (
+        std::rc::Rc<std::cell::Cell<u64>>,
+        std::rc::Rc<std::cell::Cell<u32>>,
+        OverflowCount,
+    ) {
+        let (count, reads) = (
+            std::rc::Rc::new(std::cell::Cell::new(start)),
+            std::rc::Rc::new(std::cell::Cell::new(0)),
+        );
+        let (c, r) = (count.clone(), reads.clone());
+        let read = Box::new(move |netns: Option<u32>| {
+            r.set(r.get() + 1);
+            (netns == Some(4_026_532_999)).then(|| c.get())
+        });
+        (count, reads, read)
+    }
+
+    fn run_proven(events: &[Event], proof: OverflowProof) -> (Vec<Exit>, u64) {
+        let mut t = Timewaits::new(true).prove_with(Some(proof));
+        let mut out = Vec::new();
+        for e in events {
+            t.observe(e, &mut out);
+        }
+        t.flush(&mut out);
+        (out, t.unproven())
+    }
+
     #[test]
-    fn an_entry_without_a_timewait_socket_is_reported() {
-        let out = run(&[entry(SEC, C), entry(3 * SEC, "10.0.0.1:40001")]);
-        assert_eq!(out.len(), 2);
+    fn an_entry_without_a_timewait_socket_is_claimed_refused_only_with_the_kernels_count() {
+        let ns = [Some(4_026_532_999)];
+        // The namespace counted 5 refusals before tracing, then 2 more.
+        let (count, reads, read) = counter(5);
+        let proof = OverflowProof::new(read, &ns);
+        count.set(7);
+        let entries = [
+            entry(SEC, C),
+            entry(3 * SEC, "10.0.0.1:40001"),
+            entry(5 * SEC, "10.0.0.1:40002"),
+        ];
+        let (out, unproven) = run_proven(&entries, proof);
+        assert_eq!(out.len(), 2, "two refusals counted, two claimed: {out:?}");
+        assert_eq!(unproven, 1, "the third is not claimed");
         assert!(out.iter().all(|e| e.end == End::NotCreated));
         assert!(
             out.iter()
                 .all(|e| (e.netns, e.cgroup) == (Some(4_026_532_999), Some(55))),
             "from the entry: {out:?}"
         );
+        // The base, one read that proved both, one that proved nothing.
+        assert_eq!(reads.get(), 3);
+        // Nothing to read the count with (a replay): nothing claimed.
+        let out = run(&entries);
+        assert!(out.is_empty(), "{out:?}");
+        // A count that did not move proves nothing either.
+        let (_, _, read) = counter(0);
+        let (out, unproven) =
+            run_proven(&[entry(SEC, "10.0.0.9:1")], OverflowProof::new(read, &ns));
+        assert!(out.is_empty() && unproven == 1, "{out:?}");
         // Without timer tracing, nothing is concluded.
         let mut t = Timewaits::new(false);
         let mut out = Vec::new();

@@ -88,6 +88,11 @@ pub trait View {
     fn evicted(&self) -> u64 {
         0
     }
+    /// The view's pipeline, for what the host can tell it (proof of refused timewait
+    /// sockets); None for a view without one.
+    fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        None
+    }
 }
 
 /// The live transition stream (`tcptrace` with no subcommand).
@@ -243,6 +248,10 @@ impl<W: Write> View for Stream<W> {
 
     fn evicted(&self) -> u64 {
         self.pipe.evicted()
+    }
+
+    fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        Some(&mut self.pipe)
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -21,13 +21,6 @@ use tcptrace::{
     probe::DEFAULT_RING_BYTES,
 };
 
-/// The inode of a network namespace file: what `stat -L /run/netns/NAME` shows.
-fn netns_inode(name: &str) -> u32 {
-    std::fs::metadata(format!("/run/netns/{name}"))
-        .unwrap()
-        .ino() as u32
-}
-
 /// `n` connections to 127.0.0.1:`port` inside namespace `ns`, the client closing first.
 fn loopback_in(ns: &str, port: u16, n: usize) {
     NetPair::run_in(ns, move || {

@@ -14,7 +14,7 @@ use common::*;
 use tcptrace::{
     event::{Event, State, TimerEvent, TimerOp, decode},
     probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
-    timewait::{End, Exit, Timewaits},
+    timewait::{End, Exit, OverflowProof, Timewaits},
 };
 
 /// A server in namespace b that accepts `n` connections and closes each after the client.
@@ -85,8 +85,11 @@ fn follow(
 
 /// Follows the probe until some timewait socket ends (or 5 s pass): the follower, the exits,
 /// whether an entry into TIME_WAIT was seen, and the timer events.
-fn first_exits(probe: &mut Probe) -> (Timewaits, Vec<Exit>, bool, Vec<TimerEvent>) {
-    let mut tw = Timewaits::new(true);
+fn first_exits(
+    probe: &mut Probe,
+    proof: Option<OverflowProof>,
+) -> (Timewaits, Vec<Exit>, bool, Vec<TimerEvent>) {
+    let mut tw = Timewaits::new(true).prove_with(proof);
     let (mut exits, mut saw_entry, mut timers) = (Vec::new(), false, Vec::new());
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && exits.is_empty() {
@@ -224,7 +227,7 @@ fn tw_reuse_kill(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
     srv.join().unwrap();
     other_srv.join().unwrap();
 
-    let (tw, exits, saw_entry, timers) = first_exits(&mut probe);
+    let (tw, exits, saw_entry, timers) = first_exits(&mut probe, None);
     // The kernel judges a timer's end by the filter that judged its arming: the other
     // port's kill does not come through as an end of a timer never armed here.
     let mut armed = std::collections::HashSet::new();
@@ -267,10 +270,25 @@ fn a_full_tw_bucket_table_is_reported() {
     let port = 24_000 + (std::process::id() % 1000) as u16;
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
+    // The proof: the client's namespace's own count of refused timewait sockets.
+    let netns = Some(netns_inode(&pair.a));
+    let overflows = |n| {
+        use tcptrace::doctor::HostFacts as _;
+        tcptrace::doctor::Host
+            .counters(n)
+            .map(|c| c.timewait_overflow)
+    };
+    let before = overflows(netns).expect("the namespace's counters");
+    let proof = OverflowProof::new(Box::new(overflows), &[netns]);
     let srv = server(&pair, srv_addr, 1);
     let local = client(&pair, srv_addr, 0);
     srv.join().unwrap();
-    let (tw, exits, saw_entry, _) = first_exits(&mut probe);
+    let (tw, exits, saw_entry, _) = first_exits(&mut probe, Some(proof));
+    assert_eq!(
+        overflows(netns),
+        Some(before + 1),
+        "the kernel counted the refusal"
+    );
     assert!(
         saw_entry,
         "the close still reads as an entry into TIME_WAIT"
@@ -279,6 +297,30 @@ fn a_full_tw_bucket_table_is_reported() {
     assert_eq!(exits.len(), 1, "{exits:#?}");
     assert_eq!((exits[0].end, exits[0].local), (End::NotCreated, local));
     assert!(!in_sock_diag(&pair.a, local, srv_addr));
+}
+
+/// The stream, as a user runs it: a refused timewait socket is claimed with the kernel's
+/// count as proof, in the namespace where it happened.
+#[test]
+fn the_stream_claims_a_refused_timewait_socket_with_the_kernels_count() {
+    if !root_or_skip("the_stream_claims_a_refused_timewait_socket_with_the_kernels_count") {
+        return;
+    }
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "0");
+    let port = free_port();
+    let srv_addr = SocketAddr::new(pair.b4, port);
+    let p = port.to_string();
+    let tracer = start_tracer(&["--json", "--port", &p, "--duration", "5m"]);
+    let srv = server(&pair, srv_addr, 1);
+    let local = client(&pair, srv_addr, 0);
+    srv.join().unwrap();
+    let records = stop_tracer(tracer);
+    let ends: Vec<_> = records.iter().filter(|r| r["kind"] == "timewait").collect();
+    assert_eq!(ends.len(), 1, "{records:#?}");
+    assert_eq!(ends[0]["end"], "not_created", "{records:#?}");
+    assert_eq!(ends[0]["lport"], local.port());
+    assert_eq!(ends[0]["netns"], netns_inode(&pair.a));
 }
 
 #[test]

@@ -495,3 +495,11 @@ pub fn stop_tracer(tracer: std::process::Child) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The inode of a network namespace file: what `stat -L /run/netns/NAME` shows.
+pub fn netns_inode(name: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/run/netns/{name}"))
+        .unwrap()
+        .ino() as u32
+}
