@@ -268,7 +268,11 @@ const fn aborts_on_data(from: u8) -> bool {
 /// [`effective_new_state`](crate::effective_new_state) gives it: TIME_WAIT or CLOSE).
 pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
     use state::*;
-    let first = e.first_fin();
+    // Both FINs crossed: nobody closed first, whatever reset ended it afterwards.
+    let first = match e.first_fin() {
+        Some(_) if e.crossed() => Some(Initiator::Simultaneous),
+        f => f,
+    };
     let mut v = Verdict {
         initiator: Initiator::Unknown,
         how: How::Unknown,
@@ -310,10 +314,7 @@ pub fn conclude(e: Evidence, from: u8, to: u8) -> Verdict {
                 v.how = How::RstSent;
             }
             None => {
-                v.initiator = match first {
-                    Some(_) if e.crossed() => Initiator::Simultaneous,
-                    f => or_unknown(f),
-                };
+                v.initiator = or_unknown(first);
                 v.if_reset_sent = match v.initiator {
                     Initiator::Unknown => Initiator::Local,
                     i => i,

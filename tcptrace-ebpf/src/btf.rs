@@ -883,9 +883,12 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
         return;
     };
     let full = !sk.is_null() && st != state::TIME_WAIT && st != state::NEW_SYN_RECV;
+    // A socket first met through the reset that aborts it (it was open before tracing, and
+    // its abort writes the reset before the transition) gets storage, as for a received
+    // one: its record then holds the reset whichever came first. Not once it has ended.
     // SAFETY: `sk` is a full socket where `full`.
     let storage = if full {
-        unsafe { storage(sk, false, Slot::ResetSent) }
+        unsafe { storage(sk, st != state::CLOSE, Slot::ResetSent) }
     } else {
         null_mut()
     };

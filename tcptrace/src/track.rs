@@ -600,11 +600,15 @@ impl Tracker {
                 life.reset_reason = r.reason.map_or(0, |n| n.saturating_add(1).min(255) as u8);
             }
             self.live.put(sk, &life);
-        } else if received {
-            // A socket first met through the reset that is about to end it.
+        } else {
+            // A socket first met through the reset that is about to end it (either way: an
+            // abort may write its reset before its transition).
             self.make_room(sk);
             let mut life = Life::new(r.ts_ns, Evidence::default());
-            life.evidence.on_reset(true);
+            life.evidence.on_reset(received);
+            if !received {
+                life.reset_reason = r.reason.map_or(0, |n| n.saturating_add(1).min(255) as u8);
+            }
             self.live.put(sk, &life);
         }
         let _ = out;
@@ -923,6 +927,49 @@ mod tests {
         );
     }
 
+    /// Data reaches a socket this side closed (FIN_WAIT1 or FIN_WAIT2): the kernel aborts
+    /// it — `tcp_reset` fires `tcp_receive_reset` for its own abort, the socket closes, and
+    /// a reset with the abort's reason goes out, before or after the transition. Whatever
+    /// the order, from transitions or records: this side ended it with its reset.
+    #[test]
+    fn abort_on_data_after_close_whatever_the_order() {
+        for from in [FinWait1, FinWait2] {
+            for sent_first in [false, true] {
+                let mut s = Script::new();
+                s.t(1, "10.0.0.1:0", S, Close, SynSent)
+                    .t(1, C, S, SynSent, Established)
+                    .t(1, C, S, Established, FinWait1);
+                if from == FinWait2 {
+                    s.t(1, C, S, FinWait1, FinWait2);
+                }
+                s.rst(Some(1), C, S, Direction::Received);
+                if sent_first {
+                    s.rst(Some(1), C, S, Direction::Sent)
+                        .t(1, C, S, from, Close);
+                } else {
+                    s.t(1, C, S, from, Close)
+                        .rst(Some(1), C, S, Direction::Sent);
+                }
+                for records in [false, true] {
+                    let events = if records {
+                        as_kernel_records(&s.events)
+                    } else {
+                        s.events.clone()
+                    };
+                    let c = closes_of(&events, records);
+                    let what = format!("{from:?}, sent first: {sent_first}, records: {records}");
+                    assert_eq!(c.len(), 1, "{what}");
+                    assert_eq!(
+                        (c[0].initiator, c[0].how, c[0].timewait),
+                        (Initiator::Local, How::RstSent, false),
+                        "{what}"
+                    );
+                    assert!(c[0].reset_reason.is_some(), "the abort's reason: {what}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn refused_connect() {
         let mut s = Script::new();
@@ -1166,12 +1213,9 @@ mod tests {
                 }
                 Event::Reset(r) => {
                     let received = r.direction == Direction::Received;
-                    // A received reset gives the socket storage; a sent one finds it or not.
-                    let life = match r.skaddr {
-                        Some(sk) if received => Some(lives.entry(sk).or_default()),
-                        Some(sk) => lives.get_mut(&sk),
-                        None => None,
-                    };
+                    // A reset gives a socket first met through it storage (a sent one after
+                    // the end only finds what the end left).
+                    let life = r.skaddr.map(|sk| lives.entry(sk).or_default());
                     let ended = life
                         .as_ref()
                         .is_some_and(|l| l.last_state == State::Close as u8);
@@ -1289,37 +1333,123 @@ mod tests {
             order in proptest::collection::vec(0usize..5, 0..40),
             lost_at in proptest::option::of(0usize..30),
         ) {
-            let mut queues: Vec<std::collections::VecDeque<Script>> = lives
-                .iter()
-                .enumerate()
-                .map(|(i, l)| life_events(i as u64 + 1, *l).into())
-                .collect();
-            // Interleaved as `order` picks, then whatever remains in turn; one clock.
-            let mut picks = order.into_iter().chain(std::iter::repeat(0));
-            let mut events = Vec::new();
-            let mut ts = 1_000;
-            while queues.iter().any(|q| !q.is_empty()) {
-                let live: Vec<usize> = (0..queues.len()).filter(|i| !queues[*i].is_empty()).collect();
-                let q = live[picks.next().unwrap_or(0) % live.len()];
-                let s = queues[q].pop_front().unwrap();
-                for mut e in s.events {
-                    ts += 1_000;
-                    match &mut e {
-                        Event::Transition(t) => t.ts_ns = ts,
-                        Event::Reset(r) => r.ts_ns = ts,
-                        _ => {}
-                    }
-                    if lost_at == Some(events.len()) {
-                        events.push(Event::Lost { ts_ns: ts, count: 1 });
-                    }
-                    events.push(e);
-                }
-            }
+            let events = interleave(&lives, &order, lost_at);
             let from_transitions = closes_of(&events, false);
             let from_records = closes_of(&as_kernel_records(&events), true);
             // Every life ends: one close each (so the equality below compares something).
             prop_assert_eq!(from_transitions.len(), lives.len());
             prop_assert_eq!(from_transitions, from_records);
+        }
+    }
+
+    /// The events of `lives` (socket `i + 1` each), interleaved as `order` picks, then
+    /// whatever remains in turn, on one clock; a loss before event `lost_at`.
+    fn interleave(
+        lives: &[(u8, u8, u8, u8, u8)],
+        order: &[usize],
+        lost_at: Option<usize>,
+    ) -> Vec<Event> {
+        let mut queues: Vec<std::collections::VecDeque<Script>> = lives
+            .iter()
+            .enumerate()
+            .map(|(i, l)| life_events(i as u64 + 1, *l).into())
+            .collect();
+        let mut picks = order.iter().copied().chain(std::iter::repeat(0));
+        let mut events = Vec::new();
+        let mut ts = 1_000;
+        while queues.iter().any(|q| !q.is_empty()) {
+            let live: Vec<usize> = (0..queues.len())
+                .filter(|i| !queues[*i].is_empty())
+                .collect();
+            let q = live[picks.next().unwrap_or(0) % live.len()];
+            let s = queues[q].pop_front().unwrap();
+            for mut e in s.events {
+                ts += 1_000;
+                match &mut e {
+                    Event::Transition(t) => t.ts_ns = ts,
+                    Event::Reset(r) => r.ts_ns = ts,
+                    _ => {}
+                }
+                if lost_at == Some(events.len()) {
+                    events.push(Event::Lost {
+                        ts_ns: ts,
+                        count: 1,
+                    });
+                }
+                events.push(e);
+            }
+        }
+        events
+    }
+
+    /// Whether `life` ends by an abort (not an orderly LAST_ACK→CLOSE or entry into
+    /// TIME_WAIT).
+    fn is_abort(life: (u8, u8, u8, u8, u8)) -> bool {
+        let last = life_events(1, life)
+            .iter()
+            .flat_map(|s| s.events.iter())
+            .rev()
+            .find_map(|e| match e {
+                Event::Transition(t) => Some((t.from, t.to)),
+                _ => None,
+            });
+        matches!(last, Some((from, Close)) if from != LastAck)
+    }
+
+    /// What a close says, as a user reads it (not when: the clock moves with the order).
+    type Said = (u64, Initiator, How, bool, Role, Option<u32>, u16, bool);
+
+    fn said(closes: &[super::Close]) -> Vec<Said> {
+        closes
+            .iter()
+            .map(|c| {
+                (
+                    c.skaddr,
+                    c.initiator,
+                    c.how,
+                    c.timewait,
+                    c.role,
+                    c.reset_reason,
+                    c.states,
+                    c.midlife,
+                )
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Order-proof: what the kernel may deliver in either order gives the same closes —
+        /// the sockets' events interleaved any way, and the reset a socket sends when it is
+        /// aborted written before its end transition or after it (which of the two depends
+        /// on the kernel's path: an application's abortive close logs the transition first,
+        /// `tcp_abort` and a timer's or memory's abort the reset). An orderly end (LAST_ACK,
+        /// or into TIME_WAIT) is never followed by a reset of its own socket but in the
+        /// kernel's own abort, which `tcp_reset` announces first (a reset "received"). From
+        /// transitions and from connection records alike.
+        #[test]
+        fn verdicts_do_not_depend_on_the_order_the_kernel_may_deliver(
+            lives in proptest::collection::vec(any_life(), 1..5),
+            order in proptest::collection::vec(0usize..5, 0..40),
+            other_order in proptest::collection::vec(0usize..5, 0..40),
+            early in proptest::collection::vec(any::<bool>(), 5),
+        ) {
+            // The other order: each reset sent right after an abort (kind 3) moved right
+            // before it where `early` says (kind 2 at the last step).
+            let moved: Vec<_> = lives
+                .iter()
+                .zip(&early)
+                .map(|(&(path, cut, skip, reset, at), &e)| {
+                    let life = (path, cut, skip, reset, at);
+                    if reset == 3 && e && is_abort(life) { (path, cut, skip, 2, u8::MAX) } else { life }
+                })
+                .collect();
+            let (a, b) = (interleave(&lives, &order, None), interleave(&moved, &other_order, None));
+            for records in [false, true] {
+                let prepare = |events: &[Event]| if records { as_kernel_records(events) } else { events.to_vec() };
+                let (ca, cb) = (closes_of(&prepare(&a), records), closes_of(&prepare(&b), records));
+                prop_assert_eq!(ca.len(), lives.len());
+                prop_assert_eq!(said(&ca), said(&cb), "records: {}", records);
+            }
         }
     }
 
