@@ -8,13 +8,15 @@
 //! as connection records, each a whole life ([`Pipeline::from_records`]): the closes, and
 //! the transitions rebuilt from them ([`Pipeline::steps`]), are the same either way.
 
+use std::net::SocketAddr;
+
 use tcptrace_common::kind;
 
 use crate::{
     event::{Event, Part, RawEvent, State, Transition, decode},
     filter::CompiledFilter,
     timewait::{Exit, OverflowProof, Timewaits},
-    track::{Close, DEFAULT_CAP, Role, Tracker},
+    track::{Close, DEFAULT_CAP, FastMap, How, Role, Tracker},
 };
 
 /// Decode, filter, track and timewait, once.
@@ -35,6 +37,8 @@ pub struct Pipeline {
     keep_steps: bool,
     /// The proof of refused timewait sockets, until timewait sockets are followed.
     proof: Option<OverflowProof>,
+    /// Closes whose timewait socket was created in FIN_WAIT2, until its fate shows.
+    fates: Fates,
     /// Transitions folded and not yet taken by the view, each with its socket's role:
     /// decoded ones, or those rebuilt from a connection record.
     pub steps: Vec<(Transition, Role)>,
@@ -57,6 +61,7 @@ impl Pipeline {
             head: None,
             keep_steps: false,
             proof: None,
+            fates: Fates::default(),
             steps: Vec::new(),
             closes: Vec::new(),
             exits: Vec::new(),
@@ -206,10 +211,12 @@ impl Pipeline {
         if self.keep_steps {
             self.note_steps(ev);
         }
+        let (closes, exits) = (self.closes.len(), self.exits.len());
         if let Some(tr) = &mut self.tracker {
             tr.observe(ev, &mut self.closes);
         }
         if let Some(tw) = &mut self.timewaits {
+            self.fates.note_reset(ev, &mut self.closes);
             match ev {
                 // A timewait socket's entry and the handshake of a connection that may take
                 // its 4-tuple.
@@ -217,6 +224,9 @@ impl Pipeline {
                 Event::Transition(_) if self.records => {}
                 _ => tw.observe(ev, &mut self.exits),
             }
+            self.fates.hold(&mut self.closes, closes, tw, ev.ts_ns());
+            self.fates
+                .settle(ev, &self.exits[exits..], tw, &mut self.closes);
         }
     }
 
@@ -253,10 +263,15 @@ impl Pipeline {
     }
 
     /// Aborts whose reset never came by `now_ns` conclude (timewait sockets wait for
-    /// [`Pipeline::tick`]).
+    /// [`Pipeline::tick`]), and closes whose timewait socket's fate did not show in time.
     pub fn expire_closes(&mut self, now_ns: u64) {
+        let closes = self.closes.len();
         if let Some(tr) = &mut self.tracker {
             tr.expire(now_ns, &mut self.closes);
+        }
+        if let Some(tw) = &self.timewaits {
+            self.fates.hold(&mut self.closes, closes, tw, now_ns);
+            self.fates.expire(now_ns, tw, &mut self.closes);
         }
     }
 
@@ -264,7 +279,10 @@ impl Pipeline {
     /// [`Pipeline::tick`]).
     pub fn expire_exits(&mut self, now_ns: u64) {
         if let Some(tw) = &mut self.timewaits {
+            let exits = self.exits.len();
             tw.expire(now_ns, &mut self.exits);
+            self.fates
+                .settled_by(&self.exits[exits..], &mut self.closes);
         }
     }
 
@@ -279,7 +297,12 @@ impl Pipeline {
             tr.flush(&mut self.closes);
         }
         if let Some(tw) = &mut self.timewaits {
+            let (closes, exits) = (self.closes.len(), self.exits.len());
+            self.fates.hold(&mut self.closes, closes, tw, u64::MAX);
             tw.flush(&mut self.exits);
+            self.fates
+                .settled_by(&self.exits[exits..], &mut self.closes);
+            self.fates.expire(u64::MAX, tw, &mut self.closes);
         }
         if self.undecodable > 0 {
             log::warn!(
@@ -308,6 +331,124 @@ impl Pipeline {
     /// The most sockets followed at once.
     pub fn cap(&self) -> usize {
         self.cap
+    }
+}
+
+/// How long a close whose timewait socket was created in FIN_WAIT2 waits for that socket's
+/// fate: moved to TIME_WAIT by the peer's FIN, or killed (the peer's data answered with a
+/// reset) — which a kill shows within the timewait follower's own wait for a re-arm.
+const FATE_GRACE_NS: u64 = 300_000_000;
+
+/// Closes that entered TIME_WAIT by the kernel's transition, but whose timewait socket was
+/// created in FIN_WAIT2 — an orphan whose peer has not sent its FIN yet — or not at all. Such a socket mostly moves to TIME_WAIT when that FIN comes (often
+/// with no timer event: a re-arm into the same timer-wheel bucket is silent); but data
+/// arriving instead makes the kernel answer with a reset — from the timewait socket, which
+/// it then kills, or from the closed socket when the data raced with its hand-over — and
+/// the peer never sends that FIN (a server that closes while its client still sends): this
+/// side never holds TIME_WAIT, and its reset ended the connection. The close waits
+/// briefly to tell which, whatever order the events come in.
+#[derive(Debug, Default)]
+struct Fates {
+    held: FastMap<(SocketAddr, SocketAddr), Close>,
+    /// When each held close stops waiting, in order.
+    order: std::collections::VecDeque<(u64, (SocketAddr, SocketAddr))>,
+}
+
+impl Fates {
+    /// Moves the closes from `closes[from..]` whose timewait socket is in FIN_WAIT2 to
+    /// wait (until `now_ns` + the grace).
+    fn hold(&mut self, closes: &mut Vec<Close>, from: usize, tw: &Timewaits, now_ns: u64) {
+        let mut i = from;
+        while i < closes.len() {
+            let c = &closes[i];
+            // A timewait socket in FIN_WAIT2; or none at all where one is armed before the
+            // end is logged: the segment that acknowledged this side's FIN carried data, and
+            // the kernel closed the socket without one (and sends a reset right after).
+            let undecided = c.timewait
+                && match tw.of(c.local, c.remote) {
+                    Some(l) => l.substate == State::FinWait2,
+                    None => tw.traced(),
+                };
+            if undecided {
+                let c = closes.remove(i);
+                let key = (c.local, c.remote);
+                self.order
+                    .push_back((now_ns.saturating_add(FATE_GRACE_NS), key));
+                self.held.insert(key, c);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A reset this side sent on the 4-tuple of a held close (by its timewait socket or by
+    /// the closed socket itself): the connection ended there, with no TIME_WAIT to come.
+    fn note_reset(&mut self, ev: &Event, out: &mut Vec<Close>) {
+        if self.held.is_empty() {
+            return;
+        }
+        if let Event::Reset(r) = ev
+            && r.direction == crate::event::Direction::Sent
+            && let Some(mut c) = self.held.remove(&(r.local, r.remote))
+        {
+            c.timewait = false;
+            c.how = How::RstSent;
+            c.reset_reason = c.reset_reason.or(r.reason);
+            out.push(c);
+        }
+    }
+
+    /// Releases what `ev` (and the `exits` it caused) settles.
+    fn settle(&mut self, ev: &Event, exits: &[Exit], tw: &Timewaits, out: &mut Vec<Close>) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.settled_by(exits, out);
+        // A visible re-arm into TIME_WAIT.
+        if let Event::Timer(t) = ev
+            && let crate::event::TimerOp::Armed {
+                substate: State::TimeWait,
+                local,
+                remote,
+                ..
+            } = t.op
+            && let Some(c) = self.held.remove(&(local, remote))
+        {
+            out.push(c);
+        }
+        self.expire(ev.ts_ns(), tw, out);
+    }
+
+    /// Releases the closes whose timewait socket ended in `exits`: one that ended in
+    /// FIN_WAIT2 never held TIME_WAIT.
+    fn settled_by(&mut self, exits: &[Exit], out: &mut Vec<Close>) {
+        for x in exits {
+            let Some(mut c) = self.held.remove(&(x.local, x.remote)) else {
+                continue;
+            };
+            c.timewait = x.substate != State::FinWait2;
+            out.push(c);
+        }
+    }
+
+    /// Releases the closes whose grace ended by `now_ns` — as they were: their timewait
+    /// socket most likely moved to TIME_WAIT silently — unless it is being killed now.
+    fn expire(&mut self, now_ns: u64, tw: &Timewaits, out: &mut Vec<Close>) {
+        while let Some(&(at, key)) = self.order.front() {
+            if at > now_ns {
+                break;
+            }
+            self.order.pop_front();
+            if !self.held.contains_key(&key) {
+                continue;
+            }
+            let dying = tw.of(key.0, key.1).is_some_and(|l| l.cancelled());
+            if dying && now_ns != u64::MAX {
+                self.order.push_back((now_ns + FATE_GRACE_NS, key));
+                continue;
+            }
+            out.extend(self.held.remove(&key));
+        }
     }
 }
 
@@ -374,5 +515,137 @@ mod tests {
         assert!(close.timewait);
         assert_eq!(tracked.undecodable(), 1);
         assert_eq!(tracked.tracked(), 0, "the socket's life ended");
+    }
+
+    /// A server whose orphan entered a timewait socket in FIN_WAIT2 (its client had not
+    /// sent its FIN), in the three fates such a socket has, each in its possible orders.
+    #[test]
+    fn an_orphans_timewait_socket_in_fin_wait2_decides_the_close() {
+        use crate::event::{Direction, Event, Reset, TimerEvent, TimerOp};
+        use State::*;
+        const TW: u64 = 0xffff_8881_0000_0990;
+        let (local, remote) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:40000".parse().unwrap(),
+        );
+        let t = |ts: u64, from, to| {
+            Event::Transition(Transition {
+                ts_ns: ts,
+                skaddr: 0xffff_8881_0000_0040,
+                local,
+                remote,
+                from,
+                to,
+                in_from_ns: Some(1_000),
+                owner: None,
+                mptcp: false,
+                netns: None,
+                cgroup: None,
+            })
+        };
+        let timer = |ts: u64, op| {
+            Event::Timer(TimerEvent {
+                ts_ns: ts,
+                tw: TW,
+                op,
+                substate_at_end: Some(FinWait2),
+            })
+        };
+        let armed = |ts, substate| {
+            timer(
+                ts,
+                TimerOp::Armed {
+                    substate,
+                    timeout_jiffies: 15_000,
+                    local,
+                    remote,
+                    netns: None,
+                },
+            )
+        };
+        let reset = |ts, from| {
+            Event::Reset(Reset {
+                ts_ns: ts,
+                skaddr: Some(from),
+                local,
+                remote,
+                direction: Direction::Sent,
+                state: Some(TimeWait),
+                reason: Some(9),
+                owner: None,
+                netns: None,
+                cgroup: None,
+            })
+        };
+        let life = || {
+            vec![
+                t(1_000, Listen, SynRecv),
+                t(2_000, SynRecv, Established),
+                t(3_000, Established, FinWait1),
+                t(4_000, FinWait1, FinWait2),
+                armed(5_000, FinWait2),
+                t(5_001, FinWait2, TimeWait),
+            ]
+        };
+        let run = |events: Vec<Event>, until: u64| {
+            let mut pipe = Pipeline::new(Filter::default().compile())
+                .tracking()
+                .timewaits(true);
+            let mut closes = Vec::new();
+            for e in &events {
+                pipe.fold(e);
+                closes.append(&mut pipe.closes);
+            }
+            pipe.tick(until);
+            closes.append(&mut pipe.closes);
+            closes
+        };
+        let ms = 1_000_000;
+        assert!(
+            run(life(), 20 * ms).is_empty(),
+            "waits for the socket's fate"
+        );
+        // The client's data came: the timewait socket answered with a reset and was killed,
+        // or the closed socket did (the data raced with the hand-over) and the client, reset,
+        // never sends its FIN. Either way no TIME_WAIT here, and this side's reset ended it.
+        for from in [TW, 0xffff_8881_0000_0040] {
+            let mut killed = life();
+            killed.extend([reset(10 * ms, from), timer(10 * ms + 1, TimerOp::Cancelled)]);
+            let c = run(killed, 2_000 * ms);
+            assert_eq!(c.len(), 1);
+            assert_eq!(
+                (c[0].initiator, c[0].how, c[0].timewait, c[0].reset_reason),
+                (Initiator::Local, How::RstSent, false, Some(9))
+            );
+        }
+        // Killed without a reset (its namespace went away): no TIME_WAIT either.
+        let mut gone = life();
+        gone.push(timer(10 * ms, TimerOp::Cancelled));
+        let c = run(gone, 2_000 * ms);
+        assert_eq!((c.len(), c[0].timewait, c[0].how), (1, false, How::Fin));
+        // Moved to TIME_WAIT by the client's FIN, with a visible re-arm: at once.
+        let mut rearmed = life();
+        rearmed.extend([
+            timer(8 * ms, TimerOp::Cancelled),
+            armed(8 * ms + 1, TimeWait),
+        ]);
+        let c = run(rearmed, 9 * ms);
+        assert_eq!(c.len(), 1);
+        assert!(c[0].timewait && c[0].how == How::Fin);
+        // No sign either way (a silent re-arm): after the grace, as it was.
+        let c = run(life(), 5_001 + FATE_GRACE_NS + 1);
+        assert_eq!(c.len(), 1);
+        assert!(c[0].timewait);
+        // A server whose timewait socket went straight to TIME_WAIT: no wait at all.
+        let mut direct = life();
+        direct[4] = armed(5_000, TimeWait);
+        assert_eq!(run(direct, 5_001).len(), 1);
+        // No timewait socket at all: the client's data came with its acknowledgement of
+        // this side's FIN, and the kernel closed the socket and reset the connection.
+        let mut aborted = life();
+        aborted.remove(4);
+        aborted.push(reset(5_010, 0xffff_8881_0000_0040));
+        let c = run(aborted, 5_011);
+        assert_eq!((c.len(), c[0].how, c[0].timewait), (1, How::RstSent, false));
     }
 }

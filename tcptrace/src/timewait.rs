@@ -99,6 +99,14 @@ pub struct Life {
     after_cancel: Option<Rearm>,
 }
 
+impl Life {
+    /// Whether its timer was cancelled, and neither re-armed nor expired since (its end is
+    /// about to be concluded: a kill, unless a re-arm follows).
+    pub fn cancelled(&self) -> bool {
+        self.cancelled_at.is_some()
+    }
+}
+
 /// Reads a network namespace's `TCPTimeWaitOverflow` count now (None: it cannot be read).
 pub type OverflowCount = Box<dyn FnMut(Option<u32>) -> Option<u64>>;
 
@@ -292,6 +300,18 @@ impl Timewaits {
     /// The timewait sockets alive now.
     pub fn population(&self) -> impl Iterator<Item = &Life> {
         self.live.values()
+    }
+
+    /// The timewait socket at kernel address `tw`, if followed.
+    pub fn at(&self, tw: u64) -> Option<&Life> {
+        self.live.get(&tw)
+    }
+
+    /// The timewait socket of the 4-tuple (local, remote), if followed.
+    pub fn of(&self, local: SocketAddr, remote: SocketAddr) -> Option<&Life> {
+        self.by_tuple
+            .get(&(local, remote))
+            .and_then(|tw| self.live.get(tw))
     }
 
     /// Feeds one event; appends the timewait sockets it ends to `out`.

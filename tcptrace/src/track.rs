@@ -600,9 +600,10 @@ impl Tracker {
                 life.reset_reason = r.reason.map_or(0, |n| n.saturating_add(1).min(255) as u8);
             }
             self.live.put(sk, &life);
-        } else {
+        } else if received || !matches!(r.state, Some(State::Close | State::TimeWait)) {
             // A socket first met through the reset that is about to end it (either way: an
-            // abort may write its reset before its transition).
+            // abort may write its reset before its transition). Not a socket that has ended
+            // (a reset after its end, or a timewait socket's): nothing is left to follow.
             self.make_room(sk);
             let mut life = Life::new(r.ts_ns, Evidence::default());
             life.evidence.on_reset(received);

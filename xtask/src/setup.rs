@@ -198,19 +198,25 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
         ("ip", "-V", "iproute2"),
         ("prometheus", "--version", "prometheus"),
         ("nft", "--version", "nftables"),
+        // The real-software suite's servers and clients.
+        ("nginx", "-v", "nginx-light"),
+        ("redis-server", "--version", "redis-server"),
+        ("redis-benchmark", "--version", "redis-tools"),
+        ("ab", "-V", "apache2-utils"),
+        ("curl", "--version", "curl"),
     ]
     .into_iter()
     .filter(|(cmd, arg, _)| capture(Command::new(cmd).arg(arg)).is_err())
     .map(|(_, _, pkg)| pkg)
     .collect();
     if missing.is_empty() {
-        say("✓ iproute2, prometheus, nftables".into());
+        say("✓ iproute2, prometheus, nftables, nginx, redis, ab, curl".into());
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
         println!(
-            "! missing {} (the namespace, Prometheus and retransmission tests need them): \
-             install with your package manager",
+            "! missing {} (the namespace, Prometheus, retransmission and real-software tests \
+             need them): install with your package manager",
             missing.join(", ")
         );
         return Ok(());
@@ -219,11 +225,45 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     run(Command::new("apt-get")
         .arg("update")
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // The servers are for the tests to start in their own namespaces: the packages must not
+    // start them on the host (Debian's policy-rc.d convention; one already there stays).
+    let _guard = NoServiceStarts::new()?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("apt-get could not install {}", missing.join(", ")))
+}
+
+/// While it lives, package scripts may not start services (`/usr/sbin/policy-rc.d` exits
+/// 101); it removes only the file it wrote.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    const PATH: &str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> Result<Self> {
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return Ok(NoServiceStarts(None));
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# Written by cargo xtask setup while it installs.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+        Ok(NoServiceStarts(Some(path.to_path_buf())))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
 }
 
 #[cfg(test)]
