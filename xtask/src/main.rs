@@ -166,6 +166,102 @@ fn cargo(args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// Integration test binaries that mostly wait (a real 2MSL expiry, ~62 s each): run on their
+/// own, beside the rest, rather than one after the other.
+const WAITING_TESTS: [&str; 2] = ["timewait", "software"];
+
+/// An integration test target, built: its name, its executable and its package's folder
+/// (where cargo runs it).
+struct TestBinary {
+    name: String,
+    executable: PathBuf,
+    dir: PathBuf,
+}
+
+/// The workspace's integration test binaries, as `cargo test --no-run` built them.
+fn test_binaries() -> Result<Vec<TestBinary>> {
+    let out = capture(&mut cargo(&["test", "--no-run", "--message-format=json"])?)?;
+    let mut found = Vec::new();
+    for line in out.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let kinds = &v["target"]["kind"];
+        let is_test = v["profile"]["test"] == true
+            && kinds
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        let (Some(exe), Some(name), Some(manifest)) = (
+            v["executable"].as_str(),
+            v["target"]["name"].as_str(),
+            v["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        if is_test {
+            found.push(TestBinary {
+                name: name.to_string(),
+                executable: exe.into(),
+                dir: Path::new(manifest)
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .into(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Every test: the waiting binaries started on their own, `cargo test` for all the rest
+/// meanwhile; each waiting binary's output is printed once it is done.
+fn tests_in_parallel(extra: &[String]) -> Result<()> {
+    let binaries = test_binaries()?;
+    let waiting: Vec<&TestBinary> = binaries
+        .iter()
+        .filter(|b| WAITING_TESTS.contains(&b.name.as_str()))
+        .collect();
+    let children = waiting
+        .iter()
+        .map(|b| {
+            Command::new(&b.executable)
+                .args(extra)
+                .current_dir(&b.dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .with_context(|| format!("cannot start {}", b.executable.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut args = vec!["test".to_string(), "--lib".into(), "--bins".into()];
+    for b in binaries
+        .iter()
+        .filter(|b| !WAITING_TESTS.contains(&b.name.as_str()))
+    {
+        args.extend(["--test".to_string(), b.name.clone()]);
+    }
+    if !extra.is_empty() {
+        args.push("--".into());
+        args.extend(extra.iter().cloned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rest = run(&mut cargo(&args)?).and_then(|()| run(&mut cargo(&["test", "--doc"])?));
+    let mut failed = Vec::new();
+    for (b, child) in waiting.iter().zip(children) {
+        let out = child.wait_with_output()?;
+        println!("\n== test {} (run beside the others)", b.name);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            failed.push(b.name.clone());
+        }
+    }
+    rest?;
+    if !failed.is_empty() {
+        bail!("{} failed", failed.join(", "));
+    }
+    Ok(())
+}
+
 /// Sets up (quietly when done already) and builds; returns the binary.
 fn build(debug: bool) -> Result<PathBuf> {
     setup::setup(true)?;
@@ -238,15 +334,15 @@ fn test(extra: &[String]) -> Result<()> {
         "clippy",
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
-    let mut test_args = vec!["test"];
-    if !extra.is_empty() {
-        test_args.push("--");
-        test_args.extend(extra.iter().map(String::as_str));
-    }
-    step("test", cargo(&test_args))?;
-    println!("\n{:<8} {:>8}", "step", "seconds");
+    step("build tests", cargo(&["test", "--no-run"]))?;
+    let start = Instant::now();
+    println!("\n== test");
+    let result = tests_in_parallel(extra);
+    steps.push(("test", start.elapsed().as_secs_f64()));
+    result.context("FAILED: test")?;
+    println!("\n{:<12} {:>8}", "step", "seconds");
     for (name, secs) in &steps {
-        println!("{name:<8} {secs:>8.1}");
+        println!("{name:<12} {secs:>8.1}");
     }
     println!("all steps passed");
     Ok(())
