@@ -340,34 +340,46 @@ impl Existing {
 }
 
 /// The processes that hold the socket files of `inodes`: socket inode → (pid, command),
-/// read from every process's descriptors (as `ss -p` does).
+/// read from every process's descriptors (as `ss -p` does). Processes are read in parallel,
+/// each descriptor with one `readlinkat` into a stack buffer: a host with a million sockets
+/// has a million links to read.
 pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u32, String)> {
-    let mut owners = HashMap::new();
     if inodes.is_empty() {
-        return owners;
+        return HashMap::new();
     }
-    let pids = std::fs::read_dir("/proc")
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
-    for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Each thread takes the next process: a few processes may hold most sockets.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| owners_among(&pids, &next, inodes)))
+            .collect();
+        let mut owners = HashMap::new();
+        for part in parts {
+            for (inode, owner) in part.join().unwrap_or_default() {
+                owners.entry(inode).or_insert(owner);
+            }
+        }
+        owners
+    })
+}
+
+/// [`socket_owners`] among the `pids` this thread takes (the next one from `next`).
+fn owners_among(
+    pids: &[u32],
+    next: &std::sync::atomic::AtomicUsize,
+    inodes: &std::collections::HashSet<u32>,
+) -> HashMap<u32, (u32, String)> {
+    let mut owners = HashMap::new();
+    while let Some(&pid) = pids.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
         let mut comm = None;
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for_each_socket(pid, |inode| {
             if inodes.contains(&inode) && !owners.contains_key(&inode) {
                 let comm = comm.get_or_insert_with(|| {
                     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -376,9 +388,50 @@ pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u
                 });
                 owners.insert(inode, (pid, comm.clone()));
             }
-        }
+        });
     }
     owners
+}
+
+/// Calls `each` with the inode of every socket process `pid` holds open.
+fn for_each_socket(pid: u32, mut each: impl FnMut(u32)) {
+    let dir = format!("/proc/{pid}/fd");
+    let Ok(fds) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let Ok(dir) = std::fs::File::open(&dir) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    for fd in fds.flatten() {
+        let name = fd.file_name();
+        let Ok(name) =
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
+        else {
+            continue;
+        };
+        // SAFETY: a valid directory descriptor, a NUL-terminated name, and a buffer of the
+        // length given; the kernel writes at most that many bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            continue;
+        };
+        let inode = buf[..n]
+            .strip_prefix(b"socket:[")
+            .and_then(|t| t.strip_suffix(b"]"))
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| t.parse::<u32>().ok());
+        if let Some(inode) = inode {
+            each(inode);
+        }
+    }
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
