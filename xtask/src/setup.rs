@@ -195,22 +195,28 @@ fn bpf_linker(nightly: &str, say: &dyn Fn(String)) -> Result<()> {
 /// (Debian's package; its service is not started in a container, and the test runs its own).
 fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     let missing: Vec<&str> = [
-        ("ip", "-V", "iproute2"),
-        ("prometheus", "--version", "prometheus"),
-        ("nft", "--version", "nftables"),
+        ("ip", &["-V"][..], "iproute2"),
+        ("prometheus", &["--version"], "prometheus"),
+        ("nft", &["--version"], "nftables"),
         // The real-software suite's servers and clients.
-        ("nginx", "-v", "nginx-light"),
-        ("redis-server", "--version", "redis-server"),
-        ("redis-benchmark", "--version", "redis-tools"),
-        ("ab", "-V", "apache2-utils"),
-        ("curl", "--version", "curl"),
+        ("nginx", &["-v"], "nginx-light"),
+        ("redis-server", &["--version"], "redis-server"),
+        ("redis-benchmark", &["--version"], "redis-tools"),
+        ("ab", &["-V"], "apache2-utils"),
+        ("curl", &["--version"], "curl"),
+        // The scripted peers (Debian's python, whatever `python3` is first on PATH).
+        (
+            "/usr/bin/python3",
+            &["-c", "import scapy.all"],
+            "python3-scapy",
+        ),
     ]
     .into_iter()
-    .filter(|(cmd, arg, _)| capture(Command::new(cmd).arg(arg)).is_err())
+    .filter(|(cmd, args, _)| capture(Command::new(cmd).args(*args)).is_err())
     .map(|(_, _, pkg)| pkg)
     .collect();
     if missing.is_empty() {
-        say("✓ iproute2, prometheus, nftables, nginx, redis, ab, curl".into());
+        say("✓ iproute2, prometheus, nftables, nginx, redis, ab, curl, scapy".into());
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
