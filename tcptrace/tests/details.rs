@@ -149,18 +149,12 @@ fn retrans_segs(ns: &str) -> u64 {
 
 /// Adds nftables `rule` to the input of namespace `ns` (a table of its own there).
 fn drop_in(ns: &str, rule: &str) {
-    for cmd in [
-        "add table inet tct".to_string(),
-        "add chain inet tct in { type filter hook input priority 0; }".to_string(),
-        format!("add rule inet tct in {rule}"),
-    ] {
-        let st = Command::new("ip")
-            .args(["netns", "exec", ns, "nft"])
-            .args(cmd.split(' '))
-            .status()
-            .unwrap();
-        assert!(st.success(), "nft {cmd} in {ns}");
-    }
+    nft(ns, "add table inet tct");
+    nft(
+        ns,
+        "add chain inet tct in { type filter hook input priority 0; }",
+    );
+    nft(ns, &format!("add rule inet tct in {rule}"));
 }
 
 /// Whether nftables' `nft` runs (`cargo xtask setup` installs it); fails under CI=true.

@@ -33,16 +33,6 @@ fn scapy_or_skip(test: &str) -> bool {
     false
 }
 
-/// `nft` in namespace `ns`.
-fn nft(ns: &str, cmd: &str) {
-    let st = Command::new("ip")
-        .args(["netns", "exec", ns, "nft"])
-        .args(cmd.split(' '))
-        .status()
-        .unwrap();
-    assert!(st.success(), "nft {cmd} in {ns}");
-}
-
 /// A device's MAC address, in namespace `ns`.
 fn mac(ns: &str, dev: &str) -> String {
     let out = Command::new("ip")

@@ -503,3 +503,14 @@ pub fn netns_inode(name: &str) -> u32 {
         .unwrap()
         .ino() as u32
 }
+
+/// `nft CMD` (its words split at spaces) in namespace `ns` (nftables: `cargo xtask setup`
+/// installs it).
+pub fn nft(ns: &str, cmd: &str) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(cmd.split(' '))
+        .status()
+        .unwrap();
+    assert!(st.success(), "nft {cmd} in {ns}");
+}
