@@ -19,7 +19,8 @@ pub struct Details {
     pub ts_ns: u64,
     /// The socket's kernel address: the end record's `skaddr`.
     pub skaddr: u64,
-    /// `tcp_sock.bytes_acked`: bytes this side sent that the peer acknowledged.
+    /// `tcp_sock.bytes_acked`: bytes this side sent that the peer acknowledged (a connecting
+    /// side's SYN and either side's FIN count one each, as in `tcp_info`).
     pub bytes_acked: u64,
     /// `tcp_sock.bytes_received`: bytes received in order.
     pub bytes_received: u64,
@@ -40,7 +41,8 @@ pub struct Details {
     pub sk_err: u32,
     /// `icsk_user_timeout` in ms (`TCP_USER_TIMEOUT`; 0: not set).
     pub user_timeout_ms: u32,
-    /// `tcp_sock.packets_out`: segments sent and not yet acknowledged at the end.
+    /// `tcp_sock.packets_out`: segments sent and not yet acknowledged at the end — 0 after a
+    /// reset or a timeout, whose `tcp_write_queue_purge` runs before the end is logged.
     pub packets_out: u32,
     pub _pad: u32,
     pub _reserved: [u64; 2],

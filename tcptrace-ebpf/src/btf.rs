@@ -886,9 +886,13 @@ unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     // A socket first met through the reset that aborts it (it was open before tracing, and
     // its abort writes the reset before the transition) gets storage, as for a received
     // one: its record then holds the reset whichever came first. Not once it has ended.
+    // Not a listener's (answering a stray segment), nor for a socket no filter keeps.
+    let create = st != state::CLOSE
+        && st != state::LISTEN
+        && socket_may_be_kept(config(), family, sport, dport, port_bits);
     // SAFETY: `sk` is a full socket where `full`.
     let storage = if full {
-        unsafe { storage(sk, st != state::CLOSE, Slot::ResetSent) }
+        unsafe { storage(sk, create, Slot::ResetSent) }
     } else {
         null_mut()
     };

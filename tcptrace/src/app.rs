@@ -240,11 +240,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let filter = a.common.filter.filter();
             let format = a.common.output.format();
             let names = cgroup_names(&a.common.source, &filter);
-            // Only the per-connection metrics read the connections' counters.
-            let counters = if a.metric == crate::hist::Metric::State {
-                Counters::Skip
-            } else {
-                Counters::Read
+            // Only RTTs and bytes come from the connections' counters.
+            let counters = match a.metric {
+                crate::hist::Metric::Rtt | crate::hist::Metric::Bytes => Counters::Read,
+                crate::hist::Metric::State | crate::hist::Metric::Lifetime => Counters::Skip,
             };
             drive(
                 &filter,
@@ -792,6 +791,12 @@ pub fn live(
                     r.context("waiting for the ring buffer")?.clear_ready();
                 }
                 _ = tick.tick() => {
+                    // What is waiting in the ring happened before now: it goes in first, so
+                    // that no grace (a reset's, a timewait socket's fate) is judged ahead of
+                    // unread events.
+                    if feed(&mut probe, view, false)? == Flow::Done {
+                        return Ok(());
+                    }
                     if view.tick(crate::probe::monotonic_ns())? == Flow::Done {
                         return Ok(());
                     }

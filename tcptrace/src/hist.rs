@@ -152,6 +152,8 @@ pub struct BytesSummary {
     pub kind: &'static str,
     /// `bytes`.
     pub metric: &'static str,
+    /// Always null (as for the other per-connection metrics).
+    pub state: Option<&'static str>,
     /// `sent` (acknowledged by the peer) or `received`.
     pub direction: &'static str,
     /// The connections' role: `client`, `server` or `unknown`.
@@ -444,6 +446,7 @@ fn summarise((series, port, role): Key, h: &Histogram<u64>) -> Histo {
     Histo::Bytes(BytesSummary {
         kind: "hist",
         metric: Metric::Bytes.name(),
+        state: None,
         direction,
         role,
         meaning: series.meaning(),

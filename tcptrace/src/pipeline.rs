@@ -349,10 +349,17 @@ const FATE_GRACE_NS: u64 = 300_000_000;
 /// briefly to tell which, whatever order the events come in.
 #[derive(Debug, Default)]
 struct Fates {
-    held: FastMap<(SocketAddr, SocketAddr), Close>,
-    /// When each held close stops waiting, in order.
-    order: std::collections::VecDeque<(u64, (SocketAddr, SocketAddr))>,
+    /// By namespace and 4-tuple: the close, and the number it was held under.
+    held: FastMap<Tuple, (Close, u64)>,
+    /// When each held close stops waiting, in order, with its number (an entry whose close
+    /// has gone, or was replaced by a later one on the same 4-tuple, is stale).
+    order: std::collections::VecDeque<(u64, Tuple, u64)>,
+    /// Closes held so far: each one's number.
+    count: u64,
 }
+
+/// A connection's network namespace and endpoints (local, remote).
+type Tuple = (Option<u32>, SocketAddr, SocketAddr);
 
 impl Fates {
     /// Moves the closes from `closes[from..]` whose timewait socket is in FIN_WAIT2 to
@@ -371,10 +378,16 @@ impl Fates {
                 };
             if undecided {
                 let c = closes.remove(i);
-                let key = (c.local, c.remote);
+                let key = (c.netns, c.local, c.remote);
+                self.count += 1;
                 self.order
-                    .push_back((now_ns.saturating_add(FATE_GRACE_NS), key));
-                self.held.insert(key, c);
+                    .push_back((now_ns.saturating_add(FATE_GRACE_NS), key, self.count));
+                // The 4-tuple taken again before the last close on it was decided (no
+                // timewait socket holds it): that one goes out as it was, first.
+                if let Some((earlier, _)) = self.held.insert(key, (c, self.count)) {
+                    closes.insert(i, earlier);
+                    i += 1;
+                }
             } else {
                 i += 1;
             }
@@ -389,7 +402,7 @@ impl Fates {
         }
         if let Event::Reset(r) = ev
             && r.direction == crate::event::Direction::Sent
-            && let Some(mut c) = self.held.remove(&(r.local, r.remote))
+            && let Some((mut c, _)) = self.held.remove(&(r.netns, r.local, r.remote))
         {
             c.timewait = false;
             c.how = How::RstSent;
@@ -410,9 +423,10 @@ impl Fates {
                 substate: State::TimeWait,
                 local,
                 remote,
+                netns,
                 ..
             } = t.op
-            && let Some(c) = self.held.remove(&(local, remote))
+            && let Some((c, _)) = self.held.remove(&(netns, local, remote))
         {
             out.push(c);
         }
@@ -423,7 +437,7 @@ impl Fates {
     /// FIN_WAIT2 never held TIME_WAIT.
     fn settled_by(&mut self, exits: &[Exit], out: &mut Vec<Close>) {
         for x in exits {
-            let Some(mut c) = self.held.remove(&(x.local, x.remote)) else {
+            let Some((mut c, _)) = self.held.remove(&(x.netns, x.local, x.remote)) else {
                 continue;
             };
             c.timewait = x.substate != State::FinWait2;
@@ -434,20 +448,20 @@ impl Fates {
     /// Releases the closes whose grace ended by `now_ns` — as they were: their timewait
     /// socket most likely moved to TIME_WAIT silently — unless it is being killed now.
     fn expire(&mut self, now_ns: u64, tw: &Timewaits, out: &mut Vec<Close>) {
-        while let Some(&(at, key)) = self.order.front() {
+        while let Some(&(at, key, n)) = self.order.front() {
             if at > now_ns {
                 break;
             }
             self.order.pop_front();
-            if !self.held.contains_key(&key) {
+            if self.held.get(&key).is_none_or(|(_, held)| *held != n) {
                 continue;
             }
-            let dying = tw.of(key.0, key.1).is_some_and(|l| l.cancelled());
+            let dying = tw.of(key.1, key.2).is_some_and(|l| l.cancelled());
             if dying && now_ns != u64::MAX {
-                self.order.push_back((now_ns + FATE_GRACE_NS, key));
+                self.order.push_back((now_ns + FATE_GRACE_NS, key, n));
                 continue;
             }
-            out.extend(self.held.remove(&key));
+            out.extend(self.held.remove(&key).map(|(c, _)| c));
         }
     }
 }
@@ -577,16 +591,17 @@ mod tests {
                 cgroup: None,
             })
         };
-        let life = || {
+        let life_at = |at: u64| {
             vec![
-                t(1_000, Listen, SynRecv),
-                t(2_000, SynRecv, Established),
-                t(3_000, Established, FinWait1),
-                t(4_000, FinWait1, FinWait2),
-                armed(5_000, FinWait2),
-                t(5_001, FinWait2, TimeWait),
+                t(at + 1_000, Listen, SynRecv),
+                t(at + 2_000, SynRecv, Established),
+                t(at + 3_000, Established, FinWait1),
+                t(at + 4_000, FinWait1, FinWait2),
+                armed(at + 5_000, FinWait2),
+                t(at + 5_001, FinWait2, TimeWait),
             ]
         };
+        let life = || life_at(0);
         let run = |events: Vec<Event>, until: u64| {
             let mut pipe = Pipeline::new(Filter::default().compile())
                 .tracking()
@@ -647,5 +662,13 @@ mod tests {
         aborted.push(reset(5_010, 0xffff_8881_0000_0040));
         let c = run(aborted, 5_011);
         assert_eq!((c.len(), c[0].how, c[0].timewait), (1, How::RstSent, false));
+        // The 4-tuple taken again (no timewait socket holds it) before the first close was
+        // decided: both closes come out, each once.
+        let mut twice = life();
+        twice.remove(4);
+        let mut second = life_at(10 * ms);
+        second.remove(4);
+        twice.extend(second);
+        assert_eq!(run(twice, 2_000 * ms).len(), 2);
     }
 }

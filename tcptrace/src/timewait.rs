@@ -111,19 +111,28 @@ impl Life {
 pub type OverflowCount = Box<dyn FnMut(Option<u32>) -> Option<u64>>;
 
 /// What proves that the kernel refused a timewait socket: the namespace's
-/// `TCPTimeWaitOverflow` count moved past the refusals already claimed. An entry into
+/// `TCPTimeWaitOverflow` count moved past the refusals already claimed. The count is the
+/// namespace's: a refusal of a socket tcptrace does not follow (filtered out) can prove an
+/// entry whose timewait socket's arming was lost. An entry into
 /// TIME_WAIT whose timewait socket never showed is otherwise not claimed refused: its
 /// timer events may have been lost or skipped, or the socket killed before its timer ran.
 pub struct OverflowProof {
     read: OverflowCount,
-    /// Each namespace's count when tracing began (a namespace created since starts at 0).
+    /// Each namespace's count when tracing began, or when it was first needed for a
+    /// namespace not read then (whose refusals before that are not claimed).
     base: FastMap<Option<u32>, u64>,
     /// Refusals claimed so far, per namespace.
     claimed: FastMap<Option<u32>, u64>,
     /// The count last read, per namespace: a read proves every refusal up to it, so a burst
     /// of refusals costs one read.
     seen: FastMap<Option<u32>, u64>,
+    /// When each namespace's count was last read (event time): reads are rate-limited.
+    read_at: FastMap<Option<u32>, u64>,
 }
+
+/// A namespace's count is read at most this often: reading it enters the namespace, and
+/// entries without a timewait socket come fastest when timer events are being lost.
+const PROOF_READ_EVERY_NS: u64 = 20_000_000;
 
 impl OverflowProof {
     /// Proof read with `read`; the counts of `namespaces` (those that exist now) are taken
@@ -138,20 +147,35 @@ impl OverflowProof {
             seen: base.clone(),
             base,
             claimed: FastMap::default(),
+            read_at: FastMap::default(),
         }
     }
 
     /// Whether the kernel counted one more refusal in `netns` than claimed so far (which
-    /// then counts as claimed). Reads the count only when the last read does not prove it.
-    fn refused(&mut self, netns: Option<u32>) -> bool {
-        let base = self.base.get(&netns).copied().unwrap_or(0);
+    /// then counts as claimed), at `now_ns`. Reads the count only when the last read does
+    /// not prove it, and not more often than [`PROOF_READ_EVERY_NS`].
+    fn refused(&mut self, netns: Option<u32>, now_ns: u64) -> bool {
+        let Some(&base) = self.base.get(&netns) else {
+            // A namespace not read at start (not found then, or unreadable): its count now
+            // is the base, and proves nothing yet (its past refusals are not these).
+            if let Some(count) = (self.read)(netns) {
+                self.base.insert(netns, count);
+                self.seen.insert(netns, count);
+            }
+            return false;
+        };
         let claimed = self.claimed.get(&netns).copied().unwrap_or(0);
         let proves = |count: u64| count.saturating_sub(base) > claimed;
-        let seen = self.seen.get(&netns).copied().unwrap_or(0);
+        let seen = self.seen.get(&netns).copied().unwrap_or(base);
         if !proves(seen) {
+            let last = self.read_at.get(&netns).copied();
+            if last.is_some_and(|t| now_ns.saturating_sub(t) < PROOF_READ_EVERY_NS) {
+                return false;
+            }
+            self.read_at.insert(netns, now_ns);
             match (self.read)(netns) {
-                Some(now) if proves(now) => {
-                    self.seen.insert(netns, now);
+                Some(count) if proves(count) => {
+                    self.seen.insert(netns, count);
                 }
                 _ => return false,
             }
@@ -540,7 +564,11 @@ impl Timewaits {
                 break;
             }
             self.expected.remove(0);
-            if !self.proof.as_mut().is_some_and(|p| p.refused(t.netns)) {
+            if !self
+                .proof
+                .as_mut()
+                .is_some_and(|p| p.refused(t.netns, now_ns))
+            {
                 self.unproven += 1;
                 continue;
             }

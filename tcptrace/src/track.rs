@@ -600,10 +600,16 @@ impl Tracker {
                 life.reset_reason = r.reason.map_or(0, |n| n.saturating_add(1).min(255) as u8);
             }
             self.live.put(sk, &life);
-        } else if received || !matches!(r.state, Some(State::Close | State::TimeWait)) {
+        } else if received
+            || !matches!(
+                r.state,
+                Some(State::Close | State::TimeWait | State::Listen)
+            )
+        {
             // A socket first met through the reset that is about to end it (either way: an
             // abort may write its reset before its transition). Not a socket that has ended
-            // (a reset after its end, or a timewait socket's): nothing is left to follow.
+            // (a reset after its end, or a timewait socket's), nor a listener answering a
+            // stray segment: nothing is left to follow.
             self.make_room(sk);
             let mut life = Life::new(r.ts_ns, Evidence::default());
             life.evidence.on_reset(received);

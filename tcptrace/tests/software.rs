@@ -322,7 +322,7 @@ fn real_servers_and_clients_agree_with_sock_diag() {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let tracer = start_tracer(&["--json", "--port", &list, "--duration", "5m"]);
+    let tracer = LoggedTracer::start(&["--json", "--port", &list, "--duration", "5m"]);
     let old_local = old.local_addr().unwrap();
     workload(&pair, &p, old);
     half.join().unwrap();
@@ -359,7 +359,7 @@ fn real_servers_and_clients_agree_with_sock_diag() {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let records = stop_tracer(tracer);
+    let records = tracer.stop();
     check(&records, &held, &gone, (ns_a, ns_b), old_local);
 }
 

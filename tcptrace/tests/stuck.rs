@@ -200,24 +200,28 @@ fn serve_exports_stuck_sockets_until_they_leave() {
     connect_and_close(&pair, addr);
     accepted.recv().unwrap();
     let p = port.to_string();
+    // Scans at start and 3 s later. The second connection enters CLOSE_WAIT after the first
+    // scan: by the second it is 2 s old only as its socket's storage tells (the first scan
+    // that found it would make it 0 s old).
     let (mut serve, at) = start_serve(&[
         "--port",
         &p,
         "--label-port",
         &p,
         "--stuck-older-than",
-        "1s",
+        "2s",
         "--stuck-interval",
-        "250ms",
+        "3s",
     ]);
+    std::thread::sleep(Duration::from_millis(800));
     connect_and_close(&pair, addr);
     accepted.recv().unwrap();
-    std::thread::sleep(Duration::from_millis(2000));
+    std::thread::sleep(Duration::from_millis(3700));
     let held = scrape(&at);
     let kernel = close_wait_per_sock_diag(&pair.b, port);
     done.send(()).unwrap();
     srv.join().unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(3500));
     let gone = scrape(&at);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
@@ -226,7 +230,7 @@ fn serve_exports_stuck_sockets_until_they_leave() {
     let series = format!("tcptrace_stuck_sockets{{state=\"CLOSE_WAIT\",port=\"{port}\"}}");
     assert_eq!(sample(&held, &series), Some(2.0), "{held}");
     let oldest = sample(&held, "tcptrace_stuck_oldest_seconds{state=\"CLOSE_WAIT\"}");
-    assert!(oldest.is_some_and(|s| s >= 1.0), "{held}");
+    assert!(oldest.is_some_and(|s| s >= 2.0), "{held}");
     assert_eq!(
         sample(&gone, &series),
         None,

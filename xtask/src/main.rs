@@ -220,18 +220,25 @@ fn tests_in_parallel(extra: &[String]) -> Result<()> {
         .iter()
         .filter(|b| WAITING_TESTS.contains(&b.name.as_str()))
         .collect();
-    let children = waiting
-        .iter()
-        .map(|b| {
-            Command::new(&b.executable)
-                .args(extra)
-                .current_dir(&b.dir)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .with_context(|| format!("cannot start {}", b.executable.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // A change in cargo's output must not turn into tests silently not run.
+    if waiting.len() != WAITING_TESTS.len() || binaries.len() <= waiting.len() {
+        bail!(
+            "cargo test --no-run listed {} test binaries, {} of {WAITING_TESTS:?}",
+            binaries.len(),
+            waiting.len()
+        );
+    }
+    let mut children = Running(Vec::new());
+    for b in &waiting {
+        let child = Command::new(&b.executable)
+            .args(extra)
+            .current_dir(&b.dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", b.executable.display()))?;
+        children.0.push(child);
+    }
     let mut args = vec!["test".to_string(), "--lib".into(), "--bins".into()];
     for b in binaries
         .iter()
@@ -244,9 +251,14 @@ fn tests_in_parallel(extra: &[String]) -> Result<()> {
         args.extend(extra.iter().cloned());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let rest = run(&mut cargo(&args)?).and_then(|()| run(&mut cargo(&["test", "--doc"])?));
+    let mut doc = vec!["test", "--doc"];
+    if !extra.is_empty() {
+        doc.push("--");
+        doc.extend(extra.iter().map(String::as_str));
+    }
+    let rest = run(&mut cargo(&args)?).and_then(|()| run(&mut cargo(&doc)?));
     let mut failed = Vec::new();
-    for (b, child) in waiting.iter().zip(children) {
+    for (b, child) in waiting.iter().zip(std::mem::take(&mut children.0)) {
         let out = child.wait_with_output()?;
         println!("\n== test {} (run beside the others)", b.name);
         print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -260,6 +272,18 @@ fn tests_in_parallel(extra: &[String]) -> Result<()> {
         bail!("{} failed", failed.join(", "));
     }
     Ok(())
+}
+
+/// Test processes started on their own: killed and reaped if the run ends early.
+struct Running(Vec<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Sets up (quietly when done already) and builds; returns the binary.

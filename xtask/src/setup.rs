@@ -248,16 +248,20 @@ struct NoServiceStarts(Option<PathBuf>);
 impl NoServiceStarts {
     const PATH: &str = "/usr/sbin/policy-rc.d";
 
+    /// What marks the file as this guard's.
+    const MARK: &str = "# Written by cargo xtask setup while it installs.";
+
     fn new() -> Result<Self> {
         let path = Path::new(Self::PATH);
+        // One left by an interrupted run (Ctrl-C kills without unwinding) goes first.
+        if fs::read_to_string(path).is_ok_and(|t| t.contains(Self::MARK)) {
+            fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        }
         if path.exists() {
             return Ok(NoServiceStarts(None));
         }
-        fs::write(
-            path,
-            "#!/bin/sh\n# Written by cargo xtask setup while it installs.\nexit 101\n",
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
+        fs::write(path, format!("#!/bin/sh\n{}\nexit 101\n", Self::MARK))
+            .with_context(|| format!("writing {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
         Ok(NoServiceStarts(Some(path.to_path_buf())))

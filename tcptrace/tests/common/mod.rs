@@ -514,3 +514,51 @@ pub fn nft(ns: &str, cmd: &str) {
         .unwrap();
     assert!(st.success(), "nft {cmd} in {ns}");
 }
+
+/// A tracer whose JSON goes to a file as it runs (a pipe nobody reads would stop it once
+/// full), removed when stopped.
+pub struct LoggedTracer {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl LoggedTracer {
+    /// Starts the binary with `args`, writing to a file of its own, and waits until it traces.
+    pub fn start(args: &[&str]) -> LoggedTracer {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let out = std::env::temp_dir().join(format!(
+            "tcptrace-out-{}-{}.json",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+            .args(args)
+            .stdout(File::create(&out).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_tracing(&mut child);
+        LoggedTracer { child, out }
+    }
+
+    /// Lets it drain, stops it with SIGINT and returns its JSON records.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for LoggedTracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.out);
+    }
+}
