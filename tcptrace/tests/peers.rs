@@ -114,6 +114,11 @@ fn play(scenario: &str) -> (Vec<serde_json::Value>, bool) {
     (stop_tracer(tracer), in_time_wait)
 }
 
+/// [`play`] when the test may run (root, scapy).
+fn scenario(test: &str) -> Option<(Vec<serde_json::Value>, bool)> {
+    (root_or_skip(test) && scapy_or_skip(test)).then(|| play(test))
+}
+
 /// The server's close and its timewait record, if any.
 fn server_side(records: &[serde_json::Value]) -> (&serde_json::Value, Option<&serde_json::Value>) {
     let close = records
@@ -134,11 +139,9 @@ fn verdict(c: &serde_json::Value) -> (&str, &str, bool) {
 
 #[test]
 fn abort_on_data_in_fin_wait1() {
-    let test = "abort_on_data_in_fin_wait1";
-    if !root_or_skip(test) || !scapy_or_skip(test) {
+    let Some((records, in_tw)) = scenario("abort_on_data_in_fin_wait1") else {
         return;
-    }
-    let (records, in_tw) = play(test);
+    };
     let (close, exit) = server_side(&records);
     assert_eq!(verdict(close), ("local", "rst_sent", false), "{records:#?}");
     assert!(!in_tw && exit.is_none(), "no TIME_WAIT: {records:#?}");
@@ -149,11 +152,9 @@ fn abort_on_data_in_fin_wait1() {
 
 #[test]
 fn reset_in_time_wait() {
-    let test = "reset_in_time_wait";
-    if !root_or_skip(test) || !scapy_or_skip(test) {
+    let Some((records, in_tw)) = scenario("reset_in_time_wait") else {
         return;
-    }
-    let (records, in_tw) = play(test);
+    };
     let (close, exit) = server_side(&records);
     assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
     assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
@@ -168,11 +169,9 @@ fn reset_in_time_wait() {
 /// its substate, read when it ends, says TIME_WAIT.
 #[test]
 fn fin_in_the_same_bucket() {
-    let test = "fin_in_the_same_bucket";
-    if !root_or_skip(test) || !scapy_or_skip(test) {
+    let Some((records, in_tw)) = scenario("fin_in_the_same_bucket") else {
         return;
-    }
-    let (records, in_tw) = play(test);
+    };
     let (close, exit) = server_side(&records);
     assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
     assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
@@ -186,11 +185,9 @@ fn fin_in_the_same_bucket() {
 
 #[test]
 fn crossing_fins() {
-    let test = "crossing_fins";
-    if !root_or_skip(test) || !scapy_or_skip(test) {
+    let Some((records, in_tw)) = scenario("crossing_fins") else {
         return;
-    }
-    let (records, in_tw) = play(test);
+    };
     let (close, _) = server_side(&records);
     assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
     assert_eq!(
