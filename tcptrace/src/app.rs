@@ -541,7 +541,11 @@ fn drive<'a>(
         None => None,
     };
     let mut view = make_view(facts)?;
-    if let Some(pipe) = view.pipeline_mut() {
+    // Only a view that follows timewait sockets' ends can claim one refused: the others do
+    // not pay for reading every namespace's counters at start.
+    if let Some(pipe) = view.pipeline_mut()
+        && pipe.timewaits_traced()
+    {
         pipe.prove_overflows(overflow_proof());
     }
     live(probe, recorder, view.as_mut(), source.duration)

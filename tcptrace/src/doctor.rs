@@ -736,10 +736,7 @@ impl<W: Write> Doctor<W> {
     /// What existed at start (`now_ns`), for the ports held: the connections this host made
     /// that are open, and the TIME_WAIT sockets.
     pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
-        let filter = self.pipe.filter();
-        self.ports.seed(open, timewaits, now_ns, |l, r, n| {
-            filter.keeps_socket(l, r, n)
-        });
+        self.ports.seed(open, timewaits, now_ns, self.pipe.filter());
         self
     }
 

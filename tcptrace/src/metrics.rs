@@ -728,10 +728,7 @@ impl Metrics {
         timewaits: &[crate::diag::DiagTimewait],
         now_ns: u64,
     ) -> Self {
-        let filter = self.pipe.filter();
-        self.ports.seed(open, timewaits, now_ns, |l, r, n| {
-            filter.keeps_socket(l, r, n)
-        });
+        self.ports.seed(open, timewaits, now_ns, self.pipe.filter());
         self
     }
 

@@ -179,15 +179,14 @@ impl Renderer {
             }
             Format::Json => {
                 let name = self.ns.resolve(r.cgroup);
+                // Shared: borrowed from while the record is written.
+                let names = self.reset_names.clone();
                 let rec = ResetJson {
                     common: self.common("reset", r.ts_ns, Some((r.local, r.remote))),
                     direction: dir,
                     state: r.state.map(State::name),
                     reason: r.reason,
-                    reason_name: r
-                        .reason
-                        .and_then(|n| self.reset_names.name(n))
-                        .map(str::to_string),
+                    reason_name: r.reason.and_then(|n| names.name(n)),
                     pid: r.owner.as_ref().map(|o| o.pid),
                     comm: r.owner.as_ref().map(|o| o.comm.as_str()),
                     skaddr: r.skaddr.map(Hex),
@@ -208,7 +207,7 @@ impl Renderer {
                 let reason = end_reason(c, &self.reset_names);
                 let mut what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
                 // Only where it says more than `how`.
-                if !["fin", "peer_reset", "refused", "unknown"].contains(&reason.as_str()) {
+                if !["fin", "peer_reset", "refused", "unknown"].contains(&reason) {
                     what.push_str(&format!(" ({reason})"));
                 }
                 let lifetime = c.lifetime_ns.map(human_ns).unwrap_or_else(|| "-".into());
@@ -237,12 +236,13 @@ impl Renderer {
                 self.json.clear();
                 let wall = wall_ns(c.ts_ns, self.style.wall_offset_ns);
                 let reason = end_reason(c, &self.reset_names);
-                close_json(&mut self.json, &mut self.second, &mut self.ns, wall, c);
-                // Before the closing brace: the reason, a plain identifier.
-                self.json.pop();
-                self.json.extend_from_slice(br#","reason":""#);
-                self.json.extend_from_slice(reason.as_bytes());
-                self.json.extend_from_slice(br#""}"#);
+                close_json(
+                    &mut self.json,
+                    &mut self.second,
+                    &mut self.ns,
+                    (wall, reason),
+                    c,
+                );
                 self.json.push(b'\n');
                 return out.write_all(&self.json);
             }
@@ -651,7 +651,13 @@ fn ends_json(
 
 /// Writes a close's JSON record (without the newline): two per connection, so written by
 /// hand like [`transition_json`]; a property test holds it to serde_json's [`CloseJson`].
-fn close_json(b: &mut Vec<u8>, second: &mut SecondCache, ns: &mut NsJson, wall: i128, c: &Close) {
+fn close_json(
+    b: &mut Vec<u8>,
+    second: &mut SecondCache,
+    ns: &mut NsJson,
+    (wall, reason): (i128, &str),
+    c: &Close,
+) {
     let mut num = itoa::Buffer::new();
     ends_json(
         b,
@@ -700,7 +706,10 @@ fn close_json(b: &mut Vec<u8>, second: &mut SecondCache, ns: &mut NsJson, wall: 
     }
     ns.cgroup_into(b, c.cgroup);
     details_json(b, c.details.as_ref());
-    b.push(b'}');
+    // The reason is a plain identifier: nothing to escape.
+    b.extend_from_slice(br#","reason":""#);
+    b.extend_from_slice(reason.as_bytes());
+    b.extend_from_slice(br#""}"#);
 }
 
 /// Appends a close's counters (`null` each when they were not read), as serde_json writes
@@ -974,7 +983,7 @@ struct ResetJson<'a> {
     direction: &'static str,
     state: Option<&'static str>,
     reason: Option<u32>,
-    reason_name: Option<String>,
+    reason_name: Option<&'a str>,
     pid: Option<u32>,
     comm: Option<Cow<'a, str>>,
     skaddr: Option<Hex>,
@@ -1002,7 +1011,7 @@ struct CloseJson<'a> {
     ns: NsFields<'a>,
     #[serde(flatten)]
     details: DetailsJson,
-    reason: String,
+    reason: &'a str,
 }
 
 #[derive(Serialize)]

@@ -264,14 +264,15 @@ impl PortsCore {
 
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
-    /// Only those `keep` keeps (the filter's judgement of their endpoints and namespace).
+    /// Only those `filter` keeps (by their endpoints and namespace).
     pub fn seed(
         &mut self,
         open: &[Existing],
         timewaits: &[DiagTimewait],
         now_ns: u64,
-        keep: impl Fn(SocketAddr, SocketAddr, Option<u32>) -> bool,
+        filter: &CompiledFilter,
     ) {
+        let keep = |l, r, n| filter.keeps_socket(l, r, n);
         for e in open.iter().filter(|e| !e.server) {
             let netns = Some(e.netns);
             if keep(e.local, e.remote, netns) && self.ranges.range(netns).contains(e.local.port()) {
@@ -522,10 +523,7 @@ impl<W: Write> Ports<W> {
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
     pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
-        let filter = self.pipe.filter();
-        self.core.seed(open, timewaits, now_ns, |l, r, n| {
-            filter.keeps_socket(l, r, n)
-        });
+        self.core.seed(open, timewaits, now_ns, self.pipe.filter());
         self
     }
 

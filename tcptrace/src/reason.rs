@@ -17,7 +17,7 @@
 //! | `fin` | an orderly close (`how: fin`) and no error |
 //! | `unknown` | anything else: no guess |
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     btf::Btf,
@@ -26,9 +26,35 @@ use crate::{
 
 /// The kernel's names of `enum sk_rst_reason`, by value, without the `SK_RST_REASON_`
 /// prefix (`NO_SOCKET`, `TCP_ABORT_ON_DATA`, …): read from the running kernel's BTF, since
-/// the numbering changes between versions.
+/// the numbering changes between versions. Each with the `reason` it gives a close, made
+/// once. Cheap to clone (shared).
 #[derive(Clone, Debug, Default)]
-pub struct ResetNames(HashMap<u32, String>);
+pub struct ResetNames(Arc<HashMap<u32, Named>>);
+
+/// One reset reason: the kernel's name and the close `reason` it stands for.
+#[derive(Debug)]
+struct Named {
+    kernel: String,
+    reason: String,
+}
+
+impl Named {
+    fn new(kernel: &str) -> Named {
+        let reason = kernel
+            .strip_prefix("TCP_")
+            .unwrap_or(kernel)
+            .to_ascii_lowercase();
+        Named {
+            kernel: kernel.to_string(),
+            // Kernels that reset a connection whose keepalive probes went unanswered say so
+            // with their reset; older ones end it silently: one name for both.
+            reason: match reason.as_str() {
+                "keepalive_timeout" => "keepalive".into(),
+                _ => reason,
+            },
+        }
+    }
+}
 
 impl ResetNames {
     /// The names in `btf`; none when it has no such enum (Linux before 6.10).
@@ -36,13 +62,9 @@ impl ResetNames {
         let Ok(all) = btf.enumerators("sk_rst_reason") else {
             return ResetNames::default();
         };
-        ResetNames(
-            all.into_iter()
-                .map(|(name, v)| {
-                    let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
-                    (v, short.to_string())
-                })
-                .collect(),
+        ResetNames::from_pairs(
+            all.iter()
+                .map(|(name, v)| (*v, name.strip_prefix("SK_RST_REASON_").unwrap_or(name))),
         )
     }
 
@@ -53,45 +75,37 @@ impl ResetNames {
             .unwrap_or_default()
     }
 
-    /// From `(value, name)` pairs (for tests and fakes).
+    /// From `(value, name)` pairs, names without the `SK_RST_REASON_` prefix.
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (u32, &'a str)>) -> ResetNames {
-        ResetNames(pairs.into_iter().map(|(v, n)| (v, n.to_string())).collect())
+        ResetNames(Arc::new(
+            pairs.into_iter().map(|(v, n)| (v, Named::new(n))).collect(),
+        ))
     }
 
     /// The kernel's name of reason `n`, when it has one.
     pub fn name(&self, n: u32) -> Option<&str> {
-        self.0.get(&n).map(String::as_str)
+        self.0.get(&n).map(|r| r.kernel.as_str())
     }
 }
 
 /// Why `c` ended (see the module's table); `names` names the kernel's reset reasons.
-pub fn end_reason(c: &Close, names: &ResetNames) -> String {
+pub fn end_reason<'a>(c: &Close, names: &'a ResetNames) -> &'a str {
     if c.how == How::Refused {
-        return "refused".into();
+        return "refused";
     }
     if c.how == How::RstSent
-        && let Some(name) = c.reset_reason.and_then(|n| names.name(n))
+        && let Some(r) = c.reset_reason.and_then(|n| names.0.get(&n))
     {
-        let name = name
-            .strip_prefix("TCP_")
-            .unwrap_or(name)
-            .to_ascii_lowercase();
-        // Kernels that reset a connection whose keepalive probes went unanswered say so
-        // with their reset; older ones end it silently: one name for both.
-        return match name.as_str() {
-            "keepalive_timeout" => "keepalive".into(),
-            _ => name,
-        };
+        return &r.reason;
     }
     if let Some(r) = c.details.as_ref().and_then(|d| from_error(c, d)) {
-        return r.into();
+        return r;
     }
     match c.how {
         How::RstReceived => "peer_reset",
         How::Fin => "fin",
         _ => "unknown",
     }
-    .into()
 }
 
 /// The reason the socket's error and timer state at its end give, if any.

@@ -148,7 +148,14 @@ pub struct Residency {
 impl Row {
     fn add(&mut self, c: &Close, names: &ResetNames) {
         self.closed += 1;
-        *self.reasons.entry(end_reason(c, names)).or_default() += 1;
+        let reason = end_reason(c, names);
+        // Looked up by reference: a String is only made for a reason not seen before.
+        match self.reasons.get_mut(reason) {
+            Some(n) => *n += 1,
+            None => {
+                self.reasons.insert(reason.to_string(), 1);
+            }
+        }
         match c.initiator {
             Initiator::Local => self.local += 1,
             Initiator::Remote => self.remote += 1,
@@ -417,6 +424,8 @@ impl<W: Write> Report<W> {
     fn tally(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
         let mut closes = std::mem::take(&mut self.pipe.closes);
+        // Shared, so that rows can be written while it is read.
+        let names = self.reset_names.clone();
         for c in closes.drain(..) {
             if !self.pipe.filter().keeps_close(&c) {
                 continue;
@@ -434,9 +443,7 @@ impl<W: Write> Report<W> {
                 }
                 self.tw_rows.insert((c.local, c.remote), (port, way));
             }
-            let names = std::mem::take(&mut self.reset_names);
             self.row(port, way).add(&c, &names);
-            self.reset_names = names;
         }
         self.pipe.closes = closes;
     }

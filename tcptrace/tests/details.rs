@@ -322,7 +322,7 @@ fn ended(ending: Ending) -> (Close, String) {
         .iter()
         .find(|c| c.role == role)
         .unwrap_or_else(|| panic!("no {role:?} close: {closes:#?}"));
-    let reason = end_reason(&c, &ResetNames::from_sys());
+    let reason = end_reason(&c, &ResetNames::from_sys()).to_string();
     (c, reason)
 }
 

@@ -204,26 +204,15 @@ fn nested_transitions_are_delivered_or_counted_exactly() {
 /// connection has not ended), as the kernel's sock_diag lists them.
 fn open_sockets(ns: &str, port: u16) -> usize {
     let filter = format!("( sport = :{port} or dport = :{port} )");
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "ss",
-            "-Htan",
-            "exclude",
-            "time-wait",
-            "exclude",
-        ])
-        .args(["listening", &filter])
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    let args = [
+        "-Htan",
+        "exclude",
+        "time-wait",
+        "exclude",
+        "listening",
+        &filter,
+    ];
+    common::ss(ns, &args).lines().count()
 }
 
 /// The transitions the storm made, as far as the delivered ones tell.

@@ -72,11 +72,10 @@ elif scenario == "reset_in_time_wait":
     time.sleep(0.3)
     send("R", isn + 2, 0)
 elif scenario == "fin_in_the_same_bucket":
-    # The FIN acknowledged (an orphan's timewait socket in FIN_WAIT2), our FIN 10 ms later
-    # (TIME_WAIT, its timer re-armed into the same timer-wheel bucket: no timer event);
-    # then a reset, after the test looked at sock_diag.
+    # The FIN acknowledged (an orphan's timewait socket in FIN_WAIT2), our FIN right after
+    # (TIME_WAIT, its timer re-armed into the same timer-wheel bucket — 2 s wide at 60 s —
+    # so no timer event); then a reset, after the test looked at sock_diag.
     send("A", isn + 1, after_fin)
-    time.sleep(0.01)
     send("FA", isn + 1, after_fin)
     wait_for("ACK of our FIN", lambda t: t.flags.A and t.ack == isn + 2)
     time.sleep(0.6)

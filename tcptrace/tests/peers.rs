@@ -89,20 +89,8 @@ fn play(scenario: &str) -> (Vec<serde_json::Value>, bool) {
     let mut in_time_wait = false;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while peer.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pair.b,
-                "ss",
-                "-Htan",
-                "state",
-                "time-wait",
-            ])
-            .arg(format!("sport = :{port}"))
-            .output()
-            .unwrap();
-        in_time_wait |= !out.stdout.is_empty();
+        let sport = format!("sport = :{port}");
+        in_time_wait |= !ss(&pair.b, &["-Htan", "state", "time-wait", &sport]).is_empty();
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let out = peer.wait_with_output().unwrap();

@@ -15,17 +15,10 @@ use common::*;
 
 /// Sockets in namespace `ns` holding a local port toward `to`: open or in TIME_WAIT.
 fn held_per_sock_diag(ns: &str, to: SocketAddr) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Htan", "exclude", "listening"])
-        .arg(format!("dst {to}"))
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    let dst = format!("dst {to}");
+    ss(ns, &["-Htan", "exclude", "listening", &dst])
+        .lines()
+        .count()
 }
 
 /// Two namespaces whose first (a, the clients') has 50 local ports and no reuse of

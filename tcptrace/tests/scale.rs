@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     net::{Ipv4Addr, TcpListener},
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -214,12 +213,9 @@ unsafe fn holder(
 
 /// Established sockets in namespace `ns`, as sock_diag counts them.
 fn established(ns: &str) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Htan", "state", "established"])
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    common::ss(ns, &["-Htan", "state", "established"])
+        .lines()
+        .count()
 }
 
 /// What the trace says of the connections' closing transitions.

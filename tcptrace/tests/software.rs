@@ -89,8 +89,7 @@ fn daemon(ns: &str, port: u16, program: &str, args: &[&str]) -> Daemon {
     let deadline = Instant::now() + Duration::from_secs(10);
     let filter = format!("sport = :{port}");
     while Instant::now() < deadline {
-        let out = in_ns(ns, "ss", &["-Htln", &filter]);
-        if !out.stdout.is_empty() {
+        if !ss(ns, &["-Htln", &filter]).is_empty() {
             return d;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -153,8 +152,7 @@ fn get(c: &mut TcpStream) {
 /// The TIME_WAIT sockets of namespace `ns` on `ports` (either end), as sock_diag lists
 /// them: (local, remote).
 fn time_wait(ns: &str, ports: &[u16]) -> HashSet<(SocketAddr, SocketAddr)> {
-    let out = in_ns(ns, "ss", &["-Htan", "state", "time-wait"]);
-    String::from_utf8_lossy(&out.stdout)
+    ss(ns, &["-Htan", "state", "time-wait"])
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();

@@ -14,17 +14,10 @@ use common::*;
 
 /// Sockets in CLOSE_WAIT on local port `port` in namespace `ns`, as sock_diag lists them.
 fn close_wait_per_sock_diag(ns: &str, port: u16) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Htan", "state", "close-wait"])
-        .arg(format!("sport = :{port}"))
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    let sport = format!("sport = :{port}");
+    ss(ns, &["-Htan", "state", "close-wait", &sport])
+        .lines()
+        .count()
 }
 
 #[test]

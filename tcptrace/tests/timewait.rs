@@ -101,11 +101,7 @@ fn first_exits(
 
 /// Whether `ss` in namespace `ns` lists a TIME_WAIT socket from `local` to `remote`.
 fn in_sock_diag(ns: &str, local: SocketAddr, remote: SocketAddr) -> bool {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Htn", "state", "time-wait"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ss(ns, &["-Htn", "state", "time-wait"]);
     let (l, r) = (ss_addr(local), ss_addr(remote));
     text.lines()
         .any(|line| line.contains(&l) && line.contains(&r))
@@ -429,13 +425,7 @@ fn two_namespaces_populations_are_counted_and_none_is_seeded_from_ours() {
         .unwrap();
     assert_eq!(summary["created"], 5, "{summary:#}");
     // sock_diag, as `ss` shows it, agrees with each namespace's count.
-    let count = |ns: &str| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-Htn", "state", "time-wait"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
+    let count = |ns: &str| ss(ns, &["-Htn", "state", "time-wait"]).lines().count();
     assert_eq!((count(&pair.a), count(&pair.b)), (3, 2));
 }
 

@@ -374,13 +374,21 @@ pub fn sysctl(ns: &str, key: &str, value: &str) {
     assert!(st.success(), "sysctl {key}={value} in {ns}");
 }
 
-/// Waits until the tracer `child` (stderr piped) says its probes are attached; its stderr
-/// stays readable after.
+/// Waits until the tracer `child` (stderr piped) says its probes are attached, past any
+/// warning before (another test's namespace may vanish while it looks at them all); its
+/// stderr stays readable after.
 pub fn wait_tracing(child: &mut std::process::Child) {
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr is piped"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+        assert!(n > 0, "the tracer ended before tracing: {said}");
+        if line.starts_with("Tracing TCP state transitions") {
+            break;
+        }
+        said.push_str(&line);
+    }
     child.stderr = Some(err.into_inner());
 }
 
@@ -561,4 +569,20 @@ impl Drop for LoggedTracer {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.out);
     }
+}
+
+/// What `ss ARGS` prints in namespace `ns` (sock_diag, the kernel's own list): one line per
+/// socket with `-H`. Fails the test when `ss` fails, rather than reading it as no sockets.
+pub fn ss(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss"])
+        .args(args)
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "ss {args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
