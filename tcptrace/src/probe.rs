@@ -522,6 +522,14 @@ impl Probe {
         self.tcp_progs.iter().map(|&fd| recursion_misses(fd)).sum()
     }
 
+    /// The kernel's own counts of the transition program (the first of the TCP programs):
+    /// how often it ran and how often it was skipped as nested. Every transition the kernel
+    /// called the program for is one or the other, and every run writes its transition
+    /// (unless a filter drops it): a judge of the events delivered that tests use.
+    pub fn transition_runs(&self) -> Option<RunCounts> {
+        program_counts(*self.tcp_progs.first()?)
+    }
+
     /// Transitions the BTF program's nested copy took over from a skipped run: delivered.
     pub fn caught_total(&self) -> u64 {
         self.btf.as_ref().map_or(0, |b| per_cpu_sum(&b.caught))
@@ -657,8 +665,26 @@ fn attach_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &aya::Btf) -> 
 /// How many times the kernel skipped a program because it was already running on that CPU
 /// (`bpf_prog_info.recursion_misses`, Linux 5.12+; 0 when unknown).
 fn recursion_misses(fd: RawFd) -> u64 {
-    /// `struct bpf_prog_info` up to `recursion_misses` (at byte 208) and a little past it.
+    program_counts(fd).map_or(0, |c| c.misses)
+}
+
+/// What the kernel counts of a program's runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Runs (`bpf_prog_info.run_cnt`): counted only while the kernel's BPF statistics are on
+    /// (`BPF_ENABLE_STATS` or `kernel.bpf_stats_enabled`).
+    pub runs: u64,
+    /// Runs skipped because the program was already running on that CPU
+    /// (`bpf_prog_info.recursion_misses`, Linux 5.12+).
+    pub misses: u64,
+}
+
+/// [`RunCounts`] of the program behind `fd`; `None` when the kernel does not say.
+fn program_counts(fd: RawFd) -> Option<RunCounts> {
+    /// `struct bpf_prog_info` up to `recursion_misses` (at byte 208) and a little past it;
+    /// `run_cnt` is at byte 200.
     const WORDS: usize = 29;
+    const RUNS: usize = 200 / 8;
     const MISSES: usize = 208 / 8;
     #[repr(C)]
     struct InfoAttr {
@@ -684,9 +710,12 @@ fn recursion_misses(fd: RawFd) -> u64 {
     };
     // The kernel says how much it filled: older kernels stop before the field.
     if r != 0 || (attr.info_len as usize) < (MISSES + 1) * 8 {
-        return 0;
+        return None;
     }
-    info[MISSES]
+    Some(RunCounts {
+        runs: info[RUNS],
+        misses: info[MISSES],
+    })
 }
 
 /// Loads and attaches one of the optional programs.
