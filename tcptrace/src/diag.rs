@@ -66,13 +66,36 @@ impl DiagSocket {
     }
 }
 
-/// A network namespace: its inode, and a path that opens it.
+/// A network namespace: its inode, and the paths that open it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
     /// Its inode number (what events carry as `netns`).
     pub inode: u32,
-    /// `/proc/self/ns/net`, `/run/netns/NAME` or `/proc/PID/ns/net`.
+    /// `/proc/self/ns/net`, `/run/netns/NAME` or `/proc/PID/ns/net`: the first found.
     pub path: PathBuf,
+    /// The other paths found to it (other processes'), tried when one is gone.
+    pub others: Vec<PathBuf>,
+}
+
+impl Namespace {
+    /// Opens the namespace through the first of its paths that still leads to it (a process
+    /// may have exited since it was listed, its pid even reused in another namespace; a name
+    /// may have been deleted). `NotFound` when none does: the namespace is gone.
+    pub fn open(&self) -> io::Result<std::fs::File> {
+        use std::os::unix::fs::MetadataExt as _;
+        for path in std::iter::once(&self.path).chain(&self.others) {
+            match std::fs::File::open(path) {
+                Ok(f) if f.metadata()?.ino() == u64::from(self.inode) => return Ok(f),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("network namespace {} is gone", self.inode),
+        ))
+    }
 }
 
 /// Every network namespace in use on the host, each once (by inode): this process's own
@@ -98,14 +121,27 @@ pub fn network_namespaces() -> Vec<Namespace> {
         pids.iter()
             .map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))),
     );
-    let mut seen = std::collections::HashSet::new();
-    paths
-        .into_iter()
-        .filter_map(|path| {
-            let inode = ns_inode(&path)?;
-            seen.insert(inode).then_some(Namespace { inode, path })
-        })
-        .collect()
+    let mut found: Vec<Namespace> = Vec::new();
+    let mut index: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for path in paths {
+        let Some(inode) = ns_inode(&path) else {
+            continue;
+        };
+        match index.entry(inode) {
+            std::collections::hash_map::Entry::Occupied(i) => {
+                found[*i.get()].others.push(path);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(found.len());
+                found.push(Namespace {
+                    inode,
+                    path,
+                    others: Vec::new(),
+                });
+            }
+        }
+    }
+    found
 }
 
 /// The inode of the namespace at `path` (a symlink `net:[N]` or a bind mount of it).
@@ -138,7 +174,7 @@ pub fn in_namespace<T: Send>(
     ns: &Namespace,
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {
-    let file = std::fs::File::open(&ns.path)?;
+    let file = ns.open()?;
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on a descriptor we own, affecting only this (scoped) thread.
@@ -193,6 +229,8 @@ fn everywhere<T: Send>(
                 b.skipped += found.len().saturating_sub(room);
                 b.found.extend(found.into_iter().take(room));
             }
+            // Deleted, or its last process exited, since it was listed: nothing to read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 b.unreachable += 1;
                 b.first_error
@@ -655,6 +693,28 @@ fn msg(p: &[u8]) -> DiagSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_opens_through_a_path_that_still_leads_to_it() {
+        let own = ns_inode(Path::new("/proc/self/ns/net")).expect("this process's namespace");
+        let ns = Namespace {
+            inode: own,
+            path: PathBuf::from("/proc/4294967295/ns/net"),
+            others: vec![PathBuf::from("/proc/self/ns/net")],
+        };
+        assert!(ns.open().is_ok(), "the second path leads to it");
+        // A path that now leads elsewhere (a pid reused in another namespace) is no path to
+        // it: with none left, the namespace is gone.
+        let elsewhere = Namespace {
+            inode: own.wrapping_add(1),
+            path: PathBuf::from("/proc/self/ns/net"),
+            others: vec![PathBuf::from("/run/netns/does-not-exist")],
+        };
+        assert_eq!(
+            elsewhere.open().unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
 
     #[test]
     fn parses_a_reply_and_its_end() {
