@@ -387,6 +387,8 @@ pub fn wait_tracing(child: &mut std::process::Child) {
         if line.starts_with("Tracing TCP state transitions") {
             break;
         }
+        // Shown with the test's output when it fails: what the tracer said at start.
+        eprint!("tracer: {line}");
         said.push_str(&line);
     }
     child.stderr = Some(err.into_inner());
@@ -452,7 +454,13 @@ impl Folded {
 /// `tcptrace serve --listen 127.0.0.1:0` with `args` (and a 5-minute backstop, so that a test
 /// that panics leaves no root tracer behind); returns it and the address it serves on.
 pub fn start_serve(args: &[&str]) -> (std::process::Child, String) {
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+    serve_from(Command::new(env!("CARGO_BIN_EXE_tcptrace")), args)
+}
+
+/// [`start_serve`] through `tcptrace`, a command that runs the binary (with its arguments
+/// so far: `setpriv … /usr/bin/tcptrace`, say).
+pub fn serve_from(mut tcptrace: Command, args: &[&str]) -> (std::process::Child, String) {
+    let mut serve = tcptrace
         .args(["serve", "--listen", "127.0.0.1:0", "--duration", "5m"])
         .args(args)
         .stderr(std::process::Stdio::piped())
