@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod soak;
 
@@ -65,6 +66,12 @@ enum Cmd {
     /// The newcomer's tour: set up, build, trace a scripted loopback workload, explain it.
     #[command(after_help = "Example:\n  cargo xtask demo")]
     Demo,
+    /// Build the Debian package (tcptrace-ebpf: binary, man pages, completions, a hardened
+    /// tcptrace.service for `serve`) into target/dist.
+    #[command(
+        after_help = "Example:\n  cargo xtask dist && sudo apt install ./target/dist/tcptrace-ebpf_*.deb"
+    )]
+    Dist,
     /// Write the man pages (tcptrace.1 and one per subcommand) into target/man.
     #[command(after_help = "Example:\n  cargo xtask man && man -l target/man/tcptrace.1")]
     Man,
@@ -89,6 +96,9 @@ fn main() -> ExitCode {
         Cmd::Run { debug, args } => build(debug).and_then(|bin| run_tcptrace(&bin, &args)),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => build(false).and_then(|bin| demo::demo(&bin)),
+        Cmd::Dist => build(false)
+            .and_then(|bin| dist::dist(&bin))
+            .map(|deb| println!("wrote {}", deb.display())),
         Cmd::Man => build(false).and_then(|bin| {
             let dir = root().join("target/man");
             run(Command::new(&bin).arg("man-pages").arg(&dir))?;
@@ -170,6 +180,9 @@ fn cargo(args: &[&str]) -> Result<Command> {
 /// own, beside the rest, rather than one after the other.
 const WAITING_TESTS: [&str; 2] = ["timewait", "software"];
 
+/// Names the package that the package test installs.
+const DEB_VARIABLE: &str = "TCPTRACE_DEB";
+
 /// An integration test target, built: its name, its executable and its package's folder
 /// (where cargo runs it).
 struct TestBinary {
@@ -214,7 +227,7 @@ fn test_binaries() -> Result<Vec<TestBinary>> {
 
 /// Every test: the waiting binaries started on their own, `cargo test` for all the rest
 /// meanwhile; each waiting binary's output is printed once it is done.
-fn tests_in_parallel(extra: &[String]) -> Result<()> {
+fn tests_in_parallel(extra: &[String], deb: &Path) -> Result<()> {
     let binaries = test_binaries()?;
     let waiting: Vec<&TestBinary> = binaries
         .iter()
@@ -232,6 +245,7 @@ fn tests_in_parallel(extra: &[String]) -> Result<()> {
     for b in &waiting {
         let child = Command::new(&b.executable)
             .args(extra)
+            .env(DEB_VARIABLE, deb)
             .current_dir(&b.dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -256,7 +270,7 @@ fn tests_in_parallel(extra: &[String]) -> Result<()> {
         doc.push("--");
         doc.extend(extra.iter().map(String::as_str));
     }
-    let rest = run(&mut cargo(&args)?).and_then(|()| run(&mut cargo(&doc)?));
+    let rest = run(cargo(&args)?.env(DEB_VARIABLE, deb)).and_then(|()| run(&mut cargo(&doc)?));
     let mut failed = Vec::new();
     for (b, child) in waiting.iter().zip(std::mem::take(&mut children.0)) {
         let out = child.wait_with_output()?;
@@ -360,8 +374,14 @@ fn test(extra: &[String]) -> Result<()> {
     )?;
     step("build tests", cargo(&["test", "--no-run"]))?;
     let start = Instant::now();
+    println!("\n== package (the package test installs it)");
+    let deb = build(false)
+        .and_then(|bin| dist::dist(&bin))
+        .context("FAILED: package")?;
+    steps.push(("package", start.elapsed().as_secs_f64()));
+    let start = Instant::now();
     println!("\n== test");
-    let result = tests_in_parallel(extra);
+    let result = tests_in_parallel(extra, &deb);
     steps.push(("test", start.elapsed().as_secs_f64()));
     result.context("FAILED: test")?;
     println!("\n{:<12} {:>8}", "step", "seconds");

@@ -204,6 +204,8 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
         ("redis-benchmark", &["--version"], "redis-tools"),
         ("ab", &["-V"], "apache2-utils"),
         ("curl", &["--version"], "curl"),
+        // The package test verifies the service unit.
+        ("systemd-analyze", &["--version"], "systemd"),
         // The scripted peers (Debian's python, whatever `python3` is first on PATH).
         (
             "/usr/bin/python3",
@@ -216,7 +218,10 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     .map(|(_, _, pkg)| pkg)
     .collect();
     if missing.is_empty() {
-        say("✓ iproute2, prometheus, nftables, nginx, redis, ab, curl, scapy".into());
+        say(
+            "✓ iproute2, prometheus, nftables, nginx, redis, ab, curl, scapy, systemd-analyze"
+                .into(),
+        );
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
