@@ -37,16 +37,30 @@ pub struct Style {
     pub utc_offset_secs: i32,
     /// ANSI colors in text output.
     pub color: bool,
-    /// Width of the address columns (21 fits IPv4, 47 any IPv6 address).
+    /// Width of the address columns at the start; the renderer widens them to
+    /// [`IPV6_ENDPOINT_WIDTH`] for good at the first IPv6 endpoint.
     pub addr_width: usize,
 }
 
 impl Style {
-    /// The address-column width for a family filter (4, 6 or both).
+    /// The starting address-column width for a family filter (4, 6 or both): IPv6's only
+    /// when nothing else can be shown.
     pub fn addr_width_for(family: Option<u8>) -> usize {
-        if family == Some(4) { 21 } else { 47 }
+        if family == Some(6) {
+            IPV6_ENDPOINT_WIDTH
+        } else {
+            IPV4_ENDPOINT_WIDTH
+        }
     }
 }
+
+/// Characters of the widest IPv4 endpoint, `255.255.255.255:65535`.
+pub const IPV4_ENDPOINT_WIDTH: usize = 21;
+/// Characters of the widest IPv6 endpoint: `[` eight groups of four hex digits `]:65535`.
+pub const IPV6_ENDPOINT_WIDTH: usize = 47;
+/// Characters a text line stays within, with IPv4 endpoints and without `--show-ns`: what
+/// does not fit on a row goes on a continuation line.
+pub const LINE_WIDTH: usize = 120;
 
 /// Renders events into a writer. Nothing is flushed here: callers flush once per batch.
 pub struct Renderer {
@@ -69,6 +83,18 @@ pub struct Renderer {
 const NETNS_WIDTH: usize = 10;
 /// Width of the text CGROUP column: a short container id, or the end of a path.
 const CGROUP_WIDTH: usize = 28;
+/// Width of the text TIME column, `HH:MM:SS.uuuuuu`.
+const TIME_WIDTH: usize = 15;
+/// Width of the text PID column (pid_max is at most 4194304: seven digits).
+const PID_WIDTH: usize = 7;
+/// Width of the text COMM column (a task's name is at most 15 bytes).
+const COMM_WIDTH: usize = 15;
+/// Width of the text TRANSITION column (`NEW_SYN_RECV → ESTABLISHED`).
+const WHAT_WIDTH: usize = 26;
+/// Width of the text IN-FROM column ([`human_ns`] under 100 minutes, `999.99ms`).
+const LAST_WIDTH: usize = 8;
+/// Indent of a continuation line: under the first column after TIME, PID and COMM.
+const TAIL_INDENT: usize = TIME_WIDTH + PID_WIDTH + COMM_WIDTH + 3;
 
 impl Renderer {
     /// A renderer for one output.
@@ -108,19 +134,62 @@ impl Renderer {
     /// The header line (text only).
     pub fn header(&mut self, out: &mut impl Write) -> io::Result<()> {
         if self.format == Format::Text {
-            let w = self.style.addr_width;
-            let ns = if self.show_ns {
-                format!("{:<NETNS_WIDTH$} {:<CGROUP_WIDTH$} ", "NETNS", "CGROUP")
-            } else {
-                String::new()
-            };
-            writeln!(
-                out,
-                "{:<15} {:>7} {:<16} {ns}{:<w$} {:<w$} {:<26} {:>10}",
-                "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN-FROM"
-            )?;
+            writeln!(out, "{}", self.header_line())?;
         }
         Ok(())
+    }
+
+    /// The text header for the current address width, without its newline.
+    fn header_line(&self) -> String {
+        let w = self.style.addr_width;
+        let ns = if self.show_ns {
+            format!("{:<NETNS_WIDTH$} {:<CGROUP_WIDTH$} ", "NETNS", "CGROUP")
+        } else {
+            String::new()
+        };
+        format!(
+            "{:<TIME_WIDTH$} {:>PID_WIDTH$} {:<COMM_WIDTH$} {ns}{:<w$} {:<w$} {:<WHAT_WIDTH$} \
+             {:>LAST_WIDTH$}",
+            "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN-FROM"
+        )
+    }
+
+    /// Widens the address columns for good at the first IPv6 endpoint, starting the row
+    /// with a header in the new widths.
+    fn widen_for(&mut self, local: SocketAddr, remote: SocketAddr) {
+        let v6 = local.is_ipv6() || remote.is_ipv6();
+        if v6 && self.style.addr_width < IPV6_ENDPOINT_WIDTH {
+            self.style.addr_width = IPV6_ENDPOINT_WIDTH;
+            let header = self.header_line();
+            self.line.push_str(&header);
+            self.line.push('\n');
+        }
+    }
+
+    /// The columns of a full row, as wide as the header.
+    fn row_width(&self) -> usize {
+        let ns = if self.show_ns {
+            NETNS_WIDTH + CGROUP_WIDTH + 2
+        } else {
+            0
+        };
+        TAIL_INDENT + ns + 2 * (self.style.addr_width + 1) + WHAT_WIDTH + 1 + LAST_WIDTH
+    }
+
+    /// Ends the row in `line`: trailing blanks dropped, then `tail` (with its leading
+    /// separator) on the same line when it still fits in [`LINE_WIDTH`] (or in the
+    /// header, when the columns are wider), else on a continuation line under LOCAL.
+    fn end_row(&mut self, tail: &str) {
+        self.line.truncate(self.line.trim_end().len());
+        if tail.is_empty() {
+            return;
+        }
+        let row = self.line.rsplit('\n').next().unwrap_or_default();
+        if columns(row) + columns(tail) <= LINE_WIDTH.max(self.row_width()) {
+            self.line.push_str(tail);
+        } else {
+            let _ = write!(self.line, "\n{:TAIL_INDENT$}{}", "", tail.trim_start());
+        }
     }
 
     /// One transition.
@@ -157,13 +226,15 @@ impl Renderer {
         };
         match self.format {
             Format::Text => {
-                let mut what = match r.state {
+                let what = match r.state {
                     Some(st) => format!("RST {dir} in {st}"),
                     None => format!("RST {dir}"),
                 };
-                if let Some(name) = r.reason.and_then(|n| self.reset_names.name(n)) {
-                    what.push_str(&format!(" ({name})"));
-                }
+                let tail = r
+                    .reason
+                    .and_then(|n| self.reset_names.name(n))
+                    .map(|name| format!(" ({name})"))
+                    .unwrap_or_default();
                 let (on, off) = self.paint("\x1b[31m");
                 self.text_row(
                     r.ts_ns,
@@ -176,6 +247,7 @@ impl Renderer {
                     off,
                     "",
                 );
+                self.end_row(&tail);
             }
             Format::Json => {
                 let name = self.ns.resolve(r.cgroup);
@@ -205,14 +277,16 @@ impl Renderer {
         match self.format {
             Format::Text => {
                 let reason = end_reason(c, &self.reset_names);
-                let mut what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
+                let what = format!("closed: {}/{}", c.initiator.name(), c.how.name());
                 // Only where it says more than `how`.
-                if !["fin", "peer_reset", "refused", "unknown"].contains(&reason) {
-                    what.push_str(&format!(" ({reason})"));
-                }
+                let why = if ["fin", "peer_reset", "refused", "unknown"].contains(&reason) {
+                    String::new()
+                } else {
+                    format!(", reason {reason}")
+                };
                 let lifetime = c.lifetime_ns.map(human_ns).unwrap_or_else(|| "-".into());
                 let tail = format!(
-                    "  {}{}{}{}",
+                    "  {}{}{}{why}{}",
                     c.role.name(),
                     if c.timewait { ", TIME_WAIT here" } else { "" },
                     if c.midlife { ", seen mid-life" } else { "" },
@@ -230,7 +304,7 @@ impl Renderer {
                     off,
                     &lifetime,
                 );
-                self.line.push_str(&tail);
+                self.end_row(&tail);
             }
             Format::Json => {
                 self.json.clear();
@@ -283,7 +357,7 @@ impl Renderer {
                     off,
                     &last,
                 );
-                self.line.push_str(&tail);
+                self.end_row(&tail);
             }
             Format::Json => {
                 let name = self.ns.resolve(x.cgroup);
@@ -337,20 +411,29 @@ impl Renderer {
         off: &str,
         last: &str,
     ) {
+        self.widen_for(local, remote);
         let w = self.style.addr_width;
         let clock = self.clock(ts_ns);
         let (pid, comm) = owner_columns(owner);
-        let _ = write!(self.line, "{clock:<15} {pid:>7} {comm:<16} ");
+        let _ = write!(
+            self.line,
+            "{clock:<TIME_WIDTH$} {pid:>PID_WIDTH$} {comm:<COMM_WIDTH$} "
+        );
         if self.show_ns {
             let netns = ns.0.map_or_else(|| "-".to_string(), |n| n.to_string());
             let cgroup = self.ns.text(ns.1);
             let _ = write!(self.line, "{netns:<NETNS_WIDTH$} {cgroup:<CGROUP_WIDTH$} ");
         }
+        // A long `what` takes from IN-FROM's padding before it pushes the line wider.
+        let pad = (WHAT_WIDTH + 1 + LAST_WIDTH)
+            .saturating_sub(columns(what) + columns(last))
+            .max(1);
         let _ = write!(
             self.line,
-            "{:<w$} {:<w$} {on}{what:<26}{off} {last:>10}",
+            "{:<w$} {:<w$} {on}{what}{off}{:pad$}{last}",
             endpoint(local),
             endpoint(remote),
+            "",
         );
     }
 
@@ -361,9 +444,8 @@ impl Renderer {
                 let (on, off) = self.paint("\x1b[1;31m");
                 writeln!(
                     out,
-                    "{} {on}LOST {count} events: the ring buffer was full (try \
-                     --ring-buffer-size or narrower filters), or the kernel skipped the \
-                     program while it was busy on that CPU{off}",
+                    "{} {on}LOST {count} events: ring buffer full (try --ring-buffer-size, \
+                     filters) or CPU busy: program skipped{off}",
                     self.clock(ts_ns)
                 )
             }
@@ -392,6 +474,7 @@ impl Renderer {
             off,
             &dur,
         );
+        self.end_row("");
     }
 
     fn paint(&self, code: &'static str) -> (&'static str, &'static str) {
@@ -433,6 +516,21 @@ fn color_of(to: State) -> &'static str {
         State::CloseWait => "\x1b[35m",
         _ => "",
     }
+}
+
+/// The columns `s` takes on a terminal: its characters, less its ANSI color codes.
+fn columns(s: &str) -> usize {
+    let mut n = 0;
+    let mut in_code = false;
+    for c in s.chars() {
+        match (in_code, c) {
+            (false, '\x1b') => in_code = true,
+            (false, _) => n += 1,
+            (true, 'm') => in_code = false,
+            (true, _) => {}
+        }
+    }
+    n
 }
 
 /// `1.2.3.4:80` or `[::1]:80`.
@@ -1098,7 +1196,7 @@ mod tests {
             wall_offset_ns: wall_offset,
             utc_offset_secs: 0,
             color: false,
-            addr_width: 47,
+            addr_width: IPV6_ENDPOINT_WIDTH,
         };
         Renderer::new(Format::Json, style).with_cgroups(names.clone())
     }
@@ -1246,6 +1344,246 @@ mod tests {
             .unwrap();
             prop_assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n{want}\n"));
         }
+    }
+
+    /// A text renderer starting at the width `family` (a filter) gives.
+    fn text_renderer(family: Option<u8>, color: bool) -> Renderer {
+        let style = Style {
+            wall_offset_ns: 0,
+            utc_offset_secs: 0,
+            color,
+            addr_width: Style::addr_width_for(family),
+        };
+        Renderer::new(Format::Text, style).reset_names(ResetNames::from_pairs([
+            (1, "NO_SOCKET"),
+            (2, "TCP_ABORT_ON_CLOSE"),
+        ]))
+    }
+
+    /// The widest pid, a 15-byte name.
+    fn busy_owner() -> Option<Owner> {
+        let mut comm = [0u8; 16];
+        comm[..15].copy_from_slice(b"systemd-resolve");
+        Some(Owner {
+            pid: 4_194_304,
+            comm: Comm(comm),
+            from_listener: false,
+        })
+    }
+
+    fn transition(local: SocketAddr, remote: SocketAddr, from: State, to: State) -> Transition {
+        Transition {
+            ts_ns: 1,
+            skaddr: 1,
+            local,
+            remote,
+            from,
+            to,
+            in_from_ns: Some(999_990_000),
+            owner: busy_owner(),
+            mptcp: false,
+            netns: None,
+            cgroup: None,
+        }
+    }
+
+    /// Every kind of text line, with IPv4 endpoints and typical values, into `r`.
+    fn every_line_kind(r: &mut Renderer, out: &mut Vec<u8>) {
+        use crate::track::{How, Initiator, Role};
+        use State::{
+            CloseWait, Established, FinWait1, FinWait2, LastAck, SynRecv, SynSent, TimeWait,
+        };
+        let (l, p): (SocketAddr, SocketAddr) = (
+            "255.255.255.255:65535".parse().unwrap(),
+            "192.168.100.200:443".parse().unwrap(),
+        );
+        for (from, to) in [
+            (State::Close, SynSent),
+            (SynSent, Established),
+            (SynRecv, Established),
+            (Established, CloseWait),
+            (Established, FinWait1),
+            (CloseWait, LastAck),
+            (FinWait2, TimeWait),
+        ] {
+            r.transition(out, &transition(l, p, from, to)).unwrap();
+        }
+        let closes = [
+            (Initiator::Local, How::Fin, Role::Client, true, None),
+            (
+                Initiator::Remote,
+                How::RstReceived,
+                Role::Server,
+                false,
+                None,
+            ),
+            (
+                Initiator::Unknown,
+                How::RstReceived,
+                Role::Unknown,
+                false,
+                None,
+            ),
+            (Initiator::Local, How::RstSent, Role::Server, false, Some(2)),
+            (Initiator::Local, How::Timeout, Role::Client, false, None),
+            (Initiator::Simultaneous, How::Fin, Role::Client, true, None),
+        ];
+        for (initiator, how, role, timewait, reset_reason) in closes {
+            let c = Close {
+                ts_ns: 2,
+                skaddr: 1,
+                local: l,
+                remote: p,
+                initiator,
+                how,
+                timewait,
+                role,
+                lifetime_ns: Some(61_000_000_000),
+                owner: busy_owner(),
+                midlife: role == Role::Unknown,
+                states: 0,
+                netns: None,
+                cgroup: None,
+                details: Some(Details {
+                    bytes_acked: 1 << 20,
+                    bytes_received: 101,
+                    total_retrans: 3,
+                    srtt_us: 35,
+                    min_rtt_us: NO_MIN_RTT,
+                    ..Details::default()
+                }),
+                reset_reason,
+            };
+            r.close(out, &c).unwrap();
+        }
+        for (direction, state, reason) in [
+            (Direction::Sent, None, Some(1)),
+            (Direction::Received, Some(Established), None),
+            (Direction::Sent, Some(Established), Some(2)),
+        ] {
+            let reset = Reset {
+                ts_ns: 3,
+                skaddr: None,
+                local: l,
+                remote: p,
+                direction,
+                state,
+                reason,
+                owner: busy_owner(),
+                netns: None,
+                cgroup: None,
+            };
+            r.reset(out, &reset).unwrap();
+        }
+        for (end, substate, rearms) in [
+            (End::Expired, TimeWait, 0),
+            (End::Expired, FinWait2, 0),
+            (End::Killed, TimeWait, 2),
+            (End::NotCreated, TimeWait, 0),
+        ] {
+            let x = Exit {
+                ts_ns: 4,
+                tw: 1,
+                local: l,
+                remote: p,
+                end,
+                residency_ns: 61_500_000_000,
+                rearms,
+                substate,
+                owner: busy_owner(),
+                netns: None,
+                cgroup: None,
+            };
+            r.timewait_exit(out, &x).unwrap();
+        }
+        r.lost(out, 5, u64::from(u32::MAX)).unwrap();
+    }
+
+    /// The lines written, with color codes left out.
+    fn shown_lines(out: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut s = String::new();
+                let mut in_code = false;
+                for c in l.chars() {
+                    match (in_code, c) {
+                        (false, '\x1b') => in_code = true,
+                        (false, c) => s.push(c),
+                        (true, 'm') => in_code = false,
+                        (true, _) => {}
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ipv4_text_lines_fit_in_the_line_width() {
+        for color in [false, true] {
+            let mut r = text_renderer(None, color);
+            let mut out = Vec::new();
+            r.header(&mut out).unwrap();
+            every_line_kind(&mut r, &mut out);
+            let lines = shown_lines(&out);
+            // Header, 7 transitions, 6 closes and their details, 3 resets (one with its
+            // reason on its own line), 4 timewait ends and how they ended, a loss.
+            assert_eq!(lines.len(), 1 + 7 + 12 + 4 + 8 + 1, "{lines:#?}");
+            for l in &lines {
+                assert!(l.chars().count() <= LINE_WIDTH, "{} columns: {l}", l.len());
+                assert_eq!(l.trim_end(), l, "no trailing blanks: {l:?}");
+            }
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("sent 1.00MiB recv 101B rtt 35.0µs"))
+            );
+            assert!(lines.iter().any(|l| l.contains("reason abort_on_close")));
+            assert!(lines.iter().any(|l| l.ends_with("RST sent (NO_SOCKET)")));
+        }
+    }
+
+    #[test]
+    fn the_first_ipv6_endpoint_widens_the_columns_once() {
+        let v4: SocketAddr = "10.0.0.5:41000".parse().unwrap();
+        let v4b: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap();
+        let mut r = text_renderer(None, false);
+        let mut out = Vec::new();
+        r.header(&mut out).unwrap();
+        let (a, b) = (State::SynSent, State::Established);
+        for (l, p) in [(v4, v4b), (v6, v6), (v4, v4b), (v6, v4b), (v4, v4b)] {
+            r.transition(&mut out, &transition(l, p, a, b)).unwrap();
+        }
+        let lines = shown_lines(&out);
+        let headers: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with("TIME"))
+            .collect();
+        assert_eq!(headers, [0, 2], "{lines:#?}");
+        let at = |l: &str, what: &str| l.find(what).map(|b| l[..b].chars().count());
+        // Before: IPv4 columns; after, every line alike, IPv4 or not.
+        assert_eq!(at(&lines[1], "SYN_SENT"), at(&lines[0], "TRANSITION"));
+        let column = at(&lines[2], "TRANSITION");
+        assert!(column > at(&lines[0], "TRANSITION"));
+        for l in &lines[3..] {
+            assert_eq!(at(l, "SYN_SENT"), column, "{lines:#?}");
+            assert_eq!(l.chars().count(), lines[2].chars().count(), "{lines:#?}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_filter_starts_wide() {
+        let mut r = text_renderer(Some(6), false);
+        let mut out = Vec::new();
+        r.header(&mut out).unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let t = transition(v6, v6, State::SynSent, State::Established);
+        r.transition(&mut out, &t).unwrap();
+        let lines = shown_lines(&out);
+        assert_eq!(lines.len(), 2, "no second header: {lines:#?}");
+        assert_eq!(Style::addr_width_for(Some(4)), IPV4_ENDPOINT_WIDTH);
+        assert_eq!(Style::addr_width_for(None), IPV4_ENDPOINT_WIDTH);
     }
 
     #[test]
