@@ -250,8 +250,9 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
     println!("\n════ what tcptrace saw: the live stream ════\n{seen}");
     println!(
         "What to notice:\n\
-         - port {a}: each client's socket ends FIN_WAIT2 → TIME_WAIT and its close line says\n\
-         \x20 `closed: local/fin … TIME_WAIT here`; the server's sockets end LAST_ACK → CLOSE.\n\
+         - port {a}: each client's socket ends FIN_WAIT2 → TIME_WAIT and its close says\n\
+         \x20 `closed: local/fin`, with `client, TIME_WAIT here` on the line below; the server's\n\
+         \x20 sockets end LAST_ACK → CLOSE.\n\
          - port {b}: the same, mirrored: the server holds the TIME_WAIT.\n\
          - port {c}: ESTABLISHED → CLOSE on both sides, an `RST sent` by the client and an\n\
          \x20 `RST received` by the server; the closes say rst_sent / rst_received.\n\
