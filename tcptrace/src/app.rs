@@ -5,7 +5,7 @@ use std::{
     io::{self, IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -596,12 +596,18 @@ fn seed_listeners(
     log::debug!("{added} listeners' owners told to the kernel side");
 }
 
+/// How long the backfill at start may take (every namespace's connections, then their
+/// owners): events wait in the ring buffer meanwhile. What it could not read in that time
+/// is said, and those connections count as seen mid-life.
+const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
+
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
-/// at start, for every view.
+/// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
 fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
     use crate::event::{Comm, Owner};
-    let b = crate::diag::connections_everywhere(limit);
+    let until = Some(Instant::now() + BACKFILL_TIME_BUDGET);
+    let b = crate::diag::connections_everywhere(limit, until);
     if b.unreachable > 0 {
         log::warn!(
             "open connections of {} of {} network namespaces cannot be read: {}",
@@ -610,18 +616,36 @@ fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::e
             b.first_error.as_deref().unwrap_or("")
         );
     }
+    if b.skipped > 0 {
+        log::warn!(
+            "{} connections open at start beyond --max-sockets {limit} were left out (their \
+             closes have no role or owner)",
+            b.skipped
+        );
+    }
     let inodes = b
         .found
         .iter()
         .map(|e| e.inode)
         .filter(|i| *i != 0)
         .collect();
-    let owners = crate::diag::socket_owners(&inodes);
+    let owners = crate::diag::socket_owners(&inodes, until);
+    if b.out_of_time > 0 || owners.unread > 0 {
+        log::warn!(
+            "the backfill at start stopped at its {}-second budget with {} connections \
+             read: {} network namespaces not read or read in part, {} processes not looked \
+             into for owners (those connections' closes have no role or owner)",
+            BACKFILL_TIME_BUDGET.as_secs(),
+            b.found.len(),
+            b.out_of_time,
+            owners.unread
+        );
+    }
     b.found
         .into_iter()
         .map(|e| {
-            let owner = owners.get(&e.inode).map(|(pid, comm)| Owner {
-                pid: *pid,
+            let owner = owners.get(e.inode).map(|(pid, comm)| Owner {
+                pid,
                 comm: Comm(comm_bytes(comm)),
                 from_listener: false,
             });

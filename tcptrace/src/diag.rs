@@ -10,6 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 /// A TIME_WAIT socket as sock_diag reports it.
@@ -201,13 +202,39 @@ pub struct Backfill<T> {
     pub first_error: Option<String>,
     /// Items left out beyond the limit.
     pub skipped: usize,
+    /// Namespaces not read, or read only in part, because the backfill's time ran out.
+    pub out_of_time: usize,
+}
+
+/// What reading one namespace gave.
+struct Part<T> {
+    found: Vec<T>,
+    /// Items beyond the room the namespace had.
+    skipped: usize,
+    /// Read to the end (not cut short when the time ran out).
+    whole: bool,
+}
+
+impl<T> Part<T> {
+    /// All of `found` that fits in `room`.
+    fn within(mut found: Vec<T>, room: usize) -> Part<T> {
+        let skipped = found.len().saturating_sub(room);
+        found.truncate(room);
+        Part {
+            found,
+            skipped,
+            whole: true,
+        }
+    }
 }
 
 /// Runs `read` in every network namespace (this process's own without entering it: that
-/// needs no privilege) and gathers at most `limit` items.
+/// needs no privilege) and gathers at most `limit` items; `read` gets the room left. Past
+/// `until`, the namespaces left are counted, not read.
 fn everywhere<T: Send>(
     limit: usize,
-    read: impl Fn(&Namespace) -> io::Result<Vec<T>> + Sync,
+    until: Option<Instant>,
+    read: impl Fn(&Namespace, usize) -> io::Result<Part<T>> + Sync,
 ) -> Backfill<T> {
     let mut b = Backfill {
         found: Vec::new(),
@@ -215,19 +242,25 @@ fn everywhere<T: Send>(
         unreachable: 0,
         first_error: None,
         skipped: 0,
+        out_of_time: 0,
     };
     for (i, ns) in network_namespaces().iter().enumerate() {
-        let found = if i == 0 {
-            read(ns)
+        if until.is_some_and(|u| Instant::now() >= u) {
+            b.out_of_time += 1;
+            continue;
+        }
+        let room = limit.saturating_sub(b.found.len());
+        let part = if i == 0 {
+            read(ns, room)
         } else {
-            in_namespace(ns, || read(ns))
+            in_namespace(ns, || read(ns, room))
         };
-        match found {
-            Ok(found) => {
+        match part {
+            Ok(part) => {
                 b.namespaces += 1;
-                let room = limit.saturating_sub(b.found.len());
-                b.skipped += found.len().saturating_sub(room);
-                b.found.extend(found.into_iter().take(room));
+                b.skipped += part.skipped;
+                b.out_of_time += usize::from(!part.whole);
+                b.found.extend(part.found);
             }
             // Deleted, or its last process exited, since it was listed: nothing to read.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -243,12 +276,12 @@ fn everywhere<T: Send>(
 
 /// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
 pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill<DiagTimewait> {
-    everywhere(limit, |ns| {
+    everywhere(limit, None, |ns, room| {
         let mut found = time_wait_sockets()?;
         for d in &mut found {
             d.netns = Some(ns.inode);
         }
-        Ok(found)
+        Ok(Part::within(found, room))
     })
 }
 
@@ -276,37 +309,55 @@ const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1
 /// Every connection open now in every network namespace on the host, each with its role
 /// from its namespace's listeners, and the listeners themselves (state LISTEN, `server`
 /// set): at most `limit` in all.
-pub fn connections_everywhere(limit: usize) -> Backfill<Existing> {
-    everywhere(limit, |ns| {
-        let listeners = sockets(1 << TCP_LISTEN)?;
-        let open = sockets(OPEN_STATES)?;
-        let listening = listeners.iter().map(|l| Existing {
-            netns: ns.inode,
-            local: l.local,
-            remote: l.remote,
-            state: l.state,
-            server: true,
-            inode: l.inode,
-        });
-        Ok(listening
-            .chain(
-                open.iter()
-                    // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
-                    // no connection's socket any more.
-                    .filter(|s| s.timer != TIMER_TIMEWAIT)
-                    .map(|s| Existing {
-                        netns: ns.inode,
-                        local: s.local,
-                        remote: s.remote,
-                        state: s.state,
-                        server: listens_on(&listeners, s.local),
-                        inode: s.inode,
-                    }),
-            )
-            .collect())
+pub fn connections_everywhere(limit: usize, until: Option<Instant>) -> Backfill<Existing> {
+    everywhere(limit, until, |ns, room| {
+        let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
+        let mut part = Part::within(
+            listeners
+                .all
+                .iter()
+                .map(|l| Existing {
+                    netns: ns.inode,
+                    local: l.local,
+                    remote: l.remote,
+                    state: l.state,
+                    server: true,
+                    inode: l.inode,
+                })
+                .collect(),
+            room,
+        );
+        // Streamed from the kernel's reply into what is kept: a million sockets are never
+        // held twice.
+        let mut keep = |s: StoredSocket| {
+            let s = s.socket;
+            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+            // no connection's socket any more.
+            if s.timer == TIMER_TIMEWAIT {
+                return;
+            }
+            if part.found.len() >= room {
+                part.skipped += 1;
+                return;
+            }
+            part.found.push(Existing {
+                netns: ns.inode,
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                server: listeners.on(s.local),
+                inode: s.inode,
+            });
+        };
+        for family in FAMILIES {
+            if !dump(family, OPEN_STATES, None, until, &mut keep)? {
+                part.whole = false;
+                break;
+            }
+        }
+        Ok(part)
     })
 }
-
 /// A socket found sitting in a state, by a scan of every namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sitting {
@@ -331,10 +382,10 @@ pub struct Sitting {
 /// most `limit`), each with when it entered its state where `map` (the socket-storage map
 /// of the BTF programs) says so.
 pub fn sitting_everywhere(states: u32, map: Option<BorrowedFd>, limit: usize) -> Backfill<Sitting> {
-    everywhere(limit, |ns| {
-        let listeners = sockets(1 << TCP_LISTEN)?;
+    everywhere(limit, None, |ns, room| {
+        let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
         let found = stored_sockets(states, map)?;
-        Ok(found
+        let found = found
             .iter()
             .filter(|s| s.socket.timer != TIMER_TIMEWAIT)
             .map(|s| {
@@ -353,21 +404,42 @@ pub fn sitting_everywhere(states: u32, map: Option<BorrowedFd>, limit: usize) ->
                     local: d.local,
                     remote: d.remote,
                     state: d.state,
-                    server: listens_on(&listeners, d.local),
+                    server: listeners.on(d.local),
                     entered_ns,
                     owner,
                 }
             })
-            .collect())
+            .collect();
+        Ok(Part::within(found, room))
     })
 }
 
-/// Whether one of `listeners` listens on `local`'s port (on its address or any).
-fn listens_on(listeners: &[DiagSocket], local: SocketAddr) -> bool {
-    listeners.iter().any(|l| {
-        l.local.port() == local.port()
-            && (l.local.ip().is_unspecified() || l.local.ip() == local.ip())
-    })
+/// A namespace's listening sockets, by port.
+struct Listeners {
+    all: Vec<DiagSocket>,
+    /// Port → the addresses listened on (the unspecified one for any).
+    by_port: HashMap<u16, Vec<IpAddr>>,
+}
+
+impl Listeners {
+    fn new(all: Vec<DiagSocket>) -> Listeners {
+        let mut by_port: HashMap<u16, Vec<IpAddr>> = HashMap::new();
+        for l in &all {
+            by_port
+                .entry(l.local.port())
+                .or_default()
+                .push(l.local.ip());
+        }
+        Listeners { all, by_port }
+    }
+
+    /// Whether one of them listens on `local`'s port (on its address or any).
+    fn on(&self, local: SocketAddr) -> bool {
+        self.by_port.get(&local.port()).is_some_and(|ips| {
+            ips.iter()
+                .any(|ip| ip.is_unspecified() || *ip == local.ip())
+        })
+    }
 }
 
 impl Existing {
@@ -377,13 +449,45 @@ impl Existing {
     }
 }
 
-/// The processes that hold the socket files of `inodes`: socket inode → (pid, command),
-/// read from every process's descriptors (as `ss -p` does). Processes are read in parallel,
-/// each descriptor with one `readlinkat` into a stack buffer: a host with a million sockets
-/// has a million links to read.
-pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u32, String)> {
+/// Who holds which socket: what [`socket_owners`] found.
+#[derive(Debug, Default)]
+pub struct SocketOwners {
+    /// Socket inode → the pid holding it.
+    pids: HashMap<u32, u32>,
+    /// Pid → its command (once per process, however many sockets it holds).
+    comms: HashMap<u32, String>,
+    /// Processes not read because the time ran out.
+    pub unread: usize,
+}
+
+impl SocketOwners {
+    /// The process holding the socket of `inode`: (pid, command).
+    pub fn get(&self, inode: u32) -> Option<(u32, &str)> {
+        let pid = *self.pids.get(&inode)?;
+        Some((pid, self.comms.get(&pid).map_or("", String::as_str)))
+    }
+
+    /// How many sockets have an owner.
+    pub fn len(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// Whether none has.
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
+    }
+}
+
+/// The processes that hold the socket files of `inodes`, read from every process's
+/// descriptors (as `ss -p` does) until `until` passes. Processes are read in parallel, each
+/// descriptor with one `readlinkat` into a stack buffer: a host with a million sockets has a
+/// million links to read.
+pub fn socket_owners(
+    inodes: &std::collections::HashSet<u32>,
+    until: Option<Instant>,
+) -> SocketOwners {
     if inodes.is_empty() {
-        return HashMap::new();
+        return SocketOwners::default();
     }
     let pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
@@ -394,39 +498,52 @@ pub fn socket_owners(inodes: &std::collections::HashSet<u32>) -> HashMap<u32, (u
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Each thread takes the next process: a few processes may hold most sockets.
     let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
+    let mut owners = std::thread::scope(|scope| {
         let parts: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(|| owners_among(&pids, &next, inodes)))
+            .map(|_| scope.spawn(|| owners_among(&pids, &next, inodes, until)))
             .collect();
-        let mut owners = HashMap::new();
+        let mut owners = SocketOwners::default();
         for part in parts {
-            for (inode, owner) in part.join().unwrap_or_default() {
-                owners.entry(inode).or_insert(owner);
+            let part = part.join().unwrap_or_default();
+            for (inode, pid) in part.pids {
+                owners.pids.entry(inode).or_insert(pid);
             }
+            owners.comms.extend(part.comms);
         }
         owners
-    })
+    });
+    owners.unread = pids
+        .len()
+        .saturating_sub(next.load(std::sync::atomic::Ordering::Relaxed));
+    owners
 }
 
-/// [`socket_owners`] among the `pids` this thread takes (the next one from `next`).
+/// [`socket_owners`] among the `pids` this thread takes (the next one from `next`, until
+/// `until` passes).
 fn owners_among(
     pids: &[u32],
     next: &std::sync::atomic::AtomicUsize,
     inodes: &std::collections::HashSet<u32>,
-) -> HashMap<u32, (u32, String)> {
-    let mut owners = HashMap::new();
-    while let Some(&pid) = pids.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-        let mut comm = None;
+    until: Option<Instant>,
+) -> SocketOwners {
+    let mut owners = SocketOwners::default();
+    while until.is_none_or(|u| Instant::now() < u) {
+        let Some(&pid) = pids.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
+            break;
+        };
+        let mut holds = false;
         for_each_socket(pid, |inode| {
-            if inodes.contains(&inode) && !owners.contains_key(&inode) {
-                let comm = comm.get_or_insert_with(|| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .map(|c| c.trim_end().to_string())
-                        .unwrap_or_default()
-                });
-                owners.insert(inode, (pid, comm.clone()));
+            if inodes.contains(&inode) && !owners.pids.contains_key(&inode) {
+                owners.pids.insert(inode, pid);
+                holds = true;
             }
         });
+        if holds {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_default();
+            owners.comms.insert(pid, comm);
+        }
     }
     owners
 }
@@ -513,19 +630,25 @@ pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
 /// The TCP sockets (IPv4 and IPv6) of this network namespace in the states of `states`
 /// (bits `1 << state`).
 pub fn sockets(states: u32) -> io::Result<Vec<DiagSocket>> {
-    let found = stored_sockets(states, None)?;
-    Ok(found.into_iter().map(|s| s.socket).collect())
+    let mut out = Vec::new();
+    for family in FAMILIES {
+        dump(family, states, None, None, &mut |s| out.push(s.socket))?;
+    }
+    Ok(out)
 }
 
 /// [`sockets`], each with its value in the socket-storage map `map` (a map of
 /// [`SockStorage`]); the kernel lets a caller with CAP_BPF (or CAP_SYS_ADMIN) read it.
 pub fn stored_sockets(states: u32, map: Option<BorrowedFd>) -> io::Result<Vec<StoredSocket>> {
     let mut out = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, states, map, &mut out)?;
+    for family in FAMILIES {
+        dump(family, states, map, None, &mut |s| out.push(s))?;
     }
     Ok(out)
 }
+
+/// The address families TCP sockets are dumped for.
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 
 /// The ports that TCP sockets listen on in this network namespace (IPv4 and IPv6), sorted,
 /// without duplicates.
@@ -562,14 +685,16 @@ fn request(family: u8, states: u32, map: Option<BorrowedFd>) -> Vec<u8> {
     req
 }
 
-/// The sockets of `family` in the states of `states` (bits `1 << state`), with their values
-/// in `map` when asked.
+/// Streams the sockets of `family` in the states of `states` (bits `1 << state`) to `each`,
+/// with their values in `map` when asked, until the kernel's reply ends (true) or `until`
+/// passes (false: cut short).
 fn dump(
     family: u8,
     states: u32,
     map: Option<BorrowedFd>,
-    out: &mut Vec<StoredSocket>,
-) -> io::Result<()> {
+    until: Option<Instant>,
+    each: &mut dyn FnMut(StoredSocket),
+) -> io::Result<bool> {
     // SAFETY: a plain socket call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -598,14 +723,17 @@ fn dump(
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if parse(&buf[..n as usize], out)? {
-            return Ok(());
+        if parse(&buf[..n as usize], each)? {
+            return Ok(true);
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(false);
         }
     }
 }
 
 /// Parses one datagram of netlink messages; true once the dump is complete.
-fn parse(mut b: &[u8], out: &mut Vec<StoredSocket>) -> io::Result<bool> {
+fn parse(mut b: &[u8], each: &mut dyn FnMut(StoredSocket)) -> io::Result<bool> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
     while b.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes(b[0..4].try_into().map_err(|_| bad())?) as usize;
@@ -628,7 +756,7 @@ fn parse(mut b: &[u8], out: &mut Vec<StoredSocket>) -> io::Result<bool> {
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
             }
-            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => out.push(StoredSocket {
+            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => each(StoredSocket {
                 socket: msg(payload),
                 storage: storage(&payload[MSG_LEN..]),
             }),
@@ -695,6 +823,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_backfill_out_of_time_reads_nothing_and_says_so() {
+        let b = connections_everywhere(1000, Some(Instant::now()));
+        assert!(b.found.is_empty());
+        assert_eq!(b.namespaces, 0);
+        assert!(
+            b.out_of_time >= 1,
+            "this process's namespace at least: {b:?}"
+        );
+        let inodes = [1u32].into_iter().collect();
+        let owners = socket_owners(&inodes, Some(Instant::now()));
+        assert!(owners.is_empty());
+        assert!(owners.unread >= 1, "this process at least");
+    }
+
+    #[test]
+    fn listeners_serve_their_port_on_their_address_or_any() {
+        let l = |a: &str| DiagSocket {
+            state: TCP_LISTEN as u8,
+            local: a.parse().unwrap(),
+            remote: "0.0.0.0:0".parse().unwrap(),
+            expires_ms: 0,
+            inode: 1,
+            timer: 0,
+        };
+        let ls = Listeners::new(vec![l("10.0.0.1:80"), l("0.0.0.0:443")]);
+        assert!(ls.on("10.0.0.1:80".parse().unwrap()));
+        assert!(!ls.on("10.0.0.2:80".parse().unwrap()), "another address");
+        assert!(ls.on("10.0.0.2:443".parse().unwrap()), "any address");
+        assert!(!ls.on("10.0.0.1:8080".parse().unwrap()), "another port");
+    }
+
+    #[test]
     fn a_namespace_opens_through_a_path_that_still_leads_to_it() {
         let own = ns_inode(Path::new("/proc/self/ns/net")).expect("this process's namespace");
         let ns = Namespace {
@@ -734,8 +894,8 @@ mod tests {
         done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
         let mut out = Vec::new();
-        assert!(!parse(&m, &mut out).unwrap());
-        assert!(parse(&done, &mut out).unwrap());
+        assert!(!parse(&m, &mut |s| out.push(s)).unwrap());
+        assert!(parse(&done, &mut |s| out.push(s)).unwrap());
         assert_eq!(out[0].storage, None);
         assert_eq!(
             out.iter().map(|s| s.socket).collect::<Vec<_>>(),
@@ -749,7 +909,7 @@ mod tests {
             }]
         );
         assert!(
-            parse(&m[..20], &mut out).is_err(),
+            parse(&m[..20], &mut |s| out.push(s)).is_err(),
             "a truncated message is an error"
         );
     }

@@ -265,10 +265,10 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str) {
         u.ru_maxrss as u64
     };
     let (before, t) = (peak_kib(), Instant::now());
-    let found = tcptrace::diag::connections_everywhere(1 << 20);
+    let found = tcptrace::diag::connections_everywhere(1 << 20, None);
     let dumped = t.elapsed();
     let inodes: std::collections::HashSet<u32> = found.found.iter().map(|e| e.inode).collect();
-    let owners = tcptrace::diag::socket_owners(&inodes);
+    let owners = tcptrace::diag::socket_owners(&inodes, None);
     let took = t.elapsed();
     let inode = std::fs::metadata(format!("/run/netns/{ns}"))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
@@ -285,7 +285,7 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str) {
     let owned = found
         .found
         .iter()
-        .filter(|e| e.netns == inode && !e.listening() && owners.contains_key(&e.inode))
+        .filter(|e| e.netns == inode && !e.listening() && owners.get(e.inode).is_some())
         .count();
     assert_eq!(owned, 2 * CONNS, "each with the process holding it");
     eprintln!(
