@@ -26,6 +26,11 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: build scripts are single-threaded at this point.
         unsafe { env::set_var("PATH", joined) };
     }
+    // aya-build relays every line the nested cargo prints as a `cargo:warning`: a first
+    // build showed dozens of "Compiling core…" warnings, later ones a "Finished" one. Quiet,
+    // that cargo prints only what matters (errors, and the compiler's real warnings).
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     let ebpf = aya_build::Package {
         name: "tcptrace-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../tcptrace-ebpf"),
