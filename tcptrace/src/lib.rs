@@ -25,6 +25,7 @@ pub mod ports;
 pub mod probe;
 pub mod reason;
 pub mod record;
+pub mod reorder;
 pub mod report;
 pub mod serve;
 pub mod stuck;

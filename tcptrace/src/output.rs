@@ -98,6 +98,11 @@ const TAIL_INDENT: usize = TIME_WIDTH + PID_WIDTH + COMM_WIDTH + 3;
 
 impl Renderer {
     /// A renderer for one output.
+    /// Whether lines are text (for people) rather than JSON.
+    pub fn is_text(&self) -> bool {
+        self.format == Format::Text
+    }
+
     pub fn new(format: Format, style: Style) -> Self {
         Renderer {
             format,

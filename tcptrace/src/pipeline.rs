@@ -286,6 +286,15 @@ impl Pipeline {
         }
     }
 
+    /// The time of the earliest close still waiting to be concluded (an abort waiting for
+    /// its reset, a close waiting for its timewait socket's fate): a close may yet come out
+    /// dated then. None when none waits.
+    pub fn waiting_since(&self) -> Option<u64> {
+        let aborts = self.tracker.as_ref().and_then(Tracker::waiting_since);
+        let fates = self.fates.held.values().map(|(c, _)| c.ts_ns).min();
+        aborts.into_iter().chain(fates).min()
+    }
+
     /// Whether timewait sockets are followed with their timers traced (their ends known).
     pub fn timewaits_traced(&self) -> bool {
         self.timewaits.as_ref().is_some_and(Timewaits::traced)

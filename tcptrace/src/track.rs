@@ -442,6 +442,11 @@ impl Tracker {
         }
     }
 
+    /// The end time of the earliest abort still waiting for its reset.
+    pub fn waiting_since(&self) -> Option<u64> {
+        self.pending.iter().map(|p| p.close.ts_ns).min()
+    }
+
     /// Resolves every waiting abort (at the end of a run).
     pub fn flush(&mut self, out: &mut Vec<Close>) {
         for p in self.pending.drain(..) {

@@ -8,6 +8,7 @@ use crate::{
     filter::CompiledFilter,
     output::Renderer,
     pipeline::Pipeline,
+    reorder::{Sink, TimeOrder},
     timewait::Exit,
     track::Close,
 };
@@ -104,6 +105,9 @@ pub struct Stream<W: Write> {
     out: W,
     limit: Option<u64>,
     shown: u64,
+    /// Text lines wait here while a close dated before them may still come, so that people
+    /// read them in time order (JSON lines go out as concluded, each with its time).
+    order: Option<TimeOrder>,
 }
 
 impl<W: Write> Stream<W> {
@@ -114,12 +118,14 @@ impl<W: Write> Stream<W> {
     pub fn new(filter: CompiledFilter, renderer: Renderer, out: W, limit: Option<u64>) -> Self {
         let whole = filter.state_mask() == 0;
         let pipe = Pipeline::new(filter);
+        let order = renderer.is_text().then(TimeOrder::default);
         Stream {
             pipe: if whole { pipe.tracking() } else { pipe },
             renderer,
             out,
             limit,
             shown: 0,
+            order,
         }
     }
 
@@ -167,22 +173,56 @@ impl<W: Write> Stream<W> {
 
     fn print(&mut self, exits: &[Exit], closes: &[Close]) -> io::Result<bool> {
         for x in exits {
-            if self.pipe.filter().keeps_exit(x) {
-                self.renderer.timewait_exit(&mut self.out, x)?;
-                if self.counted() {
-                    return Ok(true);
-                }
+            if self.pipe.filter().keeps_exit(x)
+                && self.emit(x.ts_ns, true, |r, out| r.timewait_exit(out, x))?
+            {
+                return Ok(true);
             }
         }
         for c in closes {
-            if self.pipe.filter().keeps_close(c) {
-                self.renderer.close(&mut self.out, c)?;
-                if self.counted() {
-                    return Ok(true);
-                }
+            if self.pipe.filter().keeps_close(c)
+                && self.emit(c.ts_ns, true, |r, out| r.close(out, c))?
+            {
+                return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Writes one line (`render`), dated `ts_ns` — or holds it, for text (see
+    /// [`Stream::release`]); true when a line that `counts` reached the limit.
+    fn emit(
+        &mut self,
+        ts_ns: u64,
+        counts: bool,
+        render: impl FnOnce(&mut Renderer, &mut Sink<W>) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        match &mut self.order {
+            None => {
+                render(&mut self.renderer, &mut Sink::Out(&mut self.out))?;
+                Ok(counts && self.counted())
+            }
+            Some(order) => {
+                let mut line = order.buffer();
+                render(&mut self.renderer, &mut Sink::Held(&mut line))?;
+                order.hold(ts_ns, counts, line);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes the held text lines that no close still waiting can precede (every one when
+    /// `all`, at the end); true when the limit is reached.
+    fn release(&mut self, all: bool) -> io::Result<bool> {
+        let Some(order) = &mut self.order else {
+            return Ok(false);
+        };
+        let until = if all { None } else { self.pipe.waiting_since() };
+        let (shown, limit) = (&mut self.shown, self.limit);
+        order.release(until, &mut self.out, || {
+            *shown += 1;
+            limit.is_some_and(|l| *shown >= l)
+        })
     }
 
     /// Counts one printed record; true when the limit is reached.
@@ -216,16 +256,13 @@ impl<W: Write> View for Stream<W> {
             let filter = self.pipe.filter();
             let done = match &ev {
                 Event::Lost { ts_ns, count } => {
-                    self.renderer.lost(&mut self.out, *ts_ns, *count)?;
-                    false
+                    self.emit(*ts_ns, false, |r, out| r.lost(out, *ts_ns, *count))?
                 }
                 Event::Transition(t) if filter.shows(t) && filter.keeps(t) => {
-                    self.renderer.transition(&mut self.out, t)?;
-                    self.counted()
+                    self.emit(t.ts_ns, true, |r, out| r.transition(out, t))?
                 }
                 Event::Reset(r) if filter.keeps_reset(r) => {
-                    self.renderer.reset(&mut self.out, r)?;
-                    self.counted()
+                    self.emit(r.ts_ns, true, |re, out| re.reset(out, r))?
                 }
                 _ => false,
             };
@@ -235,13 +272,16 @@ impl<W: Write> View for Stream<W> {
                 break;
             }
         }
+        if self.release(flow == Flow::Done)? {
+            flow = Flow::Done;
+        }
         self.out.flush()?;
         Ok(flow)
     }
 
     fn tick(&mut self, now_ns: u64) -> io::Result<Flow> {
         self.pipe.tick(now_ns);
-        let done = self.print_closes()?;
+        let done = self.print_closes()? || self.release(false)?;
         self.out.flush()?;
         Ok(if done { Flow::Done } else { Flow::More })
     }
@@ -257,6 +297,7 @@ impl<W: Write> View for Stream<W> {
     fn finish(&mut self) -> io::Result<()> {
         self.pipe.finish();
         self.print_closes()?;
+        self.release(true)?;
         self.out.flush()
     }
 }

@@ -414,6 +414,82 @@ fn count_limit_stops_the_view() {
     );
 }
 
+/// An abort (ESTABLISHED → CLOSE with no reset yet) waits for its reset before its close is
+/// concluded; another socket's transition comes meanwhile. Text shows the close first, in
+/// time order; JSON writes records as they are concluded, each with its time.
+fn late_close(format: Format) -> Vec<String> {
+    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "10.0.0.5:41000".parse().unwrap(),
+        "10.0.0.9:8080".parse().unwrap(),
+    );
+    let t = |ts: u64, sk: u64, from, to| {
+        encode(&Transition {
+            ts_ns: ts,
+            skaddr: sk,
+            local: a,
+            remote: b,
+            from,
+            to,
+            in_from_ns: None,
+            owner: None,
+            mptcp: false,
+            netns: None,
+            cgroup: None,
+        })
+    };
+    let style = Style {
+        wall_offset_ns: 0,
+        utc_offset_secs: 0,
+        color: false,
+        addr_width: 21,
+    };
+    let mut view = Stream::new(
+        Filter::default().compile(),
+        Renderer::new(format, style),
+        Vec::new(),
+        None,
+    );
+    view.start().unwrap();
+    let ms = 1_000_000;
+    view.push(&[t(SEC, 0xa, State::Close, State::SynSent)])
+        .unwrap();
+    view.push(&[t(SEC + ms, 0xa, State::SynSent, State::Established)])
+        .unwrap();
+    view.push(&[t(SEC + 2 * ms, 0xa, State::Established, State::Close)])
+        .unwrap();
+    view.push(&[t(SEC + 10 * ms, 0xb, State::Close, State::SynSent)])
+        .unwrap();
+    // Past the reset's grace: the abort is concluded without one.
+    view.tick(SEC + 500 * ms).unwrap();
+    let out = String::from_utf8(view.into_inner()).unwrap();
+    out.lines()
+        .filter(|l| l.contains("closed") || l.contains("\"close\"") || l.contains("SYN_SENT"))
+        .map(|l| {
+            if l.contains("closed") || l.contains("\"close\"") {
+                "close a".to_string()
+            } else if l.contains("→ SYN_SENT") || l.contains("\"to\":\"SYN_SENT\"") {
+                "connect".to_string()
+            } else {
+                "other".to_string()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn text_lines_come_in_time_order_though_a_close_is_concluded_late() {
+    assert_eq!(
+        late_close(Format::Text),
+        ["connect", "other", "close a", "connect"],
+        "the second connect (10 ms) comes after the close (2 ms)"
+    );
+    assert_eq!(
+        late_close(Format::Json),
+        ["connect", "other", "connect", "close a"],
+        "JSON writes each record when it is concluded"
+    );
+}
+
 fn report(format: Format) -> String {
     use tcptrace::report::Report;
     let mut view = Report::new(
