@@ -5,7 +5,6 @@ mod common;
 
 use std::{
     collections::HashSet,
-    io::{BufRead as _, BufReader},
     net::{TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -59,11 +58,7 @@ fn start(args: &[&str], stdout: Stdio) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    common::wait_tracing(&mut child);
     child
 }
 

@@ -6,7 +6,7 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     net::{Ipv4Addr, SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -31,11 +31,9 @@ fn tracer(args: &[&str], port: u16, cap: usize) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
-    child.stderr = Some(stderr.into_inner());
+    // What it says before tracing (a host with more connections open than the cap: how
+    // many of them were left out) is shown with the test's output.
+    common::wait_tracing(&mut child);
     child
 }
 

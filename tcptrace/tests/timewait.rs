@@ -353,10 +353,7 @@ fn two_namespaces_populations_are_counted_and_none_is_seeded_from_ours() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = std::io::BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.starts_with("Tracing TCP state transitions"), "{line}");
+    wait_tracing(&mut tracer);
 
     // Three TIME_WAIT sockets in namespace a (its clients close first), two in namespace b.
     let in_b = SocketAddr::new(pair.b4, p1);
