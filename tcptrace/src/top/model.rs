@@ -133,7 +133,7 @@ impl Board {
     /// Counts a close.
     pub fn close(&mut self, c: &Close) {
         let key = (c.service_port(), Way::of(c.role));
-        let t = self.rows.entry(key).or_default();
+        let t = self.tally(key);
         t.closed += 1;
         t.recent += 1;
         match c.initiator {
@@ -148,6 +148,16 @@ impl Board {
         }
     }
 
+    /// A row's tally; a new row's trend begins with nothing held at the last refresh (it
+    /// had no connection then), so that its first TIME_WAIT shows rising.
+    fn tally(&mut self, key: (u16, Way)) -> &mut Tally {
+        let last = self.last_refresh;
+        self.rows.entry(key).or_insert_with(|| Tally {
+            trend: last.map(|ts| (ts, 0)).into_iter().collect(),
+            ..Tally::default()
+        })
+    }
+
     /// Events the kernel could not deliver.
     pub fn lost(&mut self, n: u64) {
         self.lost += n;
@@ -160,9 +170,9 @@ impl Board {
             .last_refresh
             .map_or(1.0, |t| now_ns.saturating_sub(t) as f64 / 1e9)
             .max(1e-3);
+        let per_row = self.count_held(now_ns, held);
         self.last_refresh = Some(now_ns);
         self.now_ns = now_ns;
-        let per_row = self.count_held(now_ns, held);
         for (key, t) in &mut self.rows {
             t.closes_per_s = t.recent as f64 / secs;
             t.recent = 0;
@@ -191,7 +201,7 @@ impl Board {
                 .get(&(h.local, h.remote))
                 .map_or_else(|| unknown_row(h), |(key, _)| *key);
             *per_row.entry(key).or_default() += 1;
-            self.rows.entry(key).or_default();
+            self.tally(key);
             self.ages[age_bucket(now_ns.saturating_sub(h.since_ns))] += 1;
         }
         // A close may come before its timewait socket is seen: kept a moment.
@@ -540,6 +550,13 @@ mod tests {
         assert_eq!(direction(&trend[..36]), Direction::Falling);
         assert_eq!(direction(trend), Direction::Steady);
         assert_eq!(direction(&[(0, 0), (5 * SEC, 1)]), Direction::Rising);
+        // A row new since the last refresh had nothing held then.
+        let later = close(71 * SEC, 40_001, 443, Role::Client, Initiator::Local);
+        b.close(&later);
+        b.refresh(72 * SEC, &[held_of(&later)]);
+        let row = b.rows().into_iter().find(|r| r.port == 443).unwrap();
+        assert_eq!(row.trend, [(70 * SEC, 0), (72 * SEC, 1)]);
+        assert_eq!(direction(&row.trend), Direction::Rising);
         assert_eq!(direction(&[]), Direction::Steady);
     }
 
