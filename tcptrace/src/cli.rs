@@ -20,6 +20,7 @@ Examples:
   sudo tcptrace --record trace.tcptrace      also save the raw events for later
   tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)
   sudo tcptrace report --duration 1m         who closes first, per port
+  sudo tcptrace top                          the same live, full screen, with TIME_WAIT held
   sudo tcptrace hist --port 443              how long each state lasts";
 
 const REPORT_EXAMPLES: &str = "\
@@ -295,13 +296,13 @@ pub struct ReportArgs {
 /// `tcptrace top`.
 #[derive(Debug, Args)]
 pub struct TopArgs {
+    /// How often to redraw (rates are per second over this interval).
+    #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// How often to redraw (rates are per second over this interval).
-    #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
 }
 
 /// `tcptrace hist`.
