@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     cgroup::Cgroups,
-    cli::{Cli, Command, ServeArgs, SourceArgs},
+    cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
     event::RawEvent,
     filter::Filter,
     hist::Hist,
@@ -262,11 +262,80 @@ pub fn run(cli: Cli) -> Result<()> {
             )
         }
         Some(Command::Serve(a)) => serve(a),
+        Some(Command::Top(a)) => {
+            // The screen is drawn on the terminal itself, not through the buffered stdout.
+            drop(out);
+            top(a)
+        }
     };
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(()),
         other => other,
     }
+}
+
+/// A command that cannot run as it was asked (bad input, like a bad flag: exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// `tcptrace top`: a full-screen view, live only, on a terminal.
+fn top(a: &TopArgs) -> Result<()> {
+    if !io::stdout().is_terminal() {
+        return Err(UsageError(
+            "tcptrace top draws a full-screen view, but stdout is not a terminal: for a table \
+             every second in a pipe or a file, use `tcptrace report --interval 1s`"
+                .into(),
+        )
+        .into());
+    }
+    if a.source.from.is_some() {
+        return Err(UsageError(
+            "tcptrace top shows live traffic only: for a recording, use `tcptrace report \
+             --from FILE`"
+                .into(),
+        )
+        .into());
+    }
+    let filter = a.filter.filter();
+    // As the report: whole connections from the kernel, the states select them.
+    let whole = filter.without_states();
+    let mask = filter.compile().state_mask();
+    let names = cgroup_names(&a.source, &filter);
+    let wants = (Reads::Connections, Counters::Skip);
+    drive(&whole, &a.source, wants, |facts| {
+        if !facts.timers {
+            log::warn!(
+                "timewait timers are not traced: a close that entered TIME_WAIT counts as held \
+                 for 60 s"
+            );
+        }
+        let terminal =
+            ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(io::stdout()))
+                .context("reading the terminal's size")?;
+        let clock = crate::top::draw::Clock {
+            wall_offset_ns: facts.wall_offset_ns,
+            utc_offset_secs: local_utc_offset_secs(),
+        };
+        let view = crate::top::Top::new(
+            whole.compile().with_cgroups(names),
+            mask,
+            terminal,
+            Box::new(crate::top::term::TerminalInput),
+            a.interval.as_nanos() as u64,
+            clock,
+        )
+        .on_terminal()
+        .records(facts.records)
+        .max_sockets(a.source.max_sockets)
+        .timers(facts.timers)
+        .known_at_start(&facts.roles_at_start())
+        .seed(
+            &backfill_timewaits(a.source.max_sockets),
+            crate::probe::monotonic_ns(),
+        );
+        Ok(Box::new(view))
+    })
 }
 
 /// `tcptrace serve`: binds first (a taken port fails before anything is loaded), then traces

@@ -20,6 +20,7 @@ Examples:
   sudo tcptrace --record trace.tcptrace      also save the raw events for later
   tcptrace --from trace.tcptrace --state SYN_SENT   replay a recording (no root needed)
   sudo tcptrace report --duration 1m         who closes first, per port
+  sudo tcptrace top                          the same live, full screen, with TIME_WAIT held
   sudo tcptrace hist --port 443              how long each state lasts";
 
 const REPORT_EXAMPLES: &str = "\
@@ -34,6 +35,25 @@ Columns: connections CLOSED per service port (the listening port when this host 
 them, DIR in; the remote port when it connected, DIR out); who closed first (LOCAL, REMOTE,
 SIMULT, UNKNOWN); how (resets sent and received, REFUSED, TIMEOUT); TIME_WAIT entered on this
 host; the processes that owned them. Only the side that closes first holds TIME_WAIT.";
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  sudo tcptrace top                          every port, redrawn every second
+  sudo tcptrace top --lport 8080 -i 2s       the server side of :8080, every 2 s
+  sudo tcptrace top --netns /run/netns/blue  one network namespace
+
+Columns (rows as in `tcptrace report`: per service port, DIR in when this host accepted the
+connections, out when it made them): CLOSES/s over the last interval; CLOSED since the start;
+LOCAL and REMOTE, the shares closed first by this host and by the peer; RESETS, connections
+ended by a reset sent or received; TIME_WAIT held now on this host; TREND 1m, TIME_WAIT held
+over the last minute, with an arrow for its way over the last 10 s. Below: the TIME_WAIT
+sockets held, by age. The header has the totals and the events lost.
+
+Keys: c sort by closes/s, t by TIME_WAIT (the default), r by resets, p by port; / or f
+filters by port (type it, Enter; empty shows every port; Esc cancels); q or Ctrl-C quits.
+
+top needs a terminal; for a table every second in a pipe or a file use
+`tcptrace report --interval 1s`.";
 
 const TIMEWAIT_EXAMPLES: &str = "\
 Examples:
@@ -113,6 +133,10 @@ pub enum Command {
     /// Who closes first, per service port and direction, and who holds the TIME_WAIT.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// A live full-screen view: closes per second, who closes first, resets and the TIME_WAIT
+    /// held per service port and direction, with its trend and ages.
+    #[command(after_help = TOP_EXAMPLES)]
+    Top(TopArgs),
     /// Histograms of the time spent in each state (connect latency, CLOSE_WAIT, …).
     #[command(after_help = HIST_EXAMPLES)]
     Hist(HistArgs),
@@ -267,6 +291,18 @@ pub struct ReportArgs {
     /// Print a report every INTERVAL (e.g. 10s) instead of once at the end.
     #[arg(short, long, value_name = "INTERVAL", value_parser = parse_duration)]
     pub interval: Option<Duration>,
+}
+
+/// `tcptrace top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// How often to redraw (rates are per second over this interval).
+    #[arg(short, long, value_name = "INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 /// `tcptrace hist`.

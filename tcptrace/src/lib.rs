@@ -30,5 +30,6 @@ pub mod report;
 pub mod serve;
 pub mod stuck;
 pub mod timewait;
+pub mod top;
 pub mod track;
 pub mod view;

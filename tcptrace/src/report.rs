@@ -32,7 +32,8 @@ pub enum Way {
 }
 
 impl Way {
-    fn of(role: Role) -> Way {
+    /// The direction of a connection of `role`.
+    pub fn of(role: Role) -> Way {
         match role {
             Role::Server => Way::In,
             Role::Client => Way::Out,
@@ -40,7 +41,8 @@ impl Way {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
         match self {
             Way::In => "in",
             Way::Out => "out",

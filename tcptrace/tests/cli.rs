@@ -44,6 +44,9 @@ fn bad_flags_exit_2_naming_the_value() {
         (&["hist", "--netns", "0"], "'0'"),
         (&["--cgroup", "web app"], "'web app'"),
         (&["timewait", "--cgroup", "/a/../b"], "'..'"),
+        // Its output is a pipe here: the view needs a terminal.
+        (&["top"], "use `tcptrace report --interval 1s`"),
+        (&["top", "--interval", "0s"], "more than zero"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");

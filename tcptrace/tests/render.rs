@@ -763,3 +763,48 @@ fn metrics_port_labels_are_bounded_and_allow_listed() {
     assert!(text.contains(r#"port="9999",role="server""#), "{text}");
     assert!(!text.contains(r#"port="other""#), "{text}");
 }
+
+/// `tcptrace top` on a test terminal: the workload's first five seconds, then a refresh every
+/// second until 20 s, keys pressed before the first.
+fn top_screen(keys: &str) -> String {
+    use tcptrace::top::{Top, draw::Clock};
+    let keys: std::collections::VecDeque<_> = keys
+        .chars()
+        .map(|c| crossterm::event::Event::Key(crossterm::event::KeyCode::Char(c).into()))
+        .collect();
+    let terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(110, 24)).unwrap();
+    let clock = Clock {
+        wall_offset_ns: WALL,
+        utc_offset_secs: 0,
+    };
+    let mut view = Top::new(
+        Filter::default().compile(),
+        0,
+        terminal,
+        Box::new(keys),
+        SEC,
+        clock,
+    )
+    .timers(true);
+    let early: Vec<RawEvent> = workload()
+        .into_iter()
+        .filter(|e| e.ts_ns <= 5 * SEC)
+        .collect();
+    view.start().unwrap();
+    view.push(&early).unwrap();
+    for s in 5..=20 {
+        assert_eq!(view.tick(s * SEC).unwrap(), Flow::More);
+    }
+    view.finish().unwrap();
+    view.terminal().backend().to_string()
+}
+
+#[test]
+fn top_screen_rows_trend_ages_and_totals() {
+    insta::assert_snapshot!(top_screen(""));
+}
+
+#[test]
+fn top_screen_sorted_by_port_with_the_filter_prompt_open() {
+    insta::assert_snapshot!(top_screen("p/44"));
+}

@@ -192,7 +192,8 @@ fn bpf_linker(nightly: &str, say: &dyn Fn(String)) -> Result<()> {
 }
 
 /// iproute2 for the network-namespace tests, Prometheus for the exporter's end-to-end test
-/// (Debian's package; its service is not started in a container, and the test runs its own).
+/// (Debian's package; its service is not started in a container, and the test runs its own),
+/// tmux for `tcptrace top`'s.
 fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     let missing: Vec<&str> = [
         ("ip", &["-V"][..], "iproute2"),
@@ -204,6 +205,8 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
         ("redis-benchmark", &["--version"], "redis-tools"),
         ("ab", &["-V"], "apache2-utils"),
         ("curl", &["--version"], "curl"),
+        // The terminal that `tcptrace top`'s test draws in.
+        ("tmux", &["-V"], "tmux"),
         // The package test verifies the service unit.
         ("systemd-analyze", &["--version"], "systemd"),
         // The scripted peers (Debian's python, whatever `python3` is first on PATH).
@@ -219,15 +222,15 @@ fn system_tools(say: &dyn Fn(String)) -> Result<()> {
     .collect();
     if missing.is_empty() {
         say(
-            "✓ iproute2, prometheus, nftables, nginx, redis, ab, curl, scapy, systemd-analyze"
+            "✓ iproute2, prometheus, nftables, nginx, redis, ab, curl, tmux, scapy, systemd-analyze"
                 .into(),
         );
         return Ok(());
     }
     if !crate::is_root() || capture(Command::new("apt-get").arg("--version")).is_err() {
         println!(
-            "! missing {} (the namespace, Prometheus, retransmission and real-software tests \
-             need them): install with your package manager",
+            "! missing {} (the namespace, Prometheus, retransmission, real-software and top \
+             tests need them): install with your package manager",
             missing.join(", ")
         );
         return Ok(());
