@@ -31,3 +31,4 @@ pub mod stuck;
 pub mod timewait;
 pub mod track;
 pub mod view;
+pub mod webconfig;
