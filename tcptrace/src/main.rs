@@ -12,9 +12,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tcptrace: error: {err:#}");
-            // Bad input (a recording that is not one, truncated or corrupt) is the user's to
+            // Bad input (a recording that is not one, truncated or corrupt; a bad web config) is the user's to
             // fix, like a bad flag: exit 2 as clap does. Everything else is 1.
-            if err.chain().any(|c| c.is::<tcptrace::record::RecordError>()) {
+            let bad_input = |c: &(dyn std::error::Error + 'static)| {
+                c.is::<tcptrace::record::RecordError>()
+                    || c.is::<tcptrace::webconfig::WebConfigError>()
+            };
+            if err.chain().any(bad_input) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
