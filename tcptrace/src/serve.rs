@@ -52,6 +52,10 @@ const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
 /// Threads that check passwords with bcrypt (slow by design), away from the serving thread.
 const BCRYPT_THREADS: usize = 1;
 
+/// Connections the kernel queues until they are accepted (std's 128 overflows in a burst,
+/// and a scrape whose SYN is dropped waits a second for its retry); capped by somaxconn.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// How long to wait before accepting again when accept fails.
 const ACCEPT_RETRY_MS: u64 = 100;
 
@@ -87,10 +91,17 @@ fn hint(e: &std::io::Error) -> &'static str {
 /// Binds the exporter's address, before anything is loaded into the kernel, so that a taken
 /// port is reported at once.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    let l = TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
-    l.set_nonblocking(true)
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    Ok(l)
+    use socket2::{Domain, Protocol, Socket, Type};
+    let listen = || -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // As std's bind does: a restart does not wait for the old connections' TIME_WAIT.
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    };
+    listen().map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// The body and content type of a scrape: OpenMetrics when the scraper accepts it, else the
