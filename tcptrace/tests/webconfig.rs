@@ -1,7 +1,8 @@
-//! `tcptrace serve --web-config`, without root: TLS, client certificates and basic auth
-//! against a registry served in this process, slow and hostile clients against the real
-//! binary replaying a recording, and a real Prometheus scraping it over TLS with basic auth.
-//! Certificates are made here (rcgen); everything is on loopback.
+//! `tcptrace serve --web-config`: TLS, client certificates and basic auth against a registry
+//! served in this process; slow and hostile clients against the real binary replaying a
+//! recording, and a real Prometheus scraping it over TLS with basic auth (none needs root);
+//! and, as root only, the live tracer served over TLS. Certificates are made here (rcgen);
+//! everything is on loopback.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -11,6 +12,8 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+
+mod common;
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use rcgen::{
@@ -379,11 +382,16 @@ impl Binary {
             .unwrap();
         w.flush().unwrap();
         drop(w);
+        let from = [std::ffi::OsStr::new("--from"), recording.as_os_str()];
+        Binary::start(web_config, &from, "replayed")
+    }
+
+    /// `tcptrace serve --web-config` with `args`, once it printed a line with `ready`.
+    fn start(web_config: &Path, args: &[&std::ffi::OsStr], ready: &str) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
             .args(["serve", "--listen", "127.0.0.1:0", "--web-config"])
             .arg(web_config)
-            .arg("--from")
-            .arg(&recording)
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -394,7 +402,7 @@ impl Binary {
             if let Some(rest) = line.strip_prefix("Serving metrics on https://") {
                 addr = rest.strip_suffix("/metrics").map(|a| a.parse().unwrap());
             }
-            if line.contains("replayed") {
+            if line.contains(ready) {
                 break;
             }
             assert!(!line.contains("error"), "{line}");
@@ -547,4 +555,117 @@ fn past_the_cap_the_stalest_connections_are_shed() {
         tcptrace::serve::MAX_CONNECTIONS,
         took.as_secs_f64() * 1e3
     );
+}
+
+/// `GET path` on Prometheus's plain HTTP API; the body when the status is 200.
+fn api_get(prom: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&prom, IO_TIMEOUT).ok()?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {prom}\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let r = parse_reply(&raw).ok()?;
+    (r.status == 200).then_some(r.body)
+}
+
+/// The value of `up` for the job, once Prometheus has scraped it.
+fn up(prom: SocketAddr) -> Option<f64> {
+    let body = api_get(prom, "/api/v1/query?query=up%7Bjob%3D%22tcptrace%22%7D")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// True when Prometheus is installed; without it, CI fails and elsewhere the test is skipped
+/// where it can be seen.
+fn prometheus_or_skip(test: &str) -> bool {
+    if Command::new("prometheus").arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{test}: prometheus is not installed (`cargo xtask setup` installs it), and CI=true"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: prometheus is not installed (`cargo xtask setup` installs it)"
+    );
+    false
+}
+
+#[test]
+fn prometheus_scrapes_over_tls_with_basic_auth() {
+    if !prometheus_or_skip("prometheus_scrapes_over_tls_with_basic_auth") {
+        return;
+    }
+    let pki = Pki::new("prometheus");
+    let server = Binary::serve(&pki.dir, &pki.web_config(""));
+    let config = pki.dir.write(
+        "prometheus.yml",
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tcptrace\n    \
+             scheme: https\n    tls_config:\n      ca_file: {ca}\n      server_name: localhost\n    \
+             basic_auth:\n      username: {USER}\n      password: {PASSWORD}\n    \
+             static_configs:\n      - targets: ['{target}']\n",
+            ca = pki.dir.0.join("ca.crt").display(),
+            target = server.addr,
+        ),
+    );
+    let prom: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let log = std::fs::File::create(pki.dir.0.join("prometheus.log")).unwrap();
+    let _prometheus = Reaped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                pki.dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while up(prom) != Some(1.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "Prometheus did not scrape tcptrace over TLS: {}",
+            std::fs::read_to_string(pki.dir.0.join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "prometheus: up over TLS with basic auth after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn live_tracing_is_served_over_tls() {
+    if !common::root_or_skip("live_tracing_is_served_over_tls") {
+        return;
+    }
+    let pki = Pki::new("live");
+    let port = common::free_port().to_string();
+    let args = [std::ffi::OsStr::new("--port"), port.as_ref()];
+    let server = Binary::start(&pki.web_config(""), &args, "Tracing");
+    let client = pki.client(None);
+    let r = https_get(server.addr, client.clone(), Some((USER, PASSWORD))).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("tcptrace_lost_events_total"), "{}", r.body);
+    assert_eq!(https_get(server.addr, client, None).unwrap().status, 401);
 }
