@@ -350,6 +350,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
             )
             .exit();
     }
+    let web = web_config(a)?;
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     let listener = crate::serve::bind(a.listen)?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let filter = a.filter.filter();
@@ -405,8 +407,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
             }
         }
         registry.register_collector(Box::new(ProcessCollector));
-        crate::serve::spawn(listener, std::sync::Arc::new(registry))?;
-        let _ = writeln!(io::stderr(), "Serving metrics on http://{addr}/metrics");
+        crate::serve::spawn(listener, std::sync::Arc::new(registry), web)?;
+        let _ = writeln!(io::stderr(), "Serving metrics on {scheme}://{addr}/metrics");
         Ok(Box::new(view))
     })?;
     if a.source.from.is_some() {
@@ -417,6 +419,31 @@ fn serve(a: &ServeArgs) -> Result<()> {
         until_signal()?;
     }
     Ok(())
+}
+
+/// The web config of `serve` (TLS, basic auth), read before anything is bound or loaded;
+/// without one, a warning when the metrics are reachable from other hosts.
+fn web_config(a: &ServeArgs) -> Result<crate::webconfig::WebConfig> {
+    let Some(path) = &a.web_config else {
+        if !a.listen.ip().is_loopback() {
+            log::warn!(
+                "serving plain HTTP without authentication on {}: the metrics name this \
+                 host's ports, processes and containers; use --web-config (TLS, basic auth) \
+                 or a firewall that lets only Prometheus in",
+                a.listen
+            );
+        }
+        return Ok(crate::webconfig::WebConfig::default());
+    };
+    let web = crate::webconfig::WebConfig::load(path)?;
+    if web.tls.is_none() && !web.users.is_empty() {
+        log::warn!(
+            "{}: basic_auth_users without tls_server_config: passwords cross the network in \
+             clear text",
+            path.display()
+        );
+    }
+    Ok(web)
 }
 
 /// Stuck sockets from sock_diag in every namespace (at most `limit` per scan), with when

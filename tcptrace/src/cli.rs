@@ -192,7 +192,8 @@ pub enum Command {
 const SERVE_EXAMPLES: &str = "\
 Examples:
   sudo tcptrace serve                        http://127.0.0.1:9977/metrics
-  sudo tcptrace serve --listen 0.0.0.0:9977  for a Prometheus on another host
+  sudo tcptrace serve --listen 0.0.0.0:9977 --web-config web.yml
+                                             for a Prometheus on another host, over TLS
   sudo tcptrace serve --label-port 443,5432,6379   also label these outgoing service ports
   sudo tcptrace serve --label-netns          one series per network namespace
   tcptrace serve --from trace.tcptrace       serve a recording's counts (no root)
@@ -212,6 +213,10 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:9977"
     )]
     pub listen: std::net::SocketAddr,
+    /// Serve over TLS and/or with basic authentication, as this file says (the Prometheus
+    /// exporter toolkit's web config: tls_server_config, basic_auth_users).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<std::path::PathBuf>,
     /// Service ports to label even without a listener here (outgoing connections' remote
     /// ports), e.g. 443,5432,8000-8099.
     #[arg(long, value_name = "PORT[-PORT]", value_delimiter = ',', value_parser = parse_port_range)]

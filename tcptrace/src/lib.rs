@@ -33,3 +33,4 @@ pub mod timewait;
 pub mod top;
 pub mod track;
 pub mod view;
+pub mod webconfig;

@@ -12,11 +12,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tcptrace: error: {err:#}");
-            // Bad input (a recording that is not one, truncated or corrupt; a command that cannot
-            // run where it was started) is the user's to fix, like a bad flag: exit 2 as clap
-            // does. Everything else is 1.
+            // Bad input (a recording that is not one, truncated or corrupt; a bad web config;
+            // a command that cannot run where it was started) is the user's to fix, like a bad
+            // flag: exit 2 as clap does. Everything else is 1.
             let bad_input = |c: &(dyn std::error::Error + 'static)| {
-                c.is::<tcptrace::record::RecordError>() || c.is::<tcptrace::app::UsageError>()
+                c.is::<tcptrace::record::RecordError>()
+                    || c.is::<tcptrace::webconfig::WebConfigError>()
+                    || c.is::<tcptrace::app::UsageError>()
             };
             if err.chain().any(bad_input) {
                 ExitCode::from(2)

@@ -1,11 +1,21 @@
 //! The HTTP side of `tcptrace serve`: `/metrics` in the Prometheus text format (or
 //! OpenMetrics, when the scraper asks for it), on a thread of its own so that a scrape never
-//! delays the reading of the ring buffer, nor the other way round.
+//! delays the reading of the ring buffer, nor the other way round; over TLS and behind basic
+//! authentication when a web config asks for it ([`crate::webconfig`]).
+//!
+//! Slow or hostile clients cannot starve the scrapes: a client gets [`HANDSHAKE_TIMEOUT`] for
+//! its TLS handshake and [`HEADER_TIMEOUT`] for each request head, and when
+//! [`MAX_CONNECTIONS`] are open, each new one closes the stalest (the one whose last accept
+//! or request is oldest), so that a scrape, always the newest, gets through.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{SocketAddr, TcpListener},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,12 +29,35 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding, registry::Registry};
+use tokio::sync::oneshot;
 
-/// Connections served at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 64;
+use crate::webconfig::{Verdict, WebConfig};
 
-/// A client that has not sent its request headers by then is dropped.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; past it, each new one closes the stalest. Memory stays bounded:
+/// at most a request head's buffer (MAX_REQUEST_HEAD_BYTES) and a TLS record (about 18 KiB)
+/// each, some 55 MiB in the worst case, a few KiB each in practice.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// A client that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client that has not sent a request's head by then (from the connection's start, or
+/// from the previous response on a kept-alive one) is dropped.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The largest request head accepted (hyper's smallest read buffer): a scrape's is a few
+/// hundred bytes.
+const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
+
+/// Threads that check passwords with bcrypt (slow by design), away from the serving thread.
+const BCRYPT_THREADS: usize = 1;
+
+/// Connections the kernel queues until they are accepted (std's 128 overflows in a burst,
+/// and a scrape whose SYN is dropped waits a second for its retry); capped by somaxconn.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// How long to wait before accepting again when accept fails.
+const ACCEPT_RETRY_MS: u64 = 100;
 
 /// What can go wrong before serving.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +91,17 @@ fn hint(e: &std::io::Error) -> &'static str {
 /// Binds the exporter's address, before anything is loaded into the kernel, so that a taken
 /// port is reported at once.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    let l = TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
-    l.set_nonblocking(true)
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    Ok(l)
+    use socket2::{Domain, Protocol, Socket, Type};
+    let listen = || -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // As std's bind does: a restart does not wait for the old connections' TIME_WAIT.
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    };
+    listen().map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// The body and content type of a scrape: OpenMetrics when the scraper accepts it, else the
@@ -128,20 +168,39 @@ pub fn respond(registry: &Registry, req: &Request<impl Sized>) -> Response<Full<
     }
 }
 
-/// Serves `registry` on `listener` from a thread of its own, until the process ends.
-pub fn spawn(listener: TcpListener, registry: Arc<Registry>) -> Result<(), ServeError> {
+/// Serves `registry` on `listener` from a thread of its own, until the process ends, as
+/// `web` says (plain HTTP without authentication: `WebConfig::default()`).
+pub fn spawn(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    web: WebConfig,
+) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_name("tcptrace-http")
+        .max_blocking_threads(BCRYPT_THREADS)
         .build()
         .map_err(ServeError::Start)?;
+    let site = Arc::new(Site {
+        registry,
+        tls: web.tls.map(tokio_rustls::TlsAcceptor::from),
+        web_users: web.users,
+    });
     std::thread::Builder::new()
         .name("tcptrace-http".into())
-        .spawn(move || rt.block_on(accept_loop(listener, registry)))
+        .spawn(move || rt.block_on(accept_loop(listener, site)))
         .map_err(ServeError::Start)?;
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, registry: Arc<Registry>) {
+/// What is served, and how.
+struct Site {
+    registry: Arc<Registry>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    web_users: crate::webconfig::Users,
+}
+
+async fn accept_loop(listener: TcpListener, site: Arc<Site>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -149,34 +208,240 @@ async fn accept_loop(listener: TcpListener, registry: Arc<Registry>) {
             return;
         }
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Connections::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (ticket, shed) = open.admit();
+                tokio::spawn(connection(stream, site.clone(), ticket, shed));
+            }
             Err(e) => {
-                // Out of descriptors and the like: wait rather than spin.
+                // Out of descriptors: the stalest connection makes room. Anything else: wait
+                // rather than spin.
                 log::warn!("metrics server: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                open.shed_stalest();
+                tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+            }
+        }
+    }
+}
+
+/// One connection, until it ends or is shed.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    site: Arc<Site>,
+    ticket: Ticket,
+    shed: oneshot::Receiver<()>,
+) {
+    let ticket = Arc::new(ticket);
+    tokio::select! {
+        _ = shed => log::debug!("metrics connection shed: the stalest of {MAX_CONNECTIONS}"),
+        () = site.clone().handshake(stream, ticket) => {}
+    }
+}
+
+impl Site {
+    async fn handshake(self: Arc<Self>, stream: tokio::net::TcpStream, ticket: Arc<Ticket>) {
+        let Some(acceptor) = &self.tls else {
+            return self.http(stream, ticket).await;
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.http(tls, ticket).await,
+            Ok(Err(e)) => log::debug!("metrics connection: TLS handshake failed: {e}"),
+            Err(_) => {
+                log::debug!("metrics connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}")
+            }
+        }
+    }
+
+    async fn http<IO>(self: Arc<Self>, io: IO, ticket: Arc<Ticket>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let site = self.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            ticket.touch();
+            let site = site.clone();
+            async move { Ok::<_, Infallible>(site.answer(req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+            .serve_connection(TokioIo::new(io), service);
+        if let Err(e) = conn.await {
+            log::debug!("metrics connection: {e}");
+        }
+    }
+
+    /// Answers a request, once its credentials (if any are asked for) are checked.
+    async fn answer(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec());
+        let allowed = match self.web_users.check(auth.as_deref()) {
+            Verdict::Allowed => true,
+            Verdict::Denied => false,
+            Verdict::NeedsBcrypt => {
+                let site = self.clone();
+                let auth = auth.unwrap_or_default();
+                tokio::task::spawn_blocking(move || site.web_users.verify(&auth))
+                    .await
+                    .unwrap_or(false)
             }
         };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let r = respond(&registry, &req);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                log::debug!("metrics connection: {e}");
+        if allowed {
+            respond(&self.registry, &req)
+        } else {
+            unauthorized()
+        }
+    }
+}
+
+/// 401, asking for basic authentication.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic"),
+    );
+    r
+}
+
+/// The open connections, each with the stamp of its last accept or request: when there are
+/// too many, the stalest is shed.
+struct Connections {
+    open: Mutex<HashMap<u64, Open>>,
+    /// Stamps and ids, in the order things happen.
+    clock: AtomicU64,
+    cap: usize,
+    warned: AtomicBool,
+}
+
+struct Open {
+    stamp: Arc<AtomicU64>,
+    /// Dropped to shed the connection.
+    _shed: oneshot::Sender<()>,
+}
+
+/// A connection's place among the open ones, given up when dropped.
+struct Ticket {
+    open: Arc<Connections>,
+    id: u64,
+    stamp: Arc<AtomicU64>,
+}
+
+impl Connections {
+    fn new(cap: usize) -> Connections {
+        Connections {
+            open: Mutex::default(),
+            clock: AtomicU64::new(0),
+            cap,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a new connection, shedding the stalest if there are too many.
+    fn admit(self: &Arc<Self>) -> (Ticket, oneshot::Receiver<()>) {
+        let id = self.tick();
+        let stamp = Arc::new(AtomicU64::new(id));
+        let (tx, rx) = oneshot::channel();
+        let full = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.insert(
+                id,
+                Open {
+                    stamp: stamp.clone(),
+                    _shed: tx,
+                },
+            );
+            open.len() > self.cap
+        };
+        if full {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "metrics server: {} connections open (idle or slow clients): the stalest \
+                     are closed to let new ones in",
+                    self.cap
+                );
             }
-            drop(permit);
-        });
+            self.shed_stalest();
+        }
+        let ticket = Ticket {
+            open: self.clone(),
+            id,
+            stamp,
+        };
+        (ticket, rx)
+    }
+
+    /// Closes the connection whose last accept or request is the oldest.
+    fn shed_stalest(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let stalest = open
+            .iter()
+            .min_by_key(|(_, o)| o.stamp.load(Ordering::Relaxed))
+            .map(|(&id, _)| id);
+        if let Some(id) = stalest {
+            open.remove(&id);
+        }
+    }
+
+    /// How many are open.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.open.lock().map_or(0, |o| o.len())
+    }
+}
+
+impl Ticket {
+    /// A request began: the connection is fresh again.
+    fn touch(&self) {
+        self.stamp.store(self.open.tick(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stalest_connection_is_shed_at_the_cap() {
+        let open = Arc::new(Connections::new(3));
+        let (a, mut a_shed) = open.admit();
+        let (b, mut b_shed) = open.admit();
+        let (c, mut c_shed) = open.admit();
+        assert_eq!(open.len(), 3);
+        // `a` is the oldest, but a request on it makes it fresh: `b` goes.
+        a.touch();
+        let (_d, mut d_shed) = open.admit();
+        assert_eq!(open.len(), 3);
+        assert!(
+            b_shed
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        for rx in [&mut a_shed, &mut c_shed, &mut d_shed] {
+            assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        }
+        // A connection that ends gives its place back; a shed one's ticket changes nothing.
+        drop(b);
+        drop(c);
+        assert_eq!(open.len(), 2);
+        drop(a);
+        assert_eq!(open.len(), 1);
     }
 }

@@ -146,6 +146,23 @@ fn resolve_port(c: &Yaml, port: &Yaml) -> u16 {
 }
 
 #[test]
+fn the_example_web_config_is_one_serve_accepts() {
+    // Everything checks but the certificate, which the Secret holds: the first file read.
+    let path = deploy_dir().join("web-config.yml");
+    let err = tcptrace::webconfig::WebConfig::load(&path)
+        .unwrap_err()
+        .to_string();
+    let cert = deploy_dir().join("tls.crt");
+    assert!(
+        err.ends_with(&format!(
+            "cert_file {}: cannot read it: No such file or directory (os error 2)",
+            cert.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_yaml_document_parses_into_a_mapping() {
     let mut files: Vec<String> = std::fs::read_dir(deploy_dir())
         .expect("deploy/ exists")
@@ -153,7 +170,10 @@ fn every_yaml_document_parses_into_a_mapping() {
         .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
         .collect();
     files.sort();
-    assert_eq!(files, ["daemonset.yaml", "prometheus-scrape.yaml"]);
+    assert_eq!(
+        files,
+        ["daemonset.yaml", "prometheus-scrape.yaml", "web-config.yml"]
+    );
     for f in &files {
         let docs = yaml_docs(f);
         assert!(!docs.is_empty(), "{f} has no document");
