@@ -451,8 +451,14 @@ fn check(
         );
         *how.entry(k).or_default() += 1;
     }
+    let lost: u64 = records
+        .iter()
+        .filter(|r| r["kind"] == "lost")
+        .filter_map(|r| r["count"].as_u64())
+        .sum();
     eprintln!(
-        "{} closes; TIME_WAIT held by clients {}, servers {}; {} exits checked: {how:#?}",
+        "{} closes; TIME_WAIT held by clients {}, servers {}; {} exits checked; {lost} events \
+         lost: {how:#?}",
         closes.len(),
         held[&ns_a].len(),
         held[&ns_b].len(),
@@ -463,7 +469,7 @@ fn check(
         .iter()
         .filter(|c| ends(c).0 == old_local || ends(c).1 == old_local)
         .collect();
-    assert_eq!(old.len(), 2, "{old:?}");
+    assert_eq!(old.len(), 2, "{old:?} ({lost} events lost)");
     for c in old {
         let want = if ns(c) == ns_a { "client" } else { "server" };
         assert_eq!(c["role"], want, "{c}");
