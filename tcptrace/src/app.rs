@@ -298,11 +298,12 @@ fn top(a: &TopArgs) -> Result<()> {
         .into());
     }
     let filter = a.filter.filter();
-    // As the report: whole connections from the kernel, the states select them.
+    // As the report: whole connections from the kernel, the states select them; and, as
+    // `ports`, each connect as it starts (it holds a local port from then).
     let whole = filter.without_states();
     let mask = filter.compile().state_mask();
     let names = cgroup_names(&a.source, &filter);
-    let wants = (Reads::Connections, Counters::Skip);
+    let wants = (Reads::ConnectionsAndConnects, Counters::Skip);
     drive(&whole, &a.source, wants, |facts| {
         if !facts.timers {
             log::warn!(
@@ -329,11 +330,12 @@ fn top(a: &TopArgs) -> Result<()> {
         .records(facts.records)
         .max_sockets(a.source.max_sockets)
         .timers(facts.timers)
-        .known_at_start(&facts.roles_at_start())
-        .seed(
-            &backfill_timewaits(a.source.max_sockets),
-            crate::probe::monotonic_ns(),
-        );
+        .known_at_start(&facts.roles_at_start());
+        let timewaits = backfill_timewaits(a.source.max_sockets);
+        let now = crate::probe::monotonic_ns();
+        let view = view
+            .seed(&timewaits, now)
+            .seed_ports(&facts.open_at_start(), &timewaits, now);
         Ok(Box::new(view))
     })
 }

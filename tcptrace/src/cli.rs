@@ -47,7 +47,10 @@ connections, out when it made them): CLOSES/s over the last interval; CLOSED sin
 LOCAL and REMOTE, the shares closed first by this host and by the peer; RESETS, connections
 ended by a reset sent or received; TIME_WAIT held now on this host; TREND 1m, TIME_WAIT held
 over the last minute, with an arrow for its way over the last 10 s. Below: the TIME_WAIT
-sockets held, by age. The header has the totals and the events lost.
+sockets held, by age; then the most pressed destinations, as `tcptrace ports` counts them:
+local ports held (IN_USE, of them TIME_WAIT) of those AVAIL, USAGE now and its PEAK,
+CONN/s, FAILED connects for want of a port, EXHAUSTION at the current rise. The header has
+the totals and the events lost.
 
 Keys: c sort by closes/s, t by TIME_WAIT (the default), r by resets, p by port; / or f
 filters by port (type it, Enter; empty shows every port; Esc cancels); q or Ctrl-C quits.

@@ -216,6 +216,42 @@ pub struct Row {
     pub exhaustion_s: Option<f64>,
 }
 
+impl Row {
+    /// The destination it is of.
+    pub fn dest(&self) -> Dest {
+        Dest {
+            netns: self.netns,
+            laddr: self.laddr,
+            raddr: self.raddr,
+            rport: self.rport,
+        }
+    }
+
+    /// Its destination as the table names it: "10.0.0.2:80 from 10.0.0.1 [4026531840]".
+    pub fn destination(&self) -> String {
+        format!(
+            "{} from {}{}",
+            SocketAddr::new(self.raddr, self.rport),
+            self.laddr,
+            self.netns.map(|n| format!(" [{n}]")).unwrap_or_default()
+        )
+    }
+
+    /// The time left until every port is held, as the table shows it ("-": not rising).
+    pub fn exhaustion(&self) -> String {
+        self.exhaustion_s.map_or_else(
+            || "-".into(),
+            |e| {
+                if e < 10.0 {
+                    format!("{e:.1}s")
+                } else {
+                    format!("{e:.0}s")
+                }
+            },
+        )
+    }
+}
+
 /// Ports held and connects made per destination, from the events a pipeline decodes: what
 /// the `ports` view prints and `serve` exports.
 pub struct PortsCore {
@@ -437,12 +473,7 @@ impl PortsCore {
             })
             .collect();
         for r in &rows {
-            let d = Dest {
-                netns: r.netns,
-                laddr: r.laddr,
-                raddr: r.raddr,
-                rport: r.rport,
-            };
+            let d = r.dest();
             let p = self.peaks.entry(d).or_default();
             if r.in_use >= p.in_use {
                 p.in_use = r.in_use;
@@ -585,31 +616,15 @@ pub fn render_text(rows: &[Row]) -> String {
         first.time, "DESTINATION (from)", "IN_USE/AVAIL", "USAGE", "CONN/s", "FAILED", "EXHAUSTION"
     );
     for r in rows.iter().take(TEXT_ROWS) {
-        let dest = format!(
-            "{} from {}{}",
-            SocketAddr::new(r.raddr, r.rport),
-            r.laddr,
-            r.netns.map(|n| format!(" [{n}]")).unwrap_or_default()
-        );
-        let eta = r.exhaustion_s.map_or_else(
-            || "-".into(),
-            |e| {
-                if e < 10.0 {
-                    format!("{e:.1}s")
-                } else {
-                    format!("{e:.0}s")
-                }
-            },
-        );
         let _ = writeln!(
             s,
             "  {:<44} {:>12} {:>5.0}% {:>8.1} {:>7} {:>11}",
-            dest,
+            r.destination(),
             format!("{}/{}", r.in_use, r.available),
             r.usage * 100.0,
             r.connects_per_s,
             r.failures,
-            eta
+            r.exhaustion()
         );
     }
     s

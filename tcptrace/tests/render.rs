@@ -764,6 +764,15 @@ fn metrics_port_labels_are_bounded_and_allow_listed() {
     assert!(!text.contains(r#"port="other""#), "{text}");
 }
 
+/// The kernel's default port range in every namespace, whatever the host's.
+struct DefaultRanges;
+
+impl tcptrace::ports::Ranges for DefaultRanges {
+    fn range(&mut self, _: Option<u32>) -> tcptrace::ports::PortRange {
+        tcptrace::ports::PortRange::DEFAULT
+    }
+}
+
 /// `tcptrace top` on a test terminal: the workload's first five seconds, then a refresh every
 /// second until 20 s, keys pressed before the first.
 fn top_screen(keys: &str) -> String {
@@ -785,7 +794,8 @@ fn top_screen(keys: &str) -> String {
         SEC,
         clock,
     )
-    .timers(true);
+    .timers(true)
+    .port_ranges(Box::new(DefaultRanges));
     let early: Vec<RawEvent> = workload()
         .into_iter()
         .filter(|e| e.ts_ns <= 5 * SEC)

@@ -1,6 +1,6 @@
 //! Root-only: `tcptrace top` in a real terminal (a detached tmux session), tracing loopback
-//! connections — the rows, who closes first and the TIME_WAIT held, the keys, and the
-//! terminal as it was after `q`.
+//! connections — the rows, who closes first and the TIME_WAIT held, the most pressed
+//! destinations, the keys, and the terminal as it was after `q`.
 
 mod common;
 
@@ -176,6 +176,19 @@ fn ages(screen: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The pressed pane's line of destination 127.0.0.1:`port` (from 127.0.0.1): its ports held
+/// and TIME_WAIT, from `│127.0.0.1:8080 from 127.0.0.1 [4026531840]   50/28232   50   0.2% …`.
+fn pressed(screen: &str, port: u16) -> Option<(u64, u64)> {
+    let dest = format!("127.0.0.1:{port} from 127.0.0.1");
+    let line = screen
+        .lines()
+        .find(|l| l.trim_start_matches('│').starts_with(&dest))?;
+    let mut f = line.split_whitespace().skip_while(|w| !w.contains('/'));
+    let in_use = f.next()?.split('/').next()?.parse().ok()?;
+    let timewait = f.next()?.parse().ok()?;
+    Some((in_use, timewait))
+}
+
 /// `n` connections to 127.0.0.1:`port` on `listener`, each closed first by the server (the
 /// client reads its FIN, then closes).
 fn server_closes_first(listener: &TcpListener, port: u16, n: u64) {
@@ -251,6 +264,12 @@ fn top_in_a_terminal_shows_the_rows_sorts_filters_and_restores_the_terminal() {
         .map(|(_, n)| n)
         .sum();
     assert_eq!(young, held, "{screen}");
+
+    // The clients' connects toward :p each hold a local port, in TIME_WAIT now.
+    let screen = tmux.wait_for("the pressed destination", |s| {
+        pressed(s, p) == Some((CLIENT_CLOSES, CLIENT_CLOSES))
+    });
+    assert!(screen.contains("most pressed destinations"), "{screen}");
 
     tmux.keys(&["p"]);
     let mut by_port = by_timewait.to_vec();

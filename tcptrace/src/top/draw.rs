@@ -1,5 +1,5 @@
 //! Draws the board with ratatui: a header of totals, the table of rows, the TIME_WAIT
-//! population by age, and a footer of keys (or the filter's prompt).
+//! population by age, the most pressed destinations, and a footer of keys (or the filter's prompt).
 
 use ratatui::{
     Frame,
@@ -11,7 +11,7 @@ use ratatui::{
 
 use super::{
     keys::Keys,
-    model::{AGE_BUCKET_LABELS, Board, Row, SortKey, direction, sparkline},
+    model::{AGE_BUCKET_LABELS, Board, PRESSED_KEPT, Pressed, Row, SortKey, direction, sparkline},
 };
 
 /// Cells of each row's TIME_WAIT sparkline.
@@ -20,6 +20,12 @@ const SPARK_CELLS: usize = 20;
 const AGES_PANE_LINES: u16 = AGE_BUCKET_LABELS.len() as u16 + 2;
 /// Columns of the age pane before its bars: the label and the count.
 const AGE_LABEL_COLUMNS: u16 = 16;
+
+/// Lines of the pressed pane besides its rows: its borders and header.
+const PRESSED_FRAME_LINES: u16 = 3;
+/// Lines the rest of the screen needs at least: the header, the table's borders, header and
+/// two rows, the age pane, the footer.
+const OTHER_LINES_MIN: u16 = 1 + 5 + AGES_PANE_LINES + 1;
 
 /// What turns the board's monotonic time into a wall clock.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,16 +54,19 @@ impl Clock {
 
 /// Draws everything into `frame`.
 pub fn draw(frame: &mut Frame, board: &Board, keys: &Keys, clock: Clock) {
-    let [header, table, ages, footer] = Layout::vertical([
+    let shown = pressed_shown(board, frame.area().height);
+    let [header, table, ages, pressed, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(3),
         Constraint::Length(AGES_PANE_LINES),
+        Constraint::Length(shown as u16 + PRESSED_FRAME_LINES),
         Constraint::Length(1),
     ])
     .areas(frame.area());
     frame.render_widget(header_line(board, clock), header);
     frame.render_widget(rows_table(board), table);
     draw_ages(frame, board, ages);
+    frame.render_widget(pressed_table(&board.pressed()[..shown]), pressed);
     frame.render_widget(footer_line(board, keys), footer);
 }
 
@@ -183,6 +192,67 @@ fn draw_ages(frame: &mut Frame, board: &Board, area: Rect) {
         .collect();
     let block = Block::bordered().title(" TIME_WAIT held, by age ");
     frame.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+/// How many pressed destinations the pane shows on a screen of `lines`: those there are,
+/// at least one line (empty, or a row), as many as fit beside the rest.
+fn pressed_shown(board: &Board, lines: u16) -> usize {
+    let room = lines.saturating_sub(OTHER_LINES_MIN + PRESSED_FRAME_LINES);
+    board
+        .pressed()
+        .len()
+        .min(PRESSED_KEPT)
+        .min(usize::from(room.max(1)))
+}
+
+/// The pressed pane's headers, as `tcptrace ports` names its columns (and the peak).
+const PRESSED_COLUMNS: [&str; 8] = [
+    "DESTINATION (from)",
+    "IN_USE/AVAIL",
+    "TIME_WAIT",
+    "USAGE",
+    "PEAK",
+    "CONN/s",
+    "FAILED",
+    "EXHAUSTION",
+];
+
+const PRESSED_WIDTHS: [Constraint; 8] = [
+    Constraint::Min(30),
+    Constraint::Length(12),
+    Constraint::Length(9),
+    Constraint::Length(6),
+    Constraint::Length(6),
+    Constraint::Length(8),
+    Constraint::Length(7),
+    Constraint::Length(10),
+];
+
+fn pressed_table(pressed: &[Pressed]) -> Table<'static> {
+    let header = TableRow::new(PRESSED_COLUMNS.iter().enumerate().map(|(i, name)| {
+        let line = Line::from(*name);
+        Cell::from(if i == 0 { line } else { line.right_aligned() })
+    }))
+    .bold();
+    let title = " most pressed destinations: local ports held of those a connect can choose ";
+    Table::new(pressed.iter().map(pressed_row), PRESSED_WIDTHS)
+        .header(header)
+        .block(Block::bordered().title(title))
+}
+
+fn pressed_row(p: &Pressed) -> TableRow<'static> {
+    let r = &p.row;
+    let right = |s: String| Cell::from(Line::from(s).right_aligned());
+    TableRow::new([
+        Cell::from(r.destination()),
+        right(format!("{}/{}", r.in_use, r.available)),
+        right(r.timewait.to_string()),
+        right(format!("{:.1}%", r.usage * 100.0)),
+        right(format!("{:.1}%", p.peak_usage * 100.0)),
+        right(format!("{:.1}", r.connects_per_s)),
+        right(r.failures.to_string()),
+        right(r.exhaustion()),
+    ])
 }
 
 fn footer_line(board: &Board, keys: &Keys) -> Paragraph<'static> {

@@ -1,6 +1,7 @@
 //! `tcptrace top`: a live full-screen view of closes per service port and direction, who
 //! closes first, resets, the TIME_WAIT held and its trend, and the TIME_WAIT population by
-//! age. Events fold into a [`model::Board`] as they come; the screen is drawn from it once
+//! age, and the destinations closest to running out of local ports (as `tcptrace ports`
+//! counts them). Events fold into a [`model::Board`] as they come; the screen is drawn from it once
 //! an interval (and when a key or a resize asks), never per event.
 
 pub mod draw;
@@ -14,10 +15,11 @@ use crossterm::event::Event as TermEvent;
 use ratatui::{Terminal, backend::Backend};
 
 use crate::{
-    diag::DiagTimewait,
+    diag::{DiagTimewait, Existing},
     event::{Event, RawEvent},
     filter::CompiledFilter,
     pipeline::Pipeline,
+    ports::{HostRanges, PortsCore, Ranges},
     timewait::Timewaits,
     view::{Flow, Interval, View},
 };
@@ -37,6 +39,8 @@ pub struct Top<B: Backend> {
     /// 0: all).
     state_mask: u32,
     board: Board,
+    /// Ports held per destination, as `tcptrace ports` counts them.
+    ports: PortsCore,
     keys: Keys,
     input: Box<dyn term::Input>,
     terminal: Terminal<B>,
@@ -71,6 +75,7 @@ where
             pipe: Pipeline::new(filter).tracking().timewaits(false),
             state_mask,
             board: Board::new(),
+            ports: PortsCore::new(Box::new(HostRanges::default()), wall.wall_offset_ns),
             keys: Keys::default(),
             input,
             terminal,
@@ -102,6 +107,21 @@ where
     /// Whether the source carries connection records.
     pub fn records(mut self, yes: bool) -> Self {
         self.pipe = self.pipe.from_records(yes);
+        self.ports.set_records(yes);
+        self
+    }
+
+    /// Each namespace's local port range from `ranges` (the host's unless told).
+    pub fn port_ranges(mut self, ranges: Box<dyn Ranges>) -> Self {
+        self.ports = PortsCore::new(ranges, self.wall.wall_offset_ns);
+        self.ports.set_records(self.pipe.uses_records());
+        self
+    }
+
+    /// What held local ports at start (`now_ns`), for the pressed destinations: the
+    /// connections this host made that are open, and the TIME_WAIT sockets.
+    pub fn seed_ports(mut self, open: &[Existing], found: &[DiagTimewait], now_ns: u64) -> Self {
+        self.ports.seed(open, found, now_ns, self.pipe.filter());
         self
     }
 
@@ -165,7 +185,27 @@ where
             self.board.close(&c);
         }
         self.pipe.closes = closes;
-        self.pipe.exits.clear();
+        self.count_expiries();
+    }
+
+    /// Hands the timewait ends the filter keeps to the ports count (it rates expiries).
+    fn count_expiries(&mut self) {
+        let mut exits = std::mem::take(&mut self.pipe.exits);
+        for x in exits.drain(..) {
+            if self.pipe.filter().keeps_exit(&x) {
+                self.ports.exit(&x);
+            }
+        }
+        self.pipe.exits = exits;
+    }
+
+    /// The refresh at `now_ns`: the board's rows and ages, and the pressed destinations.
+    fn refresh(&mut self, now_ns: u64) {
+        let held = self.held(now_ns);
+        self.board.refresh(now_ns, &held);
+        let population = crate::ports::timewait_tuples(&self.pipe);
+        let rows = self.ports.snapshot(&population, now_ns);
+        self.board.press(rows, self.ports.peaks());
     }
 
     /// The TIME_WAIT sockets held at `now_ns`: those traced (or, untraced, the closes of
@@ -248,8 +288,11 @@ where
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
-            if let Event::Lost { count, .. } = ev {
-                self.board.lost(count);
+            match &ev {
+                Event::Lost { count, .. } => self.board.lost(*count),
+                Event::Transition(t) => self.ports.transition(t, self.pipe.filter().keeps(t)),
+                Event::Connection(c) => self.ports.connection(c),
+                _ => {}
             }
             self.pipe.fold(&ev);
             self.take_closes();
@@ -265,8 +308,7 @@ where
         }
         if self.clock.advance(now_ns) || !self.drawn {
             self.clock.restart();
-            let held = self.held(now_ns);
-            self.board.refresh(now_ns, &held);
+            self.refresh(now_ns);
             self.dirty = true;
         }
         if self.dirty {

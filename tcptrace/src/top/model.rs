@@ -9,7 +9,10 @@ use std::{
 };
 
 pub use crate::report::Way;
-use crate::track::{Close, FastMap, How, Initiator, Role, service_port};
+use crate::{
+    ports::{self, Dest, Peak},
+    track::{Close, FastMap, How, Initiator, Role, service_port},
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How far back the TIME_WAIT trend (sparkline) looks.
@@ -28,6 +31,8 @@ pub const AGE_BUCKET_UPPER_NS: [u64; 4] = [
 ];
 /// The buckets' labels, in order.
 pub const AGE_BUCKET_LABELS: [&str; 5] = ["<1s", "1-10s", "10-30s", "30-60s", ">60s"];
+/// The most pressed destinations kept for their pane (it shows as many as the screen fits).
+pub const PRESSED_KEPT: usize = 8;
 
 /// What the rows are ordered by (each descending, but the port ascending).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,6 +103,16 @@ struct Tally {
     trend: VecDeque<(u64, u64)>,
 }
 
+/// A destination of the pressed pane: its `tcptrace ports` row, and its fullest moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pressed {
+    pub row: ports::Row,
+    /// The most ports held toward it at once since the start, and that share of those
+    /// available (as the row has them when none was recorded yet).
+    pub peak_in_use: u64,
+    pub peak_usage: f64,
+}
+
 /// The totals of the header.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Totals {
@@ -122,6 +137,8 @@ pub struct Board {
     now_ns: u64,
     sort: SortKey,
     port_filter: Option<u16>,
+    /// The destinations closest to running out of local ports, fullest first.
+    pressed: Vec<Pressed>,
 }
 
 impl Board {
@@ -209,6 +226,47 @@ impl Board {
             seen.contains(tuple) || ts.saturating_add(PENDING_GRACE_NS) > now_ns
         });
         per_row
+    }
+
+    /// The destinations of `rows` (one interval of `tcptrace ports`) that hold a port or
+    /// failed to get one, the [`PRESSED_KEPT`] closest to running out, with their `peaks`.
+    pub fn press<'a>(
+        &mut self,
+        rows: Vec<ports::Row>,
+        peaks: impl Iterator<Item = (&'a Dest, &'a Peak)>,
+    ) {
+        let peaks: FastMap<Dest, Peak> = peaks.map(|(d, p)| (*d, *p)).collect();
+        let mut rows: Vec<ports::Row> = rows
+            .into_iter()
+            .filter(|r| r.in_use > 0 || r.failures > 0)
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.usage.total_cmp(&a.usage))
+                .then(b.in_use.cmp(&a.in_use))
+                .then(b.failures.cmp(&a.failures))
+                .then(a.dest().cmp(&b.dest()))
+        });
+        rows.truncate(PRESSED_KEPT);
+        self.pressed = rows
+            .into_iter()
+            .map(|row| {
+                let peak = peaks.get(&row.dest()).copied().unwrap_or(Peak {
+                    in_use: row.in_use,
+                    usage: row.usage,
+                    ..Peak::default()
+                });
+                Pressed {
+                    peak_in_use: peak.in_use.max(row.in_use),
+                    peak_usage: peak.usage.max(row.usage),
+                    row,
+                }
+            })
+            .collect();
+    }
+
+    /// The most pressed destinations at the last refresh, fullest first.
+    pub fn pressed(&self) -> &[Pressed] {
+        &self.pressed
     }
 
     /// Orders the rows by `key`.
@@ -581,5 +639,92 @@ mod tests {
             .map(age_bucket)
             .into();
         assert_eq!(buckets, [0, 0, 1, 2, 2, 4, 4]);
+    }
+
+    struct TenPorts;
+
+    impl ports::Ranges for TenPorts {
+        fn range(&mut self, _: Option<u32>) -> ports::PortRange {
+            ports::PortRange {
+                low: 40_000,
+                high: 40_009,
+                reserved: 0,
+            }
+        }
+    }
+
+    /// A TIME_WAIT socket from 10.0.0.1:`lport` toward `remote`.
+    fn tw(lport: u16, remote: &str) -> ports::TimewaitTuple {
+        (Some(7), addr(&format!("10.0.0.1:{lport}")), addr(remote))
+    }
+
+    /// A connect from 10.0.0.1:`lport` (its port already chosen) toward `remote`.
+    fn connect(sk: u64, lport: u16, remote: &str) -> crate::event::Transition {
+        crate::event::Transition {
+            ts_ns: SEC,
+            skaddr: sk,
+            local: addr(&format!("10.0.0.1:{lport}")),
+            remote: addr(remote),
+            from: crate::event::State::Close,
+            to: crate::event::State::SynSent,
+            in_from_ns: None,
+            owner: None,
+            mptcp: false,
+            netns: Some(7),
+            cgroup: None,
+        }
+    }
+
+    /// The pane's destinations as (remote, ports held, TIME_WAIT, usage %, peak %).
+    fn pane(b: &Board) -> Vec<(String, u64, u64, u64, u64)> {
+        let pct = |u: f64| (u * 100.0).round() as u64;
+        b.pressed()
+            .iter()
+            .map(|p| {
+                let r = &p.row;
+                let remote = SocketAddr::new(r.raddr, r.rport).to_string();
+                (
+                    remote,
+                    r.in_use,
+                    r.timewait,
+                    pct(r.usage),
+                    pct(p.peak_usage),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pressed_destinations_are_the_fullest_with_their_peak_and_those_holding_nothing_go() {
+        let (a, b_, c) = ("10.0.0.2:80", "10.0.0.3:443", "10.0.0.4:25");
+        let mut core = ports::PortsCore::new(Box::new(TenPorts), 0);
+        let mut b = Board::new();
+        core.transition(&connect(1, 40_005, b_), true);
+        core.transition(&connect(2, 40_006, b_), true);
+        let first = [tw(40_000, a), tw(40_001, a), tw(40_002, a), tw(40_003, c)];
+        let rows = core.snapshot(&first, SEC);
+        b.press(rows, core.peaks());
+        let want = [(a, 3, 3, 30, 30), (b_, 2, 0, 20, 20), (c, 1, 1, 10, 10)];
+        assert_eq!(
+            pane(&b),
+            want.map(|(d, n, t, u, p)| (d.to_string(), n, t, u, p))
+        );
+        // A's TIME_WAIT expire but one, C's is gone: B is fullest, A keeps its peak.
+        let rows = core.snapshot(&[tw(40_000, a)], 2 * SEC);
+        assert_eq!(rows.len(), 3, "ports still has C's row (its drop)");
+        b.press(rows, core.peaks());
+        let want = [(b_, 2, 0, 20, 20), (a, 1, 1, 10, 30)];
+        assert_eq!(
+            pane(&b),
+            want.map(|(d, n, t, u, p)| (d.to_string(), n, t, u, p))
+        );
+        // More destinations than the pane keeps.
+        let many: Vec<_> = (0..12)
+            .map(|i| tw(40_000, &format!("10.0.1.{i}:80")))
+            .collect();
+        let rows = core.snapshot(&many, 3 * SEC);
+        b.press(rows, core.peaks());
+        assert_eq!(b.pressed().len(), PRESSED_KEPT);
+        assert_eq!(b.pressed()[0].row.in_use, 2, "B first: {:?}", pane(&b));
     }
 }
