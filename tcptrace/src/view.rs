@@ -197,6 +197,10 @@ impl<W: Write> Stream<W> {
         counts: bool,
         render: impl FnOnce(&mut Renderer, &mut Sink<W>) -> io::Result<()>,
     ) -> io::Result<bool> {
+        // Past the limit nothing more is written, whatever comes (the run's end included).
+        if self.limit_reached() {
+            return Ok(true);
+        }
         match &mut self.order {
             None => {
                 render(&mut self.renderer, &mut Sink::Out(&mut self.out))?;
@@ -214,6 +218,9 @@ impl<W: Write> Stream<W> {
     /// Writes the held text lines that no close still waiting can precede (every one when
     /// `all`, at the end); true when the limit is reached.
     fn release(&mut self, all: bool) -> io::Result<bool> {
+        if self.limit_reached() {
+            return Ok(true);
+        }
         let Some(order) = &mut self.order else {
             return Ok(false);
         };
@@ -228,6 +235,11 @@ impl<W: Write> Stream<W> {
     /// Counts one printed record; true when the limit is reached.
     fn counted(&mut self) -> bool {
         self.shown += 1;
+        self.limit_reached()
+    }
+
+    /// Whether `limit` records were printed.
+    fn limit_reached(&self) -> bool {
         self.limit.is_some_and(|l| self.shown >= l)
     }
 

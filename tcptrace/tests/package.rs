@@ -20,6 +20,7 @@ const SERVICE_USER: &str = "tcptrace";
 const UNIT: &str = "/lib/systemd/system/tcptrace.service";
 const DEFAULTS: &str = "/etc/default/tcptrace";
 const BINARY: &str = "/usr/bin/tcptrace";
+const CONFIG_DIR: &str = "/etc/tcptrace";
 /// The capabilities tracing needs (README, Requirements), and no more.
 const CAPABILITIES: [&str; 4] = [
     "CAP_BPF",
@@ -126,6 +127,10 @@ fn check_control(deb: &Path) {
         fields.contains("libc6 (>= 2."),
         "depends on the C library: {fields}"
     );
+    assert!(
+        fields.contains("passwd"),
+        "its scripts need useradd: {fields}"
+    );
     let conffiles = stdout(Command::new("dpkg-deb").arg("-I").arg(deb).arg("conffiles"));
     assert_eq!(conffiles.trim(), DEFAULTS, "the flags are a conffile");
 }
@@ -214,6 +219,11 @@ fn check_unit() {
     ] {
         assert!(unit.lines().any(|l| l == line), "{line} in {UNIT}");
     }
+    // ProtectKernelLogs takes CAP_SYSLOG away: no tw_timer_handler, no TIME_WAIT exits.
+    assert!(
+        !unit.lines().any(|l| l.starts_with("ProtectKernelLogs=")),
+        "{UNIT} keeps CAP_SYSLOG"
+    );
     let want: BTreeSet<&str> = CAPABILITIES.into_iter().collect();
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
         assert_eq!(unit_capabilities(&unit, key), want, "{key} in {UNIT}");
@@ -246,6 +256,13 @@ fn unit_capabilities<'a>(unit: &'a str, key: &str) -> BTreeSet<&'a str> {
 
 /// Man pages and completions, installed where man and each shell find them.
 fn check_extras() {
+    // Where a web config and its key go: the service's group reads it, nobody else.
+    let dir = stdout(Command::new("stat").args(["-c", "%a %U %G", CONFIG_DIR]));
+    assert_eq!(
+        dir.trim(),
+        format!("750 root {SERVICE_USER}"),
+        "{CONFIG_DIR}"
+    );
     let page = stdout(Command::new("zcat").arg("/usr/share/man/man1/tcptrace-serve.1.gz"));
     assert!(page.contains(".TH"), "a man page: {page:.200}");
     for (file, mark) in [

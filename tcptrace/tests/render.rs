@@ -391,27 +391,32 @@ fn time_wait_filter_on_ipv4_text() {
 
 #[test]
 fn count_limit_stops_the_view() {
-    let style = Style {
-        wall_offset_ns: 0,
-        utc_offset_secs: 0,
-        color: false,
-        addr_width: 21,
-    };
-    let mut view = Stream::new(
-        Filter::default().compile(),
-        Renderer::new(Format::Json, style),
-        Vec::new(),
-        Some(3),
-    );
-    assert_eq!(view.push(&workload()).unwrap(), Flow::Done);
-    assert_eq!(view.shown(), 3, "transitions, resets and closes all count");
-    assert_eq!(
-        String::from_utf8(view.into_inner())
-            .unwrap()
-            .lines()
-            .count(),
-        3
-    );
+    for format in [Format::Json, Format::Text] {
+        let style = Style {
+            wall_offset_ns: 0,
+            utc_offset_secs: 0,
+            color: false,
+            addr_width: 21,
+        };
+        let mut view = Stream::new(
+            Filter::default().compile(),
+            Renderer::new(format, style),
+            Vec::new(),
+            Some(3),
+        );
+        assert_eq!(view.push(&workload()).unwrap(), Flow::Done);
+        // The run's end concludes what waits: none of it goes past the limit.
+        view.finish().unwrap();
+        assert_eq!(view.shown(), 3, "transitions, resets and closes all count");
+        assert_eq!(
+            String::from_utf8(view.into_inner())
+                .unwrap()
+                .lines()
+                .count(),
+            3,
+            "{format:?}"
+        );
+    }
 }
 
 /// An abort (ESTABLISHED → CLOSE with no reset yet) waits for its reset before its close is

@@ -38,6 +38,8 @@ const PACKAGED: [(&str, &str, u32); 5] = [
     ("deb/prerm", "DEBIAN/prerm", 0o755),
     ("deb/postrm", "DEBIAN/postrm", 0o755),
 ];
+/// The package's configuration folder, under the tree's root.
+const CONFIG_DIR: &str = "etc/tcptrace";
 /// Configuration files: kept across upgrades when the admin changed them.
 const CONFFILES: [&str; 1] = ["/etc/default/tcptrace"];
 
@@ -54,6 +56,10 @@ pub fn dist(bin: &Path) -> Result<PathBuf> {
         fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     }
     install(bin, &tree.join("usr/bin/tcptrace"), 0o755)?;
+    // Where an admin puts a web config and its key (the group is the service's, set when
+    // its user exists).
+    fs::create_dir_all(tree.join(CONFIG_DIR))?;
+    fs::set_permissions(tree.join(CONFIG_DIR), fs::Permissions::from_mode(0o750))?;
     for (from, to, mode) in PACKAGED {
         install(&root().join("packaging").join(from), &tree.join(to), mode)?;
     }
@@ -131,7 +137,8 @@ fn depends(bin: &Path) -> Result<String> {
         .context("objdump (binutils) lists the binary's dynamic symbols")?;
     let glibc = newest_glibc(&symbols)
         .with_context(|| format!("{} uses no versioned C library symbol", bin.display()))?;
-    let mut deps = format!("libc6 (>= {}.{})", glibc.0, glibc.1);
+    // passwd: the maintainer scripts create the service's user and group.
+    let mut deps = format!("libc6 (>= {}.{}), passwd", glibc.0, glibc.1);
     if symbols.contains("GCC_") {
         deps.push_str(", libgcc-s1");
     }
