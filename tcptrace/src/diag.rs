@@ -86,7 +86,9 @@ impl Namespace {
         use std::os::unix::fs::MetadataExt as _;
         for path in std::iter::once(&self.path).chain(&self.others) {
             match std::fs::File::open(path) {
-                Ok(f) if f.metadata()?.ino() == u64::from(self.inode) => return Ok(f),
+                Ok(f) if f.metadata().is_ok_and(|m| m.ino() == u64::from(self.inode)) => {
+                    return Ok(f);
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -722,6 +724,12 @@ fn dump(
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sock_diag's reply ended before its end",
+            ));
         }
         if parse(&buf[..n as usize], each)? {
             return Ok(true);

@@ -516,6 +516,11 @@ impl Probe {
             + self.unseen_total()
     }
 
+    /// Events the ring buffer had no room for (a run that wrote nothing).
+    pub fn ring_full_total(&self) -> u64 {
+        per_cpu_sum(&self.lost)
+    }
+
     /// TCP program runs the kernel skipped because the program was already running on that
     /// CPU (a transition nested in another's), whether or not the nested copy took them over.
     pub fn missed_runs(&self) -> u64 {
