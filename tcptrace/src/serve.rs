@@ -33,9 +33,10 @@ use tokio::sync::oneshot;
 
 use crate::webconfig::{Verdict, WebConfig};
 
-/// Connections open at once; past it, each new one closes the stalest. Memory stays bounded:
-/// at most a request head's buffer (MAX_REQUEST_HEAD_BYTES) and a TLS record (about 18 KiB)
-/// each, some 55 MiB in the worst case, a few KiB each in practice.
+/// Connections open at once (fewer when the process may not open as many descriptors);
+/// past it, each new one closes the stalest. Memory stays bounded: a request head's buffer
+/// (MAX_REQUEST_HEAD_BYTES) and a TLS record (about 18 KiB) each, and a response body only
+/// while its client reads it (WRITE_TIMEOUT); a few KiB each in practice.
 pub const MAX_CONNECTIONS: usize = 2048;
 
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -51,6 +52,17 @@ const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
 
 /// Threads that check passwords with bcrypt (slow by design), away from the serving thread.
 const BCRYPT_THREADS: usize = 1;
+
+/// Password checks queued at once; past them a request is answered 503 at once, so that a
+/// flood of bad credentials can neither grow memory nor delay Prometheus's scrape for long.
+const BCRYPT_QUEUED: usize = 8;
+
+/// A response a client does not read by then (a write that makes no progress) is dropped:
+/// a body is held only as long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Descriptors kept back from the connection cap for everything else the process opens.
+const RESERVED_FDS: u64 = 256;
 
 /// Connections the kernel queues until they are accepted (std's 128 overflows in a burst,
 /// and a scrape whose SYN is dropped waits a second for its retry); capped by somaxconn.
@@ -185,6 +197,7 @@ pub fn spawn(
         registry,
         tls: web.tls.map(tokio_rustls::TlsAcceptor::from),
         web_users: web.users,
+        bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_QUEUED)),
     });
     std::thread::Builder::new()
         .name("tcptrace-http".into())
@@ -198,6 +211,8 @@ struct Site {
     registry: Arc<Registry>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     web_users: crate::webconfig::Users,
+    /// Room in the queue of password checks.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }
 
 async fn accept_loop(listener: TcpListener, site: Arc<Site>) {
@@ -208,22 +223,46 @@ async fn accept_loop(listener: TcpListener, site: Arc<Site>) {
             return;
         }
     };
-    let open = Arc::new(Connections::new(MAX_CONNECTIONS));
+    let open = Arc::new(Connections::new(connection_cap()));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let (ticket, shed) = open.admit();
                 tokio::spawn(connection(stream, site.clone(), ticket, shed));
             }
-            Err(e) => {
-                // Out of descriptors: the stalest connection makes room. Anything else: wait
-                // rather than spin.
+            // Out of descriptors: the stalest connection makes room.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                 log::warn!("metrics server: accept failed: {e}");
                 open.shed_stalest();
                 tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
             }
+            // A connection reset before it was accepted, and the like: the next one.
+            Err(e) => log::debug!("metrics server: accept failed: {e}"),
         }
     }
+}
+
+/// How many connections may be open at once: [`MAX_CONNECTIONS`], within the descriptors
+/// the process may open (its soft limit raised to the hard one first).
+fn connection_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a valid struct of ours.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let room = lim.rlim_cur.saturating_sub(RESERVED_FDS).max(1);
+    MAX_CONNECTIONS.min(usize::try_from(room).unwrap_or(MAX_CONNECTIONS))
 }
 
 /// One connection, until it ends or is shed.
@@ -264,11 +303,13 @@ impl Site {
             let site = site.clone();
             async move { Ok::<_, Infallible>(site.answer(req).await) }
         });
+        let mut io = tokio_io_timeout::TimeoutStream::new(io);
+        io.set_write_timeout(Some(WRITE_TIMEOUT));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_REQUEST_HEAD_BYTES)
-            .serve_connection(TokioIo::new(io), service);
+            .serve_connection(TokioIo::new(Box::pin(io)), service);
         if let Err(e) = conn.await {
             log::debug!("metrics connection: {e}");
         }
@@ -284,11 +325,17 @@ impl Site {
             Verdict::Allowed => true,
             Verdict::Denied => false,
             Verdict::NeedsBcrypt => {
+                let Ok(slot) = self.bcrypt_slots.clone().try_acquire_owned() else {
+                    return busy();
+                };
                 let site = self.clone();
                 let auth = auth.unwrap_or_default();
-                tokio::task::spawn_blocking(move || site.web_users.verify(&auth))
-                    .await
-                    .unwrap_or(false)
+                tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    site.web_users.verify(&auth)
+                })
+                .await
+                .unwrap_or(false)
             }
         };
         if allowed {
@@ -306,6 +353,18 @@ fn unauthorized() -> Response<Full<Bytes>> {
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Basic"),
     );
+    r
+}
+
+/// Too many password checks are queued: try again (a flood of bad credentials, most likely).
+fn busy() -> Response<Full<Bytes>> {
+    let mut r = reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        "Too many password checks at once\n",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     r
 }
 

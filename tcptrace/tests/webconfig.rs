@@ -32,6 +32,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const HELD_CONNECTIONS: usize = 1000;
 /// The bcrypt cost of the test's hashes: the lowest, as the binary under test is a debug build.
 const BCRYPT_COST: u32 = 4;
+/// The cost of the flood test's hash: slow enough that checks queue.
+const FLOOD_BCRYPT_COST: u32 = 12;
 const USER: &str = "prometheus";
 const PASSWORD: &str = "s3cret-scrape";
 
@@ -138,7 +140,12 @@ impl Pki {
     /// A web config with TLS (relative file names: resolved beside the file), `extra` after
     /// the certificate lines, and the test's user.
     fn web_config(&self, extra: &str) -> PathBuf {
-        let hash = bcrypt::hash(PASSWORD, BCRYPT_COST).unwrap();
+        self.web_config_costing(extra, BCRYPT_COST)
+    }
+
+    /// [`Pki::web_config`] with the password hashed at bcrypt's `cost`.
+    fn web_config_costing(&self, extra: &str, cost: u32) -> PathBuf {
+        let hash = bcrypt::hash(PASSWORD, cost).unwrap();
         self.dir.write(
             "web.yml",
             &format!(
@@ -433,6 +440,40 @@ impl Drop for Binary {
 }
 
 /// The first half of a real ClientHello.
+/// A flood of wrong passwords queues few bcrypt checks: the rest are answered 503 at once,
+/// and the real scrape (its digest remembered from a first check) still gets through.
+#[test]
+fn a_flood_of_wrong_passwords_is_turned_away_without_queueing() {
+    let pki = Pki::new("flood");
+    // A real cost (~0.2 s a check here): the flood arrives while the first checks run.
+    let addr = serve_registry(&pki.web_config_costing("", FLOOD_BCRYPT_COST));
+    let client = pki.client(None);
+    let first = https_get(addr, client.clone(), Some((USER, PASSWORD))).unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    let flood: Vec<_> = (0..48)
+        .map(|i| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                https_get(addr, client, Some((USER, &format!("wrong{i}")))).map(|r| r.status)
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = flood
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().ok())
+        .collect();
+    let busy = statuses.iter().filter(|&&s| s == 503).count();
+    let denied = statuses.iter().filter(|&&s| s == 401).count();
+    eprintln!("48 wrong passwords: {denied} checked and denied, {busy} turned away (503)");
+    assert_eq!(busy + denied, statuses.len(), "{statuses:?}");
+    assert!(
+        busy > 0,
+        "some were turned away rather than queued: {statuses:?}"
+    );
+    let scrape = https_get(addr, client, Some((USER, PASSWORD))).unwrap();
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+}
+
 fn half_a_client_hello(client: Arc<ClientConfig>) -> Vec<u8> {
     let mut conn = ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
     let mut hello = Vec::new();
