@@ -286,13 +286,14 @@ impl Pipeline {
         }
     }
 
-    /// The time of the earliest close still waiting to be concluded (an abort waiting for
-    /// its reset, a close waiting for its timewait socket's fate): a close may yet come out
-    /// dated then. None when none waits.
+    /// The time of the earliest close or timewait exit still waiting to be concluded (an
+    /// abort waiting for its reset, a close waiting for its timewait socket's fate, a cancel
+    /// that may be a kill): one may yet come out dated then. None when none waits.
     pub fn waiting_since(&self) -> Option<u64> {
         let aborts = self.tracker.as_ref().and_then(Tracker::waiting_since);
         let fates = self.fates.held.values().map(|(c, _)| c.ts_ns).min();
-        aborts.into_iter().chain(fates).min()
+        let exits = self.timewaits.as_ref().and_then(Timewaits::waiting_since);
+        aborts.into_iter().chain(fates).chain(exits).min()
     }
 
     /// Whether timewait sockets are followed with their timers traced (their ends known).

@@ -543,6 +543,19 @@ impl Timewaits {
         })
     }
 
+    /// The time of the earliest end still waiting to be concluded (a cancel that may be a
+    /// kill, an entry into TIME_WAIT whose timewait socket has not shown): an exit may yet
+    /// come out dated then. None when none waits.
+    pub fn waiting_since(&self) -> Option<u64> {
+        let cancel = self
+            .cancels
+            .iter()
+            .find(|(at, tw)| self.live.get(tw).and_then(|l| l.cancelled_at) == Some(*at))
+            .map(|(at, _)| *at);
+        let entry = self.expected.iter().map(|(at, _)| *at).min();
+        cancel.into_iter().chain(entry).min()
+    }
+
     /// Concludes what time has settled by `now_ns`: cancels with no re-arm or expiry are
     /// early kills; entries with no timewait socket were not given one.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Exit>) {
@@ -802,6 +815,26 @@ mod tests {
         ]);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].end, out[0].residency_ns), (End::Killed, SEC));
+    }
+
+    #[test]
+    fn a_cancel_that_may_be_a_kill_holds_back_what_comes_after_it() {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        t.observe(&armed(SEC, 1, State::TimeWait, C), &mut out);
+        assert_eq!(t.waiting_since(), None, "an armed timer waits for nothing");
+        t.observe(&op(2 * SEC, 1, TimerOp::Cancelled), &mut out);
+        assert_eq!(
+            t.waiting_since(),
+            Some(2 * SEC),
+            "a kill would be dated then"
+        );
+        t.expire(3 * SEC, &mut out);
+        assert_eq!(
+            (out.len(), t.waiting_since()),
+            (1, None),
+            "concluded a kill"
+        );
     }
 
     #[test]
