@@ -389,21 +389,26 @@ fn time_wait_filter_on_ipv4_text() {
     insta::assert_snapshot!(render(Format::Text, f));
 }
 
+/// The stream with every filter off, no colour, UTC, IPv4-wide columns, into a buffer.
+fn plain_stream(format: Format, limit: Option<u64>) -> Stream<Vec<u8>> {
+    let style = Style {
+        wall_offset_ns: 0,
+        utc_offset_secs: 0,
+        color: false,
+        addr_width: 21,
+    };
+    Stream::new(
+        Filter::default().compile(),
+        Renderer::new(format, style),
+        Vec::new(),
+        limit,
+    )
+}
+
 #[test]
 fn count_limit_stops_the_view() {
     for format in [Format::Json, Format::Text] {
-        let style = Style {
-            wall_offset_ns: 0,
-            utc_offset_secs: 0,
-            color: false,
-            addr_width: 21,
-        };
-        let mut view = Stream::new(
-            Filter::default().compile(),
-            Renderer::new(format, style),
-            Vec::new(),
-            Some(3),
-        );
+        let mut view = plain_stream(format, Some(3));
         assert_eq!(view.push(&workload()).unwrap(), Flow::Done);
         // The run's end concludes what waits: none of it goes past the limit.
         view.finish().unwrap();
@@ -442,18 +447,7 @@ fn late_close(format: Format) -> Vec<String> {
             cgroup: None,
         })
     };
-    let style = Style {
-        wall_offset_ns: 0,
-        utc_offset_secs: 0,
-        color: false,
-        addr_width: 21,
-    };
-    let mut view = Stream::new(
-        Filter::default().compile(),
-        Renderer::new(format, style),
-        Vec::new(),
-        None,
-    );
+    let mut view = plain_stream(format, None);
     view.start().unwrap();
     let ms = 1_000_000;
     view.push(&[t(SEC, 0xa, State::Close, State::SynSent)])
