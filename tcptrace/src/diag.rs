@@ -469,11 +469,6 @@ impl SocketOwners {
         Some((pid, self.comms.get(&pid).map_or("", String::as_str)))
     }
 
-    /// How many sockets have an owner.
-    pub fn len(&self) -> usize {
-        self.pids.len()
-    }
-
     /// Whether none has.
     pub fn is_empty(&self) -> bool {
         self.pids.is_empty()

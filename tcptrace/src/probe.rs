@@ -511,7 +511,7 @@ impl Probe {
     /// does not nest them, and counts the miss) — but for the transitions that the BTF
     /// program's nested copy took over.
     pub fn lost_total(&self) -> u64 {
-        per_cpu_sum(&self.lost)
+        self.ring_full_total()
             + self.missed_runs().saturating_sub(self.caught_total())
             + self.unseen_total()
     }
