@@ -323,7 +323,17 @@ fn real_servers_and_clients_agree_with_sock_diag() {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let tracer = LoggedTracer::start(&["--json", "--port", &list, "--duration", "5m"]);
+    // The test's two namespaces only: other tests' namespaces may use the same port numbers.
+    let namespaces = format!("{},{}", pair.a, pair.b);
+    let tracer = LoggedTracer::start(&[
+        "--json",
+        "--port",
+        &list,
+        "--netns",
+        &namespaces,
+        "--duration",
+        "5m",
+    ]);
     let old_local = old.local_addr().unwrap();
     workload(&pair, &p, old);
     half.join().unwrap();
