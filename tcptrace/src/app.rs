@@ -91,7 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                     .max_sockets(cli.common.source.max_sockets)
                     .timers(facts.timers)
-                    .known_at_start(&facts.roles_at_start()),
+                    .known_at_start(facts.at_start),
                 ))
             })
         }
@@ -113,7 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers)
-                        .known_at_start(&facts.roles_at_start()),
+                        .known_at_start(facts.at_start),
                 ))
             })
         }
@@ -167,7 +167,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .timers(facts.timers);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.at_start, &tws, crate::probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -202,7 +202,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .count_problems_in(counted);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.at_start, &tws, crate::probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -329,13 +329,13 @@ fn top(a: &TopArgs) -> Result<()> {
         .on_terminal()
         .records(facts.records)
         .max_sockets(a.source.max_sockets)
-        .timers(facts.timers)
-        .known_at_start(&facts.roles_at_start());
+        .timers(facts.timers);
         let timewaits = backfill_timewaits(a.source.max_sockets);
         let now = crate::probe::monotonic_ns();
         let view = view
             .seed(&timewaits, now)
-            .seed_ports(&facts.open_at_start(), &timewaits, now);
+            .seed_ports(&facts.at_start, &timewaits, now)
+            .known_at_start(facts.at_start);
         Ok(Box::new(view))
     })
 }
@@ -379,7 +379,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
             .seed_ports(
-                &facts.open_at_start(),
+                &facts.at_start,
                 &ports_timewait,
                 crate::probe::monotonic_ns(),
             )
@@ -393,7 +393,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             )
             .max_sockets(a.source.max_sockets)
             .timers(facts.timers)
-            .known_at_start(&facts.roles_at_start());
+            .known_at_start(facts.at_start);
         if a.source.from.is_none() {
             view = view.stuck(stuck_watch(
                 facts.storage_map.clone(),
@@ -520,7 +520,7 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
 /// with `filter`'s kernel part.
 /// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
 /// What a view is told of its source.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Facts {
     /// CLOCK_REALTIME − CLOCK_MONOTONIC of the traced host.
     wall_offset_ns: i64,
@@ -530,7 +530,7 @@ struct Facts {
     records: bool,
     /// The connections and listeners open when tracing began, each with the process holding
     /// its socket (live only).
-    at_start: Vec<(crate::diag::Existing, Option<crate::event::Owner>)>,
+    at_start: crate::atstart::OpenAtStart,
     /// The socket-storage map of the BTF programs, for sock_diag to read with each socket
     /// (live, BTF programs only).
     storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -568,7 +568,7 @@ fn drive<'a>(
             wall_offset_ns: h.wall_offset_ns,
             timers: h.flags & header_flag::TIMERS_TRACED != 0,
             records: h.flags & header_flag::CONNECTIONS != 0,
-            at_start: Vec::new(),
+            at_start: crate::atstart::OpenAtStart::default(),
             storage_map: None,
         })?;
         return replay(&mut reader, view.as_mut())
@@ -668,25 +668,14 @@ fn overflow_proof() -> crate::timewait::OverflowProof {
     crate::timewait::OverflowProof::new(Box::new(read), &namespaces)
 }
 
-/// A command name as the kernel keeps it: at most 15 bytes, NUL-padded to 16.
-fn comm_bytes(comm: &str) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    let n = comm.len().min(15);
-    c[..n].copy_from_slice(&comm.as_bytes()[..n]);
-    c
-}
-
 /// Tells the kernel side who owns the listeners that exist already, so that the
 /// connections they accept during the trace have an owner.
-fn seed_listeners(
-    probe: &mut Probe,
-    at_start: &[(crate::diag::Existing, Option<crate::event::Owner>)],
-) {
+fn seed_listeners(probe: &mut Probe, at_start: &crate::atstart::OpenAtStart) {
     let known: Vec<(u32, u16, u32, [u8; 16])> = at_start
         .iter()
-        .filter(|(e, _)| e.listening())
-        .filter_map(|(e, owner)| {
-            let o = owner.as_ref()?;
+        .filter(|e| e.listening())
+        .filter_map(|e| {
+            let o = e.owner?;
             Some((e.netns, e.local.port(), o.pid, o.comm.0))
         })
         .collect();
@@ -702,10 +691,20 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
 /// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
-fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
-    use crate::event::{Comm, Owner};
-    let until = Some(Instant::now() + BACKFILL_TIME_BUDGET);
-    let b = crate::diag::connections_everywhere(limit, until);
+fn sockets_at_start(limit: usize) -> crate::atstart::OpenAtStart {
+    let started = Instant::now();
+    let until = Some(started + BACKFILL_TIME_BUDGET);
+    let (b, owners) = crate::diag::open_everywhere(limit, until);
+    let unread = owners.unread;
+    log::debug!(
+        "backfill at start: {} sockets in {} namespaces, with their owners, in {} ms (owners \
+         {} ms; {} KiB kept)",
+        b.found.len(),
+        b.namespaces,
+        started.elapsed().as_millis(),
+        owners.took.as_millis(),
+        b.found.heap_bytes() / 1024
+    );
     if b.unreachable > 0 {
         log::warn!(
             "open connections of {} of {} network namespaces cannot be read: {}",
@@ -721,14 +720,7 @@ fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::e
             b.skipped
         );
     }
-    let inodes = b
-        .found
-        .iter()
-        .map(|e| e.inode)
-        .filter(|i| *i != 0)
-        .collect();
-    let owners = crate::diag::socket_owners(&inodes, until);
-    if b.out_of_time > 0 || owners.unread > 0 {
+    if b.out_of_time > 0 || unread > 0 {
         log::warn!(
             "the backfill at start stopped at its {}-second budget with {} connections \
              read: {} network namespaces not read or read in part, {} processes not looked \
@@ -736,43 +728,10 @@ fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::e
             BACKFILL_TIME_BUDGET.as_secs(),
             b.found.len(),
             b.out_of_time,
-            owners.unread
+            unread
         );
     }
     b.found
-        .into_iter()
-        .map(|e| {
-            let owner = owners.get(e.inode).map(|(pid, comm)| Owner {
-                pid,
-                comm: Comm(comm_bytes(comm)),
-                from_listener: false,
-            });
-            (e, owner)
-        })
-        .collect()
-}
-
-impl Facts {
-    /// The connections open at start, as the tracker takes them (their role and owner).
-    fn roles_at_start(&self) -> Vec<crate::track::AtStart> {
-        use crate::track::Role;
-        self.at_start
-            .iter()
-            .filter(|(e, _)| !e.listening())
-            .map(|(e, owner)| crate::track::AtStart {
-                netns: Some(e.netns),
-                local: e.local,
-                remote: e.remote,
-                role: if e.server { Role::Server } else { Role::Client },
-                owner: *owner,
-            })
-            .collect()
-    }
-
-    /// The connections and listeners open at start, without their owners.
-    fn open_at_start(&self) -> Vec<crate::diag::Existing> {
-        self.at_start.iter().map(|(e, _)| *e).collect()
-    }
 }
 
 /// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),

@@ -15,7 +15,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
-    diag::{DiagTimewait, Existing},
+    atstart::OpenAtStart,
+    diag::DiagTimewait,
     event::{Event, RawEvent, State},
     filter::CompiledFilter,
     output::{Format, human_ns},
@@ -735,7 +736,7 @@ impl<W: Write> Doctor<W> {
 
     /// What existed at start (`now_ns`), for the ports held: the connections this host made
     /// that are open, and the TIME_WAIT sockets.
-    pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
+    pub fn seed(mut self, open: &OpenAtStart, timewaits: &[DiagTimewait], now_ns: u64) -> Self {
         self.ports.seed(open, timewaits, now_ns, self.pipe.filter());
         self
     }

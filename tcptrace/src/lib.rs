@@ -8,6 +8,7 @@
 //! [`probe`] touches the kernel, so everything else is tested on synthetic or recorded
 //! events without root.
 pub mod app;
+pub mod atstart;
 pub mod btf;
 pub mod cgroup;
 pub mod check;

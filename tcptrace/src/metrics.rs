@@ -724,7 +724,7 @@ impl Metrics {
     /// that are open, and the TIME_WAIT sockets.
     pub fn seed_ports(
         mut self,
-        open: &[crate::diag::Existing],
+        open: &crate::atstart::OpenAtStart,
         timewaits: &[crate::diag::DiagTimewait],
         now_ns: u64,
     ) -> Self {
@@ -793,7 +793,7 @@ impl Metrics {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: crate::atstart::OpenAtStart) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }

@@ -84,7 +84,7 @@ impl Pipeline {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Pipeline {
+    pub fn known_at_start(mut self, found: crate::atstart::OpenAtStart) -> Pipeline {
         if let Some(t) = &mut self.tracker {
             t.known_at_start(found);
         }

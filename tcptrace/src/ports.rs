@@ -24,7 +24,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    diag::{DiagTimewait, Existing},
+    atstart::OpenAtStart,
+    diag::DiagTimewait,
     event::{Event, RawEvent, State, Transition},
     filter::CompiledFilter,
     output::{Format, rfc3339, write_rows},
@@ -260,7 +261,7 @@ pub struct PortsCore {
     records: bool,
     connects: FastMap<u64, Connect>,
     /// Connections open at start (by namespace and endpoints) toward each destination.
-    open_at_start: FastMap<(Option<u32>, SocketAddr, SocketAddr), Dest>,
+    open_at_start: OpenAtStart,
     /// TIME_WAIT sockets that existed at start, until they expire.
     timewait_at_start: Vec<(Option<u32>, SocketAddr, SocketAddr, u64)>,
     window: FastMap<Dest, Window>,
@@ -281,7 +282,7 @@ impl PortsCore {
             ranges,
             records: false,
             connects: FastMap::default(),
-            open_at_start: FastMap::default(),
+            open_at_start: OpenAtStart::default(),
             timewait_at_start: Vec::new(),
             window: FastMap::default(),
             failures_total: FastMap::default(),
@@ -303,21 +304,20 @@ impl PortsCore {
     /// Only those `filter` keeps (by their endpoints and namespace).
     pub fn seed(
         &mut self,
-        open: &[Existing],
+        open: &OpenAtStart,
         timewaits: &[DiagTimewait],
         now_ns: u64,
         filter: &CompiledFilter,
     ) {
         let keep = |l, r, n| filter.keeps_socket(l, r, n);
-        for e in open.iter().filter(|e| !e.server) {
+        // A copy of the part that holds ports (24 bytes a connection): a host's million
+        // connections are never held in a map of socket addresses.
+        self.open_at_start = open.filtered(|e| {
             let netns = Some(e.netns);
-            if keep(e.local, e.remote, netns) && self.ranges.range(netns).contains(e.local.port()) {
-                self.open_at_start.insert(
-                    (netns, e.local, e.remote),
-                    Dest::of(netns, e.local, e.remote),
-                );
-            }
-        }
+            !e.server
+                && keep(e.local, e.remote, netns)
+                && self.ranges.range(netns).contains(e.local.port())
+        });
         for t in timewaits {
             if keep(t.local, t.remote, t.netns)
                 && self.ranges.range(t.netns).contains(t.local.port())
@@ -382,7 +382,7 @@ impl PortsCore {
                 *self.failures_total.entry(c.dest).or_default() += 1;
             }
         } else if !self.open_at_start.is_empty() {
-            self.open_at_start.remove(&(t.netns, t.local, t.remote));
+            self.open_at_start.take(t.netns, t.local, t.remote);
         }
     }
 
@@ -401,8 +401,9 @@ impl PortsCore {
         for c in self.connects.values().filter(|c| c.holds) {
             held.entry(c.dest).or_default().0 += 1;
         }
-        for d in self.open_at_start.values() {
-            held.entry(*d).or_default().0 += 1;
+        for o in self.open_at_start.iter() {
+            let dest = Dest::of(Some(o.netns), o.local, o.remote);
+            held.entry(dest).or_default().0 += 1;
         }
         let traced: std::collections::HashSet<_> = population.iter().copied().collect();
         self.timewait_at_start
@@ -553,7 +554,7 @@ impl<W: Write> Ports<W> {
 
     /// What existed at start (`now_ns`): the connections this host made that are open, and
     /// the TIME_WAIT sockets.
-    pub fn seed(mut self, open: &[Existing], timewaits: &[DiagTimewait], now_ns: u64) -> Self {
+    pub fn seed(mut self, open: &OpenAtStart, timewaits: &[DiagTimewait], now_ns: u64) -> Self {
         self.core.seed(open, timewaits, now_ns, self.pipe.filter());
         self
     }
@@ -672,6 +673,7 @@ impl<W: Write> View for Ports<W> {
 mod tests {
     use super::*;
     use crate::{
+        atstart::Existing,
         event::{TimerEvent, TimerOp, encode, encode_timer},
         filter::Filter,
     };
@@ -800,7 +802,7 @@ mod tests {
         };
         let local: SocketAddr = "10.0.0.1:40005".parse().unwrap();
         let remote: SocketAddr = SERVER.parse().unwrap();
-        let open = [
+        let open: OpenAtStart = [
             Existing {
                 netns: 7,
                 local,
@@ -818,7 +820,10 @@ mod tests {
                 server: true,
                 inode: 0,
             },
-        ];
+        ]
+        .into_iter()
+        .map(|e| (e, None))
+        .collect();
         let tw = [DiagTimewait {
             local: "10.0.0.1:40006".parse().unwrap(),
             remote,

@@ -14,7 +14,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    diag::Existing,
+    atstart::OpenAtStart,
     event::{Event, Owner, RawEvent, State, Transition},
     filter::CompiledFilter,
     output::{Format, human_ns, rfc3339, write_rows},
@@ -124,8 +124,8 @@ impl<W: Write> Stuck<W> {
 
     /// The connections open at start (`now_ns`), with their owners: those in a watched
     /// state have sat there since before `now_ns`.
-    pub fn seed(mut self, found: &[(Existing, Option<Owner>)], now_ns: u64) -> Self {
-        for (e, owner) in found {
+    pub fn seed(mut self, found: &OpenAtStart, now_ns: u64) -> Self {
+        for e in found.iter() {
             let Some(state) = State::from_kernel(e.state) else {
                 continue;
             };
@@ -143,7 +143,7 @@ impl<W: Write> Stuck<W> {
                         remote: e.remote,
                         since_ns: now_ns,
                         at_start: true,
-                        owner: *owner,
+                        owner: e.owner,
                     },
                 );
             }
@@ -395,6 +395,7 @@ impl<W: Write> View for Stuck<W> {
 mod tests {
     use super::*;
     use crate::{
+        atstart::Existing,
         event::{Comm, encode},
         filter::Filter,
     };
@@ -550,7 +551,7 @@ mod tests {
             0,
             SEC,
         )
-        .seed(&[(found, None)], 5 * SEC);
+        .seed(&[(found, None)].into_iter().collect(), 5 * SEC);
         let mut v = v;
         v.tick(65 * SEC).unwrap();
         let text = String::from_utf8(v.into_inner()).unwrap();

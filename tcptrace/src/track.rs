@@ -303,30 +303,13 @@ pub struct Tracker {
     records: bool,
     /// Connections open when tracing began (from the backfill), by namespace and endpoints:
     /// the role and owner of those that close mid-life.
-    at_start: FastMap<Endpoints, (Role, Option<Owner>)>,
+    at_start: crate::atstart::OpenAtStart,
     /// The details that came right before the event being observed: its end's, if it ends
     /// the same socket.
     details: Option<Details>,
 }
 
 /// A connection's network namespace and endpoints (local, remote).
-type Endpoints = (Option<u32>, SocketAddr, SocketAddr);
-
-/// A connection open when tracing began: what its close, seen mid-life, can be told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AtStart {
-    /// Its network namespace's inode.
-    pub netns: Option<u32>,
-    /// Local endpoint.
-    pub local: SocketAddr,
-    /// Remote endpoint.
-    pub remote: SocketAddr,
-    /// Accepted from a listener, or connected.
-    pub role: Role,
-    /// The process that held its socket then.
-    pub owner: Option<Owner>,
-}
-
 /// The default number of sockets followed at once.
 pub const DEFAULT_CAP: usize = 1 << 20;
 
@@ -348,18 +331,20 @@ impl Tracker {
             clock: 0,
             last_loss: None,
             records: false,
-            at_start: FastMap::default(),
+            at_start: crate::atstart::OpenAtStart::default(),
             details: None,
         }
     }
 
     /// Connections open when tracing began: their closes get the role and owner found then
     /// (at most the tracker's cap of them are kept).
-    pub fn known_at_start(&mut self, found: &[AtStart]) {
-        for c in found.iter().take(self.cap) {
-            self.at_start
-                .insert((c.netns, c.local, c.remote), (c.role, c.owner));
-        }
+    pub fn known_at_start(&mut self, mut found: crate::atstart::OpenAtStart) {
+        let mut kept = 0;
+        found.retain(|o| {
+            kept += usize::from(!o.listening());
+            !o.listening() && kept <= self.cap
+        });
+        self.at_start = found;
     }
 
     /// Concludes connections from their records ([`Event::Connection`]) rather than from
@@ -535,12 +520,12 @@ impl Tracker {
         }
         if close.midlife
             && !self.at_start.is_empty()
-            && let Some((role, owner)) = self.at_start.remove(&(t.netns, t.local, t.remote))
+            && let Some(o) = self.at_start.take(t.netns, t.local, t.remote)
         {
             if close.role == Role::Unknown {
-                close.role = role;
+                close.role = if o.server { Role::Server } else { Role::Client };
             }
-            close.owner = close.owner.or(owner);
+            close.owner = close.owner.or(o.owner);
         }
         close.details = self.details.take().filter(|d| d.skaddr == close.skaddr);
         let verdict = conclude(evidence, t.from as u8, t.to as u8);
@@ -1169,19 +1154,27 @@ mod tests {
             .t(2, S, C, Established, CloseWait)
             .t(2, S, C, CloseWait, LastAck)
             .t(2, S, C, LastAck, Close);
-        let known = |local: &str, remote: &str, netns: u32, role| AtStart {
-            netns: Some(netns),
-            local: local.parse().unwrap(),
-            remote: remote.parse().unwrap(),
-            role,
-            owner: None,
+        let known = |local: &str, remote: &str, netns: u32, server| {
+            let e = crate::atstart::Existing {
+                netns,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                state: tcptrace_common::state::ESTABLISHED,
+                server,
+                inode: 0,
+            };
+            (e, None)
         };
         let mut tr = Tracker::default();
-        tr.known_at_start(&[
-            known(C, S, 4_026_531_841, Role::Client),
-            // Another namespace's connection on the same endpoints tells nothing.
-            known(S, C, 1, Role::Client),
-        ]);
+        tr.known_at_start(
+            [
+                known(C, S, 4_026_531_841, false),
+                // Another namespace's connection on the same endpoints tells nothing.
+                known(S, C, 1, false),
+            ]
+            .into_iter()
+            .collect(),
+        );
         let mut out = Vec::new();
         for e in &s.events {
             tr.observe(e, &mut out);

@@ -144,7 +144,7 @@ impl<W: Write> Stream<W> {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: crate::atstart::OpenAtStart) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }

@@ -15,7 +15,8 @@ use crossterm::event::Event as TermEvent;
 use ratatui::{Terminal, backend::Backend};
 
 use crate::{
-    diag::{DiagTimewait, Existing},
+    atstart::OpenAtStart,
+    diag::DiagTimewait,
     event::{Event, RawEvent},
     filter::CompiledFilter,
     pipeline::Pipeline,
@@ -120,13 +121,13 @@ where
 
     /// What held local ports at start (`now_ns`), for the pressed destinations: the
     /// connections this host made that are open, and the TIME_WAIT sockets.
-    pub fn seed_ports(mut self, open: &[Existing], found: &[DiagTimewait], now_ns: u64) -> Self {
+    pub fn seed_ports(mut self, open: &OpenAtStart, found: &[DiagTimewait], now_ns: u64) -> Self {
         self.ports.seed(open, found, now_ns, self.pipe.filter());
         self
     }
 
     /// Connections open when tracing began: their closes get the role found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: crate::atstart::OpenAtStart) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }
