@@ -59,6 +59,14 @@ pub struct Args {
     /// How long the soak runs.
     #[arg(long, default_value_t = 10.0)]
     minutes: f64,
+    /// Instead of the comparison: only what reading the sockets open at start costs, with
+    /// --backfill-sockets held open.
+    #[arg(long)]
+    backfill: bool,
+    /// Sockets held open for the backfill's measurement (both ends of half as many
+    /// connections).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    backfill_sockets: u64,
 }
 
 /// `cargo xtask storm-server` (internal): accepts `total` connections on 127.0.0.1:`port` in
@@ -297,7 +305,7 @@ impl Drop for Reaped {
 }
 
 impl Reaped {
-    fn wait(&mut self, limit: Duration) -> Result<()> {
+    pub fn wait(&mut self, limit: Duration) -> Result<()> {
         let Some(c) = self.0.as_mut() else {
             return Ok(());
         };
@@ -674,7 +682,7 @@ pub fn apt_install(package: &str) -> bool {
             && install()
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
@@ -690,6 +698,11 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     if a.soak {
         return crate::soak::soak(bin, a.minutes, &dir);
+    }
+    if a.backfill {
+        let cost = crate::backfill::measure(bin, &dir, a.backfill_sockets)?;
+        println!("{}", cost.line());
+        return Ok(());
     }
     let mut variants = vec![
         Variant::Untraced,
@@ -716,9 +729,10 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     let startup = startup_ms(bin, &dir)?;
     let memory = memory_1m(bin, &dir)?;
     let scrape = scrape_ms(bin, &dir)?;
+    let backfill = crate::backfill::measure(bin, &dir, a.backfill_sockets)?;
     let mut results = serde_json::Map::new();
     let mut table = String::new();
-    let mut misses = Vec::new();
+    let mut misses = backfill.misses();
     for closer in [Closer::Client, Closer::Server] {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
         for round in 0..a.rounds {
@@ -953,6 +967,16 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
         "peak RSS following 1,000,000 open connections (replayed): {memory:.1} MiB — target ≤ \
          64 MiB: {}",
         verdict(memory <= 64.0)
+    );
+    println!("{}", backfill.line());
+    results.insert(
+        "backfill".into(),
+        json!({
+            "sockets": backfill.sockets,
+            "ms": backfill.ms(),
+            "peak_rss_mib": {"without": backfill.peak_mib.0, "with": backfill.peak_mib.1},
+            "start_ms": {"without": backfill.start_ms.0, "with": backfill.start_ms.1},
+        }),
     );
     results.insert("connections".into(), json!(a.connections));
     results.insert("workers".into(), json!(a.workers));

@@ -24,16 +24,29 @@ pub struct Tracer {
     said: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// From spawning it to its "Tracing" line (probes attached).
     pub started_in: Duration,
+    /// What it wrote to stderr before that line.
+    before: Vec<String>,
     relay: Option<thread::JoinHandle<()>>,
 }
 
 impl Tracer {
     /// Starts `bin args…` as root with stdout to `out`, and waits until it says it is tracing.
     pub fn start(bin: &Path, args: &[String], out: &Path) -> Result<Tracer> {
+        Tracer::start_with(bin, args, out, &[])
+    }
+
+    /// [`Tracer::start`] with these variables in its environment.
+    pub fn start_with(
+        bin: &Path,
+        args: &[String],
+        out: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Tracer> {
         let stdout = std::fs::File::create(out)
             .with_context(|| format!("cannot create {}", out.display()))?;
         let mut cmd = as_root(bin)?;
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
@@ -45,6 +58,7 @@ impl Tracer {
             child: Some(child),
             said: said.clone(),
             started_in: Duration::ZERO,
+            before: Vec::new(),
             relay: None,
         };
         let (tx, rx) = mpsc::channel();
@@ -60,6 +74,7 @@ impl Tracer {
             match rx.recv_timeout(Duration::from_secs(15)) {
                 Ok(line) if line.starts_with("Tracing TCP state transitions") => {
                     tracer.started_in = spawned.elapsed();
+                    tracer.before = std::mem::take(&mut seen);
                     // Keep what it says later (warnings, its closing summary), and relay
                     // warnings to our stderr.
                     tracer.relay = Some(thread::spawn(move || {
@@ -81,6 +96,11 @@ impl Tracer {
                 }
             }
         }
+    }
+
+    /// What it wrote to stderr before it started tracing.
+    pub fn before(&self) -> &[String] {
+        &self.before
     }
 
     /// The tracer's process id (sudo's, when started through sudo).

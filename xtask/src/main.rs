@@ -1,5 +1,6 @@
 //! tcptrace's developer workflow: `cargo xtask <command>`.
 
+mod backfill;
 mod bench;
 mod demo;
 mod dist;
@@ -86,6 +87,9 @@ enum Cmd {
     /// A storm's client process (internal to bench).
     #[command(hide = true)]
     StormClient(bench::ClientArgs),
+    /// A process holding connections open (internal to bench).
+    #[command(hide = true)]
+    HoldOpen(backfill::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => build(false).and_then(|bin| bench::bench(&bin, &args)),
         Cmd::StormServer(args) => bench::server(&args),
         Cmd::StormClient(args) => bench::client(&args),
+        Cmd::HoldOpen(args) => backfill::hold_open(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
