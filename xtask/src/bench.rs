@@ -59,6 +59,10 @@ pub struct Args {
     /// How long the soak runs.
     #[arg(long, default_value_t = 10.0)]
     minutes: f64,
+    /// Instead of the comparison: only the kernel's time per program (bpf_stats) under
+    /// `tcptrace report`, one storm a round, medians.
+    #[arg(long)]
+    kernel_cost: bool,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.
     #[arg(long)]
@@ -704,6 +708,9 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
         println!("{}", cost.line());
         return Ok(());
     }
+    if a.kernel_cost {
+        return kernel_cost_only(bin, a, &dir);
+    }
     let mut variants = vec![
         Variant::Untraced,
         Variant::Idle,
@@ -1220,6 +1227,42 @@ fn profile(b: &mut Bench) -> Result<Vec<String>> {
 
 /// What tcptrace's kernel programs cost during one storm, as the kernel measures it
 /// (`kernel.bpf_stats_enabled`: each run's time, two clock reads added per run).
+/// `--kernel-cost`: [`kernel_cost`] a round, then the medians.
+fn kernel_cost_only(bin: &Path, a: &Args, dir: &Path) -> Result<()> {
+    let mut b = Bench {
+        bin,
+        a,
+        dir: dir.to_path_buf(),
+        port: 20_000,
+    };
+    let (mut per_connection, mut per_run) = (Vec::new(), Vec::new());
+    for round in 0..a.rounds {
+        let cost = kernel_cost(&mut b)?;
+        let programs: Vec<String> = cost
+            .programs
+            .iter()
+            .map(|(name, runs, ns)| format!("{name} {runs}×{ns:.0}"))
+            .collect();
+        println!(
+            "round {}: {:.2} µs per connection; {} (ns/run)",
+            round + 1,
+            cost.ns_per_connection / 1e3,
+            programs.join(", ")
+        );
+        per_connection.push(cost.ns_per_connection);
+        per_run.push(cost.transition_ns_per_run);
+    }
+    println!(
+        "median of {}: {:.2} µs per connection — target ≤ {:.0} µs; transition program {:.0} ns \
+         per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns",
+        a.rounds,
+        median(&per_connection) / 1e3,
+        KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+        median(&per_run)
+    );
+    Ok(())
+}
+
 struct KernelCost {
     /// Per program: (name, runs, nanoseconds per run).
     programs: Vec<(String, u64, f64)>,
