@@ -221,17 +221,11 @@ struct Part<C> {
 
 /// What a backfill gathers from each namespace in turn.
 pub trait Gather: Default {
-    /// Items in it.
-    fn count(&self) -> usize;
     /// Takes `more` in.
     fn gather(&mut self, more: Self);
 }
 
 impl<T> Gather for Vec<T> {
-    fn count(&self) -> usize {
-        self.len()
-    }
-
     fn gather(&mut self, more: Self) {
         if self.is_empty() {
             *self = more;
@@ -242,10 +236,6 @@ impl<T> Gather for Vec<T> {
 }
 
 impl Gather for OpenAtStart {
-    fn count(&self) -> usize {
-        self.len()
-    }
-
     fn gather(&mut self, more: Self) {
         self.append(more);
     }
