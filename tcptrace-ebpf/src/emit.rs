@@ -1,0 +1,364 @@
+//! The records written into the `EVENTS` ring buffer: one event, a connection record, either
+//! with its connection's details before it. Every field is written straight into the
+//! reserved slot.
+
+use core::ptr::addr_of_mut;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
+};
+use tcptrace_common::{
+    Event, Owner,
+    connection::{ConnectionRecord, STATES_LEFT, SockLife},
+    details::{Details, details_flag},
+    kind,
+};
+
+use crate::{
+    config::config,
+    maps::{EVENTS, LOST, Slot, count},
+    mem::{field, put},
+};
+
+/// The scalar fields of one event.
+pub(crate) struct Record {
+    pub(crate) ts: u64,
+    pub(crate) skaddr: u64,
+    pub(crate) in_from: u64,
+    pub(crate) aux: u64,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) family: u16,
+    pub(crate) kind: u8,
+    pub(crate) old: u8,
+    pub(crate) new: u8,
+    pub(crate) flags: u8,
+    /// The socket's network namespace inode (0: unknown).
+    pub(crate) netns: u32,
+    /// The socket's cgroup id (0: unknown).
+    pub(crate) cgroup: u64,
+}
+
+/// The event's two addresses.
+pub(crate) enum Addrs {
+    /// In kernel memory (the tracepoint record, a timewait socket), `len` bytes each (4, 16,
+    /// or 0 for none).
+    Read {
+        saddr: *const u8,
+        daddr: *const u8,
+        len: u32,
+    },
+    /// Already loaded from the record: 16 bytes each.
+    Loaded { saddr: [u64; 2], daddr: [u64; 2] },
+}
+
+/// Bytes 8 to 15 of an IPv4-mapped IPv6 address whose IPv4 address is 0.0.0.0, as a
+/// little-endian `u64`: `ff ff` at bytes 10 and 11. OR the IPv4 address, shifted up 32 bits.
+pub(crate) const V4_MAPPED_HIGH: u64 = 0xffff_0000;
+
+/// Zeroes 16 bytes at an 8-byte aligned address.
+#[inline(always)]
+pub(crate) unsafe fn zero16(dst: *mut [u8; 16]) {
+    unsafe {
+        put(dst.cast::<u64>(), 0);
+        put(dst.cast::<u64>().add(1), 0);
+    }
+}
+
+/// The record of a reset of kind `k` on the socket at `skaddr` (0: none) in state `st` (0:
+/// not reported), now.
+#[inline(always)]
+pub(crate) fn reset_record(
+    k: u8,
+    skaddr: u64,
+    aux: u64,
+    (family, sport, dport): (u16, u16, u16),
+    st: u8,
+    (netns, cgroup): (u32, u64),
+) -> Record {
+    Record {
+        // SAFETY: a helper without arguments.
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        in_from: 0,
+        aux,
+        sport,
+        dport,
+        family,
+        kind: k,
+        old: st,
+        new: st,
+        flags: 0,
+        netns,
+        cgroup,
+    }
+}
+
+/// Writes one event into the ring buffer, or counts it lost in `slot`.
+#[inline(always)]
+pub(crate) fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    // SAFETY: the reserved entry is ours until submitted; `owner` is initialised.
+    unsafe { fill(entry.as_mut_ptr(), r, a, owner) };
+    entry.submit(wake_flags(wakeup_bytes, core::mem::size_of::<Event>()));
+}
+
+/// Writes a connection record (the end transition `r`, then `life`'s tail) into the ring
+/// buffer as one entry, or counts it lost in `slot`.
+///
+/// # Safety
+/// `owner` is initialised and `life` readable.
+#[inline(always)]
+pub(crate) unsafe fn emit_connection(
+    slot: Slot,
+    wakeup_bytes: u32,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectionRecord>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe { fill_connection(entry.as_mut_ptr(), r, a, owner, life) };
+    entry.submit(wake_flags(
+        wakeup_bytes,
+        core::mem::size_of::<ConnectionRecord>(),
+    ));
+}
+
+/// Writes every field of a connection record: the end transition `r`, then `life`'s tail.
+///
+/// # Safety
+/// `c` is writable, `owner` initialised and `life` readable.
+#[inline(always)]
+pub(crate) unsafe fn fill_connection(
+    c: *mut ConnectionRecord,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+) {
+    // SAFETY: as required; every access is a separate volatile store (see `put`).
+    unsafe {
+        fill(addr_of_mut!((*c).head), r, a, owner);
+        put(addr_of_mut!((*c).head.kind), kind::CONNECTION);
+        let t = addr_of_mut!((*c).tail);
+        let mut i = 0;
+        while i < STATES_LEFT {
+            put(addr_of_mut!((*t).in_state_ns[i]), (*life).in_state_ns[i]);
+            i += 1;
+        }
+        put(addr_of_mut!((*t).entered), (*life).entered);
+        put(addr_of_mut!((*t).kind), kind::CONNECTION_TAIL);
+        put(addr_of_mut!((*t).first_from), (*life).first_from);
+        put(addr_of_mut!((*t).evidence), (*life).evidence);
+        put(addr_of_mut!((*t).flags), (*life).flags);
+        put(addr_of_mut!((*t)._pad), 0);
+        put(addr_of_mut!((*t).reset_reason), (*life).reset_reason);
+        put(addr_of_mut!((*t)._pad2), 0);
+        put(addr_of_mut!((*t).born_ns), (*life).born_ns);
+    }
+}
+
+/// Writes every field of one event.
+///
+/// # Safety
+/// `e` is writable and `owner` initialised.
+#[inline(always)]
+pub(crate) unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: *const Owner) {
+    // SAFETY: as required; every access is a separate volatile store (see `put`).
+    unsafe {
+        put(addr_of_mut!((*e).ts_ns), r.ts);
+        put(addr_of_mut!((*e).skaddr), r.skaddr);
+        put(addr_of_mut!((*e).in_from_ns), r.in_from);
+        put(addr_of_mut!((*e).aux), r.aux);
+        match *a {
+            Addrs::Loaded { saddr, daddr } => {
+                let s = addr_of_mut!((*e).saddr).cast::<u64>();
+                let d = addr_of_mut!((*e).daddr).cast::<u64>();
+                put(s, saddr[0]);
+                put(s.add(1), saddr[1]);
+                put(d, daddr[0]);
+                put(d.add(1), daddr[1]);
+            }
+            Addrs::Read { saddr, daddr, len } => {
+                let (s, d) = (addr_of_mut!((*e).saddr), addr_of_mut!((*e).daddr));
+                zero16(s);
+                zero16(d);
+                // IPv4 is written mapped (`::ffff:a.b.c.d`), as the tracepoint's record has it.
+                let at = if len == 4 {
+                    put(s.cast::<u64>().add(1), V4_MAPPED_HIGH);
+                    put(d.cast::<u64>().add(1), V4_MAPPED_HIGH);
+                    12
+                } else {
+                    0
+                };
+                if len != 0 {
+                    let _ = bpf_probe_read_kernel(s.cast::<u8>().add(at).cast(), len, saddr.cast());
+                    let _ = bpf_probe_read_kernel(d.cast::<u8>().add(at).cast(), len, daddr.cast());
+                }
+            }
+        }
+        let comm = addr_of_mut!((*e).comm).cast::<u64>();
+        put(comm, (*owner).comm[0]);
+        put(comm.add(1), (*owner).comm[1]);
+        put(addr_of_mut!((*e).pid), (*owner).pid);
+        put(addr_of_mut!((*e).sport), r.sport);
+        put(addr_of_mut!((*e).dport), r.dport);
+        put(addr_of_mut!((*e).family), r.family);
+        put(addr_of_mut!((*e).kind), r.kind);
+        put(addr_of_mut!((*e).oldstate), r.old);
+        put(addr_of_mut!((*e).newstate), r.new);
+        put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
+        put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
+        put(addr_of_mut!((*e).netns), r.netns);
+        put(addr_of_mut!((*e)._pad2), 0);
+        put(addr_of_mut!((*e).cgroup), r.cgroup);
+    }
+}
+
+/// Whether submitting a record of `size` bytes wakes the reader: once each time the unread
+/// data grows past another `wakeup_bytes`, not on every record while it is above (each
+/// wake-up is an interrupt — a self-IPI, a VM exit under a hypervisor — and a busy reader
+/// may take milliseconds to drain, during which every record would raise one). The reader's
+/// own tick covers a missed crossing.
+#[inline(always)]
+pub(crate) fn wake_flags(wakeup_bytes: u32, size: usize) -> u64 {
+    let wake = if wakeup_bytes == 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        let w = wakeup_bytes as u64;
+        // Unread bytes, this record (and its 8-byte header) included.
+        let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let before = avail.saturating_sub(size as u64 + 8);
+        if avail / w != before / w {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    };
+    wake as u64
+}
+
+/// Writes the end's [`Details`] slot, read from the socket's counters.
+///
+/// # Safety
+/// `d` is writable; `tp` is the socket as a `tcp_sock` (from [`tcp_sock`]).
+#[inline(always)]
+pub(crate) unsafe fn fill_details(d: *mut Details, r: &Record, tp: *const u8) {
+    let o = &config().tcp;
+    // SAFETY: as required: BTF offsets of `tcp_sock` fields, each load checked by the
+    // verifier; every store a separate volatile one (see `put`).
+    unsafe {
+        put(addr_of_mut!((*d).ts_ns), r.ts);
+        put(addr_of_mut!((*d).skaddr), r.skaddr);
+        put(addr_of_mut!((*d).bytes_acked), field(tp, o.bytes_acked));
+        put(
+            addr_of_mut!((*d).bytes_received),
+            field(tp, o.bytes_received),
+        );
+        put(addr_of_mut!((*d).segs_out), field(tp, o.segs_out));
+        put(addr_of_mut!((*d).segs_in), field(tp, o.segs_in));
+        put(addr_of_mut!((*d).total_retrans), field(tp, o.total_retrans));
+        put(addr_of_mut!((*d).srtt_us), field::<u32>(tp, o.srtt_us) >> 3);
+        put(
+            addr_of_mut!((*d).rttvar_us),
+            field::<u32>(tp, o.mdev_us) >> 2,
+        );
+        put(addr_of_mut!((*d).min_rtt_us), field(tp, o.min_rtt));
+        put(addr_of_mut!((*d).sk_err), field::<i32>(tp, o.sk_err) as u32);
+        put(
+            addr_of_mut!((*d).user_timeout_ms),
+            field(tp, o.user_timeout),
+        );
+        put(addr_of_mut!((*d).packets_out), field(tp, o.packets_out));
+        put(addr_of_mut!((*d)._pad), 0);
+        put(addr_of_mut!((*d)._reserved[0]), 0);
+        put(addr_of_mut!((*d)._reserved[1]), 0);
+        put(addr_of_mut!((*d).retransmits), field(tp, o.retransmits));
+        put(addr_of_mut!((*d).probes_out), field(tp, o.probes_out));
+        put(addr_of_mut!((*d).kind), kind::DETAILS);
+        let keepopen = (field::<u64>(tp, o.sk_flags) >> o.keepopen_bit) & 1 != 0;
+        put(
+            addr_of_mut!((*d).flags),
+            if keepopen { details_flag::KEEPALIVE } else { 0 },
+        );
+        put(addr_of_mut!((*d)._pad2), 0);
+        put(addr_of_mut!((*d)._reserved2[0]), 0);
+        put(addr_of_mut!((*d)._reserved2[1]), 0);
+    }
+}
+
+/// An end transition with its [`Details`] before it: one entry of two slots.
+#[repr(C)]
+pub(crate) struct DetailedEnd {
+    details: Details,
+    end: Event,
+}
+
+/// A connection record with its [`Details`] before it: one entry of three slots.
+#[repr(C)]
+pub(crate) struct DetailedConnection {
+    details: Details,
+    connection: ConnectionRecord,
+}
+
+/// Writes the end transition `r` after its details, as one entry, or counts it lost.
+///
+/// # Safety
+/// As [`fill_details`]; `owner` is initialised.
+#[inline(always)]
+pub(crate) unsafe fn emit_detailed_end(
+    slot: Slot,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    tp: *const u8,
+) {
+    let Some(mut entry) = EVENTS.reserve::<DetailedEnd>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe {
+        fill_details(addr_of_mut!((*e).details), r, tp);
+        fill(addr_of_mut!((*e).end), r, a, owner);
+    }
+    let size = core::mem::size_of::<DetailedEnd>();
+    entry.submit(wake_flags(config().wakeup_bytes, size));
+}
+
+/// Writes a connection record after its details, as one entry, or counts it lost.
+///
+/// # Safety
+/// As [`fill_details`]; `owner` is initialised and `life` readable.
+#[inline(always)]
+pub(crate) unsafe fn emit_detailed_connection(
+    slot: Slot,
+    r: &Record,
+    a: &Addrs,
+    owner: *const Owner,
+    life: *const SockLife,
+    tp: *const u8,
+) {
+    let Some(mut entry) = EVENTS.reserve::<DetailedConnection>(0) else {
+        count(&LOST, slot);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    unsafe {
+        fill_details(addr_of_mut!((*e).details), r, tp);
+        fill_connection(addr_of_mut!((*e).connection), r, a, owner, life);
+    }
+    let size = core::mem::size_of::<DetailedConnection>();
+    entry.submit(wake_flags(config().wakeup_bytes, size));
+}

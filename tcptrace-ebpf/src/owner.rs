@@ -1,0 +1,91 @@
+//! A socket's owner: the task whose system call drove a transition, or the listener an
+//! accepted socket inherits it from.
+
+use core::{ffi::c_void, ptr::addr_of_mut};
+
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_comm};
+use tcptrace_common::{Owner, flag, state};
+
+use crate::{
+    maps::{LISTENERS, Slot, forgot, listen_key},
+    mem::put,
+};
+
+#[inline(always)]
+pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
+    unsafe {
+        put(addr_of_mut!((*dst).comm[0]), (*src).comm[0]);
+        put(addr_of_mut!((*dst).comm[1]), (*src).comm[1]);
+        put(addr_of_mut!((*dst).pid), (*src).pid);
+        put(addr_of_mut!((*dst).flags), (*src).flags);
+    }
+}
+
+/// The current task as an owner: only called for transitions its own system call drives.
+///
+/// # Safety
+/// `dst` must be writable.
+#[inline(always)]
+pub(crate) unsafe fn current_owner(dst: *mut Owner) {
+    // SAFETY: see above; the helper writes 16 bytes into `comm`.
+    unsafe {
+        bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), 16);
+        put(
+            addr_of_mut!((*dst).pid),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+        );
+        put(addr_of_mut!((*dst).flags), flag::OWNER_KNOWN as u32);
+    }
+}
+
+/// No owner known.
+///
+/// # Safety
+/// `dst` must be writable.
+#[inline(always)]
+pub(crate) unsafe fn clear_owner(dst: *mut Owner) {
+    // SAFETY: see above.
+    unsafe {
+        put(addr_of_mut!((*dst).comm[0]), 0);
+        put(addr_of_mut!((*dst).comm[1]), 0);
+        put(addr_of_mut!((*dst).pid), 0);
+        put(addr_of_mut!((*dst).flags), 0);
+    }
+}
+
+/// An accepted socket's owner: its listener's (created in softirq, where the current task is
+/// arbitrary).
+///
+/// # Safety
+/// `owner` is writable.
+#[inline(always)]
+pub(crate) unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) {
+    if let Some(l) = LISTENERS.get_ptr(&listen_key(netns, port)) {
+        // SAFETY: `l` is a live map value; `owner` is writable.
+        unsafe {
+            copy_owner(owner, l);
+            put(
+                addr_of_mut!((*owner).flags),
+                (*l).flags | flag::OWNER_FROM_LISTENER as u32,
+            );
+        }
+    }
+}
+
+/// A listener starts (`old` is CLOSE) or stops: remember or forget its owner; a listener
+/// that does not fit in the map is counted.
+///
+/// # Safety
+/// `owner` points at an initialised owner.
+#[inline(always)]
+pub(crate) unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner, slot: Slot) {
+    let key = listen_key(netns, port);
+    if old == state::CLOSE {
+        // SAFETY: `owner` is initialised.
+        if LISTENERS.insert(&key, unsafe { &*owner }, 0).is_err() {
+            forgot(slot);
+        }
+    } else {
+        let _ = LISTENERS.remove(&key);
+    }
+}
