@@ -1,8 +1,6 @@
 //! Timewait sockets' timers: armed, cancelled, fired. The BTF programs here, the classic
 //! ones in [`crate::fallback`]; both report through [`tw_armed`] and [`tw_timer_report`].
 
-use core::ptr::read_volatile;
-
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     macros::btf_tracepoint,
@@ -13,7 +11,7 @@ use tcptrace_common::{
 };
 
 use crate::{
-    config::{CONFIG, config, idle},
+    config::{config, idle},
     emit::{Addrs, Record, emit},
     maps::{Slot, port_bits},
     mem::{field, kread},
@@ -23,16 +21,15 @@ use crate::{
 
 /// A timewait socket's timer, armed for `timeout` jiffies: report the socket.
 pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.timewait;
+    let cfg = config();
+    let o = &cfg.timewait;
     let tw = timer.wrapping_sub(o.tw_timer as u64);
     let Some(TwSock {
         family,
         sport,
         dport,
         netns,
-    }) = tw_kept(&cfg, tw, true)?
+    }) = tw_kept(cfg, tw, true)?
     else {
         return Ok(());
     };
@@ -89,7 +86,7 @@ pub(crate) struct TwSock {
 /// network namespace: `None` when the filters drop it or it is neither IPv4 nor IPv6.
 #[inline(always)]
 pub(crate) fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSock>, i32> {
-    let o = cfg.timewait;
+    let o = &cfg.timewait;
     let family: u16 = kread(tw, o.skc_family)?;
     let dport = u16::from_be(kread(tw, o.skc_dport)?);
     let sport: u16 = kread(tw, o.skc_num)?;
@@ -127,10 +124,9 @@ pub(crate) fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSoc
 pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     // No map remembers which timers were reported (an insert per arming cost more than the
     // rest of the program): with a filter, the socket is read again and judged the same way.
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
+    let cfg = config();
     let tw = timer.wrapping_sub(cfg.timewait.tw_timer as u64);
-    if cfg.filters() && tw_kept(&cfg, tw, false)?.is_none() {
+    if cfg.filters() && tw_kept(cfg, tw, false)?.is_none() {
         return Ok(());
     }
     // Its substate now: a peer's FIN may have moved it to TIME_WAIT with no timer event.

@@ -1,6 +1,6 @@
 //! The classic programs on resets: `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`.
 
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use tcptrace_common::{
@@ -10,7 +10,7 @@ use tcptrace_common::{
 
 use super::{CtxPtr, SockInfo, read};
 use crate::{
-    config::{CONFIG, idle},
+    config::{config, idle},
     emit::{Addrs, emit, reset_record},
     maps::{SOCKS, Slot, port_bits},
     mem::put,
@@ -30,9 +30,8 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 /// A reset this host sends: by a socket (an abort, a reset in answer to a bad segment) or, with
 /// no socket, in answer to a segment for a port nothing listens on (a refused connection).
 pub(crate) fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.send_reset;
+    let cfg = config();
+    let o = &cfg.send_reset;
     let skaddr: u64 = read(ctx, o.skaddr)?;
     let st = read::<i32>(ctx, o.state)? as u8;
     let reason = if o.reason == ABSENT {
@@ -51,7 +50,7 @@ pub(crate) fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let sport = u16::from_be(read(ctx, o.saddr + 2)?);
     let dport = u16::from_be(read(ctx, o.daddr + 2)?);
     reset(
-        &cfg,
+        cfg,
         kind::RESET_SENT,
         skaddr,
         st,
@@ -78,9 +77,8 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 
 /// A reset that arrived for one of this host's sockets.
 pub(crate) fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_set_state.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.receive_reset;
+    let cfg = config();
+    let o = &cfg.receive_reset;
     let skaddr: u64 = read(ctx, o.skaddr)?;
     let family: u16 = read(ctx, o.family)?;
     let sport: u16 = read(ctx, o.sport)?;
@@ -88,7 +86,7 @@ pub(crate) fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // The socket's state is not in this record; the per-socket map does not keep it either,
     // so userspace takes it from the socket's transitions.
     reset(
-        &cfg,
+        cfg,
         kind::RESET_RECEIVED,
         skaddr,
         0,

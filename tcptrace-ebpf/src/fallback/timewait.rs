@@ -1,14 +1,12 @@
 //! The classic programs on timers (`timer:timer_start`, `timer:timer_cancel`,
 //! `timer:timer_expire_entry`): each keeps only timewait sockets' timers.
 
-use core::ptr::read_volatile;
-
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use tcptrace_common::kind;
 
 use super::read;
 use crate::{
-    config::{CONFIG, idle},
+    config::{config, idle},
     mem::kread,
     timewait::{tw_armed, tw_timer_report},
 };
@@ -24,15 +22,12 @@ pub fn timer_start(ctx: TracePointContext) -> u32 {
 
 /// A timer was armed (`timer:timer_start`'s record): report it if it is a timewait socket's.
 pub(crate) fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: as in try_set_state, one field at a time: every timer on the system passes
-    // here, and one read decides.
-    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
-    let at = unsafe { read_volatile(&CONFIG.timewait.start_function) };
-    let function: u64 = read(ctx, at)?;
-    if function != handler || handler == 0 {
+    // Every timer on the system passes here, and one read decides.
+    let o = &config().timewait;
+    let function: u64 = read(ctx, o.start_function)?;
+    if function != o.handler || o.handler == 0 {
         return Ok(());
     }
-    let o = unsafe { read_volatile(&CONFIG.timewait) };
     let timer: u64 = read(ctx, o.start_timer)?;
     let expires: u64 = read(ctx, o.start_expires)?;
     let now: u64 = read(ctx, o.start_now)?;
@@ -44,9 +39,7 @@ pub fn timer_cancel(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    // SAFETY: as in try_timer_start.
-    let at = unsafe { read_volatile(&CONFIG.timewait.cancel_timer) };
-    if let Ok(timer) = read::<u64>(&ctx, at) {
+    if let Ok(timer) = read::<u64>(&ctx, config().timewait.cancel_timer) {
         let _ = tw_timer_end(timer, kind::TW_CANCELLED);
     }
     0
@@ -57,9 +50,7 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    // SAFETY: as in try_timer_start.
-    let at = unsafe { read_volatile(&CONFIG.timewait.expire_timer) };
-    if let Ok(timer) = read::<u64>(&ctx, at) {
+    if let Ok(timer) = read::<u64>(&ctx, config().timewait.expire_timer) {
         let _ = tw_timer_end(timer, kind::TW_EXPIRED);
     }
     0
@@ -72,10 +63,8 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
 pub(crate) fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
     // Most timers are not timewait sockets': their handler, one read, drops them. The
     // kernel logs the cancel before a shutdown clears the timer's function.
-    // SAFETY: as in try_timer_start.
-    let handler = unsafe { read_volatile(&CONFIG.timewait.handler) };
-    let at = unsafe { read_volatile(&CONFIG.timewait.timer_function) };
-    if handler == 0 || kread::<u64>(timer, at)? != handler {
+    let o = &config().timewait;
+    if o.handler == 0 || kread::<u64>(timer, o.timer_function)? != o.handler {
         return Ok(());
     }
     tw_timer_report(timer, k)

@@ -1,6 +1,6 @@
 //! The classic program on TCP's transitions: `sock:inet_sock_set_state`.
 
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::addr_of_mut;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use tcptrace_common::{
@@ -10,7 +10,7 @@ use tcptrace_common::{
 
 use super::{CtxPtr, K, SockInfo, load, read};
 use crate::{
-    config::{CONFIG, idle},
+    config::{config, idle},
     emit::{Addrs, Record, emit},
     maps::{LISTENERS, SOCKS, Slot, forgot, listen_key, port_bits},
     mem::put,
@@ -32,10 +32,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 pub(crate) fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: CONFIG is a plain value the loader fills in; volatile keeps the compiler from
-    // folding the zeros above into the code.
-    let cfg = unsafe { read_volatile(&CONFIG) };
-    let o = cfg.offsets;
+    let cfg = config();
+    let o = &cfg.offsets;
     if o.known_layout != 0 {
         let (v6, d6) = (K.saddr_v6 as usize, K.daddr_v6 as usize);
         let f = Fields {
@@ -51,7 +49,7 @@ pub(crate) fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             saddr: [load(ctx, v6), load(ctx, v6 + 8)],
             daddr: [load(ctx, d6), load(ctx, d6 + 8)],
         };
-        return on_transition(&cfg, &f, &addrs);
+        return on_transition(cfg, &f, &addrs);
     }
     let f = Fields {
         protocol: read(ctx, o.protocol)?,
@@ -67,7 +65,7 @@ pub(crate) fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
         len: 16,
     };
-    on_transition(&cfg, &f, &addrs)
+    on_transition(cfg, &f, &addrs)
 }
 
 /// The fields of one `inet_sock_set_state` transition.
@@ -174,7 +172,7 @@ pub(crate) fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(
             insert = new != state::CLOSE && new != state::TIME_WAIT;
         },
     }
-    let keep = filter_keeps(&cfg, family, old, new, flags, sport, dport, port_bits);
+    let keep = filter_keeps(cfg, family, old, new, flags, sport, dport, port_bits);
     let listener_change = (old == state::CLOSE && new == state::LISTEN)
         || (old == state::LISTEN && new == state::CLOSE);
     // Read only for what is kept (two reads for the namespace, three for the cgroup), and
@@ -216,7 +214,7 @@ pub(crate) fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(
         let _ = LISTENERS.remove(&listen_key(netns, sport));
     }
 
-    if !keep || !netns_keeps(&cfg, netns) {
+    if !keep || !netns_keeps(cfg, netns) {
         return Ok(());
     }
     let rec = Record {
