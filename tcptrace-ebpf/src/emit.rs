@@ -58,8 +58,12 @@ pub(crate) enum Addrs {
 pub(crate) const V4_MAPPED_HIGH: u64 = 0xffff_0000;
 
 /// Zeroes 16 bytes at an 8-byte aligned address.
+///
+/// # Safety
+/// `dst` must be writable and 8-byte aligned.
 #[inline(always)]
 pub(crate) unsafe fn zero16(dst: *mut [u8; 16]) {
+    // SAFETY: two aligned 8-byte stores inside the 16 bytes the caller vouches for.
     unsafe {
         put(dst.cast::<u64>(), 0);
         put(dst.cast::<u64>().add(1), 0);
@@ -78,7 +82,7 @@ pub(crate) fn reset_record(
     (netns, cgroup): (u32, u64),
 ) -> Record {
     Record {
-        // SAFETY: a helper without arguments.
+        // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr,
         in_from: 0,
@@ -97,35 +101,32 @@ pub(crate) fn reset_record(
 
 /// Writes one event into the ring buffer, or counts it lost in `slot`.
 #[inline(always)]
-pub(crate) fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: *const Owner) {
+pub(crate) fn emit(slot: Slot, wakeup_bytes: u32, r: &Record, a: &Addrs, owner: &Owner) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(&LOST, slot);
         return;
     };
-    // SAFETY: the reserved entry is ours until submitted; `owner` is initialised.
+    // SAFETY: the reserved entry is an `Event`, ours to write until submitted.
     unsafe { fill(entry.as_mut_ptr(), r, a, owner) };
     entry.submit(wake_flags(wakeup_bytes, core::mem::size_of::<Event>()));
 }
 
 /// Writes a connection record (the end transition `r`, then `life`'s tail) into the ring
 /// buffer as one entry, or counts it lost in `slot`.
-///
-/// # Safety
-/// `owner` is initialised and `life` readable.
 #[inline(always)]
-pub(crate) unsafe fn emit_connection(
+pub(crate) fn emit_connection(
     slot: Slot,
     wakeup_bytes: u32,
     r: &Record,
     a: &Addrs,
-    owner: *const Owner,
-    life: *const SockLife,
+    owner: &Owner,
+    life: &SockLife,
 ) {
     let Some(mut entry) = EVENTS.reserve::<ConnectionRecord>(0) else {
         count(&LOST, slot);
         return;
     };
-    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    // SAFETY: the reserved entry is a `ConnectionRecord`, ours to write until submitted.
     unsafe { fill_connection(entry.as_mut_ptr(), r, a, owner, life) };
     entry.submit(wake_flags(
         wakeup_bytes,
@@ -136,44 +137,47 @@ pub(crate) unsafe fn emit_connection(
 /// Writes every field of a connection record: the end transition `r`, then `life`'s tail.
 ///
 /// # Safety
-/// `c` is writable, `owner` initialised and `life` readable.
+/// `c` must be writable (a reserved ring-buffer entry).
 #[inline(always)]
 pub(crate) unsafe fn fill_connection(
     c: *mut ConnectionRecord,
     r: &Record,
     a: &Addrs,
-    owner: *const Owner,
-    life: *const SockLife,
+    owner: &Owner,
+    life: &SockLife,
 ) {
-    // SAFETY: as required; every access is a separate volatile store (see `put`).
+    // SAFETY: every store is inside `*c`, which the caller vouches is writable; each is a
+    // separate volatile one (see `put`).
     unsafe {
         fill(addr_of_mut!((*c).head), r, a, owner);
         put(addr_of_mut!((*c).head.kind), kind::CONNECTION);
         let t = addr_of_mut!((*c).tail);
         let mut i = 0;
         while i < STATES_LEFT {
-            put(addr_of_mut!((*t).in_state_ns[i]), (*life).in_state_ns[i]);
+            put(addr_of_mut!((*t).in_state_ns[i]), life.in_state_ns[i]);
             i += 1;
         }
-        put(addr_of_mut!((*t).entered), (*life).entered);
+        put(addr_of_mut!((*t).entered), life.entered);
         put(addr_of_mut!((*t).kind), kind::CONNECTION_TAIL);
-        put(addr_of_mut!((*t).first_from), (*life).first_from);
-        put(addr_of_mut!((*t).evidence), (*life).evidence);
-        put(addr_of_mut!((*t).flags), (*life).flags);
+        put(addr_of_mut!((*t).first_from), life.first_from);
+        put(addr_of_mut!((*t).evidence), life.evidence);
+        put(addr_of_mut!((*t).flags), life.flags);
         put(addr_of_mut!((*t)._pad), 0);
-        put(addr_of_mut!((*t).reset_reason), (*life).reset_reason);
+        put(addr_of_mut!((*t).reset_reason), life.reset_reason);
         put(addr_of_mut!((*t)._pad2), 0);
-        put(addr_of_mut!((*t).born_ns), (*life).born_ns);
+        put(addr_of_mut!((*t).born_ns), life.born_ns);
     }
 }
 
 /// Writes every field of one event.
 ///
 /// # Safety
-/// `e` is writable and `owner` initialised.
+/// `e` must be writable (a reserved ring-buffer entry).
 #[inline(always)]
-pub(crate) unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: *const Owner) {
-    // SAFETY: as required; every access is a separate volatile store (see `put`).
+pub(crate) unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: &Owner) {
+    // SAFETY: every store is inside `*e`, which the caller vouches is writable; each is a
+    // separate volatile one (see `put`). The addresses of `Addrs::Read` are only read
+    // through bpf_probe_read_kernel, which checks them.
     unsafe {
         put(addr_of_mut!((*e).ts_ns), r.ts);
         put(addr_of_mut!((*e).skaddr), r.skaddr);
@@ -207,16 +211,16 @@ pub(crate) unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: *const Ow
             }
         }
         let comm = addr_of_mut!((*e).comm).cast::<u64>();
-        put(comm, (*owner).comm[0]);
-        put(comm.add(1), (*owner).comm[1]);
-        put(addr_of_mut!((*e).pid), (*owner).pid);
+        put(comm, owner.comm[0]);
+        put(comm.add(1), owner.comm[1]);
+        put(addr_of_mut!((*e).pid), owner.pid);
         put(addr_of_mut!((*e).sport), r.sport);
         put(addr_of_mut!((*e).dport), r.dport);
         put(addr_of_mut!((*e).family), r.family);
         put(addr_of_mut!((*e).kind), r.kind);
         put(addr_of_mut!((*e).oldstate), r.old);
         put(addr_of_mut!((*e).newstate), r.new);
-        put(addr_of_mut!((*e).flags), r.flags | (*owner).flags as u8);
+        put(addr_of_mut!((*e).flags), r.flags | owner.flags as u8);
         put(addr_of_mut!((*e)._pad).cast::<u16>(), 0);
         put(addr_of_mut!((*e).netns), r.netns);
         put(addr_of_mut!((*e)._pad2), 0);
@@ -250,12 +254,14 @@ pub(crate) fn wake_flags(wakeup_bytes: u32, size: usize) -> u64 {
 /// Writes the end's [`Details`] slot, read from the socket's counters.
 ///
 /// # Safety
-/// `d` is writable; `tp` is the socket as a `tcp_sock` (from [`tcp_sock`]).
+/// `d` must be writable; `tp` must be the socket as a `tcp_sock` (from
+/// [`tcp_sock`](crate::sock::tcp_sock)).
 #[inline(always)]
 pub(crate) unsafe fn fill_details(d: *mut Details, r: &Record, tp: *const u8) {
     let o = &config().tcp;
-    // SAFETY: as required: BTF offsets of `tcp_sock` fields, each load checked by the
-    // verifier; every store a separate volatile one (see `put`).
+    // SAFETY: every load is a `tcp_sock` field at its BTF offset, which the verifier checks;
+    // every store is inside `*d`, which the caller vouches is writable, a separate volatile
+    // one (see `put`).
     unsafe {
         put(addr_of_mut!((*d).ts_ns), r.ts);
         put(addr_of_mut!((*d).skaddr), r.skaddr);
@@ -313,13 +319,13 @@ pub(crate) struct DetailedConnection {
 /// Writes the end transition `r` after its details, as one entry, or counts it lost.
 ///
 /// # Safety
-/// As [`fill_details`]; `owner` is initialised.
+/// `tp` must be the socket as a `tcp_sock`, as for [`fill_details`].
 #[inline(always)]
 pub(crate) unsafe fn emit_detailed_end(
     slot: Slot,
     r: &Record,
     a: &Addrs,
-    owner: *const Owner,
+    owner: &Owner,
     tp: *const u8,
 ) {
     let Some(mut entry) = EVENTS.reserve::<DetailedEnd>(0) else {
@@ -327,7 +333,8 @@ pub(crate) unsafe fn emit_detailed_end(
         return;
     };
     let e = entry.as_mut_ptr();
-    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    // SAFETY: the reserved entry is a `DetailedEnd`, ours to write until submitted; the
+    // caller vouches for `tp`.
     unsafe {
         fill_details(addr_of_mut!((*e).details), r, tp);
         fill(addr_of_mut!((*e).end), r, a, owner);
@@ -339,14 +346,14 @@ pub(crate) unsafe fn emit_detailed_end(
 /// Writes a connection record after its details, as one entry, or counts it lost.
 ///
 /// # Safety
-/// As [`fill_details`]; `owner` is initialised and `life` readable.
+/// `tp` must be the socket as a `tcp_sock`, as for [`fill_details`].
 #[inline(always)]
 pub(crate) unsafe fn emit_detailed_connection(
     slot: Slot,
     r: &Record,
     a: &Addrs,
-    owner: *const Owner,
-    life: *const SockLife,
+    owner: &Owner,
+    life: &SockLife,
     tp: *const u8,
 ) {
     let Some(mut entry) = EVENTS.reserve::<DetailedConnection>(0) else {
@@ -354,7 +361,8 @@ pub(crate) unsafe fn emit_detailed_connection(
         return;
     };
     let e = entry.as_mut_ptr();
-    // SAFETY: the reserved entry is ours until submitted; the caller vouches for the rest.
+    // SAFETY: the reserved entry is a `DetailedConnection`, ours to write until submitted;
+    // the caller vouches for `tp`.
     unsafe {
         fill_details(addr_of_mut!((*e).details), r, tp);
         fill_connection(addr_of_mut!((*e).connection), r, a, owner, life);

@@ -11,8 +11,14 @@ use crate::{
     mem::put,
 };
 
+/// Copies the owner at `src` to `dst`, field by field (see [`put`]).
+///
+/// # Safety
+/// `dst` must be writable and `src` readable (a live map value, the socket's storage, or an
+/// initialised local).
 #[inline(always)]
 pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
+    // SAFETY: as the caller vouches; every store is a separate volatile one.
     unsafe {
         put(addr_of_mut!((*dst).comm[0]), (*src).comm[0]);
         put(addr_of_mut!((*dst).comm[1]), (*src).comm[1]);
@@ -27,7 +33,8 @@ pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
 /// `dst` must be writable.
 #[inline(always)]
 pub(crate) unsafe fn current_owner(dst: *mut Owner) {
-    // SAFETY: see above; the helper writes 16 bytes into `comm`.
+    // SAFETY: `dst` is writable (the caller vouches); bpf_get_current_comm writes at most
+    // `comm`'s 16 bytes.
     unsafe {
         bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), 16);
         put(
@@ -44,7 +51,7 @@ pub(crate) unsafe fn current_owner(dst: *mut Owner) {
 /// `dst` must be writable.
 #[inline(always)]
 pub(crate) unsafe fn clear_owner(dst: *mut Owner) {
-    // SAFETY: see above.
+    // SAFETY: `dst` is writable, as the caller vouches.
     unsafe {
         put(addr_of_mut!((*dst).comm[0]), 0);
         put(addr_of_mut!((*dst).comm[1]), 0);
@@ -61,7 +68,8 @@ pub(crate) unsafe fn clear_owner(dst: *mut Owner) {
 #[inline(always)]
 pub(crate) unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) {
     if let Some(l) = LISTENERS.get_ptr(&listen_key(netns, port)) {
-        // SAFETY: `l` is a live map value; `owner` is writable.
+        // SAFETY: `l` is a live value of LISTENERS (the lookup found it); `owner` is writable
+        // (the caller vouches).
         unsafe {
             copy_owner(owner, l);
             put(
@@ -74,15 +82,11 @@ pub(crate) unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) 
 
 /// A listener starts (`old` is CLOSE) or stops: remember or forget its owner; a listener
 /// that does not fit in the map is counted.
-///
-/// # Safety
-/// `owner` points at an initialised owner.
 #[inline(always)]
-pub(crate) unsafe fn listener(old: u8, netns: u32, port: u16, owner: *const Owner, slot: Slot) {
+pub(crate) fn listener(old: u8, netns: u32, port: u16, owner: &Owner, slot: Slot) {
     let key = listen_key(netns, port);
     if old == state::CLOSE {
-        // SAFETY: `owner` is initialised.
-        if LISTENERS.insert(&key, unsafe { &*owner }, 0).is_err() {
+        if LISTENERS.insert(&key, owner, 0).is_err() {
             forgot(slot);
         }
     } else {

@@ -40,17 +40,18 @@ pub fn btf_receive_reset(ctx: BtfTracePointContext) -> i32 {
 /// `sk` must be a full socket handed to the program.
 #[inline(always)]
 pub(crate) unsafe fn receive_reset(sk: *const u8) {
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
     };
     let cfg = config();
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     let st = unsafe { storage(sk, true, Slot::ResetReceived) };
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut owner = spare.as_mut_ptr();
     let (mut netns, mut cgroup) = (0, 0);
-    // SAFETY: `st` is the socket's storage or null; `spare` is writable.
+    // SAFETY: `st` is the socket's storage or null (the socket is locked while it takes the
+    // reset, so nothing else writes it); `spare` is a writable local.
     unsafe {
         if st.is_null() {
             clear_owner(owner);
@@ -71,7 +72,7 @@ pub(crate) unsafe fn receive_reset(sk: *const u8) {
     {
         return;
     }
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     unsafe {
         if netns == 0 {
             (netns, cgroup) = (sock_netns(sk), sock_cgroup(sk));
@@ -88,8 +89,10 @@ pub(crate) unsafe fn receive_reset(sk: *const u8) {
         0,
         (netns, cgroup),
     );
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     let addrs = unsafe { full_addrs(sk, &ends) };
+    // SAFETY: `owner` is the storage's owner or `spare`, initialised above either way.
+    let owner = unsafe { &*owner };
     emit(Slot::ResetReceived, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
@@ -122,12 +125,17 @@ pub(crate) struct Sent {
     addrs: Addrs,
 }
 
+/// A reset sent for `sk` (null: none) in answer to `skb`, with the kernel's `reason`
+/// ([`NO_REASON`] when the kernel gives none): bookkept in the socket's storage before any
+/// filter, then reported if kept.
+///
 /// # Safety
-/// `sk` is null or a socket, `skb` a segment, both handed to the program.
+/// `sk` must be null or a socket, `skb` a segment, both handed to the program.
 #[inline(always)]
 pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     let cfg = config();
-    // SAFETY: as required.
+    // SAFETY: `sk` (not null here) and `skb` were handed to the program (this function's
+    // contract).
     let sent = unsafe {
         if sk.is_null() {
             segment_ends(skb)
@@ -153,8 +161,8 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     let create = st != state::CLOSE
         && st != state::LISTEN
         && socket_may_be_kept(config(), family, sport, dport, port_bits);
-    // SAFETY: `sk` is a full socket where `full`.
     let storage = if full {
+        // SAFETY: `full`: `sk` is a full socket handed to the program.
         unsafe { storage(sk, create, Slot::ResetSent) }
     } else {
         null_mut()
@@ -162,7 +170,8 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     if !storage.is_null() {
         // Bookkept before any filter, like transitions: the connection record holds it.
         let reason = (reason != NO_REASON).then_some(reason as u32);
-        // SAFETY: the socket's storage; the socket is locked while it sends a reset.
+        // SAFETY: `storage` is the socket's (not null); the socket is locked while it sends a
+        // reset, so nothing else writes it.
         unsafe { (*storage).life.on_reset(false, reason) };
     }
     if cfg.family != 0 && cfg.family != family {
@@ -181,7 +190,8 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut owner = spare.as_mut_ptr();
     let (mut netns, mut cgroup) = (0, 0);
-    // SAFETY: `sk` is a full socket where `full`; the storage is the socket's.
+    // SAFETY: `spare` is a writable local; `storage` is null or the socket's; `sk` is a
+    // socket handed to the program when not null, a full one where `full`.
     unsafe {
         clear_owner(owner);
         if !storage.is_null() {
@@ -204,6 +214,8 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
         st,
         (netns, cgroup),
     );
+    // SAFETY: `owner` is the storage's owner or `spare`, initialised above either way.
+    let owner = unsafe { &*owner };
     emit(Slot::ResetSent, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
@@ -215,7 +227,9 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
 #[inline(always)]
 pub(crate) unsafe fn socket_ends(sk: *const u8) -> Option<Sent> {
     let o = &config().sock;
-    // SAFETY: BTF offsets of `sock_common`, which every kind of socket starts with.
+    // SAFETY: `sk` is a socket handed to the program; `skc_*` are BTF offsets of
+    // `sock_common`, which every kind of socket starts with; a full socket's other fields
+    // are read only once its state says it is one.
     unsafe {
         let st: u8 = field(sk, o.skc_state);
         if st != state::TIME_WAIT && st != state::NEW_SYN_RECV {
@@ -262,7 +276,8 @@ pub(crate) unsafe fn segment_ends(skb: *const u8) -> Option<Sent> {
     if skb.is_null() {
         return None;
     }
-    // SAFETY: BTF offsets of `sk_buff`; the headers are read with the checking helper.
+    // SAFETY: `skb` is the segment handed to the program (not null), read at BTF offsets of
+    // `sk_buff`; its headers are read with the checking helper.
     unsafe {
         let head: u64 = field(skb, o.skb_head);
         let ip = head + u64::from(field::<u16>(skb, o.skb_network_header));

@@ -40,9 +40,12 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16)
     };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    // SAFETY: a local.
+    // SAFETY: `owner` is a writable local.
     unsafe { clear_owner(owner.as_mut_ptr()) };
+    // SAFETY: clear_owner initialised every field.
+    let owner = unsafe { owner.assume_init_ref() };
     let rec = Record {
+        // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: tw,
         in_from: 0,
@@ -63,13 +66,7 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         daddr: (tw + daddr as u64) as *const u8,
         len,
     };
-    emit(
-        Slot::TimerStart,
-        cfg.wakeup_bytes,
-        &rec,
-        &addrs,
-        owner.as_ptr(),
-    );
+    emit(Slot::TimerStart, cfg.wakeup_bytes, &rec, &addrs, owner);
     Ok(())
 }
 
@@ -132,9 +129,12 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     // Its substate now: a peer's FIN may have moved it to TIME_WAIT with no timer event.
     let substate: u8 = kread(tw, cfg.timewait.tw_substate)?;
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    // SAFETY: a local.
+    // SAFETY: `owner` is a writable local.
     unsafe { clear_owner(owner.as_mut_ptr()) };
+    // SAFETY: clear_owner initialised every field.
+    let owner = unsafe { owner.assume_init_ref() };
     let rec = Record {
+        // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: tw,
         in_from: 0,
@@ -160,7 +160,7 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     } else {
         Slot::TimerCancel
     };
-    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner.as_ptr());
+    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
     Ok(())
 }
 
@@ -172,7 +172,8 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
 #[inline(always)]
 pub(crate) unsafe fn tw_timer(timer: *const u8) -> bool {
     let o = &config().timewait;
-    // SAFETY: `timer_list.function`'s BTF offset.
+    // SAFETY: `timer` is the `timer_list` handed over (this function's contract), read at
+    // `timer_list.function`'s BTF offset.
     o.handler != 0 && unsafe { field::<u64>(timer, o.timer_function) } == o.handler
 }
 
@@ -183,7 +184,7 @@ pub fn btf_timer_start(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let timer: *const u8 = ctx.arg(0);
-    // SAFETY: the tracepoint hands the timer.
+    // SAFETY: the tracepoint hands the `timer_list`, read at its BTF offsets.
     unsafe {
         if !tw_timer(timer) {
             return 0;
@@ -213,7 +214,7 @@ pub(crate) fn timer_end(ctx: &BtfTracePointContext, k: u8) -> i32 {
         return 0;
     }
     let timer: *const u8 = ctx.arg(0);
-    // SAFETY: the tracepoint hands the timer.
+    // SAFETY: the tracepoint hands the `timer_list`.
     if unsafe { tw_timer(timer) } {
         let _ = tw_timer_report(timer as u64, k);
     }

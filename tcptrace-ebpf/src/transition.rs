@@ -45,11 +45,11 @@ pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
     let Some(mark) = RUNNING.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: this CPU's slot; the program does not migrate while it runs. Volatile: the
-    // nested copy reads it in between.
+    // SAFETY: `mark` is this CPU's slot of RUNNING, which only this program writes; the
+    // program does not migrate while it runs. Volatile: the nested copy reads it in between.
     unsafe { put(addr_of_mut!((*mark).running), 1) };
     transition(&ctx, Slot::Transition);
-    // SAFETY: as above.
+    // SAFETY: as above: this CPU's slot, written by this program only.
     unsafe {
         put(addr_of_mut!((*mark).last_sk), ctx.arg::<u64>(0));
         put(addr_of_mut!((*mark).last_new), ctx.arg::<u64>(2));
@@ -76,7 +76,8 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     let Some(mark) = RUNNING.get_ptr(0) else {
         return 0;
     };
-    // SAFETY: this CPU's slot.
+    // SAFETY: `mark` is this CPU's slot of RUNNING, a live map value; volatile reads, as
+    // btf_set_state writes it.
     let (marked, last) = unsafe {
         (
             read_volatile(addr_of!((*mark).running)) != 0,
@@ -103,7 +104,8 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
 pub(crate) fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
     let sk: *const u8 = ctx.arg(0);
     let old = ctx.arg::<u64>(1) as u8;
-    // SAFETY: the tracepoint hands a full socket; its storage, if any, lives as long.
+    // SAFETY: the tracepoint hands a full socket; its storage, if not null, lives as long
+    // as the socket, which is locked while it changes state.
     unsafe {
         let st = storage(sk, false, Slot::Nested);
         !st.is_null() && (*st).life.awaits(old)
@@ -136,7 +138,7 @@ pub(crate) fn transition(ctx: &BtfTracePointContext, slot: Slot) {
 /// the socket is destroyed: only its connection record is written, marked incomplete.
 #[inline(always)]
 pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: bool) {
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
     };
@@ -144,11 +146,11 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
     // A socket the family and port filters can never keep gets no storage (creating it is
     // most of this program's cost): its transitions are bookkept for nothing.
     let wanted = socket_may_be_kept(cfg, ends.family, ends.sport, ends.dport, port_bits);
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let st = unsafe { storage(sk, wanted, slot) };
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut rec = Record {
-        // SAFETY: a helper without arguments.
+        // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
         skaddr: sk as u64,
         in_from: 0,
@@ -167,16 +169,18 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
         netns: 0,
         cgroup: 0,
     };
-    // SAFETY: `st` is the socket's storage or null; `spare` is written before it is read.
+    // SAFETY: `st` is the socket's storage or null; `spare` is a writable local.
     let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot) };
     if unseen_end && !st.is_null() {
-        // SAFETY: the socket's storage.
+        // SAFETY: `st` is the socket's storage (not null), which this program alone writes
+        // while the socket is locked.
         unsafe { (*st).life.flags |= tail_flag::GAP };
     }
     let listener_change = (old == state::CLOSE && new == state::LISTEN)
         || (old == state::LISTEN && new == state::CLOSE);
     if old == state::LISTEN && new == state::SYN_RECV {
-        // SAFETY: `sk` as required; `owner` points at the storage's or the spare owner.
+        // SAFETY: `sk` is the full socket handed over; `owner` is the storage's owner or
+        // `spare`, both writable.
         unsafe {
             rec.netns = sock_netns(sk);
             inherit_listener(owner, rec.netns, ends.sport);
@@ -209,7 +213,7 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
     // The namespace and cgroup are read once per socket, and only for what is kept (or a
     // listener coming or going, for its key).
     let read_now = (keep || connection) && rec.cgroup == 0;
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     unsafe {
         if (read_now || listener_change) && rec.netns == 0 {
             rec.netns = sock_netns(sk);
@@ -222,18 +226,20 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
             }
         }
     }
+    // SAFETY: `life` returned the storage's owner or `spare`, initialised either way, and
+    // nothing else writes it while the socket is locked.
+    let owner = unsafe { &*owner };
     if listener_change {
-        // SAFETY: `owner` was filled by `life`.
-        unsafe { listener(old, rec.netns, ends.sport, owner, slot) };
+        listener(old, rec.netns, ends.sport, owner, slot);
     }
     if !(keep || connection) || !netns_keeps(cfg, rec.netns) {
         return;
     }
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let addrs = unsafe { full_addrs(sk, &ends) };
     // The connection's counters, read at its end for each record that ends it.
     let tp = if ends_connection(old, new) {
-        // SAFETY: `sk` as required.
+        // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
         unsafe { tcp_sock(sk) }
     } else {
         null()
@@ -242,19 +248,19 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
         if tp.is_null() {
             emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
         } else {
-            // SAFETY: `tp` is the socket as a `tcp_sock`; `owner` is initialised.
+            // SAFETY: `tp` is the socket as a `tcp_sock` (from tcp_sock, not null).
             unsafe { emit_detailed_end(slot, &rec, &addrs, owner, tp) };
         }
     }
     if connection {
-        // SAFETY: `st` is the socket's storage (not null); `owner` is initialised.
-        unsafe {
-            let life = addr_of!((*st).life);
-            if tp.is_null() {
-                emit_connection(slot, cfg.wakeup_bytes, &rec, &addrs, owner, life);
-            } else {
-                emit_detailed_connection(slot, &rec, &addrs, owner, life, tp);
-            }
+        // SAFETY: `connection` implies `st` is the socket's storage (not null), alive while
+        // the socket is.
+        let life = unsafe { &(*st).life };
+        if tp.is_null() {
+            emit_connection(slot, cfg.wakeup_bytes, &rec, &addrs, owner, life);
+        } else {
+            // SAFETY: `tp` is the socket as a `tcp_sock` (from tcp_sock, not null).
+            unsafe { emit_detailed_connection(slot, &rec, &addrs, owner, life, tp) };
         }
     }
 }
@@ -278,7 +284,7 @@ pub(crate) unsafe fn life(
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
     if st.is_null() {
-        // SAFETY: `spare` is writable.
+        // SAFETY: `spare` is writable (this function's contract).
         unsafe {
             if driven {
                 current_owner(spare);
@@ -324,8 +330,8 @@ pub fn btf_destroy_sock(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    // SAFETY: the tracepoint hands a full socket being destroyed; its storage, if any, is
-    // freed after this.
+    // SAFETY: the tracepoint hands a full socket being destroyed; its storage, if not null,
+    // is freed only after this program returns.
     unsafe {
         let st = storage(sk, false, Slot::Destroy);
         if st.is_null() {

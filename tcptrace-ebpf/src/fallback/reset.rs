@@ -181,6 +181,7 @@ pub(crate) fn reset(
     } else {
         Slot::ResetReceived
     };
-    emit(slot, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
+    // SAFETY: both paths above initialised the owner.
+    emit(slot, cfg.wakeup_bytes, &rec, addrs, unsafe { &*owner_ptr });
     Ok(())
 }

@@ -232,6 +232,8 @@ pub(crate) fn on_transition(cfg: &Config, f: &Fields, addrs: &Addrs) -> Result<(
         netns,
         cgroup,
     };
-    emit(Slot::Transition, cfg.wakeup_bytes, &rec, addrs, owner_ptr);
+    // SAFETY: every path above initialised the owner.
+    let owner = unsafe { &*owner_ptr };
+    emit(Slot::Transition, cfg.wakeup_bytes, &rec, addrs, owner);
     Ok(())
 }
