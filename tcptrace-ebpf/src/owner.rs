@@ -61,22 +61,24 @@ pub(crate) unsafe fn clear_owner(dst: *mut Owner) {
 }
 
 /// An accepted socket's owner: its listener's (created in softirq, where the current task is
-/// arbitrary).
+/// arbitrary). Whether the listener was known (`owner` is left as it was otherwise).
 ///
 /// # Safety
-/// `owner` is writable.
+/// `owner` must be writable.
 #[inline(always)]
-pub(crate) unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) {
-    if let Some(l) = LISTENERS.get_ptr(&listen_key(netns, port)) {
-        // SAFETY: `l` is a live value of LISTENERS (the lookup found it); `owner` is writable
-        // (the caller vouches).
-        unsafe {
+pub(crate) unsafe fn inherit_listener(owner: *mut Owner, netns: u32, port: u16) -> bool {
+    match LISTENERS.get_ptr(&listen_key(netns, port)) {
+        // SAFETY: `l` is a live value of LISTENERS (the lookup found it); `owner` is
+        // writable (the caller vouches).
+        Some(l) => unsafe {
             copy_owner(owner, l);
             put(
                 addr_of_mut!((*owner).flags),
                 (*l).flags | flag::OWNER_FROM_LISTENER as u32,
             );
-        }
+            true
+        },
+        None => false,
     }
 }
 

@@ -12,7 +12,8 @@ use aya_ebpf::{
     helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NsOffsets, records,
+    ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NsOffsets,
+    records,
 };
 
 use crate::{
@@ -198,6 +199,17 @@ pub(crate) unsafe fn sock_ends(sk: *const u8) -> Option<Ends> {
     }
 }
 
+/// Whether the loader's protocol and family filters keep a socket: TCP, or MPTCP when asked
+/// for, of the family asked for (0: either).
+#[inline(always)]
+pub(crate) fn protocol_kept(cfg: &Config, protocol: u16, family: u16) -> bool {
+    let mptcp_kept = protocol == IPPROTO_MPTCP && cfg.mptcp != 0;
+    if protocol != IPPROTO_TCP && !mptcp_kept {
+        return false;
+    }
+    cfg.family == 0 || cfg.family == family
+}
+
 /// [`sock_ends`] of a socket that the loader's protocol and family filters keep.
 ///
 /// # Safety
@@ -205,16 +217,9 @@ pub(crate) unsafe fn sock_ends(sk: *const u8) -> Option<Ends> {
 #[inline(always)]
 pub(crate) unsafe fn full_ends(sk: *const u8) -> Option<Ends> {
     let cfg = config();
-    // SAFETY: `sk` as required.
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     let e = unsafe { sock_ends(sk)? };
-    let mptcp_kept = e.protocol == IPPROTO_MPTCP && cfg.mptcp != 0;
-    if e.protocol != IPPROTO_TCP && !mptcp_kept {
-        return None;
-    }
-    if cfg.family != 0 && cfg.family != e.family {
-        return None;
-    }
-    Some(e)
+    protocol_kept(cfg, e.protocol, e.family).then_some(e)
 }
 
 /// A full socket's addresses, in the form of the tracepoint's record.

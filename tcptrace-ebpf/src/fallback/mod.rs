@@ -10,9 +10,12 @@ use aya_ebpf::programs::TracePointContext;
 use core::ptr::read_volatile;
 use tcptrace_common::{Owner, SetStateOffsets};
 
+/// What the classic programs know of a live socket: the value of [`SOCKS`](crate::maps::SOCKS).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct SockInfo {
+    /// When its last transition was seen (0: not yet, for a socket first met through a reset
+    /// it received).
     pub(crate) last_ts: u64,
     pub(crate) owner: Owner,
     /// `flag::RESET_RECEIVED` once a reset arrived for the socket.
@@ -24,24 +27,28 @@ pub(crate) struct SockInfo {
 }
 
 /// The record's layout on every kernel tcptrace knows, used when the loader found it.
-pub(crate) const K: SetStateOffsets = SetStateOffsets::KNOWN;
+const K: SetStateOffsets = SetStateOffsets::KNOWN;
 
 /// A field of the tracepoint record at an offset known when compiling: one load, which the
 /// verifier checks (the record is the program's context), instead of a helper call.
 #[inline(always)]
-pub(crate) fn load<T: Copy>(ctx: &TracePointContext, off: impl Into<usize>) -> T {
-    // SAFETY: `off` is a constant inside the record, aligned for T (checked by the verifier).
+fn load<T: Copy>(ctx: &TracePointContext, off: impl Into<usize>) -> T {
+    // SAFETY: the context is the tracepoint's record; the verifier checks that a load at a
+    // constant offset stays inside it and rejects the program otherwise.
     unsafe { read_volatile(ctx.as_ptr_const().add(off.into()).cast::<T>()) }
 }
 
+/// A field of the tracepoint record at an offset from its format file, read with the checking
+/// helper: what a record whose layout the loader does not know takes.
 #[inline(always)]
-pub(crate) fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
-    // SAFETY: the offset comes from the tracepoint's own format file; the helper checks the
-    // read and fails cleanly if it is wrong.
+fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address (the offset comes from the
+    // tracepoint's own format file) and fails cleanly if it is wrong.
     unsafe { ctx.read_at::<T>(off as usize) }
 }
 
-pub(crate) trait CtxPtr {
+/// The record's address, for offsets into it.
+trait CtxPtr {
     fn as_ptr_const(&self) -> *const u8;
 }
 

@@ -1,6 +1,6 @@
 //! The classic programs on resets: `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`.
 
-use core::ptr::addr_of_mut;
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use tcptrace_common::{
@@ -15,7 +15,7 @@ use crate::{
     maps::{SOCKS, Slot, port_bits},
     mem::put,
     owner::{clear_owner, copy_owner},
-    sock::{sock_cgroup_at as sock_cgroup, sock_netns_at as sock_netns},
+    sock::{sock_cgroup_at, sock_netns_at},
 };
 
 #[tracepoint]
@@ -23,13 +23,13 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    let _ = try_send_reset(&ctx);
+    let _ = try_tcp_send_reset(&ctx);
     0
 }
 
 /// A reset this host sends: by a socket (an abort, a reset in answer to a bad segment) or, with
 /// no socket, in answer to a segment for a port nothing listens on (a refused connection).
-pub(crate) fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let cfg = config();
     let o = &cfg.send_reset;
     let skaddr: u64 = read(ctx, o.skaddr)?;
@@ -47,23 +47,21 @@ pub(crate) fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         AF_INET6 => (8usize, 16u32),
         _ => return Ok(()),
     };
-    let sport = u16::from_be(read(ctx, o.saddr + 2)?);
-    let dport = u16::from_be(read(ctx, o.daddr + 2)?);
-    reset(
-        cfg,
-        kind::RESET_SENT,
+    let reset = Reset {
+        kind: kind::RESET_SENT,
         skaddr,
-        st,
+        state: st,
         reason,
         family,
-        sport,
-        dport,
-        &Addrs::Read {
-            saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
-            daddr: ctx.as_ptr_const().wrapping_add(o.daddr as usize + addr_at),
-            len,
-        },
-    )
+        sport: u16::from_be(read(ctx, o.saddr + 2)?),
+        dport: u16::from_be(read(ctx, o.daddr + 2)?),
+    };
+    let addrs = Addrs::Read {
+        saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
+        daddr: ctx.as_ptr_const().wrapping_add(o.daddr as usize + addr_at),
+        len,
+    };
+    on_reset(cfg, &reset, &addrs)
 }
 
 #[tracepoint]
@@ -71,117 +69,135 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    let _ = try_receive_reset(&ctx);
+    let _ = try_tcp_receive_reset(&ctx);
     0
 }
 
 /// A reset that arrived for one of this host's sockets.
-pub(crate) fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let cfg = config();
     let o = &cfg.receive_reset;
-    let skaddr: u64 = read(ctx, o.skaddr)?;
-    let family: u16 = read(ctx, o.family)?;
-    let sport: u16 = read(ctx, o.sport)?;
-    let dport: u16 = read(ctx, o.dport)?;
     // The socket's state is not in this record; the per-socket map does not keep it either,
     // so userspace takes it from the socket's transitions.
-    reset(
-        cfg,
-        kind::RESET_RECEIVED,
-        skaddr,
-        0,
-        0,
-        family,
-        sport,
-        dport,
-        &Addrs::Read {
-            saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
-            daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-            len: 16,
-        },
-    )
+    let reset = Reset {
+        kind: kind::RESET_RECEIVED,
+        skaddr: read(ctx, o.skaddr)?,
+        state: 0,
+        reason: 0,
+        family: read(ctx, o.family)?,
+        sport: read(ctx, o.sport)?,
+        dport: read(ctx, o.dport)?,
+    };
+    let addrs = Addrs::Read {
+        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
+        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
+        len: 16,
+    };
+    on_reset(cfg, &reset, &addrs)
 }
 
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn reset(
-    cfg: &Config,
-    k: u8,
+/// One reset, from either tracepoint's record.
+struct Reset {
+    /// [`kind::RESET_SENT`] or [`kind::RESET_RECEIVED`].
+    kind: u8,
+    /// The socket (0: none).
     skaddr: u64,
-    st: u8,
+    /// The socket's state (0: not in the record).
+    state: u8,
+    /// The kernel's reason for a sent reset ([`NO_REASON`]: not given), the event's `aux`.
     reason: u64,
     family: u16,
     sport: u16,
     dport: u16,
-    addrs: &Addrs,
-) -> Result<(), i32> {
-    if cfg.family != 0 && cfg.family != family {
+}
+
+/// One reset: the filters, what the socket's map entry knows, and the event.
+#[inline(always)]
+fn on_reset(cfg: &Config, r: &Reset, addrs: &Addrs) -> Result<(), i32> {
+    if cfg.family != 0 && cfg.family != r.family {
         return Ok(());
     }
     // A reset counts as being in the socket's state for the state filter (a received reset's
     // state is unknown, so it never matches one).
-    if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
+    if !filter_keeps(
+        cfg, r.family, r.state, r.state, 0, r.sport, r.dport, port_bits,
+    ) {
         return Ok(());
     }
-    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    let owner_ptr = owner.as_mut_ptr();
-    let (mut netns, mut cgroup) = (0u32, 0u64);
-    match SOCKS.get_ptr_mut(skaddr) {
-        Some(info) => unsafe {
-            if k == kind::RESET_RECEIVED {
-                (*info).flags |= flag::RESET_RECEIVED as u32;
-            }
-            copy_owner(owner_ptr, addr_of_mut!((*info).owner));
-            netns = (*info).netns;
-            cgroup = (*info).cgroup;
-        },
-        None => {
-            // SAFETY: a local.
-            unsafe { clear_owner(owner_ptr) };
-            if k == kind::RESET_RECEIVED {
-                // Remember the reset even for a socket not met before, so its coming
-                // FIN_WAIT2/CLOSING→CLOSE is not taken for an entry into TIME_WAIT.
-                let mut info = core::mem::MaybeUninit::<SockInfo>::uninit();
-                let i = info.as_mut_ptr();
-                unsafe {
-                    put(addr_of_mut!((*i).last_ts), 0);
-                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u32);
-                    put(addr_of_mut!((*i).netns), 0);
-                    put(addr_of_mut!((*i).cgroup), 0);
-                    copy_owner(addr_of_mut!((*i).owner), owner_ptr);
-                    let _ = SOCKS.insert(skaddr, &*i, 0);
-                }
-            }
-        }
-    }
+    let mut owner = MaybeUninit::<Owner>::uninit();
+    // SAFETY: `owner` is a writable local.
+    let (mut netns, mut cgroup) = unsafe { bookkeep(r, owner.as_mut_ptr()) };
     // Not known from the socket's entry: read. A sent reset's socket may be a timewait or
     // request socket: both start with a sock_common (the namespace is there), neither has
     // a cgroup. No socket: neither.
     if netns == 0 {
-        netns = sock_netns(&cfg.ns, skaddr);
-        cgroup = if st == state::TIME_WAIT || st == state::NEW_SYN_RECV {
+        netns = sock_netns_at(&cfg.ns, r.skaddr);
+        cgroup = if r.state == state::TIME_WAIT || r.state == state::NEW_SYN_RECV {
             0
         } else {
-            sock_cgroup(&cfg.ns, skaddr)
+            sock_cgroup_at(&cfg.ns, r.skaddr)
         };
     }
     if !netns_keeps(cfg, netns) {
         return Ok(());
     }
     let rec = reset_record(
-        k,
-        skaddr,
-        reason,
-        (family, sport, dport),
-        st,
+        r.kind,
+        r.skaddr,
+        r.reason,
+        (r.family, r.sport, r.dport),
+        r.state,
         (netns, cgroup),
     );
-    let slot = if k == kind::RESET_SENT {
+    let slot = if r.kind == kind::RESET_SENT {
         Slot::ResetSent
     } else {
         Slot::ResetReceived
     };
-    // SAFETY: both paths above initialised the owner.
-    emit(slot, cfg.wakeup_bytes, &rec, addrs, unsafe { &*owner_ptr });
+    // SAFETY: bookkeep initialised the owner on both paths.
+    let owner = unsafe { owner.assume_init_ref() };
+    emit(slot, cfg.wakeup_bytes, &rec, addrs, owner);
     Ok(())
+}
+
+/// Copies the socket's owner from its map entry into `owner` (none known without one) and
+/// returns its namespace and cgroup (0: not known); a received reset is remembered in the
+/// entry, made for it if there is none, so that the socket's coming FIN_WAIT2/CLOSING→CLOSE
+/// is not taken for an entry into TIME_WAIT.
+///
+/// # Safety
+/// `owner` must be writable; both paths initialise it.
+#[inline(always)]
+unsafe fn bookkeep(r: &Reset, owner: *mut Owner) -> (u32, u64) {
+    let received = r.kind == kind::RESET_RECEIVED;
+    match SOCKS.get_ptr_mut(r.skaddr) {
+        // SAFETY: `info` is the live SOCKS value just found; `owner` is writable (this
+        // function's contract).
+        Some(info) => unsafe {
+            if received {
+                (*info).flags |= flag::RESET_RECEIVED as u32;
+            }
+            copy_owner(owner, addr_of_mut!((*info).owner));
+            ((*info).netns, (*info).cgroup)
+        },
+        None => {
+            // SAFETY: `owner` is writable.
+            unsafe { clear_owner(owner) };
+            if received {
+                let mut info = MaybeUninit::<SockInfo>::uninit();
+                let i = info.as_mut_ptr();
+                // SAFETY: `i` is a writable local, every field of which is written before
+                // the insert reads it; `owner` was just initialised.
+                unsafe {
+                    put(addr_of_mut!((*i).last_ts), 0);
+                    put(addr_of_mut!((*i).flags), flag::RESET_RECEIVED as u32);
+                    put(addr_of_mut!((*i).netns), 0);
+                    put(addr_of_mut!((*i).cgroup), 0);
+                    copy_owner(addr_of_mut!((*i).owner), owner);
+                    let _ = SOCKS.insert(r.skaddr, &*i, 0);
+                }
+            }
+            (0, 0)
+        }
+    }
 }

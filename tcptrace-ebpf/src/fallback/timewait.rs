@@ -21,7 +21,7 @@ pub fn timer_start(ctx: TracePointContext) -> u32 {
 }
 
 /// A timer was armed (`timer:timer_start`'s record): report it if it is a timewait socket's.
-pub(crate) fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_timer_start(ctx: &TracePointContext) -> Result<(), i32> {
     // Every timer on the system passes here, and one read decides.
     let o = &config().timewait;
     let function: u64 = read(ctx, o.start_function)?;
@@ -39,10 +39,15 @@ pub fn timer_cancel(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    if let Ok(timer) = read::<u64>(&ctx, config().timewait.cancel_timer) {
-        let _ = tw_timer_end(timer, kind::TW_CANCELLED);
-    }
+    let _ = try_timer_cancel(&ctx);
     0
+}
+
+/// A pending timer was deleted (before a re-arm, before it runs, or alone when the
+/// timewait socket is killed early).
+fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i32> {
+    let timer = read::<u64>(ctx, config().timewait.cancel_timer)?;
+    tw_timer_end(timer, kind::TW_CANCELLED)
 }
 
 #[tracepoint]
@@ -50,17 +55,21 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
     if idle() {
         return 0;
     }
-    if let Ok(timer) = read::<u64>(&ctx, config().timewait.expire_timer) {
-        let _ = tw_timer_end(timer, kind::TW_EXPIRED);
-    }
+    let _ = try_timer_expire_entry(&ctx);
     0
+}
+
+/// A timer fires.
+fn try_timer_expire_entry(ctx: &TracePointContext) -> Result<(), i32> {
+    let timer = read::<u64>(ctx, config().timewait.expire_timer)?;
+    tw_timer_end(timer, kind::TW_EXPIRED)
 }
 
 /// A timer was cancelled or fired: report it if it is a timewait socket's that the filters
 /// keep. Userspace pairs it with the arming: cancel then arm is a re-arm, cancel then expiry
 /// (the kernel detaches a timer before it runs it) an expiry, cancel alone an early kill.
 /// Timers armed before tracing began are reported too, and ignored there.
-pub(crate) fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
+fn tw_timer_end(timer: u64, k: u8) -> Result<(), i32> {
     // Most timers are not timewait sockets': their handler, one read, drops them. The
     // kernel logs the cancel before a shutdown clears the timer's function.
     let o = &config().timewait;
