@@ -8,14 +8,14 @@ use core::{
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tcptrace_common::{
-    AF_INET, AF_INET6, NO_REASON, Owner, filter_keeps, flag, kind, netns_keeps, records,
+    AF_INET, AF_INET6, Config, NO_REASON, Owner, filter_keeps, flag, kind, netns_keeps, records,
     socket_may_be_kept, state,
 };
 
 use crate::{
     config::{config, idle},
     emit::{Addrs, emit, reset_record},
-    maps::{Slot, port_bits},
+    maps::{SkState, Slot, port_bits},
     mem::{field, kread_at, put},
     owner::clear_owner,
     sock::{full_addrs, full_ends, sock_cgroup, sock_ends, sock_netns, storage, v4_mapped, v6_at},
@@ -27,10 +27,15 @@ pub fn btf_receive_reset(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_receive_reset(&ctx);
+    0
+}
+
+fn try_btf_receive_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sk: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands the full socket that received the reset.
     unsafe { receive_reset(sk) };
-    0
+    Ok(())
 }
 
 /// Marks the socket as reset (its coming FIN_WAIT2/CLOSING→CLOSE is then no entry into
@@ -39,7 +44,7 @@ pub fn btf_receive_reset(ctx: BtfTracePointContext) -> i32 {
 /// # Safety
 /// `sk` must be a full socket handed to the program.
 #[inline(always)]
-pub(crate) unsafe fn receive_reset(sk: *const u8) {
+unsafe fn receive_reset(sk: *const u8) {
     // SAFETY: `sk` is a full socket handed to the program (this function's contract).
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
@@ -103,6 +108,11 @@ pub fn btf_send_reset(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_send_reset(&ctx);
+    0
+}
+
+fn try_btf_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // The context is read at constant offsets only: the verifier allows no other.
     let reason = if config().send_reset_reason != 0 {
         u64::from(ctx.arg::<u64>(2) as u32)
@@ -113,11 +123,11 @@ pub fn btf_send_reset(ctx: BtfTracePointContext) -> i32 {
     let skb: *const u8 = ctx.arg(1);
     // SAFETY: the tracepoint hands the socket (or null) and the segment answered.
     unsafe { send_reset(sk, skb, reason) };
-    0
+    Ok(())
 }
 
 /// A sent reset's endpoints and socket facts.
-pub(crate) struct Sent {
+struct Sent {
     state: u8,
     family: u16,
     sport: u16,
@@ -132,7 +142,7 @@ pub(crate) struct Sent {
 /// # Safety
 /// `sk` must be null or a socket, `skb` a segment, both handed to the program.
 #[inline(always)]
-pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
+unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     let cfg = config();
     // SAFETY: `sk` (not null here) and `skb` were handed to the program (this function's
     // contract).
@@ -154,37 +164,13 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
         return;
     };
     let full = !sk.is_null() && st != state::TIME_WAIT && st != state::NEW_SYN_RECV;
-    // A socket first met through the reset that aborts it (it was open before tracing, and
-    // its abort writes the reset before the transition) gets storage, as for a received
-    // one: its record then holds the reset whichever came first. Not once it has ended.
-    // Not a listener's (answering a stray segment), nor for a socket no filter keeps.
-    let create = st != state::CLOSE
-        && st != state::LISTEN
-        && socket_may_be_kept(config(), family, sport, dport, port_bits);
     let storage = if full {
         // SAFETY: `full`: `sk` is a full socket handed to the program.
-        unsafe { storage(sk, create, Slot::ResetSent) }
+        unsafe { bookkeep_sent(sk, st, (family, sport, dport), reason) }
     } else {
         null_mut()
     };
-    if !storage.is_null() {
-        // Bookkept before any filter, like transitions: the connection record holds it.
-        let reason = (reason != NO_REASON).then_some(reason as u32);
-        // SAFETY: `storage` is the socket's (not null); the socket is locked while it sends a
-        // reset, so nothing else writes it.
-        unsafe { (*storage).life.on_reset(false, reason) };
-    }
-    if cfg.family != 0 && cfg.family != family {
-        return;
-    }
-    // Views that read connections need only the resets no record holds: with no socket (a
-    // refused connection), or after the end (an abortive close logs the transition first).
-    let unrecorded = sk.is_null() || st == state::CLOSE;
-    if cfg.records & records::NO_TRANSITIONS != 0 && !unrecorded {
-        return;
-    }
-    // A reset counts as being in the socket's state for the state filter.
-    if !filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits) {
+    if !sent_kept(cfg, sk.is_null(), st, (family, sport, dport)) {
         return;
     }
     let mut spare = MaybeUninit::<Owner>::uninit();
@@ -219,13 +205,66 @@ pub(crate) unsafe fn send_reset(sk: *const u8, skb: *const u8, reason: u64) {
     emit(Slot::ResetSent, cfg.wakeup_bytes, &rec, &addrs, owner);
 }
 
+/// The storage of the full socket `sk` in state `st` that sends a reset, with the reset
+/// folded into its connection's life before any filter, like transitions (the connection
+/// record holds it); null when it has none. A socket first met through the reset that
+/// aborts it (it was open before tracing, and its abort writes the reset before the
+/// transition) gets storage, as for a received one: its record then holds the reset
+/// whichever came first. Not once it has ended, nor a listener's (answering a stray
+/// segment), nor for a socket no filter keeps.
+///
+/// # Safety
+/// `sk` must be a full socket handed to the program.
+#[inline(always)]
+unsafe fn bookkeep_sent(
+    sk: *const u8,
+    st: u8,
+    (family, sport, dport): (u16, u16, u16),
+    reason: u64,
+) -> *mut SkState {
+    let create = st != state::CLOSE
+        && st != state::LISTEN
+        && socket_may_be_kept(config(), family, sport, dport, port_bits);
+    // SAFETY: `sk` is a full socket handed to the program (this function's contract).
+    let storage = unsafe { storage(sk, create, Slot::ResetSent) };
+    if !storage.is_null() {
+        let reason = (reason != NO_REASON).then_some(reason as u32);
+        // SAFETY: `storage` is the socket's (not null); the socket is locked while it sends a
+        // reset, so nothing else writes it.
+        unsafe { (*storage).life.on_reset(false, reason) };
+    }
+    storage
+}
+
+/// Whether a reset sent (with no socket when `no_socket`) in state `st` is reported: the
+/// family filter; with views that read connections, only the resets no record holds (with
+/// no socket — a refused connection — or after the end: an abortive close logs the
+/// transition first); and the filters, for which a reset counts as being in the socket's
+/// state.
+#[inline(always)]
+fn sent_kept(
+    cfg: &Config,
+    no_socket: bool,
+    st: u8,
+    (family, sport, dport): (u16, u16, u16),
+) -> bool {
+    if cfg.family != 0 && cfg.family != family {
+        return false;
+    }
+    let unrecorded = no_socket || st == state::CLOSE;
+    if cfg.records & records::NO_TRANSITIONS != 0 && !unrecorded {
+        return false;
+    }
+    filter_keeps(cfg, family, st, st, 0, sport, dport, port_bits)
+}
+
 /// The endpoints of a socket sending a reset: a full one's as its transitions report them,
 /// a timewait or request socket's from its `sock_common`.
 ///
 /// # Safety
 /// `sk` must be a socket handed to the program.
 #[inline(always)]
-pub(crate) unsafe fn socket_ends(sk: *const u8) -> Option<Sent> {
+unsafe fn socket_ends(sk: *const u8) -> Option<Sent> {
     let o = &config().sock;
     // SAFETY: `sk` is a socket handed to the program; `skc_*` are BTF offsets of
     // `sock_common`, which every kind of socket starts with; a full socket's other fields
@@ -270,7 +309,7 @@ pub(crate) unsafe fn socket_ends(sk: *const u8) -> Option<Sent> {
 /// # Safety
 /// `skb` must be the segment handed to the program.
 #[inline(always)]
-pub(crate) unsafe fn segment_ends(skb: *const u8) -> Option<Sent> {
+unsafe fn segment_ends(skb: *const u8) -> Option<Sent> {
     let o = &config().sock;
     // The verifier allows no arithmetic on a pointer that may be null.
     if skb.is_null() {

@@ -71,7 +71,7 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
 }
 
 /// What the filters look at in a timewait socket.
-pub(crate) struct TwSock {
+struct TwSock {
     family: u16,
     sport: u16,
     dport: u16,
@@ -82,7 +82,7 @@ pub(crate) struct TwSock {
 /// Reads a timewait socket's family, ports and (when `netns` asks, or a filter needs it) its
 /// network namespace: `None` when the filters drop it or it is neither IPv4 nor IPv6.
 #[inline(always)]
-pub(crate) fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSock>, i32> {
+fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSock>, i32> {
     let o = &cfg.timewait;
     let family: u16 = kread(tw, o.skc_family)?;
     let dport = u16::from_be(kread(tw, o.skc_dport)?);
@@ -170,7 +170,7 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
 /// # Safety
 /// `timer` must be the `struct timer_list *` the tracepoint handed over.
 #[inline(always)]
-pub(crate) unsafe fn tw_timer(timer: *const u8) -> bool {
+unsafe fn tw_timer(timer: *const u8) -> bool {
     let o = &config().timewait;
     // SAFETY: `timer` is the `timer_list` handed over (this function's contract), read at
     // `timer_list.function`'s BTF offset.
@@ -183,40 +183,50 @@ pub fn btf_timer_start(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_timer_start(&ctx);
+    0
+}
+
+fn try_btf_timer_start(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let timer: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands the `timer_list`, read at its BTF offsets.
     unsafe {
         if !tw_timer(timer) {
-            return 0;
+            return Ok(());
         }
         let expires: u64 = field(timer, config().timewait.timer_expires);
-        let _ = tw_armed(timer as u64, expires.wrapping_sub(bpf_jiffies64()));
+        tw_armed(timer as u64, expires.wrapping_sub(bpf_jiffies64()))
     }
-    0
 }
 
 /// A pending timer was deleted: `timer_cancel(timer)` (before a re-arm, before it runs, or
 /// alone when the timewait socket is killed early).
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn btf_timer_cancel(ctx: BtfTracePointContext) -> i32 {
-    timer_end(&ctx, kind::TW_CANCELLED)
+    if idle() {
+        return 0;
+    }
+    let _ = try_timer_end(&ctx, kind::TW_CANCELLED);
+    0
 }
 
 /// A timer fires: `timer_expire_entry(timer, …)`.
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn btf_timer_expire(ctx: BtfTracePointContext) -> i32 {
-    timer_end(&ctx, kind::TW_EXPIRED)
-}
-
-#[inline(always)]
-pub(crate) fn timer_end(ctx: &BtfTracePointContext, k: u8) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_timer_end(&ctx, kind::TW_EXPIRED);
+    0
+}
+
+/// The end `k` of a timer (cancelled or fired): reported if it is a timewait socket's.
+#[inline(always)]
+fn try_timer_end(ctx: &BtfTracePointContext, k: u8) -> Result<(), i32> {
     let timer: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands the `timer_list`.
-    if unsafe { tw_timer(timer) } {
-        let _ = tw_timer_report(timer as u64, k);
+    if !unsafe { tw_timer(timer) } {
+        return Ok(());
     }
-    0
+    tw_timer_report(timer as u64, k)
 }

@@ -19,7 +19,7 @@ use core::{
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tcptrace_common::{
-    IPPROTO_MPTCP, Owner,
+    Config, IPPROTO_MPTCP, Owner,
     connection::{ends_connection, is_birth, tail_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
@@ -31,7 +31,7 @@ use crate::{
     maps::{CAUGHT, RUNNING, SkState, Slot, UNSEEN, count, port_bits},
     mem::put,
     owner::{clear_owner, current_owner, inherit_listener, listener},
-    sock::{full_addrs, full_ends, sock_cgroup, sock_netns, storage, tcp_sock},
+    sock::{Ends, full_addrs, full_ends, sock_cgroup, sock_netns, storage, tcp_sock},
 };
 
 /// A transition of a full TCP socket: `inet_sock_set_state(sk, oldstate, newstate)`.
@@ -42,20 +42,25 @@ pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_set_state(&ctx);
+    0
+}
+
+fn try_btf_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let Some(mark) = RUNNING.get_ptr_mut(0) else {
-        return 0;
+        return Ok(());
     };
     // SAFETY: `mark` is this CPU's slot of RUNNING, which only this program writes; the
     // program does not migrate while it runs. Volatile: the nested copy reads it in between.
     unsafe { put(addr_of_mut!((*mark).running), 1) };
-    transition(&ctx, Slot::Transition);
+    transition(ctx, Slot::Transition);
     // SAFETY: as above: this CPU's slot, written by this program only.
     unsafe {
         put(addr_of_mut!((*mark).last_sk), ctx.arg::<u64>(0));
         put(addr_of_mut!((*mark).last_new), ctx.arg::<u64>(2));
         put(addr_of_mut!((*mark).running), 0);
     }
-    0
+    Ok(())
 }
 
 /// The same program again, attached after [`btf_set_state`], so the kernel runs it right
@@ -73,8 +78,13 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_set_state_nested(&ctx);
+    0
+}
+
+fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let Some(mark) = RUNNING.get_ptr(0) else {
-        return 0;
+        return Ok(());
     };
     // SAFETY: `mark` is this CPU's slot of RUNNING, a live map value; volatile reads, as
     // btf_set_state writes it.
@@ -91,17 +101,17 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     // rarest case (a socket's consecutive transitions enter different states): only
     // otherwise is the socket's storage asked.
     let this = (ctx.arg::<u64>(0), ctx.arg::<u64>(2));
-    if !marked && (last == this || !skipped_unmarked(&ctx)) {
-        return 0;
+    if !marked && (last == this || !skipped_unmarked(ctx)) {
+        return Ok(());
     }
     count(&CAUGHT, Slot::Nested);
-    transition(&ctx, Slot::Nested);
-    0
+    transition(ctx, Slot::Nested);
+    Ok(())
 }
 
 /// Whether the socket's storage still awaits this transition (see [`btf_set_state_nested`]).
 #[inline(always)]
-pub(crate) fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
+fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
     let sk: *const u8 = ctx.arg(0);
     let old = ctx.arg::<u64>(1) as u8;
     // SAFETY: the tracepoint hands a full socket; its storage, if not null, lives as long
@@ -114,7 +124,7 @@ pub(crate) fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
 
 /// One transition, counted in `slot` (the program's).
 #[inline(always)]
-pub(crate) fn transition(ctx: &BtfTracePointContext, slot: Slot) {
+fn transition(ctx: &BtfTracePointContext, slot: Slot) {
     let sk: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands a full socket being changed, and the states.
     unsafe {
@@ -131,13 +141,13 @@ pub(crate) fn transition(ctx: &BtfTracePointContext, slot: Slot) {
 /// The per-socket bookkeeping of one transition (before filtering, so durations stay right
 /// for sockets whose earlier transitions were filtered out), then the event if kept.
 ///
-/// # Safety
-/// `sk` must be the full socket the tracepoint handed over.
-///
 /// `unseen_end`: the transition is a socket's end that no program ran for, folded in when
 /// the socket is destroyed: only its connection record is written, marked incomplete.
+///
+/// # Safety
+/// `sk` must be the full socket the tracepoint handed over.
 #[inline(always)]
-pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: bool) {
+unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: bool) {
     // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let Some(ends) = (unsafe { full_ends(sk) }) else {
         return;
@@ -149,26 +159,7 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
     // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let st = unsafe { storage(sk, wanted, slot) };
     let mut spare = MaybeUninit::<Owner>::uninit();
-    let mut rec = Record {
-        // SAFETY: a helper without arguments or memory access.
-        ts: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk as u64,
-        in_from: 0,
-        aux: 0,
-        sport: ends.sport,
-        dport: ends.dport,
-        family: ends.family,
-        kind: kind::TRANSITION,
-        old,
-        new,
-        flags: if ends.protocol == IPPROTO_MPTCP {
-            flag::MPTCP
-        } else {
-            0
-        },
-        netns: 0,
-        cgroup: 0,
-    };
+    let mut rec = transition_record(sk, &ends, old, new);
     // SAFETY: `st` is the socket's storage or null; `spare` is a writable local.
     let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot) };
     if unseen_end && !st.is_null() {
@@ -186,24 +177,7 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
             inherit_listener(owner, rec.netns, ends.sport);
         }
     }
-    // A listener's start and end are written whatever views read: no connection record
-    // holds them. Nor does the moment both FINs crossed, which the peer's verdict needs when
-    // it ends first (rare: a simultaneous close).
-    let crossing = old == state::FIN_WAIT1 && new == state::CLOSING;
-    let connect =
-        cfg.records & records::CONNECTS != 0 && old == state::CLOSE && new == state::SYN_SENT;
-    let keep = !unseen_end
-        && (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing || connect)
-        && filter_keeps(
-            cfg,
-            ends.family,
-            old,
-            new,
-            rec.flags,
-            ends.sport,
-            ends.dport,
-            port_bits,
-        );
+    let keep = transition_kept(cfg, &ends, old, new, rec.flags, listener_change, unseen_end);
     // A connection's end, for views that read connections: the family and port filters
     // apply (the states are the view's to select).
     let connection = cfg.records & records::CONNECTIONS != 0
@@ -235,32 +209,121 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
     if !(keep || connection) || !netns_keeps(cfg, rec.netns) {
         return;
     }
-    // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
-    let addrs = unsafe { full_addrs(sk, &ends) };
+    let written = Written { keep, connection };
+    // SAFETY: `sk` is the full socket handed over; `connection` implies `st` is its storage.
+    unsafe { write(cfg, sk, st, &ends, &rec, owner, written, slot) };
+}
+
+/// The event of a transition of the socket at `sk` from `old` to `new`, now; its duration,
+/// flags, namespace and cgroup come from the socket's storage.
+#[inline(always)]
+fn transition_record(sk: *const u8, ends: &Ends, old: u8, new: u8) -> Record {
+    Record {
+        // SAFETY: a helper without arguments or memory access.
+        ts: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk as u64,
+        in_from: 0,
+        aux: 0,
+        sport: ends.sport,
+        dport: ends.dport,
+        family: ends.family,
+        kind: kind::TRANSITION,
+        old,
+        new,
+        flags: if ends.protocol == IPPROTO_MPTCP {
+            flag::MPTCP
+        } else {
+            0
+        },
+        netns: 0,
+        cgroup: 0,
+    }
+}
+
+/// Whether the transition is written as an event: never for an end no program ran for
+/// (`unseen_end`: its connection record holds it); always, unless views read connections
+/// only; then a listener's start and end (no connection record holds them), the moment both
+/// FINs crossed (the peer's verdict needs it when it ends first: a simultaneous close), and
+/// a connect when asked for. The filters apply either way.
+#[inline(always)]
+fn transition_kept(
+    cfg: &Config,
+    ends: &Ends,
+    old: u8,
+    new: u8,
+    flags: u8,
+    listener_change: bool,
+    unseen_end: bool,
+) -> bool {
+    let crossing = old == state::FIN_WAIT1 && new == state::CLOSING;
+    let connect =
+        cfg.records & records::CONNECTS != 0 && old == state::CLOSE && new == state::SYN_SENT;
+    !unseen_end
+        && (cfg.records & records::NO_TRANSITIONS == 0 || listener_change || crossing || connect)
+        && filter_keeps(
+            cfg,
+            ends.family,
+            old,
+            new,
+            flags,
+            ends.sport,
+            ends.dport,
+            port_bits,
+        )
+}
+
+/// What a transition writes: its event (`keep`), the connection's record (`connection`).
+#[derive(Clone, Copy)]
+struct Written {
+    keep: bool,
+    connection: bool,
+}
+
+/// Writes the transition `rec`'s event and the connection's record, as `written` says; a
+/// connection's end comes with its details (its counters) when the loader asked for them.
+///
+/// # Safety
+/// `sk` must be the full socket handed to the program; with `written.connection`, `st`
+/// must be its storage.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn write(
+    cfg: &Config,
+    sk: *const u8,
+    st: *mut SkState,
+    ends: &Ends,
+    rec: &Record,
+    owner: &Owner,
+    written: Written,
+    slot: Slot,
+) {
+    let wakeup_bytes = cfg.wakeup_bytes;
+    // SAFETY: `sk` is the full socket handed over (this function's contract).
+    let addrs = unsafe { full_addrs(sk, ends) };
     // The connection's counters, read at its end for each record that ends it.
-    let tp = if ends_connection(old, new) {
-        // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
+    let tp = if ends_connection(rec.old, rec.new) {
+        // SAFETY: as above.
         unsafe { tcp_sock(sk) }
     } else {
         null()
     };
-    if keep {
+    if written.keep {
         if tp.is_null() {
-            emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+            emit(slot, wakeup_bytes, rec, &addrs, owner);
         } else {
             // SAFETY: `tp` is the socket as a `tcp_sock` (from tcp_sock, not null).
-            unsafe { emit_detailed_end(slot, &rec, &addrs, owner, tp) };
+            unsafe { emit_detailed_end(slot, rec, &addrs, owner, tp) };
         }
     }
-    if connection {
-        // SAFETY: `connection` implies `st` is the socket's storage (not null), alive while
+    if written.connection {
+        // SAFETY: with `connection`, `st` is the socket's storage (not null), alive while
         // the socket is.
         let life = unsafe { &(*st).life };
         if tp.is_null() {
-            emit_connection(slot, cfg.wakeup_bytes, &rec, &addrs, owner, life);
+            emit_connection(slot, wakeup_bytes, rec, &addrs, owner, life);
         } else {
             // SAFETY: `tp` is the socket as a `tcp_sock` (from tcp_sock, not null).
-            unsafe { emit_detailed_connection(slot, &rec, &addrs, owner, life, tp) };
+            unsafe { emit_detailed_connection(slot, rec, &addrs, owner, life, tp) };
         }
     }
 }
@@ -275,12 +338,7 @@ pub(crate) unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unse
 /// # Safety
 /// `st` is null or the socket's storage; `spare` is writable.
 #[inline(always)]
-pub(crate) unsafe fn life(
-    st: *mut SkState,
-    spare: *mut Owner,
-    rec: &mut Record,
-    slot: Slot,
-) -> *mut Owner {
+unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record, slot: Slot) -> *mut Owner {
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
     if st.is_null() {
@@ -329,18 +387,23 @@ pub fn btf_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     if idle() {
         return 0;
     }
+    let _ = try_btf_destroy_sock(&ctx);
+    0
+}
+
+fn try_btf_destroy_sock(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sk: *const u8 = ctx.arg(0);
     // SAFETY: the tracepoint hands a full socket being destroyed; its storage, if not null,
     // is freed only after this program returns.
     unsafe {
         let st = storage(sk, false, Slot::Destroy);
         if st.is_null() {
-            return 0;
+            return Ok(());
         }
         if let Some(last) = (*st).life.unseen_end() {
             count(&UNSEEN, Slot::Destroy);
             set_state(sk, last, state::CLOSE, Slot::Destroy, true);
         }
     }
-    0
+    Ok(())
 }
