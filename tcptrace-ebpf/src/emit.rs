@@ -5,7 +5,7 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RINGBUF_HDR_SZ},
     helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
 };
 use tcptrace_common::{
@@ -19,6 +19,7 @@ use crate::{
     config::config,
     maps::{EVENTS, LOST, Slot, count},
     mem::{field, put},
+    net::{IPV4_ADDR_BYTES, V4_MAPPED_ADDR_OFFSET, V4_MAPPED_HIGH},
 };
 
 /// The scalar fields of one event.
@@ -42,8 +43,9 @@ pub(crate) struct Record {
 
 /// The event's two addresses.
 pub(crate) enum Addrs {
-    /// In kernel memory (the tracepoint record, a timewait socket), `len` bytes each (4, 16,
-    /// or 0 for none).
+    /// In kernel memory (the tracepoint record, a timewait socket), `len` bytes each
+    /// ([`IPV4_ADDR_BYTES`], [`IPV6_ADDR_BYTES`](crate::net::IPV6_ADDR_BYTES), or 0 for
+    /// none).
     Read {
         saddr: *const u8,
         daddr: *const u8,
@@ -52,10 +54,6 @@ pub(crate) enum Addrs {
     /// Already loaded from the record: 16 bytes each.
     Loaded { saddr: [u64; 2], daddr: [u64; 2] },
 }
-
-/// Bytes 8 to 15 of an IPv4-mapped IPv6 address whose IPv4 address is 0.0.0.0, as a
-/// little-endian `u64`: `ff ff` at bytes 10 and 11. OR the IPv4 address, shifted up 32 bits.
-pub(crate) const V4_MAPPED_HIGH: u64 = 0xffff_0000;
 
 /// Zeroes 16 bytes at an 8-byte aligned address.
 ///
@@ -197,10 +195,10 @@ pub(crate) unsafe fn fill(e: *mut Event, r: &Record, a: &Addrs, owner: &Owner) {
                 zero16(s);
                 zero16(d);
                 // IPv4 is written mapped (`::ffff:a.b.c.d`), as the tracepoint's record has it.
-                let at = if len == 4 {
+                let at = if len == IPV4_ADDR_BYTES {
                     put(s.cast::<u64>().add(1), V4_MAPPED_HIGH);
                     put(d.cast::<u64>().add(1), V4_MAPPED_HIGH);
-                    12
+                    V4_MAPPED_ADDR_OFFSET
                 } else {
                     0
                 };
@@ -239,9 +237,9 @@ pub(crate) fn wake_flags(wakeup_bytes: u32, size: usize) -> u64 {
         BPF_RB_FORCE_WAKEUP
     } else {
         let w = wakeup_bytes as u64;
-        // Unread bytes, this record (and its 8-byte header) included.
+        // Unread bytes, this record (and its header) included.
         let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-        let before = avail.saturating_sub(size as u64 + 8);
+        let before = avail.saturating_sub(size as u64 + BPF_RINGBUF_HDR_SZ as u64);
         if avail / w != before / w {
             BPF_RB_FORCE_WAKEUP
         } else {
@@ -273,10 +271,13 @@ pub(crate) unsafe fn fill_details(d: *mut Details, r: &Record, tp: *const u8) {
         put(addr_of_mut!((*d).segs_out), field(tp, o.segs_out));
         put(addr_of_mut!((*d).segs_in), field(tp, o.segs_in));
         put(addr_of_mut!((*d).total_retrans), field(tp, o.total_retrans));
-        put(addr_of_mut!((*d).srtt_us), field::<u32>(tp, o.srtt_us) >> 3);
+        put(
+            addr_of_mut!((*d).srtt_us),
+            field::<u32>(tp, o.srtt_us) >> SRTT_SHIFT_BITS,
+        );
         put(
             addr_of_mut!((*d).rttvar_us),
-            field::<u32>(tp, o.mdev_us) >> 2,
+            field::<u32>(tp, o.mdev_us) >> MDEV_SHIFT_BITS,
         );
         put(addr_of_mut!((*d).min_rtt_us), field(tp, o.min_rtt));
         put(addr_of_mut!((*d).sk_err), field::<i32>(tp, o.sk_err) as u32);
@@ -301,6 +302,11 @@ pub(crate) unsafe fn fill_details(d: *mut Details, r: &Record, tp: *const u8) {
         put(addr_of_mut!((*d)._reserved2[1]), 0);
     }
 }
+
+/// `tcp_sock.srtt_us` holds 8 times the smoothed round-trip time (the kernel's fixed point).
+const SRTT_SHIFT_BITS: u32 = 3;
+/// `tcp_sock.mdev_us` holds 4 times its mean deviation.
+const MDEV_SHIFT_BITS: u32 = 2;
 
 /// An end transition with its [`Details`] before it: one entry of two slots.
 #[repr(C)]

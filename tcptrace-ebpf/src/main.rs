@@ -27,6 +27,7 @@ mod emit;
 mod fallback;
 mod maps;
 mod mem;
+mod net;
 mod owner;
 mod reset;
 mod sock;

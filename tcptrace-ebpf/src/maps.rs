@@ -1,19 +1,26 @@
 //! Every map the programs share with the loader, which finds them by name, and the per-CPU
 //! counters kept in some of them.
 
-use aya_ebpf::maps::Array;
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tcptrace_common::{ListenKey, Owner, connection::SockStorage};
 
 use crate::{fallback::SockInfo, mem::put};
 
+// The sizes written here are placeholders for the maps the loader sizes before loading
+// (`map_max_entries`): EVENTS, SOCKS, LISTENERS.
+const EVENTS_PLACEHOLDER_BYTES: u32 = 1 << 20;
+const SOCKS_PLACEHOLDER_ENTRIES: u32 = 1 << 16;
+const LISTENERS_PLACEHOLDER_ENTRIES: u32 = 1 << 12;
+/// Entries of PORTS: one per port.
+const PORT_ENTRIES: u32 = u16::MAX as u32 + 1;
+
 /// Transitions for userspace. The loader sizes it (`map_max_entries`).
 #[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_PLACEHOLDER_BYTES, 0);
 
 /// Events that found the ring buffer full, per CPU. Loss is never silent.
 #[map]
@@ -22,19 +29,21 @@ pub(crate) static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER
 /// Port filter sets: port → bits of `tcptrace_common::port_filter`. An array, not a hash:
 /// the kernel inlines its lookup (an index), and 64 KiB covers every port.
 #[map]
-pub(crate) static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+pub(crate) static PORTS: Array<u8> = Array::with_max_entries(PORT_ENTRIES, 0);
 
 /// What is known of each live socket, keyed by its kernel address: the classic programs'
 /// store (the BTF ones keep it in the socket). LRU-bounded, sized by the loader: a socket
 /// evicted here only loses its duration and owner, never its events.
 #[map]
-pub(crate) static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static SOCKS: LruHashMap<u64, SockInfo> =
+    LruHashMap::with_max_entries(SOCKS_PLACEHOLDER_ENTRIES, 0);
 
 /// The owner of each listening port, so accepted sockets (created in softirq, where the
 /// current task is arbitrary) can name the process that listens for them. Sized by the
 /// loader; a listener that finds it full is counted in [`FORGOTTEN`].
 #[map]
-pub(crate) static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(4096, 0);
+pub(crate) static LISTENERS: HashMap<ListenKey, Owner> =
+    HashMap::with_max_entries(LISTENERS_PLACEHOLDER_ENTRIES, 0);
 
 /// Per CPU: facts the kernel side could not keep (a listener that found [`LISTENERS`] full,
 /// a socket whose storage the kernel could not allocate). Never silent: userspace shows it.
@@ -64,7 +73,7 @@ pub(crate) struct Mark {
     pub(crate) last_new: u64,
 }
 
-/// Per CPU: [`btf_set_state`]'s [`Mark`].
+/// Per CPU: [`btf_set_state`]'s [`Mark`], in its one slot.
 #[map]
 pub(crate) static RUNNING: PerCpuArray<Mark> = PerCpuArray::with_max_entries(1, 0);
 

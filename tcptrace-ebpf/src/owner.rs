@@ -27,6 +27,9 @@ pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
     }
 }
 
+/// Bytes of `Owner::comm`: the kernel's `TASK_COMM_LEN`.
+const COMM_BYTES: u32 = core::mem::size_of::<[u64; 2]>() as u32;
+
 /// The current task as an owner: only called for transitions its own system call drives.
 ///
 /// # Safety
@@ -34,12 +37,13 @@ pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
 #[inline(always)]
 pub(crate) unsafe fn current_owner(dst: *mut Owner) {
     // SAFETY: `dst` is writable (the caller vouches); bpf_get_current_comm writes at most
-    // `comm`'s 16 bytes.
+    // `comm`'s COMM_BYTES.
     unsafe {
-        bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), 16);
+        bpf_get_current_comm(addr_of_mut!((*dst).comm).cast::<c_void>(), COMM_BYTES);
+        // The upper half is the thread group's id: the process.
         put(
             addr_of_mut!((*dst).pid),
-            (bpf_get_current_pid_tgid() >> 32) as u32,
+            (bpf_get_current_pid_tgid() >> u32::BITS) as u32,
         );
         put(addr_of_mut!((*dst).flags), flag::OWNER_KNOWN as u32);
     }

@@ -17,9 +17,19 @@ use crate::{
     emit::{Addrs, emit, reset_record},
     maps::{SkState, Slot, port_bits},
     mem::{field, kread_at, put},
+    net::{
+        IP_VERSION_SHIFT_BITS, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV4_VERSION,
+        IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, IPV6_VERSION, U64_BYTES, v4_mapped,
+    },
     owner::clear_owner,
-    sock::{full_addrs, full_ends, sock_cgroup, sock_ends, sock_netns, storage, v4_mapped, v6_at},
+    sock::{full_addrs, full_ends, sock_cgroup, sock_ends, sock_netns, storage, v6_at},
 };
+
+/// The positions of `tcp_send_reset(sk, skb[, reason])`'s arguments, and of
+/// `tcp_receive_reset(sk)`'s.
+const SK_ARG: usize = 0;
+const SKB_ARG: usize = 1;
+const REASON_ARG: usize = 2;
 
 /// A reset arrived for a full socket: `tcp_receive_reset(sk)`.
 #[btf_tracepoint(function = "tcp_receive_reset")]
@@ -32,7 +42,7 @@ pub fn btf_receive_reset(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_btf_receive_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let sk: *const u8 = ctx.arg(0);
+    let sk: *const u8 = ctx.arg(SK_ARG);
     // SAFETY: the tracepoint hands the full socket that received the reset.
     unsafe { receive_reset(sk) };
     Ok(())
@@ -115,12 +125,12 @@ pub fn btf_send_reset(ctx: BtfTracePointContext) -> i32 {
 fn try_btf_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // The context is read at constant offsets only: the verifier allows no other.
     let reason = if config().send_reset_reason != 0 {
-        u64::from(ctx.arg::<u64>(2) as u32)
+        u64::from(ctx.arg::<u64>(REASON_ARG) as u32)
     } else {
         NO_REASON
     };
-    let sk: *const u8 = ctx.arg(0);
-    let skb: *const u8 = ctx.arg(1);
+    let sk: *const u8 = ctx.arg(SK_ARG);
+    let skb: *const u8 = ctx.arg(SKB_ARG);
     // SAFETY: the tracepoint hands the socket (or null) and the segment answered.
     unsafe { send_reset(sk, skb, reason) };
     Ok(())
@@ -321,20 +331,28 @@ unsafe fn segment_ends(skb: *const u8) -> Option<Sent> {
         let head: u64 = field(skb, o.skb_head);
         let ip = head + u64::from(field::<u16>(skb, o.skb_network_header));
         let tcp = head + u64::from(field::<u16>(skb, o.skb_transport_header));
+        // The TCP header starts with the source port, then the destination port.
         let ports: u32 = kread_at(tcp)?;
         // The segment's source is the remote end.
-        let (rport, lport) = (ports as u16, (ports >> 16) as u16);
-        let version = kread_at::<u8>(ip)? >> 4;
+        let (rport, lport) = (ports as u16, (ports >> u16::BITS) as u16);
+        let version = kread_at::<u8>(ip)? >> IP_VERSION_SHIFT_BITS;
+        let half = U64_BYTES as u64;
         let (family, saddr, daddr) = match version {
-            4 => (
+            IPV4_VERSION => (
                 AF_INET,
-                v4_mapped(kread_at(ip + 16)?),
-                v4_mapped(kread_at(ip + 12)?),
+                v4_mapped(kread_at(ip + IPV4_DADDR_OFFSET)?),
+                v4_mapped(kread_at(ip + IPV4_SADDR_OFFSET)?),
             ),
-            6 => (
+            IPV6_VERSION => (
                 AF_INET6,
-                [kread_at(ip + 24)?, kread_at(ip + 32)?],
-                [kread_at(ip + 8)?, kread_at(ip + 16)?],
+                [
+                    kread_at(ip + IPV6_DADDR_OFFSET)?,
+                    kread_at(ip + IPV6_DADDR_OFFSET + half)?,
+                ],
+                [
+                    kread_at(ip + IPV6_SADDR_OFFSET)?,
+                    kread_at(ip + IPV6_SADDR_OFFSET + half)?,
+                ],
             ),
             _ => return None,
         };

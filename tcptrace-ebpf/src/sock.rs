@@ -18,9 +18,10 @@ use tcptrace_common::{
 
 use crate::{
     config::config,
-    emit::{Addrs, V4_MAPPED_HIGH},
+    emit::Addrs,
     maps::{SK_STATE, SkState, Slot, forgot},
     mem::{field, kread},
+    net::{U64_BYTES, v4_mapped},
 };
 
 /// The socket's storage, created (zeroed) if `create` and it has none; null when the kernel
@@ -68,7 +69,7 @@ pub(crate) unsafe fn inet_span(sk: *const u8) -> (u32, u16) {
             sk.add(usize::from(cfg.sock.inet_saddr)).cast(),
         )
     };
-    let sport = (span >> (8 * u64::from(cfg.sock.inet_sport_in_span))) as u16;
+    let sport = (span >> (u64::from(u8::BITS) * u64::from(cfg.sock.inet_sport_in_span))) as u16;
     (span as u32, u16::from_be(sport))
 }
 
@@ -149,12 +150,6 @@ pub(crate) fn sock_cgroup_at(o: &NsOffsets, sk: u64) -> u64 {
     }
 }
 
-/// An IPv4 address (network order, as loaded) as the two words of its mapped IPv6 form.
-#[inline(always)]
-pub(crate) fn v4_mapped(a: u32) -> [u64; 2] {
-    [0, V4_MAPPED_HIGH | (u64::from(a) << 32)]
-}
-
 /// A 16-byte address field of a kernel object.
 ///
 /// # Safety
@@ -162,7 +157,7 @@ pub(crate) fn v4_mapped(a: u32) -> [u64; 2] {
 #[inline(always)]
 pub(crate) unsafe fn v6_at(obj: *const u8, off: u16) -> [u64; 2] {
     // SAFETY: two loads inside the 16-byte field.
-    unsafe { [field(obj, off), field(obj, off + 8)] }
+    unsafe { [field(obj, off), field(obj, off + U64_BYTES as u16)] }
 }
 
 /// The endpoints of a full socket: what `inet_sock_set_state`'s record holds.

@@ -15,6 +15,7 @@ use crate::{
     emit::{Addrs, Record, emit},
     maps::{Slot, port_bits},
     mem::{field, kread},
+    net::{IPV4_ADDR_BYTES, IPV6_ADDR_BYTES},
     owner::clear_owner,
     sock::sock_netns_at as sock_netns,
 };
@@ -35,9 +36,9 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
     };
     let substate: u8 = kread(tw, o.tw_substate)?;
     let (saddr, daddr, len) = if family == AF_INET {
-        (o.skc_rcv_saddr, o.skc_daddr, 4)
+        (o.skc_rcv_saddr, o.skc_daddr, IPV4_ADDR_BYTES)
     } else {
-        (o.skc_v6_rcv_saddr, o.skc_v6_daddr, 16)
+        (o.skc_v6_rcv_saddr, o.skc_v6_daddr, IPV6_ADDR_BYTES)
     };
     let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
     // SAFETY: `owner` is a writable local.
@@ -164,6 +165,9 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     Ok(())
 }
 
+/// The position of the `struct timer_list *` in the timer tracepoints' arguments.
+const TIMER_ARG: usize = 0;
+
 /// Whether `timer` is a timewait socket's: its handler, one typed load, decides (most timers
 /// on the host are not).
 ///
@@ -188,7 +192,7 @@ pub fn btf_timer_start(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_btf_timer_start(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let timer: *const u8 = ctx.arg(0);
+    let timer: *const u8 = ctx.arg(TIMER_ARG);
     // SAFETY: the tracepoint hands the `timer_list`, read at its BTF offsets.
     unsafe {
         if !tw_timer(timer) {
@@ -223,7 +227,7 @@ pub fn btf_timer_expire(ctx: BtfTracePointContext) -> i32 {
 /// The end `k` of a timer (cancelled or fired): reported if it is a timewait socket's.
 #[inline(always)]
 fn try_timer_end(ctx: &BtfTracePointContext, k: u8) -> Result<(), i32> {
-    let timer: *const u8 = ctx.arg(0);
+    let timer: *const u8 = ctx.arg(TIMER_ARG);
     // SAFETY: the tracepoint hands the `timer_list`.
     if !unsafe { tw_timer(timer) } {
         return Ok(());

@@ -34,6 +34,12 @@ use crate::{
     sock::{Ends, full_addrs, full_ends, sock_cgroup, sock_netns, storage, tcp_sock},
 };
 
+/// The positions of `inet_sock_set_state(sk, oldstate, newstate)`'s arguments, and of
+/// `tcp_destroy_sock(sk)`'s.
+const SK_ARG: usize = 0;
+const OLD_STATE_ARG: usize = 1;
+const NEW_STATE_ARG: usize = 2;
+
 /// A transition of a full TCP socket: `inet_sock_set_state(sk, oldstate, newstate)`.
 ///
 /// Marks itself running on this CPU meanwhile, for [`btf_set_state_nested`].
@@ -56,8 +62,11 @@ fn try_btf_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     transition(ctx, Slot::Transition);
     // SAFETY: as above: this CPU's slot, written by this program only.
     unsafe {
-        put(addr_of_mut!((*mark).last_sk), ctx.arg::<u64>(0));
-        put(addr_of_mut!((*mark).last_new), ctx.arg::<u64>(2));
+        put(addr_of_mut!((*mark).last_sk), ctx.arg::<u64>(SK_ARG));
+        put(
+            addr_of_mut!((*mark).last_new),
+            ctx.arg::<u64>(NEW_STATE_ARG),
+        );
         put(addr_of_mut!((*mark).running), 0);
     }
     Ok(())
@@ -100,7 +109,7 @@ fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // The transition `btf_set_state` last finished on this CPU is this one in all but the
     // rarest case (a socket's consecutive transitions enter different states): only
     // otherwise is the socket's storage asked.
-    let this = (ctx.arg::<u64>(0), ctx.arg::<u64>(2));
+    let this = (ctx.arg::<u64>(SK_ARG), ctx.arg::<u64>(NEW_STATE_ARG));
     if !marked && (last == this || !skipped_unmarked(ctx)) {
         return Ok(());
     }
@@ -112,8 +121,8 @@ fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// Whether the socket's storage still awaits this transition (see [`btf_set_state_nested`]).
 #[inline(always)]
 fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
-    let sk: *const u8 = ctx.arg(0);
-    let old = ctx.arg::<u64>(1) as u8;
+    let sk: *const u8 = ctx.arg(SK_ARG);
+    let old = ctx.arg::<u64>(OLD_STATE_ARG) as u8;
     // SAFETY: the tracepoint hands a full socket; its storage, if not null, lives as long
     // as the socket, which is locked while it changes state.
     unsafe {
@@ -125,13 +134,13 @@ fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
 /// One transition, counted in `slot` (the program's).
 #[inline(always)]
 fn transition(ctx: &BtfTracePointContext, slot: Slot) {
-    let sk: *const u8 = ctx.arg(0);
+    let sk: *const u8 = ctx.arg(SK_ARG);
     // SAFETY: the tracepoint hands a full socket being changed, and the states.
     unsafe {
         set_state(
             sk,
-            ctx.arg::<u64>(1) as u8,
-            ctx.arg::<u64>(2) as u8,
+            ctx.arg::<u64>(OLD_STATE_ARG) as u8,
+            ctx.arg::<u64>(NEW_STATE_ARG) as u8,
             slot,
             false,
         )
@@ -392,7 +401,7 @@ pub fn btf_destroy_sock(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_btf_destroy_sock(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let sk: *const u8 = ctx.arg(0);
+    let sk: *const u8 = ctx.arg(SK_ARG);
     // SAFETY: the tracepoint hands a full socket being destroyed; its storage, if not null,
     // is freed only after this program returns.
     unsafe {

@@ -14,6 +14,10 @@ use crate::{
     emit::{Addrs, emit, reset_record},
     maps::{SOCKS, Slot, port_bits},
     mem::put,
+    net::{
+        IPV4_ADDR_BYTES, IPV6_ADDR_BYTES, SOCKADDR_IN_ADDR_OFFSET, SOCKADDR_IN6_ADDR_OFFSET,
+        SOCKADDR_PORT_OFFSET,
+    },
     owner::{clear_owner, copy_owner},
     sock::{sock_cgroup_at, sock_netns_at},
 };
@@ -39,12 +43,12 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         u64::from(read::<u32>(ctx, o.reason)?)
     };
-    // sockaddr_in / sockaddr_in6: family at 0, port (network order) at 2, the IPv4 address at
-    // 4, the IPv6 address at 8. The kernel stores the local side in saddr.
+    // sockaddr_in / sockaddr_in6, the family first. The kernel stores the local side in
+    // saddr.
     let family: u16 = read(ctx, o.saddr)?;
     let (addr_at, len) = match family {
-        AF_INET => (4usize, 4u32),
-        AF_INET6 => (8usize, 16u32),
+        AF_INET => (SOCKADDR_IN_ADDR_OFFSET, IPV4_ADDR_BYTES),
+        AF_INET6 => (SOCKADDR_IN6_ADDR_OFFSET, IPV6_ADDR_BYTES),
         _ => return Ok(()),
     };
     let reset = Reset {
@@ -53,8 +57,8 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         state: st,
         reason,
         family,
-        sport: u16::from_be(read(ctx, o.saddr + 2)?),
-        dport: u16::from_be(read(ctx, o.daddr + 2)?),
+        sport: u16::from_be(read(ctx, o.saddr + SOCKADDR_PORT_OFFSET)?),
+        dport: u16::from_be(read(ctx, o.daddr + SOCKADDR_PORT_OFFSET)?),
     };
     let addrs = Addrs::Read {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
@@ -91,7 +95,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let addrs = Addrs::Read {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
         daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-        len: 16,
+        len: IPV6_ADDR_BYTES,
     };
     on_reset(cfg, &reset, &addrs)
 }

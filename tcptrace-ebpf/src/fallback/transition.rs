@@ -17,6 +17,7 @@ use crate::{
     emit::{Addrs, Record, emit},
     maps::{SOCKS, Slot, port_bits},
     mem::put,
+    net::{IPV6_ADDR_BYTES, U64_BYTES},
     owner::{clear_owner, copy_owner, current_owner, inherit_listener, listener},
     sock::{protocol_kept, sock_cgroup_at, sock_netns_at},
 };
@@ -74,8 +75,8 @@ fn loaded_fields(ctx: &TracePointContext) -> (Fields, Addrs) {
         dport: load(ctx, K.dport),
     };
     let addrs = Addrs::Loaded {
-        saddr: [load(ctx, v6), load(ctx, v6 + 8)],
-        daddr: [load(ctx, d6), load(ctx, d6 + 8)],
+        saddr: [load(ctx, v6), load(ctx, v6 + U64_BYTES)],
+        daddr: [load(ctx, d6), load(ctx, d6 + U64_BYTES)],
     };
     (t, addrs)
 }
@@ -95,7 +96,7 @@ fn read_fields(ctx: &TracePointContext, o: &SetStateOffsets) -> Result<(Fields, 
     let addrs = Addrs::Read {
         saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
         daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-        len: 16,
+        len: IPV6_ADDR_BYTES,
     };
     Ok((t, addrs))
 }
