@@ -1,5 +1,7 @@
 //! The loader's configuration: frozen before the programs load, so the verifier reads each
-//! field as a constant.
+//! field as a constant and prunes the branches it decides. Programs read it field by field
+//! through [`config`] (never a copy of the whole struct on the 512-byte stack), and
+//! [`idle`] reads its one field.
 
 use core::ptr::{addr_of, read_volatile};
 

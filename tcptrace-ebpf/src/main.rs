@@ -1,26 +1,39 @@
-//! tcptrace's kernel side: programs on TCP's transitions (`inet_sock_set_state`), its resets
-//! (`tcp_send_reset`, `tcp_receive_reset`) and timewait sockets' timers (`timer_start`,
-//! `timer_cancel`, `timer_expire_entry`).
+//! tcptrace's kernel side: fourteen programs on TCP's transitions (`inet_sock_set_state`),
+//! its resets (`tcp_send_reset`, `tcp_receive_reset`), the destruction of its sockets
+//! (`tcp_destroy_sock`) and timewait sockets' timers (`timer_start`, `timer_cancel`,
+//! `timer_expire_entry`), in two sets the loader never attaches together:
 //!
-//! Two sets, never attached together: the BTF tracepoint programs ([`transition`], [`reset`], [`timewait`]), which keep what
-//! is known of each socket in the socket itself, wherever the kernel allows them; and, as
-//! the fallback for older kernels, the classic tracepoint programs ([`fallback`]), which read the
-//! tracepoints' records and keep each socket's facts in a bounded LRU map. Either way, for
-//! every TCP transition the program keeps the time of the socket's last transition and the
-//! owner learnt from a system call it drove, applies the loader's filters, and writes one
-//! [`Event`] into the `EVENTS` ring buffer. Wake-ups are batched: the reader is woken only
-//! once `wakeup_bytes` are waiting, and drains on its own tick otherwise.
+//! - eight BTF tracepoint programs, wherever the kernel has BTF and lets tracing programs
+//!   keep socket-local storage (Linux 5.11 on): [`transition`] (`btf_set_state`, its nested
+//!   copy `btf_set_state_nested`, `btf_destroy_sock`), [`reset`] (`btf_send_reset`,
+//!   `btf_receive_reset`) and [`timewait`] (`btf_timer_start`, `btf_timer_cancel`,
+//!   `btf_timer_expire`). Each gets the kernel's own objects (`struct sock *`,
+//!   `struct sk_buff *`, `struct timer_list *`) and reads their fields with typed loads at
+//!   offsets the loader found in the kernel's BTF, which the verifier checks. What tcptrace
+//!   knows of a socket lives in the socket itself ([`maps::SK_STATE`]): created at its first
+//!   transition, freed with it, never evicted, never confused with a later socket at the
+//!   same address.
+//! - six classic tracepoint programs, the fallback for other kernels, named after their
+//!   tracepoints ([`fallback`]: `inet_sock_set_state`, `tcp_send_reset`, `tcp_receive_reset`,
+//!   `timer_start`, `timer_cancel`, `timer_expire_entry`). They read the tracepoints' records
+//!   and keep each socket's facts in a bounded LRU map ([`maps::SOCKS`]).
 //!
-//! The BTF tracepoint programs are what tcptrace attaches wherever the kernel has BTF and lets
-//! tracing programs keep socket-local storage (Linux 5.11 on).
+//! Either way, for every TCP transition the program keeps the time of the socket's last
+//! transition and the owner learnt from a system call it drove ([`owner`]), applies the
+//! loader's filters ([`config`]), and writes one `Event` (or a connection record) into the
+//! `EVENTS` ring buffer ([`emit`]). Wake-ups are batched: the reader is woken only once
+//! `wakeup_bytes` are waiting, and drains on its own tick otherwise.
 //!
-//! Each program gets the kernel's own objects (`struct sock *`, `struct sk_buff *`,
-//! `struct timer_list *`) and reads their fields with typed loads at offsets the loader found
-//! in the kernel's BTF, which the verifier checks. What tcptrace knows of a socket lives in
-//! the socket itself ([`maps::SK_STATE`]): created at its first transition, freed with it, never
-//! evicted, never confused with a later socket at the same address.
+//! Each program is a thin entry point over a `try_` function; program, map and section
+//! names are what the loader (`tcptrace/src/probe.rs`) looks up, and do not change.
 #![no_std]
 #![no_main]
+// Checked with `cargo +nightly clippy --target bpfel-unknown-none -Z build-std=core --release`
+// in this directory (the workspace's clippy leaves this crate out).
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+// aya's map methods take `impl Borrow<V>`: a key or value passed by reference is not first
+// copied onto the 512-byte stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod config;
 mod emit;

@@ -59,11 +59,14 @@ pub(crate) type SkState = SockStorage;
 pub(crate) static SK_STATE: SkStorage<SkState> = SkStorage::new();
 
 /// Per CPU: transitions that no program ran for, found afterwards in the socket's storage
-/// (see the module's documentation): reported lost.
+/// (see [`crate::transition`]): reported lost.
 #[map]
 pub(crate) static UNSEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// What [`btf_set_state`] tells [`btf_set_state_nested`] on a CPU.
+///
+/// [`btf_set_state`]: crate::transition::btf_set_state
+/// [`btf_set_state_nested`]: crate::transition::btf_set_state_nested
 #[repr(C)]
 pub(crate) struct Mark {
     /// Non-zero while it runs there.
@@ -73,12 +76,15 @@ pub(crate) struct Mark {
     pub(crate) last_new: u64,
 }
 
-/// Per CPU: [`btf_set_state`]'s [`Mark`], in its one slot.
+/// Per CPU: [`btf_set_state`](crate::transition::btf_set_state)'s [`Mark`], in its one slot.
 #[map]
 pub(crate) static RUNNING: PerCpuArray<Mark> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: transitions [`btf_set_state_nested`] took over, each of which the kernel counted
 /// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses.
+///
+/// [`btf_set_state`]: crate::transition::btf_set_state
+/// [`btf_set_state_nested`]: crate::transition::btf_set_state_nested
 #[map]
 pub(crate) static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 

@@ -15,8 +15,9 @@ pub(crate) unsafe fn put<T>(dst: *mut T, v: T) {
     unsafe { dst.write_volatile(v) }
 }
 
-/// A field of a kernel object at `off` (a constant from [`config`](crate::config::config)): one load, which the
-/// verifier checks against the kernel's BTF type of `obj`; a fault reads as 0.
+/// A field of a kernel object at `off` (a constant from [`crate::config::config`]): one
+/// load, which the verifier checks against the kernel's BTF type of `obj`; a fault reads as
+/// 0.
 ///
 /// # Safety
 /// `obj` must be a BTF-typed pointer the program was handed (or loaded from one), and `off`

@@ -241,8 +241,8 @@ pub(crate) unsafe fn full_addrs(sk: *const u8, e: &Ends) -> Addrs {
 }
 
 /// The socket as a `tcp_sock` (a BTF pointer the verifier checks loads from) when the
-/// loader asked for [`Details`]; null otherwise, or for a socket that is not TCP's (an
-/// MPTCP meta socket).
+/// loader asked for [`Details`](tcptrace_common::details::Details); null otherwise, or for
+/// a socket that is not TCP's (an MPTCP meta socket).
 ///
 /// # Safety
 /// `sk` must be a full socket handed to the program.

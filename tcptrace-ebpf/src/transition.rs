@@ -9,8 +9,8 @@
 //! transition on a CPU where another task was interrupted, with no miss counted by the
 //! kernel) leaves its mark in the socket's storage: the next transition leaves a state the
 //! last one seen did not enter, or the socket is destroyed in a state other than CLOSE.
-//! Both are counted ([`UNSEEN`](crate::maps::UNSEEN)) and reported as lost, and a connection whose end went
-//! unseen still gets its record when the socket is destroyed ([`btf_destroy_sock`]).
+//! Both are counted ([`crate::maps::UNSEEN`]) and reported as lost, and a connection whose
+//! end went unseen still gets its record when the socket is destroyed ([`btf_destroy_sock`]).
 
 use core::{
     mem::MaybeUninit,
