@@ -27,6 +27,14 @@ pub(crate) unsafe fn copy_owner(dst: *mut Owner, src: *const Owner) {
     }
 }
 
+/// No owner known: a timewait socket's events name none (userspace has it from the
+/// connection's transitions).
+pub(crate) const NO_OWNER: Owner = Owner {
+    comm: [0; 2],
+    pid: 0,
+    flags: 0,
+};
+
 /// Bytes of `Owner::comm`: the kernel's `TASK_COMM_LEN`.
 const COMM_BYTES: u32 = core::mem::size_of::<[u64; 2]>() as u32;
 

@@ -6,9 +6,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tcptrace_common::{
-    AF_INET, AF_INET6, Config, Owner, filter_keeps, flag, kind, netns_keeps, state,
-};
+use tcptrace_common::{AF_INET, AF_INET6, Config, filter_keeps, flag, kind, netns_keeps, state};
 
 use crate::{
     config::{config, idle},
@@ -16,7 +14,7 @@ use crate::{
     maps::{Slot, port_bits},
     mem::{field, kread},
     net::{IPV4_ADDR_BYTES, IPV6_ADDR_BYTES},
-    owner::clear_owner,
+    owner::NO_OWNER,
     sock::sock_netns_at as sock_netns,
 };
 
@@ -40,11 +38,6 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
     } else {
         (o.skc_v6_rcv_saddr, o.skc_v6_daddr, IPV6_ADDR_BYTES)
     };
-    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    // SAFETY: `owner` is a writable local.
-    unsafe { clear_owner(owner.as_mut_ptr()) };
-    // SAFETY: clear_owner initialised every field.
-    let owner = unsafe { owner.assume_init_ref() };
     let rec = Record {
         // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
@@ -67,7 +60,7 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         daddr: (tw + daddr as u64) as *const u8,
         len,
     };
-    emit(Slot::TimerStart, cfg.wakeup_bytes, &rec, &addrs, owner);
+    emit(Slot::TimerStart, cfg.wakeup_bytes, &rec, &addrs, &NO_OWNER);
     Ok(())
 }
 
@@ -129,11 +122,6 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     }
     // Its substate now: a peer's FIN may have moved it to TIME_WAIT with no timer event.
     let substate: u8 = kread(tw, cfg.timewait.tw_substate)?;
-    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
-    // SAFETY: `owner` is a writable local.
-    unsafe { clear_owner(owner.as_mut_ptr()) };
-    // SAFETY: clear_owner initialised every field.
-    let owner = unsafe { owner.assume_init_ref() };
     let rec = Record {
         // SAFETY: a helper without arguments or memory access.
         ts: unsafe { bpf_ktime_get_ns() },
@@ -161,7 +149,7 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
     } else {
         Slot::TimerCancel
     };
-    emit(slot, cfg.wakeup_bytes, &rec, &addrs, owner);
+    emit(slot, cfg.wakeup_bytes, &rec, &addrs, &NO_OWNER);
     Ok(())
 }
 

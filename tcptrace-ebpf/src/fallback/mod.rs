@@ -10,6 +10,8 @@ use aya_ebpf::programs::TracePointContext;
 use core::ptr::read_volatile;
 use tcptrace_common::{Owner, SetStateOffsets};
 
+use crate::emit::Addrs;
+
 /// What the classic programs know of a live socket: the value of [`SOCKS`](crate::maps::SOCKS).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -45,6 +47,17 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address (the offset comes from the
     // tracepoint's own format file) and fails cleanly if it is wrong.
     unsafe { ctx.read_at::<T>(off as usize) }
+}
+
+/// The addresses at `saddr` and `daddr` in the record, `len` bytes each, read when the event
+/// is written.
+#[inline(always)]
+fn record_addrs(ctx: &TracePointContext, saddr: usize, daddr: usize, len: u32) -> Addrs {
+    Addrs::Read {
+        saddr: ctx.as_ptr_const().wrapping_add(saddr),
+        daddr: ctx.as_ptr_const().wrapping_add(daddr),
+        len,
+    }
 }
 
 /// The record's address, for offsets into it.

@@ -8,7 +8,7 @@ use tcptrace_common::{
     state,
 };
 
-use super::{CtxPtr, SockInfo, read};
+use super::{SockInfo, read, record_addrs};
 use crate::{
     config::{config, idle},
     emit::{Addrs, emit, reset_record},
@@ -60,11 +60,11 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         sport: u16::from_be(read(ctx, o.saddr + SOCKADDR_PORT_OFFSET)?),
         dport: u16::from_be(read(ctx, o.daddr + SOCKADDR_PORT_OFFSET)?),
     };
-    let addrs = Addrs::Read {
-        saddr: ctx.as_ptr_const().wrapping_add(o.saddr as usize + addr_at),
-        daddr: ctx.as_ptr_const().wrapping_add(o.daddr as usize + addr_at),
-        len,
-    };
+    let (saddr, daddr) = (
+        usize::from(o.saddr) + addr_at,
+        usize::from(o.daddr) + addr_at,
+    );
+    let addrs = record_addrs(ctx, saddr, daddr, len);
     on_reset(cfg, &reset, &addrs)
 }
 
@@ -92,11 +92,8 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         sport: read(ctx, o.sport)?,
         dport: read(ctx, o.dport)?,
     };
-    let addrs = Addrs::Read {
-        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
-        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-        len: IPV6_ADDR_BYTES,
-    };
+    let (saddr, daddr) = (usize::from(o.saddr_v6), usize::from(o.daddr_v6));
+    let addrs = record_addrs(ctx, saddr, daddr, IPV6_ADDR_BYTES);
     on_reset(cfg, &reset, &addrs)
 }
 

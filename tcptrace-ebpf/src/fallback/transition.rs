@@ -11,7 +11,7 @@ use tcptrace_common::{
     netns_keeps, state,
 };
 
-use super::{CtxPtr, K, SockInfo, load, read};
+use super::{K, SockInfo, load, read, record_addrs};
 use crate::{
     config::{config, idle},
     emit::{Addrs, Record, emit},
@@ -93,11 +93,8 @@ fn read_fields(ctx: &TracePointContext, o: &SetStateOffsets) -> Result<(Fields, 
         sport: read(ctx, o.sport)?,
         dport: read(ctx, o.dport)?,
     };
-    let addrs = Addrs::Read {
-        saddr: ctx.as_ptr_const().wrapping_add(o.saddr_v6 as usize),
-        daddr: ctx.as_ptr_const().wrapping_add(o.daddr_v6 as usize),
-        len: IPV6_ADDR_BYTES,
-    };
+    let (saddr, daddr) = (usize::from(o.saddr_v6), usize::from(o.daddr_v6));
+    let addrs = record_addrs(ctx, saddr, daddr, IPV6_ADDR_BYTES);
     Ok((t, addrs))
 }
 
