@@ -469,6 +469,37 @@ pub struct Config {
     pub records: u32,
     /// Where a TCP socket keeps its counters, for [`records::DETAILS`].
     pub tcp: details::TcpOffsets,
+    /// Where tasks and files keep what the socket owners' iterator reads.
+    pub owners: OwnersOffsets,
+}
+
+/// BTF offsets for the iterator over every task's open files, which tells which process
+/// holds each socket (what `ss -p` reads from `/proc/*/fd`, a link at a time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct OwnersOffsets {
+    /// Non-zero when the offsets below were found.
+    pub known: u16,
+    /// `task_struct.tgid` (an `int`).
+    pub task_tgid: u16,
+    /// `file.f_inode`.
+    pub file_inode: u16,
+    /// `inode.i_mode` (an `umode_t`).
+    pub inode_mode: u16,
+    /// `inode.i_ino` (an `unsigned long`).
+    pub inode_ino: u16,
+    pub _pad: [u16; 3],
+}
+
+/// One record of the socket owners' iterator: a socket file's inode and the process
+/// holding it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketOwner {
+    /// The socket file's inode number (as sock_diag gives it).
+    pub inode: u32,
+    /// The holding process (its tgid).
+    pub pid: u32,
 }
 
 /// Bits of [`Config::records`].

@@ -7,7 +7,7 @@ use core::ptr::{addr_of, read_volatile};
 
 use tcptrace_common::{
     Config, MAX_KERNEL_NETNS, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
-    SockOffsets, TimewaitOffsets, details::TcpOffsets,
+    OwnersOffsets, SockOffsets, TimewaitOffsets, details::TcpOffsets,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).
@@ -94,6 +94,14 @@ static CONFIG: Config = Config {
     send_reset_reason: 0,
     records: 0,
     tcp: TcpOffsets::UNKNOWN,
+    owners: OwnersOffsets {
+        known: 0,
+        task_tgid: 0,
+        file_inode: 0,
+        inode_mode: 0,
+        inode_ino: 0,
+        _pad: [0; 3],
+    },
 };
 
 /// The loader's configuration, behind a pointer the compiler cannot see through (so it does

@@ -1,7 +1,8 @@
 //! tcptrace's kernel side: fourteen programs on TCP's transitions (`inet_sock_set_state`),
 //! its resets (`tcp_send_reset`, `tcp_receive_reset`), the destruction of its sockets
 //! (`tcp_destroy_sock`) and timewait sockets' timers (`timer_start`, `timer_cancel`,
-//! `timer_expire_entry`), in two sets the loader never attaches together:
+//! `timer_expire_entry`), in two sets the loader never attaches together, and an iterator
+//! run once at start:
 //!
 //! - eight BTF tracepoint programs, wherever the kernel has BTF and lets tracing programs
 //!   keep socket-local storage (Linux 5.11 on): [`transition`] (`btf_set_state`, its nested
@@ -17,6 +18,9 @@
 //!   tracepoints ([`fallback`]: `inet_sock_set_state`, `tcp_send_reset`, `tcp_receive_reset`,
 //!   `timer_start`, `timer_cancel`, `timer_expire_entry`). They read the tracepoints' records
 //!   and keep each socket's facts in a bounded LRU map ([`maps::SOCKS`]).
+//!
+//! - one iterator over every task's open files ([`owners`]: `socket_owners`), run once at
+//!   start: which process holds each socket.
 //!
 //! Either way, for every TCP transition the program keeps the time of the socket's last
 //! transition and the owner learnt from a system call it drove ([`owner`]), applies the
@@ -42,6 +46,7 @@ mod maps;
 mod mem;
 mod net;
 mod owner;
+mod owners;
 mod reset;
 mod sock;
 mod timewait;

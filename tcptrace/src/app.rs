@@ -604,7 +604,7 @@ fn drive<'a>(
     })?;
     let mut probe = probe;
     // After attaching: a connection opened meanwhile is seen from its birth as well.
-    let at_start = sockets_at_start(source.max_sockets);
+    let at_start = sockets_at_start(source.max_sockets, &mut probe);
     seed_listeners(&mut probe, &at_start);
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
@@ -691,18 +691,23 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
 /// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
-fn sockets_at_start(limit: usize) -> crate::atstart::OpenAtStart {
+fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::atstart::OpenAtStart {
     let started = Instant::now();
     let until = Some(started + BACKFILL_TIME_BUDGET);
-    let (b, owners) = crate::diag::open_everywhere(limit, until);
+    let (b, owners) = crate::diag::open_everywhere(limit, until, || probe.socket_owners());
     let unread = owners.unread;
     log::debug!(
         "backfill at start: {} sockets in {} namespaces, with their owners, in {} ms (owners \
-         {} ms; {} KiB kept)",
+         {} ms, {}; {} KiB kept)",
         b.found.len(),
         b.namespaces,
         started.elapsed().as_millis(),
         owners.took.as_millis(),
+        if owners.from_kernel {
+            "the kernel's iterator"
+        } else {
+            "/proc/*/fd"
+        },
         b.found.heap_bytes() / 1024
     );
     if b.unreachable > 0 {

@@ -169,6 +169,8 @@ pub struct Probe {
     /// The programs write each connection's details before its end.
     details: bool,
     side: KernelSide,
+    /// The socket owners' iterator is loaded (or why not).
+    owners: Result<(), String>,
     // Keeps the program and its link alive; declared last so it is dropped last.
     _ebpf: Ebpf,
 }
@@ -250,8 +252,14 @@ impl Probe {
         // aya resolves each BTF tracepoint's type in its own reading of the kernel's BTF,
         // dropped once they are loaded.
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        kcfg.owners = owners_offsets(btf).unwrap_or_default();
         // SK_STATE replaces SOCKS: one entry, not a preallocated table nobody uses.
         let mut ebpf = load(cfg, &kcfg, 1).map_err(|e| e.to_string())?;
+        let owners = if kcfg.owners.known == 0 {
+            Err("the kernel's BTF lacks the fields it reads".to_string())
+        } else {
+            load_owners(&mut ebpf, &kernel_btf)
+        };
         // The nested copy must run after the transition program for each transition: the
         // kernel calls a tracepoint's programs in the order they were attached.
         let [transitions, sent, received] = TCP_PROGRAMS;
@@ -278,6 +286,7 @@ impl Probe {
             Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())?;
         probe.connections = kcfg.records & records::CONNECTIONS != 0;
         probe.details = kcfg.records & records::DETAILS != 0;
+        probe.owners = owners;
         Ok(probe)
     }
 
@@ -383,6 +392,7 @@ impl Probe {
             timer_progs,
             logger,
             timewait_traced: !timers.is_empty(),
+            owners: Err("it needs the BTF programs".into()),
             connections: false,
             details: false,
             side,
@@ -423,6 +433,29 @@ impl Probe {
                 map.insert(key, owner, NOEXIST).is_ok()
             })
             .count()
+    }
+
+    /// Which process holds each socket file on the host (in tcptrace's pid namespace), from
+    /// the kernel's iterator over every task's open files: one pass in the kernel, where
+    /// reading `/proc/*/fd` takes a system call a descriptor and may not see other users'
+    /// processes. Err says why it cannot run here.
+    pub fn socket_owners(&mut self) -> Result<Vec<tcptrace_common::SocketOwner>, String> {
+        self.owners.clone()?;
+        let prog: &mut aya::programs::Iter = self
+            ._ebpf
+            .program_mut(OWNERS_PROGRAM)
+            .ok_or("the iterator is missing")?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        let link = prog.attach().map_err(|e| format!("{e:#}"))?;
+        let link = prog.take_link(link).map_err(|e| format!("{e:#}"))?;
+        let mut file = link.into_file().map_err(|e| format!("{e:#}"))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| e.to_string())?;
+        Ok(bytes
+            .chunks_exact(size_of::<tcptrace_common::SocketOwner>())
+            .map(bytemuck::pod_read_unaligned)
+            .collect())
     }
 
     /// A descriptor of the socket-storage map (what the BTF programs keep with each socket,
@@ -628,6 +661,17 @@ fn load(cfg: &ProbeConfig, kcfg: &Config, socks: u32) -> Result<Ebpf, ProbeError
         .map_err(|e| ProbeError::Load(format!("{e:#}")))
 }
 
+/// Loads the socket owners' iterator (attached when asked).
+fn load_owners(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<(), String> {
+    let prog: &mut aya::programs::Iter = ebpf
+        .program_mut(OWNERS_PROGRAM)
+        .ok_or_else(|| format!("program {OWNERS_PROGRAM} is missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load("task_file", kernel_btf)
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// Moves a map out of the object.
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, ProbeError> {
     ebpf.take_map(name)
@@ -777,6 +821,22 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, String> {
 
 /// Where a TCP socket keeps the counters of [`Details`](tcptrace_common::details::Details),
 /// from the kernel's BTF: every offset from the start of the `tcp_sock`.
+/// Where tasks, files and inodes keep what the socket owners' iterator reads.
+pub fn owners_offsets(btf: &Btf) -> Result<tcptrace_common::OwnersOffsets, String> {
+    let at = |ty: &str, path: &str| offset16(btf, ty, path);
+    Ok(tcptrace_common::OwnersOffsets {
+        known: 1,
+        task_tgid: at("task_struct", "tgid")?,
+        file_inode: at("file", "f_inode")?,
+        inode_mode: at("inode", "i_mode")?,
+        inode_ino: at("inode", "i_ino")?,
+        _pad: [0; 3],
+    })
+}
+
+/// The socket owners' iterator program (see `tcptrace-ebpf/src/owners.rs`).
+const OWNERS_PROGRAM: &str = "socket_owners";
+
 pub fn tcp_offsets(btf: &Btf) -> Result<TcpOffsets, String> {
     let at = |ty: &str, path: &str| offset16(btf, ty, path);
     // A tcp_sock starts with its inet_connection_sock, which starts with its inet_sock (and
