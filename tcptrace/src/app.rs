@@ -694,7 +694,7 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::atstart::OpenAtStart {
     let started = Instant::now();
     let until = Some(started + BACKFILL_TIME_BUDGET);
-    let (b, owners) = crate::diag::open_everywhere(limit, until, || probe.socket_owners());
+    let (b, owners) = crate::diag::open_everywhere(limit, until, |each| probe.socket_owners(each));
     let unread = owners.unread;
     log::debug!(
         "backfill at start: {} sockets in {} namespaces, with their owners, in {} ms (owners \

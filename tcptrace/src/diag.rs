@@ -430,13 +430,19 @@ pub struct OwnersRead {
 pub fn open_everywhere(
     limit: usize,
     until: Option<Instant>,
-    kernel: impl FnOnce() -> Result<Vec<SocketOwner>, String>,
+    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner)) -> Result<(), String>,
 ) -> (Backfill<OpenAtStart>, OwnersRead) {
     let mut b = connections_everywhere(limit, until);
     let started = Instant::now();
     let inodes = b.found.inodes();
-    let (owners, from_kernel) = match kernel() {
-        Ok(all) => (SocketOwners::of(all, &inodes), true),
+    let mut pids = Vec::new();
+    let read = kernel(&mut |o| {
+        if inodes.binary_search(&o.inode).is_ok() {
+            pids.push((o.inode, o.pid));
+        }
+    });
+    let (owners, from_kernel) = match read {
+        Ok(()) => (SocketOwners::of(pids), true),
         Err(why) => {
             log::debug!("socket owners read from /proc/*/fd: {why}");
             (socket_owners(Some(&inodes), until), false)
@@ -564,13 +570,8 @@ impl SocketOwners {
         self.pids.is_empty()
     }
 
-    /// The owners among `all` of the sockets of `inodes` (sorted), with their commands.
-    fn of(all: Vec<SocketOwner>, inodes: &[u32]) -> SocketOwners {
-        let mut pids: Vec<(u32, u32)> = all
-            .into_iter()
-            .filter(|o| inodes.binary_search(&o.inode).is_ok())
-            .map(|o| (o.inode, o.pid))
-            .collect();
+    /// The owners of `pids` ((inode, pid) pairs), with their commands.
+    fn of(mut pids: Vec<(u32, u32)>) -> SocketOwners {
         pids.sort_unstable();
         pids.dedup_by_key(|p| p.0);
         let mut comms = HashMap::new();

@@ -438,8 +438,11 @@ impl Probe {
     /// Which process holds each socket file on the host (in tcptrace's pid namespace), from
     /// the kernel's iterator over every task's open files: one pass in the kernel, where
     /// reading `/proc/*/fd` takes a system call a descriptor and may not see other users'
-    /// processes. Err says why it cannot run here.
-    pub fn socket_owners(&mut self) -> Result<Vec<tcptrace_common::SocketOwner>, String> {
+    /// processes. Each goes to `each` as it is read. Err says why it cannot run here.
+    pub fn socket_owners(
+        &mut self,
+        each: &mut dyn FnMut(tcptrace_common::SocketOwner),
+    ) -> Result<(), String> {
         self.owners.clone()?;
         let prog: &mut aya::programs::Iter = self
             ._ebpf
@@ -450,12 +453,23 @@ impl Probe {
         let link = prog.attach().map_err(|e| format!("{e:#}"))?;
         let link = prog.take_link(link).map_err(|e| format!("{e:#}"))?;
         let mut file = link.into_file().map_err(|e| format!("{e:#}"))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| e.to_string())?;
-        Ok(bytes
-            .chunks_exact(size_of::<tcptrace_common::SocketOwner>())
-            .map(bytemuck::pod_read_unaligned)
-            .collect())
+        // Read a page of records at a time: a host's million sockets are never held twice.
+        const RECORD_BYTES: usize = size_of::<tcptrace_common::SocketOwner>();
+        let mut buf = [0u8; 512 * RECORD_BYTES];
+        let mut have = 0;
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf[have..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            have += n;
+            let whole = have - have % RECORD_BYTES;
+            for r in buf[..whole].chunks_exact(RECORD_BYTES) {
+                each(bytemuck::pod_read_unaligned(r));
+            }
+            buf.copy_within(whole..have, 0);
+            have -= whole;
+        }
     }
 
     /// A descriptor of the socket-storage map (what the BTF programs keep with each socket,

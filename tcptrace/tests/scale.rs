@@ -266,7 +266,8 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::pro
         u.ru_maxrss as u64
     };
     let (before, t) = (peak_kib(), Instant::now());
-    let (found, owners) = tcptrace::diag::open_everywhere(1 << 20, None, || probe.socket_owners());
+    let (found, owners) =
+        tcptrace::diag::open_everywhere(1 << 20, None, |each| probe.socket_owners(each));
     let took = t.elapsed();
     assert!(owners.from_kernel, "the BTF programs' iterator ran");
     assert_eq!(owners.unread, 0, "every process looked into");
@@ -302,7 +303,8 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::pro
         found.skipped
     );
     // The kernel's own accounts, a link at a time, agree.
-    let (by_proc, read) = tcptrace::diag::open_everywhere(1 << 20, None, || Err("compared".into()));
+    let (by_proc, read) =
+        tcptrace::diag::open_everywhere(1 << 20, None, |_| Err("compared".into()));
     assert!(!read.from_kernel);
     let ours = |o: &tcptrace::atstart::Open| o.netns == inode && !o.listening();
     let (a, b): (Vec<_>, Vec<_>) = (
