@@ -6,8 +6,8 @@
 use core::ptr::{addr_of, read_volatile};
 
 use tcptrace_common::{
-    Config, MAX_KERNEL_NETNS, NsOffsets, ReceiveResetOffsets, SendResetOffsets, SetStateOffsets,
-    OwnersOffsets, SockOffsets, TimewaitOffsets, details::TcpOffsets,
+    Config, MAX_KERNEL_NETNS, NsOffsets, OwnersOffsets, ReceiveResetOffsets, SendResetOffsets,
+    SetStateOffsets, SockOffsets, TimewaitOffsets, details::TcpOffsets,
 };
 
 /// Written by the loader before the program is loaded (read-only for the program).

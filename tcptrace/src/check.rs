@@ -163,10 +163,15 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item("sockets that exist at start", false, backfill()));
     let core_ok = items.iter().all(|i| i.ok || !i.core);
     if load && core_ok {
+        let mut probe = Probe::start(&ProbeConfig::default());
+        let owners = match &mut probe {
+            Ok(p) => socket_owners(p),
+            Err(e) => Err(format!("{e}")),
+        };
         items.push(item(
             "load and attach",
             true,
-            Probe::start(&ProbeConfig::default())
+            probe
                 .map(|p| {
                     let exits = if p.timewait_traced() {
                         ""
@@ -180,8 +185,27 @@ pub fn run(load: bool) -> Vec<Item> {
                 })
                 .map_err(|e| e.to_string()),
         ));
+        items.push(item("owners of the sockets open at start", false, owners));
     }
     items
+}
+
+/// Whether the kernel's iterator over every task's files tells who holds each socket.
+fn socket_owners(p: &mut Probe) -> Result<String, String> {
+    let mut sockets = 0u64;
+    p.socket_owners(&mut |_| sockets += 1)
+        .map(|()| {
+            format!(
+                "the kernel's iterator over every task's files names the holders of {sockets} \
+                 sockets"
+            )
+        })
+        .map_err(|e| {
+            format!(
+                "{e}: read from /proc/*/fd instead, slower, and blind to other users' \
+                 processes without CAP_SYS_PTRACE"
+            )
+        })
 }
 
 /// Whether events can name their socket's network namespace and cgroup, and cgroups be

@@ -321,6 +321,13 @@ fn check_as_service_user() {
             .any(|l| l.starts_with('✓') && l.contains("load and attach")),
         "the programs load as {SERVICE_USER}: {text}"
     );
+    // The iterator over every task's files sees every process's sockets, where /proc/*/fd
+    // would need CAP_SYS_PTRACE for other users' processes.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('✓') && l.contains("owners of the sockets open at start")),
+        "the owners' iterator runs as {SERVICE_USER}: {text}"
+    );
     let (mut serve, addr) = serve_from(as_service_user(), &[]);
     let body = scrape(&addr);
     let _ = serve.kill();
