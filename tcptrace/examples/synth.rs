@@ -8,7 +8,7 @@ use std::{fs::File, io::BufWriter, net::SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 use tcptrace::{
-    event::{Comm, Owner, RawEvent, State, Transition, encode},
+    model::event::{Comm, Owner, RawEvent, State, Transition, encode},
     record::Writer,
 };
 

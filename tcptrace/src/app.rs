@@ -16,12 +16,10 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::Cgroups,
     cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
-    event::RawEvent,
-    filter::Filter,
     hist::Hist,
     metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
+    model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
     output::{Renderer, Style, local_utc_offset_secs},
     population::Population,
     probe::{Probe, ProbeConfig, wall_offset_ns},
@@ -530,7 +528,7 @@ struct Facts {
     records: bool,
     /// The connections and listeners open when tracing began, each with the process holding
     /// its socket (live only).
-    at_start: Vec<(crate::diag::Existing, Option<crate::event::Owner>)>,
+    at_start: Vec<(crate::diag::Existing, Option<crate::model::event::Owner>)>,
     /// The socket-storage map of the BTF programs, for sock_diag to read with each socket
     /// (live, BTF programs only).
     storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -680,7 +678,7 @@ fn comm_bytes(comm: &str) -> [u8; 16] {
 /// connections they accept during the trace have an owner.
 fn seed_listeners(
     probe: &mut Probe,
-    at_start: &[(crate::diag::Existing, Option<crate::event::Owner>)],
+    at_start: &[(crate::diag::Existing, Option<crate::model::event::Owner>)],
 ) {
     let known: Vec<(u32, u16, u32, [u8; 16])> = at_start
         .iter()
@@ -702,8 +700,10 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
 /// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
-fn sockets_at_start(limit: usize) -> Vec<(crate::diag::Existing, Option<crate::event::Owner>)> {
-    use crate::event::{Comm, Owner};
+fn sockets_at_start(
+    limit: usize,
+) -> Vec<(crate::diag::Existing, Option<crate::model::event::Owner>)> {
+    use crate::model::event::{Comm, Owner};
     let until = Some(Instant::now() + BACKFILL_TIME_BUDGET);
     let b = crate::diag::connections_everywhere(limit, until);
     if b.unreachable > 0 {

@@ -193,7 +193,7 @@ fn containers() -> Result<String, String> {
     if !missing.is_empty() {
         return Err(missing.join("; "));
     }
-    match crate::cgroup::cgroup2_mount() {
+    match crate::model::cgroup::cgroup2_mount() {
         Some(m) => Ok(format!(
             "cgroups named from the cgroup2 mount {}",
             m.display()

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use ipnet::IpNet;
 
-use crate::{event::State, filter::Filter, output::Format};
+use crate::{
+    model::{event::State, filter::Filter},
+    output::Format,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -369,10 +372,10 @@ pub struct FilterArgs {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
     /// Local address or network (CIDR).
-    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::filter::parse_net)]
+    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::model::filter::parse_net)]
     pub laddr: Vec<IpNet>,
     /// Remote address or network (CIDR).
-    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::filter::parse_net)]
+    #[arg(long, value_name = "ADDR[/LEN]", value_delimiter = ',', value_parser = crate::model::filter::parse_net)]
     pub raddr: Vec<IpNet>,
     /// Also trace MPTCP connection-level (meta) sockets; their TCP subflows are always traced.
     #[arg(long)]
@@ -380,14 +383,14 @@ pub struct FilterArgs {
     /// Sockets in this network namespace: an inode number, a namespace file
     /// (/run/netns/NAME, /proc/PID/ns/net) or a NAME from `ip netns`. Up to eight are
     /// filtered in the kernel.
-    #[arg(long, value_name = "NETNS", value_delimiter = ',', value_parser = crate::filter::parse_netns)]
+    #[arg(long, value_name = "NETNS", value_delimiter = ',', value_parser = crate::model::filter::parse_netns)]
     pub netns: Vec<u32>,
     /// Sockets in this cgroup or below it: a path under the cgroup2 mount
     /// (/system.slice/nginx.service; the mount point may be included), or a container id,
     /// pod uid or container name, or a prefix of one (3f2a9c). A socket belongs to the
     /// cgroup of the process that created it (accepted sockets: of the listener's).
-    #[arg(long, value_name = "PATH|ID", value_delimiter = ',', value_parser = crate::filter::parse_cgroup)]
-    pub cgroup: Vec<crate::cgroup::CgroupFilter>,
+    #[arg(long, value_name = "PATH|ID", value_delimiter = ',', value_parser = crate::model::filter::parse_cgroup)]
+    pub cgroup: Vec<crate::model::cgroup::CgroupFilter>,
 }
 
 /// Where events come from and when to stop.
@@ -468,7 +471,7 @@ impl FilterArgs {
 }
 
 fn parse_state(s: &str) -> Result<State, String> {
-    crate::event::parse_state(s).map_err(|e| {
+    crate::model::event::parse_state(s).map_err(|e| {
         let names: Vec<&str> = State::ALL.iter().map(|s| s.name()).collect();
         format!("{e}; states are {}", names.join(", "))
     })
@@ -605,8 +608,8 @@ mod tests {
         assert_eq!(
             f.cgroups,
             vec![
-                crate::cgroup::CgroupFilter::Path("/system.slice".into()),
-                crate::cgroup::CgroupFilter::Container("3f2a9c".into())
+                crate::model::cgroup::CgroupFilter::Path("/system.slice".into()),
+                crate::model::cgroup::CgroupFilter::Container("3f2a9c".into())
             ]
         );
     }

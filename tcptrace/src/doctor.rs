@@ -16,8 +16,10 @@ use serde::Serialize;
 
 use crate::{
     diag::{DiagTimewait, Existing},
-    event::{Event, RawEvent, State},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, RawEvent, State},
+        filter::CompiledFilter,
+    },
     output::{Format, human_ns},
     pipeline::Pipeline,
     ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},

@@ -13,8 +13,10 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
-    event::{Details, RawEvent, State},
-    filter::CompiledFilter,
+    model::{
+        event::{Details, RawEvent, State},
+        filter::CompiledFilter,
+    },
     output::{Format, human_bytes, human_ns},
     pipeline::Pipeline,
     timewait::End,

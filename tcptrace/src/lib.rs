@@ -9,15 +9,13 @@
 //! events without root.
 pub mod app;
 pub mod btf;
-pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod diag;
 pub mod doctor;
-pub mod event;
-pub mod filter;
 pub mod hist;
 pub mod metrics;
+pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod population;

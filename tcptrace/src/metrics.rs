@@ -20,8 +20,10 @@ use prometheus_client::{
 };
 
 use crate::{
-    event::{Details, Direction, Event, RawEvent, State},
-    filter::CompiledFilter,
+    model::{
+        event::{Details, Direction, Event, RawEvent, State},
+        filter::CompiledFilter,
+    },
     pipeline::Pipeline,
     timewait::End,
     track::{FastMap, Role, service_port},
@@ -1121,7 +1123,7 @@ impl prometheus_client::collector::Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
+    use crate::model::{
         event::{Transition, encode},
         filter::Filter,
     };
@@ -1160,11 +1162,11 @@ mod tests {
         })
         .collect();
         // Armed as the socket enters TIME_WAIT, just before the transition is reported.
-        let armed = crate::event::encode_timer(&crate::event::TimerEvent {
+        let armed = crate::model::event::encode_timer(&crate::model::event::TimerEvent {
             ts_ns: ts + 3,
             tw: sk << 8,
             substate_at_end: None,
-            op: crate::event::TimerOp::Armed {
+            op: crate::model::event::TimerOp::Armed {
                 substate: TimeWait,
                 timeout_jiffies: 15000,
                 local,

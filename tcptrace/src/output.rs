@@ -12,8 +12,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    cgroup::{CgroupName, Cgroups},
-    event::{Details, Direction, Owner, Reset, State, Transition},
+    model::{
+        cgroup::{CgroupName, Cgroups},
+        event::{Details, Direction, Owner, Reset, State, Transition},
+    },
     reason::{ResetNames, end_reason},
     timewait::{End, Exit},
     track::{Close, FastMap},
@@ -1169,7 +1171,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::Comm;
+    use crate::model::event::Comm;
     use tcptrace_common::details::NO_MIN_RTT;
 
     fn serde_transition(r: &Renderer, names: &Cgroups, t: &Transition) -> String {

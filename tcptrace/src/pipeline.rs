@@ -13,8 +13,10 @@ use std::net::SocketAddr;
 use tcptrace_common::kind;
 
 use crate::{
-    event::{Event, Part, RawEvent, State, Transition, decode},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, Part, RawEvent, State, Transition, decode},
+        filter::CompiledFilter,
+    },
     timewait::{Exit, OverflowProof, Timewaits},
     track::{Close, DEFAULT_CAP, FastMap, How, Role, Tracker},
 };
@@ -195,7 +197,10 @@ impl Pipeline {
         let (head, tail) = (self.head.take(), decode(raw));
         match (head, tail) {
             (Some(Some(end)), Ok(Event::Part(Part::Tail(tail)))) => {
-                Some(Event::Connection(crate::event::Connection { end, tail }))
+                Some(Event::Connection(crate::model::event::Connection {
+                    end,
+                    tail,
+                }))
             }
             // Its first slot was filtered out.
             (Some(None), Ok(_)) => None,
@@ -411,7 +416,7 @@ impl Fates {
             return;
         }
         if let Event::Reset(r) = ev
-            && r.direction == crate::event::Direction::Sent
+            && r.direction == crate::model::event::Direction::Sent
             && let Some((mut c, _)) = self.held.remove(&(r.netns, r.local, r.remote))
         {
             c.timewait = false;
@@ -429,7 +434,7 @@ impl Fates {
         self.settled_by(exits, out);
         // A visible re-arm into TIME_WAIT.
         if let Event::Timer(t) = ev
-            && let crate::event::TimerOp::Armed {
+            && let crate::model::event::TimerOp::Armed {
                 substate: State::TimeWait,
                 local,
                 remote,
@@ -480,8 +485,10 @@ impl Fates {
 mod tests {
     use super::*;
     use crate::{
-        event::{State, Transition, encode},
-        filter::Filter,
+        model::{
+            event::{State, Transition, encode},
+            filter::Filter,
+        },
         track::Initiator,
     };
 
@@ -545,7 +552,7 @@ mod tests {
     /// sent its FIN), in the three fates such a socket has, each in its possible orders.
     #[test]
     fn an_orphans_timewait_socket_in_fin_wait2_decides_the_close() {
-        use crate::event::{Direction, Event, Reset, TimerEvent, TimerOp};
+        use crate::model::event::{Direction, Event, Reset, TimerEvent, TimerOp};
         use State::*;
         const TW: u64 = 0xffff_8881_0000_0990;
         let (local, remote) = (

@@ -13,8 +13,10 @@ use serde::Serialize;
 
 use crate::{
     diag::DiagTimewait,
-    event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
-    filter::CompiledFilter,
+    model::{
+        event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
+        filter::CompiledFilter,
+    },
     output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::{End, Timewaits},

@@ -25,8 +25,10 @@ use serde::Serialize;
 
 use crate::{
     diag::{DiagTimewait, Existing},
-    event::{Event, RawEvent, State, Transition},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, RawEvent, State, Transition},
+        filter::CompiledFilter,
+    },
     output::{Format, rfc3339, write_rows},
     pipeline::Pipeline,
     timewait::End,
@@ -364,7 +366,7 @@ impl PortsCore {
     }
 
     /// A connection's record (kept or not, as [`PortsCore::transition`]): its end.
-    pub fn connection(&mut self, c: &crate::event::Connection) {
+    pub fn connection(&mut self, c: &crate::model::event::Connection) {
         if self.records {
             self.progress(&c.end);
         }
@@ -671,7 +673,7 @@ impl<W: Write> View for Ports<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
+    use crate::model::{
         event::{TimerEvent, TimerOp, encode, encode_timer},
         filter::Filter,
     };

@@ -25,7 +25,7 @@ use tcptrace_common::{
 
 use crate::{
     btf::Btf,
-    event::{RawEvent, raw_lost},
+    model::event::{RawEvent, raw_lost},
 };
 
 /// The eBPF object built by `build.rs`.

@@ -109,7 +109,7 @@ pub fn end_reason<'a>(c: &Close, names: &'a ResetNames) -> &'a str {
 }
 
 /// The reason the socket's error and timer state at its end give, if any.
-fn from_error(c: &Close, d: &crate::event::Details) -> Option<&'static str> {
+fn from_error(c: &Close, d: &crate::model::event::Details) -> Option<&'static str> {
     let err = i32::try_from(d.sk_err).ok()?;
     Some(match err {
         libc::ETIMEDOUT => timeout(c, d)?,
@@ -122,8 +122,8 @@ fn from_error(c: &Close, d: &crate::event::Details) -> Option<&'static str> {
 }
 
 /// Which timer gave up on the socket.
-fn timeout(c: &Close, d: &crate::event::Details) -> Option<&'static str> {
-    use crate::event::State;
+fn timeout(c: &Close, d: &crate::model::event::Details) -> Option<&'static str> {
+    use crate::model::event::State;
     let bit = |s: State| c.states & (1 << s as u16) != 0;
     if bit(State::SynSent) && !bit(State::Established) {
         return Some("syn_timeout");
@@ -148,7 +148,7 @@ fn timeout(c: &Close, d: &crate::event::Details) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::{
-        event::{Details, State},
+        model::event::{Details, State},
         track::{Initiator, Role},
     };
     use tcptrace_common::details::details_flag;

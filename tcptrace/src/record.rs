@@ -23,7 +23,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use bytemuck::{Pod, Zeroable};
 use tcptrace_common::{EVENT_SIZE, EVENT_SIZE_V1};
 
-use crate::event::{RawEvent, decode};
+use crate::model::event::{RawEvent, decode};
 
 /// The first 8 bytes of every recording.
 pub const MAGIC: [u8; 8] = *b"TCPTRACE";
@@ -267,7 +267,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::{State, Transition, encode, raw_lost};
+    use crate::model::event::{State, Transition, encode, raw_lost};
 
     fn sample(n: u64) -> Vec<RawEvent> {
         (0..n)
@@ -373,7 +373,7 @@ mod tests {
             })
             .collect();
         assert_eq!(read, expected);
-        let Ok(crate::event::Event::Transition(t)) = decode(&read[0]) else {
+        let Ok(crate::model::event::Event::Transition(t)) = decode(&read[0]) else {
             panic!("a transition")
         };
         assert_eq!((t.netns, t.cgroup), (None, None));

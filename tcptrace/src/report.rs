@@ -9,8 +9,10 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
-    event::{Direction, Event, RawEvent},
-    filter::CompiledFilter,
+    model::{
+        event::{Direction, Event, RawEvent},
+        filter::CompiledFilter,
+    },
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     reason::{ResetNames, end_reason},

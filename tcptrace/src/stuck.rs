@@ -15,8 +15,10 @@ use serde::Serialize;
 
 use crate::{
     diag::Existing,
-    event::{Event, Owner, RawEvent, State, Transition},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, Owner, RawEvent, State, Transition},
+        filter::CompiledFilter,
+    },
     output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
     track::FastMap,
@@ -394,7 +396,7 @@ impl<W: Write> View for Stuck<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
+    use crate::model::{
         event::{Comm, encode},
         filter::Filter,
     };

@@ -10,7 +10,7 @@
 use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
-    event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
+    model::event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
     track::FastMap,
 };
 
@@ -611,7 +611,7 @@ impl Timewaits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Comm;
+    use crate::model::event::Comm;
 
     const C: &str = "10.0.0.1:40000";
     const S: &str = "10.0.0.2:80";

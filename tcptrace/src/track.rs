@@ -26,7 +26,7 @@ use std::{collections::HashMap, net::SocketAddr};
 use tcptrace_common::verdict::{Evidence, Verdict, conclude};
 pub use tcptrace_common::verdict::{How, Initiator, Role};
 
-use crate::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition};
+use crate::model::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition};
 
 /// The end of one socket's life, classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -667,7 +667,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::Comm;
+    use crate::model::event::Comm;
     use std::collections::HashMap;
 
     const C: &str = "10.0.0.1:40000";

@@ -4,8 +4,10 @@
 use std::io::{self, Write};
 
 use crate::{
-    event::{Event, RawEvent, State},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, RawEvent, State},
+        filter::CompiledFilter,
+    },
     output::Renderer,
     pipeline::Pipeline,
     reorder::{Sink, TimeOrder},

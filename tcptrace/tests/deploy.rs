@@ -3,8 +3,10 @@
 //! Prometheus or a Grafana: the privileges are the least tcptrace needs, the port is the same
 //! everywhere, and the dashboard asks only for metrics the exporter serves.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -655,7 +657,7 @@ fn the_metric_name_check_rejects_what_it_should() {
 /// The families the exporter actually serves (`# TYPE` lines) after a workload that touches
 /// every one of them: a connection the server closes first, whose TIME_WAIT expires.
 fn exported_families() -> BTreeSet<String> {
-    use tcptrace::event::{
+    use tcptrace::model::event::{
         State::*, TimerEvent, TimerOp, Transition, encode, encode_timer, raw_lost,
     };
     let (c, s): (std::net::SocketAddr, std::net::SocketAddr) = (
@@ -721,7 +723,7 @@ fn exported_families() -> BTreeSet<String> {
     ];
     let mut registry = prometheus_client::registry::Registry::default();
     let mut view = tcptrace::metrics::Metrics::new(
-        tcptrace::filter::Filter::default().compile(),
+        tcptrace::model::filter::Filter::default().compile(),
         tcptrace::metrics::LabelConfig::default(),
         &mut registry,
     )

@@ -13,7 +13,7 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, State, decode},
+    model::event::{Event, State, decode},
     probe::{DEFAULT_RING_BYTES, Probe},
 };
 

@@ -1,12 +1,14 @@
 //! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
 
 use tcptrace::{
-    cgroup::{CgroupFilter, Cgroups},
-    event::{
-        Comm, Details, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition,
-        encode, encode_details, encode_reset, encode_timer, raw_lost,
+    model::{
+        cgroup::{CgroupFilter, Cgroups},
+        event::{
+            Comm, Details, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp,
+            Transition, encode, encode_details, encode_reset, encode_timer, raw_lost,
+        },
+        filter::Filter,
     },
-    filter::Filter,
     output::{Format, Renderer, Style},
     reason::ResetNames,
     view::{Flow, Stream, View},

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{NetPair, probe_with, root_or_skip};
-use tcptrace::event::{Event, State, decode};
+use tcptrace::model::event::{Event, State, decode};
 
 /// Connections open at once.
 const CONNS: usize = 200_000;

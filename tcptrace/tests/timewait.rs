@@ -12,7 +12,7 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, State, TimerEvent, TimerOp, decode},
+    model::event::{Event, State, TimerEvent, TimerOp, decode},
     probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
     timewait::{End, Exit, OverflowProof, Timewaits},
 };

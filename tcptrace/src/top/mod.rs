@@ -16,8 +16,10 @@ use ratatui::{Terminal, backend::Backend};
 
 use crate::{
     diag::{DiagTimewait, Existing},
-    event::{Event, RawEvent},
-    filter::CompiledFilter,
+    model::{
+        event::{Event, RawEvent},
+        filter::CompiledFilter,
+    },
     pipeline::Pipeline,
     ports::{HostRanges, PortsCore, Ranges},
     timewait::Timewaits,

@@ -659,14 +659,14 @@ mod tests {
     }
 
     /// A connect from 10.0.0.1:`lport` (its port already chosen) toward `remote`.
-    fn connect(sk: u64, lport: u16, remote: &str) -> crate::event::Transition {
-        crate::event::Transition {
+    fn connect(sk: u64, lport: u16, remote: &str) -> crate::model::event::Transition {
+        crate::model::event::Transition {
             ts_ns: SEC,
             skaddr: sk,
             local: addr(&format!("10.0.0.1:{lport}")),
             remote: addr(remote),
-            from: crate::event::State::Close,
-            to: crate::event::State::SynSent,
+            from: crate::model::event::State::Close,
+            to: crate::model::event::State::SynSent,
             in_from_ns: None,
             owner: None,
             mptcp: false,

@@ -12,8 +12,10 @@ use std::{
 };
 
 use tcptrace::{
-    event::{Event, RawEvent, State, Transition, decode},
-    filter::Filter,
+    model::{
+        event::{Event, RawEvent, State, Transition, decode},
+        filter::Filter,
+    },
     pipeline::Pipeline,
     probe::{KernelSide, Paths, Probe, ProbeConfig},
     track::Close,

@@ -15,8 +15,10 @@ use tcptrace_common::{
 };
 
 use crate::{
-    cgroup::{CgroupFilter, Cgroups},
-    event::{Owner, RawEvent, Reset, State, Transition},
+    model::{
+        cgroup::{CgroupFilter, Cgroups},
+        event::{Owner, RawEvent, Reset, State, Transition},
+    },
     timewait::{Exit, Life},
     track::Close,
 };
@@ -216,8 +218,8 @@ impl CompiledFilter {
         remote: std::net::SocketAddr,
         netns: Option<u32>,
     ) -> bool {
-        use crate::event::State;
-        let mut raw = crate::event::encode(&Transition {
+        use crate::model::event::State;
+        let mut raw = crate::model::event::encode(&Transition {
             ts_ns: 0,
             skaddr: 0,
             local,
@@ -364,7 +366,7 @@ pub fn netns_inode(path: &std::path::Path) -> Result<u32, String> {
 
 /// Parses a `--cgroup` value against this host's cgroup2 mount (see [`CgroupFilter::parse`]).
 pub fn parse_cgroup(s: &str) -> Result<CgroupFilter, String> {
-    CgroupFilter::parse(s, crate::cgroup::cgroup2_mount().as_deref())
+    CgroupFilter::parse(s, crate::model::cgroup::cgroup2_mount().as_deref())
 }
 
 /// Parses an address or a network in CIDR notation (`10.0.0.1`, `10.0.0.0/8`, `::1`).
@@ -382,7 +384,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::{Comm, Owner, encode};
+    use crate::model::event::{Comm, Owner, encode};
 
     fn transition(from: State, to: State, lport: u16, rport: u16, v6: bool) -> Transition {
         let (l, r) = if v6 {
@@ -551,7 +553,7 @@ mod tests {
         ) {
             let raw = encode(&transition(from, to, lport, rport, v6));
             // What the kernel can report: FIN_WAIT2/CLOSING→CLOSE reads as →TIME_WAIT.
-            let Ok(crate::event::Event::Transition(t)) = crate::event::decode(&raw) else {
+            let Ok(crate::model::event::Event::Transition(t)) = crate::model::event::decode(&raw) else {
                 unreachable!("encode produces transitions")
             };
             let f = Filter { states: states.clone(), ports: ports.clone(), lports: lports.clone(),

@@ -102,7 +102,7 @@ pub struct Transition {
     /// or `stat -L /run/netns/NAME` shows); None when unknown. Never `Some(0)`.
     pub netns: Option<u32>,
     /// The socket's cgroup2 id (the inode number of its directory under the cgroup2 mount;
-    /// [`crate::cgroup::Cgroups`] turns it into a path and a container); None when unknown.
+    /// [`crate::model::cgroup::Cgroups`] turns it into a path and a container); None when unknown.
     /// Never `Some(0)`.
     pub cgroup: Option<u64>,
 }
