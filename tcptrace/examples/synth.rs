@@ -9,7 +9,7 @@ use std::{fs::File, io::BufWriter, net::SocketAddr};
 use anyhow::{Context as _, Result, bail};
 use tcptrace::{
     model::event::{Comm, Owner, RawEvent, State, Transition, encode},
-    record::Writer,
+    source::record::Writer,
 };
 
 fn main() -> Result<()> {

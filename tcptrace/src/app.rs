@@ -22,9 +22,12 @@ use crate::{
     model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
     output::{Renderer, Style, local_utc_offset_secs},
     population::Population,
-    probe::{Probe, ProbeConfig, wall_offset_ns},
-    record::{Reader, Writer, header_flag},
     report::Report,
+    source::{
+        check, diag,
+        probe::{self, Probe, ProbeConfig, wall_offset_ns},
+        record::{self, Reader, Writer, header_flag},
+    },
     view::{Flow, Stream, View},
 };
 
@@ -53,12 +56,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Check { no_load }) => {
-            let items = crate::check::run(!no_load);
-            let text = crate::check::render(&items);
+            let items = check::run(!no_load);
+            let text = check::render(&items);
             let mut out = out;
             std::io::Write::write_all(&mut out, text.as_bytes())?;
             std::io::Write::flush(&mut out)?;
-            if !crate::check::core_ok(&items) {
+            if !check::core_ok(&items) {
                 anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
             }
             Ok(())
@@ -134,7 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 // Live, count the TIME_WAIT sockets that exist already, in every namespace.
                 Ok(Box::new(if live {
                     let found = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&found, crate::probe::monotonic_ns())
+                    view.seed(&found, probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -165,7 +168,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .timers(facts.timers);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.open_at_start(), &tws, probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -183,7 +186,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let wants = (Reads::Transitions, Counters::Skip);
             drive(&filter, &source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
-                let namespaces: Vec<Option<u32>> = crate::diag::network_namespaces()
+                let namespaces: Vec<Option<u32>> = diag::network_namespaces()
                     .iter()
                     .map(|n| Some(n.inode))
                     .collect();
@@ -200,7 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .count_problems_in(counted);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.open_at_start(), &tws, probe::monotonic_ns())
                 } else {
                     view
                 }))
@@ -229,9 +232,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     facts.wall_offset_ns,
                     a.interval.as_nanos() as u64,
                 );
-                Ok(Box::new(
-                    view.seed(&facts.at_start, crate::probe::monotonic_ns()),
-                ))
+                Ok(Box::new(view.seed(&facts.at_start, probe::monotonic_ns())))
             })
         }
         Some(Command::Hist(a)) => {
@@ -330,7 +331,7 @@ fn top(a: &TopArgs) -> Result<()> {
         .timers(facts.timers)
         .known_at_start(&facts.roles_at_start());
         let timewaits = backfill_timewaits(a.source.max_sockets);
-        let now = crate::probe::monotonic_ns();
+        let now = probe::monotonic_ns();
         let view = view
             .seed(&timewaits, now)
             .seed_ports(&facts.open_at_start(), &timewaits, now);
@@ -379,12 +380,12 @@ fn serve(a: &ServeArgs) -> Result<()> {
             .seed_ports(
                 &facts.open_at_start(),
                 &ports_timewait,
-                crate::probe::monotonic_ns(),
+                probe::monotonic_ns(),
             )
             .doctor(
                 Box::new(crate::doctor::Host),
                 a.doctor_interval.as_nanos() as u64,
-                &crate::diag::network_namespaces()
+                &diag::network_namespaces()
                     .iter()
                     .map(|n| Some(n.inode))
                     .collect::<Vec<_>>(),
@@ -401,7 +402,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             ));
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
-            match crate::diag::listening_ports() {
+            match diag::listening_ports() {
                 Ok(ports) => view = view.listeners(&ports),
                 Err(e) => log::warn!("cannot read the listening sockets (sock_diag): {e}"),
             }
@@ -457,7 +458,7 @@ fn stuck_watch(
     use std::os::fd::AsFd as _;
     let scan = Box::new(move || {
         let map = map.as_deref().map(|f| f.as_fd());
-        let b = crate::diag::sitting_everywhere(crate::stuck::STUCK_STATE_BITS, map, limit);
+        let b = diag::sitting_everywhere(crate::stuck::STUCK_STATE_BITS, map, limit);
         if b.unreachable > 0 {
             log::debug!(
                 "stuck sockets: {} namespaces could not be read ({})",
@@ -500,7 +501,7 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
         .and_then(|f| Reader::new(f).ok())
         .is_some_and(|r| {
             let id = r.header().boot_id;
-            id != [0; 16] && id == crate::record::boot_id()
+            id != [0; 16] && id == record::boot_id()
         });
     if same_boot {
         return Cgroups::host();
@@ -528,7 +529,7 @@ struct Facts {
     records: bool,
     /// The connections and listeners open when tracing began, each with the process holding
     /// its socket (live only).
-    at_start: Vec<(crate::diag::Existing, Option<crate::model::event::Owner>)>,
+    at_start: Vec<(diag::Existing, Option<crate::model::event::Owner>)>,
     /// The socket-storage map of the BTF programs, for sock_diag to read with each socket
     /// (live, BTF programs only).
     storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -588,7 +589,7 @@ fn drive<'a>(
     };
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
-            wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
+            wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
             idle: source.idle_probes.into(),
             records,
             ..kernel
@@ -596,7 +597,7 @@ fn drive<'a>(
         ports,
         ring_bytes: source.ring_buffer_size,
         timewait: true,
-        paths: crate::probe::Paths::Fast,
+        paths: probe::Paths::Fast,
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;
@@ -652,11 +653,7 @@ fn drive<'a>(
 fn overflow_proof() -> crate::timewait::OverflowProof {
     use crate::doctor::HostFacts as _;
     let namespaces: Vec<Option<u32>> = std::iter::once(None)
-        .chain(
-            crate::diag::network_namespaces()
-                .iter()
-                .map(|n| Some(n.inode)),
-        )
+        .chain(diag::network_namespaces().iter().map(|n| Some(n.inode)))
         .collect();
     let read = |netns| {
         crate::doctor::Host
@@ -678,7 +675,7 @@ fn comm_bytes(comm: &str) -> [u8; 16] {
 /// connections they accept during the trace have an owner.
 fn seed_listeners(
     probe: &mut Probe,
-    at_start: &[(crate::diag::Existing, Option<crate::model::event::Owner>)],
+    at_start: &[(diag::Existing, Option<crate::model::event::Owner>)],
 ) {
     let known: Vec<(u32, u16, u32, [u8; 16])> = at_start
         .iter()
@@ -700,12 +697,10 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
 /// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
-fn sockets_at_start(
-    limit: usize,
-) -> Vec<(crate::diag::Existing, Option<crate::model::event::Owner>)> {
+fn sockets_at_start(limit: usize) -> Vec<(diag::Existing, Option<crate::model::event::Owner>)> {
     use crate::model::event::{Comm, Owner};
     let until = Some(Instant::now() + BACKFILL_TIME_BUDGET);
-    let b = crate::diag::connections_everywhere(limit, until);
+    let b = diag::connections_everywhere(limit, until);
     if b.unreachable > 0 {
         log::warn!(
             "open connections of {} of {} network namespaces cannot be read: {}",
@@ -727,7 +722,7 @@ fn sockets_at_start(
         .map(|e| e.inode)
         .filter(|i| *i != 0)
         .collect();
-    let owners = crate::diag::socket_owners(&inodes, until);
+    let owners = diag::socket_owners(&inodes, until);
     if b.out_of_time > 0 || owners.unread > 0 {
         log::warn!(
             "the backfill at start stopped at its {}-second budget with {} connections \
@@ -770,15 +765,15 @@ impl Facts {
     }
 
     /// The connections and listeners open at start, without their owners.
-    fn open_at_start(&self) -> Vec<crate::diag::Existing> {
+    fn open_at_start(&self) -> Vec<diag::Existing> {
         self.at_start.iter().map(|(e, _)| *e).collect()
     }
 }
 
 /// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),
 /// saying once what could not be seen.
-fn backfill_timewaits(limit: usize) -> Vec<crate::diag::DiagTimewait> {
-    let b = crate::diag::time_wait_sockets_everywhere(limit);
+fn backfill_timewaits(limit: usize) -> Vec<diag::DiagTimewait> {
+    let b = diag::time_wait_sockets_everywhere(limit);
     if b.unreachable > 0 {
         log::warn!(
             "existing TIME_WAIT sockets of {} of {} network namespaces cannot be read (they \
@@ -807,7 +802,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Opens a recording, naming the file in every error.
 pub fn open_recording(path: &Path) -> Result<Reader<File>> {
     let file = File::open(path)
-        .map_err(crate::record::RecordError::Io)
+        .map_err(record::RecordError::Io)
         .with_context(|| format!("cannot open the recording {}", path.display()))?;
     Reader::new(file).with_context(|| format!("cannot read the recording {}", path.display()))
 }
@@ -923,7 +918,7 @@ pub fn live(
                     if feed(&mut probe, view, false)? == Flow::Done {
                         return Ok(());
                     }
-                    if view.tick(crate::probe::monotonic_ns())? == Flow::Done {
+                    if view.tick(probe::monotonic_ns())? == Flow::Done {
                         return Ok(());
                     }
                 }

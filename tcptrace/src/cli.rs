@@ -407,7 +407,7 @@ pub struct SourceArgs {
     #[arg(short, long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
-    #[arg(long, value_name = "BYTES", default_value_t = crate::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::source::probe::DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
     /// Follow at most N sockets (connections and TIME_WAIT sockets) at once, about 21 bytes
     /// each; beyond that the oldest are evicted, counted and reported. On kernels without

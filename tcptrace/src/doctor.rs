@@ -15,7 +15,6 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
-    diag::{DiagTimewait, Existing},
     model::{
         event::{Event, RawEvent, State},
         filter::CompiledFilter,
@@ -23,6 +22,7 @@ use crate::{
     output::{Format, human_ns},
     pipeline::Pipeline,
     ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},
+    source::diag::{DiagTimewait, Existing},
     timewait::End,
     track::{FastMap, Initiator, Role},
     view::{Flow, Interval, View},
@@ -168,7 +168,7 @@ pub struct Host;
 
 impl HostFacts for Host {
     fn settings(&mut self, netns: Option<u32>) -> Option<Settings> {
-        crate::diag::in_netns(netns, || {
+        crate::source::diag::in_netns(netns, || {
             Ok(SYSCTLS
                 .iter()
                 .filter_map(|name| {
@@ -181,7 +181,7 @@ impl HostFacts for Host {
     }
 
     fn counters(&mut self, netns: Option<u32>) -> Option<Counters> {
-        crate::diag::in_netns(netns, || {
+        crate::source::diag::in_netns(netns, || {
             // This thread's namespace (/proc/net is the main thread's).
             std::fs::read_to_string("/proc/thread-self/net/netstat").map(|s| Counters::parse(&s))
         })

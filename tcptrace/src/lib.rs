@@ -8,10 +8,7 @@
 //! [`probe`] touches the kernel, so everything else is tested on synthetic or recorded
 //! events without root.
 pub mod app;
-pub mod btf;
-pub mod check;
 pub mod cli;
-pub mod diag;
 pub mod doctor;
 pub mod hist;
 pub mod metrics;
@@ -20,12 +17,11 @@ pub mod output;
 pub mod pipeline;
 pub mod population;
 pub mod ports;
-pub mod probe;
 pub mod reason;
-pub mod record;
 pub mod reorder;
 pub mod report;
 pub mod serve;
+pub mod source;
 pub mod stuck;
 pub mod timewait;
 pub mod top;

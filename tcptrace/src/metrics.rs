@@ -635,8 +635,9 @@ impl Metrics {
             return;
         };
         let filter = self.pipe.filter();
-        let keeps =
-            |s: &crate::diag::Sitting| filter.keeps_socket(s.local, s.remote, Some(s.netns));
+        let keeps = |s: &crate::source::diag::Sitting| {
+            filter.keeps_socket(s.local, s.remote, Some(s.netns))
+        };
         let Some(counted) = watch.maybe_count(now_ns, keeps) else {
             return;
         };
@@ -726,8 +727,8 @@ impl Metrics {
     /// that are open, and the TIME_WAIT sockets.
     pub fn seed_ports(
         mut self,
-        open: &[crate::diag::Existing],
-        timewaits: &[crate::diag::DiagTimewait],
+        open: &[crate::source::diag::Existing],
+        timewaits: &[crate::source::diag::DiagTimewait],
         now_ns: u64,
     ) -> Self {
         self.ports.seed(open, timewaits, now_ns, self.pipe.filter());

@@ -12,13 +12,13 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
-    diag::DiagTimewait,
     model::{
         event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
+    source::diag::DiagTimewait,
     timewait::{End, Timewaits},
     view::{Flow, Interval, View},
 };

@@ -24,13 +24,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    diag::{DiagTimewait, Existing},
     model::{
         event::{Event, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, rfc3339, write_rows},
     pipeline::Pipeline,
+    source::diag::{DiagTimewait, Existing},
     timewait::End,
     track::FastMap,
     view::{Flow, Interval, View},
@@ -114,7 +114,7 @@ impl HostRanges {
                 .unwrap_or_default();
             Ok(PortRange::parse(&range, &reserved))
         };
-        crate::diag::in_netns(netns, read_here).flatten()
+        crate::source::diag::in_netns(netns, read_here).flatten()
     }
 }
 

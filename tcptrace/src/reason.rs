@@ -20,7 +20,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    btf::Btf,
+    source::btf::Btf,
     track::{Close, How},
 };
 

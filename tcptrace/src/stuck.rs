@@ -14,13 +14,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    diag::Existing,
     model::{
         event::{Event, Owner, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
     pipeline::Pipeline,
+    source::diag::Existing,
     track::FastMap,
     view::{Flow, Interval, View},
 };
@@ -271,7 +271,7 @@ pub fn render_text(rows: &[Row]) -> String {
 
 /// What finds the sockets sitting in states now (live: sock_diag in every namespace, with
 /// the kernel side's socket storage for when each entered its state).
-pub type Scan = Box<dyn FnMut() -> Vec<crate::diag::Sitting> + Send>;
+pub type Scan = Box<dyn FnMut() -> Vec<crate::source::diag::Sitting> + Send>;
 
 /// Stuck sockets counted from periodic scans (for `serve`, whose kernel side writes no
 /// transitions): the ages come from the kernel side's socket storage, or, for a socket in its
@@ -312,7 +312,7 @@ impl Watch {
     pub fn maybe_count(
         &mut self,
         now_ns: u64,
-        keeps: impl Fn(&crate::diag::Sitting) -> bool,
+        keeps: impl Fn(&crate::source::diag::Sitting) -> bool,
     ) -> Option<Counted> {
         if self
             .last_ns
@@ -328,8 +328,8 @@ impl Watch {
     fn count(
         &mut self,
         now_ns: u64,
-        found: &[crate::diag::Sitting],
-        keeps: impl Fn(&crate::diag::Sitting) -> bool,
+        found: &[crate::source::diag::Sitting],
+        keeps: impl Fn(&crate::source::diag::Sitting) -> bool,
     ) -> Counted {
         let mut seen = FastMap::default();
         let mut c = Counted::default();
@@ -563,7 +563,9 @@ mod tests {
     }
 
     /// A scan that finds what the test put in `found` (shared, so it can change).
-    fn fake_scan(found: &std::sync::Arc<std::sync::Mutex<Vec<crate::diag::Sitting>>>) -> Scan {
+    fn fake_scan(
+        found: &std::sync::Arc<std::sync::Mutex<Vec<crate::source::diag::Sitting>>>,
+    ) -> Scan {
         let found = found.clone();
         Box::new(move || found.lock().unwrap().clone())
     }
@@ -573,8 +575,8 @@ mod tests {
         local: &str,
         server: bool,
         entered_ns: Option<u64>,
-    ) -> crate::diag::Sitting {
-        crate::diag::Sitting {
+    ) -> crate::source::diag::Sitting {
+        crate::source::diag::Sitting {
             netns: 7,
             local: local.parse().unwrap(),
             remote: "10.0.0.2:40000".parse().unwrap(),
@@ -601,7 +603,7 @@ mod tests {
         ]));
         found.lock().unwrap()[1].remote = "10.0.0.3:40001".parse().unwrap();
         let mut w = Watch::new(fake_scan(&found), 5 * SEC, SEC);
-        let keep = |_: &crate::diag::Sitting| true;
+        let keep = |_: &crate::source::diag::Sitting| true;
         let first = w.maybe_count(10 * SEC, keep).unwrap();
         assert_eq!(
             first.stuck.get(&(State::CloseWait, Some(7), 8080)),
@@ -636,7 +638,9 @@ mod tests {
             Some(&1)
         );
         // The filter decides.
-        let none = w.maybe_count(19 * SEC, |s: &crate::diag::Sitting| s.local.port() != 8080);
+        let none = w.maybe_count(19 * SEC, |s: &crate::source::diag::Sitting| {
+            s.local.port() != 8080
+        });
         assert_eq!(none.unwrap().stuck.len(), 1);
     }
 }

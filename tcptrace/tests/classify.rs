@@ -21,8 +21,8 @@ use tcptrace::{
         filter::Filter,
     },
     output::Format,
-    probe::DEFAULT_RING_BYTES,
     report::Report,
+    source::probe::DEFAULT_RING_BYTES,
     track::{Close, How, Initiator, Role},
     view::View,
 };

@@ -20,7 +20,7 @@ use tcptrace::{
         cgroup::Cgroups,
         event::{Event, RawEvent, TimerOp, Transition, decode},
     },
-    probe::DEFAULT_RING_BYTES,
+    source::probe::DEFAULT_RING_BYTES,
 };
 
 /// `n` connections to 127.0.0.1:`port` inside namespace `ns`, the client closing first.

@@ -14,8 +14,8 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    probe::DEFAULT_RING_BYTES,
     reason::{ResetNames, end_reason},
+    source::probe::DEFAULT_RING_BYTES,
     track::{Close, Role},
 };
 

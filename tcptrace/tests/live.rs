@@ -14,7 +14,7 @@ use std::{
 use common::*;
 use tcptrace::{
     model::event::{Event, State, decode},
-    probe::{DEFAULT_RING_BYTES, Probe},
+    source::probe::{DEFAULT_RING_BYTES, Probe},
 };
 
 /// In a forked child (another process, so attribution can be told apart): connect to

@@ -32,7 +32,7 @@ use std::{
 use common::{NetPair, probe_with, root_or_skip};
 use tcptrace::{
     model::event::{Event, State, Transition, decode},
-    probe::{Probe, RunCounts},
+    source::probe::{Probe, RunCounts},
 };
 
 /// Connections per round: well inside the client namespace's 28,232 ephemeral ports.

@@ -265,10 +265,10 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str) {
         u.ru_maxrss as u64
     };
     let (before, t) = (peak_kib(), Instant::now());
-    let found = tcptrace::diag::connections_everywhere(1 << 20, None);
+    let found = tcptrace::source::diag::connections_everywhere(1 << 20, None);
     let dumped = t.elapsed();
     let inodes: std::collections::HashSet<u32> = found.found.iter().map(|e| e.inode).collect();
-    let owners = tcptrace::diag::socket_owners(&inodes, None);
+    let owners = tcptrace::source::diag::socket_owners(&inodes, None);
     let took = t.elapsed();
     let inode = std::fs::metadata(format!("/run/netns/{ns}"))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
@@ -358,7 +358,7 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
     });
 
     let mut seen = Seen::default();
-    let drain = |probe: &mut tcptrace::probe::Probe, seen: &mut Seen| {
+    let drain = |probe: &mut tcptrace::source::probe::Probe, seen: &mut Seen| {
         let mut raw = Vec::new();
         probe.drain(&mut raw);
         for r in &raw {

@@ -10,7 +10,7 @@ use std::{
 
 use tcptrace::{
     model::event::{State, Transition, encode},
-    record::Writer,
+    source::record::Writer,
 };
 
 const SEC: u64 = 1_000_000_000;

@@ -13,7 +13,7 @@ use std::{
 use common::*;
 use tcptrace::{
     model::event::{Event, State, TimerEvent, TimerOp, decode},
-    probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
+    source::probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
     timewait::{End, Exit, OverflowProof, Timewaits},
 };
 

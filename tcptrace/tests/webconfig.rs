@@ -385,8 +385,9 @@ impl Binary {
     /// Serves an empty recording's counts as `web_config` says, on a free loopback port.
     fn serve(dir: &Scratch, web_config: &Path) -> Binary {
         let recording = dir.0.join("empty.tcptrace");
-        let mut w = tcptrace::record::Writer::new(std::fs::File::create(&recording).unwrap(), 0, 0)
-            .unwrap();
+        let mut w =
+            tcptrace::source::record::Writer::new(std::fs::File::create(&recording).unwrap(), 0, 0)
+                .unwrap();
         w.flush().unwrap();
         drop(w);
         let from = [std::ffi::OsStr::new("--from"), recording.as_os_str()];

@@ -15,13 +15,13 @@ use crossterm::event::Event as TermEvent;
 use ratatui::{Terminal, backend::Backend};
 
 use crate::{
-    diag::{DiagTimewait, Existing},
     model::{
         event::{Event, RawEvent},
         filter::CompiledFilter,
     },
     pipeline::Pipeline,
     ports::{HostRanges, PortsCore, Ranges},
+    source::diag::{DiagTimewait, Existing},
     timewait::Timewaits,
     view::{Flow, Interval, View},
 };

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::probe::{
+use crate::source::probe::{
     self, Probe, ProbeConfig, parse_receive_reset_format, parse_send_reset_format,
     parse_set_state_format,
 };
@@ -66,7 +66,7 @@ pub fn run(load: bool) -> Vec<Item> {
     ));
     // The BTF programs read the kernel's objects: they need the kernel's BTF, not tracefs.
     // Without them, the classic programs need the tracepoint's format file.
-    let btf_programs = crate::btf::Btf::from_sys()
+    let btf_programs = crate::source::btf::Btf::from_sys()
         .and_then(|b| probe::sock_offsets(&b))
         .map(|_| "the kernel's BTF describes the sockets the BTF tracepoints hand over".into());
     let classic_needed = btf_programs.is_err();
@@ -98,7 +98,7 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item(
         "connection details",
         false,
-        crate::btf::Btf::from_sys()
+        crate::source::btf::Btf::from_sys()
             .and_then(|b| probe::tcp_offsets(&b))
             .map(|_| {
                 "bytes, segments, retransmissions, round-trip times and errors are read from \
@@ -110,7 +110,7 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item(
         "reset reason names",
         false,
-        crate::btf::Btf::from_sys().and_then(|b| {
+        crate::source::btf::Btf::from_sys().and_then(|b| {
             b.enumerators("sk_rst_reason")
                 .map(|all| format!("the kernel names its {} reset reasons", all.len()))
                 .map_err(|_| {
@@ -123,7 +123,7 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item(
         "tcp:tcp_destroy_sock",
         false,
-        crate::btf::Btf::from_sys().and_then(|b| {
+        crate::source::btf::Btf::from_sys().and_then(|b| {
             b.tracepoint_args("tcp_destroy_sock")
                 .map(|_| "a connection end no program ran for is counted lost".into())
                 .ok_or_else(|| {
@@ -136,7 +136,7 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item(
         "BTF",
         false,
-        crate::btf::Btf::from_sys()
+        crate::source::btf::Btf::from_sys()
             .and_then(|b| {
                 b.offset("inet_timewait_sock", "tw_timer")
                     .map_err(|e| e.to_string())
@@ -187,7 +187,7 @@ pub fn run(load: bool) -> Vec<Item> {
 /// Whether events can name their socket's network namespace and cgroup, and cgroups be
 /// named by path.
 fn containers() -> Result<String, String> {
-    let btf = crate::btf::Btf::from_sys()
+    let btf = crate::source::btf::Btf::from_sys()
         .map_err(|e| format!("{e}: namespaces and cgroups are not reported"))?;
     let (_, missing) = probe::ns_offsets(&btf);
     if !missing.is_empty() {
@@ -205,8 +205,8 @@ fn containers() -> Result<String, String> {
 /// Whether the TIME_WAIT sockets that exist before tracing starts can be read in every
 /// network namespace (sock_diag, entering each).
 fn backfill() -> Result<String, String> {
-    let b = crate::diag::time_wait_sockets_everywhere(0);
-    let _: &[crate::diag::DiagTimewait] = &b.found;
+    let b = crate::source::diag::time_wait_sockets_everywhere(0);
+    let _: &[crate::source::diag::DiagTimewait] = &b.found;
     let total = b.namespaces + b.unreachable;
     if b.unreachable > 0 {
         return Err(format!(

@@ -24,8 +24,8 @@ use tcptrace_common::{
 };
 
 use crate::{
-    btf::Btf,
     model::event::{RawEvent, raw_lost},
+    source::btf::Btf,
 };
 
 /// The eBPF object built by `build.rs`.
