@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    analysis::{closes, reason, timewait},
     cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
     hist::Hist,
     metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
@@ -81,7 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let renderer = Renderer::new(format, style)
                     .with_cgroups(names.clone())
                     // A recording replays on the host that made it: its kernel's numbering.
-                    .reset_names(crate::reason::ResetNames::from_sys())
+                    .reset_names(reason::ResetNames::from_sys())
                     .show_ns(cli.common.output.show_ns);
                 Ok(Box::new(
                     Stream::new(
@@ -110,7 +111,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
                     Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
-                        .reset_names(crate::reason::ResetNames::from_sys())
+                        .reset_names(reason::ResetNames::from_sys())
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers)
@@ -650,7 +651,7 @@ fn drive<'a>(
 
 /// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
 /// count (read inside it), from its value now.
-fn overflow_proof() -> crate::timewait::OverflowProof {
+fn overflow_proof() -> timewait::OverflowProof {
     use crate::doctor::HostFacts as _;
     let namespaces: Vec<Option<u32>> = std::iter::once(None)
         .chain(diag::network_namespaces().iter().map(|n| Some(n.inode)))
@@ -660,7 +661,7 @@ fn overflow_proof() -> crate::timewait::OverflowProof {
             .counters(netns)
             .map(|c| c.timewait_overflow)
     };
-    crate::timewait::OverflowProof::new(Box::new(read), &namespaces)
+    timewait::OverflowProof::new(Box::new(read), &namespaces)
 }
 
 /// A command name as the kernel keeps it: at most 15 bytes, NUL-padded to 16.
@@ -749,12 +750,12 @@ fn sockets_at_start(limit: usize) -> Vec<(diag::Existing, Option<crate::model::e
 
 impl Facts {
     /// The connections open at start, as the tracker takes them (their role and owner).
-    fn roles_at_start(&self) -> Vec<crate::track::AtStart> {
-        use crate::track::Role;
+    fn roles_at_start(&self) -> Vec<closes::AtStart> {
+        use closes::Role;
         self.at_start
             .iter()
             .filter(|(e, _)| !e.listening())
-            .map(|(e, owner)| crate::track::AtStart {
+            .map(|(e, owner)| closes::AtStart {
                 netns: Some(e.netns),
                 local: e.local,
                 remote: e.remote,

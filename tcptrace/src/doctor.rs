@@ -15,16 +15,18 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
+    analysis::{
+        closes::{FastMap, Initiator, Role},
+        pipeline::Pipeline,
+        timewait::End,
+    },
     model::{
         event::{Event, RawEvent, State},
         filter::CompiledFilter,
     },
     output::{Format, human_ns},
-    pipeline::Pipeline,
     ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},
     source::diag::{DiagTimewait, Existing},
-    timewait::End,
-    track::{FastMap, Initiator, Role},
     view::{Flow, Interval, View},
 };
 
@@ -596,7 +598,7 @@ impl Collector {
     }
 
     /// A connection's close (one the filter keeps).
-    pub fn close(&mut self, c: &crate::track::Close) {
+    pub fn close(&mut self, c: &crate::analysis::closes::Close) {
         let m = self.had_traffic(c.netns);
         m.closes += 1;
         if c.timewait && c.initiator != Initiator::Remote {
@@ -606,11 +608,11 @@ impl Collector {
                 Role::Unknown => {}
             }
         }
-        m.timeouts += u64::from(c.how == crate::track::How::Timeout);
+        m.timeouts += u64::from(c.how == crate::analysis::closes::How::Timeout);
     }
 
     /// A timewait socket's end; `ephemeral`: on a port of its namespace's range.
-    pub fn exit(&mut self, x: &crate::timewait::Exit, ephemeral: bool) {
+    pub fn exit(&mut self, x: &crate::analysis::timewait::Exit, ephemeral: bool) {
         let m = self.had_traffic(x.netns);
         match x.end {
             End::NotCreated => m.timewait_not_created += 1,
@@ -623,7 +625,10 @@ impl Collector {
     }
 
     /// The timewait sockets alive now, by namespace.
-    pub fn population<'a>(&mut self, lives: impl Iterator<Item = &'a crate::timewait::Life>) {
+    pub fn population<'a>(
+        &mut self,
+        lives: impl Iterator<Item = &'a crate::analysis::timewait::Life>,
+    ) {
         let mut now: FastMap<Option<u32>, u64> = FastMap::default();
         for l in lives {
             *now.entry(l.netns).or_default() += 1;

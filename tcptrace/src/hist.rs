@@ -13,14 +13,16 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
+    analysis::{
+        closes::{Close, FastMap, service_port},
+        pipeline::Pipeline,
+        timewait::End,
+    },
     model::{
         event::{Details, RawEvent, State},
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns},
-    pipeline::Pipeline,
-    timewait::End,
-    track::{Close, FastMap, service_port},
     view::{Flow, View},
 };
 
@@ -316,7 +318,7 @@ impl<W: Write> Hist<W> {
                 match self.by {
                     By::State => None,
                     By::Port => Some(self.tw_ports.remove(&(x.local, x.remote)).unwrap_or_else(
-                        || service_port(crate::track::Role::Unknown, x.local, x.remote),
+                        || service_port(crate::analysis::closes::Role::Unknown, x.local, x.remote),
                     )),
                 };
             self.record((Series::State(State::TimeWait), port, None), x.residency_ns);

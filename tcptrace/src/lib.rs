@@ -7,6 +7,7 @@
 //! belong to. Only
 //! [`probe`] touches the kernel, so everything else is tested on synthetic or recorded
 //! events without root.
+pub mod analysis;
 pub mod app;
 pub mod cli;
 pub mod doctor;
@@ -14,17 +15,13 @@ pub mod hist;
 pub mod metrics;
 pub mod model;
 pub mod output;
-pub mod pipeline;
 pub mod population;
 pub mod ports;
-pub mod reason;
 pub mod reorder;
 pub mod report;
 pub mod serve;
 pub mod source;
 pub mod stuck;
-pub mod timewait;
 pub mod top;
-pub mod track;
 pub mod view;
 pub mod webconfig;

@@ -20,13 +20,15 @@ use prometheus_client::{
 };
 
 use crate::{
+    analysis::{
+        closes::{FastMap, Role, service_port},
+        pipeline::Pipeline,
+        timewait::End,
+    },
     model::{
         event::{Details, Direction, Event, RawEvent, State},
         filter::CompiledFilter,
     },
-    pipeline::Pipeline,
-    timewait::End,
-    track::{FastMap, Role, service_port},
     view::{Flow, View},
 };
 
@@ -796,7 +798,7 @@ impl Metrics {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: &[crate::analysis::closes::AtStart]) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }
@@ -1006,8 +1008,8 @@ impl View for Metrics {
                         .get_or_create(&CloseLabels {
                             port,
                             role: Role::Server.name(),
-                            initiator: crate::track::Initiator::Local.name(),
-                            how: crate::track::How::Refused.name(),
+                            initiator: crate::analysis::closes::Initiator::Local.name(),
+                            how: crate::analysis::closes::How::Refused.name(),
                             netns,
                         })
                         .inc();

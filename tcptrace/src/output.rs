@@ -12,13 +12,15 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    analysis::{
+        closes::{Close, FastMap},
+        reason::{ResetNames, end_reason},
+        timewait::{End, Exit},
+    },
     model::{
         cgroup::{CgroupName, Cgroups},
         event::{Details, Direction, Owner, Reset, State, Transition},
     },
-    reason::{ResetNames, end_reason},
-    timewait::{End, Exit},
-    track::{Close, FastMap},
 };
 
 /// Output format.
@@ -1292,7 +1294,7 @@ mod tests {
             paths in proptest::collection::vec(any_cgroup_path(), 3),
             details in proptest::option::of(any::<[u64; 6]>()),
         ) {
-            use crate::track::{How, Initiator, Role};
+            use crate::analysis::closes::{How, Initiator, Role};
             let names = Cgroups::from_paths((1u64..).zip(paths));
             let c = Close {
                 ts_ns: ts,
@@ -1396,7 +1398,7 @@ mod tests {
 
     /// Every kind of text line, with IPv4 endpoints and typical values, into `r`.
     fn every_line_kind(r: &mut Renderer, out: &mut Vec<u8>) {
-        use crate::track::{How, Initiator, Role};
+        use crate::analysis::closes::{How, Initiator, Role};
         use State::{
             CloseWait, Established, FinWait1, FinWait2, LastAck, SynRecv, SynSent, TimeWait,
         };

@@ -12,14 +12,16 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
+    analysis::{
+        pipeline::Pipeline,
+        timewait::{End, Timewaits},
+    },
     model::{
         event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
-    pipeline::Pipeline,
     source::diag::DiagTimewait,
-    timewait::{End, Timewaits},
     view::{Flow, Interval, View},
 };
 
@@ -193,7 +195,7 @@ impl<W: Write> Population<W> {
     }
 
     /// The timewait sockets followed.
-    fn lives(&self) -> impl Iterator<Item = &crate::timewait::Life> {
+    fn lives(&self) -> impl Iterator<Item = &crate::analysis::timewait::Life> {
         self.pipe
             .timewait_sockets()
             .into_iter()

@@ -24,15 +24,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    analysis::{closes::FastMap, pipeline::Pipeline, timewait::End},
     model::{
         event::{Event, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, rfc3339, write_rows},
-    pipeline::Pipeline,
     source::diag::{DiagTimewait, Existing},
-    timewait::End,
-    track::FastMap,
     view::{Flow, Interval, View},
 };
 
@@ -389,7 +387,7 @@ impl PortsCore {
     }
 
     /// A timewait socket's end.
-    pub fn exit(&mut self, x: &crate::timewait::Exit) {
+    pub fn exit(&mut self, x: &crate::analysis::timewait::Exit) {
         if x.end == End::Expired && self.ranges.range(x.netns).contains(x.local.port()) {
             let dest = Dest::of(x.netns, x.local, x.remote);
             self.window.entry(dest).or_default().expiries += 1;

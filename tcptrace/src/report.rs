@@ -9,15 +9,17 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use crate::{
+    analysis::{
+        closes::{Close, FastMap, How, Initiator, Role, service_port},
+        pipeline::Pipeline,
+        reason::{ResetNames, end_reason},
+        timewait::End,
+    },
     model::{
         event::{Direction, Event, RawEvent},
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
-    pipeline::Pipeline,
-    reason::{ResetNames, end_reason},
-    timewait::End,
-    track::{Close, FastMap, How, Initiator, Role, service_port},
     view::{Flow, View},
 };
 
@@ -378,7 +380,7 @@ impl<W: Write> Report<W> {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: &[crate::analysis::closes::AtStart]) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }

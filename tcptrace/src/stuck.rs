@@ -14,14 +14,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    analysis::{closes::FastMap, pipeline::Pipeline},
     model::{
         event::{Event, Owner, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
-    pipeline::Pipeline,
     source::diag::Existing,
-    track::FastMap,
     view::{Flow, Interval, View},
 };
 

@@ -4,15 +4,13 @@
 use std::io::{self, Write};
 
 use crate::{
+    analysis::{closes::Close, pipeline::Pipeline, timewait::Exit},
     model::{
         event::{Event, RawEvent, State},
         filter::CompiledFilter,
     },
     output::Renderer,
-    pipeline::Pipeline,
     reorder::{Sink, TimeOrder},
-    timewait::Exit,
-    track::Close,
 };
 
 /// Whether a view wants more events.
@@ -146,7 +144,7 @@ impl<W: Write> Stream<W> {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: &[crate::analysis::closes::AtStart]) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }

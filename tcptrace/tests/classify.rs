@@ -16,6 +16,7 @@ use std::{
 
 use common::*;
 use tcptrace::{
+    analysis::closes::{Close, How, Initiator, Role},
     model::{
         event::{Event, RawEvent, decode},
         filter::Filter,
@@ -23,7 +24,6 @@ use tcptrace::{
     output::Format,
     report::Report,
     source::probe::DEFAULT_RING_BYTES,
-    track::{Close, How, Initiator, Role},
     view::View,
 };
 

@@ -14,9 +14,11 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    reason::{ResetNames, end_reason},
+    analysis::{
+        closes::{Close, Role},
+        reason::{ResetNames, end_reason},
+    },
     source::probe::DEFAULT_RING_BYTES,
-    track::{Close, Role},
 };
 
 /// Sends `bytes` from namespace a to a server in namespace b that reads them all, then

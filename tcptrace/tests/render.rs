@@ -1,6 +1,7 @@
 //! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
 
 use tcptrace::{
+    analysis::reason::ResetNames,
     model::{
         cgroup::{CgroupFilter, Cgroups},
         event::{
@@ -10,7 +11,6 @@ use tcptrace::{
         filter::Filter,
     },
     output::{Format, Renderer, Style},
-    reason::ResetNames,
     view::{Flow, Stream, View},
 };
 

@@ -12,9 +12,9 @@ use std::{
 
 use common::*;
 use tcptrace::{
+    analysis::timewait::{End, Exit, OverflowProof, Timewaits},
     model::event::{Event, State, TimerEvent, TimerOp, decode},
     source::probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
-    timewait::{End, Exit, OverflowProof, Timewaits},
 };
 
 /// A server in namespace b that accepts `n` connections and closes each after the client.

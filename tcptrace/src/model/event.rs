@@ -198,7 +198,7 @@ pub enum Event {
     /// A reset.
     Reset(Reset),
     /// A connection's end, with its whole life (assembled by the
-    /// [`Pipeline`](crate::pipeline::Pipeline) from the record's two slots).
+    /// [`Pipeline`](crate::analysis::pipeline::Pipeline) from the record's two slots).
     Connection(Connection),
     /// What the kernel's counters said of a connection at its end: comes right before the
     /// end's own event (its transition into CLOSE, or its connection record).
@@ -261,7 +261,7 @@ impl Connection {
     }
 
     /// Bit `1 << state` for every state the socket was seen in, as a
-    /// [`Close`](crate::track::Close) has it.
+    /// [`Close`](crate::analysis::closes::Close) has it.
     pub fn states(&self) -> u16 {
         let mut bits = 0u16;
         self.transitions(|t| bits |= 1 << t.from as u16 | 1 << t.to as u16);

@@ -15,12 +15,14 @@ use tcptrace_common::{
 };
 
 use crate::{
+    analysis::{
+        closes::Close,
+        timewait::{Exit, Life},
+    },
     model::{
         cgroup::{CgroupFilter, Cgroups},
         event::{Owner, RawEvent, Reset, State, Transition},
     },
-    timewait::{Exit, Life},
-    track::Close,
 };
 
 /// Everything a user can filter on.
@@ -140,7 +142,7 @@ impl Filter {
 pub struct CompiledFilter {
     kernel: Config,
     shown_states: u32,
-    ports: crate::track::FastMap<u16, u8>,
+    ports: crate::analysis::closes::FastMap<u16, u8>,
     pids: Vec<u32>,
     comms: Vec<String>,
     laddrs: Vec<IpNet>,

@@ -15,14 +15,13 @@ use crossterm::event::Event as TermEvent;
 use ratatui::{Terminal, backend::Backend};
 
 use crate::{
+    analysis::{pipeline::Pipeline, timewait::Timewaits},
     model::{
         event::{Event, RawEvent},
         filter::CompiledFilter,
     },
-    pipeline::Pipeline,
     ports::{HostRanges, PortsCore, Ranges},
     source::diag::{DiagTimewait, Existing},
-    timewait::Timewaits,
     view::{Flow, Interval, View},
 };
 use draw::Clock;
@@ -128,7 +127,7 @@ where
     }
 
     /// Connections open when tracing began: their closes get the role found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Self {
+    pub fn known_at_start(mut self, found: &[crate::analysis::closes::AtStart]) -> Self {
         self.pipe = self.pipe.known_at_start(found);
         self
     }

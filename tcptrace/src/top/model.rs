@@ -10,8 +10,8 @@ use std::{
 
 pub use crate::report::Way;
 use crate::{
+    analysis::closes::{Close, FastMap, How, Initiator, Role, service_port},
     ports::{self, Dest, Peak},
-    track::{Close, FastMap, How, Initiator, Role, service_port},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;

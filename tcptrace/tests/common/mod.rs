@@ -12,13 +12,12 @@ use std::{
 };
 
 use tcptrace::{
+    analysis::{closes::Close, pipeline::Pipeline},
     model::{
         event::{Event, RawEvent, State, Transition, decode},
         filter::Filter,
     },
-    pipeline::Pipeline,
     source::probe::{KernelSide, Paths, Probe, ProbeConfig},
-    track::Close,
 };
 
 /// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere

@@ -13,12 +13,14 @@ use std::net::SocketAddr;
 use tcptrace_common::kind;
 
 use crate::{
+    analysis::{
+        closes::{Close, DEFAULT_CAP, FastMap, How, Role, Tracker},
+        timewait::{Exit, OverflowProof, Timewaits},
+    },
     model::{
         event::{Event, Part, RawEvent, State, Transition, decode},
         filter::CompiledFilter,
     },
-    timewait::{Exit, OverflowProof, Timewaits},
-    track::{Close, DEFAULT_CAP, FastMap, How, Role, Tracker},
 };
 
 /// Decode, filter, track and timewait, once.
@@ -86,7 +88,7 @@ impl Pipeline {
 
     /// Connections open when tracing began (from the backfill): their closes get the role
     /// and owner found then.
-    pub fn known_at_start(mut self, found: &[crate::track::AtStart]) -> Pipeline {
+    pub fn known_at_start(mut self, found: &[crate::analysis::closes::AtStart]) -> Pipeline {
         if let Some(t) = &mut self.tracker {
             t.known_at_start(found);
         }
@@ -485,11 +487,11 @@ impl Fates {
 mod tests {
     use super::*;
     use crate::{
+        analysis::closes::Initiator,
         model::{
             event::{State, Transition, encode},
             filter::Filter,
         },
-        track::Initiator,
     };
 
     fn transition(ts_ns: u64, from: State, to: State) -> RawEvent {

@@ -20,8 +20,8 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    analysis::closes::{Close, How},
     source::btf::Btf,
-    track::{Close, How},
 };
 
 /// The kernel's names of `enum sk_rst_reason`, by value, without the `SK_RST_REASON_`
@@ -148,8 +148,8 @@ fn timeout(c: &Close, d: &crate::model::event::Details) -> Option<&'static str> 
 mod tests {
     use super::*;
     use crate::{
+        analysis::closes::{Initiator, Role},
         model::event::{Details, State},
-        track::{Initiator, Role},
     };
     use tcptrace_common::details::details_flag;
 
