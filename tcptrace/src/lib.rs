@@ -17,7 +17,6 @@ pub mod model;
 pub mod output;
 pub mod population;
 pub mod ports;
-pub mod reorder;
 pub mod report;
 pub mod serve;
 pub mod source;

@@ -9,8 +9,10 @@ use crate::{
         event::{Event, RawEvent, State},
         filter::CompiledFilter,
     },
-    output::Renderer,
-    reorder::{Sink, TimeOrder},
+    output::{
+        Renderer,
+        reorder::{Sink, TimeOrder},
+    },
 };
 
 /// Whether a view wants more events.

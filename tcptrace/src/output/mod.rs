@@ -2,6 +2,8 @@
 //!
 //! The JSON schema is documented in `docs/json.md`; keep the two in step.
 
+pub mod reorder;
+
 use std::{
     borrow::Cow,
     fmt::{self, Write as _},
