@@ -18,18 +18,28 @@ use tokio::{
 use crate::{
     analysis::{closes, reason, timewait},
     cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
-    hist::Hist,
-    metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
     model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
     output::{Renderer, Style, local_utc_offset_secs},
-    population::Population,
-    report::Report,
     source::{
         check, diag,
         probe::{self, Probe, ProbeConfig, wall_offset_ns},
         record::{self, Reader, Writer, header_flag},
     },
-    view::{Flow, Stream, View},
+    views::{
+        Flow, View, doctor,
+        hist::{self, Hist},
+        ports,
+        report::Report,
+        serve::{
+            http,
+            metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
+            webconfig,
+        },
+        stream::Stream,
+        stuck,
+        timewait::Population,
+        top,
+    },
 };
 
 /// How often the reader drains the ring buffer when the kernel has not woken it.
@@ -156,8 +166,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
                 }
                 let compiled = filter.compile().with_cgroups(names);
-                let ranges = Box::new(crate::ports::HostRanges::default());
-                let view = crate::ports::Ports::new(
+                let ranges = Box::new(ports::HostRanges::default());
+                let view = ports::Ports::new(
                     compiled,
                     ranges,
                     out,
@@ -191,10 +201,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|n| Some(n.inode))
                     .collect();
-                let view = crate::doctor::Doctor::new(
+                let view = doctor::Doctor::new(
                     compiled,
-                    Box::new(crate::doctor::Host),
-                    Box::new(crate::ports::HostRanges::default()),
+                    Box::new(doctor::Host),
+                    Box::new(ports::HostRanges::default()),
                     out,
                     format,
                 )
@@ -224,7 +234,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let wants = (Reads::Transitions, Counters::Skip);
             drive(&filter, &a.common.source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
-                let view = crate::stuck::Stuck::new(
+                let view = stuck::Stuck::new(
                     compiled,
                     &filter.states,
                     a.older_than.as_nanos() as u64,
@@ -242,8 +252,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let names = cgroup_names(&a.common.source, &filter);
             // Only RTTs and bytes come from the connections' counters.
             let counters = match a.metric {
-                crate::hist::Metric::Rtt | crate::hist::Metric::Bytes => Counters::Read,
-                crate::hist::Metric::State | crate::hist::Metric::Lifetime => Counters::Skip,
+                hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
+                hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
             };
             drive(
                 &filter,
@@ -314,15 +324,15 @@ fn top(a: &TopArgs) -> Result<()> {
         let terminal =
             ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(io::stdout()))
                 .context("reading the terminal's size")?;
-        let clock = crate::top::draw::Clock {
+        let clock = top::draw::Clock {
             wall_offset_ns: facts.wall_offset_ns,
             utc_offset_secs: local_utc_offset_secs(),
         };
-        let view = crate::top::Top::new(
+        let view = top::Top::new(
             whole.compile().with_cgroups(names),
             mask,
             terminal,
-            Box::new(crate::top::term::TerminalInput),
+            Box::new(top::term::TerminalInput),
             a.interval.as_nanos() as u64,
             clock,
         )
@@ -354,7 +364,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
     }
     let web = web_config(a)?;
     let scheme = if web.tls.is_some() { "https" } else { "http" };
-    let listener = crate::serve::bind(a.listen)?;
+    let listener = http::bind(a.listen)?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let filter = a.filter.filter();
     let labels = LabelConfig {
@@ -384,7 +394,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
                 probe::monotonic_ns(),
             )
             .doctor(
-                Box::new(crate::doctor::Host),
+                Box::new(doctor::Host),
                 a.doctor_interval.as_nanos() as u64,
                 &diag::network_namespaces()
                     .iter()
@@ -409,7 +419,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             }
         }
         registry.register_collector(Box::new(ProcessCollector));
-        crate::serve::spawn(listener, std::sync::Arc::new(registry), web)?;
+        http::spawn(listener, std::sync::Arc::new(registry), web)?;
         let _ = writeln!(io::stderr(), "Serving metrics on {scheme}://{addr}/metrics");
         Ok(Box::new(view))
     })?;
@@ -425,7 +435,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
 
 /// The web config of `serve` (TLS, basic auth), read before anything is bound or loaded;
 /// without one, a warning when the metrics are reachable from other hosts.
-fn web_config(a: &ServeArgs) -> Result<crate::webconfig::WebConfig> {
+fn web_config(a: &ServeArgs) -> Result<webconfig::WebConfig> {
     let Some(path) = &a.web_config else {
         if !a.listen.ip().is_loopback() {
             log::warn!(
@@ -435,9 +445,9 @@ fn web_config(a: &ServeArgs) -> Result<crate::webconfig::WebConfig> {
                 a.listen
             );
         }
-        return Ok(crate::webconfig::WebConfig::default());
+        return Ok(webconfig::WebConfig::default());
     };
-    let web = crate::webconfig::WebConfig::load(path)?;
+    let web = webconfig::WebConfig::load(path)?;
     if web.tls.is_none() && !web.users.is_empty() {
         log::warn!(
             "{}: basic_auth_users without tls_server_config: passwords cross the network in \
@@ -455,11 +465,11 @@ fn stuck_watch(
     older_than: std::time::Duration,
     every: std::time::Duration,
     limit: usize,
-) -> crate::stuck::Watch {
+) -> stuck::Watch {
     use std::os::fd::AsFd as _;
     let scan = Box::new(move || {
         let map = map.as_deref().map(|f| f.as_fd());
-        let b = diag::sitting_everywhere(crate::stuck::STUCK_STATE_BITS, map, limit);
+        let b = diag::sitting_everywhere(stuck::STUCK_STATE_BITS, map, limit);
         if b.unreachable > 0 {
             log::debug!(
                 "stuck sockets: {} namespaces could not be read ({})",
@@ -469,7 +479,7 @@ fn stuck_watch(
         }
         b.found
     });
-    crate::stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
+    stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -652,15 +662,11 @@ fn drive<'a>(
 /// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
 /// count (read inside it), from its value now.
 fn overflow_proof() -> timewait::OverflowProof {
-    use crate::doctor::HostFacts as _;
+    use doctor::HostFacts as _;
     let namespaces: Vec<Option<u32>> = std::iter::once(None)
         .chain(diag::network_namespaces().iter().map(|n| Some(n.inode)))
         .collect();
-    let read = |netns| {
-        crate::doctor::Host
-            .counters(netns)
-            .map(|c| c.timewait_overflow)
-    };
+    let read = |netns| doctor::Host.counters(netns).map(|c| c.timewait_overflow);
     timewait::OverflowProof::new(Box::new(read), &namespaces)
 }
 

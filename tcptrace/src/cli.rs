@@ -228,13 +228,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PORT[-PORT]", value_delimiter = ',', value_parser = parse_port_range)]
     pub label_port: Vec<std::ops::RangeInclusive<u16>>,
     /// At most N ports get their own label; the rest are `other`.
-    #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_PORT_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    #[arg(long, value_name = "N", default_value_t = crate::views::serve::metrics::DEFAULT_MAX_PORT_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub max_port_labels: usize,
     /// Label series by network namespace (inode), at most --max-netns-labels of them.
     #[arg(long)]
     pub label_netns: bool,
     /// At most N namespaces get their own label; the rest are `other`.
-    #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_NETNS_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from), requires = "label_netns")]
+    #[arg(long, value_name = "N", default_value_t = crate::views::serve::metrics::DEFAULT_MAX_NETNS_LABELS, value_parser = clap::value_parser!(u16).range(1..).map(usize::from), requires = "label_netns")]
     pub max_netns_labels: usize,
     /// How often the settings are judged from the traffic of the last interval
     /// (tcptrace_doctor_verdict, as `tcptrace doctor` judges them).
@@ -323,12 +323,12 @@ pub struct HistArgs {
     pub common: CommonArgs,
     /// One histogram per state, or per state and service port (the per-connection metrics
     /// are always per service port).
-    #[arg(long, value_enum, default_value_t = crate::hist::By::State)]
-    pub by: crate::hist::By,
+    #[arg(long, value_enum, default_value_t = crate::views::hist::By::State)]
+    pub by: crate::views::hist::By,
     /// What to measure: the time spent in each state, or each connection's smoothed
     /// round-trip time, bytes sent and received, or lifetime, read at its end.
-    #[arg(long, value_enum, default_value_t = crate::hist::Metric::State)]
-    pub metric: crate::hist::Metric,
+    #[arg(long, value_enum, default_value_t = crate::views::hist::Metric::State)]
+    pub metric: crate::views::hist::Metric,
 }
 
 /// What every view takes: which events, from where, printed how.
@@ -589,7 +589,7 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(s.label_port, vec![443..=443, 8000..=8099]);
-        assert_eq!(s.listen.port(), crate::metrics::DEFAULT_PORT);
+        assert_eq!(s.listen.port(), crate::views::serve::metrics::DEFAULT_PORT);
         assert!(err(&["--netns", "/nonexistent/ns"]).contains("cannot open /nonexistent/ns"));
         assert!(err(&["--netns", "0"]).contains("'0'"));
         assert!(err(&["--cgroup", "a b"]).contains("'a b'"));

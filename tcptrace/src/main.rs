@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             // flag: exit 2 as clap does. Everything else is 1.
             let bad_input = |c: &(dyn std::error::Error + 'static)| {
                 c.is::<tcptrace::source::record::RecordError>()
-                    || c.is::<tcptrace::webconfig::WebConfigError>()
+                    || c.is::<tcptrace::views::serve::webconfig::WebConfigError>()
                     || c.is::<tcptrace::app::UsageError>()
             };
             if err.chain().any(bad_input) {

@@ -22,9 +22,8 @@ use tcptrace::{
         filter::Filter,
     },
     output::Format,
-    report::Report,
     source::probe::DEFAULT_RING_BYTES,
-    view::View,
+    views::{View, report::Report},
 };
 
 /// What one side's close must say: (initiator, how, timewait).

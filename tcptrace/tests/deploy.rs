@@ -151,7 +151,7 @@ fn resolve_port(c: &Yaml, port: &Yaml) -> u16 {
 fn the_example_web_config_is_one_serve_accepts() {
     // Everything checks but the certificate, which the Secret holds: the first file read.
     let path = deploy_dir().join("web-config.yml");
-    let err = tcptrace::webconfig::WebConfig::load(&path)
+    let err = tcptrace::views::serve::webconfig::WebConfig::load(&path)
         .unwrap_err()
         .to_string();
     let cert = deploy_dir().join("tls.crt");
@@ -722,17 +722,17 @@ fn exported_families() -> BTreeSet<String> {
         timer(60_000_000_200, TimerOp::Expired),
     ];
     let mut registry = prometheus_client::registry::Registry::default();
-    let mut view = tcptrace::metrics::Metrics::new(
+    let mut view = tcptrace::views::serve::metrics::Metrics::new(
         tcptrace::model::filter::Filter::default().compile(),
-        tcptrace::metrics::LabelConfig::default(),
+        tcptrace::views::serve::metrics::LabelConfig::default(),
         &mut registry,
     )
     .timers(true);
-    use tcptrace::view::View as _;
+    use tcptrace::views::View as _;
     view.push(&events).unwrap();
     view.finish().unwrap();
-    registry.register_collector(Box::new(tcptrace::metrics::ProcessCollector));
-    let (text, _) = tcptrace::serve::render(&registry, false);
+    registry.register_collector(Box::new(tcptrace::views::serve::metrics::ProcessCollector));
+    let (text, _) = tcptrace::views::serve::http::render(&registry, false);
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split_whitespace().next().unwrap().to_string())

@@ -278,8 +278,8 @@ fn a_full_tw_bucket_table_is_reported() {
     // The proof: the client's namespace's own count of refused timewait sockets.
     let netns = Some(netns_inode(&pair.a));
     let overflows = |n| {
-        use tcptrace::doctor::HostFacts as _;
-        tcptrace::doctor::Host
+        use tcptrace::views::doctor::HostFacts as _;
+        tcptrace::views::doctor::Host
             .counters(n)
             .map(|c| c.timewait_overflow)
     };

@@ -25,9 +25,11 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_ns},
-    ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},
     source::diag::{DiagTimewait, Existing},
-    view::{Flow, Interval, View},
+    views::{
+        Flow, Interval, View,
+        ports::{Dest, Peak, PortsCore, Ranges, timewait_tuples},
+    },
 };
 
 /// A setting's verdict.

@@ -22,7 +22,7 @@ use crate::{
     },
     output::{Format, human_ns, rfc3339, write_rows},
     source::diag::DiagTimewait,
-    view::{Flow, Interval, View},
+    views::{Flow, Interval, View},
 };
 
 /// The kernel's TIME_WAIT length (TCP_TIMEWAIT_LEN) and default FIN_WAIT2 timeout.

@@ -21,7 +21,7 @@ use crate::{
     },
     output::{Format, human_ns, rfc3339, write_rows},
     source::diag::Existing,
-    view::{Flow, Interval, View},
+    views::{Flow, Interval, View},
 };
 
 /// The states a socket should only pass through.

@@ -20,7 +20,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
-    view::{Flow, View},
+    views::{Flow, View},
 };
 
 /// Which way connections on a row go, seen from this host.

@@ -23,7 +23,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns},
-    view::{Flow, View},
+    views::{Flow, View},
 };
 
 /// The states a histogram is kept for by default, with what their duration means.

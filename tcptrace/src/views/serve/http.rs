@@ -1,7 +1,7 @@
 //! The HTTP side of `tcptrace serve`: `/metrics` in the Prometheus text format (or
 //! OpenMetrics, when the scraper asks for it), on a thread of its own so that a scrape never
 //! delays the reading of the ring buffer, nor the other way round; over TLS and behind basic
-//! authentication when a web config asks for it ([`crate::webconfig`]).
+//! authentication when a web config asks for it ([`crate::views::serve::webconfig`]).
 //!
 //! Slow or hostile clients cannot starve the scrapes: a client gets [`HANDSHAKE_TIMEOUT`] for
 //! its TLS handshake and [`HEADER_TIMEOUT`] for each request head, and when
@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding, registry::Registry};
 use tokio::sync::oneshot;
 
-use crate::webconfig::{Verdict, WebConfig};
+use crate::views::serve::webconfig::{Verdict, WebConfig};
 
 /// Connections open at once (fewer when the process may not open as many descriptors);
 /// past it, each new one closes the stalest. Memory stays bounded: a request head's buffer
@@ -210,7 +210,7 @@ pub fn spawn(
 struct Site {
     registry: Arc<Registry>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    web_users: crate::webconfig::Users,
+    web_users: crate::views::serve::webconfig::Users,
     /// Room in the queue of password checks.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }

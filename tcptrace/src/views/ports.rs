@@ -31,7 +31,7 @@ use crate::{
     },
     output::{Format, rfc3339, write_rows},
     source::diag::{DiagTimewait, Existing},
-    view::{Flow, Interval, View},
+    views::{Flow, Interval, View},
 };
 
 /// The local ports a namespace's connects choose from.

@@ -29,7 +29,7 @@ use crate::{
         event::{Details, Direction, Event, RawEvent, State},
         filter::CompiledFilter,
     },
-    view::{Flow, View},
+    views::{Flow, View},
 };
 
 /// The port the exporter listens on unless told otherwise (`127.0.0.1:9977`).
@@ -528,16 +528,16 @@ pub struct Metrics {
     /// The same for the per-connection counters' series, by port, role and namespace.
     hot_details: FastMap<(PortLabel, &'static str, NsLabel), DetailSeries>,
     /// Ports held per destination.
-    ports: crate::ports::PortsCore,
+    ports: crate::views::ports::PortsCore,
     /// The destinations labelled now (the fullest, up to the port labels' cap).
     port_series: Vec<DestinationLabels>,
     last_ports_ns: u64,
     /// Doctor's evidence over the current window, its length, and when it began.
-    doctor: Option<(crate::doctor::Collector, u64, u64)>,
+    doctor: Option<(crate::views::doctor::Collector, u64, u64)>,
     /// The latest event's time.
     last_ts: u64,
     /// Stuck sockets, scanned every interval, and the series set by the last scan.
-    stuck: Option<crate::stuck::Watch>,
+    stuck: Option<crate::views::stuck::Watch>,
     stuck_series: (Vec<StuckLabels>, Vec<StuckStateLabels>),
 }
 
@@ -599,7 +599,10 @@ impl Metrics {
             hot_transitions: FastMap::default(),
             hot_durations: FastMap::default(),
             hot_details: FastMap::default(),
-            ports: crate::ports::PortsCore::new(Box::new(crate::ports::HostRanges::default()), 0),
+            ports: crate::views::ports::PortsCore::new(
+                Box::new(crate::views::ports::HostRanges::default()),
+                0,
+            ),
             port_series: Vec::new(),
             last_ports_ns: 0,
             doctor: None,
@@ -614,18 +617,18 @@ impl Metrics {
     /// The counters of `namespaces` are taken now, the first window's start.
     pub fn doctor(
         mut self,
-        facts: Box<dyn crate::doctor::HostFacts>,
+        facts: Box<dyn crate::views::doctor::HostFacts>,
         interval_ns: u64,
         namespaces: &[Option<u32>],
     ) -> Self {
-        let mut collector = crate::doctor::Collector::new(facts);
+        let mut collector = crate::views::doctor::Collector::new(facts);
         collector.counters_at_start(namespaces);
         self.doctor = Some((collector, interval_ns.max(1), 0));
         self
     }
 
     /// Counts stuck sockets from `watch`'s scans (tcptrace_stuck_sockets).
-    pub fn stuck(mut self, watch: crate::stuck::Watch) -> Self {
+    pub fn stuck(mut self, watch: crate::views::stuck::Watch) -> Self {
         self.stuck = Some(watch);
         self
     }
@@ -702,7 +705,7 @@ impl Metrics {
         let reports = collector.judge(peaks.iter());
         // Namespaces that share a label (all of them without --label-netns) show the worst
         // verdict among them.
-        let mut worst: FastMap<(&'static str, NsLabel), crate::doctor::Verdict> =
+        let mut worst: FastMap<(&'static str, NsLabel), crate::views::doctor::Verdict> =
             FastMap::default();
         for r in reports {
             let netns = self.labels.netns(r.netns);
@@ -712,7 +715,7 @@ impl Metrics {
             }
         }
         for ((sysctl, netns), verdict) in worst {
-            for v in crate::doctor::Verdict::ALL {
+            for v in crate::views::doctor::Verdict::ALL {
                 self.families
                     .doctor
                     .get_or_create(&VerdictLabels {
@@ -739,7 +742,7 @@ impl Metrics {
 
     /// Counts the ports held per destination and exports the fullest.
     fn sync_ports(&mut self, now_ns: u64) {
-        let population = crate::ports::timewait_tuples(&self.pipe);
+        let population = crate::views::ports::timewait_tuples(&self.pipe);
         let rows = self.ports.snapshot(&population, now_ns);
         let cap = self.labels.policy.max;
         let mut labelled = Vec::with_capacity(cap.min(rows.len()));
@@ -1226,7 +1229,7 @@ mod tests {
         .timers(false);
         m.push(&closes_into_timewait(SEC, 0xa, 40000)).unwrap();
         // Entries still count; the gauge would only grow, so it stays unset.
-        let (text, _) = crate::serve::render(&registry, false);
+        let (text, _) = crate::views::serve::http::render(&registry, false);
         assert!(text.contains(r#"tcptrace_timewait_entries_total{port="other"} 1"#));
         assert!(text.contains("tcptrace_timewait_timers_traced 0"));
         assert!(!text.contains("tcptrace_timewait_sockets{"), "{text}");
@@ -1267,7 +1270,7 @@ mod tests {
             netns: NsLabel::Off,
         })
         .observe(0.5);
-        let (text, _) = crate::serve::render(&registry, false);
+        let (text, _) = crate::views::serve::http::render(&registry, false);
         let bounds: Vec<f64> = text
             .lines()
             .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())

@@ -20,9 +20,11 @@ use crate::{
         event::{Event, RawEvent},
         filter::CompiledFilter,
     },
-    ports::{HostRanges, PortsCore, Ranges},
     source::diag::{DiagTimewait, Existing},
-    view::{Flow, Interval, View},
+    views::{
+        Flow, Interval, View,
+        ports::{HostRanges, PortsCore, Ranges},
+    },
 };
 use draw::Clock;
 use keys::{Action, Keys};
@@ -204,7 +206,7 @@ where
     fn refresh(&mut self, now_ns: u64) {
         let held = self.held(now_ns);
         self.board.refresh(now_ns, &held);
-        let population = crate::ports::timewait_tuples(&self.pipe);
+        let population = crate::views::ports::timewait_tuples(&self.pipe);
         let rows = self.ports.snapshot(&population, now_ns);
         self.board.press(rows, self.ports.peaks());
     }

@@ -8,10 +8,10 @@ use std::{
     net::SocketAddr,
 };
 
-pub use crate::report::Way;
+pub use crate::views::report::Way;
 use crate::{
     analysis::closes::{Close, FastMap, How, Initiator, Role, service_port},
-    ports::{self, Dest, Peak},
+    views::ports::{self, Dest, Peak},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
