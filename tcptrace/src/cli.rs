@@ -413,7 +413,7 @@ pub struct SourceArgs {
     /// each; beyond that the oldest are evicted, counted and reported. On kernels without
     /// BTF it also sizes the kernel's map of sockets (each socket's facts otherwise live in
     /// the socket itself).
-    #[arg(long, value_name = "N", default_value_t = crate::analysis::closes::DEFAULT_CAP, value_parser = parse_max_sockets)]
+    #[arg(long, value_name = "N", default_value_t = crate::shared::DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
     pub max_sockets: usize,
     /// Attach every probe, but each program returns at once: nothing is traced. For
     /// `cargo xtask bench`, which measures what attaching alone costs a storm.

@@ -12,5 +12,6 @@ pub mod app;
 pub mod cli;
 pub mod model;
 pub mod output;
+pub mod shared;
 pub mod source;
 pub mod views;

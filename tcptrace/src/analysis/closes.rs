@@ -21,12 +21,15 @@
 //! Memory is bounded: at most `cap` sockets are followed; beyond that the oldest-looking are
 //! evicted and counted, and their closes are never reported with a wrong certainty.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use tcptrace_common::verdict::{Evidence, Verdict, conclude};
 pub use tcptrace_common::verdict::{How, Initiator, Role};
 
-use crate::model::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition};
+use crate::{
+    model::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
+};
 
 /// The end of one socket's life, classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,10 +95,6 @@ pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
 /// How long an abort waits for the reset that explains it (the application's abortive close
 /// logs the transition first and its reset right after, on the same CPU).
 const RESET_GRACE_NS: u64 = 50_000_000;
-/// A hash map with a fast, per-process randomly seeded hasher (foldhash): the analysis
-/// looks up every event, and SipHash was a tenth of the stream's CPU time; the seed keeps
-/// crafted remote addresses from colliding on purpose.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What is known of one live socket, unpacked (see [`Slot`] for how it is stored).
 #[derive(Clone, Copy, Debug)]
@@ -253,18 +252,6 @@ impl Live {
     }
 }
 
-/// From `sample` (times of a random sample of `len` items), the time at or below which
-/// about `want` of them lie: evicting those drops the oldest `want`, give or take the sample's
-/// error (small tables are sampled whole, so exactly).
-pub(crate) fn eviction_threshold(mut sample: Vec<u64>, want: usize, len: usize) -> u64 {
-    if sample.is_empty() {
-        return 0;
-    }
-    sample.sort_unstable();
-    let idx = (want * sample.len() / len.max(1)).saturating_sub(1);
-    sample[idx.min(sample.len() - 1)]
-}
-
 impl std::fmt::Debug for Live {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Live({} sockets)", self.len)
@@ -327,12 +314,9 @@ pub struct AtStart {
     pub owner: Option<Owner>,
 }
 
-/// The default number of sockets followed at once.
-pub const DEFAULT_CAP: usize = 1 << 20;
-
 impl Default for Tracker {
     fn default() -> Self {
-        Tracker::new(DEFAULT_CAP)
+        Tracker::new(DEFAULT_MAX_SOCKETS)
     }
 }
 

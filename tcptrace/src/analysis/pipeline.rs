@@ -14,13 +14,14 @@ use tcptrace_common::kind;
 
 use crate::{
     analysis::{
-        closes::{Close, DEFAULT_CAP, FastMap, How, Role, Tracker},
+        closes::{Close, How, Role, Tracker},
         timewait::{Exit, OverflowProof, Timewaits},
     },
     model::{
         event::{Event, Part, RawEvent, State, Transition, decode},
         filter::CompiledFilter,
     },
+    shared::{DEFAULT_MAX_SOCKETS, FastMap},
 };
 
 /// Decode, filter, track and timewait, once.
@@ -59,7 +60,7 @@ impl Pipeline {
             filter,
             tracker: None,
             timewaits: None,
-            cap: DEFAULT_CAP,
+            cap: DEFAULT_MAX_SOCKETS,
             undecodable: 0,
             records: false,
             head: None,

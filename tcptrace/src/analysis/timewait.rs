@@ -10,8 +10,8 @@
 use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
-    analysis::closes::FastMap,
     model::event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
 };
 
 /// How a timewait socket ended.
@@ -223,7 +223,7 @@ pub struct Timewaits {
     traced: bool,
     /// Timewait sockets created so far.
     created: u64,
-    /// The most timewait sockets followed at once (0: [`crate::analysis::closes::DEFAULT_CAP`]).
+    /// The most timewait sockets followed at once (0: [`DEFAULT_MAX_SOCKETS`]).
     cap: usize,
     /// Timewait sockets forgotten because the cap was reached, or because their end was
     /// never seen.
@@ -290,7 +290,7 @@ impl Timewaits {
     /// Makes room for one more timewait socket.
     fn make_room(&mut self) {
         let cap = match self.cap {
-            0 => crate::analysis::closes::DEFAULT_CAP,
+            0 => DEFAULT_MAX_SOCKETS,
             n => n,
         };
         let len = self.live.len();
@@ -298,7 +298,7 @@ impl Timewaits {
             return;
         }
         let sample = self.live.values().take(1024).map(|l| l.since_ns).collect();
-        let threshold = crate::analysis::closes::eviction_threshold(sample, (cap / 16).max(1), len);
+        let threshold = eviction_threshold(sample, (cap / 16).max(1), len);
         self.forget(|l| l.since_ns <= threshold);
     }
 

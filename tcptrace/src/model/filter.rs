@@ -142,7 +142,7 @@ impl Filter {
 pub struct CompiledFilter {
     kernel: Config,
     shown_states: u32,
-    ports: crate::analysis::closes::FastMap<u16, u8>,
+    ports: crate::shared::FastMap<u16, u8>,
     pids: Vec<u32>,
     comms: Vec<String>,
     laddrs: Vec<IpNet>,

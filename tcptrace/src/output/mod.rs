@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     analysis::{
-        closes::{Close, FastMap},
+        closes::Close,
         reason::{ResetNames, end_reason},
         timewait::{End, Exit},
     },
@@ -23,6 +23,7 @@ use crate::{
         cgroup::{CgroupName, Cgroups},
         event::{Details, Direction, Owner, Reset, State, Transition},
     },
+    shared::FastMap,
 };
 
 /// Output format.

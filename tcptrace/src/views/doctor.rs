@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::{
     analysis::{
-        closes::{FastMap, Initiator, Role},
+        closes::{Initiator, Role},
         pipeline::Pipeline,
         timewait::End,
     },
@@ -25,6 +25,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_ns},
+    shared::FastMap,
     source::diag::{DiagTimewait, Existing},
     views::{
         Flow, Interval, View,

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use crate::{
     analysis::{
-        closes::{Close, FastMap, service_port},
+        closes::{Close, service_port},
         pipeline::Pipeline,
         timewait::End,
     },
@@ -23,6 +23,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns},
+    shared::FastMap,
     views::{Flow, View},
 };
 

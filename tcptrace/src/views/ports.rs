@@ -24,12 +24,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    analysis::{closes::FastMap, pipeline::Pipeline, timewait::End},
+    analysis::{pipeline::Pipeline, timewait::End},
     model::{
         event::{Event, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, rfc3339, write_rows},
+    shared::FastMap,
     source::diag::{DiagTimewait, Existing},
     views::{Flow, Interval, View},
 };

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use crate::{
     analysis::{
-        closes::{Close, FastMap, How, Initiator, Role, service_port},
+        closes::{Close, How, Initiator, Role, service_port},
         pipeline::Pipeline,
         reason::{ResetNames, end_reason},
         timewait::End,
@@ -20,6 +20,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
+    shared::FastMap,
     views::{Flow, View},
 };
 

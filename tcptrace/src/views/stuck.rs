@@ -14,12 +14,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    analysis::{closes::FastMap, pipeline::Pipeline},
+    analysis::pipeline::Pipeline,
     model::{
         event::{Event, Owner, RawEvent, State, Transition},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
+    shared::FastMap,
     source::diag::Existing,
     views::{Flow, Interval, View},
 };

@@ -21,7 +21,7 @@ use prometheus_client::{
 
 use crate::{
     analysis::{
-        closes::{FastMap, Role, service_port},
+        closes::{Role, service_port},
         pipeline::Pipeline,
         timewait::End,
     },
@@ -29,6 +29,7 @@ use crate::{
         event::{Details, Direction, Event, RawEvent, State},
         filter::CompiledFilter,
     },
+    shared::FastMap,
     views::{Flow, View},
 };
 

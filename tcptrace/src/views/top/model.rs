@@ -10,7 +10,8 @@ use std::{
 
 pub use crate::views::report::Way;
 use crate::{
-    analysis::closes::{Close, FastMap, How, Initiator, Role, service_port},
+    analysis::closes::{Close, How, Initiator, Role, service_port},
+    shared::FastMap,
     views::ports::{self, Dest, Peak},
 };
 
