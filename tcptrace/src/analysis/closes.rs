@@ -27,7 +27,10 @@ use tcptrace_common::verdict::{Evidence, Verdict, conclude};
 pub use tcptrace_common::verdict::{How, Initiator, Role};
 
 use crate::{
-    model::event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition},
+    model::{
+        event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition},
+        filter::CompiledFilter,
+    },
     shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
 };
 
@@ -255,6 +258,14 @@ impl Live {
 impl std::fmt::Debug for Live {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Live({} sockets)", self.len)
+    }
+}
+
+/// What a filter says of closes (the model knows nothing of them).
+impl CompiledFilter {
+    /// The userspace part for a classified close.
+    pub fn keeps_close(&self, c: &Close) -> bool {
+        self.keeps_parts(c.owner.as_ref(), c.local, c.remote, c.netns, c.cgroup)
     }
 }
 

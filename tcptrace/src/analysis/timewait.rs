@@ -10,7 +10,10 @@
 use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
-    model::event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
+    model::{
+        event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
+        filter::CompiledFilter,
+    },
     shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
 };
 
@@ -208,6 +211,19 @@ struct Rearm {
 const CANCEL_GRACE_NS: u64 = 100_000_000;
 /// How long an entry into TIME_WAIT waits for its timewait socket's arming.
 const ARM_GRACE_NS: u64 = 100_000_000;
+
+/// What a filter says of timewait sockets (the model knows nothing of them).
+impl CompiledFilter {
+    /// The userspace part for a timewait socket's end.
+    pub fn keeps_exit(&self, x: &Exit) -> bool {
+        self.keeps_parts(x.owner.as_ref(), x.local, x.remote, x.netns, x.cgroup)
+    }
+
+    /// The userspace part for a live timewait socket.
+    pub fn keeps_life(&self, l: &Life) -> bool {
+        self.keeps_parts(l.owner.as_ref(), l.local, l.remote, l.netns, l.cgroup)
+    }
+}
 
 /// Follows timewait sockets.
 #[derive(Debug, Default)]

@@ -15,14 +15,11 @@ use tcptrace_common::{
 };
 
 use crate::{
-    analysis::{
-        closes::Close,
-        timewait::{Exit, Life},
-    },
     model::{
         cgroup::{CgroupFilter, Cgroups},
         event::{Owner, RawEvent, Reset, State, Transition},
     },
+    shared::FastMap,
 };
 
 /// Everything a user can filter on.
@@ -142,7 +139,7 @@ impl Filter {
 pub struct CompiledFilter {
     kernel: Config,
     shown_states: u32,
-    ports: crate::shared::FastMap<u16, u8>,
+    ports: FastMap<u16, u8>,
     pids: Vec<u32>,
     comms: Vec<String>,
     laddrs: Vec<IpNet>,
@@ -237,21 +234,6 @@ impl CompiledFilter {
         // A connection record: judged whatever its states.
         raw.kind = tcptrace_common::kind::CONNECTION;
         self.kernel_keeps(&raw) && self.keeps_parts(None, local, remote, netns, None)
-    }
-
-    /// The userspace part for a classified close.
-    pub fn keeps_close(&self, c: &Close) -> bool {
-        self.keeps_parts(c.owner.as_ref(), c.local, c.remote, c.netns, c.cgroup)
-    }
-
-    /// The userspace part for a timewait socket's end.
-    pub fn keeps_exit(&self, x: &Exit) -> bool {
-        self.keeps_parts(x.owner.as_ref(), x.local, x.remote, x.netns, x.cgroup)
-    }
-
-    /// The userspace part for a live timewait socket.
-    pub fn keeps_life(&self, l: &Life) -> bool {
-        self.keeps_parts(l.owner.as_ref(), l.local, l.remote, l.netns, l.cgroup)
     }
 
     /// The userspace part for anything with an owner, two endpoints, a network namespace
