@@ -383,7 +383,7 @@ pub struct FilterArgs {
     /// Sockets in this network namespace: an inode number, a namespace file
     /// (/run/netns/NAME, /proc/PID/ns/net) or a NAME from `ip netns`. Up to eight are
     /// filtered in the kernel.
-    #[arg(long, value_name = "NETNS", value_delimiter = ',', value_parser = crate::model::filter::parse_netns)]
+    #[arg(long, value_name = "NETNS", value_delimiter = ',', value_parser = crate::model::netns::parse_netns)]
     pub netns: Vec<u32>,
     /// Sockets in this cgroup or below it: a path under the cgroup2 mount
     /// (/system.slice/nginx.service; the mount point may be included), or a container id,

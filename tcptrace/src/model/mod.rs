@@ -4,3 +4,4 @@
 pub mod cgroup;
 pub mod event;
 pub mod filter;
+pub mod netns;
