@@ -197,8 +197,8 @@ pub enum Event {
     Transition(Transition),
     /// A reset.
     Reset(Reset),
-    /// A connection's end, with its whole life (assembled by the
-    /// [`Pipeline`](crate::analysis::pipeline::Pipeline) from the record's two slots).
+    /// A connection's end, with its whole life (assembled by the analysis's pipeline from
+    /// the record's two slots).
     Connection(Connection),
     /// What the kernel's counters said of a connection at its end: comes right before the
     /// end's own event (its transition into CLOSE, or its connection record).
@@ -260,8 +260,8 @@ impl Connection {
         (self.tail.born_ns != 0).then_some(self.tail.born_ns)
     }
 
-    /// Bit `1 << state` for every state the socket was seen in, as a
-    /// [`Close`](crate::analysis::closes::Close) has it.
+    /// Bit `1 << state` for every state the socket was seen in, as the analysis's classified
+    /// close has it.
     pub fn states(&self) -> u16 {
         let mut bits = 0u16;
         self.transitions(|t| bits |= 1 << t.from as u16 | 1 << t.to as u16);
