@@ -22,7 +22,8 @@ use crate::{
     output::{Renderer, Style, local_utc_offset_secs},
     source::{
         check, diag,
-        probe::{self, Probe, ProbeConfig, wall_offset_ns},
+        host::{self, wall_offset_ns},
+        probe::{self, Probe, ProbeConfig},
         record::{self, Reader, Writer, header_flag},
     },
     views::{
@@ -148,7 +149,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 // Live, count the TIME_WAIT sockets that exist already, in every namespace.
                 Ok(Box::new(if live {
                     let found = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&found, probe::monotonic_ns())
+                    view.seed(&found, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -179,7 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .timers(facts.timers);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, probe::monotonic_ns())
+                    view.seed(&facts.open_at_start(), &tws, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -214,7 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .count_problems_in(counted);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.open_at_start(), &tws, probe::monotonic_ns())
+                    view.seed(&facts.open_at_start(), &tws, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -243,7 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     facts.wall_offset_ns,
                     a.interval.as_nanos() as u64,
                 );
-                Ok(Box::new(view.seed(&facts.at_start, probe::monotonic_ns())))
+                Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
             })
         }
         Some(Command::Hist(a)) => {
@@ -342,7 +343,7 @@ fn top(a: &TopArgs) -> Result<()> {
         .timers(facts.timers)
         .known_at_start(&facts.roles_at_start());
         let timewaits = backfill_timewaits(a.source.max_sockets);
-        let now = probe::monotonic_ns();
+        let now = host::monotonic_ns();
         let view = view
             .seed(&timewaits, now)
             .seed_ports(&facts.open_at_start(), &timewaits, now);
@@ -391,7 +392,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             .seed_ports(
                 &facts.open_at_start(),
                 &ports_timewait,
-                probe::monotonic_ns(),
+                host::monotonic_ns(),
             )
             .doctor(
                 Box::new(doctor::Host),
@@ -925,7 +926,7 @@ pub fn live(
                     if feed(&mut probe, view, false)? == Flow::Done {
                         return Ok(());
                     }
-                    if view.tick(probe::monotonic_ns())? == Flow::Done {
+                    if view.tick(host::monotonic_ns())? == Flow::Done {
                         return Ok(());
                     }
                 }

@@ -14,7 +14,10 @@ use common::*;
 use tcptrace::{
     analysis::timewait::{End, Exit, OverflowProof, Timewaits},
     model::event::{Event, State, TimerEvent, TimerOp, decode},
-    source::probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
+    source::{
+        host::monotonic_ns,
+        probe::{DEFAULT_RING_BYTES, Probe},
+    },
 };
 
 /// A server in namespace b that accepts `n` connections and closes each after the client.

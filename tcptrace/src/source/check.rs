@@ -2,9 +2,10 @@
 
 use std::fmt::Write as _;
 
-use crate::source::probe::{
-    self, Probe, ProbeConfig, parse_receive_reset_format, parse_send_reset_format,
-    parse_set_state_format,
+use super::{
+    host, offsets,
+    probe::{Probe, ProbeConfig},
+    tracefs::{self, parse_receive_reset_format, parse_send_reset_format, parse_set_state_format},
 };
 
 /// One line of the preflight.
@@ -44,14 +45,14 @@ fn kernel_version() -> Option<(u32, u32, String)> {
 }
 
 fn read_format(category: &str, name: &str) -> Result<String, String> {
-    let path = probe::tracepoint_format(category, name).map_err(|e| e.to_string())?;
+    let path = tracefs::tracepoint_format(category, name).map_err(|e| e.to_string())?;
     std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Runs every check; `load` also loads and attaches the real program for a moment.
 pub fn run(load: bool) -> Vec<Item> {
     let mut items = Vec::new();
-    let caps = probe::capabilities();
+    let caps = host::capabilities();
     items.push(item("privileges", true, caps.verdict()));
     items.push(item(
         "kernel",
@@ -67,7 +68,7 @@ pub fn run(load: bool) -> Vec<Item> {
     // The BTF programs read the kernel's objects: they need the kernel's BTF, not tracefs.
     // Without them, the classic programs need the tracepoint's format file.
     let btf_programs = crate::source::btf::Btf::from_sys()
-        .and_then(|b| probe::sock_offsets(&b))
+        .and_then(|b| offsets::sock_offsets(&b))
         .map(|_| "the kernel's BTF describes the sockets the BTF tracepoints hand over".into());
     let classic_needed = btf_programs.is_err();
     items.push(item("BTF tracepoints", false, btf_programs));
@@ -99,7 +100,7 @@ pub fn run(load: bool) -> Vec<Item> {
         "connection details",
         false,
         crate::source::btf::Btf::from_sys()
-            .and_then(|b| probe::tcp_offsets(&b))
+            .and_then(|b| offsets::tcp_offsets(&b))
             .map(|_| {
                 "bytes, segments, retransmissions, round-trip times and errors are read from \
                  each socket at its end"
@@ -147,15 +148,15 @@ pub fn run(load: bool) -> Vec<Item> {
     items.push(item(
         "tw_timer_handler",
         false,
-        probe::kallsyms_address("tw_timer_handler")
+        host::kallsyms_address("tw_timer_handler")
             .map(|a| format!("at {a:#x} in /proc/kallsyms"))
             .map_err(|e| format!("{e}: no TIME_WAIT exits (run as root, or add CAP_SYSLOG)")),
     ));
     items.push(item(
         "timer tracepoints",
         false,
-        probe::timewait_offsets()
-            .and_then(|mut o| probe::timer_format_offsets(&mut o))
+        offsets::timewait_offsets()
+            .and_then(|mut o| tracefs::timer_format_offsets(&mut o))
             .map(|()| "timer:timer_start, timer_cancel, timer_expire_entry".into())
             .map_err(|e| format!("{e}: no TIME_WAIT exits")),
     ));
@@ -189,7 +190,7 @@ pub fn run(load: bool) -> Vec<Item> {
 fn containers() -> Result<String, String> {
     let btf = crate::source::btf::Btf::from_sys()
         .map_err(|e| format!("{e}: namespaces and cgroups are not reported"))?;
-    let (_, missing) = probe::ns_offsets(&btf);
+    let (_, missing) = offsets::ns_offsets(&btf);
     if !missing.is_empty() {
         return Err(missing.join("; "));
     }

@@ -5,5 +5,8 @@
 pub mod btf;
 pub mod check;
 pub mod diag;
+pub mod host;
+pub mod offsets;
 pub mod probe;
 pub mod record;
+pub mod tracefs;

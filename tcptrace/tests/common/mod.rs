@@ -409,7 +409,7 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
         std::thread::sleep(Duration::from_millis(50));
         let mut raw = Vec::new();
         probe.drain(&mut raw);
-        let now = tcptrace::source::probe::monotonic_ns();
+        let now = tcptrace::source::host::monotonic_ns();
         from_transitions.feed(&raw, now);
         from_records.feed(&raw, now);
         raw_all.extend(raw);
