@@ -44,9 +44,9 @@ fn kernel_version() -> Option<(u32, u32, String)> {
     Some((major, minor, release))
 }
 
+/// A tracepoint's format file, or why it cannot be read.
 fn read_format(category: &str, name: &str) -> Result<String, String> {
-    let path = tracefs::tracepoint_format(category, name).map_err(|e| e.to_string())?;
-    std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    tracefs::read_format(category, name).map_err(|e| e.to_string())
 }
 
 /// Runs every check; `load` also loads and attaches the real program for a moment.

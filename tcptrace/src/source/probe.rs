@@ -6,10 +6,7 @@
 //! [`RawEvent`], exactly what a recording holds, so every view works the same live and on a
 //! recording.
 
-use std::{
-    fs,
-    os::fd::{AsFd as _, AsRawFd as _, RawFd},
-};
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -23,8 +20,8 @@ use super::{
     host::{capabilities, monotonic_ns},
     offsets::{ns_offsets, sock_offsets, tcp_offsets, timewait_offsets_in},
     tracefs::{
-        parse_receive_reset_format, parse_send_reset_format, parse_set_state_format,
-        timer_format_offsets, tracepoint_format,
+        parse_receive_reset_format, parse_send_reset_format, parse_set_state_format, read_format,
+        timer_format_offsets,
     },
 };
 use crate::model::event::{RawEvent, raw_lost};
@@ -284,9 +281,7 @@ impl Probe {
     fn start_classic(cfg: &ProbeConfig, mut kcfg: Config) -> Result<Probe, ProbeError> {
         // The classic programs write every transition and reset, and no connection record.
         kcfg.records = 0;
-        let format_path = tracepoint_format("sock", "inet_sock_set_state")?;
-        let text = fs::read_to_string(&format_path)
-            .map_err(|e| ProbeError::NoTracepoint(format!("{}: {e}", format_path.display())))?;
+        let text = read_format("sock", "inet_sock_set_state")?;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
         if cfg.paths == Paths::Portable {
             // What a kernel whose record layout tcptrace does not know takes: a helper read
@@ -736,9 +731,7 @@ fn attach_optional(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<(), St
 /// The offsets of an optional `tcp:*` tracepoint, or None (with one warning) when this kernel
 /// does not have it in a form tcptrace understands.
 fn optional_format<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Option<T> {
-    let text = tracepoint_format("tcp", name)
-        .ok()
-        .and_then(|p| fs::read_to_string(p).ok());
+    let text = read_format("tcp", name).ok();
     let Some(text) = text else {
         log::warn!("tcp:{name} is not available on this kernel; resets will show as `unknown`");
         return None;

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
+    fmt, fs,
     path::{Path, PathBuf},
 };
 
@@ -16,8 +16,42 @@ use super::probe::ProbeError;
 /// Where tracefs may be mounted.
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
+/// Why a tracepoint's format file could not be read.
+#[derive(Debug)]
+pub enum FormatUnread {
+    /// Not found, or tracefs is closed to this process.
+    Missing(ProbeError),
+    /// Found, but reading it failed (`path: error`).
+    Unreadable(String),
+}
+
+impl fmt::Display for FormatUnread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FormatUnread::Missing(e) => e.fmt(f),
+            FormatUnread::Unreadable(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<FormatUnread> for ProbeError {
+    fn from(e: FormatUnread) -> ProbeError {
+        match e {
+            FormatUnread::Missing(e) => e,
+            FormatUnread::Unreadable(s) => ProbeError::NoTracepoint(s),
+        }
+    }
+}
+
+/// The text of the format file of tracepoint `category:name`: the one reader of format files.
+pub fn read_format(category: &str, name: &str) -> Result<String, FormatUnread> {
+    let path = tracepoint_format(category, name).map_err(FormatUnread::Missing)?;
+    fs::read_to_string(&path)
+        .map_err(|e| FormatUnread::Unreadable(format!("{}: {e}", path.display())))
+}
+
 /// The path of a tracepoint's format file, mounting tracefs if no tracefs is mounted.
-pub fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> {
+fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeError> {
     let rel = format!("events/{category}/{name}/format");
     let find = || {
         TRACEFS
@@ -54,47 +88,48 @@ pub fn tracepoint_format(category: &str, name: &str) -> Result<PathBuf, ProbeErr
     )))
 }
 
-/// The fields of a tracepoint format file: name → (offset, size).
-fn parse_fields(text: &str) -> HashMap<&str, (u16, u16)> {
-    let mut fields = HashMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("field:") else {
-            continue;
-        };
-        let mut decl = "";
-        let mut offset = None;
-        let mut size = None;
-        for (i, part) in rest.split(';').enumerate() {
-            let part = part.trim();
-            if i == 0 {
-                decl = part;
-            } else if let Some(v) = part.strip_prefix("offset:") {
-                offset = v.parse().ok();
-            } else if let Some(v) = part.strip_prefix("size:") {
-                size = v.parse().ok();
-            }
-        }
-        let name = decl
-            .rsplit([' ', '*'])
-            .next()
-            .unwrap_or("")
-            .split('[')
-            .next()
-            .unwrap_or("");
-        if let (Some(o), Some(s)) = (offset, size) {
-            fields.insert(name, (o, s));
-        }
-    }
-    fields
-}
-
-/// Looks up fields of one tracepoint, checking their sizes.
+/// The fields of one tracepoint's format file, name → (offset, size), looked up with their
+/// sizes checked.
 struct Fields<'a> {
     tracepoint: &'static str,
     fields: HashMap<&'a str, (u16, u16)>,
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
+    /// Parses `text`, the format file of `tracepoint`: the one parser of format files.
+    fn parse(tracepoint: &'static str, text: &'a str) -> Fields<'a> {
+        let mut fields = HashMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.trim().strip_prefix("field:") else {
+                continue;
+            };
+            let mut decl = "";
+            let mut offset = None;
+            let mut size = None;
+            for (i, part) in rest.split(';').enumerate() {
+                let part = part.trim();
+                if i == 0 {
+                    decl = part;
+                } else if let Some(v) = part.strip_prefix("offset:") {
+                    offset = v.parse().ok();
+                } else if let Some(v) = part.strip_prefix("size:") {
+                    size = v.parse().ok();
+                }
+            }
+            let name = decl
+                .rsplit([' ', '*'])
+                .next()
+                .unwrap_or("")
+                .split('[')
+                .next()
+                .unwrap_or("");
+            if let (Some(o), Some(s)) = (offset, size) {
+                fields.insert(name, (o, s));
+            }
+        }
+        Fields { tracepoint, fields }
+    }
+
     fn get(&self, name: &str, size: u16) -> Result<u16, String> {
         match self.fields.get(name) {
             Some(&(o, s)) if s == size => Ok(o),
@@ -109,10 +144,7 @@ impl Fields<'_> {
 
 /// Reads the field offsets tcptrace needs from `sock:inet_sock_set_state`'s format file.
 pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
-    let f = Fields {
-        tracepoint: "sock:inet_sock_set_state",
-        fields: parse_fields(text),
-    };
+    let f = Fields::parse("sock:inet_sock_set_state", text);
     let protocol = f
         .get("protocol", 2)
         .map_err(|e| format!("{e} (the protocol field needs Linux 4.18 or later)"))?;
@@ -134,10 +166,7 @@ pub fn parse_set_state_format(text: &str) -> Result<SetStateOffsets, String> {
 
 /// Reads `tcp:tcp_send_reset`'s offsets (the `reason` field exists from Linux 6.10 on).
 pub fn parse_send_reset_format(text: &str) -> Result<SendResetOffsets, String> {
-    let f = Fields {
-        tracepoint: "tcp:tcp_send_reset",
-        fields: parse_fields(text),
-    };
+    let f = Fields::parse("tcp:tcp_send_reset", text);
     Ok(SendResetOffsets {
         skaddr: f.get("skaddr", 8)?,
         state: f.get("state", 4)?,
@@ -150,10 +179,7 @@ pub fn parse_send_reset_format(text: &str) -> Result<SendResetOffsets, String> {
 
 /// Reads `tcp:tcp_receive_reset`'s offsets.
 pub fn parse_receive_reset_format(text: &str) -> Result<ReceiveResetOffsets, String> {
-    let f = Fields {
-        tracepoint: "tcp:tcp_receive_reset",
-        fields: parse_fields(text),
-    };
+    let f = Fields::parse("tcp:tcp_receive_reset", text);
     Ok(ReceiveResetOffsets {
         skaddr: f.get("skaddr", 8)?,
         sport: f.get("sport", 2)?,
@@ -166,27 +192,15 @@ pub fn parse_receive_reset_format(text: &str) -> Result<ReceiveResetOffsets, Str
 
 /// Where the classic timer programs find their fields in the `timer:*` tracepoints' records.
 pub fn timer_format_offsets(o: &mut TimewaitOffsets) -> Result<(), String> {
-    let format = |name: &str| -> Result<String, String> {
-        let path = tracepoint_format("timer", name).map_err(|e| e.to_string())?;
-        fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
-    };
+    let format = |name: &str| read_format("timer", name).map_err(|e| e.to_string());
     let (start, expire, cancel) = (
         format("timer_start")?,
         format("timer_expire_entry")?,
         format("timer_cancel")?,
     );
-    let start = Fields {
-        tracepoint: "timer:timer_start",
-        fields: parse_fields(&start),
-    };
-    let expire = Fields {
-        tracepoint: "timer:timer_expire_entry",
-        fields: parse_fields(&expire),
-    };
-    let cancel = Fields {
-        tracepoint: "timer:timer_cancel",
-        fields: parse_fields(&cancel),
-    };
+    let start = Fields::parse("timer:timer_start", &start);
+    let expire = Fields::parse("timer:timer_expire_entry", &expire);
+    let cancel = Fields::parse("timer:timer_cancel", &cancel);
     o.start_timer = start.get("timer", 8)?;
     o.start_function = start.get("function", 8)?;
     o.start_expires = start.get("expires", 8)?;
