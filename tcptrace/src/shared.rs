@@ -1,5 +1,5 @@
 //! What every layer shares: the hash map every table uses, the bound on how many sockets a
-//! table follows and how the oldest are evicted past it.
+//! table follows and how the oldest are evicted past it, and the units of time.
 //!
 //! Uses nothing else in the crate; every layer may use it.
 
@@ -23,4 +23,14 @@ pub(crate) fn eviction_threshold(mut sample: Vec<u64>, want: usize, len: usize) 
     sample.sort_unstable();
     let idx = (want * sample.len() / len.max(1)).saturating_sub(1);
     sample[idx.min(sample.len() - 1)]
+}
+
+/// Nanoseconds in a millisecond.
+pub const NS_PER_MS: u64 = 1_000_000;
+/// Nanoseconds in a second: events' times and every duration are in nanoseconds.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// `ns` in seconds, for rates and for metrics in seconds.
+pub fn ns_to_secs(ns: u64) -> f64 {
+    ns as f64 / NS_PER_SEC as f64
 }

@@ -31,7 +31,7 @@ use crate::{
         event::{Connection, Details, Direction, Event, Owner, Reset, State, Transition},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, eviction_threshold},
 };
 
 /// The end of one socket's life, classified.
@@ -97,7 +97,7 @@ pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
 
 /// How long an abort waits for the reset that explains it (the application's abortive close
 /// logs the transition first and its reset right after, on the same CPU).
-const RESET_GRACE_NS: u64 = 50_000_000;
+const RESET_GRACE_NS: u64 = 50 * NS_PER_MS;
 
 /// What is known of one live socket, unpacked (see [`Slot`] for how it is stored).
 #[derive(Clone, Copy, Debug)]
@@ -282,6 +282,8 @@ struct Pending {
 /// At most this many crossed closes wait for their peer's close (a simultaneous close is
 /// rare; the bound only matters if the peer is never traced).
 const CROSSED_CAP: usize = 4096;
+/// When they are that many, the crossings older than this are forgotten.
+const CROSSED_HORIZON_NS: u64 = 120 * NS_PER_SEC;
 
 /// Follows sockets and classifies their closes.
 #[derive(Debug)]
@@ -501,7 +503,7 @@ impl Tracker {
     /// when it closes, so both records agree.
     fn crossing(&mut self, t: &Transition) {
         if self.crossed.len() >= CROSSED_CAP {
-            let horizon = self.clock.saturating_sub(120_000_000_000);
+            let horizon = self.clock.saturating_sub(CROSSED_HORIZON_NS);
             self.crossed.retain(|_, ts| *ts > horizon);
             if self.crossed.len() >= CROSSED_CAP {
                 self.crossed.clear();

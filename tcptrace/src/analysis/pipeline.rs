@@ -21,7 +21,7 @@ use crate::{
         event::{Event, Part, RawEvent, State, Transition, decode},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS},
 };
 
 /// Decode, filter, track and timewait, once.
@@ -355,7 +355,7 @@ impl Pipeline {
 /// How long a close whose timewait socket was created in FIN_WAIT2 waits for that socket's
 /// fate: moved to TIME_WAIT by the peer's FIN, or killed (the peer's data answered with a
 /// reset) — which a kill shows within the timewait follower's own wait for a re-arm.
-const FATE_GRACE_NS: u64 = 300_000_000;
+const FATE_GRACE_NS: u64 = 300 * NS_PER_MS;
 
 /// Closes that entered TIME_WAIT by the kernel's transition, but whose timewait socket was
 /// created in FIN_WAIT2 — an orphan whose peer has not sent its FIN yet — or not at all. Such a socket mostly moves to TIME_WAIT when that FIN comes (often

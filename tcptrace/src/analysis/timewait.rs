@@ -14,7 +14,7 @@ use crate::{
         event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, eviction_threshold},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, eviction_threshold},
 };
 
 /// How a timewait socket ended.
@@ -135,7 +135,7 @@ pub struct OverflowProof {
 
 /// A namespace's count is read at most this often: reading it enters the namespace, and
 /// entries without a timewait socket come fastest when timer events are being lost.
-const PROOF_READ_EVERY_NS: u64 = 20_000_000;
+const PROOF_READ_EVERY_NS: u64 = 20 * NS_PER_MS;
 
 impl OverflowProof {
     /// Proof read with `read`; the counts of `namespaces` (those that exist now) are taken
@@ -208,9 +208,9 @@ struct Rearm {
 }
 
 /// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
-const CANCEL_GRACE_NS: u64 = 100_000_000;
+const CANCEL_GRACE_NS: u64 = 100 * NS_PER_MS;
 /// How long an entry into TIME_WAIT waits for its timewait socket's arming.
-const ARM_GRACE_NS: u64 = 100_000_000;
+const ARM_GRACE_NS: u64 = 100 * NS_PER_MS;
 
 /// What a filter says of timewait sockets (the model knows nothing of them).
 impl CompiledFilter {
@@ -253,12 +253,18 @@ pub struct Timewaits {
     unproven: u64,
 }
 
+/// How long a TIME_WAIT lasts (the kernel's `TCP_TIMEWAIT_LEN`), and the default FIN_WAIT2
+/// timeout of an orphan (`tcp_fin_timeout`).
+pub const TCP_TIMEWAIT_LEN_NS: u64 = 60 * NS_PER_SEC;
+/// The longest FIN_WAIT2 timeout `tcp_fin_timeout` may set (the kernel's
+/// `TCP_FIN_TIMEOUT_MAX`).
+pub const TCP_FIN_TIMEOUT_MAX_NS: u64 = 120 * NS_PER_SEC;
 /// How often lives whose end was never seen are looked for.
-const SWEEP_EVERY_NS: u64 = 10_000_000_000;
-/// No timewait socket outlives its last arming by this much: TIME_WAIT is 60 s, an orphan's
-/// FIN_WAIT2 timeout at most 120 s (`tcp_fin_timeout`'s maximum). Older lives lost their end
-/// (the kernel skipped a timer event) and would otherwise stay forever.
-const STALE_NS: u64 = 180_000_000_000;
+pub const SWEEP_EVERY_NS: u64 = 10 * NS_PER_SEC;
+/// No timewait socket outlives its last arming by this much: its timer runs a TIME_WAIT
+/// (60 s) or an orphan's FIN_WAIT2 timeout (at most 120 s), and their sum leaves room. Older
+/// lives lost their end (the kernel skipped a timer event) and would otherwise stay forever.
+pub const STALE_NS: u64 = TCP_TIMEWAIT_LEN_NS + TCP_FIN_TIMEOUT_MAX_NS;
 
 impl Timewaits {
     /// `traced`: whether the probe traces the timers (else entries prove nothing missing).
@@ -631,7 +637,7 @@ mod tests {
 
     const C: &str = "10.0.0.1:40000";
     const S: &str = "10.0.0.2:80";
-    const SEC: u64 = 1_000_000_000;
+    const SEC: u64 = NS_PER_SEC;
 
     fn armed(ts: u64, tw: u64, substate: State, local: &str) -> Event {
         Event::Timer(TimerEvent {

@@ -23,7 +23,7 @@ use crate::{
         cgroup::{CgroupName, Cgroups},
         event::{Details, Direction, Owner, Reset, State, Transition},
     },
-    shared::FastMap,
+    shared::{FastMap, NS_PER_SEC},
 };
 
 /// Output format.
@@ -500,9 +500,9 @@ impl Renderer {
     /// Local wall-clock time of day with microseconds.
     fn clock(&self, ts_ns: u64) -> String {
         let ns = wall_ns(ts_ns, self.style.wall_offset_ns)
-            + i128::from(self.style.utc_offset_secs) * 1_000_000_000;
-        let secs = ns.div_euclid(1_000_000_000);
-        let micros = ns.rem_euclid(1_000_000_000) / 1000;
+            + i128::from(self.style.utc_offset_secs) * i128::from(NS_PER_SEC);
+        let secs = ns.div_euclid(i128::from(NS_PER_SEC));
+        let micros = ns.rem_euclid(i128::from(NS_PER_SEC)) / 1000;
         let day = secs.rem_euclid(86_400);
         format!(
             "{:02}:{:02}:{:02}.{micros:06}",
@@ -649,11 +649,11 @@ impl SecondCache {
     /// Appends `unix_ns` as [`WallTime`] prints it.
     fn write(&mut self, b: &mut Vec<u8>, unix_ns: i128) {
         let (sec, nanos) = (
-            unix_ns.div_euclid(1_000_000_000),
-            unix_ns.rem_euclid(1_000_000_000),
+            unix_ns.div_euclid(i128::from(NS_PER_SEC)),
+            unix_ns.rem_euclid(i128::from(NS_PER_SEC)),
         );
         if self.second != Some(sec) {
-            let whole = WallTime(sec * 1_000_000_000).to_string();
+            let whole = WallTime(sec * i128::from(NS_PER_SEC)).to_string();
             // Without the nine zeros and the Z: "…:SS."; an invalid time has no such tail.
             let Some(prefix) = whole.strip_suffix("000000000Z") else {
                 b.extend_from_slice(WallTime(unix_ns).to_string().as_bytes());

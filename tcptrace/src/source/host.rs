@@ -3,6 +3,8 @@
 
 use std::fs;
 
+use crate::shared::NS_PER_SEC;
+
 /// The address of a kernel symbol; restricted `kallsyms` (zeros) is an error.
 pub fn kallsyms_address(symbol: &str) -> Result<u64, String> {
     let text = fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
@@ -48,7 +50,7 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     };
     // SAFETY: a valid clock id and a valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    i128::from(ts.tv_sec) * i128::from(NS_PER_SEC) + i128::from(ts.tv_nsec)
 }
 
 /// The effective capabilities that matter to tcptrace.

@@ -25,7 +25,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_ns},
-    shared::FastMap,
+    shared::{FastMap, NS_PER_SEC},
     source::diag::{DiagTimewait, Existing},
     views::{
         Flow, Interval, View,
@@ -692,7 +692,7 @@ impl Collector {
 }
 
 /// How often the doctor view samples the ports held and the TIME_WAIT population.
-const SAMPLE_EVERY_NS: u64 = 1_000_000_000;
+const SAMPLE_EVERY_NS: u64 = NS_PER_SEC;
 
 /// The view.
 pub struct Doctor<W: Write> {

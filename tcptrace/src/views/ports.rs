@@ -30,7 +30,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, rfc3339, write_rows},
-    shared::FastMap,
+    shared::{FastMap, NS_PER_MS, ns_to_secs},
     source::diag::{DiagTimewait, Existing},
     views::{Flow, Interval, View},
 };
@@ -323,7 +323,7 @@ impl PortsCore {
             if keep(t.local, t.remote, t.netns)
                 && self.ranges.range(t.netns).contains(t.local.port())
             {
-                let expires = now_ns + u64::from(t.expires_ms) * 1_000_000;
+                let expires = now_ns + u64::from(t.expires_ms) * NS_PER_MS;
                 self.timewait_at_start
                     .push((t.netns, t.local, t.remote, expires));
             }
@@ -425,7 +425,7 @@ impl PortsCore {
     pub fn snapshot(&mut self, population: &[TimewaitTuple], now: u64) -> Vec<Row> {
         let secs = self
             .window_start
-            .map_or(1.0, |w| now.saturating_sub(w) as f64 / 1e9)
+            .map_or(1.0, |w| ns_to_secs(now.saturating_sub(w)))
             .max(1e-3);
         let held = self.held(population, now);
         let window = std::mem::take(&mut self.window);
@@ -685,7 +685,7 @@ mod tests {
         }
     }
 
-    const SEC: u64 = 1_000_000_000;
+    const SEC: u64 = crate::shared::NS_PER_SEC;
     const SERVER: &str = "10.0.0.2:80";
 
     fn t(ts: u64, sk: u64, lport: u16, from: State, to: State) -> RawEvent {

@@ -20,7 +20,7 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns, rfc3339, write_rows},
-    shared::FastMap,
+    shared::{FastMap, ns_to_secs},
     views::{Flow, View},
 };
 
@@ -662,7 +662,7 @@ pub fn render_text(s: &Summary) -> String {
         "tcptrace report: {} to {} ({:.1} s), {} connections closed",
         s.start,
         s.end,
-        s.duration_ns as f64 / 1e9,
+        ns_to_secs(s.duration_ns),
         s.connections
     );
     if s.lost > 0 {

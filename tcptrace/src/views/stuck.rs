@@ -401,7 +401,7 @@ mod tests {
         filter::Filter,
     };
 
-    const SEC: u64 = 1_000_000_000;
+    const SEC: u64 = crate::shared::NS_PER_SEC;
 
     fn t(ts: u64, local: &str, remote: &str, from: State, to: State, pid: Option<u32>) -> RawEvent {
         encode(&Transition {

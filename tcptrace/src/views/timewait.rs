@@ -14,20 +14,17 @@ use serde::Serialize;
 use crate::{
     analysis::{
         pipeline::Pipeline,
-        timewait::{End, Timewaits},
+        timewait::{End, TCP_TIMEWAIT_LEN_NS, Timewaits},
     },
     model::{
         event::{RawEvent, State, TimerEvent, TimerOp, encode_timer},
         filter::CompiledFilter,
     },
     output::{Format, human_ns, rfc3339, write_rows},
+    shared::{NS_PER_MS, NS_PER_SEC, ns_to_secs},
     source::diag::DiagTimewait,
     views::{Flow, Interval, View},
 };
-
-/// The kernel's TIME_WAIT length (TCP_TIMEWAIT_LEN) and default FIN_WAIT2 timeout.
-const TIMEWAIT_NS: u64 = 60_000_000_000;
-const SEC: u64 = 1_000_000_000;
 
 /// A timewait socket found by sock_diag at start-up (created before tracing began).
 #[derive(Clone, Copy, Debug)]
@@ -180,7 +177,7 @@ impl<W: Write> Population<W> {
                 self.seeded.push(Seeded {
                     local: d.local,
                     remote: d.remote,
-                    expires_ns: now_ns + u64::from(d.expires_ms) * 1_000_000,
+                    expires_ns: now_ns + u64::from(d.expires_ms) * NS_PER_MS,
                     netns,
                 });
             }
@@ -246,11 +243,11 @@ impl<W: Write> Population<W> {
                 *by_port.entry(local.port()).or_default() += 1;
                 *by_remote.entry(remote).or_default() += 1;
                 *by_proc.entry(proc_).or_default() += 1;
-                ages[(now.saturating_sub(since) / (10 * SEC)).min(6) as usize] += 1;
+                ages[(now.saturating_sub(since) / (10 * NS_PER_SEC)).min(6) as usize] += 1;
                 let left = expires.saturating_sub(now);
-                e5 += u64::from(left <= 5 * SEC);
-                e10 += u64::from(left <= 10 * SEC);
-                e30 += u64::from(left <= 30 * SEC);
+                e5 += u64::from(left <= 5 * NS_PER_SEC);
+                e10 += u64::from(left <= 10 * NS_PER_SEC);
+                e30 += u64::from(left <= 30 * NS_PER_SEC);
             };
         let mut population = 0;
         let filter = self.pipe.filter();
@@ -267,13 +264,13 @@ impl<W: Write> Population<W> {
                 l.remote,
                 proc_,
                 l.since_ns,
-                l.armed_ns + TIMEWAIT_NS,
+                l.armed_ns + TCP_TIMEWAIT_LEN_NS,
             );
         }
         for s in &self.seeded {
             population += 1;
             // Its age, estimated from what its timer has left.
-            let since = s.expires_ns.saturating_sub(TIMEWAIT_NS);
+            let since = s.expires_ns.saturating_sub(TCP_TIMEWAIT_LEN_NS);
             add(s.local, s.remote, "?".into(), since, s.expires_ns);
         }
         // Rates over the window, which the last one at the end may make very short: never
@@ -281,7 +278,7 @@ impl<W: Write> Population<W> {
         let secs = self
             .clock
             .restart()
-            .map_or(1.0, |w| now.saturating_sub(w) as f64 / 1e9)
+            .map_or(1.0, |w| ns_to_secs(now.saturating_sub(w)))
             .max(1.0);
         let c = std::mem::take(&mut self.interval);
         Snapshot {

@@ -23,13 +23,14 @@ use crate::{
     analysis::{
         closes::{Role, service_port},
         pipeline::Pipeline,
+        timewait,
         timewait::End,
     },
     model::{
         event::{Details, Direction, Event, RawEvent, State},
         filter::CompiledFilter,
     },
-    shared::FastMap,
+    shared::{FastMap, NS_PER_SEC, ns_to_secs},
     views::{Flow, View},
 };
 
@@ -42,11 +43,6 @@ pub const DEFAULT_MAX_PORT_LABELS: usize = 100;
 /// How many network namespaces get their own label (with `--label-netns`) unless told
 /// otherwise.
 pub const DEFAULT_MAX_NETNS_LABELS: usize = 100;
-
-/// A timewait socket whose end was never seen (lost, skipped by the kernel) stops counting
-/// in the population this long after it entered: TIME_WAIT lasts 60 s, a FIN_WAIT2 orphan
-/// at most `tcp_fin_timeout` (≤ 120 s in practice).
-const TW_STALE_NS: u64 = 180_000_000_000;
 
 /// The `port` label: a port number, or `other` for the ports without a label of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -573,7 +569,7 @@ impl DetailSeries {
 }
 
 /// How often the ports held are counted.
-const PORTS_EVERY_NS: u64 = 1_000_000_000;
+const PORTS_EVERY_NS: u64 = NS_PER_SEC;
 
 impl Metrics {
     /// An exporter of what `filter` keeps, its families registered in `registry` under the
@@ -666,7 +662,7 @@ impl Metrics {
                 netns: self.labels.netns(netns),
             };
             let g = self.families.stuck_oldest.get_or_create(&l);
-            let secs = age as f64 / 1e9;
+            let secs = ns_to_secs(age);
             g.set(if oldest.contains(&l) {
                 g.get().max(secs)
             } else {
@@ -846,7 +842,7 @@ impl Metrics {
                             netns,
                         })
                     })
-                    .observe(d as f64 / 1e9);
+                    .observe(ns_to_secs(d));
             }
         }
         self.pipe.steps = steps;
@@ -953,7 +949,7 @@ impl Metrics {
                         substate: x.substate.name(),
                         netns: key.netns,
                     })
-                    .observe(x.residency_ns as f64 / 1e9);
+                    .observe(ns_to_secs(x.residency_ns));
             }
         }
         self.pipe.exits = exits;
@@ -1033,9 +1029,11 @@ impl View for Metrics {
         self.pipe.tick(now_ns);
         self.tally_closes();
         self.tally_exits();
-        if now_ns.saturating_sub(self.last_sweep_ns) >= 10_000_000_000 {
+        // A timewait socket whose end was never seen (lost, skipped by the kernel) stops
+        // counting in the population once no timewait socket can still be alive.
+        if now_ns.saturating_sub(self.last_sweep_ns) >= timewait::SWEEP_EVERY_NS {
             self.last_sweep_ns = now_ns;
-            self.forget_timewaits(|since| now_ns.saturating_sub(since) > TW_STALE_NS);
+            self.forget_timewaits(|since| now_ns.saturating_sub(since) > timewait::STALE_NS);
         }
         if now_ns.saturating_sub(self.last_ports_ns) >= PORTS_EVERY_NS {
             self.last_ports_ns = now_ns;
@@ -1135,7 +1133,7 @@ mod tests {
         filter::Filter,
     };
 
-    const SEC: u64 = 1_000_000_000;
+    const SEC: u64 = crate::shared::NS_PER_SEC;
 
     /// A connection from this host to 10.0.0.9:5432 that it closes first, at `ts`, and its
     /// timewait socket's timer armed.

@@ -13,6 +13,7 @@ use super::{
     keys::Keys,
     model::{AGE_BUCKET_LABELS, Board, PRESSED_KEPT, Pressed, Row, SortKey, direction, sparkline},
 };
+use crate::shared::NS_PER_SEC;
 
 /// Cells of each row's TIME_WAIT sparkline.
 const SPARK_CELLS: usize = 20;
@@ -40,7 +41,7 @@ impl Clock {
     /// `HH:MM:SS` local time of a monotonic instant.
     fn time_of_day(self, monotonic_ns: u64) -> String {
         let unix_s = (i128::from(monotonic_ns) + i128::from(self.wall_offset_ns))
-            .div_euclid(1_000_000_000)
+            .div_euclid(i128::from(NS_PER_SEC))
             + i128::from(self.utc_offset_secs);
         let day_s = unix_s.rem_euclid(86_400);
         format!(

@@ -15,11 +15,15 @@ use crossterm::event::Event as TermEvent;
 use ratatui::{Terminal, backend::Backend};
 
 use crate::{
-    analysis::{pipeline::Pipeline, timewait::Timewaits},
+    analysis::{
+        pipeline::Pipeline,
+        timewait::{TCP_TIMEWAIT_LEN_NS, Timewaits},
+    },
     model::{
         event::{Event, RawEvent},
         filter::CompiledFilter,
     },
+    shared::NS_PER_MS,
     source::diag::{DiagTimewait, Existing},
     views::{
         Flow, Interval, View,
@@ -29,10 +33,6 @@ use crate::{
 use draw::Clock;
 use keys::{Action, Keys};
 use model::{Board, Held};
-
-/// How long a TIME_WAIT lasts (TCP_TIMEWAIT_LEN): a TIME_WAIT socket found at start is aged
-/// from what its timer has left, and without traced timers a close holds it this long.
-const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 
 /// The view.
 pub struct Top<B: Backend> {
@@ -147,8 +147,8 @@ where
             .iter()
             .filter(|d| filter.keeps_socket(d.local, d.remote, d.netns))
             .map(|d| {
-                let expires = now_ns + u64::from(d.expires_ms) * 1_000_000;
-                let since_ns = expires.saturating_sub(TIMEWAIT_LEN_NS);
+                let expires = now_ns + u64::from(d.expires_ms) * NS_PER_MS;
+                let since_ns = expires.saturating_sub(TCP_TIMEWAIT_LEN_NS);
                 let held = Held {
                     local: d.local,
                     remote: d.remote,
@@ -231,7 +231,7 @@ where
         while self
             .recent
             .front()
-            .is_some_and(|h| h.since_ns + TIMEWAIT_LEN_NS <= now_ns)
+            .is_some_and(|h| h.since_ns + TCP_TIMEWAIT_LEN_NS <= now_ns)
         {
             self.recent.pop_front();
         }

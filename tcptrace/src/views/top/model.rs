@@ -11,11 +11,10 @@ use std::{
 pub use crate::views::report::Way;
 use crate::{
     analysis::closes::{Close, How, Initiator, Role, service_port},
-    shared::FastMap,
+    shared::{FastMap, NS_PER_SEC, ns_to_secs},
     views::ports::{self, Dest, Peak},
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 /// How far back the TIME_WAIT trend (sparkline) looks.
 pub const TREND_WINDOW_NS: u64 = 60 * NS_PER_SEC;
 /// The arrow compares TIME_WAIT held now with this long ago.
@@ -186,7 +185,7 @@ impl Board {
     pub fn refresh(&mut self, now_ns: u64, held: &[Held]) {
         let secs = self
             .last_refresh
-            .map_or(1.0, |t| now_ns.saturating_sub(t) as f64 / 1e9)
+            .map_or(1.0, |t| ns_to_secs(now_ns.saturating_sub(t)))
             .max(1e-3);
         let per_row = self.count_held(now_ns, held);
         self.last_refresh = Some(now_ns);
