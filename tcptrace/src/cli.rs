@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use crate::{
     model::{event::State, filter::Filter},
     output::Format,
+    source::probe::{MIN_RING_BYTES, ring_bytes_valid},
 };
 
 const EXAMPLES: &str = "\
@@ -522,9 +523,9 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .parse()
         .map_err(|_| format!("'{s}' is not a number of bytes"))?;
-    if n < 4096 || !n.is_power_of_two() {
+    if !ring_bytes_valid(n) {
         return Err(format!(
-            "{n} is not a power of two of at least 4096 (e.g. 4096, 65536, 4194304)"
+            "{n} is not a power of two of at least {MIN_RING_BYTES} (e.g. 4096, 65536, 4194304)"
         ));
     }
     Ok(n)

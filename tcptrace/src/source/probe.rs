@@ -54,7 +54,10 @@ pub enum ProbeError {
     Load(String),
     #[error("attaching to sock:inet_sock_set_state failed: {0}")]
     Attach(String),
-    #[error("the ring buffer size must be a power of two of at least 4096 bytes, not {0}")]
+    #[error(
+        "the ring buffer size must be a power of two of at least {min} bytes, not {0}",
+        min = MIN_RING_BYTES
+    )]
     RingSize(u32),
 }
 
@@ -136,6 +139,14 @@ const LOST_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// 4 MiB: about 43,000 events, two seconds of a 20k-transitions/s storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// The smallest ring buffer the kernel takes: a page.
+pub const MIN_RING_BYTES: u32 = 4096;
+
+/// Whether the kernel takes a ring buffer of `bytes`: a power of two, at least a page.
+pub fn ring_bytes_valid(bytes: u32) -> bool {
+    bytes >= MIN_RING_BYTES && bytes.is_power_of_two()
+}
+
 /// Wake the reader early only once 64 KiB are waiting; it drains on a tick otherwise.
 pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
 /// Entries of the classic programs' per-socket LRU map, unless the command line says.
@@ -200,7 +211,7 @@ impl Probe {
     /// else the classic one.
     pub fn start(cfg: &ProbeConfig) -> Result<Probe, ProbeError> {
         check_privileges()?;
-        if cfg.ring_bytes < 4096 || !cfg.ring_bytes.is_power_of_two() {
+        if !ring_bytes_valid(cfg.ring_bytes) {
             return Err(ProbeError::RingSize(cfg.ring_bytes));
         }
         raise_memlock();
