@@ -602,6 +602,7 @@ fn drive<'a>(
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
             wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
+            #[cfg(feature = "test-knobs")]
             idle: source.idle_probes.into(),
             records,
             ..kernel
@@ -609,7 +610,6 @@ fn drive<'a>(
         ports,
         ring_bytes: source.ring_buffer_size,
         timewait: true,
-        paths: probe::Paths::Fast,
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;

@@ -417,7 +417,9 @@ pub struct SourceArgs {
     #[arg(long, value_name = "N", default_value_t = crate::shared::DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
     pub max_sockets: usize,
     /// Attach every probe, but each program returns at once: nothing is traced. For
-    /// `cargo xtask bench`, which measures what attaching alone costs a storm.
+    /// `cargo xtask bench`, which measures what attaching alone costs a storm (feature
+    /// `test-knobs`: a release has no such flag).
+    #[cfg(feature = "test-knobs")]
     #[arg(long, hide = true, conflicts_with = "from")]
     pub idle_probes: bool,
 }

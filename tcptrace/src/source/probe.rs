@@ -72,8 +72,9 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Trace timewait sockets' timers (TIME_WAIT exits), where the host allows it.
     pub timewait: bool,
-    /// Which kernel programs to take (the fastest the kernel allows, unless a test says
-    /// otherwise).
+    /// Which kernel programs to take (tests only: a run takes the fastest the kernel
+    /// allows).
+    #[cfg(feature = "test-knobs")]
     pub paths: Paths,
     /// Entries of the classic programs' per-socket map (the BTF ones keep no such map).
     pub max_sockets: u32,
@@ -81,8 +82,9 @@ pub struct ProbeConfig {
     pub max_listeners: u32,
 }
 
-/// The kernel programs a probe runs. Only [`Paths::Fast`] is for use; [`Paths::Portable`]
-/// exists so tests can exercise the fallback it relies on.
+/// The kernel programs a probe runs, for tests (feature `test-knobs`): [`Paths::Portable`]
+/// exercises the fallback that [`Paths::Fast`], what a run takes, relies on.
+#[cfg(feature = "test-knobs")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Paths {
     /// The BTF tracepoint programs with socket-local storage where the kernel takes them
@@ -127,10 +129,40 @@ impl Default for ProbeConfig {
             ports: Vec::new(),
             ring_bytes: DEFAULT_RING_BYTES,
             timewait: true,
+            #[cfg(feature = "test-knobs")]
             paths: Paths::Fast,
             max_sockets: DEFAULT_KERNEL_SOCKETS,
             max_listeners: DEFAULT_KERNEL_LISTENERS,
         }
+    }
+}
+
+impl ProbeConfig {
+    /// Whether the BTF programs are tried before the classic ones: always in a run.
+    #[cfg(not(feature = "test-knobs"))]
+    fn tries_btf(&self) -> bool {
+        true
+    }
+
+    /// Whether the BTF programs are tried before the classic ones: unless a test asks for
+    /// the classic ones.
+    #[cfg(feature = "test-knobs")]
+    fn tries_btf(&self) -> bool {
+        self.paths == Paths::Fast
+    }
+
+    /// Whether the classic programs read every record field by field, as on a kernel whose
+    /// record layout tcptrace does not know: never in a run.
+    #[cfg(not(feature = "test-knobs"))]
+    fn reads_field_by_field(&self) -> bool {
+        false
+    }
+
+    /// Whether the classic programs read every record field by field, as on a kernel whose
+    /// record layout tcptrace does not know: when a test asks (so that tests run it).
+    #[cfg(feature = "test-knobs")]
+    fn reads_field_by_field(&self) -> bool {
+        self.paths == Paths::Portable
     }
 }
 
@@ -219,7 +251,7 @@ impl Probe {
         // cgroups and the BTF programs.
         let btf = Btf::from_sys();
         let kcfg = shared_config(cfg, &btf);
-        if cfg.paths == Paths::Fast {
+        if cfg.tries_btf() {
             match Probe::start_btf(cfg, kcfg, &btf) {
                 Ok(p) => return Ok(p),
                 Err(e) => log::warn!(
@@ -294,9 +326,9 @@ impl Probe {
         kcfg.records = 0;
         let text = read_format("sock", "inet_sock_set_state")?;
         kcfg.offsets = parse_set_state_format(&text).map_err(ProbeError::Format)?;
-        if cfg.paths == Paths::Portable {
+        if cfg.reads_field_by_field() {
             // What a kernel whose record layout tcptrace does not know takes: a helper read
-            // per field (so that tests run it).
+            // per field.
             kcfg.offsets.known_layout = 0;
         }
         // The reset tracepoints tell who aborted a connection. Without them (before Linux
