@@ -1,14 +1,17 @@
-//! Rendering the event stream: aligned text for people, JSON lines for pipelines.
+//! Rendering the event stream: aligned text for people (`text`), JSON lines for pipelines
+//! (`json`), both through one [`Renderer`]; the order lines are written in ([`reorder`]);
+//! and what every view's output shares (formats, durations, sizes and times for people,
+//! rows as text or JSON).
 //!
 //! The JSON schema is documented in `docs/json.md`; keep the two in step.
 
+mod json;
 pub mod reorder;
+mod text;
 
 use std::{
-    borrow::Cow,
-    fmt::{self, Write as _},
+    fmt,
     io::{self, Write},
-    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -21,10 +24,14 @@ use crate::{
     },
     model::{
         cgroup::{CgroupName, Cgroups},
-        event::{Details, Direction, Owner, Reset, State, Transition},
+        event::{Direction, Reset, State, Transition},
     },
-    shared::{FastMap, NS_PER_SEC},
+    shared::FastMap,
 };
+use json::{
+    Hex, LostJson, NsFields, ResetJson, SecondCache, TimewaitJson, close_json, transition_json,
+};
+use text::details_text;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -86,23 +93,6 @@ pub struct Renderer {
     reset_names: ResetNames,
 }
 
-/// Width of the text NETNS column (namespace inodes are ten digits).
-const NETNS_WIDTH: usize = 10;
-/// Width of the text CGROUP column: a short container id, or the end of a path.
-const CGROUP_WIDTH: usize = 28;
-/// Width of the text TIME column, `HH:MM:SS.uuuuuu`.
-const TIME_WIDTH: usize = 15;
-/// Width of the text PID column (pid_max is at most 4194304: seven digits).
-const PID_WIDTH: usize = 7;
-/// Width of the text COMM column (a task's name is at most 15 bytes).
-const COMM_WIDTH: usize = 15;
-/// Width of the text TRANSITION column (`NEW_SYN_RECV → ESTABLISHED`).
-const WHAT_WIDTH: usize = 26;
-/// Width of the text IN-FROM column ([`human_ns`] under 100 minutes, `999.99ms`).
-const LAST_WIDTH: usize = 8;
-/// Indent of a continuation line: under the first column after TIME, PID and COMM.
-const TAIL_INDENT: usize = TIME_WIDTH + PID_WIDTH + COMM_WIDTH + 3;
-
 impl Renderer {
     /// A renderer for one output.
     /// Whether lines are text (for people) rather than JSON.
@@ -151,59 +141,6 @@ impl Renderer {
         Ok(())
     }
 
-    /// The text header for the current address width, without its newline.
-    fn header_line(&self) -> String {
-        let w = self.style.addr_width;
-        let ns = if self.show_ns {
-            format!("{:<NETNS_WIDTH$} {:<CGROUP_WIDTH$} ", "NETNS", "CGROUP")
-        } else {
-            String::new()
-        };
-        format!(
-            "{:<TIME_WIDTH$} {:>PID_WIDTH$} {:<COMM_WIDTH$} {ns}{:<w$} {:<w$} {:<WHAT_WIDTH$} \
-             {:>LAST_WIDTH$}",
-            "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN-FROM"
-        )
-    }
-
-    /// Widens the address columns for good at the first IPv6 endpoint, starting the row
-    /// with a header in the new widths.
-    fn widen_for(&mut self, local: SocketAddr, remote: SocketAddr) {
-        let v6 = local.is_ipv6() || remote.is_ipv6();
-        if v6 && self.style.addr_width < IPV6_ENDPOINT_WIDTH {
-            self.style.addr_width = IPV6_ENDPOINT_WIDTH;
-            let header = self.header_line();
-            self.line.push_str(&header);
-            self.line.push('\n');
-        }
-    }
-
-    /// The columns of a full row, as wide as the header.
-    fn row_width(&self) -> usize {
-        let ns = if self.show_ns {
-            NETNS_WIDTH + CGROUP_WIDTH + 2
-        } else {
-            0
-        };
-        TAIL_INDENT + ns + 2 * (self.style.addr_width + 1) + WHAT_WIDTH + 1 + LAST_WIDTH
-    }
-
-    /// Ends the row in `line`: trailing blanks dropped, then `tail` (with its leading
-    /// separator) on the same line when it still fits in [`LINE_WIDTH`] (or in the
-    /// header, when the columns are wider), else on a continuation line under LOCAL.
-    fn end_row(&mut self, tail: &str) {
-        self.line.truncate(self.line.trim_end().len());
-        if tail.is_empty() {
-            return;
-        }
-        let row = self.line.rsplit('\n').next().unwrap_or_default();
-        if columns(row) + columns(tail) <= LINE_WIDTH.max(self.row_width()) {
-            self.line.push_str(tail);
-        } else {
-            let _ = write!(self.line, "\n{:TAIL_INDENT$}{}", "", tail.trim_start());
-        }
-    }
-
     /// One transition.
     pub fn transition(&mut self, out: &mut impl Write, t: &Transition) -> io::Result<()> {
         self.line.clear();
@@ -219,14 +156,6 @@ impl Renderer {
         }
         self.line.push('\n');
         out.write_all(self.line.as_bytes())
-    }
-
-    /// Writes one JSON record and its newline.
-    fn json_line(&mut self, out: &mut impl Write, rec: &impl Serialize) -> io::Result<()> {
-        self.json.clear();
-        serde_json::to_writer(&mut self.json, rec)?;
-        self.json.push(b'\n');
-        out.write_all(&self.json)
     }
 
     /// A reset sent or received.
@@ -391,64 +320,6 @@ impl Renderer {
         out.write_all(self.line.as_bytes())
     }
 
-    /// The common fields of a JSON record; `ends` (local, remote) when it has endpoints.
-    fn common(
-        &self,
-        kind: &'static str,
-        ts_ns: u64,
-        ends: Option<(SocketAddr, SocketAddr)>,
-    ) -> Common {
-        Common {
-            kind,
-            time: WallTime(wall_ns(ts_ns, self.style.wall_offset_ns)),
-            family: ends.map(|(l, _)| if l.is_ipv4() { 4 } else { 6 }),
-            laddr: ends.map(|(l, _)| l.ip()),
-            lport: ends.map(|(l, _)| l.port()),
-            raddr: ends.map(|(_, r)| r.ip()),
-            rport: ends.map(|(_, r)| r.port()),
-        }
-    }
-
-    /// One text row in the stream's columns; `ns` is the socket's (netns, cgroup).
-    #[allow(clippy::too_many_arguments)]
-    fn text_row(
-        &mut self,
-        ts_ns: u64,
-        owner: Option<&Owner>,
-        ns: (Option<u32>, Option<u64>),
-        local: SocketAddr,
-        remote: SocketAddr,
-        on: &str,
-        what: &str,
-        off: &str,
-        last: &str,
-    ) {
-        self.widen_for(local, remote);
-        let w = self.style.addr_width;
-        let clock = self.clock(ts_ns);
-        let (pid, comm) = owner_columns(owner);
-        let _ = write!(
-            self.line,
-            "{clock:<TIME_WIDTH$} {pid:>PID_WIDTH$} {comm:<COMM_WIDTH$} "
-        );
-        if self.show_ns {
-            let netns = ns.0.map_or_else(|| "-".to_string(), |n| n.to_string());
-            let cgroup = self.ns.text(ns.1);
-            let _ = write!(self.line, "{netns:<NETNS_WIDTH$} {cgroup:<CGROUP_WIDTH$} ");
-        }
-        // A long `what` takes from IN-FROM's padding before it pushes the line wider.
-        let pad = (WHAT_WIDTH + 1 + LAST_WIDTH)
-            .saturating_sub(columns(what) + columns(last))
-            .max(1);
-        let _ = write!(
-            self.line,
-            "{:<w$} {:<w$} {on}{what}{off}{:pad$}{last}",
-            endpoint(local),
-            endpoint(remote),
-            "",
-        );
-    }
-
     /// A lost-events notice.
     pub fn lost(&mut self, out: &mut impl Write, ts_ns: u64, count: u64) -> io::Result<()> {
         match self.format {
@@ -470,84 +341,6 @@ impl Renderer {
             }
         }
     }
-
-    fn text_transition(&mut self, t: &Transition) {
-        let arrow = format!("{} → {}", t.from, t.to);
-        let (on, off) = self.paint(color_of(t.to));
-        let dur = t.in_from_ns.map(human_ns).unwrap_or_else(|| "-".into());
-        self.text_row(
-            t.ts_ns,
-            t.owner.as_ref(),
-            (t.netns, t.cgroup),
-            t.local,
-            t.remote,
-            on,
-            &arrow,
-            off,
-            &dur,
-        );
-        self.end_row("");
-    }
-
-    fn paint(&self, code: &'static str) -> (&'static str, &'static str) {
-        if self.style.color && !code.is_empty() {
-            (code, "\x1b[0m")
-        } else {
-            ("", "")
-        }
-    }
-
-    /// Local wall-clock time of day with microseconds.
-    fn clock(&self, ts_ns: u64) -> String {
-        let ns = wall_ns(ts_ns, self.style.wall_offset_ns)
-            + i128::from(self.style.utc_offset_secs) * i128::from(NS_PER_SEC);
-        let secs = ns.div_euclid(i128::from(NS_PER_SEC));
-        let micros = ns.rem_euclid(i128::from(NS_PER_SEC)) / 1000;
-        let day = secs.rem_euclid(86_400);
-        format!(
-            "{:02}:{:02}:{:02}.{micros:06}",
-            day / 3600,
-            day / 60 % 60,
-            day % 60
-        )
-    }
-}
-
-fn owner_columns(owner: Option<&Owner>) -> (String, String) {
-    match owner {
-        Some(o) => (o.pid.to_string(), o.comm.as_str().into_owned()),
-        None => ("-".into(), "?".into()),
-    }
-}
-
-fn color_of(to: State) -> &'static str {
-    match to {
-        State::TimeWait => "\x1b[33m",
-        State::Close => "\x1b[2m",
-        State::Established => "\x1b[32m",
-        State::CloseWait => "\x1b[35m",
-        _ => "",
-    }
-}
-
-/// The columns `s` takes on a terminal: its characters, less its ANSI color codes.
-fn columns(s: &str) -> usize {
-    let mut n = 0;
-    let mut in_code = false;
-    for c in s.chars() {
-        match (in_code, c) {
-            (false, '\x1b') => in_code = true,
-            (false, _) => n += 1,
-            (true, 'm') => in_code = false,
-            (true, _) => {}
-        }
-    }
-    n
-}
-
-/// `1.2.3.4:80` or `[::1]:80`.
-fn endpoint(a: SocketAddr) -> String {
-    a.to_string()
 }
 
 fn wall_ns(ts_ns: u64, wall_offset_ns: i64) -> i128 {
@@ -609,16 +402,6 @@ impl Serialize for WallTime {
     }
 }
 
-/// A kernel address, as `0xffff…` in JSON.
-#[derive(Clone, Copy, Debug)]
-struct Hex(u64);
-
-impl Serialize for Hex {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{:#x}", self.0))
-    }
-}
-
 /// A duration for people: `850ns`, `83.2µs`, `1.50ms`, `2.31s`, `1m02s`.
 pub fn human_ns(ns: u64) -> String {
     let f = ns as f64;
@@ -636,258 +419,6 @@ pub fn human_ns(ns: u64) -> String {
         let (m, t) = (tenths / 600, tenths % 600);
         format!("{m}m{:02}.{}s", t / 10, t % 10)
     }
-}
-
-/// A second's `YYYY-MM-DDTHH:MM:SS.` in UTC, kept while events stay in that second.
-#[derive(Default)]
-struct SecondCache {
-    second: Option<i128>,
-    text: Vec<u8>,
-}
-
-impl SecondCache {
-    /// Appends `unix_ns` as [`WallTime`] prints it.
-    fn write(&mut self, b: &mut Vec<u8>, unix_ns: i128) {
-        let (sec, nanos) = (
-            unix_ns.div_euclid(i128::from(NS_PER_SEC)),
-            unix_ns.rem_euclid(i128::from(NS_PER_SEC)),
-        );
-        if self.second != Some(sec) {
-            let whole = WallTime(sec * i128::from(NS_PER_SEC)).to_string();
-            // Without the nine zeros and the Z: "…:SS."; an invalid time has no such tail.
-            let Some(prefix) = whole.strip_suffix("000000000Z") else {
-                b.extend_from_slice(WallTime(unix_ns).to_string().as_bytes());
-                return;
-            };
-            self.text.clear();
-            self.text.extend_from_slice(prefix.as_bytes());
-            self.second = Some(sec);
-        }
-        b.extend_from_slice(&self.text);
-        let mut digits = [b'0'; 9];
-        let mut n = nanos as u32;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        b.extend_from_slice(&digits);
-        b.push(b'Z');
-    }
-}
-
-/// Writes a transition's JSON record (without the newline). It is the stream's hottest line
-/// — ten per connection — so it is written by hand from pre-escaped keys; a property test
-/// holds it byte for byte to what serde_json makes of [`TransitionJson`].
-fn transition_json(
-    b: &mut Vec<u8>,
-    second: &mut SecondCache,
-    ns: &mut NsJson,
-    wall: i128,
-    t: &Transition,
-) {
-    let mut num = itoa::Buffer::new();
-    ends_json(
-        b,
-        second,
-        br#"{"kind":"transition","time":""#,
-        wall,
-        t.local,
-        t.remote,
-    );
-    b.extend_from_slice(br#","from":""#);
-    b.extend_from_slice(t.from.name().as_bytes());
-    b.extend_from_slice(br#"","to":""#);
-    b.extend_from_slice(t.to.name().as_bytes());
-    b.extend_from_slice(br#"","in_from_ns":"#);
-    match t.in_from_ns {
-        Some(d) => b.extend_from_slice(num.format(d).as_bytes()),
-        None => b.extend_from_slice(b"null"),
-    }
-    match &t.owner {
-        Some(o) => {
-            b.extend_from_slice(br#","pid":"#);
-            b.extend_from_slice(num.format(o.pid).as_bytes());
-            b.extend_from_slice(br#","comm":"#);
-            // Process names are the user's: serde_json escapes them.
-            let _ = serde_json::to_writer(&mut *b, &o.comm.as_str());
-            b.extend_from_slice(if o.from_listener {
-                br#","pid_from":"listener","skaddr":""#
-            } else {
-                br#","pid_from":"socket","skaddr":""#
-            });
-        }
-        None => b.extend_from_slice(br#","pid":null,"comm":null,"pid_from":null,"skaddr":""#),
-    }
-    let _ = write!(b, "{:#x}", t.skaddr);
-    b.extend_from_slice(if t.mptcp {
-        br#"","mptcp":true,"netns":"#
-    } else {
-        br#"","mptcp":false,"netns":"#
-    });
-    match t.netns {
-        Some(n) => b.extend_from_slice(num.format(n).as_bytes()),
-        None => b.extend_from_slice(b"null"),
-    }
-    ns.cgroup_into(b, t.cgroup);
-    b.push(b'}');
-}
-
-/// Writes `start` (`{"kind":"…","time":"`, pre-escaped), then the time and both ends, as
-/// serde_json writes a [`Common`] with both ends (up to and including `rport`'s value).
-fn ends_json(
-    b: &mut Vec<u8>,
-    second: &mut SecondCache,
-    start: &[u8],
-    wall: i128,
-    local: SocketAddr,
-    remote: SocketAddr,
-) {
-    let mut num = itoa::Buffer::new();
-    b.extend_from_slice(start);
-    second.write(b, wall);
-    b.extend_from_slice(if local.is_ipv4() {
-        br#"","family":4,"laddr":""#
-    } else {
-        br#"","family":6,"laddr":""#
-    });
-    ip_into(b, local.ip());
-    b.extend_from_slice(br#"","lport":"#);
-    b.extend_from_slice(num.format(local.port()).as_bytes());
-    b.extend_from_slice(br#","raddr":""#);
-    ip_into(b, remote.ip());
-    b.extend_from_slice(br#"","rport":"#);
-    b.extend_from_slice(num.format(remote.port()).as_bytes());
-}
-
-/// Writes a close's JSON record (without the newline): two per connection, so written by
-/// hand like [`transition_json`]; a property test holds it to serde_json's [`CloseJson`].
-fn close_json(
-    b: &mut Vec<u8>,
-    second: &mut SecondCache,
-    ns: &mut NsJson,
-    (wall, reason): (i128, &str),
-    c: &Close,
-) {
-    let mut num = itoa::Buffer::new();
-    ends_json(
-        b,
-        second,
-        br#"{"kind":"close","time":""#,
-        wall,
-        c.local,
-        c.remote,
-    );
-    // The names are plain identifiers: nothing to escape.
-    b.extend_from_slice(br#","initiator":""#);
-    b.extend_from_slice(c.initiator.name().as_bytes());
-    b.extend_from_slice(br#"","how":""#);
-    b.extend_from_slice(c.how.name().as_bytes());
-    b.extend_from_slice(if c.timewait {
-        br#"","timewait":true,"role":""#
-    } else {
-        br#"","timewait":false,"role":""#
-    });
-    b.extend_from_slice(c.role.name().as_bytes());
-    b.extend_from_slice(br#"","lifetime_ns":"#);
-    match c.lifetime_ns {
-        Some(d) => b.extend_from_slice(num.format(d).as_bytes()),
-        None => b.extend_from_slice(b"null"),
-    }
-    b.extend_from_slice(if c.midlife {
-        br#","midlife":true,"pid":"#
-    } else {
-        br#","midlife":false,"pid":"#
-    });
-    match &c.owner {
-        Some(o) => {
-            b.extend_from_slice(num.format(o.pid).as_bytes());
-            b.extend_from_slice(br#","comm":"#);
-            // Process names are the user's: serde_json escapes them.
-            let _ = serde_json::to_writer(&mut *b, &o.comm.as_str());
-        }
-        None => b.extend_from_slice(br#"null,"comm":null"#),
-    }
-    b.extend_from_slice(br#","skaddr":""#);
-    let _ = write!(b, "{:#x}", c.skaddr);
-    b.extend_from_slice(br#"","netns":"#);
-    match c.netns {
-        Some(n) => b.extend_from_slice(num.format(n).as_bytes()),
-        None => b.extend_from_slice(b"null"),
-    }
-    ns.cgroup_into(b, c.cgroup);
-    details_json(b, c.details.as_ref());
-    // The reason is a plain identifier: nothing to escape.
-    b.extend_from_slice(br#","reason":""#);
-    b.extend_from_slice(reason.as_bytes());
-    b.extend_from_slice(br#""}"#);
-}
-
-/// Appends a close's counters (`null` each when they were not read), as serde_json writes
-/// [`DetailsJson`].
-fn details_json(b: &mut Vec<u8>, d: Option<&Details>) {
-    let mut num = itoa::Buffer::new();
-    let mut field = |name: &[u8], v: Option<u64>| {
-        b.extend_from_slice(name);
-        match v {
-            Some(v) => b.extend_from_slice(num.format(v).as_bytes()),
-            None => b.extend_from_slice(b"null"),
-        }
-    };
-    let v = DetailsJson::new(d);
-    field(br#","bytes_sent":"#, v.bytes_sent);
-    field(br#","bytes_received":"#, v.bytes_received);
-    field(br#","segs_out":"#, v.segs_out);
-    field(br#","segs_in":"#, v.segs_in);
-    field(br#","retrans":"#, v.retrans);
-    field(br#","srtt_us":"#, v.srtt_us);
-    field(br#","rttvar_us":"#, v.rttvar_us);
-    field(br#","min_rtt_us":"#, v.min_rtt_us);
-}
-
-/// A close's counters in its JSON record.
-#[derive(Serialize)]
-struct DetailsJson {
-    bytes_sent: Option<u64>,
-    bytes_received: Option<u64>,
-    segs_out: Option<u64>,
-    segs_in: Option<u64>,
-    retrans: Option<u64>,
-    srtt_us: Option<u64>,
-    rttvar_us: Option<u64>,
-    min_rtt_us: Option<u64>,
-}
-
-impl DetailsJson {
-    fn new(d: Option<&Details>) -> Self {
-        let srtt = d.and_then(Details::srtt_us);
-        DetailsJson {
-            bytes_sent: d.map(|d| d.bytes_acked),
-            bytes_received: d.map(|d| d.bytes_received),
-            segs_out: d.map(|d| d.segs_out.into()),
-            segs_in: d.map(|d| d.segs_in.into()),
-            retrans: d.map(|d| d.total_retrans.into()),
-            srtt_us: srtt.map(u64::from),
-            // A deviation without a smoothed time means nothing.
-            rttvar_us: d.filter(|_| srtt.is_some()).map(|d| d.rttvar_us.into()),
-            min_rtt_us: d.and_then(Details::min_rtt_us).map(u64::from),
-        }
-    }
-}
-
-/// A close's counters in its text line: `  sent 1.00MiB recv 12B rtt 41.0µs retrans 3`.
-fn details_text(d: &Details) -> String {
-    let mut t = format!(
-        "  sent {} recv {}",
-        human_bytes(d.bytes_acked),
-        human_bytes(d.bytes_received)
-    );
-    if let Some(srtt) = d.srtt_us() {
-        t.push_str(&format!(" rtt {}", human_ns(u64::from(srtt) * 1_000)));
-    }
-    if d.total_retrans != 0 {
-        t.push_str(&format!(" retrans {}", d.total_retrans));
-    }
-    t
 }
 
 /// Bytes for people: `850B`, `12.3KiB`, `1.00MiB`, `2.50GiB`.
@@ -920,9 +451,6 @@ struct NsJson {
     fields: FastMap<u64, Box<[u8]>>,
 }
 
-/// At most this many cgroups' rendered fields are kept.
-const NS_JSON_CAP: usize = 4096;
-
 impl NsJson {
     fn new(names: Cgroups) -> Self {
         NsJson {
@@ -934,228 +462,6 @@ impl NsJson {
     fn resolve(&self, cgroup: Option<u64>) -> Option<std::sync::Arc<CgroupName>> {
         cgroup.and_then(|id| self.names.resolve(id))
     }
-
-    /// Appends `,"cgroup":…` and, when recognised, `,"container":…` and `,"pod":…`, as
-    /// serde_json writes [`NsFields`] after its `netns`.
-    fn cgroup_into(&mut self, b: &mut Vec<u8>, cgroup: Option<u64>) {
-        let Some(id) = cgroup else {
-            b.extend_from_slice(br#","cgroup":null"#);
-            return;
-        };
-        if let Some(f) = self.fields.get(&id) {
-            b.extend_from_slice(f);
-            return;
-        }
-        let Some(name) = self.names.resolve(id) else {
-            // Not cached: the cgroup may be found by a later walk.
-            let mut num = itoa::Buffer::new();
-            b.extend_from_slice(br#","cgroup":"#);
-            b.extend_from_slice(num.format(id).as_bytes());
-            return;
-        };
-        let mut fields = serde_json::to_vec(&CgroupFields::new(Some(id), Some(&name)))
-            .unwrap_or_else(|_| b"{}".to_vec());
-        // `{"cgroup":…}` → `,"cgroup":…`
-        fields[0] = b',';
-        fields.pop();
-        b.extend_from_slice(&fields);
-        if self.fields.len() >= NS_JSON_CAP {
-            self.fields.clear();
-        }
-        self.fields.insert(id, fields.into_boxed_slice());
-    }
-
-    /// The text CGROUP column: a container's short id (with its pod, for Kubernetes), else
-    /// the path's end, else the id; `-` when unknown.
-    fn text(&self, cgroup: Option<u64>) -> String {
-        let Some(id) = cgroup else {
-            return "-".into();
-        };
-        let Some(name) = self.names.resolve(id) else {
-            return id.to_string();
-        };
-        if let Some(c) = &name.container {
-            return format!("{}:{}", c.runtime.name(), c.short_id());
-        }
-        let p = &name.path;
-        if p.chars().count() <= CGROUP_WIDTH {
-            return p.clone();
-        }
-        let tail: String = p
-            .chars()
-            .rev()
-            .take(CGROUP_WIDTH - 1)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        format!("…{tail}")
-    }
-}
-
-/// A cgroup in JSON: its path when resolved, else its id.
-#[derive(Clone, Copy, Debug)]
-enum CgroupValue<'a> {
-    Path(&'a str),
-    Id(u64),
-}
-
-impl Serialize for CgroupValue<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            CgroupValue::Path(p) => s.serialize_str(p),
-            CgroupValue::Id(id) => s.serialize_u64(*id),
-        }
-    }
-}
-
-/// The cgroup fields of a record.
-#[derive(Serialize)]
-struct CgroupFields<'a> {
-    cgroup: Option<CgroupValue<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    container: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pod: Option<&'a str>,
-}
-
-impl<'a> CgroupFields<'a> {
-    fn new(id: Option<u64>, name: Option<&'a CgroupName>) -> Self {
-        CgroupFields {
-            cgroup: id.map(|id| match name {
-                Some(n) => CgroupValue::Path(&n.path),
-                None => CgroupValue::Id(id),
-            }),
-            container: name.and_then(|n| n.container.as_ref().map(|c| c.id.as_str())),
-            pod: name.and_then(|n| n.pod.as_deref()),
-        }
-    }
-}
-
-/// The namespace and cgroup fields every socket record ends with (docs/json.md).
-#[derive(Serialize)]
-struct NsFields<'a> {
-    netns: Option<u32>,
-    #[serde(flatten)]
-    cgroup: CgroupFields<'a>,
-}
-
-impl<'a> NsFields<'a> {
-    fn new(netns: Option<u32>, id: Option<u64>, name: Option<&'a CgroupName>) -> Self {
-        NsFields {
-            netns,
-            cgroup: CgroupFields::new(id, name),
-        }
-    }
-}
-
-/// An address as serde (and `Display`) writes it; IPv4 without the formatting machinery.
-fn ip_into(b: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut num = itoa::Buffer::new();
-            for (i, o) in v4.octets().iter().enumerate() {
-                if i > 0 {
-                    b.push(b'.');
-                }
-                b.extend_from_slice(num.format(*o).as_bytes());
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(b, "{v6}");
-        }
-    }
-}
-
-/// The transition record's schema, as serde would write it: the oracle of the hand-written
-/// [`transition_json`].
-#[cfg(test)]
-#[derive(Serialize)]
-struct TransitionJson<'a> {
-    #[serde(flatten)]
-    common: Common,
-    from: &'static str,
-    to: &'static str,
-    in_from_ns: Option<u64>,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
-    pid_from: Option<&'static str>,
-    skaddr: Hex,
-    mptcp: bool,
-    #[serde(flatten)]
-    ns: NsFields<'a>,
-}
-
-#[derive(Serialize)]
-struct ResetJson<'a> {
-    #[serde(flatten)]
-    common: Common,
-    direction: &'static str,
-    state: Option<&'static str>,
-    reason: Option<u32>,
-    reason_name: Option<&'a str>,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
-    skaddr: Option<Hex>,
-    #[serde(flatten)]
-    ns: NsFields<'a>,
-}
-
-/// The close record's schema, as serde would write it: the oracle of the hand-written
-/// [`close_json`].
-#[cfg(test)]
-#[derive(Serialize)]
-struct CloseJson<'a> {
-    #[serde(flatten)]
-    common: Common,
-    initiator: &'static str,
-    how: &'static str,
-    timewait: bool,
-    role: &'static str,
-    lifetime_ns: Option<u64>,
-    midlife: bool,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
-    skaddr: Hex,
-    #[serde(flatten)]
-    ns: NsFields<'a>,
-    #[serde(flatten)]
-    details: DetailsJson,
-    reason: &'a str,
-}
-
-#[derive(Serialize)]
-struct TimewaitJson<'a> {
-    #[serde(flatten)]
-    common: Common,
-    end: &'static str,
-    residency_ns: Option<u64>,
-    rearms: u32,
-    substate: &'static str,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
-    twaddr: Option<Hex>,
-    #[serde(flatten)]
-    ns: NsFields<'a>,
-}
-
-#[derive(Serialize)]
-struct LostJson {
-    #[serde(flatten)]
-    common: Common,
-    count: u64,
-}
-
-/// The fields every JSON record starts with (docs/json.md).
-#[derive(Serialize)]
-struct Common {
-    kind: &'static str,
-    time: WallTime,
-    family: Option<u8>,
-    laddr: Option<IpAddr>,
-    lport: Option<u16>,
-    raddr: Option<IpAddr>,
-    rport: Option<u16>,
 }
 
 /// The local timezone's offset from UTC now, in seconds (0 if unknown).
@@ -1175,8 +481,10 @@ pub fn local_utc_offset_secs() -> i32 {
 mod tests {
     use proptest::prelude::*;
 
-    use super::*;
-    use crate::model::event::Comm;
+    use std::net::SocketAddr;
+
+    use super::{json::*, text::*, *};
+    use crate::model::event::{Comm, Details, Owner};
     use tcptrace_common::details::NO_MIN_RTT;
 
     fn serde_transition(r: &Renderer, names: &Cgroups, t: &Transition) -> String {
