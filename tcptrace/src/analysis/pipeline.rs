@@ -24,7 +24,7 @@ use crate::{
     shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS},
 };
 
-/// Decode, filter, track and timewait, once.
+/// Decode, filter, closes and timewait sockets, once.
 #[derive(Debug)]
 pub struct Pipeline {
     filter: CompiledFilter,

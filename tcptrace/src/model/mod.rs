@@ -1,5 +1,9 @@
 //! The model: what every other layer talks about — decoded events ([`event`]), what a run
-//! keeps ([`filter`]), and the cgroups sockets belong to, named ([`cgroup`]).
+//! keeps ([`filter`]), network namespaces as users name them ([`netns`]), and the cgroups
+//! sockets belong to, named ([`cgroup`]).
+//!
+//! Layer: the bottom one, above [`crate::shared`] only; it uses nothing else in the crate.
+//! It reads the host only to name things (namespace files, the cgroup2 tree).
 
 pub mod cgroup;
 pub mod event;

@@ -4,6 +4,9 @@
 //! rows as text or JSON).
 //!
 //! The JSON schema is documented in `docs/json.md`; keep the two in step.
+//!
+//! Layer: above the analysis; it may use [`crate::analysis`] (the closes and exits it
+//! renders), [`crate::model`] and [`crate::shared`], never the views.
 
 mod json;
 pub mod reorder;
@@ -94,12 +97,12 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// A renderer for one output.
     /// Whether lines are text (for people) rather than JSON.
     pub fn is_text(&self) -> bool {
         self.format == Format::Text
     }
 
+    /// A renderer for one output.
     pub fn new(format: Format, style: Style) -> Self {
         Renderer {
             format,

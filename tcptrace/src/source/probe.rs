@@ -2,7 +2,7 @@
 //! takes it, else the classic one — configures them, attaches them to TCP's transitions,
 //! resets and timewait timers, and drains their ring buffer in batches.
 //!
-//! This is the only module that talks to the kernel. Everything it produces is a
+//! This is the only module that loads programs into the kernel. Everything it produces is a
 //! [`RawEvent`], exactly what a recording holds, so every view works the same live and on a
 //! recording.
 
@@ -685,12 +685,12 @@ fn set_ports(ebpf: &mut Ebpf, ports: &[(u16, u8)]) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Loads the BTF tracepoint program `prog` for `tracepoint` and attaches it.
 /// A per-CPU counter map of the loaded object, taken out of it.
 fn per_cpu_map(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
     PerCpuArray::try_from(take_map(ebpf, name)?).map_err(|e| ProbeError::Load(e.to_string()))
 }
 
+/// Loads the BTF tracepoint program `prog` for `tracepoint` and attaches it.
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &aya::Btf) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut(prog)

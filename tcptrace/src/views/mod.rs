@@ -1,7 +1,14 @@
 //! The views: what each subcommand makes of the analysed events — the live stream
-//! ([`stream`]), who closes first ([`report`], [`top`]), time in each state ([`hist`]), the
-//! TIME_WAIT population ([`timewait`]), local ports ([`ports`]), stuck sockets ([`stuck`]),
-//! the settings judged ([`doctor`]) and Prometheus metrics ([`serve`]).
+//! ([`stream`]), who closes first ([`report`], live in [`top`]), time in each state
+//! ([`hist`]), the TIME_WAIT population ([`timewait`]), local ports ([`ports`]), stuck
+//! sockets ([`stuck`]), the settings judged ([`doctor`]) and Prometheus metrics
+//! ([`serve`]); and the [`View`] trait they all implement.
+//!
+//! Layer: above the output; a view may use [`crate::output`], [`crate::analysis`],
+//! [`crate::model`], [`crate::shared`], the source's plain facts (what sock_diag found at
+//! start, the host's settings) and another view's parts (top and doctor count ports as
+//! ports does; serve exports what doctor and stuck find); never [`crate::cli`] or
+//! [`crate::app`].
 
 pub mod doctor;
 pub mod hist;
