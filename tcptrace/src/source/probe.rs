@@ -184,7 +184,7 @@ pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
 /// Entries of the classic programs' per-socket LRU map, unless the command line says.
 pub const DEFAULT_KERNEL_SOCKETS: u32 = 65_536;
 /// Entries of the listeners' map: one per listening port and network namespace.
-pub const DEFAULT_KERNEL_LISTENERS: u32 = 16_384;
+pub const DEFAULT_KERNEL_LISTENERS: u32 = tcptrace_common::DEFAULT_LISTENERS;
 
 /// A loaded, attached probe. Dropping it detaches the program and frees its maps.
 pub struct Probe {
