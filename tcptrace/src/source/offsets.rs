@@ -1,6 +1,7 @@
 //! Where the kernel keeps what the programs read, from its BTF: the offsets of the socket,
-//! TCP, namespace, cgroup and timewait fields, handed to the programs in their
-//! configuration, so that nothing about kernel structures is hard-coded.
+//! TCP, namespace, cgroup and timewait fields (with the timewait timer's handler, from
+//! `/proc/kallsyms`), handed to the programs in their configuration, so that nothing about
+//! kernel structures is hard-coded.
 
 use tcptrace_common::{
     INET_SPAN_BYTES, NsOffsets, SockOffsets, TimewaitOffsets, details::TcpOffsets,
