@@ -573,6 +573,10 @@ pub struct ListenKey {
     pub _pad: u16,
 }
 
+/// Entries the loader gives the `LISTENERS` map unless told otherwise: one per listening
+/// port and network namespace.
+pub const DEFAULT_LISTENERS: u32 = 16_384;
+
 /// A socket's owner as the kernel side keeps it (in a socket's storage, or per listener).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

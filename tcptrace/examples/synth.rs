@@ -8,8 +8,8 @@ use std::{fs::File, io::BufWriter, net::SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 use tcptrace::{
-    event::{Comm, Owner, RawEvent, State, Transition, encode},
-    record::Writer,
+    model::event::{Comm, Owner, RawEvent, State, Transition, encode},
+    source::record::Writer,
 };
 
 fn main() -> Result<()> {

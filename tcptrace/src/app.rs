@@ -16,18 +16,31 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::Cgroups,
+    analysis::{reason, timewait},
     cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
-    event::RawEvent,
-    filter::Filter,
-    hist::Hist,
-    metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
+    model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
     output::{Renderer, Style, local_utc_offset_secs},
-    population::Population,
-    probe::{Probe, ProbeConfig, wall_offset_ns},
-    record::{Reader, Writer, header_flag},
-    report::Report,
-    view::{Flow, Stream, View},
+    source::{
+        check, diag,
+        host::{self, wall_offset_ns},
+        probe::{self, Probe, ProbeConfig},
+        record::{self, Reader, Writer, header_flag},
+    },
+    views::{
+        Flow, View, doctor,
+        hist::{self, Hist},
+        ports,
+        report::Report,
+        serve::{
+            http,
+            metrics::{LabelConfig, Metrics, PortPolicy, ProcessCollector},
+            webconfig,
+        },
+        stream::Stream,
+        stuck,
+        timewait::Population,
+        top,
+    },
 };
 
 /// How often the reader drains the ring buffer when the kernel has not woken it.
@@ -55,12 +68,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Check { no_load }) => {
-            let items = crate::check::run(!no_load);
-            let text = crate::check::render(&items);
+            let items = check::run(!no_load);
+            let text = check::render(&items);
             let mut out = out;
             std::io::Write::write_all(&mut out, text.as_bytes())?;
             std::io::Write::flush(&mut out)?;
-            if !crate::check::core_ok(&items) {
+            if !check::core_ok(&items) {
                 anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
             }
             Ok(())
@@ -80,7 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let renderer = Renderer::new(format, style)
                     .with_cgroups(names.clone())
                     // A recording replays on the host that made it: its kernel's numbering.
-                    .reset_names(crate::reason::ResetNames::from_sys())
+                    .reset_names(reason::ResetNames::from_sys())
                     .show_ns(cli.common.output.show_ns);
                 Ok(Box::new(
                     Stream::new(
@@ -109,7 +122,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let whole = whole.compile().with_cgroups(names);
                 Ok(Box::new(
                     Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
-                        .reset_names(crate::reason::ResetNames::from_sys())
+                        .reset_names(reason::ResetNames::from_sys())
                         .records(facts.records)
                         .max_sockets(a.common.source.max_sockets)
                         .timers(facts.timers)
@@ -136,7 +149,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 // Live, count the TIME_WAIT sockets that exist already, in every namespace.
                 Ok(Box::new(if live {
                     let found = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&found, crate::probe::monotonic_ns())
+                    view.seed(&found, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -154,8 +167,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
                 }
                 let compiled = filter.compile().with_cgroups(names);
-                let ranges = Box::new(crate::ports::HostRanges::default());
-                let view = crate::ports::Ports::new(
+                let ranges = Box::new(ports::HostRanges::default());
+                let view = ports::Ports::new(
                     compiled,
                     ranges,
                     out,
@@ -167,7 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .timers(facts.timers);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.at_start, &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -185,14 +198,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let wants = (Reads::Transitions, Counters::Skip);
             drive(&filter, &source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
-                let namespaces: Vec<Option<u32>> = crate::diag::network_namespaces()
+                let namespaces: Vec<Option<u32>> = diag::network_namespaces()
                     .iter()
                     .map(|n| Some(n.inode))
                     .collect();
-                let view = crate::doctor::Doctor::new(
+                let view = doctor::Doctor::new(
                     compiled,
-                    Box::new(crate::doctor::Host),
-                    Box::new(crate::ports::HostRanges::default()),
+                    Box::new(doctor::Host),
+                    Box::new(ports::HostRanges::default()),
                     out,
                     format,
                 )
@@ -202,7 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .count_problems_in(counted);
                 Ok(Box::new(if live {
                     let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.at_start, &tws, crate::probe::monotonic_ns())
+                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
                 } else {
                     view
                 }))
@@ -222,7 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let wants = (Reads::Transitions, Counters::Skip);
             drive(&filter, &a.common.source, wants, |facts| {
                 let compiled = filter.compile().with_cgroups(names);
-                let view = crate::stuck::Stuck::new(
+                let view = stuck::Stuck::new(
                     compiled,
                     &filter.states,
                     a.older_than.as_nanos() as u64,
@@ -231,9 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     facts.wall_offset_ns,
                     a.interval.as_nanos() as u64,
                 );
-                Ok(Box::new(
-                    view.seed(&facts.at_start, crate::probe::monotonic_ns()),
-                ))
+                Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
             })
         }
         Some(Command::Hist(a)) => {
@@ -242,8 +253,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let names = cgroup_names(&a.common.source, &filter);
             // Only RTTs and bytes come from the connections' counters.
             let counters = match a.metric {
-                crate::hist::Metric::Rtt | crate::hist::Metric::Bytes => Counters::Read,
-                crate::hist::Metric::State | crate::hist::Metric::Lifetime => Counters::Skip,
+                hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
+                hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
             };
             drive(
                 &filter,
@@ -314,15 +325,15 @@ fn top(a: &TopArgs) -> Result<()> {
         let terminal =
             ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(io::stdout()))
                 .context("reading the terminal's size")?;
-        let clock = crate::top::draw::Clock {
+        let clock = top::draw::Clock {
             wall_offset_ns: facts.wall_offset_ns,
             utc_offset_secs: local_utc_offset_secs(),
         };
-        let view = crate::top::Top::new(
+        let view = top::Top::new(
             whole.compile().with_cgroups(names),
             mask,
             terminal,
-            Box::new(crate::top::term::TerminalInput),
+            Box::new(top::term::TerminalInput),
             a.interval.as_nanos() as u64,
             clock,
         )
@@ -331,7 +342,7 @@ fn top(a: &TopArgs) -> Result<()> {
         .max_sockets(a.source.max_sockets)
         .timers(facts.timers);
         let timewaits = backfill_timewaits(a.source.max_sockets);
-        let now = crate::probe::monotonic_ns();
+        let now = host::monotonic_ns();
         let view = view
             .seed(&timewaits, now)
             .seed_ports(&facts.at_start, &timewaits, now)
@@ -354,7 +365,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
     }
     let web = web_config(a)?;
     let scheme = if web.tls.is_some() { "https" } else { "http" };
-    let listener = crate::serve::bind(a.listen)?;
+    let listener = http::bind(a.listen)?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let filter = a.filter.filter();
     let labels = LabelConfig {
@@ -378,15 +389,11 @@ fn serve(a: &ServeArgs) -> Result<()> {
         let compiled = filter.compile().with_cgroups(names);
         let mut view = Metrics::new(compiled, labels, &mut registry)
             .records(facts.records)
-            .seed_ports(
-                &facts.at_start,
-                &ports_timewait,
-                crate::probe::monotonic_ns(),
-            )
+            .seed_ports(&facts.at_start, &ports_timewait, host::monotonic_ns())
             .doctor(
-                Box::new(crate::doctor::Host),
+                Box::new(doctor::Host),
                 a.doctor_interval.as_nanos() as u64,
-                &crate::diag::network_namespaces()
+                &diag::network_namespaces()
                     .iter()
                     .map(|n| Some(n.inode))
                     .collect::<Vec<_>>(),
@@ -403,13 +410,13 @@ fn serve(a: &ServeArgs) -> Result<()> {
             ));
             // The listeners that exist already (tcptrace's own namespace): labelled from the
             // first scrape, not from their first connection.
-            match crate::diag::listening_ports() {
+            match diag::listening_ports() {
                 Ok(ports) => view = view.listeners(&ports),
                 Err(e) => log::warn!("cannot read the listening sockets (sock_diag): {e}"),
             }
         }
         registry.register_collector(Box::new(ProcessCollector));
-        crate::serve::spawn(listener, std::sync::Arc::new(registry), web)?;
+        http::spawn(listener, std::sync::Arc::new(registry), web)?;
         let _ = writeln!(io::stderr(), "Serving metrics on {scheme}://{addr}/metrics");
         Ok(Box::new(view))
     })?;
@@ -425,7 +432,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
 
 /// The web config of `serve` (TLS, basic auth), read before anything is bound or loaded;
 /// without one, a warning when the metrics are reachable from other hosts.
-fn web_config(a: &ServeArgs) -> Result<crate::webconfig::WebConfig> {
+fn web_config(a: &ServeArgs) -> Result<webconfig::WebConfig> {
     let Some(path) = &a.web_config else {
         if !a.listen.ip().is_loopback() {
             log::warn!(
@@ -435,9 +442,9 @@ fn web_config(a: &ServeArgs) -> Result<crate::webconfig::WebConfig> {
                 a.listen
             );
         }
-        return Ok(crate::webconfig::WebConfig::default());
+        return Ok(webconfig::WebConfig::default());
     };
-    let web = crate::webconfig::WebConfig::load(path)?;
+    let web = webconfig::WebConfig::load(path)?;
     if web.tls.is_none() && !web.users.is_empty() {
         log::warn!(
             "{}: basic_auth_users without tls_server_config: passwords cross the network in \
@@ -455,11 +462,11 @@ fn stuck_watch(
     older_than: std::time::Duration,
     every: std::time::Duration,
     limit: usize,
-) -> crate::stuck::Watch {
+) -> stuck::Watch {
     use std::os::fd::AsFd as _;
     let scan = Box::new(move || {
         let map = map.as_deref().map(|f| f.as_fd());
-        let b = crate::diag::sitting_everywhere(crate::stuck::STUCK_STATE_BITS, map, limit);
+        let b = diag::sitting_everywhere(stuck::STUCK_STATE_BITS, map, limit);
         if b.unreachable > 0 {
             log::debug!(
                 "stuck sockets: {} namespaces could not be read ({})",
@@ -469,7 +476,7 @@ fn stuck_watch(
         }
         b.found
     });
-    crate::stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
+    stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -502,7 +509,7 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
         .and_then(|f| Reader::new(f).ok())
         .is_some_and(|r| {
             let id = r.header().boot_id;
-            id != [0; 16] && id == crate::record::boot_id()
+            id != [0; 16] && id == record::boot_id()
         });
     if same_boot {
         return Cgroups::host();
@@ -530,7 +537,7 @@ struct Facts {
     records: bool,
     /// The connections and listeners open when tracing began, each with the process holding
     /// its socket (live only).
-    at_start: crate::atstart::OpenAtStart,
+    at_start: crate::model::atstart::OpenAtStart,
     /// The socket-storage map of the BTF programs, for sock_diag to read with each socket
     /// (live, BTF programs only).
     storage_map: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -568,7 +575,7 @@ fn drive<'a>(
             wall_offset_ns: h.wall_offset_ns,
             timers: h.flags & header_flag::TIMERS_TRACED != 0,
             records: h.flags & header_flag::CONNECTIONS != 0,
-            at_start: crate::atstart::OpenAtStart::default(),
+            at_start: crate::model::atstart::OpenAtStart::default(),
             storage_map: None,
         })?;
         return replay(&mut reader, view.as_mut())
@@ -590,7 +597,8 @@ fn drive<'a>(
     };
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
-            wakeup_bytes: crate::probe::DEFAULT_WAKEUP_BYTES,
+            wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
+            #[cfg(feature = "test-knobs")]
             idle: source.idle_probes.into(),
             records,
             ..kernel
@@ -598,7 +606,6 @@ fn drive<'a>(
         ports,
         ring_bytes: source.ring_buffer_size,
         timewait: true,
-        paths: crate::probe::Paths::Fast,
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;
@@ -651,26 +658,18 @@ fn drive<'a>(
 
 /// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
 /// count (read inside it), from its value now.
-fn overflow_proof() -> crate::timewait::OverflowProof {
-    use crate::doctor::HostFacts as _;
+fn overflow_proof() -> timewait::OverflowProof {
+    use doctor::HostFacts as _;
     let namespaces: Vec<Option<u32>> = std::iter::once(None)
-        .chain(
-            crate::diag::network_namespaces()
-                .iter()
-                .map(|n| Some(n.inode)),
-        )
+        .chain(diag::network_namespaces().iter().map(|n| Some(n.inode)))
         .collect();
-    let read = |netns| {
-        crate::doctor::Host
-            .counters(netns)
-            .map(|c| c.timewait_overflow)
-    };
-    crate::timewait::OverflowProof::new(Box::new(read), &namespaces)
+    let read = |netns| doctor::Host.counters(netns).map(|c| c.timewait_overflow);
+    timewait::OverflowProof::new(Box::new(read), &namespaces)
 }
 
 /// Tells the kernel side who owns the listeners that exist already, so that the
 /// connections they accept during the trace have an owner.
-fn seed_listeners(probe: &mut Probe, at_start: &crate::atstart::OpenAtStart) {
+fn seed_listeners(probe: &mut Probe, at_start: &crate::model::atstart::OpenAtStart) {
     let known: Vec<(u32, u16, u32, [u8; 16])> = at_start
         .iter()
         .filter(|e| e.listening())
@@ -691,10 +690,10 @@ const BACKFILL_TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The connections and listeners open now in every network namespace (at most `limit`),
 /// each with the process holding its socket, saying once what could not be seen: read once
 /// at start, for every view, within [`BACKFILL_TIME_BUDGET`].
-fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::atstart::OpenAtStart {
+fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::OpenAtStart {
     let started = Instant::now();
     let until = Some(started + BACKFILL_TIME_BUDGET);
-    let (b, owners) = crate::diag::open_everywhere(limit, until, |each| probe.socket_owners(each));
+    let (b, owners) = diag::open_everywhere(limit, until, |each| probe.socket_owners(each));
     let unread = owners.unread;
     log::debug!(
         "backfill at start: {} sockets in {} namespaces, with their owners, in {} ms (owners \
@@ -741,8 +740,8 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::atstart::OpenAtSt
 
 /// The TIME_WAIT sockets that exist now in every network namespace (at most `limit`),
 /// saying once what could not be seen.
-fn backfill_timewaits(limit: usize) -> Vec<crate::diag::DiagTimewait> {
-    let b = crate::diag::time_wait_sockets_everywhere(limit);
+fn backfill_timewaits(limit: usize) -> Vec<diag::DiagTimewait> {
+    let b = diag::time_wait_sockets_everywhere(limit);
     if b.unreachable > 0 {
         log::warn!(
             "existing TIME_WAIT sockets of {} of {} network namespaces cannot be read (they \
@@ -771,7 +770,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Opens a recording, naming the file in every error.
 pub fn open_recording(path: &Path) -> Result<Reader<File>> {
     let file = File::open(path)
-        .map_err(crate::record::RecordError::Io)
+        .map_err(record::RecordError::Io)
         .with_context(|| format!("cannot open the recording {}", path.display()))?;
     Reader::new(file).with_context(|| format!("cannot read the recording {}", path.display()))
 }
@@ -887,7 +886,7 @@ pub fn live(
                     if feed(&mut probe, view, false)? == Flow::Done {
                         return Ok(());
                     }
-                    if view.tick(crate::probe::monotonic_ns())? == Flow::Done {
+                    if view.tick(host::monotonic_ns())? == Flow::Done {
                         return Ok(());
                     }
                 }

@@ -16,8 +16,8 @@ fn main() -> ExitCode {
             // a command that cannot run where it was started) is the user's to fix, like a bad
             // flag: exit 2 as clap does. Everything else is 1.
             let bad_input = |c: &(dyn std::error::Error + 'static)| {
-                c.is::<tcptrace::record::RecordError>()
-                    || c.is::<tcptrace::webconfig::WebConfigError>()
+                c.is::<tcptrace::source::record::RecordError>()
+                    || c.is::<tcptrace::views::serve::webconfig::WebConfigError>()
                     || c.is::<tcptrace::app::UsageError>()
             };
             if err.chain().any(bad_input) {

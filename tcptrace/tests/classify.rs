@@ -16,13 +16,14 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, RawEvent, decode},
-    filter::Filter,
+    analysis::closes::{Close, How, Initiator, Role},
+    model::{
+        event::{Event, RawEvent, decode},
+        filter::Filter,
+    },
     output::Format,
-    probe::DEFAULT_RING_BYTES,
-    report::Report,
-    track::{Close, How, Initiator, Role},
-    view::View,
+    source::probe::DEFAULT_RING_BYTES,
+    views::{View, report::Report},
 };
 
 /// What one side's close must say: (initiator, how, timewait).
@@ -470,8 +471,8 @@ fn simultaneous_attempt(pair: &NetPair, v6: bool, port: u16) -> bool {
         );
         let crossing = raw.iter().any(|r| {
             matches!(decode(r), Ok(Event::Transition(t))
-                if t.from == tcptrace::event::State::FinWait1
-                    && t.to == tcptrace::event::State::Closing)
+                if t.from == tcptrace::model::event::State::FinWait1
+                    && t.to == tcptrace::model::event::State::Closing)
         });
         if !crossing {
             return false;

@@ -117,13 +117,13 @@ fn format_1_recordings_replay() {
     bytes.extend_from_slice(&1u32.to_le_bytes());
     bytes.extend_from_slice(&96u32.to_le_bytes());
     bytes.extend_from_slice(&[0u8; 16]);
-    let t = tcptrace::event::encode(&tcptrace::event::Transition {
+    let t = tcptrace::model::event::encode(&tcptrace::model::event::Transition {
         ts_ns: 1,
         skaddr: 2,
         local: "127.0.0.1:5000".parse().unwrap(),
         remote: "127.0.0.1:80".parse().unwrap(),
-        from: tcptrace::event::State::SynSent,
-        to: tcptrace::event::State::Established,
+        from: tcptrace::model::event::State::SynSent,
+        to: tcptrace::model::event::State::Established,
         in_from_ns: None,
         owner: None,
         mptcp: false,

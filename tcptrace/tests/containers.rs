@@ -16,9 +16,11 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    cgroup::Cgroups,
-    event::{Event, RawEvent, TimerOp, Transition, decode},
-    probe::DEFAULT_RING_BYTES,
+    model::{
+        cgroup::Cgroups,
+        event::{Event, RawEvent, TimerOp, Transition, decode},
+    },
+    source::probe::DEFAULT_RING_BYTES,
 };
 
 /// `n` connections to 127.0.0.1:`port` inside namespace `ns`, the client closing first.
@@ -189,7 +191,7 @@ fn a_client_in_a_cgroup_is_named_and_cgroup_filters_by_it() {
     if !root_or_skip("a_client_in_a_cgroup_is_named_and_cgroup_filters_by_it") {
         return;
     }
-    let Some(mount) = tcptrace::cgroup::cgroup2_mount() else {
+    let Some(mount) = tcptrace::model::cgroup::cgroup2_mount() else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("no cgroup2 mount in /proc/self/mountinfo, and CI=true");
         }
@@ -384,7 +386,7 @@ fn accepted_sockets_take_their_own_namespaces_listener_as_owner() {
     // LISTEN→SYN_RECV→ESTABLISHED.
     let accepted = |ts: &[Transition]| {
         ts.iter()
-            .filter(|t| t.local.port() == port && t.from == tcptrace::event::State::SynRecv)
+            .filter(|t| t.local.port() == port && t.from == tcptrace::model::event::State::SynRecv)
             .count()
     };
     while accepted(&ts) < 2 && Instant::now() < deadline {
@@ -403,7 +405,7 @@ fn accepted_sockets_take_their_own_namespaces_listener_as_owner() {
             .find(|t| {
                 t.netns == Some(ino)
                     && t.local.port() == port
-                    && t.from == tcptrace::event::State::SynRecv
+                    && t.from == tcptrace::model::event::State::SynRecv
             })
             .unwrap_or_else(|| panic!("no accepted socket in {ino}: {ts:#?}"));
         let owner = t.owner.as_ref().expect("the listener's owner");

@@ -3,8 +3,10 @@
 //! Prometheus or a Grafana: the privileges are the least tcptrace needs, the port is the same
 //! everywhere, and the dashboard asks only for metrics the exporter serves.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -149,7 +151,7 @@ fn resolve_port(c: &Yaml, port: &Yaml) -> u16 {
 fn the_example_web_config_is_one_serve_accepts() {
     // Everything checks but the certificate, which the Secret holds: the first file read.
     let path = deploy_dir().join("web-config.yml");
-    let err = tcptrace::webconfig::WebConfig::load(&path)
+    let err = tcptrace::views::serve::webconfig::WebConfig::load(&path)
         .unwrap_err()
         .to_string();
     let cert = deploy_dir().join("tls.crt");
@@ -655,7 +657,7 @@ fn the_metric_name_check_rejects_what_it_should() {
 /// The families the exporter actually serves (`# TYPE` lines) after a workload that touches
 /// every one of them: a connection the server closes first, whose TIME_WAIT expires.
 fn exported_families() -> BTreeSet<String> {
-    use tcptrace::event::{
+    use tcptrace::model::event::{
         State::*, TimerEvent, TimerOp, Transition, encode, encode_timer, raw_lost,
     };
     let (c, s): (std::net::SocketAddr, std::net::SocketAddr) = (
@@ -720,17 +722,17 @@ fn exported_families() -> BTreeSet<String> {
         timer(60_000_000_200, TimerOp::Expired),
     ];
     let mut registry = prometheus_client::registry::Registry::default();
-    let mut view = tcptrace::metrics::Metrics::new(
-        tcptrace::filter::Filter::default().compile(),
-        tcptrace::metrics::LabelConfig::default(),
+    let mut view = tcptrace::views::serve::metrics::Metrics::new(
+        tcptrace::model::filter::Filter::default().compile(),
+        tcptrace::views::serve::metrics::LabelConfig::default(),
         &mut registry,
     )
     .timers(true);
-    use tcptrace::view::View as _;
+    use tcptrace::views::View as _;
     view.push(&events).unwrap();
     view.finish().unwrap();
-    registry.register_collector(Box::new(tcptrace::metrics::ProcessCollector));
-    let (text, _) = tcptrace::serve::render(&registry, false);
+    registry.register_collector(Box::new(tcptrace::views::serve::metrics::ProcessCollector));
+    let (text, _) = tcptrace::views::serve::http::render(&registry, false);
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split_whitespace().next().unwrap().to_string())

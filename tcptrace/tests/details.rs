@@ -14,9 +14,11 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    probe::DEFAULT_RING_BYTES,
-    reason::{ResetNames, end_reason},
-    track::{Close, Role},
+    analysis::{
+        closes::{Close, Role},
+        reason::{ResetNames, end_reason},
+    },
+    source::probe::DEFAULT_RING_BYTES,
 };
 
 /// Sends `bytes` from namespace a to a server in namespace b that reads them all, then

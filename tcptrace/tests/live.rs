@@ -13,8 +13,8 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, State, decode},
-    probe::{DEFAULT_RING_BYTES, Probe},
+    model::event::{Event, State, decode},
+    source::probe::{DEFAULT_RING_BYTES, Probe},
 };
 
 /// In a forked child (another process, so attribution can be told apart): connect to

@@ -30,8 +30,10 @@ use std::{
 };
 
 use common::{NetPair, probe_with, root_or_skip};
-use tcptrace::event::{Event, State, Transition, decode};
-use tcptrace::probe::{Probe, RunCounts};
+use tcptrace::{
+    model::event::{Event, State, Transition, decode},
+    source::probe::{Probe, RunCounts},
+};
 
 /// Connections per round: well inside the client namespace's 28,232 ephemeral ports.
 const CONNS: u64 = 6_000;

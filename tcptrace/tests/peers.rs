@@ -133,7 +133,10 @@ fn abort_on_data_in_fin_wait1() {
     let (close, exit) = server_side(&records);
     assert_eq!(verdict(close), ("local", "rst_sent", false), "{records:#?}");
     assert!(!in_tw && exit.is_none(), "no TIME_WAIT: {records:#?}");
-    if tcptrace::reason::ResetNames::from_sys().name(0).is_some() {
+    if tcptrace::analysis::reason::ResetNames::from_sys()
+        .name(0)
+        .is_some()
+    {
         assert_eq!(close["reason"], "abort_on_data", "{close}");
     }
 }

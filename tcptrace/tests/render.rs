@@ -1,15 +1,17 @@
 //! Synthetic events in, rendered text and JSON out: the stream view without a kernel.
 
 use tcptrace::{
-    cgroup::{CgroupFilter, Cgroups},
-    event::{
-        Comm, Details, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp, Transition,
-        encode, encode_details, encode_reset, encode_timer, raw_lost,
+    analysis::reason::ResetNames,
+    model::{
+        cgroup::{CgroupFilter, Cgroups},
+        event::{
+            Comm, Details, Direction, Owner, RawEvent, Reset, State, TimerEvent, TimerOp,
+            Transition, encode, encode_details, encode_reset, encode_timer, raw_lost,
+        },
+        filter::Filter,
     },
-    filter::Filter,
     output::{Format, Renderer, Style},
-    reason::ResetNames,
-    view::{Flow, Stream, View},
+    views::{Flow, View, stream::Stream},
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -490,7 +492,7 @@ fn text_lines_come_in_time_order_though_a_close_is_concluded_late() {
 }
 
 fn report(format: Format) -> String {
-    use tcptrace::report::Report;
+    use tcptrace::views::report::Report;
     let mut view = Report::new(
         Filter::default().compile(),
         0,
@@ -522,12 +524,16 @@ fn report_json() {
     insta::assert_snapshot!(out);
 }
 
-fn hist(format: Format, by: tcptrace::hist::By) -> String {
-    hist_of(format, by, tcptrace::hist::Metric::State)
+fn hist(format: Format, by: tcptrace::views::hist::By) -> String {
+    hist_of(format, by, tcptrace::views::hist::Metric::State)
 }
 
-fn hist_of(format: Format, by: tcptrace::hist::By, metric: tcptrace::hist::Metric) -> String {
-    use tcptrace::hist::Hist;
+fn hist_of(
+    format: Format,
+    by: tcptrace::views::hist::By,
+    metric: tcptrace::views::hist::Metric,
+) -> String {
+    use tcptrace::views::hist::Hist;
     let mut view =
         Hist::new(Filter::default().compile(), &[], by, Vec::new(), format).metric(metric);
     view.push(&workload()).unwrap();
@@ -537,12 +543,12 @@ fn hist_of(format: Format, by: tcptrace::hist::By, metric: tcptrace::hist::Metri
 
 #[test]
 fn hist_text() {
-    insta::assert_snapshot!(hist(Format::Text, tcptrace::hist::By::State));
+    insta::assert_snapshot!(hist(Format::Text, tcptrace::views::hist::By::State));
 }
 
 #[test]
 fn hist_json_by_port() {
-    let out = hist(Format::Json, tcptrace::hist::By::Port);
+    let out = hist(Format::Json, tcptrace::views::hist::By::Port);
     for line in out.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let total: u64 = v["buckets"]
@@ -560,7 +566,7 @@ fn hist_json_by_port() {
 /// ends (rtt, bytes both ways) and what the tracker measured (lifetime).
 #[test]
 fn hist_of_connections() {
-    use tcptrace::hist::{By, Metric};
+    use tcptrace::views::hist::{By, Metric};
     let mut out = String::new();
     for metric in [Metric::Rtt, Metric::Bytes, Metric::Lifetime] {
         out.push_str(&hist_of(Format::Text, By::State, metric));
@@ -576,7 +582,7 @@ fn hist_of_connections() {
 }
 
 fn population(format: Format) -> String {
-    use tcptrace::population::Population;
+    use tcptrace::views::timewait::Population;
     let mut view = Population::new(
         Filter::default().compile(),
         Vec::new(),
@@ -608,15 +614,18 @@ fn timewait_view_json() {
 
 /// The exposition, with the process's own (varying) metrics left out and each family's
 /// series in a fixed order (the families keep them in hash maps).
-fn exposition(labels: tcptrace::metrics::LabelConfig) -> String {
+fn exposition(labels: tcptrace::views::serve::metrics::LabelConfig) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
-    let mut view =
-        tcptrace::metrics::Metrics::new(Filter::default().compile(), labels, &mut registry)
-            .timers(true);
+    let mut view = tcptrace::views::serve::metrics::Metrics::new(
+        Filter::default().compile(),
+        labels,
+        &mut registry,
+    )
+    .timers(true);
     view.start().unwrap();
     assert_eq!(view.push(&workload()).unwrap(), Flow::More);
     view.finish().unwrap();
-    let (text, _) = tcptrace::serve::render(&registry, false);
+    let (text, _) = tcptrace::views::serve::http::render(&registry, false);
     sorted_series(&text)
 }
 
@@ -661,7 +670,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_exposition() {
-    let text = exposition(tcptrace::metrics::LabelConfig::default());
+    let text = exposition(tcptrace::views::serve::metrics::LabelConfig::default());
     // The client closed first and holds the TIME_WAIT; its server saw the peer close first.
     // 8080 has a listener here, so both ends get their own label; the refused SYN to 9999
     // and the IPv6 connection first seen mid-life (port 443, nothing seen listening) are
@@ -737,7 +746,7 @@ fn metrics_exposition() {
 
 #[test]
 fn metrics_port_labels_are_bounded_and_allow_listed() {
-    use tcptrace::metrics::{LabelConfig, PortPolicy};
+    use tcptrace::views::serve::metrics::{LabelConfig, PortPolicy};
     // One label allowed, and it goes to the listener seen first: 8080. The allow-list
     // names 443, but the cap is reached.
     let text = exposition(LabelConfig {
@@ -766,16 +775,16 @@ fn metrics_port_labels_are_bounded_and_allow_listed() {
 /// The kernel's default port range in every namespace, whatever the host's.
 struct DefaultRanges;
 
-impl tcptrace::ports::Ranges for DefaultRanges {
-    fn range(&mut self, _: Option<u32>) -> tcptrace::ports::PortRange {
-        tcptrace::ports::PortRange::DEFAULT
+impl tcptrace::views::ports::Ranges for DefaultRanges {
+    fn range(&mut self, _: Option<u32>) -> tcptrace::views::ports::PortRange {
+        tcptrace::views::ports::PortRange::DEFAULT
     }
 }
 
 /// `tcptrace top` on a test terminal: the workload's first five seconds, then a refresh every
 /// second until 20 s, keys pressed before the first.
 fn top_screen(keys: &str) -> String {
-    use tcptrace::top::{Top, draw::Clock};
+    use tcptrace::views::top::{Top, draw::Clock};
     let keys: std::collections::VecDeque<_> = keys
         .chars()
         .map(|c| crossterm::event::Event::Key(crossterm::event::KeyCode::Char(c).into()))

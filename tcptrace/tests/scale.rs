@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{NetPair, probe_with, root_or_skip};
-use tcptrace::event::{Event, State, decode};
+use tcptrace::model::event::{Event, State, decode};
 
 /// Connections open at once.
 const CONNS: usize = 200_000;
@@ -258,7 +258,7 @@ impl Seen {
 /// task's files — finds all 400,000 sockets and every owner, the same owners as
 /// `/proc/*/fd` tells. What it costs is printed, not asserted (timing belongs to the bench):
 /// the figures for the README's bound.
-fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::probe::Probe) {
+fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::source::probe::Probe) {
     let peak_kib = || {
         // SAFETY: getrusage into a zeroed struct.
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };
@@ -267,7 +267,7 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::pro
     };
     let (before, t) = (peak_kib(), Instant::now());
     let (found, owners) =
-        tcptrace::diag::open_everywhere(1 << 20, None, |each| probe.socket_owners(each));
+        tcptrace::source::diag::open_everywhere(1 << 20, None, |each| probe.socket_owners(each));
     let took = t.elapsed();
     assert!(owners.from_kernel, "the BTF programs' iterator ran");
     assert_eq!(owners.unread, 0, "every process looked into");
@@ -304,9 +304,9 @@ fn backfill_finds_every_socket_and_its_owner(ns: &str, probe: &mut tcptrace::pro
     );
     // The kernel's own accounts, a link at a time, agree.
     let (by_proc, read) =
-        tcptrace::diag::open_everywhere(1 << 20, None, |_| Err("compared".into()));
+        tcptrace::source::diag::open_everywhere(1 << 20, None, |_| Err("compared".into()));
     assert!(!read.from_kernel);
-    let ours = |o: &tcptrace::atstart::Open| o.netns == inode && !o.listening();
+    let ours = |o: &tcptrace::model::atstart::Open| o.netns == inode && !o.listening();
     let (a, b): (Vec<_>, Vec<_>) = (
         found
             .found
@@ -388,7 +388,7 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
     });
 
     let mut seen = Seen::default();
-    let drain = |probe: &mut tcptrace::probe::Probe, seen: &mut Seen| {
+    let drain = |probe: &mut tcptrace::source::probe::Probe, seen: &mut Seen| {
         let mut raw = Vec::new();
         probe.drain(&mut raw);
         for r in &raw {

@@ -9,15 +9,15 @@ use std::{
 };
 
 use tcptrace::{
-    event::{State, Transition, encode},
-    record::Writer,
+    model::event::{State, Transition, encode},
+    source::record::Writer,
 };
 
 const SEC: u64 = 1_000_000_000;
 
 /// `n` connections from 10.0.0.5 to this host's :8080, each closed first by the server (so
 /// the server holds the TIME_WAIT), seen from both ends.
-fn server_closes(n: u64) -> Vec<tcptrace::event::RawEvent> {
+fn server_closes(n: u64) -> Vec<tcptrace::model::event::RawEvent> {
     use State::*;
     let server: SocketAddr = "10.0.0.9:8080".parse().unwrap();
     let mut events = Vec::new();
@@ -64,7 +64,7 @@ struct Server {
 
 impl Server {
     /// Replays `events` and serves their counts on a free loopback port.
-    fn replaying(events: &[tcptrace::event::RawEvent]) -> Server {
+    fn replaying(events: &[tcptrace::model::event::RawEvent]) -> Server {
         let path = std::env::temp_dir().join(format!(
             "tcptrace-serve-{}-{:?}.tcptrace",
             std::process::id(),

@@ -142,20 +142,20 @@ fn sock_diag_reads_when_a_socket_entered_its_state_from_its_storage() {
     }
     let pair = NetPair::new();
     let port = free_port();
-    let probe = probe_for_ports(&[port], tcptrace::probe::DEFAULT_RING_BYTES);
+    let probe = probe_for_ports(&[port], tcptrace::source::probe::DEFAULT_RING_BYTES);
     let map = probe
         .storage_map()
         .expect("the BTF programs keep socket storage");
     let addr = SocketAddr::new(pair.b4, port);
     let (srv, accepted, done) = holding_server(&pair, addr, 1);
-    let before = tcptrace::probe::monotonic_ns();
+    let before = tcptrace::source::host::monotonic_ns();
     connect_and_close(&pair, addr);
     accepted.recv().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let after = tcptrace::probe::monotonic_ns();
+    let after = tcptrace::source::host::monotonic_ns();
     let found = NetPair::run_in(&pair.b, move || {
         use std::os::fd::AsFd as _;
-        tcptrace::diag::stored_sockets(1 << 8, Some(map.as_fd())).unwrap()
+        tcptrace::source::diag::stored_sockets(1 << 8, Some(map.as_fd())).unwrap()
     })
     .join()
     .unwrap();

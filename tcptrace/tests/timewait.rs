@@ -12,9 +12,12 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    event::{Event, State, TimerEvent, TimerOp, decode},
-    probe::{DEFAULT_RING_BYTES, Probe, monotonic_ns},
-    timewait::{End, Exit, OverflowProof, Timewaits},
+    analysis::timewait::{End, Exit, OverflowProof, Timewaits},
+    model::event::{Event, State, TimerEvent, TimerOp, decode},
+    source::{
+        host::monotonic_ns,
+        probe::{DEFAULT_RING_BYTES, Probe},
+    },
 };
 
 /// A server in namespace b that accepts `n` connections and closes each after the client.
@@ -278,8 +281,8 @@ fn a_full_tw_bucket_table_is_reported() {
     // The proof: the client's namespace's own count of refused timewait sockets.
     let netns = Some(netns_inode(&pair.a));
     let overflows = |n| {
-        use tcptrace::doctor::HostFacts as _;
-        tcptrace::doctor::Host
+        use tcptrace::views::doctor::HostFacts as _;
+        tcptrace::views::doctor::Host
             .counters(n)
             .map(|c| c.timewait_overflow)
     };

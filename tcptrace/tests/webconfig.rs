@@ -24,7 +24,7 @@ use rustls::{
     ClientConfig, ClientConnection, RootCertStore, StreamOwned,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
 };
-use tcptrace::webconfig::WebConfig;
+use tcptrace::views::serve::webconfig::WebConfig;
 
 /// How long any one exchange may take before the test gives up on it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,9 +184,9 @@ fn serve_registry(web_config: &Path) -> SocketAddr {
     counter.inc_by(42);
     registry.register("webconfig_test", "A test counter", counter);
     let web = WebConfig::load(web_config).unwrap();
-    let listener = tcptrace::serve::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = tcptrace::views::serve::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
-    tcptrace::serve::spawn(listener, Arc::new(registry), web).unwrap();
+    tcptrace::views::serve::http::spawn(listener, Arc::new(registry), web).unwrap();
     addr
 }
 
@@ -385,8 +385,9 @@ impl Binary {
     /// Serves an empty recording's counts as `web_config` says, on a free loopback port.
     fn serve(dir: &Scratch, web_config: &Path) -> Binary {
         let recording = dir.0.join("empty.tcptrace");
-        let mut w = tcptrace::record::Writer::new(std::fs::File::create(&recording).unwrap(), 0, 0)
-            .unwrap();
+        let mut w =
+            tcptrace::source::record::Writer::new(std::fs::File::create(&recording).unwrap(), 0, 0)
+                .unwrap();
         w.flush().unwrap();
         drop(w);
         let from = [std::ffi::OsStr::new("--from"), recording.as_os_str()];
@@ -545,7 +546,7 @@ fn a_scrape_gets_through_a_thousand_stalled_connections() {
     );
 
     // The stalled ones are dropped after their deadline (3 s), not kept.
-    std::thread::sleep(tcptrace::serve::HEADER_TIMEOUT + Duration::from_secs(1));
+    std::thread::sleep(tcptrace::views::serve::http::HEADER_TIMEOUT + Duration::from_secs(1));
     let closed = held.iter().filter(|s| closed_by_peer(s)).count();
     assert_eq!(closed, HELD_CONNECTIONS, "closed after the deadline");
 }
@@ -569,7 +570,7 @@ fn past_the_cap_the_stalest_connections_are_shed() {
     let dir = Scratch::new("cap");
     let addr = serve_registry(&dir.write("plain.yml", "# plain HTTP, no auth\n"));
     // More stalled connections than the cap: the oldest are closed to let new ones in.
-    let n = tcptrace::serve::MAX_CONNECTIONS + 200;
+    let n = tcptrace::views::serve::http::MAX_CONNECTIONS + 200;
     let opened = Instant::now();
     let held: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap())
@@ -585,7 +586,7 @@ fn past_the_cap_the_stalest_connections_are_shed() {
     let shed = held[..100].iter().filter(|s| closed_by_peer(s)).count();
     assert_eq!(shed, 100, "the stalest were shed");
     assert!(
-        opened.elapsed() < tcptrace::serve::HEADER_TIMEOUT,
+        opened.elapsed() < tcptrace::views::serve::http::HEADER_TIMEOUT,
         "shed, not timed out: {:?}",
         opened.elapsed()
     );
@@ -593,7 +594,7 @@ fn past_the_cap_the_stalest_connections_are_shed() {
     let _ = writeln!(
         std::io::stderr(),
         "with {n} stalled connections (cap {}): a plain scrape took {:.1} ms",
-        tcptrace::serve::MAX_CONNECTIONS,
+        tcptrace::views::serve::http::MAX_CONNECTIONS,
         took.as_secs_f64() * 1e3
     );
 }

@@ -109,7 +109,9 @@ fn main() -> ExitCode {
             println!("wrote the man pages into {}", dir.display());
             Ok(())
         }),
-        Cmd::Bench(args) => build(false).and_then(|bin| bench::bench(&bin, &args)),
+        Cmd::Bench(args) => {
+            build_with(false, BENCH_FEATURES).and_then(|bin| bench::bench(&bin, &args))
+        }
         Cmd::StormServer(args) => bench::server(&args),
         Cmd::StormClient(args) => bench::client(&args),
         Cmd::HoldOpen(args) => backfill::hold_open(&args),
@@ -319,13 +321,22 @@ impl Drop for Running {
     }
 }
 
+/// The features the bench's binary is built with: its `--idle-probes` variant.
+const BENCH_FEATURES: &[&str] = &["--features", "test-knobs"];
+
 /// Sets up (quietly when done already) and builds; returns the binary.
 fn build(debug: bool) -> Result<PathBuf> {
+    build_with(debug, &[])
+}
+
+/// [`build`] with extra cargo arguments (features).
+fn build_with(debug: bool, extra: &[&str]) -> Result<PathBuf> {
     setup::setup(true)?;
     let mut args = vec!["build", "--package", "tcptrace"];
     if !debug {
         args.push("--release");
     }
+    args.extend(extra);
     run(&mut cargo(&args)?)?;
     Ok(root()
         .join("target")

@@ -29,7 +29,7 @@ use crate::{
 
 /// The maps whose entries are watched, with their capacities: the listeners' map (the
 /// BTF programs keep each socket's facts in the socket itself, which frees them with it).
-const MAPS: [(&str, u64); 1] = [("LISTENERS", 16_384)];
+const MAPS: [(&str, u64); 1] = [("LISTENERS", tcptrace_common::DEFAULT_LISTENERS as u64)];
 
 /// Makes sure bpftool is there (Debian's bpftool), installing it when it is not.
 pub(crate) fn bpftool_ready() -> Result<()> {

@@ -12,11 +12,12 @@ use std::{
 };
 
 use tcptrace::{
-    event::{Event, RawEvent, State, Transition, decode},
-    filter::Filter,
-    pipeline::Pipeline,
-    probe::{KernelSide, Paths, Probe, ProbeConfig},
-    track::Close,
+    analysis::{closes::Close, pipeline::Pipeline},
+    model::{
+        event::{Event, RawEvent, State, Transition, decode},
+        filter::Filter,
+    },
+    source::probe::{KernelSide, Paths, Probe, ProbeConfig},
 };
 
 /// True when the test may run. Without root: under CI=true the test fails loudly; elsewhere
@@ -355,7 +356,7 @@ pub fn start_tracer(args: &[&str]) -> std::process::Child {
 /// Whether the host has a network namespace other than this process's (a test's own
 /// namespaces count: they live in /run/netns).
 pub fn other_network_namespaces() -> bool {
-    tcptrace::diag::network_namespaces().len() > 1
+    tcptrace::source::diag::network_namespaces().len() > 1
 }
 
 /// Sets a sysctl inside a namespace.
@@ -408,7 +409,7 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
         std::thread::sleep(Duration::from_millis(50));
         let mut raw = Vec::new();
         probe.drain(&mut raw);
-        let now = tcptrace::probe::monotonic_ns();
+        let now = tcptrace::source::host::monotonic_ns();
         from_transitions.feed(&raw, now);
         from_records.feed(&raw, now);
         raw_all.extend(raw);

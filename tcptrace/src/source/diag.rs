@@ -1,0 +1,1037 @@
+//! The TIME_WAIT and listening sockets that exist now, from sock_diag (`NETLINK_SOCK_DIAG`, the netlink
+//! interface behind `ss`). sock_diag answers for the caller's network namespace: the
+//! backfill of every namespace enters each in a thread of its own ([`in_namespace`]).
+
+use tcptrace_common::{SocketOwner, connection::SockStorage};
+
+use crate::model::atstart::{Existing, OpenAtStart};
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+/// A TIME_WAIT socket as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiagTimewait {
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Milliseconds until its timer expires.
+    pub expires_ms: u32,
+    /// The inode of its network namespace (None: unknown).
+    pub netns: Option<u32>,
+}
+
+/// A socket as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// Its TCP state (kernel number).
+    pub state: u8,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Milliseconds until its pending timer expires (0: none).
+    pub expires_ms: u32,
+    /// The inode of its socket file (0: none, as for timewait sockets and orphans).
+    pub inode: u32,
+    /// Its pending timer (`idiag_timer`: 3 for a timewait socket's).
+    pub timer: u8,
+}
+
+/// A socket with what tcptrace's kernel side keeps with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredSocket {
+    /// The socket.
+    pub socket: DiagSocket,
+    /// Its value in the socket-storage map asked about; None when it has none (not seen by
+    /// the programs since they were attached, or not a socket they keep anything for).
+    pub storage: Option<SockStorage>,
+}
+
+/// `idiag_timer` of a timewait socket.
+const TIMER_TIMEWAIT: u8 = 3;
+
+impl DiagSocket {
+    fn timewait(&self) -> DiagTimewait {
+        DiagTimewait {
+            local: self.local,
+            remote: self.remote,
+            expires_ms: self.expires_ms,
+            netns: None,
+        }
+    }
+}
+
+/// A network namespace: its inode, and the paths that open it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Its inode number (what events carry as `netns`).
+    pub inode: u32,
+    /// `/proc/self/ns/net`, `/run/netns/NAME` or `/proc/PID/ns/net`: the first found.
+    pub path: PathBuf,
+    /// The other paths found to it (other processes'), tried when one is gone.
+    pub others: Vec<PathBuf>,
+}
+
+impl Namespace {
+    /// Opens the namespace through the first of its paths that still leads to it (a process
+    /// may have exited since it was listed, its pid even reused in another namespace; a name
+    /// may have been deleted). `NotFound` when none does: the namespace is gone.
+    pub fn open(&self) -> io::Result<std::fs::File> {
+        use std::os::unix::fs::MetadataExt as _;
+        for path in std::iter::once(&self.path).chain(&self.others) {
+            match std::fs::File::open(path) {
+                Ok(f) if f.metadata().is_ok_and(|m| m.ino() == u64::from(self.inode)) => {
+                    return Ok(f);
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("network namespace {} is gone", self.inode),
+        ))
+    }
+}
+
+/// Every network namespace in use on the host, each once (by inode): this process's own
+/// first, then those `ip netns` names, then those of every process (containers).
+pub fn network_namespaces() -> Vec<Namespace> {
+    let mut paths = vec![PathBuf::from("/proc/self/ns/net")];
+    let mut named: Vec<PathBuf> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    named.sort();
+    paths.extend(named);
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    paths.extend(
+        pids.iter()
+            .map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))),
+    );
+    let mut found: Vec<Namespace> = Vec::new();
+    let mut index: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for path in paths {
+        let Some(inode) = ns_inode(&path) else {
+            continue;
+        };
+        match index.entry(inode) {
+            std::collections::hash_map::Entry::Occupied(i) => {
+                found[*i.get()].others.push(path);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(found.len());
+                found.push(Namespace {
+                    inode,
+                    path,
+                    others: Vec::new(),
+                });
+            }
+        }
+    }
+    found
+}
+
+/// The inode of the namespace at `path` (a symlink `net:[N]` or a bind mount of it).
+fn ns_inode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    u32::try_from(std::fs::metadata(path).ok()?.ino()).ok()
+}
+
+/// Runs `f` inside the network namespace whose inode is `netns`: here when that is this
+/// process's own (or unknown), else in a thread that enters it (found among
+/// [`network_namespaces`]). None when it cannot be found or entered, or `f` fails.
+pub fn in_netns<T: Send>(
+    netns: Option<u32>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> Option<T> {
+    let own = ns_inode(Path::new("/proc/self/ns/net"));
+    if netns.is_none() || netns == own {
+        return f().ok();
+    }
+    let ns = network_namespaces()
+        .into_iter()
+        .find(|n| Some(n.inode) == netns)?;
+    in_namespace(&ns, f).ok()
+}
+
+/// Runs `f` inside the network namespace `ns`, in a thread of its own (entering a namespace
+/// changes the calling thread's; the caller's stays where it is). Entering another
+/// namespace needs CAP_SYS_ADMIN.
+pub fn in_namespace<T: Send>(
+    ns: &Namespace,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    let file = ns.open()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor we own, affecting only this (scoped) thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the backfill thread panicked")))
+    })
+}
+
+/// What a backfill of every namespace found.
+#[derive(Debug)]
+pub struct Backfill<C> {
+    /// What was found, at most the limit asked for.
+    pub found: C,
+    /// Namespaces looked into.
+    pub namespaces: usize,
+    /// Namespaces that could not be entered or read.
+    pub unreachable: usize,
+    /// Why the first of them could not.
+    pub first_error: Option<String>,
+    /// Items left out beyond the limit.
+    pub skipped: usize,
+    /// Namespaces not read, or read only in part, because the backfill's time ran out.
+    pub out_of_time: usize,
+}
+
+/// What reading one namespace gave.
+struct Part<C> {
+    found: C,
+    /// Items beyond the room the namespace had.
+    skipped: usize,
+    /// Read to the end (not cut short when the time ran out).
+    whole: bool,
+}
+
+/// What a backfill gathers from each namespace in turn.
+pub trait Gather: Default {
+    /// Takes `more` in.
+    fn gather(&mut self, more: Self);
+}
+
+impl<T> Gather for Vec<T> {
+    fn gather(&mut self, more: Self) {
+        if self.is_empty() {
+            *self = more;
+        } else {
+            self.extend(more);
+        }
+    }
+}
+
+impl Gather for OpenAtStart {
+    fn gather(&mut self, more: Self) {
+        self.append(more);
+    }
+}
+
+impl<T> Part<Vec<T>> {
+    /// All of `found` that fits in `room`.
+    fn within(mut found: Vec<T>, room: &Room) -> Part<Vec<T>> {
+        let before = found.len();
+        found.retain(|_| room.take());
+        let skipped = before - found.len();
+        Part {
+            found,
+            skipped,
+            whole: true,
+        }
+    }
+}
+
+/// The room left for items, shared by the namespaces read at once.
+pub struct Room(std::sync::atomic::AtomicUsize);
+
+impl Room {
+    fn new(limit: usize) -> Room {
+        Room(std::sync::atomic::AtomicUsize::new(limit))
+    }
+
+    /// Takes room for one item; false when none is left.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// Runs `read` in every network namespace (this process's own without entering it: that
+/// needs no privilege), several at once (each walks the host's whole socket table in the
+/// kernel), and gathers at most `limit` items in the namespaces' order; `read` takes room
+/// for each item it keeps. Past `until`, the namespaces left are counted, not read.
+fn everywhere<C: Gather + Send>(
+    limit: usize,
+    until: Option<Instant>,
+    read: impl Fn(&Namespace, &Room) -> io::Result<Part<C>> + Sync,
+) -> Backfill<C> {
+    let namespaces = network_namespaces();
+    let room = Room::new(limit);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let one = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(ns) = namespaces.get(i) else {
+                return done;
+            };
+            let part = if until.is_some_and(|u| Instant::now() >= u) {
+                None
+            } else if i == 0 {
+                Some(read(ns, &room))
+            } else {
+                Some(in_namespace(ns, || read(ns, &room)))
+            };
+            done.push((i, part));
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(namespaces.len());
+    let mut parts: Vec<(usize, Option<io::Result<Part<C>>>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(one)).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    parts.sort_by_key(|(i, _)| *i);
+    let mut b = Backfill {
+        found: C::default(),
+        namespaces: 0,
+        unreachable: 0,
+        first_error: None,
+        skipped: 0,
+        out_of_time: 0,
+    };
+    for (i, part) in parts {
+        match part {
+            None => b.out_of_time += 1,
+            Some(Ok(part)) => {
+                b.namespaces += 1;
+                b.skipped += part.skipped;
+                b.out_of_time += usize::from(!part.whole);
+                b.found.gather(part.found);
+            }
+            // Deleted, or its last process exited, since it was listed: nothing to read.
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Some(Err(e)) => {
+                b.unreachable += 1;
+                b.first_error
+                    .get_or_insert_with(|| format!("{}: {e}", namespaces[i].path.display()));
+            }
+        }
+    }
+    b
+}
+
+/// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
+pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill<Vec<DiagTimewait>> {
+    everywhere(limit, None, |ns, room| {
+        let mut found = time_wait_sockets()?;
+        for d in &mut found {
+            d.netns = Some(ns.inode);
+        }
+        Ok(Part::within(found, room))
+    })
+}
+
+/// The states of a full socket's connection (not listening, not yet accepted, not ended).
+const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
+
+/// Every connection open now in every network namespace on the host, each with its role
+/// from its namespace's listeners, and the listeners themselves (state LISTEN, `server`
+/// set): at most `limit` in all, sorted, each with its socket file's inode (owners are
+/// looked for next: [`socket_owners`]).
+pub fn connections_everywhere(limit: usize, until: Option<Instant>) -> Backfill<OpenAtStart> {
+    let mut b = everywhere(limit, until, |ns, room| {
+        let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
+        let mut part = Part {
+            found: OpenAtStart::default(),
+            skipped: 0,
+            whole: true,
+        };
+        let mut keep = |e: Existing| {
+            if room.take() {
+                part.found.push(&e);
+            } else {
+                part.skipped += 1;
+            }
+        };
+        for l in &listeners.all {
+            keep(Existing {
+                netns: ns.inode,
+                local: l.local,
+                remote: l.remote,
+                state: l.state,
+                server: true,
+                inode: l.inode,
+            });
+        }
+        // Streamed from the kernel's reply into what is kept (24 bytes a connection): a
+        // million sockets are never held twice.
+        let mut each = |s: StoredSocket| {
+            let s = s.socket;
+            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+            // no connection's socket any more.
+            if s.timer != TIMER_TIMEWAIT {
+                keep(Existing {
+                    netns: ns.inode,
+                    local: s.local,
+                    remote: s.remote,
+                    state: s.state,
+                    server: listeners.on(s.local),
+                    inode: s.inode,
+                });
+            }
+        };
+        for family in FAMILIES {
+            if !dump(family, OPEN_STATES, None, until, &mut each)? {
+                part.whole = false;
+                break;
+            }
+        }
+        Ok(part)
+    });
+    b.found.sort();
+    b
+}
+
+/// How the owners of the sockets open at start were found.
+#[derive(Clone, Copy, Debug)]
+pub struct OwnersRead {
+    /// Processes not looked into because the time ran out.
+    pub unread: usize,
+    /// How long looking took.
+    pub took: std::time::Duration,
+    /// Found by the kernel's iterator over every task's files (else from `/proc/*/fd`).
+    pub from_kernel: bool,
+}
+
+/// Every connection and listener open now in every network namespace (at most `limit`),
+/// each with the process holding its socket: what every live view starts from. Past `until`
+/// what is left is not read.
+pub fn open_everywhere(
+    limit: usize,
+    until: Option<Instant>,
+    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner)) -> Result<(), String>,
+) -> (Backfill<OpenAtStart>, OwnersRead) {
+    let mut b = connections_everywhere(limit, until);
+    let started = Instant::now();
+    let inodes = b.found.inodes();
+    let mut pids = Vec::new();
+    let read = kernel(&mut |o| {
+        if inodes.binary_search(&o.inode).is_ok() {
+            pids.push((o.inode, o.pid));
+        }
+    });
+    let (owners, from_kernel) = match read {
+        Ok(()) => (SocketOwners::of(pids), true),
+        Err(why) => {
+            log::debug!("socket owners read from /proc/*/fd: {why}");
+            (socket_owners(Some(&inodes), until), false)
+        }
+    };
+    b.found
+        .set_owners(|inode| Some(owners.get(inode)?.0), owners.comms());
+    let read = OwnersRead {
+        unread: owners.unread,
+        took: started.elapsed(),
+        from_kernel,
+    };
+    (b, read)
+}
+
+/// A socket found sitting in a state, by a scan of every namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sitting {
+    /// Its network namespace's inode.
+    pub netns: u32,
+    /// Local endpoint.
+    pub local: SocketAddr,
+    /// Remote endpoint.
+    pub remote: SocketAddr,
+    /// Its state (kernel number).
+    pub state: u8,
+    /// Accepted from a listener (its namespace listens on its local port), else connected.
+    pub server: bool,
+    /// When it entered the state (CLOCK_MONOTONIC ns), from what the kernel side keeps with
+    /// it; None when that does not say (it was in the state before tracing began).
+    pub entered_ns: Option<u64>,
+    /// Its owner as the kernel side learnt it.
+    pub owner: Option<(u32, [u8; 16])>,
+}
+
+/// Every socket in `states` (bits `1 << state`) in every network namespace on the host (at
+/// most `limit`), each with when it entered its state where `map` (the socket-storage map
+/// of the BTF programs) says so.
+pub fn sitting_everywhere(
+    states: u32,
+    map: Option<BorrowedFd>,
+    limit: usize,
+) -> Backfill<Vec<Sitting>> {
+    everywhere(limit, None, |ns, room| {
+        let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
+        let found = stored_sockets(states, map)?;
+        let found = found
+            .iter()
+            .filter(|s| s.socket.timer != TIMER_TIMEWAIT)
+            .map(|s| {
+                let d = &s.socket;
+                let life = s.storage.map(|st| (st.life, st.owner));
+                // The storage tells the time of the transition into this state only if that
+                // transition was the last one it saw.
+                let entered_ns = life
+                    .filter(|(l, _)| l.last_state == d.state && l.last_ts != 0)
+                    .map(|(l, _)| l.last_ts);
+                let owner = life
+                    .filter(|(_, o)| o.flags & u32::from(tcptrace_common::flag::OWNER_KNOWN) != 0)
+                    .map(|(_, o)| (o.pid, bytemuck::cast(o.comm)));
+                Sitting {
+                    netns: ns.inode,
+                    local: d.local,
+                    remote: d.remote,
+                    state: d.state,
+                    server: listeners.on(d.local),
+                    entered_ns,
+                    owner,
+                }
+            })
+            .collect();
+        Ok(Part::within(found, room))
+    })
+}
+
+/// A namespace's listening sockets, by port.
+struct Listeners {
+    all: Vec<DiagSocket>,
+    /// Port → the addresses listened on (the unspecified one for any).
+    by_port: HashMap<u16, Vec<IpAddr>>,
+}
+
+impl Listeners {
+    fn new(all: Vec<DiagSocket>) -> Listeners {
+        let mut by_port: HashMap<u16, Vec<IpAddr>> = HashMap::new();
+        for l in &all {
+            by_port
+                .entry(l.local.port())
+                .or_default()
+                .push(l.local.ip());
+        }
+        Listeners { all, by_port }
+    }
+
+    /// Whether one of them listens on `local`'s port (on its address or any).
+    fn on(&self, local: SocketAddr) -> bool {
+        self.by_port.get(&local.port()).is_some_and(|ips| {
+            ips.iter()
+                .any(|ip| ip.is_unspecified() || *ip == local.ip())
+        })
+    }
+}
+
+/// Who holds which socket: what [`socket_owners`] found.
+#[derive(Debug, Default)]
+pub struct SocketOwners {
+    /// (socket inode, the pid holding it), sorted by inode: 8 bytes a socket.
+    pids: Vec<(u32, u32)>,
+    /// Pid → its command (once per process, however many sockets it holds).
+    comms: HashMap<u32, String>,
+    /// Processes not read because the time ran out.
+    pub unread: usize,
+}
+
+impl SocketOwners {
+    /// The process holding the socket of `inode`: (pid, command).
+    pub fn get(&self, inode: u32) -> Option<(u32, &str)> {
+        let i = self.pids.binary_search_by_key(&inode, |p| p.0).ok()?;
+        let pid = self.pids[i].1;
+        Some((pid, self.comms.get(&pid).map_or("", String::as_str)))
+    }
+
+    /// Whether none has.
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
+    }
+
+    /// The owners of `pids` ((inode, pid) pairs), with their commands.
+    fn of(mut pids: Vec<(u32, u32)>) -> SocketOwners {
+        pids.sort_unstable();
+        pids.dedup_by_key(|p| p.0);
+        let mut comms = HashMap::new();
+        for &(_, pid) in &pids {
+            comms.entry(pid).or_insert_with(|| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default()
+            });
+        }
+        SocketOwners {
+            pids,
+            comms,
+            unread: 0,
+        }
+    }
+
+    /// Each process holding sockets, with its command.
+    pub fn comms(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.comms.iter().map(|(pid, c)| (*pid, c.as_str()))
+    }
+}
+
+/// The processes that hold the socket files of `inodes` (sorted; None: every socket),
+/// read from every process's descriptors (as `ss -p` does) until `until` passes. Processes
+/// are read in parallel, each descriptor with one `readlinkat` into a stack buffer: a host
+/// with a million sockets has a million links to read.
+pub fn socket_owners(inodes: Option<&[u32]>, until: Option<Instant>) -> SocketOwners {
+    if inodes.is_some_and(<[u32]>::is_empty) {
+        return SocketOwners::default();
+    }
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Each thread takes the next process: a few processes may hold most sockets.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut owners = std::thread::scope(|scope| {
+        let parts: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| owners_among(&pids, &next, inodes, until)))
+            .collect();
+        let mut owners = SocketOwners::default();
+        for part in parts {
+            let part = part.join().unwrap_or_default();
+            owners.pids.extend(part.pids);
+            owners.comms.extend(part.comms);
+        }
+        owners
+    });
+    // A socket shared by several processes (inherited across fork) goes to one of them.
+    owners.pids.sort_unstable();
+    owners.pids.dedup_by_key(|p| p.0);
+    owners.pids.shrink_to_fit();
+    owners.unread = pids
+        .len()
+        .saturating_sub(next.load(std::sync::atomic::Ordering::Relaxed));
+    owners
+}
+
+/// [`socket_owners`] among the `pids` this thread takes (the next one from `next`, until
+/// `until` passes): unsorted, a socket possibly more than once.
+fn owners_among(
+    pids: &[u32],
+    next: &std::sync::atomic::AtomicUsize,
+    inodes: Option<&[u32]>,
+    until: Option<Instant>,
+) -> SocketOwners {
+    let mut owners = SocketOwners::default();
+    while until.is_none_or(|u| Instant::now() < u) {
+        let Some(&pid) = pids.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
+            break;
+        };
+        let mut holds = false;
+        for_each_socket(pid, |inode| {
+            if inodes.is_none_or(|i| i.binary_search(&inode).is_ok()) {
+                owners.pids.push((inode, pid));
+                holds = true;
+            }
+        });
+        if holds {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_default();
+            owners.comms.insert(pid, comm);
+        }
+    }
+    owners
+}
+
+/// Calls `each` with the inode of every socket process `pid` holds open.
+fn for_each_socket(pid: u32, mut each: impl FnMut(u32)) {
+    let dir = format!("/proc/{pid}/fd");
+    let Ok(fds) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let Ok(dir) = std::fs::File::open(&dir) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    for fd in fds.flatten() {
+        let name = fd.file_name();
+        let Ok(name) =
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
+        else {
+            continue;
+        };
+        // SAFETY: a valid directory descriptor, a NUL-terminated name, and a buffer of the
+        // length given; the kernel writes at most that many bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            continue;
+        };
+        let inode = buf[..n]
+            .strip_prefix(b"socket:[")
+            .and_then(|t| t.strip_suffix(b"]"))
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| t.parse::<u32>().ok());
+        if let Some(inode) = inode {
+            each(inode);
+        }
+    }
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_LISTEN: u32 = 10;
+/// `struct nlmsghdr`.
+const NLMSG_HDR: usize = 16;
+/// `INET_DIAG_REQ_SK_BPF_STORAGES`: the request's attribute naming storage maps.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`: one map, by descriptor.
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+/// The request's attributes: the nested one (4 bytes) holding a map descriptor (8).
+const STORAGE_REQ_LEN: usize = 12;
+/// `INET_DIAG_SK_BPF_STORAGES`: the reply's attribute holding the storages.
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+/// `SK_DIAG_BPF_STORAGE`: one map's storage, nested.
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+/// `SK_DIAG_BPF_STORAGE_MAP_VALUE`: its value.
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+/// An attribute's type without the nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
+/// `struct inet_diag_req_v2`.
+const REQ_LEN: usize = 56;
+/// `struct inet_diag_msg`.
+const MSG_LEN: usize = 72;
+
+/// Every TIME_WAIT socket (IPv4 and IPv6) in this network namespace.
+pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
+    Ok(sockets(1 << TCP_TIME_WAIT)?
+        .iter()
+        .map(DiagSocket::timewait)
+        .collect())
+}
+
+/// The TCP sockets (IPv4 and IPv6) of this network namespace in the states of `states`
+/// (bits `1 << state`).
+pub fn sockets(states: u32) -> io::Result<Vec<DiagSocket>> {
+    let mut out = Vec::new();
+    for family in FAMILIES {
+        dump(family, states, None, None, &mut |s| out.push(s.socket))?;
+    }
+    Ok(out)
+}
+
+/// [`sockets`], each with its value in the socket-storage map `map` (a map of
+/// [`SockStorage`]); the kernel lets a caller with CAP_BPF (or CAP_SYS_ADMIN) read it.
+pub fn stored_sockets(states: u32, map: Option<BorrowedFd>) -> io::Result<Vec<StoredSocket>> {
+    let mut out = Vec::new();
+    for family in FAMILIES {
+        dump(family, states, map, None, &mut |s| out.push(s))?;
+    }
+    Ok(out)
+}
+
+/// The address families TCP sockets are dumped for.
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+
+/// The ports that TCP sockets listen on in this network namespace (IPv4 and IPv6), sorted,
+/// without duplicates.
+pub fn listening_ports() -> io::Result<Vec<u16>> {
+    let found = sockets(1 << TCP_LISTEN)?;
+    let mut ports: Vec<u16> = found.iter().map(|s| s.local.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// The request for the sockets of `family` in `states`, asking for their values in `map`.
+fn request(family: u8, states: u32, map: Option<BorrowedFd>) -> Vec<u8> {
+    let attrs = if map.is_some() { STORAGE_REQ_LEN } else { 0 };
+    let len = NLMSG_HDR + REQ_LEN + attrs;
+    let mut req = vec![0u8; len];
+    req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = family;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&states.to_ne_bytes());
+    if let Some(map) = map {
+        // A nested INET_DIAG_REQ_SK_BPF_STORAGES holding one SK_DIAG_BPF_STORAGE_REQ_MAP_FD.
+        let a = NLMSG_HDR + REQ_LEN;
+        req[a..a + 2].copy_from_slice(&(STORAGE_REQ_LEN as u16).to_ne_bytes());
+        req[a + 2..a + 4]
+            .copy_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        req[a + 4..a + 6].copy_from_slice(&8u16.to_ne_bytes());
+        req[a + 6..a + 8].copy_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        req[a + 8..a + 12].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    }
+    req
+}
+
+/// Streams the sockets of `family` in the states of `states` (bits `1 << state`) to `each`,
+/// with their values in `map` when asked, until the kernel's reply ends (true) or `until`
+/// passes (false: cut short).
+fn dump(
+    family: u8,
+    states: u32,
+    map: Option<BorrowedFd>,
+    until: Option<Instant>,
+    each: &mut dyn FnMut(StoredSocket),
+) -> io::Result<bool> {
+    // SAFETY: a plain socket call; the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+
+    let req = request(family, states, map);
+    // SAFETY: sending our own buffer on our own socket (to the kernel: the default address).
+    let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // SAFETY: receiving into our own buffer.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sock_diag's reply ended before its end",
+            ));
+        }
+        if parse(&buf[..n as usize], each)? {
+            return Ok(true);
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(false);
+        }
+    }
+}
+
+/// Parses one datagram of netlink messages; true once the dump is complete.
+fn parse(mut b: &[u8], each: &mut dyn FnMut(StoredSocket)) -> io::Result<bool> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
+    while b.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(b[0..4].try_into().map_err(|_| bad())?) as usize;
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        if len < NLMSG_HDR || len > b.len() {
+            return Err(bad());
+        }
+        let payload = &b[NLMSG_HDR..len];
+        match ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = i32::from_ne_bytes(
+                    payload
+                        .get(0..4)
+                        .ok_or_else(bad)?
+                        .try_into()
+                        .map_err(|_| bad())?,
+                );
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+            }
+            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => each(StoredSocket {
+                socket: msg(payload),
+                storage: storage(&payload[MSG_LEN..]),
+            }),
+            _ => {}
+        }
+        // Messages are 4-byte aligned.
+        let next = (len + 3) & !3;
+        b = &b[next.min(b.len())..];
+    }
+    Ok(false)
+}
+
+/// The attributes of a message, as (type without its flags, value), in order.
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*b.first()?, *b.get(1)?]));
+        let ty = u16::from_ne_bytes([*b.get(2)?, *b.get(3)?]) & NLA_TYPE_MASK;
+        let value = b.get(4..len)?;
+        // Attributes are 4-byte aligned.
+        b = b.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((ty, value))
+    })
+}
+
+/// The socket's storage value in a message's attributes
+/// (`INET_DIAG_SK_BPF_STORAGES` → `SK_DIAG_BPF_STORAGE` → `SK_DIAG_BPF_STORAGE_MAP_VALUE`).
+fn storage(attrs: &[u8]) -> Option<SockStorage> {
+    let (_, storages) = attributes(attrs).find(|(t, _)| *t == INET_DIAG_SK_BPF_STORAGES)?;
+    let (_, one) = attributes(storages).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = attributes(one).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    let value = value.get(..std::mem::size_of::<SockStorage>())?;
+    Some(bytemuck::pod_read_unaligned(value))
+}
+
+/// One `inet_diag_msg`: family, state, timer, retrans, then `inet_diag_sockid` (ports in
+/// network order, 16-byte addresses, interface, cookie), then `idiag_expires`, the queues,
+/// the uid and the inode.
+fn msg(p: &[u8]) -> DiagSocket {
+    let family = p[0];
+    let sport = u16::from_be_bytes([p[4], p[5]]);
+    let dport = u16::from_be_bytes([p[6], p[7]]);
+    let addr = |at: usize| -> IpAddr {
+        if family == libc::AF_INET as u8 {
+            IpAddr::V4(Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]))
+        } else {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&p[at..at + 16]);
+            IpAddr::V6(Ipv6Addr::from(a))
+        }
+    };
+    let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    DiagSocket {
+        state: p[1],
+        local: SocketAddr::new(addr(8), sport),
+        remote: SocketAddr::new(addr(24), dport),
+        expires_ms: word(52),
+        inode: word(68),
+        timer: p[2],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backfill_out_of_time_reads_nothing_and_says_so() {
+        let b = connections_everywhere(1000, Some(Instant::now()));
+        assert!(b.found.is_empty());
+        assert_eq!(b.namespaces, 0);
+        assert!(
+            b.out_of_time >= 1,
+            "this process's namespace at least: {b:?}"
+        );
+        let owners = socket_owners(Some(&[1]), Some(Instant::now()));
+        assert!(owners.is_empty());
+        assert!(owners.unread >= 1, "this process at least");
+    }
+
+    #[test]
+    fn listeners_serve_their_port_on_their_address_or_any() {
+        let l = |a: &str| DiagSocket {
+            state: TCP_LISTEN as u8,
+            local: a.parse().unwrap(),
+            remote: "0.0.0.0:0".parse().unwrap(),
+            expires_ms: 0,
+            inode: 1,
+            timer: 0,
+        };
+        let ls = Listeners::new(vec![l("10.0.0.1:80"), l("0.0.0.0:443")]);
+        assert!(ls.on("10.0.0.1:80".parse().unwrap()));
+        assert!(!ls.on("10.0.0.2:80".parse().unwrap()), "another address");
+        assert!(ls.on("10.0.0.2:443".parse().unwrap()), "any address");
+        assert!(!ls.on("10.0.0.1:8080".parse().unwrap()), "another port");
+    }
+
+    #[test]
+    fn a_namespace_opens_through_a_path_that_still_leads_to_it() {
+        let own = ns_inode(Path::new("/proc/self/ns/net")).expect("this process's namespace");
+        let ns = Namespace {
+            inode: own,
+            path: PathBuf::from("/proc/4294967295/ns/net"),
+            others: vec![PathBuf::from("/proc/self/ns/net")],
+        };
+        assert!(ns.open().is_ok(), "the second path leads to it");
+        // A path that now leads elsewhere (a pid reused in another namespace) is no path to
+        // it: with none left, the namespace is gone.
+        let elsewhere = Namespace {
+            inode: own.wrapping_add(1),
+            path: PathBuf::from("/proc/self/ns/net"),
+            others: vec![PathBuf::from("/run/netns/does-not-exist")],
+        };
+        assert_eq!(
+            elsewhere.open().unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn parses_a_reply_and_its_end() {
+        let mut m = vec![0u8; NLMSG_HDR + MSG_LEN];
+        m[0..4].copy_from_slice(&((NLMSG_HDR + MSG_LEN) as u32).to_ne_bytes());
+        m[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        let p = NLMSG_HDR;
+        m[p] = libc::AF_INET as u8;
+        m[p + 1] = 6;
+        m[p + 4..p + 6].copy_from_slice(&40000u16.to_be_bytes());
+        m[p + 6..p + 8].copy_from_slice(&80u16.to_be_bytes());
+        m[p + 8..p + 12].copy_from_slice(&[10, 0, 0, 1]);
+        m[p + 24..p + 28].copy_from_slice(&[10, 0, 0, 2]);
+        m[p + 52..p + 56].copy_from_slice(&59_000u32.to_ne_bytes());
+        m[p + 68..p + 72].copy_from_slice(&4242u32.to_ne_bytes());
+        let mut done = vec![0u8; NLMSG_HDR + 4];
+        done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        let mut out = Vec::new();
+        assert!(!parse(&m, &mut |s| out.push(s)).unwrap());
+        assert!(parse(&done, &mut |s| out.push(s)).unwrap());
+        assert_eq!(out[0].storage, None);
+        assert_eq!(
+            out.iter().map(|s| s.socket).collect::<Vec<_>>(),
+            [DiagSocket {
+                state: 6,
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.0.0.2:80".parse().unwrap(),
+                expires_ms: 59_000,
+                inode: 4242,
+                timer: 0,
+            }]
+        );
+        assert!(
+            parse(&m[..20], &mut |s| out.push(s)).is_err(),
+            "a truncated message is an error"
+        );
+    }
+}
