@@ -110,6 +110,7 @@ fn nothing_stays_loaded_after_any_exit() {
         (
             (
                 "two Ctrl-C",
+                // SAFETY: signalling our own child process.
                 Box::new(|c: &mut Child| unsafe {
                     libc::kill(c.id() as i32, libc::SIGINT);
                     libc::kill(c.id() as i32, libc::SIGINT);

@@ -19,8 +19,11 @@ pub fn parse_netns(s: &str) -> Result<u32, String> {
         };
     }
     if s.is_empty() {
-        return Err("an empty network namespace: give /run/netns/NAME, /proc/PID/ns/net,                     a NAME or an inode number"
-            .into());
+        return Err(
+            "an empty network namespace: give /run/netns/NAME, /proc/PID/ns/net, a NAME or an \
+             inode number"
+                .into(),
+        );
     }
     let path = if s.contains('/') {
         s.to_string()
