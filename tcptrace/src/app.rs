@@ -724,11 +724,16 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::O
             b.skipped
         );
     }
-    if b.out_of_time > 0 || unread > 0 {
+    if b.out_of_time > 0 || unread > 0 || owners.cut_short {
+        let pass = if owners.cut_short {
+            ", the kernel's pass over every process's files stopped part-way"
+        } else {
+            ""
+        };
         log::warn!(
             "the backfill at start stopped at its {}-second budget with {} connections \
              read: {} network namespaces not read or read in part, {} processes not looked \
-             into for owners (those connections' closes have no role or owner)",
+             into for owners{pass} (those connections' closes have no role or owner)",
             BACKFILL_TIME_BUDGET.as_secs(),
             b.found.len(),
             b.out_of_time,

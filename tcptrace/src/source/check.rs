@@ -194,19 +194,22 @@ pub fn run(load: bool) -> Vec<Item> {
 /// Whether the kernel's iterator over every task's files tells who holds each socket.
 fn socket_owners(p: &mut Probe) -> Result<String, String> {
     let mut sockets = 0u64;
-    p.socket_owners(&mut |_| sockets += 1)
-        .map(|()| {
-            format!(
-                "the kernel's iterator over every task's files names the holders of {sockets} \
+    p.socket_owners(&mut |_| {
+        sockets += 1;
+        std::ops::ControlFlow::Continue(())
+    })
+    .map(|()| {
+        format!(
+            "the kernel's iterator over every task's files names the holders of {sockets} \
                  sockets"
-            )
-        })
-        .map_err(|e| {
-            format!(
-                "{e}: read from /proc/*/fd instead, slower, and blind to other users' \
+        )
+    })
+    .map_err(|e| {
+        format!(
+            "{e}: read from /proc/*/fd instead, slower, and blind to other users' \
                  processes without CAP_SYS_PTRACE"
-            )
-        })
+        )
+    })
 }
 
 /// Whether events can name their socket's network namespace and cgroup, and cgroups be

@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::ControlFlow,
     os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
     time::Instant,
@@ -422,6 +423,8 @@ pub struct OwnersRead {
     pub took: std::time::Duration,
     /// Found by the kernel's iterator over every task's files (else from `/proc/*/fd`).
     pub from_kernel: bool,
+    /// The iterator's pass stopped part-way because the time ran out.
+    pub cut_short: bool,
 }
 
 /// Every connection and listener open now in every network namespace (at most `limit`),
@@ -430,16 +433,23 @@ pub struct OwnersRead {
 pub fn open_everywhere(
     limit: usize,
     until: Option<Instant>,
-    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner)) -> Result<(), String>,
+    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner) -> ControlFlow<()>) -> Result<(), String>,
 ) -> (Backfill<OpenAtStart>, OwnersRead) {
     let mut b = connections_everywhere(limit, until);
     let started = Instant::now();
     let inodes = b.found.inodes();
     let mut pids = Vec::new();
+    let (mut seen, mut cut_short) = (0u64, false);
     let read = kernel(&mut |o| {
+        seen += 1;
+        if seen % OWNERS_BETWEEN_CLOCK_READS == 0 && until.is_some_and(|u| Instant::now() >= u) {
+            cut_short = true;
+            return ControlFlow::Break(());
+        }
         if inodes.binary_search(&o.inode).is_ok() {
             pids.push((o.inode, o.pid));
         }
+        ControlFlow::Continue(())
     });
     let (owners, from_kernel) = match read {
         Ok(()) => (SocketOwners::of(pids), true),
@@ -454,9 +464,13 @@ pub fn open_everywhere(
         unread: owners.unread,
         took: started.elapsed(),
         from_kernel,
+        cut_short,
     };
     (b, read)
 }
+
+/// Owners read from the kernel's iterator between two looks at the clock.
+const OWNERS_BETWEEN_CLOCK_READS: u64 = 4096;
 
 /// A socket found sitting in a state, by a scan of every namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -956,6 +970,22 @@ mod tests {
         let owners = socket_owners(Some(&[1]), Some(Instant::now()));
         assert!(owners.is_empty());
         assert!(owners.unread >= 1, "this process at least");
+    }
+
+    #[test]
+    fn the_kernels_pass_over_owners_stops_when_the_time_is_out() {
+        let mut fed = 0u64;
+        let (_, read) = open_everywhere(1000, Some(Instant::now()), |each| {
+            for inode in 1..=100_000 {
+                fed += 1;
+                if each(SocketOwner { inode, pid: 1 }).is_break() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        assert!(read.from_kernel && read.cut_short, "{read:?}");
+        assert_eq!(fed, OWNERS_BETWEEN_CLOCK_READS, "stopped at the first look at the clock");
     }
 
     #[test]

@@ -474,10 +474,11 @@ impl Probe {
     /// Which process holds each socket file on the host (in tcptrace's pid namespace), from
     /// the kernel's iterator over every task's open files: one pass in the kernel, where
     /// reading `/proc/*/fd` takes a system call a descriptor and may not see other users'
-    /// processes. Each goes to `each` as it is read. Err says why it cannot run here.
+    /// processes. Each goes to `each` as it is read, until `each` breaks (the kernel's pass
+    /// stops when its file is closed). Err says why it cannot run here.
     pub fn socket_owners(
         &mut self,
-        each: &mut dyn FnMut(tcptrace_common::SocketOwner),
+        each: &mut dyn FnMut(tcptrace_common::SocketOwner) -> std::ops::ControlFlow<()>,
     ) -> Result<(), String> {
         self.owners.clone()?;
         let prog: &mut aya::programs::Iter = self
@@ -501,7 +502,9 @@ impl Probe {
             have += n;
             let whole = have - have % RECORD_BYTES;
             for r in buf[..whole].chunks_exact(RECORD_BYTES) {
-                each(bytemuck::pod_read_unaligned(r));
+                if each(bytemuck::pod_read_unaligned(r)).is_break() {
+                    return Ok(());
+                }
             }
             buf.copy_within(whole..have, 0);
             have -= whole;
