@@ -985,7 +985,10 @@ mod tests {
             Ok(())
         });
         assert!(read.from_kernel && read.cut_short, "{read:?}");
-        assert_eq!(fed, OWNERS_BETWEEN_CLOCK_READS, "stopped at the first look at the clock");
+        assert_eq!(
+            fed, OWNERS_BETWEEN_CLOCK_READS,
+            "stopped at the first look at the clock"
+        );
     }
 
     #[test]
