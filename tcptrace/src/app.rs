@@ -17,8 +17,15 @@ use tokio::{
 
 use crate::{
     analysis::{reason, timewait},
-    cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
-    model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
+    cli::{
+        Cli, Command, DoctorArgs, HistArgs, PortsArgs, ReportArgs, ServeArgs, SourceArgs,
+        StuckArgs, TimewaitArgs, TopArgs,
+    },
+    model::{
+        cgroup::Cgroups,
+        event::RawEvent,
+        filter::{CompiledFilter, Filter},
+    },
     output::{Renderer, Style, local_utc_offset_secs},
     source::{
         check, diag,
@@ -46,6 +53,9 @@ use crate::{
 /// How often the reader drains the ring buffer when the kernel has not woken it.
 const TICK: Duration = Duration::from_millis(20);
 
+/// Buffered stdout, where every view but `top` prints.
+type Out = io::BufWriter<io::StdoutLock<'static>>;
+
 /// Runs the command line. Errors carry context for the user; a closed stdout (`| head`)
 /// ends the run quietly.
 pub fn run(cli: Cli) -> Result<()> {
@@ -53,225 +63,16 @@ pub fn run(cli: Cli) -> Result<()> {
     let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let result = match &cli.command {
-        Some(Command::Completions { shell }) => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = out;
-            clap_complete::generate(*shell, &mut cmd, "tcptrace", &mut out);
-            std::io::Write::flush(&mut out)?;
-            Ok(())
-        }
-        Some(Command::ManPages { dir }) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
-                .with_context(|| format!("writing man pages into {}", dir.display()))?;
-            Ok(())
-        }
-        Some(Command::Check { no_load }) => {
-            let items = check::run(!no_load);
-            let text = check::render(&items);
-            let mut out = out;
-            std::io::Write::write_all(&mut out, text.as_bytes())?;
-            std::io::Write::flush(&mut out)?;
-            if !check::core_ok(&items) {
-                anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
-            }
-            Ok(())
-        }
-        None => {
-            let filter = cli.common.filter.filter();
-            let format = cli.common.output.format();
-            let names = cgroup_names(&cli.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Read);
-            drive(&filter, &cli.common.source, wants, |facts| {
-                let style = Style {
-                    wall_offset_ns: facts.wall_offset_ns,
-                    utc_offset_secs: local_utc_offset_secs(),
-                    color,
-                    addr_width: Style::addr_width_for(filter.family),
-                };
-                let renderer = Renderer::new(format, style)
-                    .with_cgroups(names.clone())
-                    // A recording replays on the host that made it: its kernel's numbering.
-                    .reset_names(reason::ResetNames::from_sys())
-                    .show_ns(cli.common.output.show_ns);
-                Ok(Box::new(
-                    Stream::new(
-                        filter.compile().with_cgroups(names),
-                        renderer,
-                        out,
-                        cli.count,
-                    )
-                    .max_sockets(cli.common.source.max_sockets)
-                    .timers(facts.timers)
-                    .known_at_start(facts.at_start),
-                ))
-            })
-        }
-        Some(Command::Report(a)) => {
-            let filter = a.common.filter.filter();
-            // The report follows whole connections: the kernel sends every transition and
-            // the states select connections instead.
-            let whole = filter.without_states();
-            let mask = filter.compile().state_mask();
-            let format = a.common.output.format();
-            let interval = a.interval.map(|d| d.as_nanos() as u64);
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Connections, Counters::Read);
-            drive(&whole, &a.common.source, wants, |facts| {
-                let whole = whole.compile().with_cgroups(names);
-                Ok(Box::new(
-                    Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
-                        .reset_names(reason::ResetNames::from_sys())
-                        .records(facts.records)
-                        .max_sockets(a.common.source.max_sockets)
-                        .timers(facts.timers)
-                        .known_at_start(facts.at_start),
-                ))
-            })
-        }
-        Some(Command::Timewait(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let interval = a.interval.as_nanos() as u64;
-            let live = a.common.source.from.is_none();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Connections, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                if !facts.timers {
-                    log::warn!("timewait timers are not traced: the population only grows");
-                }
-                let compiled = filter.compile().with_cgroups(names);
-                let (wall, timers) = (facts.wall_offset_ns, facts.timers);
-                let view = Population::new(compiled, out, format, wall, interval, timers)
-                    .records(facts.records)
-                    .max_sockets(a.common.source.max_sockets);
-                // Live, count the TIME_WAIT sockets that exist already, in every namespace.
-                Ok(Box::new(if live {
-                    let found = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&found, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-        }
-        Some(Command::Ports(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let interval = a.interval.as_nanos() as u64;
-            let live = a.common.source.from.is_none();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                if !facts.timers {
-                    log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
-                }
-                let compiled = filter.compile().with_cgroups(names);
-                let ranges = Box::new(ports::HostRanges::default());
-                let view = ports::Ports::new(
-                    compiled,
-                    ranges,
-                    out,
-                    format,
-                    facts.wall_offset_ns,
-                    interval,
-                )
-                .max_sockets(a.common.source.max_sockets)
-                .timers(facts.timers);
-                Ok(Box::new(if live {
-                    let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-        }
-        Some(Command::Doctor(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let mut source = a.common.source.clone();
-            source.duration = source.duration.or(Some(Duration::from_secs(30)));
-            let live = source.from.is_none();
-            let names = cgroup_names(&source, &filter);
-            let problems = std::rc::Rc::new(std::cell::Cell::new(0));
-            let counted = problems.clone();
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &source, wants, |facts| {
-                let compiled = filter.compile().with_cgroups(names);
-                let namespaces: Vec<Option<u32>> = diag::network_namespaces()
-                    .iter()
-                    .map(|n| Some(n.inode))
-                    .collect();
-                let view = doctor::Doctor::new(
-                    compiled,
-                    Box::new(doctor::Host),
-                    Box::new(ports::HostRanges::default()),
-                    out,
-                    format,
-                )
-                .max_sockets(source.max_sockets)
-                .timers(facts.timers)
-                .counters_at_start(&namespaces)
-                .count_problems_in(counted);
-                Ok(Box::new(if live {
-                    let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-            .and_then(|()| match problems.get() {
-                0 => Ok(()),
-                n => Err(anyhow::anyhow!(
-                    "doctor: {n} setting{} a problem here (see above)",
-                    if n == 1 { " is" } else { "s are" }
-                )),
-            })
-        }
-        Some(Command::Stuck(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                let compiled = filter.compile().with_cgroups(names);
-                let view = stuck::Stuck::new(
-                    compiled,
-                    &filter.states,
-                    a.older_than.as_nanos() as u64,
-                    out,
-                    format,
-                    facts.wall_offset_ns,
-                    a.interval.as_nanos() as u64,
-                );
-                Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
-            })
-        }
-        Some(Command::Hist(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let names = cgroup_names(&a.common.source, &filter);
-            // Only RTTs and bytes come from the connections' counters.
-            let counters = match a.metric {
-                hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
-                hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
-            };
-            drive(
-                &filter,
-                &a.common.source,
-                (Reads::Connections, counters),
-                |facts| {
-                    let compiled = filter.compile().with_cgroups(names);
-                    Ok(Box::new(
-                        Hist::new(compiled, &filter.states, a.by, out, format)
-                            .metric(a.metric)
-                            .records(facts.records)
-                            .max_sockets(a.common.source.max_sockets)
-                            .timers(facts.timers),
-                    ))
-                },
-            )
-        }
+        Some(Command::Completions { shell }) => completions(*shell, out),
+        Some(Command::ManPages { dir }) => man_pages(dir),
+        Some(Command::Check { no_load }) => check(!no_load, out),
+        None => stream(&cli, color, out),
+        Some(Command::Report(a)) => report(a, out),
+        Some(Command::Timewait(a)) => timewait(a, out),
+        Some(Command::Ports(a)) => ports(a, out),
+        Some(Command::Doctor(a)) => doctor(a, out),
+        Some(Command::Stuck(a)) => stuck(a, out),
+        Some(Command::Hist(a)) => hist(a, out),
         Some(Command::Serve(a)) => serve(a),
         Some(Command::Top(a)) => {
             // The screen is drawn on the terminal itself, not through the buffered stdout.
@@ -283,6 +84,232 @@ pub fn run(cli: Cli) -> Result<()> {
         Err(e) if is_broken_pipe(&e) => Ok(()),
         other => other,
     }
+}
+
+/// `tcptrace completions`: the shell's completion script.
+fn completions(shell: clap_complete::Shell, mut out: Out) -> Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "tcptrace", &mut out);
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+/// `tcptrace man-pages`: tcptrace.1 and one page per subcommand, written into `dir`.
+fn man_pages(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    Ok(())
+}
+
+/// `tcptrace check`: one line per requirement; an error when the live stream cannot run.
+fn check(load: bool, mut out: Out) -> Result<()> {
+    let items = check::run(load);
+    let text = check::render(&items);
+    std::io::Write::write_all(&mut out, text.as_bytes())?;
+    std::io::Write::flush(&mut out)?;
+    if !check::core_ok(&items) {
+        anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
+    }
+    Ok(())
+}
+
+/// `tcptrace` without a subcommand: every transition, as it happens.
+fn stream(cli: &Cli, color: bool, out: Out) -> Result<()> {
+    let filter = cli.common.filter.filter();
+    let format = cli.common.output.format();
+    let wants = (Reads::Transitions, Counters::Read);
+    drive(&filter, &cli.common.source, wants, |facts| {
+        let style = Style {
+            wall_offset_ns: facts.wall_offset_ns,
+            utc_offset_secs: local_utc_offset_secs(),
+            color,
+            addr_width: Style::addr_width_for(filter.family),
+        };
+        let renderer = Renderer::new(format, style)
+            .with_cgroups(facts.cgroups)
+            // A recording replays on the host that made it: its kernel's numbering.
+            .reset_names(reason::ResetNames::from_sys())
+            .show_ns(cli.common.output.show_ns);
+        Ok(Box::new(
+            Stream::new(facts.filter, renderer, out, cli.count)
+                .max_sockets(cli.common.source.max_sockets)
+                .timers(facts.timers)
+                .known_at_start(facts.at_start),
+        ))
+    })
+}
+
+/// `tcptrace report`: who closes first, per service port and direction.
+fn report(a: &ReportArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    // The report follows whole connections: the kernel sends every transition and
+    // the states select connections instead.
+    let whole = filter.without_states();
+    let mask = filter.compile().state_mask();
+    let format = a.common.output.format();
+    let interval = a.interval.map(|d| d.as_nanos() as u64);
+    let wants = (Reads::Connections, Counters::Read);
+    drive(&whole, &a.common.source, wants, |facts| {
+        Ok(Box::new(
+            Report::new(
+                facts.filter,
+                mask,
+                out,
+                format,
+                facts.wall_offset_ns,
+                interval,
+            )
+            .reset_names(reason::ResetNames::from_sys())
+            .records(facts.records)
+            .max_sockets(a.common.source.max_sockets)
+            .timers(facts.timers)
+            .known_at_start(facts.at_start),
+        ))
+    })
+}
+
+/// `tcptrace timewait`: the TIME_WAIT population, with those there at start when live.
+fn timewait(a: &TimewaitArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let interval = a.interval.as_nanos() as u64;
+    let live = a.common.source.from.is_none();
+    let wants = (Reads::Connections, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        if !facts.timers {
+            log::warn!("timewait timers are not traced: the population only grows");
+        }
+        let (wall, timers) = (facts.wall_offset_ns, facts.timers);
+        let view = Population::new(facts.filter, out, format, wall, interval, timers)
+            .records(facts.records)
+            .max_sockets(a.common.source.max_sockets);
+        // Live, count the TIME_WAIT sockets that exist already, in every namespace.
+        Ok(Box::new(if live {
+            let found = backfill_timewaits(a.common.source.max_sockets);
+            view.seed(&found, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+}
+
+/// `tcptrace ports`: local ports held per destination, with those held at start when live.
+fn ports(a: &PortsArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let interval = a.interval.as_nanos() as u64;
+    let live = a.common.source.from.is_none();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        if !facts.timers {
+            log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
+        }
+        let ranges = Box::new(ports::HostRanges::default());
+        let view = ports::Ports::new(
+            facts.filter,
+            ranges,
+            out,
+            format,
+            facts.wall_offset_ns,
+            interval,
+        )
+        .max_sockets(a.common.source.max_sockets)
+        .timers(facts.timers);
+        Ok(Box::new(if live {
+            let tws = backfill_timewaits(a.common.source.max_sockets);
+            view.seed(&facts.at_start, &tws, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+}
+
+/// `tcptrace doctor`: a verdict per setting after 30 s (or --duration); an error when one
+/// is a problem.
+fn doctor(a: &DoctorArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let mut source = a.common.source.clone();
+    source.duration = source.duration.or(Some(Duration::from_secs(30)));
+    let live = source.from.is_none();
+    let problems = std::rc::Rc::new(std::cell::Cell::new(0));
+    let counted = problems.clone();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &source, wants, |facts| {
+        let namespaces: Vec<Option<u32>> = diag::network_namespaces()
+            .iter()
+            .map(|n| Some(n.inode))
+            .collect();
+        let view = doctor::Doctor::new(
+            facts.filter,
+            Box::new(doctor::Host),
+            Box::new(ports::HostRanges::default()),
+            out,
+            format,
+        )
+        .max_sockets(source.max_sockets)
+        .timers(facts.timers)
+        .counters_at_start(&namespaces)
+        .count_problems_in(counted);
+        Ok(Box::new(if live {
+            let tws = backfill_timewaits(source.max_sockets);
+            view.seed(&facts.at_start, &tws, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+    .and_then(|()| match problems.get() {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!(
+            "doctor: {n} setting{} a problem here (see above)",
+            if n == 1 { " is" } else { "s are" }
+        )),
+    })
+}
+
+/// `tcptrace stuck`: sockets sitting too long in a state they should pass through.
+fn stuck(a: &StuckArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        let view = stuck::Stuck::new(
+            facts.filter,
+            &filter.states,
+            a.older_than.as_nanos() as u64,
+            out,
+            format,
+            facts.wall_offset_ns,
+            a.interval.as_nanos() as u64,
+        );
+        Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
+    })
+}
+
+/// `tcptrace hist`: histograms of state durations or of connections' counters.
+fn hist(a: &HistArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    // Only RTTs and bytes come from the connections' counters.
+    let counters = match a.metric {
+        hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
+        hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
+    };
+    drive(
+        &filter,
+        &a.common.source,
+        (Reads::Connections, counters),
+        |facts| {
+            Ok(Box::new(
+                Hist::new(facts.filter, &filter.states, a.by, out, format)
+                    .metric(a.metric)
+                    .records(facts.records)
+                    .max_sockets(a.common.source.max_sockets)
+                    .timers(facts.timers),
+            ))
+        },
+    )
 }
 
 /// A command that cannot run as it was asked (bad input, like a bad flag: exit 2).
@@ -313,7 +340,6 @@ fn top(a: &TopArgs) -> Result<()> {
     // `ports`, each connect as it starts (it holds a local port from then).
     let whole = filter.without_states();
     let mask = filter.compile().state_mask();
-    let names = cgroup_names(&a.source, &filter);
     let wants = (Reads::ConnectionsAndConnects, Counters::Skip);
     drive(&whole, &a.source, wants, |facts| {
         if !facts.timers {
@@ -330,7 +356,7 @@ fn top(a: &TopArgs) -> Result<()> {
             utc_offset_secs: local_utc_offset_secs(),
         };
         let view = top::Top::new(
-            whole.compile().with_cgroups(names),
+            facts.filter,
             mask,
             terminal,
             Box::new(top::term::TerminalInput),
@@ -376,7 +402,6 @@ fn serve(a: &ServeArgs) -> Result<()> {
         netns: a.label_netns,
         max_netns: a.max_netns_labels,
     };
-    let names = cgroup_names(&a.source, &filter);
     let wants = (Reads::ConnectionsAndConnects, Counters::Read);
     drive(&filter, &a.source, wants, |facts| {
         // What holds ports already (live only).
@@ -386,8 +411,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             Vec::new()
         };
         let mut registry = prometheus_client::registry::Registry::default();
-        let compiled = filter.compile().with_cgroups(names);
-        let mut view = Metrics::new(compiled, labels, &mut registry)
+        let mut view = Metrics::new(facts.filter, labels, &mut registry)
             .records(facts.records)
             .seed_ports(&facts.at_start, &ports_timewait, host::monotonic_ns())
             .doctor(
@@ -523,12 +547,13 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
     Cgroups::none()
 }
 
-/// Feeds a view from the source the flags name: a recording, or the live probe configured
-/// with `filter`'s kernel part.
-/// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
 /// What a view is told of its source.
 #[derive(Debug)]
 struct Facts {
+    /// The filter the view was driven with, compiled, its cgroups matched by `cgroups`.
+    filter: CompiledFilter,
+    /// What names the source's cgroups (see [`cgroup_names`]).
+    cgroups: Cgroups,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC of the traced host.
     wall_offset_ns: i64,
     /// Timewait sockets' timers are traced.
@@ -562,16 +587,21 @@ enum Reads {
     ConnectionsAndConnects,
 }
 
+/// Feeds a view from the source the flags name: a recording, or the live probe configured
+/// with `filter`'s kernel part. `make_view` gets the [`Facts`] of the source.
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
     (reads, counters): (Reads, Counters),
     make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
 ) -> Result<()> {
+    let cgroups = cgroup_names(source, filter);
     if let Some(path) = &source.from {
         let mut reader = open_recording(path)?;
         let h = *reader.header();
         let mut view = make_view(Facts {
+            filter: filter.compile().with_cgroups(cgroups.clone()),
+            cgroups,
             wall_offset_ns: h.wall_offset_ns,
             timers: h.flags & header_flag::TIMERS_TRACED != 0,
             records: h.flags & header_flag::CONNECTIONS != 0,
@@ -618,6 +648,8 @@ fn drive<'a>(
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
     let facts = Facts {
+        filter: filter.compile().with_cgroups(cgroups.clone()),
+        cgroups,
         wall_offset_ns: wall_offset_ns(),
         timers: probe.timewait_traced(),
         records: probe.connection_records(),
