@@ -597,34 +597,68 @@ fn drive<'a>(
 ) -> Result<()> {
     let cgroups = cgroup_names(source, filter);
     if let Some(path) = &source.from {
-        let mut reader = open_recording(path)?;
-        let h = *reader.header();
-        let mut view = make_view(Facts {
-            filter: filter.compile().with_cgroups(cgroups.clone()),
-            cgroups,
-            wall_offset_ns: h.wall_offset_ns,
-            timers: h.flags & header_flag::TIMERS_TRACED != 0,
-            records: h.flags & header_flag::CONNECTIONS != 0,
-            at_start: crate::model::atstart::OpenAtStart::default(),
-            storage_map: None,
-        })?;
-        return replay(&mut reader, view.as_mut())
-            .with_context(|| format!("replaying {}", path.display()));
+        return drive_recording(path, filter, cgroups, make_view);
     }
-    let (kernel, ports) = filter.kernel();
+    let records = kernel_records(reads, counters, source.record.is_some());
+    let mut probe = start_probe(filter, source, records)?;
+    let facts = live_facts(&mut probe, filter, cgroups, source.max_sockets);
+    let recorder = match &source.record {
+        Some(path) => Some(start_recording(path, &facts, &probe)?),
+        None => None,
+    };
+    let mut view = make_view(facts)?;
+    // Only a view that follows timewait sockets' ends can claim one refused: the others do
+    // not pay for reading every namespace's counters at start.
+    if let Some(pipe) = view.pipeline_mut()
+        && pipe.timewaits_traced()
+    {
+        pipe.prove_overflows(overflow_proof());
+    }
+    live(probe, recorder, view.as_mut(), source.duration)
+}
+
+/// Replays the recording at `path` through the view `make_view` builds from its header.
+fn drive_recording<'a>(
+    path: &Path,
+    filter: &Filter,
+    cgroups: Cgroups,
+    make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
+) -> Result<()> {
+    let mut reader = open_recording(path)?;
+    let h = *reader.header();
+    let mut view = make_view(Facts {
+        filter: filter.compile().with_cgroups(cgroups.clone()),
+        cgroups,
+        wall_offset_ns: h.wall_offset_ns,
+        timers: h.flags & header_flag::TIMERS_TRACED != 0,
+        records: h.flags & header_flag::CONNECTIONS != 0,
+        at_start: crate::model::atstart::OpenAtStart::default(),
+        storage_map: None,
+    })?;
+    replay(&mut reader, view.as_mut()).with_context(|| format!("replaying {}", path.display()))
+}
+
+/// The records the kernel side writes for a view that `reads` and `counters`, or for a
+/// `recording`.
+fn kernel_records(reads: Reads, counters: Counters, recording: bool) -> u32 {
     // A recording holds transitions and connection records both, so it replays through
     // every view; otherwise the kernel writes only what the view reads.
-    let records = match (reads, source.record.is_some()) {
+    (match (reads, recording) {
         (_, true) => records::CONNECTIONS | records::DETAILS,
         (Reads::Transitions, false) => 0,
         (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
         (Reads::ConnectionsAndConnects, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS
         }
-    } | match counters {
+    }) | match counters {
         Counters::Read => records::DETAILS,
         Counters::Skip => 0,
-    };
+    }
+}
+
+/// Loads and attaches the kernel side: `filter`'s kernel part, writing `records`.
+fn start_probe(filter: &Filter, source: &SourceArgs, records: u32) -> Result<Probe> {
+    let (kernel, ports) = filter.kernel();
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
             wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
@@ -639,15 +673,20 @@ fn drive<'a>(
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;
-    let mut probe = probe;
+    Ok(probe)
+}
+
+/// What the live view is told, once the probe is attached: the sockets open now (their
+/// listeners' owners told to the kernel side) and what the kernel side traces.
+fn live_facts(probe: &mut Probe, filter: &Filter, cgroups: Cgroups, max_sockets: usize) -> Facts {
     // After attaching: a connection opened meanwhile is seen from its birth as well.
-    let at_start = sockets_at_start(source.max_sockets, &mut probe);
-    seed_listeners(&mut probe, &at_start);
+    let at_start = sockets_at_start(max_sockets, probe);
+    seed_listeners(probe, &at_start);
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
-    let facts = Facts {
+    Facts {
         filter: filter.compile().with_cgroups(cgroups.clone()),
         cgroups,
         wall_offset_ns: wall_offset_ns(),
@@ -655,7 +694,11 @@ fn drive<'a>(
         records: probe.connection_records(),
         at_start,
         storage_map: probe.storage_map().map(std::sync::Arc::new),
-    };
+    }
+}
+
+/// Creates the recording at `path`, its header saying what the live source sends.
+fn start_recording(path: &Path, facts: &Facts, probe: &Probe) -> Result<Writer<File>> {
     let flags = (if facts.timers {
         header_flag::TIMERS_TRACED
     } else {
@@ -669,23 +712,9 @@ fn drive<'a>(
     } else {
         0
     });
-    let recorder = match &source.record {
-        Some(path) => Some(
-            File::create(path)
-                .and_then(|f| Writer::new(f, facts.wall_offset_ns, flags))
-                .with_context(|| format!("cannot write the recording {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let mut view = make_view(facts)?;
-    // Only a view that follows timewait sockets' ends can claim one refused: the others do
-    // not pay for reading every namespace's counters at start.
-    if let Some(pipe) = view.pipeline_mut()
-        && pipe.timewaits_traced()
-    {
-        pipe.prove_overflows(overflow_proof());
-    }
-    live(probe, recorder, view.as_mut(), source.duration)
+    File::create(path)
+        .and_then(|f| Writer::new(f, facts.wall_offset_ns, flags))
+        .with_context(|| format!("cannot write the recording {}", path.display()))
 }
 
 /// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
