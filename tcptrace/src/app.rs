@@ -503,15 +503,25 @@ fn stuck_watch(
     stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
 }
 
-/// Waits for SIGINT or SIGTERM.
-fn until_signal() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The single-threaded event loop a run waits in.
+fn event_loop() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the event loop")?;
-    rt.block_on(async {
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        .context("starting the event loop")
+}
+
+/// The streams of SIGINT and SIGTERM, which end a run (inside the event loop).
+fn stop_signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    Ok((sigint, sigterm))
+}
+
+/// Waits for SIGINT or SIGTERM.
+fn until_signal() -> Result<()> {
+    event_loop()?.block_on(async {
+        let (mut sigint, mut sigterm) = stop_signals()?;
         tokio::select! {
             _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
@@ -881,12 +891,9 @@ pub fn live(
     view: &mut dyn View,
     duration: Option<Duration>,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
+    let rt = event_loop()?;
     let mut batch: Vec<RawEvent> = Vec::with_capacity(16 << 10);
-    let (mut transitions, mut connections, mut others, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    let mut totals = Totals::default();
     let mut feed = |probe: &mut Probe, view: &mut dyn View, last: bool| -> Result<Flow> {
         batch.clear();
         let n = if last {
@@ -897,72 +904,14 @@ pub fn live(
         if n == 0 {
             return Ok(Flow::More);
         }
-        for raw in &batch {
-            match raw.kind {
-                tcptrace_common::kind::LOST => lost += raw.aux,
-                tcptrace_common::kind::TRANSITION => transitions += 1,
-                tcptrace_common::kind::CONNECTION => connections += 1,
-                tcptrace_common::kind::CONNECTION_TAIL => {}
-                _ => others += 1,
-            }
-        }
+        totals.count(&batch);
         if let Some(rec) = &mut recorder {
             rec.write(&batch).context("writing the recording")?;
         }
         Ok(view.push(&batch)?)
     };
     view.start()?;
-    rt.block_on(async {
-        // SAFETY: the descriptor belongs to the probe, which outlives `ready` (it is only
-        // dropped after this block ends).
-        let ready = unsafe {
-            AsyncFd::register_with_interest(RingFd(probe.ring_fd().as_raw_fd()), Interest::READABLE)
-        }
-        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        // Only now: a Ctrl-C from here on ends the run cleanly.
-        let _ = writeln!(
-            io::stderr(),
-            "Tracing TCP state transitions. Hit Ctrl-C to end."
-        );
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let end = async {
-            match duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(end);
-        loop {
-            tokio::select! {
-                r = ready.readable() => {
-                    r.context("waiting for the ring buffer")?.clear_ready();
-                }
-                _ = tick.tick() => {
-                    // What is waiting in the ring happened before now: it goes in first, so
-                    // that no grace (a reset's, a timewait socket's fate) is judged ahead of
-                    // unread events.
-                    if feed(&mut probe, view, false)? == Flow::Done {
-                        return Ok(());
-                    }
-                    if view.tick(host::monotonic_ns())? == Flow::Done {
-                        return Ok(());
-                    }
-                }
-                _ = sigint.recv() => { default_signals(); break }
-                _ = sigterm.recv() => { default_signals(); break }
-                _ = &mut end => break,
-            }
-            if feed(&mut probe, view, false)? == Flow::Done {
-                return Ok(());
-            }
-        }
-        // What arrived before the stop still belongs to the run.
-        feed(&mut probe, view, true)?;
-        Ok::<(), anyhow::Error>(())
-    })?;
+    rt.block_on(trace(&mut probe, view, duration, &mut feed))?;
     let timer_misses = probe.timer_misses();
     let forgotten = probe.forgotten_total();
     drop(probe);
@@ -970,8 +919,101 @@ pub fn live(
         rec.flush().context("writing the recording")?;
     }
     view.finish()?;
-    // Like tcpdump's last lines: what was read and what was not, for the operator (stderr,
-    // so the output stays clean).
+    say_totals(&totals, view.evicted(), forgotten, timer_misses);
+    Ok(())
+}
+
+/// Feeds the view (through `feed`) when the ring buffer wakes the reader and at every tick,
+/// until the view is done, the duration ends or SIGINT/SIGTERM arrives; then what is left.
+async fn trace(
+    probe: &mut Probe,
+    view: &mut dyn View,
+    duration: Option<Duration>,
+    feed: &mut impl FnMut(&mut Probe, &mut dyn View, bool) -> Result<Flow>,
+) -> Result<()> {
+    // SAFETY: the descriptor belongs to the probe, which is borrowed for all of this
+    // function and so outlives `ready`.
+    let ready = unsafe {
+        AsyncFd::register_with_interest(RingFd(probe.ring_fd().as_raw_fd()), Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let (mut sigint, mut sigterm) = stop_signals()?;
+    // Only now: a Ctrl-C from here on ends the run cleanly.
+    let _ = writeln!(
+        io::stderr(),
+        "Tracing TCP state transitions. Hit Ctrl-C to end."
+    );
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(end);
+    loop {
+        tokio::select! {
+            r = ready.readable() => {
+                r.context("waiting for the ring buffer")?.clear_ready();
+            }
+            _ = tick.tick() => {
+                // What is waiting in the ring happened before now: it goes in first, so
+                // that no grace (a reset's, a timewait socket's fate) is judged ahead of
+                // unread events.
+                if feed(probe, view, false)? == Flow::Done {
+                    return Ok(());
+                }
+                if view.tick(host::monotonic_ns())? == Flow::Done {
+                    return Ok(());
+                }
+            }
+            _ = sigint.recv() => { default_signals(); break }
+            _ = sigterm.recv() => { default_signals(); break }
+            _ = &mut end => break,
+        }
+        if feed(probe, view, false)? == Flow::Done {
+            return Ok(());
+        }
+    }
+    // What arrived before the stop still belongs to the run.
+    feed(probe, view, true)?;
+    Ok(())
+}
+
+/// What a live run read, by kind, for its last line.
+#[derive(Debug, Default)]
+struct Totals {
+    transitions: u64,
+    connections: u64,
+    others: u64,
+    lost: u64,
+}
+
+impl Totals {
+    /// Counts a batch's events.
+    fn count(&mut self, batch: &[RawEvent]) {
+        for raw in batch {
+            match raw.kind {
+                tcptrace_common::kind::LOST => self.lost += raw.aux,
+                tcptrace_common::kind::TRANSITION => self.transitions += 1,
+                tcptrace_common::kind::CONNECTION => self.connections += 1,
+                tcptrace_common::kind::CONNECTION_TAIL => {}
+                _ => self.others += 1,
+            }
+        }
+    }
+}
+
+/// Like tcpdump's last lines: what was read and what was not, for the operator (stderr,
+/// so the output stays clean).
+fn say_totals(totals: &Totals, evicted: u64, forgotten: u64, timer_misses: u64) {
+    let Totals {
+        transitions,
+        connections,
+        others,
+        lost,
+    } = *totals;
     // Not eprintln!: a closed stderr must not turn a clean end into a panic.
     let _ = writeln!(
         io::stderr(),
@@ -982,7 +1024,7 @@ pub fn live(
         } else {
             String::new()
         },
-        view.evicted(),
+        evicted,
         if forgotten > 0 {
             format!(
                 ", {forgotten} facts the kernel could not keep (listeners beyond the map, or \
@@ -1000,5 +1042,4 @@ pub fn live(
             String::new()
         }
     );
-    Ok(())
 }
