@@ -17,8 +17,15 @@ use tokio::{
 
 use crate::{
     analysis::{reason, timewait},
-    cli::{Cli, Command, ServeArgs, SourceArgs, TopArgs},
-    model::{cgroup::Cgroups, event::RawEvent, filter::Filter},
+    cli::{
+        Cli, Command, DoctorArgs, HistArgs, PortsArgs, ReportArgs, ServeArgs, SourceArgs,
+        StuckArgs, TimewaitArgs, TopArgs,
+    },
+    model::{
+        cgroup::Cgroups,
+        event::RawEvent,
+        filter::{CompiledFilter, Filter},
+    },
     output::{Renderer, Style, local_utc_offset_secs},
     source::{
         check, diag,
@@ -46,6 +53,9 @@ use crate::{
 /// How often the reader drains the ring buffer when the kernel has not woken it.
 const TICK: Duration = Duration::from_millis(20);
 
+/// Buffered stdout, where every view but `top` prints.
+type Out = io::BufWriter<io::StdoutLock<'static>>;
+
 /// Runs the command line. Errors carry context for the user; a closed stdout (`| head`)
 /// ends the run quietly.
 pub fn run(cli: Cli) -> Result<()> {
@@ -53,225 +63,16 @@ pub fn run(cli: Cli) -> Result<()> {
     let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let out = io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let result = match &cli.command {
-        Some(Command::Completions { shell }) => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = out;
-            clap_complete::generate(*shell, &mut cmd, "tcptrace", &mut out);
-            std::io::Write::flush(&mut out)?;
-            Ok(())
-        }
-        Some(Command::ManPages { dir }) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
-                .with_context(|| format!("writing man pages into {}", dir.display()))?;
-            Ok(())
-        }
-        Some(Command::Check { no_load }) => {
-            let items = check::run(!no_load);
-            let text = check::render(&items);
-            let mut out = out;
-            std::io::Write::write_all(&mut out, text.as_bytes())?;
-            std::io::Write::flush(&mut out)?;
-            if !check::core_ok(&items) {
-                anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
-            }
-            Ok(())
-        }
-        None => {
-            let filter = cli.common.filter.filter();
-            let format = cli.common.output.format();
-            let names = cgroup_names(&cli.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Read);
-            drive(&filter, &cli.common.source, wants, |facts| {
-                let style = Style {
-                    wall_offset_ns: facts.wall_offset_ns,
-                    utc_offset_secs: local_utc_offset_secs(),
-                    color,
-                    addr_width: Style::addr_width_for(filter.family),
-                };
-                let renderer = Renderer::new(format, style)
-                    .with_cgroups(names.clone())
-                    // A recording replays on the host that made it: its kernel's numbering.
-                    .reset_names(reason::ResetNames::from_sys())
-                    .show_ns(cli.common.output.show_ns);
-                Ok(Box::new(
-                    Stream::new(
-                        filter.compile().with_cgroups(names),
-                        renderer,
-                        out,
-                        cli.count,
-                    )
-                    .max_sockets(cli.common.source.max_sockets)
-                    .timers(facts.timers)
-                    .known_at_start(facts.at_start),
-                ))
-            })
-        }
-        Some(Command::Report(a)) => {
-            let filter = a.common.filter.filter();
-            // The report follows whole connections: the kernel sends every transition and
-            // the states select connections instead.
-            let whole = filter.without_states();
-            let mask = filter.compile().state_mask();
-            let format = a.common.output.format();
-            let interval = a.interval.map(|d| d.as_nanos() as u64);
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Connections, Counters::Read);
-            drive(&whole, &a.common.source, wants, |facts| {
-                let whole = whole.compile().with_cgroups(names);
-                Ok(Box::new(
-                    Report::new(whole, mask, out, format, facts.wall_offset_ns, interval)
-                        .reset_names(reason::ResetNames::from_sys())
-                        .records(facts.records)
-                        .max_sockets(a.common.source.max_sockets)
-                        .timers(facts.timers)
-                        .known_at_start(facts.at_start),
-                ))
-            })
-        }
-        Some(Command::Timewait(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let interval = a.interval.as_nanos() as u64;
-            let live = a.common.source.from.is_none();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Connections, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                if !facts.timers {
-                    log::warn!("timewait timers are not traced: the population only grows");
-                }
-                let compiled = filter.compile().with_cgroups(names);
-                let (wall, timers) = (facts.wall_offset_ns, facts.timers);
-                let view = Population::new(compiled, out, format, wall, interval, timers)
-                    .records(facts.records)
-                    .max_sockets(a.common.source.max_sockets);
-                // Live, count the TIME_WAIT sockets that exist already, in every namespace.
-                Ok(Box::new(if live {
-                    let found = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&found, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-        }
-        Some(Command::Ports(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let interval = a.interval.as_nanos() as u64;
-            let live = a.common.source.from.is_none();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                if !facts.timers {
-                    log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
-                }
-                let compiled = filter.compile().with_cgroups(names);
-                let ranges = Box::new(ports::HostRanges::default());
-                let view = ports::Ports::new(
-                    compiled,
-                    ranges,
-                    out,
-                    format,
-                    facts.wall_offset_ns,
-                    interval,
-                )
-                .max_sockets(a.common.source.max_sockets)
-                .timers(facts.timers);
-                Ok(Box::new(if live {
-                    let tws = backfill_timewaits(a.common.source.max_sockets);
-                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-        }
-        Some(Command::Doctor(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let mut source = a.common.source.clone();
-            source.duration = source.duration.or(Some(Duration::from_secs(30)));
-            let live = source.from.is_none();
-            let names = cgroup_names(&source, &filter);
-            let problems = std::rc::Rc::new(std::cell::Cell::new(0));
-            let counted = problems.clone();
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &source, wants, |facts| {
-                let compiled = filter.compile().with_cgroups(names);
-                let namespaces: Vec<Option<u32>> = diag::network_namespaces()
-                    .iter()
-                    .map(|n| Some(n.inode))
-                    .collect();
-                let view = doctor::Doctor::new(
-                    compiled,
-                    Box::new(doctor::Host),
-                    Box::new(ports::HostRanges::default()),
-                    out,
-                    format,
-                )
-                .max_sockets(source.max_sockets)
-                .timers(facts.timers)
-                .counters_at_start(&namespaces)
-                .count_problems_in(counted);
-                Ok(Box::new(if live {
-                    let tws = backfill_timewaits(source.max_sockets);
-                    view.seed(&facts.at_start, &tws, host::monotonic_ns())
-                } else {
-                    view
-                }))
-            })
-            .and_then(|()| match problems.get() {
-                0 => Ok(()),
-                n => Err(anyhow::anyhow!(
-                    "doctor: {n} setting{} a problem here (see above)",
-                    if n == 1 { " is" } else { "s are" }
-                )),
-            })
-        }
-        Some(Command::Stuck(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let names = cgroup_names(&a.common.source, &filter);
-            let wants = (Reads::Transitions, Counters::Skip);
-            drive(&filter, &a.common.source, wants, |facts| {
-                let compiled = filter.compile().with_cgroups(names);
-                let view = stuck::Stuck::new(
-                    compiled,
-                    &filter.states,
-                    a.older_than.as_nanos() as u64,
-                    out,
-                    format,
-                    facts.wall_offset_ns,
-                    a.interval.as_nanos() as u64,
-                );
-                Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
-            })
-        }
-        Some(Command::Hist(a)) => {
-            let filter = a.common.filter.filter();
-            let format = a.common.output.format();
-            let names = cgroup_names(&a.common.source, &filter);
-            // Only RTTs and bytes come from the connections' counters.
-            let counters = match a.metric {
-                hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
-                hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
-            };
-            drive(
-                &filter,
-                &a.common.source,
-                (Reads::Connections, counters),
-                |facts| {
-                    let compiled = filter.compile().with_cgroups(names);
-                    Ok(Box::new(
-                        Hist::new(compiled, &filter.states, a.by, out, format)
-                            .metric(a.metric)
-                            .records(facts.records)
-                            .max_sockets(a.common.source.max_sockets)
-                            .timers(facts.timers),
-                    ))
-                },
-            )
-        }
+        Some(Command::Completions { shell }) => completions(*shell, out),
+        Some(Command::ManPages { dir }) => man_pages(dir),
+        Some(Command::Check { no_load }) => check(!no_load, out),
+        None => stream(&cli, color, out),
+        Some(Command::Report(a)) => report(a, out),
+        Some(Command::Timewait(a)) => timewait(a, out),
+        Some(Command::Ports(a)) => ports(a, out),
+        Some(Command::Doctor(a)) => doctor(a, out),
+        Some(Command::Stuck(a)) => stuck(a, out),
+        Some(Command::Hist(a)) => hist(a, out),
         Some(Command::Serve(a)) => serve(a),
         Some(Command::Top(a)) => {
             // The screen is drawn on the terminal itself, not through the buffered stdout.
@@ -283,6 +84,232 @@ pub fn run(cli: Cli) -> Result<()> {
         Err(e) if is_broken_pipe(&e) => Ok(()),
         other => other,
     }
+}
+
+/// `tcptrace completions`: the shell's completion script.
+fn completions(shell: clap_complete::Shell, mut out: Out) -> Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "tcptrace", &mut out);
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+/// `tcptrace man-pages`: tcptrace.1 and one page per subcommand, written into `dir`.
+fn man_pages(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    Ok(())
+}
+
+/// `tcptrace check`: one line per requirement; an error when the live stream cannot run.
+fn check(load: bool, mut out: Out) -> Result<()> {
+    let items = check::run(load);
+    let text = check::render(&items);
+    std::io::Write::write_all(&mut out, text.as_bytes())?;
+    std::io::Write::flush(&mut out)?;
+    if !check::core_ok(&items) {
+        anyhow::bail!("this host cannot run the live stream (see the ✗ lines)");
+    }
+    Ok(())
+}
+
+/// `tcptrace` without a subcommand: every transition, as it happens.
+fn stream(cli: &Cli, color: bool, out: Out) -> Result<()> {
+    let filter = cli.common.filter.filter();
+    let format = cli.common.output.format();
+    let wants = (Reads::Transitions, Counters::Read);
+    drive(&filter, &cli.common.source, wants, |facts| {
+        let style = Style {
+            wall_offset_ns: facts.wall_offset_ns,
+            utc_offset_secs: local_utc_offset_secs(),
+            color,
+            addr_width: Style::addr_width_for(filter.family),
+        };
+        let renderer = Renderer::new(format, style)
+            .with_cgroups(facts.cgroups)
+            // A recording replays on the host that made it: its kernel's numbering.
+            .reset_names(reason::ResetNames::from_sys())
+            .show_ns(cli.common.output.show_ns);
+        Ok(Box::new(
+            Stream::new(facts.filter, renderer, out, cli.count)
+                .max_sockets(cli.common.source.max_sockets)
+                .timers(facts.timers)
+                .known_at_start(facts.at_start),
+        ))
+    })
+}
+
+/// `tcptrace report`: who closes first, per service port and direction.
+fn report(a: &ReportArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    // The report follows whole connections: the kernel sends every transition and
+    // the states select connections instead.
+    let whole = filter.without_states();
+    let mask = filter.compile().state_mask();
+    let format = a.common.output.format();
+    let interval = a.interval.map(|d| d.as_nanos() as u64);
+    let wants = (Reads::Connections, Counters::Read);
+    drive(&whole, &a.common.source, wants, |facts| {
+        Ok(Box::new(
+            Report::new(
+                facts.filter,
+                mask,
+                out,
+                format,
+                facts.wall_offset_ns,
+                interval,
+            )
+            .reset_names(reason::ResetNames::from_sys())
+            .records(facts.records)
+            .max_sockets(a.common.source.max_sockets)
+            .timers(facts.timers)
+            .known_at_start(facts.at_start),
+        ))
+    })
+}
+
+/// `tcptrace timewait`: the TIME_WAIT population, with those there at start when live.
+fn timewait(a: &TimewaitArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let interval = a.interval.as_nanos() as u64;
+    let live = a.common.source.from.is_none();
+    let wants = (Reads::Connections, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        if !facts.timers {
+            log::warn!("timewait timers are not traced: the population only grows");
+        }
+        let (wall, timers) = (facts.wall_offset_ns, facts.timers);
+        let view = Population::new(facts.filter, out, format, wall, interval, timers)
+            .records(facts.records)
+            .max_sockets(a.common.source.max_sockets);
+        // Live, count the TIME_WAIT sockets that exist already, in every namespace.
+        Ok(Box::new(if live {
+            let found = backfill_timewaits(a.common.source.max_sockets);
+            view.seed(&found, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+}
+
+/// `tcptrace ports`: local ports held per destination, with those held at start when live.
+fn ports(a: &PortsArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let interval = a.interval.as_nanos() as u64;
+    let live = a.common.source.from.is_none();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        if !facts.timers {
+            log::warn!("timewait timers are not traced: TIME_WAIT sockets are not counted");
+        }
+        let ranges = Box::new(ports::HostRanges::default());
+        let view = ports::Ports::new(
+            facts.filter,
+            ranges,
+            out,
+            format,
+            facts.wall_offset_ns,
+            interval,
+        )
+        .max_sockets(a.common.source.max_sockets)
+        .timers(facts.timers);
+        Ok(Box::new(if live {
+            let tws = backfill_timewaits(a.common.source.max_sockets);
+            view.seed(&facts.at_start, &tws, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+}
+
+/// `tcptrace doctor`: a verdict per setting after 30 s (or --duration); an error when one
+/// is a problem.
+fn doctor(a: &DoctorArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let mut source = a.common.source.clone();
+    source.duration = source.duration.or(Some(Duration::from_secs(30)));
+    let live = source.from.is_none();
+    let problems = std::rc::Rc::new(std::cell::Cell::new(0));
+    let counted = problems.clone();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &source, wants, |facts| {
+        let namespaces: Vec<Option<u32>> = diag::network_namespaces()
+            .iter()
+            .map(|n| Some(n.inode))
+            .collect();
+        let view = doctor::Doctor::new(
+            facts.filter,
+            Box::new(doctor::Host),
+            Box::new(ports::HostRanges::default()),
+            out,
+            format,
+        )
+        .max_sockets(source.max_sockets)
+        .timers(facts.timers)
+        .counters_at_start(&namespaces)
+        .count_problems_in(counted);
+        Ok(Box::new(if live {
+            let tws = backfill_timewaits(source.max_sockets);
+            view.seed(&facts.at_start, &tws, host::monotonic_ns())
+        } else {
+            view
+        }))
+    })
+    .and_then(|()| match problems.get() {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!(
+            "doctor: {n} setting{} a problem here (see above)",
+            if n == 1 { " is" } else { "s are" }
+        )),
+    })
+}
+
+/// `tcptrace stuck`: sockets sitting too long in a state they should pass through.
+fn stuck(a: &StuckArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    let wants = (Reads::Transitions, Counters::Skip);
+    drive(&filter, &a.common.source, wants, |facts| {
+        let view = stuck::Stuck::new(
+            facts.filter,
+            &filter.states,
+            a.older_than.as_nanos() as u64,
+            out,
+            format,
+            facts.wall_offset_ns,
+            a.interval.as_nanos() as u64,
+        );
+        Ok(Box::new(view.seed(&facts.at_start, host::monotonic_ns())))
+    })
+}
+
+/// `tcptrace hist`: histograms of state durations or of connections' counters.
+fn hist(a: &HistArgs, out: Out) -> Result<()> {
+    let filter = a.common.filter.filter();
+    let format = a.common.output.format();
+    // Only RTTs and bytes come from the connections' counters.
+    let counters = match a.metric {
+        hist::Metric::Rtt | hist::Metric::Bytes => Counters::Read,
+        hist::Metric::State | hist::Metric::Lifetime => Counters::Skip,
+    };
+    drive(
+        &filter,
+        &a.common.source,
+        (Reads::Connections, counters),
+        |facts| {
+            Ok(Box::new(
+                Hist::new(facts.filter, &filter.states, a.by, out, format)
+                    .metric(a.metric)
+                    .records(facts.records)
+                    .max_sockets(a.common.source.max_sockets)
+                    .timers(facts.timers),
+            ))
+        },
+    )
 }
 
 /// A command that cannot run as it was asked (bad input, like a bad flag: exit 2).
@@ -313,7 +340,6 @@ fn top(a: &TopArgs) -> Result<()> {
     // `ports`, each connect as it starts (it holds a local port from then).
     let whole = filter.without_states();
     let mask = filter.compile().state_mask();
-    let names = cgroup_names(&a.source, &filter);
     let wants = (Reads::ConnectionsAndConnects, Counters::Skip);
     drive(&whole, &a.source, wants, |facts| {
         if !facts.timers {
@@ -330,7 +356,7 @@ fn top(a: &TopArgs) -> Result<()> {
             utc_offset_secs: local_utc_offset_secs(),
         };
         let view = top::Top::new(
-            whole.compile().with_cgroups(names),
+            facts.filter,
             mask,
             terminal,
             Box::new(top::term::TerminalInput),
@@ -376,7 +402,6 @@ fn serve(a: &ServeArgs) -> Result<()> {
         netns: a.label_netns,
         max_netns: a.max_netns_labels,
     };
-    let names = cgroup_names(&a.source, &filter);
     let wants = (Reads::ConnectionsAndConnects, Counters::Read);
     drive(&filter, &a.source, wants, |facts| {
         // What holds ports already (live only).
@@ -386,8 +411,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             Vec::new()
         };
         let mut registry = prometheus_client::registry::Registry::default();
-        let compiled = filter.compile().with_cgroups(names);
-        let mut view = Metrics::new(compiled, labels, &mut registry)
+        let mut view = Metrics::new(facts.filter, labels, &mut registry)
             .records(facts.records)
             .seed_ports(&facts.at_start, &ports_timewait, host::monotonic_ns())
             .doctor(
@@ -479,15 +503,25 @@ fn stuck_watch(
     stuck::Watch::new(scan, older_than.as_nanos() as u64, every.as_nanos() as u64)
 }
 
-/// Waits for SIGINT or SIGTERM.
-fn until_signal() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The single-threaded event loop a run waits in.
+fn event_loop() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the event loop")?;
-    rt.block_on(async {
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        .context("starting the event loop")
+}
+
+/// The streams of SIGINT and SIGTERM, which end a run (inside the event loop).
+fn stop_signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    Ok((sigint, sigterm))
+}
+
+/// Waits for SIGINT or SIGTERM.
+fn until_signal() -> Result<()> {
+    event_loop()?.block_on(async {
+        let (mut sigint, mut sigterm) = stop_signals()?;
         tokio::select! {
             _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
@@ -523,12 +557,13 @@ fn cgroup_names(source: &SourceArgs, filter: &Filter) -> Cgroups {
     Cgroups::none()
 }
 
-/// Feeds a view from the source the flags name: a recording, or the live probe configured
-/// with `filter`'s kernel part.
-/// `make_view` gets the source's wall-clock offset and whether timewait timers are traced.
 /// What a view is told of its source.
 #[derive(Debug)]
 struct Facts {
+    /// The filter the view was driven with, compiled, its cgroups matched by `cgroups`.
+    filter: CompiledFilter,
+    /// What names the source's cgroups (see [`cgroup_names`]).
+    cgroups: Cgroups,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC of the traced host.
     wall_offset_ns: i64,
     /// Timewait sockets' timers are traced.
@@ -562,39 +597,78 @@ enum Reads {
     ConnectionsAndConnects,
 }
 
+/// Feeds a view from the source the flags name: a recording, or the live probe configured
+/// with `filter`'s kernel part. `make_view` gets the [`Facts`] of the source.
 fn drive<'a>(
     filter: &Filter,
     source: &SourceArgs,
     (reads, counters): (Reads, Counters),
     make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
 ) -> Result<()> {
+    let cgroups = cgroup_names(source, filter);
     if let Some(path) = &source.from {
-        let mut reader = open_recording(path)?;
-        let h = *reader.header();
-        let mut view = make_view(Facts {
-            wall_offset_ns: h.wall_offset_ns,
-            timers: h.flags & header_flag::TIMERS_TRACED != 0,
-            records: h.flags & header_flag::CONNECTIONS != 0,
-            at_start: crate::model::atstart::OpenAtStart::default(),
-            storage_map: None,
-        })?;
-        return replay(&mut reader, view.as_mut())
-            .with_context(|| format!("replaying {}", path.display()));
+        return drive_recording(path, filter, cgroups, make_view);
     }
-    let (kernel, ports) = filter.kernel();
+    let records = kernel_records(reads, counters, source.record.is_some());
+    let mut probe = start_probe(filter, source, records)?;
+    let facts = live_facts(&mut probe, filter, cgroups, source.max_sockets);
+    let recorder = match &source.record {
+        Some(path) => Some(start_recording(path, &facts, &probe)?),
+        None => None,
+    };
+    let mut view = make_view(facts)?;
+    // Only a view that follows timewait sockets' ends can claim one refused: the others do
+    // not pay for reading every namespace's counters at start.
+    if let Some(pipe) = view.pipeline_mut()
+        && pipe.timewaits_traced()
+    {
+        pipe.prove_overflows(overflow_proof());
+    }
+    live(probe, recorder, view.as_mut(), source.duration)
+}
+
+/// Replays the recording at `path` through the view `make_view` builds from its header.
+fn drive_recording<'a>(
+    path: &Path,
+    filter: &Filter,
+    cgroups: Cgroups,
+    make_view: impl FnOnce(Facts) -> Result<Box<dyn View + 'a>>,
+) -> Result<()> {
+    let mut reader = open_recording(path)?;
+    let h = *reader.header();
+    let mut view = make_view(Facts {
+        filter: filter.compile().with_cgroups(cgroups.clone()),
+        cgroups,
+        wall_offset_ns: h.wall_offset_ns,
+        timers: h.flags & header_flag::TIMERS_TRACED != 0,
+        records: h.flags & header_flag::CONNECTIONS != 0,
+        at_start: crate::model::atstart::OpenAtStart::default(),
+        storage_map: None,
+    })?;
+    replay(&mut reader, view.as_mut()).with_context(|| format!("replaying {}", path.display()))
+}
+
+/// The records the kernel side writes for a view that `reads` and `counters`, or for a
+/// `recording`.
+fn kernel_records(reads: Reads, counters: Counters, recording: bool) -> u32 {
     // A recording holds transitions and connection records both, so it replays through
     // every view; otherwise the kernel writes only what the view reads.
-    let records = match (reads, source.record.is_some()) {
+    (match (reads, recording) {
         (_, true) => records::CONNECTIONS | records::DETAILS,
         (Reads::Transitions, false) => 0,
         (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
         (Reads::ConnectionsAndConnects, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS
         }
-    } | match counters {
+    }) | match counters {
         Counters::Read => records::DETAILS,
         Counters::Skip => 0,
-    };
+    }
+}
+
+/// Loads and attaches the kernel side: `filter`'s kernel part, writing `records`.
+fn start_probe(filter: &Filter, source: &SourceArgs, records: u32) -> Result<Probe> {
+    let (kernel, ports) = filter.kernel();
     let probe = Probe::start(&ProbeConfig {
         kernel: tcptrace_common::Config {
             wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
@@ -609,21 +683,32 @@ fn drive<'a>(
         max_sockets: u32::try_from(source.max_sockets).unwrap_or(u32::MAX),
         ..ProbeConfig::default()
     })?;
-    let mut probe = probe;
+    Ok(probe)
+}
+
+/// What the live view is told, once the probe is attached: the sockets open now (their
+/// listeners' owners told to the kernel side) and what the kernel side traces.
+fn live_facts(probe: &mut Probe, filter: &Filter, cgroups: Cgroups, max_sockets: usize) -> Facts {
     // After attaching: a connection opened meanwhile is seen from its birth as well.
-    let at_start = sockets_at_start(source.max_sockets, &mut probe);
-    seed_listeners(&mut probe, &at_start);
+    let at_start = sockets_at_start(max_sockets, probe);
+    seed_listeners(probe, &at_start);
     // Starting parsed the kernel's BTF and symbols: tens of MiB of small allocations, all
     // freed but scattered over the heap. Give the pages back before the long run.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
-    let facts = Facts {
+    Facts {
+        filter: filter.compile().with_cgroups(cgroups.clone()),
+        cgroups,
         wall_offset_ns: wall_offset_ns(),
         timers: probe.timewait_traced(),
         records: probe.connection_records(),
         at_start,
         storage_map: probe.storage_map().map(std::sync::Arc::new),
-    };
+    }
+}
+
+/// Creates the recording at `path`, its header saying what the live source sends.
+fn start_recording(path: &Path, facts: &Facts, probe: &Probe) -> Result<Writer<File>> {
     let flags = (if facts.timers {
         header_flag::TIMERS_TRACED
     } else {
@@ -637,23 +722,9 @@ fn drive<'a>(
     } else {
         0
     });
-    let recorder = match &source.record {
-        Some(path) => Some(
-            File::create(path)
-                .and_then(|f| Writer::new(f, facts.wall_offset_ns, flags))
-                .with_context(|| format!("cannot write the recording {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let mut view = make_view(facts)?;
-    // Only a view that follows timewait sockets' ends can claim one refused: the others do
-    // not pay for reading every namespace's counters at start.
-    if let Some(pipe) = view.pipeline_mut()
-        && pipe.timewaits_traced()
-    {
-        pipe.prove_overflows(overflow_proof());
-    }
-    live(probe, recorder, view.as_mut(), source.duration)
+    File::create(path)
+        .and_then(|f| Writer::new(f, facts.wall_offset_ns, flags))
+        .with_context(|| format!("cannot write the recording {}", path.display()))
 }
 
 /// What proves a refused timewait socket live: each namespace's `TCPTimeWaitOverflow`
@@ -825,12 +896,9 @@ pub fn live(
     view: &mut dyn View,
     duration: Option<Duration>,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
+    let rt = event_loop()?;
     let mut batch: Vec<RawEvent> = Vec::with_capacity(16 << 10);
-    let (mut transitions, mut connections, mut others, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    let mut totals = Totals::default();
     let mut feed = |probe: &mut Probe, view: &mut dyn View, last: bool| -> Result<Flow> {
         batch.clear();
         let n = if last {
@@ -841,72 +909,14 @@ pub fn live(
         if n == 0 {
             return Ok(Flow::More);
         }
-        for raw in &batch {
-            match raw.kind {
-                tcptrace_common::kind::LOST => lost += raw.aux,
-                tcptrace_common::kind::TRANSITION => transitions += 1,
-                tcptrace_common::kind::CONNECTION => connections += 1,
-                tcptrace_common::kind::CONNECTION_TAIL => {}
-                _ => others += 1,
-            }
-        }
+        totals.count(&batch);
         if let Some(rec) = &mut recorder {
             rec.write(&batch).context("writing the recording")?;
         }
         Ok(view.push(&batch)?)
     };
     view.start()?;
-    rt.block_on(async {
-        // SAFETY: the descriptor belongs to the probe, which outlives `ready` (it is only
-        // dropped after this block ends).
-        let ready = unsafe {
-            AsyncFd::register_with_interest(RingFd(probe.ring_fd().as_raw_fd()), Interest::READABLE)
-        }
-        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        // Only now: a Ctrl-C from here on ends the run cleanly.
-        let _ = writeln!(
-            io::stderr(),
-            "Tracing TCP state transitions. Hit Ctrl-C to end."
-        );
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let end = async {
-            match duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(end);
-        loop {
-            tokio::select! {
-                r = ready.readable() => {
-                    r.context("waiting for the ring buffer")?.clear_ready();
-                }
-                _ = tick.tick() => {
-                    // What is waiting in the ring happened before now: it goes in first, so
-                    // that no grace (a reset's, a timewait socket's fate) is judged ahead of
-                    // unread events.
-                    if feed(&mut probe, view, false)? == Flow::Done {
-                        return Ok(());
-                    }
-                    if view.tick(host::monotonic_ns())? == Flow::Done {
-                        return Ok(());
-                    }
-                }
-                _ = sigint.recv() => { default_signals(); break }
-                _ = sigterm.recv() => { default_signals(); break }
-                _ = &mut end => break,
-            }
-            if feed(&mut probe, view, false)? == Flow::Done {
-                return Ok(());
-            }
-        }
-        // What arrived before the stop still belongs to the run.
-        feed(&mut probe, view, true)?;
-        Ok::<(), anyhow::Error>(())
-    })?;
+    rt.block_on(trace(&mut probe, view, duration, &mut feed))?;
     let timer_misses = probe.timer_misses();
     let forgotten = probe.forgotten_total();
     drop(probe);
@@ -914,8 +924,101 @@ pub fn live(
         rec.flush().context("writing the recording")?;
     }
     view.finish()?;
-    // Like tcpdump's last lines: what was read and what was not, for the operator (stderr,
-    // so the output stays clean).
+    say_totals(&totals, view.evicted(), forgotten, timer_misses);
+    Ok(())
+}
+
+/// Feeds the view (through `feed`) when the ring buffer wakes the reader and at every tick,
+/// until the view is done, the duration ends or SIGINT/SIGTERM arrives; then what is left.
+async fn trace(
+    probe: &mut Probe,
+    view: &mut dyn View,
+    duration: Option<Duration>,
+    feed: &mut impl FnMut(&mut Probe, &mut dyn View, bool) -> Result<Flow>,
+) -> Result<()> {
+    // SAFETY: the descriptor belongs to the probe, which is borrowed for all of this
+    // function and so outlives `ready`.
+    let ready = unsafe {
+        AsyncFd::register_with_interest(RingFd(probe.ring_fd().as_raw_fd()), Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let (mut sigint, mut sigterm) = stop_signals()?;
+    // Only now: a Ctrl-C from here on ends the run cleanly.
+    let _ = writeln!(
+        io::stderr(),
+        "Tracing TCP state transitions. Hit Ctrl-C to end."
+    );
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(end);
+    loop {
+        tokio::select! {
+            r = ready.readable() => {
+                r.context("waiting for the ring buffer")?.clear_ready();
+            }
+            _ = tick.tick() => {
+                // What is waiting in the ring happened before now: it goes in first, so
+                // that no grace (a reset's, a timewait socket's fate) is judged ahead of
+                // unread events.
+                if feed(probe, view, false)? == Flow::Done {
+                    return Ok(());
+                }
+                if view.tick(host::monotonic_ns())? == Flow::Done {
+                    return Ok(());
+                }
+            }
+            _ = sigint.recv() => { default_signals(); break }
+            _ = sigterm.recv() => { default_signals(); break }
+            _ = &mut end => break,
+        }
+        if feed(probe, view, false)? == Flow::Done {
+            return Ok(());
+        }
+    }
+    // What arrived before the stop still belongs to the run.
+    feed(probe, view, true)?;
+    Ok(())
+}
+
+/// What a live run read, by kind, for its last line.
+#[derive(Debug, Default)]
+struct Totals {
+    transitions: u64,
+    connections: u64,
+    others: u64,
+    lost: u64,
+}
+
+impl Totals {
+    /// Counts a batch's events.
+    fn count(&mut self, batch: &[RawEvent]) {
+        for raw in batch {
+            match raw.kind {
+                tcptrace_common::kind::LOST => self.lost += raw.aux,
+                tcptrace_common::kind::TRANSITION => self.transitions += 1,
+                tcptrace_common::kind::CONNECTION => self.connections += 1,
+                tcptrace_common::kind::CONNECTION_TAIL => {}
+                _ => self.others += 1,
+            }
+        }
+    }
+}
+
+/// Like tcpdump's last lines: what was read and what was not, for the operator (stderr,
+/// so the output stays clean).
+fn say_totals(totals: &Totals, evicted: u64, forgotten: u64, timer_misses: u64) {
+    let Totals {
+        transitions,
+        connections,
+        others,
+        lost,
+    } = *totals;
     // Not eprintln!: a closed stderr must not turn a clean end into a panic.
     let _ = writeln!(
         io::stderr(),
@@ -926,7 +1029,7 @@ pub fn live(
         } else {
             String::new()
         },
-        view.evicted(),
+        evicted,
         if forgotten > 0 {
             format!(
                 ", {forgotten} facts the kernel could not keep (listeners beyond the map, or \
@@ -944,5 +1047,4 @@ pub fn live(
             String::new()
         }
     );
-    Ok(())
 }

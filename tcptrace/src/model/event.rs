@@ -333,38 +333,40 @@ pub fn raw_lost(ts_ns: u64, count: u64) -> RawEvent {
 
 /// Decodes one raw record.
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
-    let timer = |op| {
-        let substate_at_end = if raw.flags & flag::SUBSTATE_AT_END != 0 {
-            Some(State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?)
-        } else {
-            None
-        };
-        Ok(Event::Timer(TimerEvent {
-            ts_ns: raw.ts_ns,
-            tw: raw.skaddr,
-            op,
-            substate_at_end,
-        }))
-    };
     match raw.kind {
-        kind::TW_CANCELLED => return timer(TimerOp::Cancelled),
-        kind::TW_EXPIRED => return timer(TimerOp::Expired),
-        kind::CONNECTION_TAIL => return decode_tail(raw),
-        kind::DETAILS => return Ok(Event::Details(bytemuck::cast(*raw))),
-        _ => {}
+        kind::TW_CANCELLED => decode_timer(raw, TimerOp::Cancelled),
+        kind::TW_EXPIRED => decode_timer(raw, TimerOp::Expired),
+        kind::CONNECTION_TAIL => decode_tail(raw),
+        kind::DETAILS => Ok(Event::Details(bytemuck::cast(*raw))),
+        kind::LOST => Ok(Event::Lost {
+            ts_ns: raw.ts_ns,
+            count: raw.aux,
+        }),
+        kind::TW_ARMED => decode_armed(raw),
+        kind::RESET_SENT => decode_reset(raw, Direction::Sent),
+        kind::RESET_RECEIVED => decode_reset(raw, Direction::Received),
+        kind::TRANSITION | kind::CONNECTION => decode_transition(raw),
+        k => Err(DecodeError::Kind(k)),
     }
-    let direction = match raw.kind {
-        kind::TRANSITION | kind::TW_ARMED | kind::CONNECTION => None,
-        kind::RESET_SENT => Some(Direction::Sent),
-        kind::RESET_RECEIVED => Some(Direction::Received),
-        kind::LOST => {
-            return Ok(Event::Lost {
-                ts_ns: raw.ts_ns,
-                count: raw.aux,
-            });
-        }
-        k => return Err(DecodeError::Kind(k)),
+}
+
+/// A timewait socket's timer event, with the substate it ended in when the kernel said.
+fn decode_timer(raw: &RawEvent, op: TimerOp) -> Result<Event, DecodeError> {
+    let substate_at_end = if raw.flags & flag::SUBSTATE_AT_END != 0 {
+        Some(State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?)
+    } else {
+        None
     };
+    Ok(Event::Timer(TimerEvent {
+        ts_ns: raw.ts_ns,
+        tw: raw.skaddr,
+        op,
+        substate_at_end,
+    }))
+}
+
+/// The record's local and remote endpoints, checked for a known address family.
+fn endpoints(raw: &RawEvent) -> Result<(SocketAddr, SocketAddr), DecodeError> {
     let (laddr, raddr) = match raw.family {
         AF_INET => (v4(&raw.saddr), v4(&raw.daddr)),
         AF_INET6 => (
@@ -373,44 +375,63 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         ),
         f => return Err(DecodeError::Family(f)),
     };
-    let owner = (raw.flags & flag::OWNER_KNOWN != 0).then_some(Owner {
+    Ok((
+        SocketAddr::new(laddr, raw.sport),
+        SocketAddr::new(raddr, raw.dport),
+    ))
+}
+
+/// The process the record names as its socket's owner, when the kernel knew it.
+fn owner(raw: &RawEvent) -> Option<Owner> {
+    (raw.flags & flag::OWNER_KNOWN != 0).then_some(Owner {
         pid: raw.pid,
         comm: Comm(raw.comm),
         from_listener: raw.flags & flag::OWNER_FROM_LISTENER != 0,
-    });
-    let local = SocketAddr::new(laddr, raw.sport);
-    let remote = SocketAddr::new(raddr, raw.dport);
+    })
+}
+
+/// A timewait socket's timer armed: its substate, timeout and endpoints.
+fn decode_armed(raw: &RawEvent) -> Result<Event, DecodeError> {
+    let (local, remote) = endpoints(raw)?;
     let netns = (raw.netns != 0).then_some(raw.netns);
-    let cgroup = (raw.cgroup != 0).then_some(raw.cgroup);
-    if raw.kind == kind::TW_ARMED {
-        let substate = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
-        return timer(TimerOp::Armed {
+    let substate = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
+    decode_timer(
+        raw,
+        TimerOp::Armed {
             substate,
             timeout_jiffies: raw.aux,
             local,
             remote,
             netns,
-        });
-    }
-    if let Some(direction) = direction {
-        let state = match raw.oldstate {
-            0 => None,
-            s => Some(State::from_kernel(s).ok_or(DecodeError::State(s))?),
-        };
-        return Ok(Event::Reset(Reset {
-            ts_ns: raw.ts_ns,
-            skaddr: (raw.skaddr != 0).then_some(raw.skaddr),
-            local,
-            remote,
-            direction,
-            state,
-            reason: (direction == Direction::Sent && raw.aux != tcptrace_common::NO_REASON)
-                .then_some(raw.aux as u32),
-            owner,
-            netns,
-            cgroup,
-        }));
-    }
+        },
+    )
+}
+
+/// A reset sent or received, with the state of its socket if it had one.
+fn decode_reset(raw: &RawEvent, direction: Direction) -> Result<Event, DecodeError> {
+    let (local, remote) = endpoints(raw)?;
+    let state = match raw.oldstate {
+        0 => None,
+        s => Some(State::from_kernel(s).ok_or(DecodeError::State(s))?),
+    };
+    Ok(Event::Reset(Reset {
+        ts_ns: raw.ts_ns,
+        skaddr: (raw.skaddr != 0).then_some(raw.skaddr),
+        local,
+        remote,
+        direction,
+        state,
+        reason: (direction == Direction::Sent && raw.aux != tcptrace_common::NO_REASON)
+            .then_some(raw.aux as u32),
+        owner: owner(raw),
+        netns: (raw.netns != 0).then_some(raw.netns),
+        cgroup: (raw.cgroup != 0).then_some(raw.cgroup),
+    }))
+}
+
+/// A state transition, alone or as the first slot of a connection record.
+fn decode_transition(raw: &RawEvent) -> Result<Event, DecodeError> {
+    let (local, remote) = endpoints(raw)?;
     let from = State::from_kernel(raw.oldstate).ok_or(DecodeError::State(raw.oldstate))?;
     State::from_kernel(raw.newstate).ok_or(DecodeError::State(raw.newstate))?;
     let to = State::from_kernel(common::effective_new_state(
@@ -427,10 +448,10 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
         from,
         to,
         in_from_ns: (raw.flags & flag::DURATION_KNOWN != 0).then_some(raw.in_from_ns),
-        owner,
+        owner: owner(raw),
         mptcp: raw.flags & flag::MPTCP != 0,
-        netns,
-        cgroup,
+        netns: (raw.netns != 0).then_some(raw.netns),
+        cgroup: (raw.cgroup != 0).then_some(raw.cgroup),
     };
     Ok(if raw.kind == kind::CONNECTION {
         Event::Part(Part::Head(t))

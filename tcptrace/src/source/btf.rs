@@ -75,23 +75,100 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
         .ok_or(BtfError::Truncated(at))
 }
 
+/// From the header: where the type section lies in `b`, and the string section's bytes.
+fn sections(b: &[u8]) -> Result<(std::ops::Range<usize>, Vec<u8>), BtfError> {
+    if b.get(0..2) != Some(&[0x9f, 0xeb]) {
+        return Err(BtfError::Magic);
+    }
+    let hdr_len = u32_at(b, 4)? as usize;
+    let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
+    let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
+    let types_at = hdr_len + type_off;
+    let strs_at = hdr_len + str_off;
+    let strings = b
+        .get(strs_at..strs_at + str_len)
+        .ok_or(BtfError::Truncated(strs_at))?
+        .to_vec();
+    Ok((types_at..types_at + type_len, strings))
+}
+
+/// The type whose `btf_type` starts at `at`, and where the next one starts.
+fn read_type(b: &[u8], at: usize) -> Result<(Type, usize), BtfError> {
+    let name = u32_at(b, at)?;
+    let info = u32_at(b, at + 4)?;
+    let size_or_type = u32_at(b, at + 8)?;
+    let kind = (info >> 24) & 0x1f;
+    let vlen = (info & 0xffff) as usize;
+    let kind_flag = info >> 31 == 1;
+    let at = at + 12;
+    let mut members = Vec::new();
+    let extra = match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION => {
+            members = read_members(b, at, vlen, kind_flag)?;
+            vlen * 12
+        }
+        KIND_ENUM => {
+            members = read_enumerators(b, at, vlen)?;
+            vlen * 8
+        }
+        KIND_FUNC_PROTO => vlen * 8,
+        KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+        k => return Err(BtfError::Kind(k)),
+    };
+    let t = Type {
+        name,
+        kind,
+        refers: size_or_type,
+        params: if kind == KIND_FUNC_PROTO { vlen } else { 0 },
+        members,
+    };
+    Ok((t, at + extra))
+}
+
+/// A struct's or union's `vlen` members, from `at`; `kind_flag` says their offsets carry a
+/// bitfield size in the top byte.
+fn read_members(
+    b: &[u8],
+    at: usize,
+    vlen: usize,
+    kind_flag: bool,
+) -> Result<Vec<Member>, BtfError> {
+    let mut members = Vec::new();
+    for i in 0..vlen {
+        let m = at + i * 12;
+        let off = u32_at(b, m + 8)?;
+        members.push(Member {
+            name: u32_at(b, m)?,
+            ty: u32_at(b, m + 4)?,
+            bit_offset: if kind_flag { off & 0xff_ffff } else { off },
+        });
+    }
+    Ok(members)
+}
+
+/// An enum's `vlen` enumerators, from `at`: each its name and its (32-bit) value, kept as a
+/// member.
+fn read_enumerators(b: &[u8], at: usize, vlen: usize) -> Result<Vec<Member>, BtfError> {
+    let mut members = Vec::new();
+    for i in 0..vlen {
+        let m = at + i * 8;
+        members.push(Member {
+            name: u32_at(b, m)?,
+            ty: u32_at(b, m + 4)?,
+            bit_offset: 0,
+        });
+    }
+    Ok(members)
+}
+
 impl Btf {
     /// Parses raw BTF (little-endian, as `/sys/kernel/btf/vmlinux` holds it).
     pub fn parse(b: &[u8]) -> Result<Btf, BtfError> {
-        if b.get(0..2) != Some(&[0x9f, 0xeb]) {
-            return Err(BtfError::Magic);
-        }
-        let hdr_len = u32_at(b, 4)? as usize;
-        let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
-        let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
-        let types_at = hdr_len + type_off;
-        let strs_at = hdr_len + str_off;
-        let strings = b
-            .get(strs_at..strs_at + str_len)
-            .ok_or(BtfError::Truncated(strs_at))?
-            .to_vec();
-        let end = types_at + type_len;
-        let mut at = types_at;
+        let (type_section, strings) = sections(b)?;
         // Type 0 is void.
         let mut types = vec![Type {
             name: 0,
@@ -101,60 +178,21 @@ impl Btf {
             members: Vec::new(),
         }];
         let mut typedefs = HashMap::new();
-        while at < end {
-            let name = u32_at(b, at)?;
-            let info = u32_at(b, at + 4)?;
-            let size_or_type = u32_at(b, at + 8)?;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let mut members = Vec::new();
-            let extra = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let off = u32_at(b, m + 8)?;
-                        members.push(Member {
-                            name: u32_at(b, m)?,
-                            ty: u32_at(b, m + 4)?,
-                            bit_offset: if kind_flag { off & 0xff_ffff } else { off },
-                        });
-                    }
-                    vlen * 12
-                }
-                KIND_ENUM => {
-                    // Each enumerator: its name and its (32-bit) value, kept as a member.
-                    for i in 0..vlen {
-                        let m = at + i * 8;
-                        members.push(Member {
-                            name: u32_at(b, m)?,
-                            ty: u32_at(b, m + 4)?,
-                            bit_offset: 0,
-                        });
-                    }
-                    vlen * 8
-                }
-                KIND_FUNC_PROTO => vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
-                k => return Err(BtfError::Kind(k)),
-            };
-            at += extra;
-            if kind == KIND_TYPEDEF && name != 0 {
-                typedefs.insert(name, types.len() as u32);
+        let mut at = type_section.start;
+        while at < type_section.end {
+            let (t, next) = read_type(b, at)?;
+            if t.kind == KIND_TYPEDEF && t.name != 0 {
+                typedefs.insert(t.name, types.len() as u32);
             }
-            types.push(Type {
-                name,
-                kind,
-                refers: size_or_type,
-                params: if kind == KIND_FUNC_PROTO { vlen } else { 0 },
-                members,
-            });
+            types.push(t);
+            at = next;
         }
+        Ok(Btf::index(strings, types, typedefs))
+    }
+
+    /// The parsed types with their names looked up: structs and enums by name (the first of
+    /// a name), typedefs by name (from `typedefs`, name offset to type id).
+    fn index(strings: Vec<u8>, types: Vec<Type>, typedefs: HashMap<u32, u32>) -> Btf {
         let mut btf = Btf {
             strings,
             types,
@@ -179,7 +217,7 @@ impl Btf {
             .into_iter()
             .map(|(name, id)| (btf.string(name).to_string(), id))
             .collect();
-        Ok(btf)
+        btf
     }
 
     /// Reads the running kernel's BTF.

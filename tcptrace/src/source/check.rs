@@ -51,125 +51,160 @@ fn read_format(category: &str, name: &str) -> Result<String, String> {
 
 /// Runs every check; `load` also loads and attaches the real program for a moment.
 pub fn run(load: bool) -> Vec<Item> {
-    let mut items = Vec::new();
-    let caps = host::capabilities();
-    items.push(item("privileges", true, caps.verdict()));
-    items.push(item(
-        "kernel",
-        true,
-        match kernel_version() {
-            Some((ma, mi, r)) if (ma, mi) >= (5, 8) => Ok(format!("Linux {r}")),
-            Some((_, _, r)) => Err(format!(
-                "Linux {r}: tcptrace needs 5.8 or later (BPF ring buffers, CAP_BPF)"
-            )),
-            None => Err("cannot read /proc/sys/kernel/osrelease".into()),
-        },
-    ));
+    let mut items = vec![
+        item("privileges", true, host::capabilities().verdict()),
+        item("kernel", true, kernel()),
+    ];
+    items.extend(tracepoints());
+    items.extend(btf_extras());
+    items.extend(timewait_exits());
+    items.push(item("network namespaces and cgroups", false, containers()));
+    items.push(item("sockets that exist at start", false, backfill()));
+    if load && core_ok(&items) {
+        items.extend(load_and_attach());
+    }
+    items
+}
+
+/// Whether the running kernel is recent enough.
+fn kernel() -> Result<String, String> {
+    match kernel_version() {
+        Some((ma, mi, r)) if (ma, mi) >= (5, 8) => Ok(format!("Linux {r}")),
+        Some((_, _, r)) => Err(format!(
+            "Linux {r}: tcptrace needs 5.8 or later (BPF ring buffers, CAP_BPF)"
+        )),
+        None => Err("cannot read /proc/sys/kernel/osrelease".into()),
+    }
+}
+
+/// The tracepoints transitions and resets come from: the BTF ones, else the classic
+/// state-transition one (then a core requirement); and the reset tracepoints.
+fn tracepoints() -> [Item; 3] {
     // The BTF programs read the kernel's objects: they need the kernel's BTF, not tracefs.
     // Without them, the classic programs need the tracepoint's format file.
     let btf_programs = crate::source::btf::Btf::from_sys()
         .and_then(|b| offsets::sock_offsets(&b))
         .map(|_| "the kernel's BTF describes the sockets the BTF tracepoints hand over".into());
     let classic_needed = btf_programs.is_err();
-    items.push(item("BTF tracepoints", false, btf_programs));
-    items.push(item(
-        "sock:inet_sock_set_state",
-        classic_needed,
-        read_format("sock", "inet_sock_set_state")
-            .and_then(|t| parse_set_state_format(&t))
-            .map(|_| "the state-transition tracepoint is usable".into())
-            .map_err(|e| {
-                if classic_needed {
-                    e
-                } else {
-                    format!("{e} (only kernels without BTF need it)")
-                }
+    [
+        item("BTF tracepoints", false, btf_programs),
+        item(
+            "sock:inet_sock_set_state",
+            classic_needed,
+            read_format("sock", "inet_sock_set_state")
+                .and_then(|t| parse_set_state_format(&t))
+                .map(|_| "the state-transition tracepoint is usable".into())
+                .map_err(|e| {
+                    if classic_needed {
+                        e
+                    } else {
+                        format!("{e} (only kernels without BTF need it)")
+                    }
+                }),
+        ),
+        item(
+            "tcp:tcp_send_reset, tcp_receive_reset",
+            false,
+            read_format("tcp", "tcp_send_reset")
+                .and_then(|t| parse_send_reset_format(&t))
+                .and_then(|_| read_format("tcp", "tcp_receive_reset"))
+                .and_then(|t| parse_receive_reset_format(&t))
+                .map(|_| "resets tell who aborted a connection".into())
+                .map_err(|e| format!("{e}: aborts will be classified `unknown`")),
+        ),
+    ]
+}
+
+/// What the kernel's BTF adds to each connection: its counters at its end, reset reasons'
+/// names, and ends no program ran for.
+fn btf_extras() -> [Item; 3] {
+    [
+        item(
+            "connection details",
+            false,
+            crate::source::btf::Btf::from_sys()
+                .and_then(|b| offsets::tcp_offsets(&b))
+                .map(|_| {
+                    "bytes, segments, retransmissions, round-trip times and errors are read \
+                     from each socket at its end"
+                        .into()
+                })
+                .map_err(|e| {
+                    format!("{e}: closes carry no counters, and timeouts no exact reason")
+                }),
+        ),
+        item(
+            "reset reason names",
+            false,
+            crate::source::btf::Btf::from_sys().and_then(|b| {
+                b.enumerators("sk_rst_reason")
+                    .map(|all| format!("the kernel names its {} reset reasons", all.len()))
+                    .map_err(|_| {
+                        "the kernel's BTF has no enum sk_rst_reason (Linux 6.10+): resets carry \
+                         no reason"
+                            .into()
+                    })
             }),
-    ));
-    items.push(item(
-        "tcp:tcp_send_reset, tcp_receive_reset",
-        false,
-        read_format("tcp", "tcp_send_reset")
-            .and_then(|t| parse_send_reset_format(&t))
-            .and_then(|_| read_format("tcp", "tcp_receive_reset"))
-            .and_then(|t| parse_receive_reset_format(&t))
-            .map(|_| "resets tell who aborted a connection".into())
-            .map_err(|e| format!("{e}: aborts will be classified `unknown`")),
-    ));
-    items.push(item(
-        "connection details",
-        false,
-        crate::source::btf::Btf::from_sys()
-            .and_then(|b| offsets::tcp_offsets(&b))
-            .map(|_| {
-                "bytes, segments, retransmissions, round-trip times and errors are read from \
-                 each socket at its end"
-                    .into()
-            })
-            .map_err(|e| format!("{e}: closes carry no counters, and timeouts no exact reason")),
-    ));
-    items.push(item(
-        "reset reason names",
-        false,
-        crate::source::btf::Btf::from_sys().and_then(|b| {
-            b.enumerators("sk_rst_reason")
-                .map(|all| format!("the kernel names its {} reset reasons", all.len()))
-                .map_err(|_| {
-                    "the kernel's BTF has no enum sk_rst_reason (Linux 6.10+): resets carry no \
-                     reason"
-                        .into()
+        ),
+        item(
+            "tcp:tcp_destroy_sock",
+            false,
+            crate::source::btf::Btf::from_sys().and_then(|b| {
+                b.tracepoint_args("tcp_destroy_sock")
+                    .map(|_| "a connection end no program ran for is counted lost".into())
+                    .ok_or_else(|| {
+                        "the kernel's BTF has no tcp_destroy_sock tracepoint (Linux 5.3+): a \
+                         connection end the kernel skips goes uncounted"
+                            .into()
+                    })
+            }),
+        ),
+    ]
+}
+
+/// What tracing TIME_WAIT exits needs: the timewait socket's layout, its timer's handler,
+/// and the timer tracepoints.
+fn timewait_exits() -> [Item; 3] {
+    [
+        item(
+            "BTF",
+            false,
+            crate::source::btf::Btf::from_sys()
+                .and_then(|b| {
+                    b.offset("inet_timewait_sock", "tw_timer")
+                        .map_err(|e| e.to_string())
                 })
-        }),
-    ));
-    items.push(item(
-        "tcp:tcp_destroy_sock",
-        false,
-        crate::source::btf::Btf::from_sys().and_then(|b| {
-            b.tracepoint_args("tcp_destroy_sock")
-                .map(|_| "a connection end no program ran for is counted lost".into())
-                .ok_or_else(|| {
-                    "the kernel's BTF has no tcp_destroy_sock tracepoint (Linux 5.3+): a \
-                     connection end the kernel skips goes uncounted"
-                        .into()
-                })
-        }),
-    ));
-    items.push(item(
-        "BTF",
-        false,
-        crate::source::btf::Btf::from_sys()
-            .and_then(|b| {
-                b.offset("inet_timewait_sock", "tw_timer")
-                    .map_err(|e| e.to_string())
-            })
-            .map(|_| "/sys/kernel/btf/vmlinux describes inet_timewait_sock".into())
-            .map_err(|e| format!("{e}: no TIME_WAIT exits")),
-    ));
-    items.push(item(
-        "tw_timer_handler",
-        false,
-        host::kallsyms_address("tw_timer_handler")
-            .map(|a| format!("at {a:#x} in /proc/kallsyms"))
-            .map_err(|e| format!("{e}: no TIME_WAIT exits (run as root, or add CAP_SYSLOG)")),
-    ));
-    items.push(item(
-        "timer tracepoints",
-        false,
-        offsets::timewait_offsets()
-            .and_then(|mut o| tracefs::timer_format_offsets(&mut o))
-            .map(|()| "timer:timer_start, timer_cancel, timer_expire_entry".into())
-            .map_err(|e| format!("{e}: no TIME_WAIT exits")),
-    ));
-    items.push(item("network namespaces and cgroups", false, containers()));
-    items.push(item("sockets that exist at start", false, backfill()));
-    let core_ok = items.iter().all(|i| i.ok || !i.core);
-    if load && core_ok {
-        let mut probe = Probe::start(&ProbeConfig::default());
-        let owners = match &mut probe {
-            Ok(p) => socket_owners(p),
-            Err(e) => Err(format!("{e}")),
-        };
-        items.push(item(
+                .map(|_| "/sys/kernel/btf/vmlinux describes inet_timewait_sock".into())
+                .map_err(|e| format!("{e}: no TIME_WAIT exits")),
+        ),
+        item(
+            "tw_timer_handler",
+            false,
+            host::kallsyms_address("tw_timer_handler")
+                .map(|a| format!("at {a:#x} in /proc/kallsyms"))
+                .map_err(|e| format!("{e}: no TIME_WAIT exits (run as root, or add CAP_SYSLOG)")),
+        ),
+        item(
+            "timer tracepoints",
+            false,
+            offsets::timewait_offsets()
+                .and_then(|mut o| tracefs::timer_format_offsets(&mut o))
+                .map(|()| "timer:timer_start, timer_cancel, timer_expire_entry".into())
+                .map_err(|e| format!("{e}: no TIME_WAIT exits")),
+        ),
+    ]
+}
+
+/// Loads and attaches the real programs for a moment, and asks the kernel's iterator who
+/// holds the sockets open now.
+fn load_and_attach() -> [Item; 2] {
+    let mut probe = Probe::start(&ProbeConfig::default());
+    let owners = match &mut probe {
+        Ok(p) => socket_owners(p),
+        Err(e) => Err(format!("{e}")),
+    };
+    [
+        item(
             "load and attach",
             true,
             probe
@@ -185,10 +220,9 @@ pub fn run(load: bool) -> Vec<Item> {
                     )
                 })
                 .map_err(|e| e.to_string()),
-        ));
-        items.push(item("owners of the sockets open at start", false, owners));
-    }
-    items
+        ),
+        item("owners of the sockets open at start", false, owners),
+    ]
 }
 
 /// Whether the kernel's iterator over every task's files tells who holds each socket.

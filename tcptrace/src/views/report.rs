@@ -579,6 +579,51 @@ fn retrans_text(retrans: u64, segs_out: u64) -> String {
 
 /// The report as a table with a reading under each busy row.
 pub fn render_text(s: &Summary) -> String {
+    let mut out = title(s);
+    if s.rows.is_empty() {
+        out.push_str("no connection closed\n");
+        return out;
+    }
+    out.push_str(&table(&s.rows).to_string());
+    out.push('\n');
+    let missing: u64 = s.rows.iter().map(|r| r.timewait_not_created).sum();
+    if missing > 0 {
+        out.push_str(&format!(
+            "\n{missing} closes got no TIME_WAIT: tcp_max_tw_buckets was reached (the kernel \
+             counts TCPTimeWaitOverflow)\n"
+        ));
+    }
+    let readings = readings(&s.rows);
+    if !readings.is_empty() {
+        out.push_str("\nReading:\n");
+        for r in readings {
+            out.push_str(&format!("  {r}\n"));
+        }
+    }
+    out
+}
+
+/// The report's first line: the window, the connections closed, and what was lost.
+fn title(s: &Summary) -> String {
+    let mut out = format!(
+        "tcptrace report: {} to {} ({:.1} s), {} connections closed",
+        s.start,
+        s.end,
+        ns_to_secs(s.duration_ns),
+        s.connections
+    );
+    if s.lost > 0 {
+        out.push_str(&format!(", {} events LOST (counts are low)", s.lost));
+    }
+    if s.evicted > 0 {
+        out.push_str(&format!(", {} sockets evicted (tracking cap)", s.evicted));
+    }
+    out.push('\n');
+    out
+}
+
+/// The table: a row per service port and direction, numbers aligned right.
+fn table(rows: &[Row]) -> Table {
     let mut t = Table::new();
     t.load_style(presets::NOTHING);
     t.set_header([
@@ -601,95 +646,75 @@ pub fn render_text(s: &Summary) -> String {
         "RTT p50/p99",
         "TOP PROCESSES",
     ]);
-    let pct = |n: u64, d: u64| {
-        (n * 100)
-            .checked_div(d)
-            .map_or("-".into(), |p| format!("{p}%"))
-    };
-    let mut readings = Vec::new();
-    for r in &s.rows {
-        t.add_row([
-            format!(":{}", r.port),
-            r.direction.map_or("?", Way::name).to_string(),
-            r.closed.to_string(),
-            pct(r.local, r.closed),
-            pct(r.remote, r.closed),
-            pct(r.simultaneous, r.closed),
-            pct(r.unknown, r.closed),
-            r.rst_sent.to_string(),
-            r.rst_received.to_string(),
-            r.refused.to_string(),
-            r.timeout.to_string(),
-            r.timewait.to_string(),
-            r.timewait_residency.map_or("-".into(), |t| {
-                format!(
-                    "{}/{}/{}",
-                    human_ns(t.p50_ns),
-                    human_ns(t.p99_ns),
-                    human_ns(t.max_ns)
-                )
-            }),
-            counted(r, human_bytes(r.bytes_sent)),
-            counted(r, human_bytes(r.bytes_received)),
-            counted(r, retrans_text(r.retrans, r.segs_out)),
-            r.srtt.map_or("-".into(), |t| {
-                format!(
-                    "{}/{}",
-                    human_ns(t.p50_us * 1_000),
-                    human_ns(t.p99_us * 1_000)
-                )
-            }),
-            r.top_processes
-                .iter()
-                .map(|p| format!("{} ({})", p.comm, p.count))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ]);
-        if let Some(a) = &r.advice {
-            readings.push(format!(
-                ":{} {}: {a}",
-                r.port,
-                r.direction.map_or("?", Way::name)
-            ));
-        }
+    for r in rows {
+        t.add_row(cells(r));
     }
     for i in 2..17 {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);
         }
     }
-    let mut out = format!(
-        "tcptrace report: {} to {} ({:.1} s), {} connections closed",
-        s.start,
-        s.end,
-        ns_to_secs(s.duration_ns),
-        s.connections
-    );
-    if s.lost > 0 {
-        out.push_str(&format!(", {} events LOST (counts are low)", s.lost));
-    }
-    if s.evicted > 0 {
-        out.push_str(&format!(", {} sockets evicted (tracking cap)", s.evicted));
-    }
-    out.push('\n');
-    if s.rows.is_empty() {
-        out.push_str("no connection closed\n");
-        return out;
-    }
-    out.push_str(&t.to_string());
-    out.push('\n');
-    let missing: u64 = s.rows.iter().map(|r| r.timewait_not_created).sum();
-    if missing > 0 {
-        out.push_str(&format!(
-            "\n{missing} closes got no TIME_WAIT: tcp_max_tw_buckets was reached (the kernel \
-             counts TCPTimeWaitOverflow)\n"
-        ));
-    }
-    if !readings.is_empty() {
-        out.push_str("\nReading:\n");
-        for r in readings {
-            out.push_str(&format!("  {r}\n"));
-        }
-    }
-    out
+    t
+}
+
+/// `n` as a whole percentage of `d`, or `-` when `d` is 0.
+fn percent(n: u64, d: u64) -> String {
+    (n * 100)
+        .checked_div(d)
+        .map_or("-".into(), |p| format!("{p}%"))
+}
+
+/// One row's cells, in the header's order.
+fn cells(r: &Row) -> [String; 18] {
+    [
+        format!(":{}", r.port),
+        r.direction.map_or("?", Way::name).to_string(),
+        r.closed.to_string(),
+        percent(r.local, r.closed),
+        percent(r.remote, r.closed),
+        percent(r.simultaneous, r.closed),
+        percent(r.unknown, r.closed),
+        r.rst_sent.to_string(),
+        r.rst_received.to_string(),
+        r.refused.to_string(),
+        r.timeout.to_string(),
+        r.timewait.to_string(),
+        r.timewait_residency.map_or("-".into(), |t| {
+            format!(
+                "{}/{}/{}",
+                human_ns(t.p50_ns),
+                human_ns(t.p99_ns),
+                human_ns(t.max_ns)
+            )
+        }),
+        counted(r, human_bytes(r.bytes_sent)),
+        counted(r, human_bytes(r.bytes_received)),
+        counted(r, retrans_text(r.retrans, r.segs_out)),
+        r.srtt.map_or("-".into(), |t| {
+            format!(
+                "{}/{}",
+                human_ns(t.p50_us * 1_000),
+                human_ns(t.p99_us * 1_000)
+            )
+        }),
+        r.top_processes
+            .iter()
+            .map(|p| format!("{} ({})", p.comm, p.count))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ]
+}
+
+/// The reading under the table: each row's advice, named by its port and direction.
+fn readings(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter_map(|r| {
+            let a = r.advice.as_ref()?;
+            Some(format!(
+                ":{} {}: {a}",
+                r.port,
+                r.direction.map_or("?", Way::name)
+            ))
+        })
+        .collect()
 }

@@ -378,7 +378,19 @@ impl Families {
         }
     }
 
+    /// Registers every family with `r`, in the order a scrape lists them.
     fn register(&self, r: &mut Registry) {
+        self.register_connections(r);
+        self.register_stuck(r);
+        self.register_timewait(r);
+        self.register_state_durations(r);
+        self.register_tracing(r);
+        self.register_settings(r);
+        self.register_timers_traced(r);
+    }
+
+    /// Connections' transitions and ends, with the counters read from each at its end.
+    fn register_connections(&self, r: &mut Registry) {
         r.register(
             "transitions",
             "TCP state transitions, by the state left and the state entered",
@@ -416,6 +428,10 @@ impl Families {
             Unit::Seconds,
             self.rtt.clone(),
         );
+    }
+
+    /// Sockets stuck in a state they should pass through.
+    fn register_stuck(&self, r: &mut Registry) {
         r.register(
             "stuck_sockets",
             "Sockets sitting longer than --stuck-older-than in a state they should only pass \
@@ -431,6 +447,10 @@ impl Families {
             Unit::Seconds,
             self.stuck_oldest.clone(),
         );
+    }
+
+    /// The TIME_WAIT population: held now, entered, ended, and how long each lasted.
+    fn register_timewait(&self, r: &mut Registry) {
         r.register(
             "timewait_sockets",
             "TIME_WAIT sockets on this host now, by service port (those entered since tcptrace \
@@ -456,6 +476,10 @@ impl Families {
             Unit::Seconds,
             self.tw_residency.clone(),
         );
+    }
+
+    /// The time spent in each TCP state.
+    fn register_state_durations(&self, r: &mut Registry) {
         r.register_with_unit(
             "state_duration",
             "Time spent in each TCP state, measured when the socket leaves it (SYN_SENT: \
@@ -463,6 +487,10 @@ impl Families {
             Unit::Seconds,
             self.durations.clone(),
         );
+    }
+
+    /// What tcptrace itself missed or follows: lost events, evicted and tracked sockets.
+    fn register_tracing(&self, r: &mut Registry) {
         r.register(
             "lost_events",
             "Events the kernel could not deliver (ring buffer full, or a nested run skipped)",
@@ -479,6 +507,10 @@ impl Families {
              record per connection and keeps the open ones with their sockets)",
             self.tracked.clone(),
         );
+    }
+
+    /// What the settings cost: ports held per destination, the doctor's verdicts, failed connects.
+    fn register_settings(&self, r: &mut Registry) {
         r.register(
             "port_usage_ratio",
             "Local ports held toward a destination (open connections this host made, and \
@@ -499,6 +531,10 @@ impl Families {
              local port, EADDRNOTAVAIL)",
             self.connect_failures.clone(),
         );
+    }
+
+    /// Whether timewait sockets' timers are traced.
+    fn register_timers_traced(&self, r: &mut Registry) {
         r.register(
             "timewait_timers_traced",
             "1 when timewait sockets' timers are traced (TIME_WAIT exits and population), 0 \
