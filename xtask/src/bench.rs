@@ -521,6 +521,123 @@ enum Running {
     Tcpstates(Reaped),
 }
 
+/// The command line of tcptrace for variant `v`, tracing `port` (none for the others).
+fn tcptrace_args(v: Variant, port: u16) -> Result<Vec<String>> {
+    let p = port.to_string();
+    Ok(match v {
+        Variant::Stream => vec!["--json".into(), "--port".into(), p],
+        Variant::Report => vec!["report".into(), "--port".into(), p],
+        Variant::Hist => vec!["hist".into(), "--port".into(), p],
+        Variant::Idle => vec!["report".into(), "--port".into(), p, "--idle-probes".into()],
+        Variant::Timewait => vec![
+            "timewait".into(),
+            "--port".into(),
+            p,
+            "--interval".into(),
+            "1h".into(),
+        ],
+        Variant::Serve => vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", crate::demo::free_port()?),
+            "--port".into(),
+            p,
+        ],
+        _ => vec![],
+    })
+}
+
+impl Running {
+    /// Starts the tracer of `v` on `port`, its output to `out` (none when untraced).
+    fn start(v: Variant, bin: &Path, port: u16, out: &Path) -> Result<Running> {
+        let args = tcptrace_args(v, port)?;
+        Ok(match v {
+            Variant::Untraced => Running::None,
+            Variant::Tcpstates => {
+                let child = Command::new("tcpstates")
+                    .stdout(File::create(out)?)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start tcpstates")?;
+                // It says nothing when attached; it loads in well under a second.
+                thread::sleep(Duration::from_millis(1500));
+                Running::Tcpstates(Reaped(Some(child)))
+            }
+            _ => Running::Tcptrace(Tracer::start(bin, &args, out)?),
+        })
+    }
+
+    /// The tracer's process id, when there is one.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::None => None,
+            Running::Tcptrace(t) => t.pid(),
+            Running::Tcpstates(r) => r.0.as_ref().map(Child::id),
+        }
+    }
+
+    /// Stops the tracer of `v`; returns (transitions delivered, transitions it said it lost).
+    /// Untraced, every one of the `expected` counts as delivered.
+    fn stop(self, v: Variant, out: &Path, port: u16, expected: u64) -> Result<(u64, u64)> {
+        Ok(match self {
+            Running::None => (expected, 0),
+            Running::Tcptrace(mut t) => {
+                t.stop()?;
+                delivered_by_tcptrace(&t, v, out)?
+            }
+            Running::Tcpstates(r) => (delivered_by_tcpstates(r, out, port)?, 0),
+        })
+    }
+}
+
+/// (transitions delivered, transitions lost) by a stopped tcptrace of variant `v`: the
+/// stream's lines in `out`, else what its closing summary says.
+fn delivered_by_tcptrace(t: &Tracer, v: Variant, out: &Path) -> Result<(u64, u64)> {
+    let said = t.said().join("\n");
+    let lost = number_before(&said, " lost").unwrap_or(0);
+    if v == Variant::Idle {
+        let n = number_before(&said, " transitions").unwrap_or(0);
+        if n != 0 {
+            bail!("idle probes traced {n} transitions: the idle switch is broken");
+        }
+    }
+    let delivered = if v == Variant::Stream {
+        let text = std::fs::read_to_string(out)?;
+        text.lines()
+            .filter(|l| l.contains(r#""kind":"transition""#))
+            .count() as u64
+    } else {
+        let transitions = number_before(&said, " transitions").with_context(|| {
+            format!("tcptrace did not say how many transitions it read: {said}")
+        })?;
+        // A connection record stands for the five transitions of a storm
+        // connection's side. serve also reads each connect's first transition
+        // (one per connection: its client side's record holds it too).
+        let records = number_before(&said, " connection records").unwrap_or(0);
+        let connects = if v == Variant::Serve { records / 2 } else { 0 };
+        transitions.saturating_sub(connects) + 5 * records
+    };
+    Ok((delivered, lost))
+}
+
+/// Stops tcpstates; the transitions on `port` it wrote to `out`.
+fn delivered_by_tcpstates(mut r: Reaped, out: &Path, port: u16) -> Result<u64> {
+    if let Some(c) = &r.0 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    }
+    r.wait(Duration::from_secs(10))?;
+    // SKADDR C-PID C-COMM LADDR LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS
+    let text = std::fs::read_to_string(out)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 7 && (f[4] == port.to_string() || f[6] == port.to_string())
+        })
+        .count() as u64)
+}
+
 /// The number in `text` just before `word` (e.g. "200002 transitions").
 fn number_before(text: &str, word: &str) -> Option<u64> {
     let i = text.find(word)?;
@@ -541,47 +658,8 @@ impl Bench<'_> {
         let port = self.port;
         let ns = Netns::new()?;
         let out = self.dir.join(format!("{}-{}.out", v.key(), port));
-        let p = port.to_string();
-        let args: Vec<String> = match v {
-            Variant::Stream => vec!["--json".into(), "--port".into(), p],
-            Variant::Report => vec!["report".into(), "--port".into(), p],
-            Variant::Hist => vec!["hist".into(), "--port".into(), p],
-            Variant::Idle => vec!["report".into(), "--port".into(), p, "--idle-probes".into()],
-            Variant::Timewait => vec![
-                "timewait".into(),
-                "--port".into(),
-                p,
-                "--interval".into(),
-                "1h".into(),
-            ],
-            Variant::Serve => vec![
-                "serve".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{}", crate::demo::free_port()?),
-                "--port".into(),
-                p,
-            ],
-            _ => vec![],
-        };
-        let running = match v {
-            Variant::Untraced => Running::None,
-            Variant::Tcpstates => {
-                let child = Command::new("tcpstates")
-                    .stdout(File::create(&out)?)
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("cannot start tcpstates")?;
-                // It says nothing when attached; it loads in well under a second.
-                thread::sleep(Duration::from_millis(1500));
-                Running::Tcpstates(Reaped(Some(child)))
-            }
-            _ => Running::Tcptrace(Tracer::start(self.bin, &args, &out)?),
-        };
-        let pid = match &running {
-            Running::None => None,
-            Running::Tcptrace(t) => t.pid(),
-            Running::Tcpstates(r) => r.0.as_ref().map(Child::id),
-        };
+        let running = Running::start(v, self.bin, port, &out)?;
+        let pid = running.pid();
         let cpu0 = pid.map(cpu_seconds).transpose()?.unwrap_or(0.0);
         let rate = storm(&ns, port, self.a.connections, self.a.workers, closer)?;
         // Let the tracer drain what the storm left in its buffers.
@@ -590,52 +668,7 @@ impl Bench<'_> {
         let rss_mib = pid.map(|p| mem_mib(p, "VmHWM")).transpose()?.unwrap_or(0.0);
         // Ten transitions per connection, plus the listener's two.
         let expected = 10 * self.a.connections + 2;
-        let mut lost = 0;
-        let delivered = match running {
-            Running::None => expected,
-            Running::Tcptrace(mut t) => {
-                t.stop()?;
-                let said = t.said().join("\n");
-                lost = number_before(&said, " lost").unwrap_or(0);
-                if v == Variant::Idle {
-                    let n = number_before(&said, " transitions").unwrap_or(0);
-                    if n != 0 {
-                        bail!("idle probes traced {n} transitions: the idle switch is broken");
-                    }
-                }
-                if v == Variant::Stream {
-                    let text = std::fs::read_to_string(&out)?;
-                    text.lines()
-                        .filter(|l| l.contains(r#""kind":"transition""#))
-                        .count() as u64
-                } else {
-                    let transitions = number_before(&said, " transitions").with_context(|| {
-                        format!("tcptrace did not say how many transitions it read: {said}")
-                    })?;
-                    // A connection record stands for the five transitions of a storm
-                    // connection's side. serve also reads each connect's first transition
-                    // (one per connection: its client side's record holds it too).
-                    let records = number_before(&said, " connection records").unwrap_or(0);
-                    let connects = if v == Variant::Serve { records / 2 } else { 0 };
-                    transitions.saturating_sub(connects) + 5 * records
-                }
-            }
-            Running::Tcpstates(mut r) => {
-                if let Some(c) = &r.0 {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-                }
-                r.wait(Duration::from_secs(10))?;
-                // SKADDR C-PID C-COMM LADDR LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS
-                let text = std::fs::read_to_string(&out)?;
-                text.lines()
-                    .filter(|l| {
-                        let f: Vec<&str> = l.split_whitespace().collect();
-                        f.len() >= 7 && (f[4] == port.to_string() || f[6] == port.to_string())
-                    })
-                    .count() as u64
-            }
-        };
+        let (delivered, lost) = running.stop(v, &out, port, expected)?;
         let _ = std::fs::remove_file(&out);
         drop(ns);
         // The namespace's teardown (its TIME_WAIT sockets) runs in the background.
