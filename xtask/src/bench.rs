@@ -344,6 +344,14 @@ impl Closer {
             Closer::Server => "server closes first",
         }
     }
+
+    /// Its part's name in result.json.
+    fn key(self) -> &'static str {
+        match self {
+            Closer::Client => "client_closes_first",
+            Closer::Server => "server_closes_first",
+        }
+    }
 }
 
 /// One storm: `conns` connections to `port` in `ns`; returns connections per second.
@@ -723,6 +731,274 @@ pub fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
+/// A variant's figures over the rounds of one close order.
+struct Row {
+    v: Variant,
+    /// Connections per second, median.
+    rate: f64,
+    /// `rate` over the untraced storm's.
+    ratio: f64,
+    /// CPU seconds per 100k expected transitions, median.
+    cpu: f64,
+    /// Peak RSS in MiB, the highest of the rounds.
+    rss: f64,
+    /// Transitions delivered, all rounds.
+    delivered: u64,
+    /// Transitions expected, all rounds.
+    expected: u64,
+}
+
+/// Each variant's row from its samples (`samples[0]`, the untraced storms', is the base).
+fn rows(variants: &[Variant], samples: &[Vec<Sample>]) -> Vec<Row> {
+    let base = median(&samples[0].iter().map(|s| s.rate).collect::<Vec<_>>());
+    variants
+        .iter()
+        .zip(samples)
+        .map(|(&v, s)| {
+            let rate = median(&s.iter().map(|s| s.rate).collect::<Vec<_>>());
+            let cpu = median(
+                &s.iter()
+                    .map(|s| s.cpu_s / s.expected as f64 * 1e5)
+                    .collect::<Vec<_>>(),
+            );
+            let rss = s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+            let delivered: u64 = s.iter().map(|s| s.delivered).sum();
+            let expected: u64 = s.iter().map(|s| s.expected).sum();
+            Row {
+                v,
+                rate,
+                ratio: rate / base,
+                cpu,
+                rss,
+                delivered,
+                expected,
+            }
+        })
+        .collect()
+}
+
+/// The title and column heads of a close order's table.
+fn table_header(closer: Closer, a: &Args) -> String {
+    format!(
+        "\n{} — {} connections × {} rounds, {} client processes, loopback\n\
+         {:<24} {:>9} {:>6} {:>13} {:>9} {:>19}\n",
+        closer.name(),
+        a.connections,
+        a.rounds,
+        a.workers,
+        "variant",
+        "conn/s",
+        "ratio",
+        "CPU s/100k tr",
+        "peak RSS",
+        "delivered/expected"
+    )
+}
+
+/// The lines under a close order's table: what attaching alone costs, and how much less CPU
+/// the stream takes than tcpstates (when it ran).
+fn table_footer(rows: &[Row], floor: f64, tcpstates_cpu: Option<f64>) -> String {
+    let mut footer = format!(
+        "probes attached with idle programs run the storm at {floor:.2}× untraced: what \
+         attaching alone costs, above every tcptrace row but for noise\n"
+    );
+    if let Some(t) = tcpstates_cpu {
+        let stream = rows
+            .iter()
+            .find(|r| r.v == Variant::Stream)
+            .map_or(f64::NAN, |r| r.cpu);
+        footer.push_str(&format!(
+            "tcptrace --json costs {:.1}× less CPU per transition than tcpstates\n",
+            t / stream
+        ));
+    }
+    footer
+}
+
+impl Row {
+    /// The row's line in the table.
+    fn table_line(&self) -> String {
+        let &Row {
+            v,
+            rate,
+            ratio,
+            cpu,
+            rss,
+            delivered,
+            expected,
+        } = self;
+        if v == Variant::Untraced {
+            format!(
+                "{:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
+                v.name(),
+                1.0,
+                "-",
+                "-",
+                "-"
+            )
+        } else {
+            // Idle programs trace nothing: what they "delivered" is not a loss.
+            let tally = if v == Variant::Idle {
+                "-".to_string()
+            } else {
+                format!("{delivered}/{expected}")
+            };
+            format!(
+                "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {tally:>19}\n",
+                v.name(),
+            )
+        }
+    }
+
+    /// The row's figures in result.json (its targets' verdicts apart).
+    fn json(&self, rounds: u64) -> serde_json::Value {
+        let &Row {
+            v,
+            rate,
+            ratio,
+            cpu,
+            rss,
+            delivered,
+            expected,
+        } = self;
+        let mut o = json!({
+            "rate": rate, "ratio": ratio, "runs": rounds,
+        });
+        if v != Variant::Untraced {
+            o["cpu_s_per_100k"] = json!(cpu);
+            o["peak_rss_mib"] = json!(rss);
+        }
+        if v == Variant::Idle {
+            o["traced"] = json!(delivered);
+        } else if v != Variant::Untraced {
+            o["delivered"] = json!(delivered);
+            o["expected"] = json!(expected);
+        }
+        o
+    }
+
+    /// Judges the row against its variant's targets, when it has some: their verdicts for
+    /// result.json, each one missed added to `misses`. `floor` is the idle probes' ratio.
+    fn targets(
+        &self,
+        closer: Closer,
+        floor: f64,
+        tcpstates_cpu: Option<f64>,
+        misses: &mut Vec<String>,
+    ) -> Option<serde_json::Value> {
+        let &Row {
+            v,
+            ratio,
+            cpu,
+            delivered,
+            expected,
+            ..
+        } = self;
+        let (min_ratio, max_cpu) = v.targets()?;
+        let lossless = v != Variant::Stream || delivered == expected;
+        let cheaper = tcpstates_cpu.map(|t| t / cpu);
+        let targets = json!({
+            "ratio": {
+                "min": min_ratio,
+                "met": ratio >= min_ratio,
+                "idle_probes_ratio": floor,
+            },
+            "cpu": {"max": max_cpu, "met": cpu <= max_cpu},
+            "lossless": lossless,
+            "times_cheaper_than_tcpstates": cheaper,
+        });
+        for (what, ok) in [
+            (
+                format!(
+                    "rate ≥ {min_ratio}× untraced ({ratio:.2}; probes attached, idle: \
+                     {floor:.2})"
+                ),
+                ratio >= min_ratio,
+            ),
+            (format!("CPU ≤ {max_cpu} s/100k ({cpu:.3})"), cpu <= max_cpu),
+            (
+                format!("no loss ({delivered}/{expected})"),
+                v != Variant::Stream || lossless,
+            ),
+        ] {
+            if !ok {
+                misses.push(format!("{}, {}: {what}", closer.name(), v.name()));
+            }
+        }
+        if v == Variant::Stream
+            && let Some(c) = cheaper
+            && c < 4.0
+        {
+            misses.push(format!(
+                "{}, {}: ≥ 4× cheaper than tcpstates ({c:.1}×)",
+                closer.name(),
+                v.name()
+            ));
+        }
+        Some(targets)
+    }
+}
+
+impl Bench<'_> {
+    /// Every round of `closer`'s storms, each running every variant once, in an order that
+    /// alternates between rounds; prints a line a round. The samples, by variant.
+    fn rounds(&mut self, variants: &[Variant], closer: Closer) -> Result<Vec<Vec<Sample>>> {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
+        for round in 0..self.a.rounds {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut line = format!("{}, round {}:", closer.name(), round + 1);
+            for i in order {
+                let s = self.sample(variants[i], closer)?;
+                line.push_str(&format!(" {} {:.0}/s", variants[i].key(), s.rate));
+                // Idle programs catch nothing: the kernel's skips of them are not losses.
+                if s.lost > 0 && variants[i] != Variant::Idle {
+                    line.push_str(&format!(" ({} lost)", s.lost));
+                }
+                samples[i].push(s);
+            }
+            println!("{line}");
+        }
+        Ok(samples)
+    }
+
+    /// The comparison for one close order: its rounds, then its part of the table (added to
+    /// `table`) and each target missed (added to `misses`); returns its part of result.json.
+    fn compare(
+        &mut self,
+        variants: &[Variant],
+        closer: Closer,
+        table: &mut String,
+        misses: &mut Vec<String>,
+    ) -> Result<serde_json::Value> {
+        let samples = self.rounds(variants, closer)?;
+        table.push_str(&table_header(closer, self.a));
+        let rows = rows(variants, &samples);
+        let tcpstates_cpu = rows
+            .iter()
+            .find(|r| r.v == Variant::Tcpstates)
+            .map(|r| r.cpu);
+        // What attaching alone costs: no view of tcptrace can run the storm faster.
+        let floor = rows
+            .iter()
+            .find(|r| r.v == Variant::Idle)
+            .map_or(f64::NAN, |r| r.ratio);
+        let mut per_closer = serde_json::Map::new();
+        for row in &rows {
+            table.push_str(&row.table_line());
+            let mut o = row.json(self.a.rounds);
+            if let Some(targets) = row.targets(closer, floor, tcpstates_cpu, misses) {
+                o["targets"] = targets;
+            }
+            per_closer.insert(row.v.key().into(), o);
+        }
+        table.push_str(&table_footer(&rows, floor, tcpstates_cpu));
+        Ok(serde_json::Value::Object(per_closer))
+    }
+}
+
 /// The comparison.
 pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if !crate::is_root() {
@@ -774,163 +1050,8 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     let mut table = String::new();
     let mut misses = backfill.misses();
     for closer in [Closer::Client, Closer::Server] {
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
-        for round in 0..a.rounds {
-            let mut order: Vec<usize> = (0..variants.len()).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            let mut line = format!("{}, round {}:", closer.name(), round + 1);
-            for i in order {
-                let s = b.sample(variants[i], closer)?;
-                line.push_str(&format!(" {} {:.0}/s", variants[i].key(), s.rate));
-                // Idle programs catch nothing: the kernel's skips of them are not losses.
-                if s.lost > 0 && variants[i] != Variant::Idle {
-                    line.push_str(&format!(" ({} lost)", s.lost));
-                }
-                samples[i].push(s);
-            }
-            println!("{line}");
-        }
-        let base = median(&samples[0].iter().map(|s| s.rate).collect::<Vec<_>>());
-        table.push_str(&format!(
-            "\n{} — {} connections × {} rounds, {} client processes, loopback\n\
-             {:<24} {:>9} {:>6} {:>13} {:>9} {:>19}\n",
-            closer.name(),
-            a.connections,
-            a.rounds,
-            a.workers,
-            "variant",
-            "conn/s",
-            "ratio",
-            "CPU s/100k tr",
-            "peak RSS",
-            "delivered/expected"
-        ));
-        let mut per_closer = serde_json::Map::new();
-        let mut tcpstates_cpu = None;
-        let mut rows = Vec::new();
-        for (i, v) in variants.iter().enumerate() {
-            let s = &samples[i];
-            let rate = median(&s.iter().map(|s| s.rate).collect::<Vec<_>>());
-            let cpu = median(
-                &s.iter()
-                    .map(|s| s.cpu_s / s.expected as f64 * 1e5)
-                    .collect::<Vec<_>>(),
-            );
-            let rss = s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
-            let delivered: u64 = s.iter().map(|s| s.delivered).sum();
-            let expected: u64 = s.iter().map(|s| s.expected).sum();
-            if *v == Variant::Tcpstates {
-                tcpstates_cpu = Some(cpu);
-            }
-            rows.push((*v, rate, rate / base, cpu, rss, delivered, expected));
-        }
-        // What attaching alone costs: no view of tcptrace can run the storm faster.
-        let floor = rows
-            .iter()
-            .find(|r| r.0 == Variant::Idle)
-            .map_or(f64::NAN, |r| r.2);
-        for &(v, rate, ratio, cpu, rss, delivered, expected) in &rows {
-            if v == Variant::Untraced {
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
-                    v.name(),
-                    1.0,
-                    "-",
-                    "-",
-                    "-"
-                ));
-            } else {
-                // Idle programs trace nothing: what they "delivered" is not a loss.
-                let tally = if v == Variant::Idle {
-                    "-".to_string()
-                } else {
-                    format!("{delivered}/{expected}")
-                };
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {tally:>19}\n",
-                    v.name(),
-                ));
-            }
-            let mut o = json!({
-                "rate": rate, "ratio": ratio, "runs": a.rounds,
-            });
-            if v != Variant::Untraced {
-                o["cpu_s_per_100k"] = json!(cpu);
-                o["peak_rss_mib"] = json!(rss);
-            }
-            if v == Variant::Idle {
-                o["traced"] = json!(delivered);
-            } else if v != Variant::Untraced {
-                o["delivered"] = json!(delivered);
-                o["expected"] = json!(expected);
-            }
-            if let Some((min_ratio, max_cpu)) = v.targets() {
-                let lossless = v != Variant::Stream || delivered == expected;
-                let cheaper = tcpstates_cpu.map(|t| t / cpu);
-                o["targets"] = json!({
-                    "ratio": {
-                        "min": min_ratio,
-                        "met": ratio >= min_ratio,
-                        "idle_probes_ratio": floor,
-                    },
-                    "cpu": {"max": max_cpu, "met": cpu <= max_cpu},
-                    "lossless": lossless,
-                    "times_cheaper_than_tcpstates": cheaper,
-                });
-                for (what, ok) in [
-                    (
-                        format!(
-                            "rate ≥ {min_ratio}× untraced ({ratio:.2}; probes attached, idle: \
-                             {floor:.2})"
-                        ),
-                        ratio >= min_ratio,
-                    ),
-                    (format!("CPU ≤ {max_cpu} s/100k ({cpu:.3})"), cpu <= max_cpu),
-                    (
-                        format!("no loss ({delivered}/{expected})"),
-                        v != Variant::Stream || lossless,
-                    ),
-                ] {
-                    if !ok {
-                        misses.push(format!("{}, {}: {what}", closer.name(), v.name()));
-                    }
-                }
-                if v == Variant::Stream
-                    && let Some(c) = cheaper
-                    && c < 4.0
-                {
-                    misses.push(format!(
-                        "{}, {}: ≥ 4× cheaper than tcpstates ({c:.1}×)",
-                        closer.name(),
-                        v.name()
-                    ));
-                }
-            }
-            per_closer.insert(v.key().into(), o);
-        }
-        table.push_str(&format!(
-            "probes attached with idle programs run the storm at {floor:.2}× untraced: what \
-             attaching alone costs, above every tcptrace row but for noise\n"
-        ));
-        if let Some(t) = tcpstates_cpu {
-            let stream = rows
-                .iter()
-                .find(|r| r.0 == Variant::Stream)
-                .map_or(f64::NAN, |r| r.3);
-            table.push_str(&format!(
-                "tcptrace --json costs {:.1}× less CPU per transition than tcpstates\n",
-                t / stream
-            ));
-        }
-        results.insert(
-            match closer {
-                Closer::Client => "client_closes_first".into(),
-                Closer::Server => "server_closes_first".into(),
-            },
-            serde_json::Value::Object(per_closer),
-        );
+        let per_closer = b.compare(&variants, closer, &mut table, &mut misses)?;
+        results.insert(closer.key().into(), per_closer);
     }
     let cost = kernel_cost(&mut b)?;
     table.push_str(&format!(
