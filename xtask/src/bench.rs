@@ -1054,47 +1054,9 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
         results.insert(closer.key().into(), per_closer);
     }
     let cost = kernel_cost(&mut b)?;
-    table.push_str(&format!(
-        "\nkernel time, one client-closes-first storm of {} connections under tcptrace report \
-         (bpf_stats)\n{:<24} {:>10} {:>10}\n",
-        a.connections, "program", "runs", "ns/run"
-    ));
-    for (name, runs, ns) in &cost.programs {
-        table.push_str(&format!("{name:<24} {runs:>10} {ns:>10.0}\n"));
-    }
-    table.push_str(&format!(
-        "all programs: {:.2} µs per connection — target ≤ {:.0} µs: {}; transition program \
-         {:.0} ns per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns: {}\n",
-        cost.ns_per_connection / 1e3,
-        KERNEL_NS_PER_CONNECTION_MAX / 1e3,
-        verdict(cost.ns_per_connection <= KERNEL_NS_PER_CONNECTION_MAX),
-        cost.transition_ns_per_run,
-        verdict(cost.transition_ns_per_run <= TRANSITION_NS_PER_RUN_MAX),
-    ));
-    if cost.ns_per_connection > KERNEL_NS_PER_CONNECTION_MAX {
-        misses.push(format!(
-            "kernel time ≤ {:.0} µs per connection ({:.2} µs)",
-            KERNEL_NS_PER_CONNECTION_MAX / 1e3,
-            cost.ns_per_connection / 1e3
-        ));
-    }
-    if cost.transition_ns_per_run.is_nan() || cost.transition_ns_per_run > TRANSITION_NS_PER_RUN_MAX
-    {
-        misses.push(format!(
-            "transition program ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns per run ({:.0} ns)",
-            cost.transition_ns_per_run
-        ));
-    }
-    results.insert(
-        "kernel_cost".into(),
-        json!({
-            "ns_per_connection": cost.ns_per_connection,
-            "transition_ns_per_run": cost.transition_ns_per_run,
-            "programs": cost.programs.iter().map(|(n, r, ns)| {
-                json!({"name": n, "runs": r, "ns_per_run": ns})
-            }).collect::<Vec<_>>(),
-        }),
-    );
+    table.push_str(&cost.table(a.connections));
+    misses.extend(cost.misses());
+    results.insert("kernel_cost".into(), cost.json());
     if startup > 300.0 {
         misses.push(format!(
             "start to probes attached ≤ 300 ms ({startup:.0} ms)"
@@ -1417,6 +1379,7 @@ fn kernel_cost_only(bin: &Path, a: &Args, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What tcptrace's kernel programs cost during one storm, as the kernel measures it.
 struct KernelCost {
     /// Per program: (name, runs, nanoseconds per run).
     programs: Vec<(String, u64, f64)>,
@@ -1424,6 +1387,62 @@ struct KernelCost {
     ns_per_connection: f64,
     /// Nanoseconds per run of the transition program.
     transition_ns_per_run: f64,
+}
+
+impl KernelCost {
+    /// Its part of the comparison's table: a row a program, then the targets' verdicts.
+    fn table(&self, connections: u64) -> String {
+        let mut table = format!(
+            "\nkernel time, one client-closes-first storm of {} connections under tcptrace \
+             report (bpf_stats)\n{:<24} {:>10} {:>10}\n",
+            connections, "program", "runs", "ns/run"
+        );
+        for (name, runs, ns) in &self.programs {
+            table.push_str(&format!("{name:<24} {runs:>10} {ns:>10.0}\n"));
+        }
+        table.push_str(&format!(
+            "all programs: {:.2} µs per connection — target ≤ {:.0} µs: {}; transition program \
+             {:.0} ns per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns: {}\n",
+            self.ns_per_connection / 1e3,
+            KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+            verdict(self.ns_per_connection <= KERNEL_NS_PER_CONNECTION_MAX),
+            self.transition_ns_per_run,
+            verdict(self.transition_ns_per_run <= TRANSITION_NS_PER_RUN_MAX),
+        ));
+        table
+    }
+
+    /// Targets missed, said.
+    fn misses(&self) -> Vec<String> {
+        let mut misses = Vec::new();
+        if self.ns_per_connection > KERNEL_NS_PER_CONNECTION_MAX {
+            misses.push(format!(
+                "kernel time ≤ {:.0} µs per connection ({:.2} µs)",
+                KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+                self.ns_per_connection / 1e3
+            ));
+        }
+        if self.transition_ns_per_run.is_nan()
+            || self.transition_ns_per_run > TRANSITION_NS_PER_RUN_MAX
+        {
+            misses.push(format!(
+                "transition program ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns per run ({:.0} ns)",
+                self.transition_ns_per_run
+            ));
+        }
+        misses
+    }
+
+    /// Its part of result.json.
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "ns_per_connection": self.ns_per_connection,
+            "transition_ns_per_run": self.transition_ns_per_run,
+            "programs": self.programs.iter().map(|(n, r, ns)| {
+                json!({"name": n, "runs": r, "ns_per_run": ns})
+            }).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Target: kernel time per connection for the aggregating views.
