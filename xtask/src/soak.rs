@@ -111,6 +111,10 @@ fn number_before(text: &str, word: &str) -> Option<u64> {
     text[..i].split_whitespace().last()?.parse().ok()
 }
 
+/// One reading of the soak: (seconds since its start, RSS in MiB, entries of each of
+/// [`MAPS`]).
+type Sample = (f64, f64, Vec<u64>);
+
 /// The soak, then the floods.
 pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
     bpftool_ready()?;
@@ -131,21 +135,71 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
     let total = Duration::from_secs_f64(minutes * 60.0);
     let stop = Arc::new(AtomicBool::new(false));
     let conns = Arc::new(AtomicU64::new(0));
-    let storms = {
-        let (stop, conns) = (stop.clone(), conns.clone());
-        thread::spawn(move || -> Result<()> {
-            let mut server_closes = false;
-            while !stop.load(Ordering::Relaxed) {
-                let ns = Netns::new()?;
-                crate::bench::storm_in(&ns, port, 20_000, 4, server_closes)?;
-                conns.fetch_add(20_000, Ordering::Relaxed);
-                server_closes = !server_closes;
-            }
-            Ok(())
-        })
-    };
+    let storms = storms_until(port, stop.clone(), conns.clone());
+    let samples = sample_every_10s(pid, total, &storms, &conns)?;
+    stop.store(true, Ordering::Relaxed);
+    storms
+        .join()
+        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
+    tracer.stop()?;
+    if samples.len() < 4 {
+        bail!("the soak was too short to judge (at least 40 s are needed)");
+    }
+    // Warm-up: the first fifth (at least one sample).
+    let warm = (samples.len() / 5).max(1);
+    let (maps_ok, map_json) = judge_maps(&samples, warm);
+    let (flat, rss_json) = judge_rss(&samples[warm..]);
+    let floods = floods(bin, dir)?;
+    let result = json!({
+        "minutes": minutes,
+        "connections": conns.load(Ordering::Relaxed),
+        "samples": samples.iter().map(|(t, r, m)| json!({"t_s": t, "rss_mib": r, "maps": m})).collect::<Vec<_>>(),
+        "rss_steady": rss_json,
+        "maps": map_json,
+        "floods": floods,
+    });
+    let path = dir.join("soak.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("\nwrote {}", path.display());
+    let floods_ok = result["floods"]
+        .as_array()
+        .is_some_and(|f| f.iter().all(|f| f["ok"] == true));
+    if !(flat && maps_ok && floods_ok) {
+        bail!("the soak found growth (see above)");
+    }
+    println!("the soak held steady");
+    Ok(())
+}
+
+/// Storms of 20,000 connections to `port` without pause, alternating close orders, each in a
+/// namespace of its own, until `stop`; counts their connections in `conns`.
+fn storms_until(
+    port: u16,
+    stop: Arc<AtomicBool>,
+    conns: Arc<AtomicU64>,
+) -> thread::JoinHandle<Result<()>> {
+    thread::spawn(move || -> Result<()> {
+        let mut server_closes = false;
+        while !stop.load(Ordering::Relaxed) {
+            let ns = Netns::new()?;
+            crate::bench::storm_in(&ns, port, 20_000, 4, server_closes)?;
+            conns.fetch_add(20_000, Ordering::Relaxed);
+            server_closes = !server_closes;
+        }
+        Ok(())
+    })
+}
+
+/// Samples the tracer `pid`'s memory and maps every 10 s for `total` (or until the storms
+/// end), printing a line each.
+fn sample_every_10s(
+    pid: u32,
+    total: Duration,
+    storms: &thread::JoinHandle<Result<()>>,
+    conns: &AtomicU64,
+) -> Result<Vec<Sample>> {
     let start = Instant::now();
-    let mut samples: Vec<(f64, f64, Vec<u64>)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     print!(
         "{:>7} {:>11} {:>9} {:>17}",
         "t (s)", "connections", "RSS MiB", "(anon + mapped)"
@@ -176,22 +230,15 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
         println!();
         samples.push((t, rss, maps));
     }
-    stop.store(true, Ordering::Relaxed);
-    storms
-        .join()
-        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
-    tracer.stop()?;
-    if samples.len() < 4 {
-        bail!("the soak was too short to judge (at least 40 s are needed)");
-    }
-    // Warm-up: the first fifth (at least one sample).
-    let warm = (samples.len() / 5).max(1);
-    let steady: Vec<f64> = samples[warm..].iter().map(|s| s.1).collect();
-    let (lo, hi) = steady
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-    let mid = median(&steady);
-    let flat = hi <= mid * 1.10 && lo >= mid * 0.90;
+    Ok(samples)
+}
+
+/// Judges each watched map after the first `warm` samples, printing a line each: whether
+/// none grew, and their JSON.
+fn judge_maps(
+    samples: &[Sample],
+    warm: usize,
+) -> (bool, serde_json::Map<String, serde_json::Value>) {
     // Kernel maps follow the live connections and listeners, which swing with each
     // storm: growth is a typical (median) level that rises from the first half of the steady
     // state to the second, or a map that fills up.
@@ -199,9 +246,7 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
     let mut maps_ok = true;
     let mut map_json = serde_json::Map::new();
     for (i, (name, cap)) in MAPS.iter().enumerate() {
-        let level = |r: &[(f64, f64, Vec<u64>)]| {
-            median(&r.iter().map(|s| s.2[i] as f64).collect::<Vec<_>>())
-        };
+        let level = |r: &[Sample]| median(&r.iter().map(|s| s.2[i] as f64).collect::<Vec<_>>());
         let (first, second) = (level(&samples[warm..half]), level(&samples[half..]));
         let peak = samples.iter().map(|s| s.2[i]).max().unwrap_or(0);
         let ok = second <= first * 1.25 + 256.0 && peak < cap * 9 / 10;
@@ -217,6 +262,18 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
             if ok { "no growth" } else { "GROWING" }
         );
     }
+    (maps_ok, map_json)
+}
+
+/// Judges the RSS of the `steady` samples (after warm-up), printing a line: whether it stays
+/// within ±10 % of its median, and its JSON.
+fn judge_rss(steady: &[Sample]) -> (bool, serde_json::Value) {
+    let steady: Vec<f64> = steady.iter().map(|s| s.1).collect();
+    let (lo, hi) = steady
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    let mid = median(&steady);
+    let flat = hi <= mid * 1.10 && lo >= mid * 0.90;
     println!(
         "RSS after warm-up: {lo:.1}–{hi:.1} MiB, median {mid:.1} MiB: {}",
         if flat {
@@ -225,26 +282,10 @@ pub fn soak(bin: &Path, minutes: f64, dir: &Path) -> Result<()> {
             "NOT flat within ±10 %"
         }
     );
-    let floods = floods(bin, dir)?;
-    let result = json!({
-        "minutes": minutes,
-        "connections": conns.load(Ordering::Relaxed),
-        "samples": samples.iter().map(|(t, r, m)| json!({"t_s": t, "rss_mib": r, "maps": m})).collect::<Vec<_>>(),
-        "rss_steady": {"min": lo, "max": hi, "median": mid, "flat": flat},
-        "maps": map_json,
-        "floods": floods,
-    });
-    let path = dir.join("soak.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("\nwrote {}", path.display());
-    let floods_ok = result["floods"]
-        .as_array()
-        .is_some_and(|f| f.iter().all(|f| f["ok"] == true));
-    if !(flat && maps_ok && floods_ok) {
-        bail!("the soak found growth (see above)");
-    }
-    println!("the soak held steady");
-    Ok(())
+    (
+        flat,
+        json!({"min": lo, "max": hi, "median": mid, "flat": flat}),
+    )
 }
 
 /// A SYN flood to a closed port and a half-open flood, each under `tcptrace report
