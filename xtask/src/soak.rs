@@ -288,31 +288,143 @@ fn judge_rss(steady: &[Sample]) -> (bool, serde_json::Value) {
     )
 }
 
+/// `--max-sockets` under the floods.
+const FLOOD_MAX_SOCKETS: u64 = 5_000;
+/// Connections of each flood: within the usual 20,000 open files (the flood holds one per
+/// socket).
+const FLOOD_CONNECTIONS: u64 = 15_000;
+
 /// A SYN flood to a closed port and a half-open flood, each under `tcptrace report
-/// --max-sockets 10000`: the tracer's memory must stay bounded and the evictions reported.
+/// --max-sockets` [`FLOOD_MAX_SOCKETS`]: the tracer's memory must stay bounded and the
+/// evictions reported.
 fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
-    const CAP: u64 = 5_000;
-    // Within the usual 20,000 open files (the flood holds one per socket).
-    const N: u64 = 15_000;
-    let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     for half_open in [false, true] {
-        let ns = Netns::new()?;
-        let port: u16 = 32_000;
-        let mut tracer = Tracer::start(
-            bin,
-            &[
-                "report".into(),
-                "--port".into(),
-                port.to_string(),
-                "--max-sockets".into(),
-                CAP.to_string(),
-            ],
-            &dir.join("flood.out"),
-        )?;
-        let pid = tracer.pid().context("tracer pid")?;
-        let base = mem_mib(pid, "VmRSS")?;
-        // VmHWM would show start-up (parsing BTF); sample the resident size meanwhile.
+        results.push(flood(bin, dir, half_open)?);
+    }
+    Ok(results)
+}
+
+/// One flood (half-open, or to a closed port) under `tcptrace report --max-sockets`, in a
+/// namespace of its own; prints its verdict and returns its JSON.
+fn flood(bin: &Path, dir: &Path, half_open: bool) -> Result<serde_json::Value> {
+    let ns = Netns::new()?;
+    let port: u16 = 32_000;
+    let mut tracer = Tracer::start(
+        bin,
+        &[
+            "report".into(),
+            "--port".into(),
+            port.to_string(),
+            "--max-sockets".into(),
+            FLOOD_MAX_SOCKETS.to_string(),
+        ],
+        &dir.join("flood.out"),
+    )?;
+    let pid = tracer.pid().context("tracer pid")?;
+    let base = mem_mib(pid, "VmRSS")?;
+    // VmHWM would show start-up (parsing BTF); sample the resident size meanwhile.
+    let peak = PeakRss::start(pid, base);
+    // A listener whose accept queue (one slot) fills at once and is never drained.
+    let listener = if half_open {
+        Some(never_accepting(&ns, port, 1)?)
+    } else {
+        None
+    };
+    flood_client(&ns, port, half_open)?;
+    thread::sleep(Duration::from_millis(500));
+    let hwm = peak.stop()?;
+    let maps = map_entries(pid)?;
+    tracer.stop()?;
+    drop(listener);
+    drop(ns);
+    Ok(flood_verdict(
+        half_open,
+        &tracer.said().join("\n"),
+        (base, hwm),
+        maps[0],
+    ))
+}
+
+/// The flood's connections from 127.0.0.1 to `port` in `ns`: all refused, or (`half_open`)
+/// held while SYNs are retransmitted, then let go at once.
+fn flood_client(ns: &Netns, port: u16, half_open: bool) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut client = Command::new(&exe);
+    client
+        .args(["storm-client", "--netns", &ns.name, "--src", "127.0.0.1"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--count",
+            &FLOOD_CONNECTIONS.to_string(),
+        ]);
+    if half_open {
+        client
+            .arg("--hold")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+    } else {
+        client.arg("--refused");
+    }
+    let mut child = client.spawn().context("cannot start the flood")?;
+    if half_open {
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("client stdout")?).read_line(&mut line)?;
+        // Hold them while SYNs are retransmitted, then let them all go at once.
+        thread::sleep(Duration::from_secs(3));
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"x");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("the flood client failed ({status})");
+    }
+    Ok(())
+}
+
+/// Judges a flood from what the tracer `said`, its RSS `(at start, at peak)` in MiB and the
+/// watched map's entries after: prints the verdict and returns its JSON.
+fn flood_verdict(
+    half_open: bool,
+    said: &str,
+    (base, hwm): (f64, f64),
+    entries: u64,
+) -> serde_json::Value {
+    let transitions = number_before(said, " transitions").unwrap_or(0);
+    let evicted = number_before(said, " sockets evicted").unwrap_or(0);
+    // The tracker costs ~46 bytes per socket at its cap, the ring buffer's pages up to
+    // 8 MiB once touched: allow 12 MiB over the start.
+    let ok = hwm <= base + 12.0 && entries <= MAPS[0].1 && (!half_open || evicted > 0);
+    let what = if half_open {
+        "half-open flood (15k SYN_SENT held)"
+    } else {
+        "SYN flood to a closed port (15k refused)"
+    };
+    println!(
+        "{what}: {transitions} transitions, {evicted} sockets evicted at --max-sockets \
+         {FLOOD_MAX_SOCKETS}; RSS {base:.1} MiB at start, at most {hwm:.1} MiB; SOCKS entries \
+         {entries} after: {}",
+        if ok { "bounded" } else { "NOT BOUNDED" }
+    );
+    json!({
+        "flood": what, "transitions": transitions, "evicted": evicted,
+        "rss_start_mib": base, "rss_peak_mib": hwm, "socks_entries_after": entries,
+        "ok": ok,
+    })
+}
+
+/// The peak resident size of a process, sampled every 50 ms until stopped.
+struct PeakRss {
+    peak: Arc<std::sync::Mutex<f64>>,
+    sampling: Arc<AtomicBool>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`, from `base` MiB.
+    fn start(pid: u32, base: f64) -> PeakRss {
         let peak = Arc::new(std::sync::Mutex::new(base));
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = {
@@ -326,70 +438,21 @@ fn floods(bin: &Path, dir: &Path) -> Result<Vec<serde_json::Value>> {
                 }
             })
         };
-        // A listener whose accept queue (one slot) fills at once and is never drained.
-        let listener = if half_open {
-            Some(never_accepting(&ns, port, 1)?)
-        } else {
-            None
-        };
-        let mut client = Command::new(&exe);
-        client
-            .args(["storm-client", "--netns", &ns.name, "--src", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "--count", &N.to_string()]);
-        if half_open {
-            client
-                .arg("--hold")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped());
-        } else {
-            client.arg("--refused");
+        PeakRss {
+            peak,
+            sampling,
+            sampler,
         }
-        let mut child = client.spawn().context("cannot start the flood")?;
-        if half_open {
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().context("client stdout")?).read_line(&mut line)?;
-            // Hold them while SYNs are retransmitted, then let them all go at once.
-            thread::sleep(Duration::from_secs(3));
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.write_all(b"x");
-            }
-        }
-        let status = child.wait()?;
-        if !status.success() {
-            bail!("the flood client failed ({status})");
-        }
-        thread::sleep(Duration::from_millis(500));
-        sampling.store(false, Ordering::Relaxed);
-        let _ = sampler.join();
-        let hwm = *peak
+    }
+
+    /// Stops sampling; the peak in MiB.
+    fn stop(self) -> Result<f64> {
+        self.sampling.store(false, Ordering::Relaxed);
+        let _ = self.sampler.join();
+        let hwm = *self
+            .peak
             .lock()
             .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
-        let maps = map_entries(pid)?;
-        tracer.stop()?;
-        drop(listener);
-        drop(ns);
-        let said = tracer.said().join("\n");
-        let transitions = number_before(&said, " transitions").unwrap_or(0);
-        let evicted = number_before(&said, " sockets evicted").unwrap_or(0);
-        // The tracker costs ~46 bytes per socket at its cap, the ring buffer's pages up to
-        // 8 MiB once touched: allow 12 MiB over the start.
-        let ok = hwm <= base + 12.0 && maps[0] <= MAPS[0].1 && (!half_open || evicted > 0);
-        let what = if half_open {
-            "half-open flood (15k SYN_SENT held)"
-        } else {
-            "SYN flood to a closed port (15k refused)"
-        };
-        println!(
-            "{what}: {transitions} transitions, {evicted} sockets evicted at --max-sockets \
-             {CAP}; RSS {base:.1} MiB at start, at most {hwm:.1} MiB; SOCKS entries {} after: {}",
-            maps[0],
-            if ok { "bounded" } else { "NOT BOUNDED" }
-        );
-        results.push(json!({
-            "flood": what, "transitions": transitions, "evicted": evicted,
-            "rss_start_mib": base, "rss_peak_mib": hwm, "socks_entries_after": maps[0],
-            "ok": ok,
-        }));
+        Ok(hwm)
     }
-    Ok(results)
 }
