@@ -647,7 +647,7 @@ fn delivered_by_tcpstates(mut r: Reaped, out: &Path, port: u16) -> Result<u64> {
 }
 
 /// The number in `text` just before `word` (e.g. "200002 transitions").
-fn number_before(text: &str, word: &str) -> Option<u64> {
+pub(crate) fn number_before(text: &str, word: &str) -> Option<u64> {
     let i = text.find(word)?;
     text[..i].split_whitespace().last()?.parse().ok()
 }

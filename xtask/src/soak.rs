@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use crate::{
-    bench::{Netns, median, mem_mib, never_accepting},
+    bench::{Netns, median, mem_mib, never_accepting, number_before},
     demo::Tracer,
 };
 
@@ -103,12 +103,6 @@ fn map_entries(pid: u32) -> Result<Vec<u64>> {
         counts.push(dump.as_array().map_or(0, |a| a.len() as u64));
     }
     Ok(counts)
-}
-
-/// The number in `text` just before `word`.
-fn number_before(text: &str, word: &str) -> Option<u64> {
-    let i = text.find(word)?;
-    text[..i].split_whitespace().last()?.parse().ok()
 }
 
 /// One reading of the soak: (seconds since its start, RSS in MiB, entries of each of
