@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Output, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -399,44 +399,55 @@ fn out_of_ports(bin: &Path, dir: &Path) -> Result<()> {
     let mut line = String::new();
     err.read_line(&mut line)?;
     let name = ns.name.clone();
-    let failed = thread::spawn(move || -> Result<u32> {
-        crate::bench::enter_netns(&name)?;
-        for (key, value) in [
-            ("ip_local_port_range", "40000 40019"),
-            ("tcp_tw_reuse", "0"),
-        ] {
-            std::fs::write(format!("/proc/sys/net/ipv4/{key}"), value)
-                .with_context(|| format!("setting {key} in the demo's namespace"))?;
-        }
-        let listener = TcpListener::bind((LOOPBACK, port))?;
-        let server = thread::spawn(move || {
-            // Accepts and reads each connection to its end (the client closes first).
-            for c in listener.incoming().take(20).flatten() {
-                let mut c = c;
-                let mut b = [0u8; 1];
-                while c.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
-            }
-        });
-        let mut failed = 0;
-        for _ in 0..40 {
-            match TcpStream::connect((LOOPBACK, port)) {
-                Ok(c) => drop(c),
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
-                Err(e) => return Err(e.into()),
-            }
-            thread::sleep(Duration::from_millis(60));
-        }
-        let _ = server.join();
-        Ok(failed)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    let failed = thread::spawn(move || run_out_of_ports(&name, port))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     let doctor = doctor.wait_with_output()?;
     thread::sleep(Duration::from_millis(600));
     ports.stop()?;
+    show_ports_and_doctor(&ports_out, &doctor, failed)
+}
+
+/// In network namespace `netns`, given 20 local ports and no reuse of TIME_WAIT ones: 40
+/// connects to `port`, one every 60 ms, each closed by the client first. How many failed
+/// for want of a local port (EADDRNOTAVAIL).
+fn run_out_of_ports(netns: &str, port: u16) -> Result<u32> {
+    crate::bench::enter_netns(netns)?;
+    for (key, value) in [
+        ("ip_local_port_range", "40000 40019"),
+        ("tcp_tw_reuse", "0"),
+    ] {
+        std::fs::write(format!("/proc/sys/net/ipv4/{key}"), value)
+            .with_context(|| format!("setting {key} in the demo's namespace"))?;
+    }
+    let listener = TcpListener::bind((LOOPBACK, port))?;
+    let server = thread::spawn(move || {
+        // Accepts and reads each connection to its end (the client closes first).
+        for c in listener.incoming().take(20).flatten() {
+            let mut c = c;
+            let mut b = [0u8; 1];
+            while c.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
+        }
+    });
+    let mut failed = 0;
+    for _ in 0..40 {
+        match TcpStream::connect((LOOPBACK, port)) {
+            Ok(c) => drop(c),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
+            Err(e) => return Err(e.into()),
+        }
+        thread::sleep(Duration::from_millis(60));
+    }
+    let _ = server.join();
+    Ok(failed)
+}
+
+/// What `tcptrace ports` wrote to `ports_out` (its changing tables) and what `doctor` said,
+/// then what to notice in them.
+fn show_ports_and_doctor(ports_out: &Path, doctor: &Output, failed: u32) -> Result<()> {
     println!(
         "\n════ tcptrace ports (tables that repeat the one before left out) ════\n{}",
-        changing_tables(&std::fs::read_to_string(&ports_out)?)
+        changing_tables(&std::fs::read_to_string(ports_out)?)
     );
     println!(
         "════ tcptrace doctor (exit status {}) ════\n{}",
