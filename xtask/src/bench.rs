@@ -818,61 +818,41 @@ fn table_footer(rows: &[Row], floor: f64, tcpstates_cpu: Option<f64>) -> String 
 impl Row {
     /// The row's line in the table.
     fn table_line(&self) -> String {
-        let &Row {
-            v,
-            rate,
-            ratio,
-            cpu,
-            rss,
-            delivered,
-            expected,
-        } = self;
-        if v == Variant::Untraced {
+        let (name, rate) = (self.v.name(), self.rate);
+        if self.v == Variant::Untraced {
             format!(
-                "{:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
-                v.name(),
-                1.0,
-                "-",
-                "-",
-                "-"
+                "{name:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
+                1.0, "-", "-", "-"
             )
         } else {
             // Idle programs trace nothing: what they "delivered" is not a loss.
-            let tally = if v == Variant::Idle {
+            let tally = if self.v == Variant::Idle {
                 "-".to_string()
             } else {
-                format!("{delivered}/{expected}")
+                format!("{}/{}", self.delivered, self.expected)
             };
             format!(
-                "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {tally:>19}\n",
-                v.name(),
+                "{name:<24} {rate:>9.0} {:>6.2} {:>13.3} {:>6.1}MiB {tally:>19}\n",
+                self.ratio, self.cpu, self.rss
             )
         }
     }
 
     /// The row's figures in result.json (its targets' verdicts apart).
     fn json(&self, rounds: u64) -> serde_json::Value {
-        let &Row {
-            v,
-            rate,
-            ratio,
-            cpu,
-            rss,
-            delivered,
-            expected,
-        } = self;
+        let v = self.v;
         let mut o = json!({
-            "rate": rate, "ratio": ratio, "runs": rounds,
+            "rate": self.rate, "ratio": self.ratio, "runs": rounds,
         });
         if v != Variant::Untraced {
-            o["cpu_s_per_100k"] = json!(cpu);
-            o["peak_rss_mib"] = json!(rss);
+            o["cpu_s_per_100k"] = json!(self.cpu);
+            o["peak_rss_mib"] = json!(self.rss);
         }
         if v == Variant::Idle {
-            o["traced"] = json!(delivered);
+            o["traced"] = json!(self.delivered);
         } else if v != Variant::Untraced {
-            o["delivered"] = json!(delivered);
-            o["expected"] = json!(expected);
+            o["delivered"] = json!(self.delivered);
+            o["expected"] = json!(self.expected);
         }
         o
     }
@@ -1124,19 +1104,14 @@ impl Extras {
     /// Targets missed by start-up, memory and the scrape, said (the backfill's lead the
     /// comparison's list).
     fn misses(&self) -> Vec<String> {
-        let Extras {
-            startup_ms: startup,
-            memory_mib: memory,
-            scrape,
-            ..
-        } = self;
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
         let mut misses = Vec::new();
-        if *startup > STARTUP_MS_MAX {
+        if startup > STARTUP_MS_MAX {
             misses.push(format!(
                 "start to probes attached ≤ {STARTUP_MS_MAX:.0} ms ({startup:.0} ms)"
             ));
         }
-        if *memory > RSS_MIB_1M_SOCKETS_MAX {
+        if memory > RSS_MIB_1M_SOCKETS_MAX {
             misses.push(format!(
                 "peak RSS ≤ {RSS_MIB_1M_SOCKETS_MAX:.0} MiB at 1M sockets ({memory:.1} MiB)"
             ));
@@ -1153,12 +1128,7 @@ impl Extras {
 
     /// Prints a line for each, with its target's verdict (under the table).
     fn print(&self) {
-        let Extras {
-            startup_ms: startup,
-            memory_mib: memory,
-            scrape,
-            backfill,
-        } = self;
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
         println!(
             "GET /metrics with {HELD_OPEN} connections held open ({} followed in userspace; \
              median of {}): {:.2} ms, max {:.2} ms, {} bytes — target < \
@@ -1173,24 +1143,20 @@ impl Extras {
         println!(
             "start to probes attached (median of 5): {startup:.0} ms — target ≤ \
              {STARTUP_MS_MAX:.0} ms: {}",
-            verdict(*startup <= STARTUP_MS_MAX)
+            verdict(startup <= STARTUP_MS_MAX)
         );
         println!(
             "peak RSS following 1,000,000 open connections (replayed): {memory:.1} MiB — target \
              ≤ {RSS_MIB_1M_SOCKETS_MAX:.0} MiB: {}",
-            verdict(*memory <= RSS_MIB_1M_SOCKETS_MAX)
+            verdict(memory <= RSS_MIB_1M_SOCKETS_MAX)
         );
-        println!("{}", backfill.line());
+        println!("{}", self.backfill.line());
     }
 
     /// Adds their parts to result.json.
     fn insert_json(&self, results: &mut serde_json::Map<String, serde_json::Value>) {
-        let Extras {
-            startup_ms: startup,
-            memory_mib: memory,
-            scrape,
-            backfill,
-        } = self;
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
+        let backfill = &self.backfill;
         results.insert(
             "backfill".into(),
             json!({
