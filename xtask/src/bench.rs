@@ -344,6 +344,14 @@ impl Closer {
             Closer::Server => "server closes first",
         }
     }
+
+    /// Its part's name in result.json.
+    fn key(self) -> &'static str {
+        match self {
+            Closer::Client => "client_closes_first",
+            Closer::Server => "server_closes_first",
+        }
+    }
 }
 
 /// One storm: `conns` connections to `port` in `ns`; returns connections per second.
@@ -521,8 +529,125 @@ enum Running {
     Tcpstates(Reaped),
 }
 
+/// The command line of tcptrace for variant `v`, tracing `port` (none for the others).
+fn tcptrace_args(v: Variant, port: u16) -> Result<Vec<String>> {
+    let p = port.to_string();
+    Ok(match v {
+        Variant::Stream => vec!["--json".into(), "--port".into(), p],
+        Variant::Report => vec!["report".into(), "--port".into(), p],
+        Variant::Hist => vec!["hist".into(), "--port".into(), p],
+        Variant::Idle => vec!["report".into(), "--port".into(), p, "--idle-probes".into()],
+        Variant::Timewait => vec![
+            "timewait".into(),
+            "--port".into(),
+            p,
+            "--interval".into(),
+            "1h".into(),
+        ],
+        Variant::Serve => vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", crate::demo::free_port()?),
+            "--port".into(),
+            p,
+        ],
+        _ => vec![],
+    })
+}
+
+impl Running {
+    /// Starts the tracer of `v` on `port`, its output to `out` (none when untraced).
+    fn start(v: Variant, bin: &Path, port: u16, out: &Path) -> Result<Running> {
+        let args = tcptrace_args(v, port)?;
+        Ok(match v {
+            Variant::Untraced => Running::None,
+            Variant::Tcpstates => {
+                let child = Command::new("tcpstates")
+                    .stdout(File::create(out)?)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start tcpstates")?;
+                // It says nothing when attached; it loads in well under a second.
+                thread::sleep(Duration::from_millis(1500));
+                Running::Tcpstates(Reaped(Some(child)))
+            }
+            _ => Running::Tcptrace(Tracer::start(bin, &args, out)?),
+        })
+    }
+
+    /// The tracer's process id, when there is one.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::None => None,
+            Running::Tcptrace(t) => t.pid(),
+            Running::Tcpstates(r) => r.0.as_ref().map(Child::id),
+        }
+    }
+
+    /// Stops the tracer of `v`; returns (transitions delivered, transitions it said it lost).
+    /// Untraced, every one of the `expected` counts as delivered.
+    fn stop(self, v: Variant, out: &Path, port: u16, expected: u64) -> Result<(u64, u64)> {
+        Ok(match self {
+            Running::None => (expected, 0),
+            Running::Tcptrace(mut t) => {
+                t.stop()?;
+                delivered_by_tcptrace(&t, v, out)?
+            }
+            Running::Tcpstates(r) => (delivered_by_tcpstates(r, out, port)?, 0),
+        })
+    }
+}
+
+/// (transitions delivered, transitions lost) by a stopped tcptrace of variant `v`: the
+/// stream's lines in `out`, else what its closing summary says.
+fn delivered_by_tcptrace(t: &Tracer, v: Variant, out: &Path) -> Result<(u64, u64)> {
+    let said = t.said().join("\n");
+    let lost = number_before(&said, " lost").unwrap_or(0);
+    if v == Variant::Idle {
+        let n = number_before(&said, " transitions").unwrap_or(0);
+        if n != 0 {
+            bail!("idle probes traced {n} transitions: the idle switch is broken");
+        }
+    }
+    let delivered = if v == Variant::Stream {
+        let text = std::fs::read_to_string(out)?;
+        text.lines()
+            .filter(|l| l.contains(r#""kind":"transition""#))
+            .count() as u64
+    } else {
+        let transitions = number_before(&said, " transitions").with_context(|| {
+            format!("tcptrace did not say how many transitions it read: {said}")
+        })?;
+        // A connection record stands for the five transitions of a storm
+        // connection's side. serve also reads each connect's first transition
+        // (one per connection: its client side's record holds it too).
+        let records = number_before(&said, " connection records").unwrap_or(0);
+        let connects = if v == Variant::Serve { records / 2 } else { 0 };
+        transitions.saturating_sub(connects) + 5 * records
+    };
+    Ok((delivered, lost))
+}
+
+/// Stops tcpstates; the transitions on `port` it wrote to `out`.
+fn delivered_by_tcpstates(mut r: Reaped, out: &Path, port: u16) -> Result<u64> {
+    if let Some(c) = &r.0 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    }
+    r.wait(Duration::from_secs(10))?;
+    // SKADDR C-PID C-COMM LADDR LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS
+    let text = std::fs::read_to_string(out)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 7 && (f[4] == port.to_string() || f[6] == port.to_string())
+        })
+        .count() as u64)
+}
+
 /// The number in `text` just before `word` (e.g. "200002 transitions").
-fn number_before(text: &str, word: &str) -> Option<u64> {
+pub(crate) fn number_before(text: &str, word: &str) -> Option<u64> {
     let i = text.find(word)?;
     text[..i].split_whitespace().last()?.parse().ok()
 }
@@ -541,47 +666,8 @@ impl Bench<'_> {
         let port = self.port;
         let ns = Netns::new()?;
         let out = self.dir.join(format!("{}-{}.out", v.key(), port));
-        let p = port.to_string();
-        let args: Vec<String> = match v {
-            Variant::Stream => vec!["--json".into(), "--port".into(), p],
-            Variant::Report => vec!["report".into(), "--port".into(), p],
-            Variant::Hist => vec!["hist".into(), "--port".into(), p],
-            Variant::Idle => vec!["report".into(), "--port".into(), p, "--idle-probes".into()],
-            Variant::Timewait => vec![
-                "timewait".into(),
-                "--port".into(),
-                p,
-                "--interval".into(),
-                "1h".into(),
-            ],
-            Variant::Serve => vec![
-                "serve".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{}", crate::demo::free_port()?),
-                "--port".into(),
-                p,
-            ],
-            _ => vec![],
-        };
-        let running = match v {
-            Variant::Untraced => Running::None,
-            Variant::Tcpstates => {
-                let child = Command::new("tcpstates")
-                    .stdout(File::create(&out)?)
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("cannot start tcpstates")?;
-                // It says nothing when attached; it loads in well under a second.
-                thread::sleep(Duration::from_millis(1500));
-                Running::Tcpstates(Reaped(Some(child)))
-            }
-            _ => Running::Tcptrace(Tracer::start(self.bin, &args, &out)?),
-        };
-        let pid = match &running {
-            Running::None => None,
-            Running::Tcptrace(t) => t.pid(),
-            Running::Tcpstates(r) => r.0.as_ref().map(Child::id),
-        };
+        let running = Running::start(v, self.bin, port, &out)?;
+        let pid = running.pid();
         let cpu0 = pid.map(cpu_seconds).transpose()?.unwrap_or(0.0);
         let rate = storm(&ns, port, self.a.connections, self.a.workers, closer)?;
         // Let the tracer drain what the storm left in its buffers.
@@ -590,52 +676,7 @@ impl Bench<'_> {
         let rss_mib = pid.map(|p| mem_mib(p, "VmHWM")).transpose()?.unwrap_or(0.0);
         // Ten transitions per connection, plus the listener's two.
         let expected = 10 * self.a.connections + 2;
-        let mut lost = 0;
-        let delivered = match running {
-            Running::None => expected,
-            Running::Tcptrace(mut t) => {
-                t.stop()?;
-                let said = t.said().join("\n");
-                lost = number_before(&said, " lost").unwrap_or(0);
-                if v == Variant::Idle {
-                    let n = number_before(&said, " transitions").unwrap_or(0);
-                    if n != 0 {
-                        bail!("idle probes traced {n} transitions: the idle switch is broken");
-                    }
-                }
-                if v == Variant::Stream {
-                    let text = std::fs::read_to_string(&out)?;
-                    text.lines()
-                        .filter(|l| l.contains(r#""kind":"transition""#))
-                        .count() as u64
-                } else {
-                    let transitions = number_before(&said, " transitions").with_context(|| {
-                        format!("tcptrace did not say how many transitions it read: {said}")
-                    })?;
-                    // A connection record stands for the five transitions of a storm
-                    // connection's side. serve also reads each connect's first transition
-                    // (one per connection: its client side's record holds it too).
-                    let records = number_before(&said, " connection records").unwrap_or(0);
-                    let connects = if v == Variant::Serve { records / 2 } else { 0 };
-                    transitions.saturating_sub(connects) + 5 * records
-                }
-            }
-            Running::Tcpstates(mut r) => {
-                if let Some(c) = &r.0 {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-                }
-                r.wait(Duration::from_secs(10))?;
-                // SKADDR C-PID C-COMM LADDR LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS
-                let text = std::fs::read_to_string(&out)?;
-                text.lines()
-                    .filter(|l| {
-                        let f: Vec<&str> = l.split_whitespace().collect();
-                        f.len() >= 7 && (f[4] == port.to_string() || f[6] == port.to_string())
-                    })
-                    .count() as u64
-            }
-        };
+        let (delivered, lost) = running.stop(v, &out, port, expected)?;
         let _ = std::fs::remove_file(&out);
         drop(ns);
         // The namespace's teardown (its TIME_WAIT sockets) runs in the background.
@@ -690,6 +731,287 @@ pub fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
+/// A variant's figures over the rounds of one close order.
+struct Row {
+    v: Variant,
+    /// Connections per second, median.
+    rate: f64,
+    /// `rate` over the untraced storm's.
+    ratio: f64,
+    /// CPU seconds per 100k expected transitions, median.
+    cpu: f64,
+    /// Peak RSS in MiB, the highest of the rounds.
+    rss: f64,
+    /// Transitions delivered, all rounds.
+    delivered: u64,
+    /// Transitions expected, all rounds.
+    expected: u64,
+}
+
+/// Each variant's row from its samples (`samples[0]`, the untraced storms', is the base).
+fn rows(variants: &[Variant], samples: &[Vec<Sample>]) -> Vec<Row> {
+    let base = median(&samples[0].iter().map(|s| s.rate).collect::<Vec<_>>());
+    variants
+        .iter()
+        .zip(samples)
+        .map(|(&v, s)| {
+            let rate = median(&s.iter().map(|s| s.rate).collect::<Vec<_>>());
+            let cpu = median(
+                &s.iter()
+                    .map(|s| s.cpu_s / s.expected as f64 * 1e5)
+                    .collect::<Vec<_>>(),
+            );
+            let rss = s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+            let delivered: u64 = s.iter().map(|s| s.delivered).sum();
+            let expected: u64 = s.iter().map(|s| s.expected).sum();
+            Row {
+                v,
+                rate,
+                ratio: rate / base,
+                cpu,
+                rss,
+                delivered,
+                expected,
+            }
+        })
+        .collect()
+}
+
+/// The title and column heads of a close order's table.
+fn table_header(closer: Closer, a: &Args) -> String {
+    format!(
+        "\n{} — {} connections × {} rounds, {} client processes, loopback\n\
+         {:<24} {:>9} {:>6} {:>13} {:>9} {:>19}\n",
+        closer.name(),
+        a.connections,
+        a.rounds,
+        a.workers,
+        "variant",
+        "conn/s",
+        "ratio",
+        "CPU s/100k tr",
+        "peak RSS",
+        "delivered/expected"
+    )
+}
+
+/// The lines under a close order's table: what attaching alone costs, and how much less CPU
+/// the stream takes than tcpstates (when it ran).
+fn table_footer(rows: &[Row], floor: f64, tcpstates_cpu: Option<f64>) -> String {
+    let mut footer = format!(
+        "probes attached with idle programs run the storm at {floor:.2}× untraced: what \
+         attaching alone costs, above every tcptrace row but for noise\n"
+    );
+    if let Some(t) = tcpstates_cpu {
+        let stream = rows
+            .iter()
+            .find(|r| r.v == Variant::Stream)
+            .map_or(f64::NAN, |r| r.cpu);
+        footer.push_str(&format!(
+            "tcptrace --json costs {:.1}× less CPU per transition than tcpstates\n",
+            t / stream
+        ));
+    }
+    footer
+}
+
+impl Row {
+    /// The row's line in the table.
+    fn table_line(&self) -> String {
+        let (name, rate) = (self.v.name(), self.rate);
+        if self.v == Variant::Untraced {
+            format!(
+                "{name:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
+                1.0, "-", "-", "-"
+            )
+        } else {
+            // Idle programs trace nothing: what they "delivered" is not a loss.
+            let tally = if self.v == Variant::Idle {
+                "-".to_string()
+            } else {
+                format!("{}/{}", self.delivered, self.expected)
+            };
+            format!(
+                "{name:<24} {rate:>9.0} {:>6.2} {:>13.3} {:>6.1}MiB {tally:>19}\n",
+                self.ratio, self.cpu, self.rss
+            )
+        }
+    }
+
+    /// The row's figures in result.json (its targets' verdicts apart).
+    fn json(&self, rounds: u64) -> serde_json::Value {
+        let v = self.v;
+        let mut o = json!({
+            "rate": self.rate, "ratio": self.ratio, "runs": rounds,
+        });
+        if v != Variant::Untraced {
+            o["cpu_s_per_100k"] = json!(self.cpu);
+            o["peak_rss_mib"] = json!(self.rss);
+        }
+        if v == Variant::Idle {
+            o["traced"] = json!(self.delivered);
+        } else if v != Variant::Untraced {
+            o["delivered"] = json!(self.delivered);
+            o["expected"] = json!(self.expected);
+        }
+        o
+    }
+
+    /// Judges the row against its variant's targets, when it has some: their verdicts for
+    /// result.json, each one missed added to `misses`. `floor` is the idle probes' ratio.
+    fn targets(
+        &self,
+        closer: Closer,
+        floor: f64,
+        tcpstates_cpu: Option<f64>,
+        misses: &mut Vec<String>,
+    ) -> Option<serde_json::Value> {
+        let &Row {
+            v,
+            ratio,
+            cpu,
+            delivered,
+            expected,
+            ..
+        } = self;
+        let (min_ratio, max_cpu) = v.targets()?;
+        let lossless = v != Variant::Stream || delivered == expected;
+        let cheaper = tcpstates_cpu.map(|t| t / cpu);
+        let targets = json!({
+            "ratio": {
+                "min": min_ratio,
+                "met": ratio >= min_ratio,
+                "idle_probes_ratio": floor,
+            },
+            "cpu": {"max": max_cpu, "met": cpu <= max_cpu},
+            "lossless": lossless,
+            "times_cheaper_than_tcpstates": cheaper,
+        });
+        for (what, ok) in [
+            (
+                format!(
+                    "rate ≥ {min_ratio}× untraced ({ratio:.2}; probes attached, idle: \
+                     {floor:.2})"
+                ),
+                ratio >= min_ratio,
+            ),
+            (format!("CPU ≤ {max_cpu} s/100k ({cpu:.3})"), cpu <= max_cpu),
+            (
+                format!("no loss ({delivered}/{expected})"),
+                v != Variant::Stream || lossless,
+            ),
+        ] {
+            if !ok {
+                misses.push(format!("{}, {}: {what}", closer.name(), v.name()));
+            }
+        }
+        if v == Variant::Stream
+            && let Some(c) = cheaper
+            && c < 4.0
+        {
+            misses.push(format!(
+                "{}, {}: ≥ 4× cheaper than tcpstates ({c:.1}×)",
+                closer.name(),
+                v.name()
+            ));
+        }
+        Some(targets)
+    }
+}
+
+impl Bench<'_> {
+    /// Every round of `closer`'s storms, each running every variant once, in an order that
+    /// alternates between rounds; prints a line a round. The samples, by variant.
+    fn rounds(&mut self, variants: &[Variant], closer: Closer) -> Result<Vec<Vec<Sample>>> {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
+        for round in 0..self.a.rounds {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut line = format!("{}, round {}:", closer.name(), round + 1);
+            for i in order {
+                let s = self.sample(variants[i], closer)?;
+                line.push_str(&format!(" {} {:.0}/s", variants[i].key(), s.rate));
+                // Idle programs catch nothing: the kernel's skips of them are not losses.
+                if s.lost > 0 && variants[i] != Variant::Idle {
+                    line.push_str(&format!(" ({} lost)", s.lost));
+                }
+                samples[i].push(s);
+            }
+            println!("{line}");
+        }
+        Ok(samples)
+    }
+
+    /// The comparison for one close order: its rounds, then its part of the table (added to
+    /// `table`) and each target missed (added to `misses`); returns its part of result.json.
+    fn compare(
+        &mut self,
+        variants: &[Variant],
+        closer: Closer,
+        table: &mut String,
+        misses: &mut Vec<String>,
+    ) -> Result<serde_json::Value> {
+        let samples = self.rounds(variants, closer)?;
+        table.push_str(&table_header(closer, self.a));
+        let rows = rows(variants, &samples);
+        let tcpstates_cpu = rows
+            .iter()
+            .find(|r| r.v == Variant::Tcpstates)
+            .map(|r| r.cpu);
+        // What attaching alone costs: no view of tcptrace can run the storm faster.
+        let floor = rows
+            .iter()
+            .find(|r| r.v == Variant::Idle)
+            .map_or(f64::NAN, |r| r.ratio);
+        let mut per_closer = serde_json::Map::new();
+        for row in &rows {
+            table.push_str(&row.table_line());
+            let mut o = row.json(self.a.rounds);
+            if let Some(targets) = row.targets(closer, floor, tcpstates_cpu, misses) {
+                o["targets"] = targets;
+            }
+            per_closer.insert(row.v.key().into(), o);
+        }
+        table.push_str(&table_footer(&rows, floor, tcpstates_cpu));
+        Ok(serde_json::Value::Object(per_closer))
+    }
+}
+
+/// The variants compared: untraced, tcptrace's, and tcpstates unless left out or missing.
+fn variants_compared(a: &Args) -> Vec<Variant> {
+    let mut variants = vec![
+        Variant::Untraced,
+        Variant::Idle,
+        Variant::Stream,
+        Variant::Report,
+        Variant::Hist,
+        Variant::Timewait,
+        Variant::Serve,
+    ];
+    if !a.no_tcpstates {
+        if tcpstates_ready() {
+            variants.push(Variant::Tcpstates);
+        } else {
+            println!("tcpstates is not available: it is left out (see above)");
+        }
+    }
+    variants
+}
+
+/// The last word: every target met, or those missed.
+fn print_misses(misses: &[String]) {
+    if misses.is_empty() {
+        println!("\nevery target met");
+    } else {
+        println!("\ntargets MISSED:");
+        for m in misses {
+            println!("  - {m}");
+        }
+    }
+}
+
 /// The comparison.
 pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if !crate::is_root() {
@@ -711,295 +1033,32 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if a.kernel_cost {
         return kernel_cost_only(bin, a, &dir);
     }
-    let mut variants = vec![
-        Variant::Untraced,
-        Variant::Idle,
-        Variant::Stream,
-        Variant::Report,
-        Variant::Hist,
-        Variant::Timewait,
-        Variant::Serve,
-    ];
-    if !a.no_tcpstates {
-        if tcpstates_ready() {
-            variants.push(Variant::Tcpstates);
-        } else {
-            println!("tcpstates is not available: it is left out (see above)");
-        }
-    }
+    let variants = variants_compared(a);
     let mut b = Bench {
         bin,
         a,
         dir: dir.clone(),
         port: 20_000,
     };
-    let startup = startup_ms(bin, &dir)?;
-    let memory = memory_1m(bin, &dir)?;
-    let scrape = scrape_ms(bin, &dir)?;
-    let backfill = crate::backfill::measure(bin, &dir, a.backfill_sockets)?;
+    let extras = Extras::measure(bin, &dir, a.backfill_sockets)?;
     let mut results = serde_json::Map::new();
     let mut table = String::new();
-    let mut misses = backfill.misses();
+    let mut misses = extras.backfill.misses();
     for closer in [Closer::Client, Closer::Server] {
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
-        for round in 0..a.rounds {
-            let mut order: Vec<usize> = (0..variants.len()).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            let mut line = format!("{}, round {}:", closer.name(), round + 1);
-            for i in order {
-                let s = b.sample(variants[i], closer)?;
-                line.push_str(&format!(" {} {:.0}/s", variants[i].key(), s.rate));
-                // Idle programs catch nothing: the kernel's skips of them are not losses.
-                if s.lost > 0 && variants[i] != Variant::Idle {
-                    line.push_str(&format!(" ({} lost)", s.lost));
-                }
-                samples[i].push(s);
-            }
-            println!("{line}");
-        }
-        let base = median(&samples[0].iter().map(|s| s.rate).collect::<Vec<_>>());
-        table.push_str(&format!(
-            "\n{} — {} connections × {} rounds, {} client processes, loopback\n\
-             {:<24} {:>9} {:>6} {:>13} {:>9} {:>19}\n",
-            closer.name(),
-            a.connections,
-            a.rounds,
-            a.workers,
-            "variant",
-            "conn/s",
-            "ratio",
-            "CPU s/100k tr",
-            "peak RSS",
-            "delivered/expected"
-        ));
-        let mut per_closer = serde_json::Map::new();
-        let mut tcpstates_cpu = None;
-        let mut rows = Vec::new();
-        for (i, v) in variants.iter().enumerate() {
-            let s = &samples[i];
-            let rate = median(&s.iter().map(|s| s.rate).collect::<Vec<_>>());
-            let cpu = median(
-                &s.iter()
-                    .map(|s| s.cpu_s / s.expected as f64 * 1e5)
-                    .collect::<Vec<_>>(),
-            );
-            let rss = s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
-            let delivered: u64 = s.iter().map(|s| s.delivered).sum();
-            let expected: u64 = s.iter().map(|s| s.expected).sum();
-            if *v == Variant::Tcpstates {
-                tcpstates_cpu = Some(cpu);
-            }
-            rows.push((*v, rate, rate / base, cpu, rss, delivered, expected));
-        }
-        // What attaching alone costs: no view of tcptrace can run the storm faster.
-        let floor = rows
-            .iter()
-            .find(|r| r.0 == Variant::Idle)
-            .map_or(f64::NAN, |r| r.2);
-        for &(v, rate, ratio, cpu, rss, delivered, expected) in &rows {
-            if v == Variant::Untraced {
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {:>6.2} {:>13} {:>9} {:>19}\n",
-                    v.name(),
-                    1.0,
-                    "-",
-                    "-",
-                    "-"
-                ));
-            } else {
-                // Idle programs trace nothing: what they "delivered" is not a loss.
-                let tally = if v == Variant::Idle {
-                    "-".to_string()
-                } else {
-                    format!("{delivered}/{expected}")
-                };
-                table.push_str(&format!(
-                    "{:<24} {rate:>9.0} {ratio:>6.2} {cpu:>13.3} {rss:>6.1}MiB {tally:>19}\n",
-                    v.name(),
-                ));
-            }
-            let mut o = json!({
-                "rate": rate, "ratio": ratio, "runs": a.rounds,
-            });
-            if v != Variant::Untraced {
-                o["cpu_s_per_100k"] = json!(cpu);
-                o["peak_rss_mib"] = json!(rss);
-            }
-            if v == Variant::Idle {
-                o["traced"] = json!(delivered);
-            } else if v != Variant::Untraced {
-                o["delivered"] = json!(delivered);
-                o["expected"] = json!(expected);
-            }
-            if let Some((min_ratio, max_cpu)) = v.targets() {
-                let lossless = v != Variant::Stream || delivered == expected;
-                let cheaper = tcpstates_cpu.map(|t| t / cpu);
-                o["targets"] = json!({
-                    "ratio": {
-                        "min": min_ratio,
-                        "met": ratio >= min_ratio,
-                        "idle_probes_ratio": floor,
-                    },
-                    "cpu": {"max": max_cpu, "met": cpu <= max_cpu},
-                    "lossless": lossless,
-                    "times_cheaper_than_tcpstates": cheaper,
-                });
-                for (what, ok) in [
-                    (
-                        format!(
-                            "rate ≥ {min_ratio}× untraced ({ratio:.2}; probes attached, idle: \
-                             {floor:.2})"
-                        ),
-                        ratio >= min_ratio,
-                    ),
-                    (format!("CPU ≤ {max_cpu} s/100k ({cpu:.3})"), cpu <= max_cpu),
-                    (
-                        format!("no loss ({delivered}/{expected})"),
-                        v != Variant::Stream || lossless,
-                    ),
-                ] {
-                    if !ok {
-                        misses.push(format!("{}, {}: {what}", closer.name(), v.name()));
-                    }
-                }
-                if v == Variant::Stream
-                    && let Some(c) = cheaper
-                    && c < 4.0
-                {
-                    misses.push(format!(
-                        "{}, {}: ≥ 4× cheaper than tcpstates ({c:.1}×)",
-                        closer.name(),
-                        v.name()
-                    ));
-                }
-            }
-            per_closer.insert(v.key().into(), o);
-        }
-        table.push_str(&format!(
-            "probes attached with idle programs run the storm at {floor:.2}× untraced: what \
-             attaching alone costs, above every tcptrace row but for noise\n"
-        ));
-        if let Some(t) = tcpstates_cpu {
-            let stream = rows
-                .iter()
-                .find(|r| r.0 == Variant::Stream)
-                .map_or(f64::NAN, |r| r.3);
-            table.push_str(&format!(
-                "tcptrace --json costs {:.1}× less CPU per transition than tcpstates\n",
-                t / stream
-            ));
-        }
-        results.insert(
-            match closer {
-                Closer::Client => "client_closes_first".into(),
-                Closer::Server => "server_closes_first".into(),
-            },
-            serde_json::Value::Object(per_closer),
-        );
+        let per_closer = b.compare(&variants, closer, &mut table, &mut misses)?;
+        results.insert(closer.key().into(), per_closer);
     }
     let cost = kernel_cost(&mut b)?;
-    table.push_str(&format!(
-        "\nkernel time, one client-closes-first storm of {} connections under tcptrace report \
-         (bpf_stats)\n{:<24} {:>10} {:>10}\n",
-        a.connections, "program", "runs", "ns/run"
-    ));
-    for (name, runs, ns) in &cost.programs {
-        table.push_str(&format!("{name:<24} {runs:>10} {ns:>10.0}\n"));
-    }
-    table.push_str(&format!(
-        "all programs: {:.2} µs per connection — target ≤ {:.0} µs: {}; transition program \
-         {:.0} ns per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns: {}\n",
-        cost.ns_per_connection / 1e3,
-        KERNEL_NS_PER_CONNECTION_MAX / 1e3,
-        verdict(cost.ns_per_connection <= KERNEL_NS_PER_CONNECTION_MAX),
-        cost.transition_ns_per_run,
-        verdict(cost.transition_ns_per_run <= TRANSITION_NS_PER_RUN_MAX),
-    ));
-    if cost.ns_per_connection > KERNEL_NS_PER_CONNECTION_MAX {
-        misses.push(format!(
-            "kernel time ≤ {:.0} µs per connection ({:.2} µs)",
-            KERNEL_NS_PER_CONNECTION_MAX / 1e3,
-            cost.ns_per_connection / 1e3
-        ));
-    }
-    if cost.transition_ns_per_run.is_nan() || cost.transition_ns_per_run > TRANSITION_NS_PER_RUN_MAX
-    {
-        misses.push(format!(
-            "transition program ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns per run ({:.0} ns)",
-            cost.transition_ns_per_run
-        ));
-    }
-    results.insert(
-        "kernel_cost".into(),
-        json!({
-            "ns_per_connection": cost.ns_per_connection,
-            "transition_ns_per_run": cost.transition_ns_per_run,
-            "programs": cost.programs.iter().map(|(n, r, ns)| {
-                json!({"name": n, "runs": r, "ns_per_run": ns})
-            }).collect::<Vec<_>>(),
-        }),
-    );
-    if startup > 300.0 {
-        misses.push(format!(
-            "start to probes attached ≤ 300 ms ({startup:.0} ms)"
-        ));
-    }
-    if memory > 64.0 {
-        misses.push(format!("peak RSS ≤ 64 MiB at 1M sockets ({memory:.1} MiB)"));
-    }
-    if scrape.median_ms >= 50.0 {
-        misses.push(format!(
-            "/metrics in < 50 ms with 10k sockets held open ({:.1} ms)",
-            scrape.median_ms
-        ));
-    }
+    table.push_str(&cost.table(a.connections));
+    misses.extend(cost.misses());
+    results.insert("kernel_cost".into(), cost.json());
+    misses.extend(extras.misses());
     println!("{table}");
-    println!(
-        "GET /metrics with {HELD_OPEN} connections held open ({} followed in userspace; median \
-         of {}): {:.2} ms, max {:.2} ms, {} bytes — target < 50 ms: {}",
-        scrape.tracked,
-        scrape.samples,
-        scrape.median_ms,
-        scrape.max_ms,
-        scrape.bytes,
-        verdict(scrape.median_ms < 50.0)
-    );
-    println!(
-        "start to probes attached (median of 5): {startup:.0} ms — target ≤ 300 ms: {}",
-        verdict(startup <= 300.0)
-    );
-    println!(
-        "peak RSS following 1,000,000 open connections (replayed): {memory:.1} MiB — target ≤ \
-         64 MiB: {}",
-        verdict(memory <= 64.0)
-    );
-    println!("{}", backfill.line());
-    results.insert(
-        "backfill".into(),
-        json!({
-            "sockets": backfill.sockets,
-            "ms": backfill.ms(),
-            "peak_rss_mib": {"without": backfill.peak_mib.0, "with": backfill.peak_mib.1},
-            "start_ms": {"without": backfill.start_ms.0, "with": backfill.start_ms.1},
-        }),
-    );
+    extras.print();
+    extras.insert_json(&mut results);
     results.insert("connections".into(), json!(a.connections));
     results.insert("workers".into(), json!(a.workers));
     results.insert("rounds".into(), json!(a.rounds));
-    results.insert("startup_ms".into(), json!(startup));
-    results.insert("peak_rss_mib_1m_sockets".into(), json!(memory));
-    results.insert(
-        "metrics_scrape".into(),
-        json!({
-            "tracked_sockets": scrape.tracked,
-            "samples": scrape.samples,
-            "median_ms": scrape.median_ms,
-            "max_ms": scrape.max_ms,
-            "bytes": scrape.bytes,
-        }),
-    );
     results.insert("missed".into(), json!(misses));
     if a.profile {
         results.insert("profile".into(), json!(profile(&mut b)?));
@@ -1009,16 +1068,117 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
         &path,
         serde_json::to_string_pretty(&serde_json::Value::Object(results))? + "\n",
     )?;
-    if misses.is_empty() {
-        println!("\nevery target met");
-    } else {
-        println!("\ntargets MISSED:");
-        for m in &misses {
-            println!("  - {m}");
-        }
-    }
+    print_misses(&misses);
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// Target: from spawning tcptrace to its probes attached, median.
+const STARTUP_MS_MAX: f64 = 300.0;
+/// Target: peak RSS following 1M open connections.
+const RSS_MIB_1M_SOCKETS_MAX: f64 = 64.0;
+/// Target: `GET /metrics` with [`HELD_OPEN`] connections held open, median, in less than this.
+const METRICS_SCRAPE_MS_MAX: f64 = 50.0;
+
+/// What is measured once, beside the comparison's rounds: its extra rows.
+struct Extras {
+    /// From spawning tcptrace to its probes attached, median.
+    startup_ms: f64,
+    /// Peak RSS following 1M open connections.
+    memory_mib: f64,
+    scrape: Scrape,
+    backfill: crate::backfill::Cost,
+}
+
+impl Extras {
+    /// Start-up, memory at 1M sockets, the scrape and the backfill, in that order.
+    fn measure(bin: &Path, dir: &Path, backfill_sockets: u64) -> Result<Extras> {
+        Ok(Extras {
+            startup_ms: startup_ms(bin, dir)?,
+            memory_mib: memory_1m(bin, dir)?,
+            scrape: scrape_ms(bin, dir)?,
+            backfill: crate::backfill::measure(bin, dir, backfill_sockets)?,
+        })
+    }
+
+    /// Targets missed by start-up, memory and the scrape, said (the backfill's lead the
+    /// comparison's list).
+    fn misses(&self) -> Vec<String> {
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
+        let mut misses = Vec::new();
+        if startup > STARTUP_MS_MAX {
+            misses.push(format!(
+                "start to probes attached ≤ {STARTUP_MS_MAX:.0} ms ({startup:.0} ms)"
+            ));
+        }
+        if memory > RSS_MIB_1M_SOCKETS_MAX {
+            misses.push(format!(
+                "peak RSS ≤ {RSS_MIB_1M_SOCKETS_MAX:.0} MiB at 1M sockets ({memory:.1} MiB)"
+            ));
+        }
+        if scrape.median_ms >= METRICS_SCRAPE_MS_MAX {
+            misses.push(format!(
+                "/metrics in < {METRICS_SCRAPE_MS_MAX:.0} ms with 10k sockets held open \
+                 ({:.1} ms)",
+                scrape.median_ms
+            ));
+        }
+        misses
+    }
+
+    /// Prints a line for each, with its target's verdict (under the table).
+    fn print(&self) {
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
+        println!(
+            "GET /metrics with {HELD_OPEN} connections held open ({} followed in userspace; \
+             median of {}): {:.2} ms, max {:.2} ms, {} bytes — target < \
+             {METRICS_SCRAPE_MS_MAX:.0} ms: {}",
+            scrape.tracked,
+            scrape.samples,
+            scrape.median_ms,
+            scrape.max_ms,
+            scrape.bytes,
+            verdict(scrape.median_ms < METRICS_SCRAPE_MS_MAX)
+        );
+        println!(
+            "start to probes attached (median of 5): {startup:.0} ms — target ≤ \
+             {STARTUP_MS_MAX:.0} ms: {}",
+            verdict(startup <= STARTUP_MS_MAX)
+        );
+        println!(
+            "peak RSS following 1,000,000 open connections (replayed): {memory:.1} MiB — target \
+             ≤ {RSS_MIB_1M_SOCKETS_MAX:.0} MiB: {}",
+            verdict(memory <= RSS_MIB_1M_SOCKETS_MAX)
+        );
+        println!("{}", self.backfill.line());
+    }
+
+    /// Adds their parts to result.json.
+    fn insert_json(&self, results: &mut serde_json::Map<String, serde_json::Value>) {
+        let (startup, memory, scrape) = (self.startup_ms, self.memory_mib, &self.scrape);
+        let backfill = &self.backfill;
+        results.insert(
+            "backfill".into(),
+            json!({
+                "sockets": backfill.sockets,
+                "ms": backfill.ms(),
+                "peak_rss_mib": {"without": backfill.peak_mib.0, "with": backfill.peak_mib.1},
+                "start_ms": {"without": backfill.start_ms.0, "with": backfill.start_ms.1},
+            }),
+        );
+        results.insert("startup_ms".into(), json!(startup));
+        results.insert("peak_rss_mib_1m_sockets".into(), json!(memory));
+        results.insert(
+            "metrics_scrape".into(),
+            json!({
+                "tracked_sockets": scrape.tracked,
+                "samples": scrape.samples,
+                "median_ms": scrape.median_ms,
+                "max_ms": scrape.max_ms,
+                "bytes": scrape.bytes,
+            }),
+        );
+    }
 }
 
 /// How long `GET /metrics` takes.
@@ -1263,6 +1423,7 @@ fn kernel_cost_only(bin: &Path, a: &Args, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What tcptrace's kernel programs cost during one storm, as the kernel measures it.
 struct KernelCost {
     /// Per program: (name, runs, nanoseconds per run).
     programs: Vec<(String, u64, f64)>,
@@ -1270,6 +1431,62 @@ struct KernelCost {
     ns_per_connection: f64,
     /// Nanoseconds per run of the transition program.
     transition_ns_per_run: f64,
+}
+
+impl KernelCost {
+    /// Its part of the comparison's table: a row a program, then the targets' verdicts.
+    fn table(&self, connections: u64) -> String {
+        let mut table = format!(
+            "\nkernel time, one client-closes-first storm of {} connections under tcptrace \
+             report (bpf_stats)\n{:<24} {:>10} {:>10}\n",
+            connections, "program", "runs", "ns/run"
+        );
+        for (name, runs, ns) in &self.programs {
+            table.push_str(&format!("{name:<24} {runs:>10} {ns:>10.0}\n"));
+        }
+        table.push_str(&format!(
+            "all programs: {:.2} µs per connection — target ≤ {:.0} µs: {}; transition program \
+             {:.0} ns per run — target ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns: {}\n",
+            self.ns_per_connection / 1e3,
+            KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+            verdict(self.ns_per_connection <= KERNEL_NS_PER_CONNECTION_MAX),
+            self.transition_ns_per_run,
+            verdict(self.transition_ns_per_run <= TRANSITION_NS_PER_RUN_MAX),
+        ));
+        table
+    }
+
+    /// Targets missed, said.
+    fn misses(&self) -> Vec<String> {
+        let mut misses = Vec::new();
+        if self.ns_per_connection > KERNEL_NS_PER_CONNECTION_MAX {
+            misses.push(format!(
+                "kernel time ≤ {:.0} µs per connection ({:.2} µs)",
+                KERNEL_NS_PER_CONNECTION_MAX / 1e3,
+                self.ns_per_connection / 1e3
+            ));
+        }
+        if self.transition_ns_per_run.is_nan()
+            || self.transition_ns_per_run > TRANSITION_NS_PER_RUN_MAX
+        {
+            misses.push(format!(
+                "transition program ≤ {TRANSITION_NS_PER_RUN_MAX:.0} ns per run ({:.0} ns)",
+                self.transition_ns_per_run
+            ));
+        }
+        misses
+    }
+
+    /// Its part of result.json.
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "ns_per_connection": self.ns_per_connection,
+            "transition_ns_per_run": self.transition_ns_per_run,
+            "programs": self.programs.iter().map(|(n, r, ns)| {
+                json!({"name": n, "runs": r, "ns_per_run": ns})
+            }).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Target: kernel time per connection for the aggregating views.

@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Output, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -195,6 +195,8 @@ pub fn demo(bin: &Path) -> Result<()> {
     result
 }
 
+/// Scenes 1 to 4 on loopback under one tracer, what it saw, the other views of the same
+/// events, then scene 5.
 fn tour(bin: &Path, dir: &Path) -> Result<()> {
     let [a, b, c, d] = [free_port()?, free_port()?, free_port()?, free_port()?];
     let out = dir.join("stream.txt");
@@ -215,12 +217,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
         "Three clients connect, send \"ping\", read \"pong\" and close. The side that closes\n\
          first goes through FIN_WAIT1 and FIN_WAIT2 into TIME_WAIT: here, the clients.",
     );
-    let srv = serve(a, 3, false)?;
-    for _ in 0..3 {
-        client(a, true)?;
-    }
-    srv.join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    ping_pongs(a, false)?;
 
     scene(
         2,
@@ -228,12 +225,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
         "Now the server closes right after answering. The server holds the TIME_WAIT and the\n\
          clients go through CLOSE_WAIT and LAST_ACK instead.",
     );
-    let srv = serve(b, 3, true)?;
-    for _ in 0..3 {
-        client(b, false)?;
-    }
-    srv.join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    ping_pongs(b, true)?;
 
     scene(
         3,
@@ -242,16 +234,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
          reset (RST) instead of FINs. Both sockets jump from ESTABLISHED straight to CLOSE,\n\
          and nobody holds TIME_WAIT.",
     );
-    let listener = TcpListener::bind((LOOPBACK, c))?;
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.connect(&SocketAddr::from((LOOPBACK, c)).into())?;
-    let (mut accepted, _) = listener.accept()?;
-    s.set_linger(Some(Duration::ZERO))?;
-    drop(s);
-    let mut buf = [0u8; 1];
-    let _ = accepted.read(&mut buf); // ECONNRESET
-    drop(accepted);
-    drop(listener);
+    reset(c)?;
 
     scene(
         4,
@@ -259,14 +242,60 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
         "Nothing listens on this port: the kernel answers the SYN with a reset, and the\n\
          client goes from SYN_SENT straight to CLOSE.",
     );
-    match TcpStream::connect((LOOPBACK, d)) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-        other => bail!("expected a refused connection on port {d}, got {other:?}"),
-    }
+    refused(d)?;
 
     thread::sleep(Duration::from_millis(300));
     tracer.stop()?;
-    let seen = std::fs::read_to_string(&out)?;
+    show_stream(&out, [a, b, c, d])?;
+    replay_views(bin, &recording)?;
+    println!(
+        "\nThe report's rows pair each port with a direction: `in` when this host accepted the\n\
+         connections, `out` when it made them. Only the side that closes first holds TIME_WAIT:\n\
+         on port {a} the clients (`out`), on port {b} the server (`in`). The six TIME_WAIT\n\
+         sockets stay for 60 s; `sudo tcptrace --state TIME_WAIT` would show each one leave,\n\
+         with how long it stayed."
+    );
+    out_of_ports(bin, dir)
+}
+
+/// Three clients' "ping"-"pong" on `port`: the server closes first, or the clients.
+fn ping_pongs(port: u16, server_closes: bool) -> Result<()> {
+    let srv = serve(port, 3, server_closes)?;
+    for _ in 0..3 {
+        client(port, !server_closes)?;
+    }
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    Ok(())
+}
+
+/// A connection to `port` that the client aborts with a reset (SO_LINGER 0).
+fn reset(port: u16) -> Result<()> {
+    let listener = TcpListener::bind((LOOPBACK, port))?;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.connect(&SocketAddr::from((LOOPBACK, port)).into())?;
+    let (mut accepted, _) = listener.accept()?;
+    s.set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    let mut buf = [0u8; 1];
+    let _ = accepted.read(&mut buf); // ECONNRESET
+    drop(accepted);
+    drop(listener);
+    Ok(())
+}
+
+/// A connection to `port`, where nothing listens: refused.
+fn refused(port: u16) -> Result<()> {
+    match TcpStream::connect((LOOPBACK, port)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        other => bail!("expected a refused connection on port {port}, got {other:?}"),
+    }
+}
+
+/// The live stream the tracer wrote to `out`, and what to notice in it on scene 1 to 4's
+/// ports.
+fn show_stream(out: &Path, [a, b, c, d]: [u16; 4]) -> Result<()> {
+    let seen = std::fs::read_to_string(out)?;
     println!("\n════ what tcptrace saw: the live stream ════\n{seen}");
     println!(
         "What to notice:\n\
@@ -281,7 +310,11 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
          \x20 never the peer, even though on loopback the peer's packets run in its context.\n\
          - IN-FROM is how long the socket spent in the state it left (SYN_SENT: connect latency)."
     );
-    // The same events, replayed from the recording through the other views (no root needed).
+    Ok(())
+}
+
+/// The same events, replayed from the recording through the other views (no root needed).
+fn replay_views(bin: &Path, recording: &Path) -> Result<()> {
     for (title, view) in [
         ("who closes first, per port: tcptrace report", "report"),
         ("how long each state lasted: tcptrace hist", "hist"),
@@ -293,7 +326,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
         println!("\n════ {title} --from demo.tcptrace ════");
         let out = std::process::Command::new(bin)
             .args([view, "--from"])
-            .arg(&recording)
+            .arg(recording)
             .output()
             .with_context(|| format!("running tcptrace {view}"))?;
         if !out.status.success() {
@@ -304,14 +337,7 @@ fn tour(bin: &Path, dir: &Path) -> Result<()> {
         }
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
-    println!(
-        "\nThe report's rows pair each port with a direction: `in` when this host accepted the\n\
-         connections, `out` when it made them. Only the side that closes first holds TIME_WAIT:\n\
-         on port {a} the clients (`out`), on port {b} the server (`in`). The six TIME_WAIT\n\
-         sockets stay for 60 s; `sudo tcptrace --state TIME_WAIT` would show each one leave,\n\
-         with how long it stayed."
-    );
-    out_of_ports(bin, dir)
+    Ok(())
 }
 
 /// The tables of `text` (each a timestamped header line and its rows) that differ from the
@@ -373,44 +399,55 @@ fn out_of_ports(bin: &Path, dir: &Path) -> Result<()> {
     let mut line = String::new();
     err.read_line(&mut line)?;
     let name = ns.name.clone();
-    let failed = thread::spawn(move || -> Result<u32> {
-        crate::bench::enter_netns(&name)?;
-        for (key, value) in [
-            ("ip_local_port_range", "40000 40019"),
-            ("tcp_tw_reuse", "0"),
-        ] {
-            std::fs::write(format!("/proc/sys/net/ipv4/{key}"), value)
-                .with_context(|| format!("setting {key} in the demo's namespace"))?;
-        }
-        let listener = TcpListener::bind((LOOPBACK, port))?;
-        let server = thread::spawn(move || {
-            // Accepts and reads each connection to its end (the client closes first).
-            for c in listener.incoming().take(20).flatten() {
-                let mut c = c;
-                let mut b = [0u8; 1];
-                while c.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
-            }
-        });
-        let mut failed = 0;
-        for _ in 0..40 {
-            match TcpStream::connect((LOOPBACK, port)) {
-                Ok(c) => drop(c),
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
-                Err(e) => return Err(e.into()),
-            }
-            thread::sleep(Duration::from_millis(60));
-        }
-        let _ = server.join();
-        Ok(failed)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    let failed = thread::spawn(move || run_out_of_ports(&name, port))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     let doctor = doctor.wait_with_output()?;
     thread::sleep(Duration::from_millis(600));
     ports.stop()?;
+    show_ports_and_doctor(&ports_out, &doctor, failed)
+}
+
+/// In network namespace `netns`, given 20 local ports and no reuse of TIME_WAIT ones: 40
+/// connects to `port`, one every 60 ms, each closed by the client first. How many failed
+/// for want of a local port (EADDRNOTAVAIL).
+fn run_out_of_ports(netns: &str, port: u16) -> Result<u32> {
+    crate::bench::enter_netns(netns)?;
+    for (key, value) in [
+        ("ip_local_port_range", "40000 40019"),
+        ("tcp_tw_reuse", "0"),
+    ] {
+        std::fs::write(format!("/proc/sys/net/ipv4/{key}"), value)
+            .with_context(|| format!("setting {key} in the demo's namespace"))?;
+    }
+    let listener = TcpListener::bind((LOOPBACK, port))?;
+    let server = thread::spawn(move || {
+        // Accepts and reads each connection to its end (the client closes first).
+        for c in listener.incoming().take(20).flatten() {
+            let mut c = c;
+            let mut b = [0u8; 1];
+            while c.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
+        }
+    });
+    let mut failed = 0;
+    for _ in 0..40 {
+        match TcpStream::connect((LOOPBACK, port)) {
+            Ok(c) => drop(c),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
+            Err(e) => return Err(e.into()),
+        }
+        thread::sleep(Duration::from_millis(60));
+    }
+    let _ = server.join();
+    Ok(failed)
+}
+
+/// What `tcptrace ports` wrote to `ports_out` (its changing tables) and what `doctor` said,
+/// then what to notice in them.
+fn show_ports_and_doctor(ports_out: &Path, doctor: &Output, failed: u32) -> Result<()> {
     println!(
         "\n════ tcptrace ports (tables that repeat the one before left out) ════\n{}",
-        changing_tables(&std::fs::read_to_string(&ports_out)?)
+        changing_tables(&std::fs::read_to_string(ports_out)?)
     );
     println!(
         "════ tcptrace doctor (exit status {}) ════\n{}",
