@@ -127,8 +127,46 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
     const N: usize = 40;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let (tracer, exporter) = exporter_for(port);
+    let dir = Scratch(std::env::temp_dir().join(format!("tcptrace-prom-{}", std::process::id())));
+    let (_prometheus, prom) = prometheus_scraping(exporter, &dir.0);
+    let prom_log = || std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(60), || {
+        get(prom, "/-/ready").ok().filter(|(c, _)| *c == 200)
+    })
+    .unwrap_or_else(|| panic!("Prometheus did not become ready: {}", prom_log()));
+    // The target is up before the workload runs.
+    wait_for(Duration::from_secs(30), || {
+        query(prom, r#"up{job="tcptrace"}"#).filter(|&v| v == 1.0)
+    })
+    .unwrap_or_else(|| panic!("the exporter is not up in Prometheus: {}", prom_log()));
 
-    // The exporter, on a free port, counting only the workload's port.
+    // The workload: N connections that the client closes first.
+    client_closes_first(&listener, port, N);
+
+    for (q, want) in &expected_series(port, N as f64) {
+        let got = wait_for(Duration::from_secs(30), || {
+            query(prom, q).filter(|v| v == want)
+        });
+        assert_eq!(got, Some(*want), "{q}: Prometheus has {:?}", query(prom, q));
+    }
+    // Nothing was lost on the way, and the tracer's own costs are there.
+    // (The loss counter covers the whole host, so only its presence is checked.)
+    assert!(query(prom, "tcptrace_lost_events_total").is_some());
+    let rss = query(prom, r#"process_resident_memory_bytes{job="tcptrace"}"#).unwrap();
+    assert!(rss > 1e6 && rss < 256e6, "RSS {rss}");
+    let scrape = query(prom, r#"scrape_duration_seconds{job="tcptrace"}"#).unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "prometheus: {N} connections counted; last scrape took {:.1} ms, exporter RSS {:.1} MiB",
+        scrape * 1e3,
+        rss / (1 << 20) as f64
+    );
+    drop(tracer);
+}
+
+/// `tcptrace serve` on a free port, counting only `port`'s connections, and its address.
+fn exporter_for(port: u16) -> (Reaped, SocketAddr) {
     let mut tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
         .args([
             "serve",
@@ -156,11 +194,14 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
     let exporter = exporter.expect("serve printed its address");
     // Keep reading its stderr so that it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
+    (tracer, exporter)
+}
 
-    // Prometheus, scraping it every second, with its own storage in a scratch directory.
-    let dir = Scratch(std::env::temp_dir().join(format!("tcptrace-prom-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let config = dir.0.join("prometheus.yml");
+/// Prometheus scraping `exporter` every second, with its storage and log in `dir`, and
+/// the address of its API.
+fn prometheus_scraping(exporter: SocketAddr, dir: &std::path::Path) -> (Reaped, SocketAddr) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
@@ -171,13 +212,13 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
     )
     .unwrap();
     let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
-    let _prometheus = Reaped(
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let prometheus = Reaped(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.0.join("data").display()
+                dir.join("data").display()
             ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(log.try_clone().unwrap())
@@ -185,26 +226,15 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
             .spawn()
             .unwrap(),
     );
-    let prom_log = || std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default();
-    wait_for(Duration::from_secs(60), || {
-        get(prom, "/-/ready").ok().filter(|(c, _)| *c == 200)
-    })
-    .unwrap_or_else(|| panic!("Prometheus did not become ready: {}", prom_log()));
-    // The target is up before the workload runs.
-    wait_for(Duration::from_secs(30), || {
-        query(prom, r#"up{job="tcptrace"}"#).filter(|&v| v == 1.0)
-    })
-    .unwrap_or_else(|| panic!("the exporter is not up in Prometheus: {}", prom_log()));
+    (prometheus, prom)
+}
 
-    // The workload: N connections that the client closes first.
-    client_closes_first(&listener, port, N);
-
-    // What Prometheus stored matches what was done: each connection ended once on either
-    // side, the client closed first and holds the TIME_WAIT; the port has a listener, so it
-    // has its own label.
-    let n = N as f64;
+/// What Prometheus must have stored after `n` connections to `port` that the client closed
+/// first: each ended once on either side, the client closed first and holds the TIME_WAIT;
+/// the port has a listener, so it has its own label.
+fn expected_series(port: u16, n: f64) -> [(String, f64); 6] {
     let p = format!(r#"port="{port}""#);
-    let expect = [
+    [
         (
             format!(r#"tcptrace_closes_total{{{p},role="client",initiator="local",how="fin"}}"#),
             n,
@@ -223,24 +253,5 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
             r#"tcptrace_state_duration_seconds_count{state="SYN_SENT"}"#.to_string(),
             n,
         ),
-    ];
-    for (q, want) in &expect {
-        let got = wait_for(Duration::from_secs(30), || {
-            query(prom, q).filter(|v| v == want)
-        });
-        assert_eq!(got, Some(*want), "{q}: Prometheus has {:?}", query(prom, q));
-    }
-    // Nothing was lost on the way, and the tracer's own costs are there.
-    // (The loss counter covers the whole host, so only its presence is checked.)
-    assert!(query(prom, "tcptrace_lost_events_total").is_some());
-    let rss = query(prom, r#"process_resident_memory_bytes{job="tcptrace"}"#).unwrap();
-    assert!(rss > 1e6 && rss < 256e6, "RSS {rss}");
-    let scrape = query(prom, r#"scrape_duration_seconds{job="tcptrace"}"#).unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "prometheus: {N} connections counted; last scrape took {:.1} ms, exporter RSS {:.1} MiB",
-        scrape * 1e3,
-        rss / (1 << 20) as f64
-    );
-    drop(tracer);
+    ]
 }

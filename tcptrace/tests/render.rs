@@ -54,123 +54,75 @@ fn owner(pid: u32, name: &str, from_listener: bool) -> Option<Owner> {
 /// A client on 10.0.0.5 that closes first, its server, an IPv6 connection the peer resets
 /// (seen mid-life), a refused SYN, a loss notice, and the client's TIME_WAIT expiring.
 fn workload() -> Vec<RawEvent> {
+    let mut events = client_and_server();
+    events.extend(reset_and_refusal());
+    events.push(raw_lost(5 * SEC, 17));
+    events.extend(client_timewait());
+    // In time order, as the kernel delivers them.
+    events.sort_by_key(|e| e.ts_ns);
+    with_details_at_ends(events)
+}
+
+/// The client (socket 0xa, 10.0.0.5) and its server (0xb, nginx on 10.0.0.9:8080), from
+/// the connect to the server's last ACK; the client closes first.
+fn client_and_server() -> Vec<RawEvent> {
+    use State::*;
     let c = "10.0.0.5:41000".parse().unwrap();
     let s = "10.0.0.9:8080".parse().unwrap();
-    let t = |ts: u64, sk: u64, local, remote, from, to, dur: Option<u64>, o| {
-        encode(&Transition {
-            ts_ns: ts,
-            skaddr: sk,
-            local,
-            remote,
-            from,
-            to,
-            in_from_ns: dur,
-            owner: o,
-            mptcp: false,
-            netns: ns_of(sk).0,
-            cgroup: ns_of(sk).1,
-        })
-    };
-    use State::*;
     let curl = owner(4242, "curl", false);
     let nginx = owner(777, "nginx", true);
-    let mut events = vec![
-        t(
-            SEC,
-            0xa,
-            "10.0.0.5:0".parse().unwrap(),
-            s,
-            Close,
-            SynSent,
-            None,
-            curl,
-        ),
-        t(SEC + 120_000, 0xb, s, c, Listen, SynRecv, None, nginx),
-        t(
-            SEC + 150_000,
-            0xa,
-            c,
-            s,
-            SynSent,
-            Established,
-            Some(150_000),
-            curl,
-        ),
-        t(
-            SEC + 160_000,
-            0xb,
-            s,
-            c,
-            SynRecv,
-            Established,
-            Some(40_000),
-            nginx,
-        ),
-        t(
-            3 * SEC,
-            0xa,
-            c,
-            s,
-            Established,
-            FinWait1,
-            Some(2 * SEC - 150_000),
-            curl,
-        ),
-        t(
-            3 * SEC + 50_000,
-            0xb,
-            s,
-            c,
-            Established,
-            CloseWait,
-            Some(2 * SEC - 110_000),
-            nginx,
-        ),
-        t(
-            3 * SEC + 90_000,
-            0xa,
-            c,
-            s,
-            FinWait1,
-            FinWait2,
-            Some(90_000),
-            curl,
-        ),
-        t(
-            3 * SEC + 2_000_000,
-            0xb,
-            s,
-            c,
-            CloseWait,
-            LastAck,
-            Some(1_950_000),
-            owner(777, "nginx", false),
-        ),
-        t(
-            3 * SEC + 2_050_000,
-            0xa,
-            c,
-            s,
-            FinWait2,
-            TimeWait,
-            Some(1_960_000),
-            curl,
-        ),
-        t(
-            3 * SEC + 2_080_000,
-            0xb,
-            s,
-            c,
-            LastAck,
-            Close,
-            Some(80_000),
-            owner(777, "nginx", false),
-        ),
+    let nginx_closing = owner(777, "nginx", false);
+    // When, which socket, from, to, the time in `from`, the owner.
+    #[rustfmt::skip]
+    let steps = [
+        (SEC, 0xa, Close, SynSent, None, curl),
+        (SEC + 120_000, 0xb, Listen, SynRecv, None, nginx),
+        (SEC + 150_000, 0xa, SynSent, Established, Some(150_000), curl),
+        (SEC + 160_000, 0xb, SynRecv, Established, Some(40_000), nginx),
+        (3 * SEC, 0xa, Established, FinWait1, Some(2 * SEC - 150_000), curl),
+        (3 * SEC + 50_000, 0xb, Established, CloseWait, Some(2 * SEC - 110_000), nginx),
+        (3 * SEC + 90_000, 0xa, FinWait1, FinWait2, Some(90_000), curl),
+        (3 * SEC + 2_000_000, 0xb, CloseWait, LastAck, Some(1_950_000), nginx_closing),
+        (3 * SEC + 2_050_000, 0xa, FinWait2, TimeWait, Some(1_960_000), curl),
+        (3 * SEC + 2_080_000, 0xb, LastAck, Close, Some(80_000), nginx_closing),
+    ];
+    steps
+        .into_iter()
+        .map(|(ts_ns, sk, from, to, in_from_ns, owner)| {
+            let (local, remote) = match (sk, from) {
+                // The connect's first step, before the kernel picked the client's port.
+                (0xa, Close) => ("10.0.0.5:0".parse().unwrap(), s),
+                (0xa, _) => (c, s),
+                _ => (s, c),
+            };
+            encode(&Transition {
+                ts_ns,
+                skaddr: sk,
+                local,
+                remote,
+                from,
+                to,
+                in_from_ns,
+                owner,
+                mptcp: false,
+                netns: ns_of(sk).0,
+                cgroup: ns_of(sk).1,
+            })
+        })
+        .collect()
+}
+
+/// An IPv6 connection (0xc) that the peer resets, seen only at its end, and a SYN to a port
+/// nothing listens on: refused, with no socket.
+fn reset_and_refusal() -> Vec<RawEvent> {
+    let local = "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap();
+    let remote = "[2001:db8::42]:50000".parse().unwrap();
+    vec![
         encode_reset(&Reset {
             ts_ns: 4 * SEC - 1_000,
             skaddr: Some(0xc),
-            local: "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap(),
-            remote: "[2001:db8::42]:50000".parse().unwrap(),
+            local,
+            remote,
             direction: Direction::Received,
             state: None,
             reason: None,
@@ -178,17 +130,19 @@ fn workload() -> Vec<RawEvent> {
             netns: ns_of(0xc).0,
             cgroup: ns_of(0xc).1,
         }),
-        t(
-            4 * SEC,
-            0xc,
-            "[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443".parse().unwrap(),
-            "[2001:db8::42]:50000".parse().unwrap(),
-            Established,
-            Close,
-            Some(61 * SEC),
-            None,
-        ),
-        // A SYN to a port nothing listens on: refused, with no socket.
+        encode(&Transition {
+            ts_ns: 4 * SEC,
+            skaddr: 0xc,
+            local,
+            remote,
+            from: State::Established,
+            to: State::Close,
+            in_from_ns: Some(61 * SEC),
+            owner: None,
+            mptcp: false,
+            netns: ns_of(0xc).0,
+            cgroup: ns_of(0xc).1,
+        }),
         encode_reset(&Reset {
             ts_ns: 4 * SEC + 500,
             skaddr: None,
@@ -201,36 +155,36 @@ fn workload() -> Vec<RawEvent> {
             netns: None,
             cgroup: None,
         }),
-        raw_lost(5 * SEC, 17),
-        // The client's timewait socket: armed as it entered TIME_WAIT, expired 2MSL later.
+    ]
+}
+
+/// The client's timewait socket (0xd): armed as it entered TIME_WAIT, expired 2MSL later.
+fn client_timewait() -> Vec<RawEvent> {
+    let timer = |ts_ns, op| {
         encode_timer(&TimerEvent {
-            ts_ns: 3 * SEC + 2_049_000,
+            ts_ns,
             tw: 0xd,
             substate_at_end: None,
-            op: TimerOp::Armed {
-                substate: State::TimeWait,
-                timeout_jiffies: 15000,
-                local: c,
-                remote: s,
-                netns: Some(CLIENT_NS),
-            },
-        }),
-        encode_timer(&TimerEvent {
-            ts_ns: 63 * SEC + 300_000_000,
-            tw: 0xd,
-            substate_at_end: None,
-            op: TimerOp::Cancelled,
-        }),
-        encode_timer(&TimerEvent {
-            ts_ns: 63 * SEC + 300_000_100,
-            tw: 0xd,
-            substate_at_end: None,
-            op: TimerOp::Expired,
-        }),
-    ];
-    // In time order, as the kernel delivers them.
-    events.sort_by_key(|e| e.ts_ns);
-    // The counters the kernel read at the client's and the server's ends, right before each.
+            op,
+        })
+    };
+    let armed = TimerOp::Armed {
+        substate: State::TimeWait,
+        timeout_jiffies: 15000,
+        local: "10.0.0.5:41000".parse().unwrap(),
+        remote: "10.0.0.9:8080".parse().unwrap(),
+        netns: Some(CLIENT_NS),
+    };
+    vec![
+        timer(3 * SEC + 2_049_000, armed),
+        timer(63 * SEC + 300_000_000, TimerOp::Cancelled),
+        timer(63 * SEC + 300_000_100, TimerOp::Expired),
+    ]
+}
+
+/// `events` with the counters the kernel read at the client's and the server's ends, each
+/// right before that end.
+fn with_details_at_ends(mut events: Vec<RawEvent>) -> Vec<RawEvent> {
     for (sk, sent, received, srtt_us, retrans) in [
         (0xa, 1_048_578, 1_201, 41, 3),
         (0xb, 1_201, 1_048_577, 37, 0),

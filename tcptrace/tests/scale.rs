@@ -345,56 +345,10 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
 
     let opened = Arc::new(AtomicBool::new(false));
     let close_now = Arc::new(AtomicBool::new(false));
-    let (o, c, p) = (opened.clone(), close_now.clone(), ports.clone());
-    let workload = NetPair::run_in(&ns, move || {
-        use std::os::fd::AsRawFd as _;
-        let listeners: Vec<TcpListener> = p
-            .iter()
-            .map(|&port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
-            .collect();
-        let lfds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
-        let pipes = Pipes::new();
-        let holders = CONNS.div_ceil(per_holder);
-        let mut fds = vec![0i32; 2 * per_holder];
-        let pids: Vec<libc::pid_t> = (0..holders)
-            .map(|h| {
-                let n = per_holder.min(CONNS - h * per_holder);
-                // SAFETY: the child uses only system calls and `fds`, allocated above.
-                unsafe { holder((h * per_holder, n), &lfds, &p, pipes, &mut fds) }
-            })
-            .collect();
-        // SAFETY: our descriptor; the holders have their own copies.
-        unsafe { libc::close(pipes.ready[1]) };
-        pipes.wait_for(holders, "to open its connections");
-        o.store(true, Ordering::Release);
-        while !c.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // Every client closes first (its peer, a server of any holder, gets its FIN), then
-        // every server.
-        Pipes::release(pipes.clients);
-        pipes.wait_for(holders, "to close its clients");
-        Pipes::release(pipes.servers);
-        for pid in pids {
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "holder {pid}: {status:#x}"
-            );
-        }
-        drop(listeners);
-    });
+    let (o, c) = (opened.clone(), close_now.clone());
+    let workload = NetPair::run_in(&ns, move || hold_connections(&ports, per_holder, &o, &c));
 
     let mut seen = Seen::default();
-    let drain = |probe: &mut tcptrace::source::probe::Probe, seen: &mut Seen| {
-        let mut raw = Vec::new();
-        probe.drain(&mut raw);
-        for r in &raw {
-            seen.count(&decode(r).unwrap());
-        }
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while !opened.load(Ordering::Acquire) {
         if workload.is_finished() {
@@ -403,7 +357,7 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
             unreachable!("the workload ends only after it was told to close");
         }
         assert!(Instant::now() < deadline, "opening {CONNS} connections");
-        drain(&mut probe, &mut seen);
+        drain_into(&mut probe, &mut seen);
         std::thread::sleep(Duration::from_millis(5));
     }
     // The kernel's own count: every connection is open at once, both ends.
@@ -416,17 +370,73 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
     close_now.store(true, Ordering::Release);
     while !workload.is_finished() {
         assert!(Instant::now() < deadline, "closing {CONNS} connections");
-        drain(&mut probe, &mut seen);
+        drain_into(&mut probe, &mut seen);
         std::thread::sleep(Duration::from_millis(5));
     }
     workload.join().unwrap();
-    // Then until the closes are all in, or nothing more comes for a while.
+    drain_until_closed(&mut probe, &mut seen);
+    every_close_was_seen_with_its_facts(&probe, &seen);
+}
+
+/// In the test's namespace: listeners on `ports`, then [`CONNS`] connections held open by
+/// processes of `per_holder` each; says `opened`, waits for `close_now`, then closes every
+/// client first (each server gets its FIN), then every server.
+fn hold_connections(ports: &[u16], per_holder: usize, opened: &AtomicBool, close_now: &AtomicBool) {
+    use std::os::fd::AsRawFd as _;
+    let listeners: Vec<TcpListener> = ports
+        .iter()
+        .map(|&port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
+        .collect();
+    let lfds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let pipes = Pipes::new();
+    let holders = CONNS.div_ceil(per_holder);
+    let mut fds = vec![0i32; 2 * per_holder];
+    let pids: Vec<libc::pid_t> = (0..holders)
+        .map(|h| {
+            let n = per_holder.min(CONNS - h * per_holder);
+            // SAFETY: the child uses only system calls and `fds`, allocated above.
+            unsafe { holder((h * per_holder, n), &lfds, ports, pipes, &mut fds) }
+        })
+        .collect();
+    // SAFETY: our descriptor; the holders have their own copies.
+    unsafe { libc::close(pipes.ready[1]) };
+    pipes.wait_for(holders, "to open its connections");
+    opened.store(true, Ordering::Release);
+    while !close_now.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Pipes::release(pipes.clients);
+    pipes.wait_for(holders, "to close its clients");
+    Pipes::release(pipes.servers);
+    for pid in pids {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "holder {pid}: {status:#x}"
+        );
+    }
+    drop(listeners);
+}
+
+/// Counts what the probe delivered so far.
+fn drain_into(probe: &mut tcptrace::source::probe::Probe, seen: &mut Seen) {
+    let mut raw = Vec::new();
+    probe.drain(&mut raw);
+    for r in &raw {
+        seen.count(&decode(r).unwrap());
+    }
+}
+
+/// Counts until the closes are all in, or nothing more comes for a while, then the rest.
+fn drain_until_closed(probe: &mut tcptrace::source::probe::Probe, seen: &mut Seen) {
     let mut quiet_since = Instant::now();
     while (seen.close_wait + seen.fin_wait1) as u64 + seen.lost < 2 * CONNS as u64
         && quiet_since.elapsed() < Duration::from_secs(1)
     {
         let before = (seen.close_wait, seen.fin_wait1, seen.lost);
-        drain(&mut probe, &mut seen);
+        drain_into(probe, seen);
         if before != (seen.close_wait, seen.fin_wait1, seen.lost) {
             quiet_since = Instant::now();
         }
@@ -437,6 +447,11 @@ fn two_hundred_thousand_open_connections_keep_their_durations_and_owners() {
     for r in &raw {
         seen.count(&decode(r).unwrap());
     }
+}
+
+/// Every connection's first closing step was delivered (or counted lost) once, with its
+/// time in ESTABLISHED and its owner, and the kernel side forgot nothing.
+fn every_close_was_seen_with_its_facts(probe: &tcptrace::source::probe::Probe, seen: &Seen) {
     eprintln!(
         "{seen:?}; {} facts forgotten; {} runs nested, {} taken over; {} unseen",
         probe.forgotten_total(),

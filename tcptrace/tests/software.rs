@@ -385,7 +385,6 @@ fn check(
     let closes: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "close").collect();
     let exits: Vec<&serde_json::Value> =
         records.iter().filter(|r| r["kind"] == "timewait").collect();
-    let ns = |r: &serde_json::Value| r["netns"].as_u64().unwrap() as u32;
     // Not vacuous: both a server and its clients held TIME_WAIT.
     assert!(
         held[&ns_a].len() >= 10 && held[&ns_b].len() >= 10,
@@ -393,8 +392,34 @@ fn check(
         held[&ns_a].len(),
         held[&ns_b].len()
     );
-    // Every close agrees with sock_diag on whether its side holds TIME_WAIT.
-    for c in &closes {
+    closes_agree_with_sock_diag(records, &closes, held);
+    one_close_on_each_side(&closes, held, (ns_a, ns_b));
+    exits_when_sock_diag_lost_them(&exits, held, gone);
+    let lost = summarise(records, &closes, held, gone.len(), (ns_a, ns_b));
+    // The connection opened before tracing: its roles, from the backfill.
+    let old: Vec<_> = closes
+        .iter()
+        .filter(|c| ends(c).0 == old_local || ends(c).1 == old_local)
+        .collect();
+    assert_eq!(old.len(), 2, "{old:?} ({lost} events lost)");
+    for c in old {
+        let want = if ns(c) == ns_a { "client" } else { "server" };
+        assert_eq!(c["role"], want, "{c}");
+    }
+}
+
+/// A record's network namespace.
+fn ns(r: &serde_json::Value) -> u32 {
+    r["netns"].as_u64().unwrap() as u32
+}
+
+/// Every close agrees with sock_diag on whether its side holds TIME_WAIT.
+fn closes_agree_with_sock_diag(
+    records: &[serde_json::Value],
+    closes: &[&serde_json::Value],
+    held: &HashMap<u32, HashSet<(SocketAddr, SocketAddr)>>,
+) {
+    for c in closes {
         let (l, r) = ends(c);
         let in_tw = held[&ns(c)].contains(&(l, r));
         // On failure, everything tcptrace said of the connection.
@@ -412,7 +437,14 @@ fn check(
             if in_tw { "shows" } else { "shows no" }
         );
     }
-    // Every connection that left a TIME_WAIT socket has exactly one close on each side.
+}
+
+/// Every connection that left a TIME_WAIT socket has exactly one close on each side.
+fn one_close_on_each_side(
+    closes: &[&serde_json::Value],
+    held: &HashMap<u32, HashSet<(SocketAddr, SocketAddr)>>,
+    (ns_a, ns_b): (u32, u32),
+) {
     for (&holder, tws) in held {
         let peer = if holder == ns_a { ns_b } else { ns_a };
         for &(l, r) in tws {
@@ -426,7 +458,15 @@ fn check(
             assert_eq!(count(peer, r, l), 1, "the peer's close of {r} → {l}");
         }
     }
-    // Every 2MSL exit within 0.5 s of when sock_diag lost the socket.
+}
+
+/// Every 2MSL exit within 0.5 s of when sock_diag lost the socket, and every TIME_WAIT
+/// socket gone.
+fn exits_when_sock_diag_lost_them(
+    exits: &[&serde_json::Value],
+    held: &HashMap<u32, HashSet<(SocketAddr, SocketAddr)>>,
+    gone: &HashMap<(u32, SocketAddr, SocketAddr), (SystemTime, SystemTime)>,
+) {
     for (&(n, l, r), &(listed, lost)) in gone {
         let x = exits
             .iter()
@@ -446,8 +486,18 @@ fn check(
         total,
         "every TIME_WAIT socket ended within 75 s"
     );
+}
+
+/// Prints how the closes went, by role, port and verdict; returns the events lost.
+fn summarise(
+    records: &[serde_json::Value],
+    closes: &[&serde_json::Value],
+    held: &HashMap<u32, HashSet<(SocketAddr, SocketAddr)>>,
+    exits_checked: usize,
+    (ns_a, ns_b): (u32, u32),
+) -> u64 {
     let mut how: HashMap<String, usize> = HashMap::new();
-    for c in &closes {
+    for c in closes {
         let port = |f: &str| c[f].as_u64().unwrap_or(0);
         let service = if c["role"] == "server" {
             port("lport")
@@ -475,16 +525,7 @@ fn check(
         closes.len(),
         held[&ns_a].len(),
         held[&ns_b].len(),
-        gone.len()
+        exits_checked
     );
-    // The connection opened before tracing: its roles, from the backfill.
-    let old: Vec<_> = closes
-        .iter()
-        .filter(|c| ends(c).0 == old_local || ends(c).1 == old_local)
-        .collect();
-    assert_eq!(old.len(), 2, "{old:?} ({lost} events lost)");
-    for c in old {
-        let want = if ns(c) == ns_a { "client" } else { "server" };
-        assert_eq!(c["role"], want, "{c}");
-    }
+    lost
 }
