@@ -788,7 +788,9 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::O
         b.namespaces,
         started.elapsed().as_millis(),
         owners.took.as_millis(),
-        if owners.from_kernel {
+        if owners.sought == 0 {
+            "none to look for"
+        } else if owners.from_kernel {
             "the kernel's iterator"
         } else {
             "/proc/*/fd"
@@ -817,8 +819,16 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::O
             b.skipped
         );
     }
-    if b.out_of_time > 0 || unread > 0 || owners.cut_short {
-        let pass = if owners.cut_short {
+    if let Some(why) = &owners.failed {
+        log::warn!(
+            "the kernel's pass over every process's files for the owners of the sockets open \
+             at start failed part-way ({why}): the owners it had read are kept, the others' \
+             closes have no owner"
+        );
+    }
+    let out_of_time = owners.cut_short && owners.failed.is_none();
+    if b.out_of_time > 0 || unread > 0 || out_of_time {
+        let pass = if out_of_time {
             ", the kernel's pass over every process's files stopped part-way"
         } else {
             ""

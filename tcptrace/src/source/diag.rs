@@ -472,32 +472,64 @@ pub fn connections_everywhere(limit: usize, until: Option<Instant>) -> Backfill<
 }
 
 /// How the owners of the sockets open at start were found.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct OwnersRead {
+    /// Socket files whose holder was looked for (none: no pass was made).
+    pub sought: usize,
     /// Processes not looked into because the time ran out.
     pub unread: usize,
     /// How long looking took.
     pub took: std::time::Duration,
     /// Found by the kernel's iterator over every task's files (else from `/proc/*/fd`).
     pub from_kernel: bool,
-    /// The iterator's pass stopped part-way because the time ran out.
+    /// The iterator's pass stopped part-way: the time ran out, or a read failed (`failed`).
+    /// What it read before is kept.
     pub cut_short: bool,
+    /// Why the iterator's pass failed part-way, if it did.
+    pub failed: Option<String>,
 }
 
-/// Every connection and listener open now in every network namespace (at most `limit`),
-/// each with the process holding its socket: what every live view starts from. Past `until`
-/// what is left is not read.
+/// Every connection and listener open now in every network namespace (at most `limit`
+/// connections, and every listener), each with the process holding its socket: what every
+/// live view starts from. Past `until` what is left is not read. `kernel` runs the kernel's
+/// iterator over every task's files ([`Probe::socket_owners`]); where it cannot run (or
+/// fails before its first record) the owners are read from `/proc/*/fd`.
+///
+/// [`Probe::socket_owners`]: crate::source::probe::Probe::socket_owners
 pub fn open_everywhere(
     limit: usize,
     until: Option<Instant>,
     kernel: impl FnOnce(&mut dyn FnMut(SocketOwner) -> ControlFlow<()>) -> Result<(), String>,
 ) -> (Backfill<OpenAtStart>, OwnersRead) {
     let mut b = connections_everywhere(limit, until);
+    let read = find_owners(&mut b.found, until, kernel);
+    (b, read)
+}
+
+/// Sets the owners of `found`'s sockets: [`open_everywhere`]'s second step.
+fn find_owners(
+    found: &mut OpenAtStart,
+    until: Option<Instant>,
+    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner) -> ControlFlow<()>) -> Result<(), String>,
+) -> OwnersRead {
     let started = Instant::now();
-    let inodes = b.found.inodes();
+    let inodes = found.inodes();
+    let mut read = OwnersRead {
+        sought: inodes.len(),
+        unread: 0,
+        took: std::time::Duration::ZERO,
+        from_kernel: false,
+        cut_short: false,
+        failed: None,
+    };
+    // No socket with a file to look for (none open, or all orphans): no pass to make.
+    if inodes.is_empty() {
+        return read;
+    }
     let mut pids = Vec::new();
+    let mut comms: HashMap<u32, String> = HashMap::new();
     let (mut seen, mut cut_short) = (0u64, false);
-    let read = kernel(&mut |o| {
+    let pass = kernel(&mut |o| {
         seen += 1;
         if seen % OWNERS_BETWEEN_CLOCK_READS == 0 && until.is_some_and(|u| Instant::now() >= u) {
             cut_short = true;
@@ -505,25 +537,41 @@ pub fn open_everywhere(
         }
         if inodes.binary_search(&o.inode).is_ok() {
             pids.push((o.inode, o.pid));
+            comms.entry(o.pid).or_insert_with(|| comm_name(o.comm));
         }
         ControlFlow::Continue(())
     });
-    let (owners, from_kernel) = match read {
-        Ok(()) => (SocketOwners::of(pids), true),
+    let owners = match pass {
+        Ok(()) => {
+            read.from_kernel = true;
+            SocketOwners::of(pids, comms)
+        }
+        // It ran, then failed: what it read stands (the processes it did not reach are
+        // not read again from /proc, which may not even see them).
+        Err(why) if seen > 0 => {
+            log::debug!("the socket owners' iterator failed after {seen} records: {why}");
+            read.from_kernel = true;
+            cut_short = true;
+            read.failed = Some(why);
+            SocketOwners::of(pids, comms)
+        }
         Err(why) => {
             log::debug!("socket owners read from /proc/*/fd: {why}");
-            (socket_owners(Some(&inodes), until), false)
+            socket_owners(Some(&inodes), until)
         }
     };
-    b.found
-        .set_owners(|inode| Some(owners.get(inode)?.0), owners.comms());
-    let read = OwnersRead {
-        unread: owners.unread,
-        took: started.elapsed(),
-        from_kernel,
-        cut_short,
-    };
-    (b, read)
+    found.set_owners(|inode| Some(owners.get(inode)?.0), owners.comms());
+    read.unread = owners.unread;
+    read.took = started.elapsed();
+    read.cut_short = cut_short;
+    read
+}
+
+/// A task's command as the kernel keeps it (NUL-padded bytes), as text.
+fn comm_name(comm: [u64; 2]) -> String {
+    let bytes: [u8; 16] = bytemuck::cast(comm);
+    let n = bytes.iter().position(|&c| c == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..n]).into_owned()
 }
 
 /// Owners read from the kernel's iterator between two looks at the clock.
@@ -641,18 +689,11 @@ impl SocketOwners {
         self.pids.is_empty()
     }
 
-    /// The owners of `pids` ((inode, pid) pairs), with their commands.
-    fn of(mut pids: Vec<(u32, u32)>) -> SocketOwners {
+    /// The owners of `pids` ((inode, pid) pairs), with their commands (`comms`, by pid).
+    fn of(mut pids: Vec<(u32, u32)>, comms: HashMap<u32, String>) -> SocketOwners {
         pids.sort_unstable();
         pids.dedup_by_key(|p| p.0);
-        let mut comms = HashMap::new();
-        for &(_, pid) in &pids {
-            comms.entry(pid).or_insert_with(|| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_default()
-            });
-        }
+        pids.shrink_to_fit();
         SocketOwners {
             pids,
             comms,
@@ -1087,13 +1128,37 @@ mod tests {
         assert!(owners.unread >= 1, "this process at least");
     }
 
+    /// A table of one connection whose socket file is `inode`.
+    fn one_socket(inode: u32) -> OpenAtStart {
+        let mut t = OpenAtStart::default();
+        t.push(&Existing {
+            netns: 1,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+            state: 1,
+            server: false,
+            inode,
+        });
+        t.sort();
+        t
+    }
+
+    fn record(inode: u32, pid: u32, name: &str) -> SocketOwner {
+        SocketOwner {
+            inode,
+            pid,
+            comm: bytemuck::cast(crate::model::atstart::comm(name).0),
+        }
+    }
+
     #[test]
     fn the_kernels_pass_over_owners_stops_when_the_time_is_out() {
         let mut fed = 0u64;
-        let (_, read) = open_everywhere(1000, Some(Instant::now()), |each| {
+        let mut found = one_socket(7);
+        let read = find_owners(&mut found, Some(Instant::now()), |each| {
             for inode in 1..=100_000 {
                 fed += 1;
-                if each(SocketOwner { inode, pid: 1 }).is_break() {
+                if each(record(inode, 1, "x")).is_break() {
                     break;
                 }
             }
@@ -1104,6 +1169,46 @@ mod tests {
             fed, OWNERS_BETWEEN_CLOCK_READS,
             "stopped at the first look at the clock"
         );
+    }
+
+    #[test]
+    fn owners_are_named_by_the_kernels_records() {
+        let mut found = one_socket(7);
+        // A pid no process has here: no /proc/PID/comm could name it.
+        let read = find_owners(&mut found, None, |each| {
+            let _ = each(record(8, 1, "other"));
+            let _ = each(record(7, 4_000_000, "holder"));
+            Ok(())
+        });
+        assert!(read.from_kernel && !read.cut_short, "{read:?}");
+        let owner = found.iter().next().unwrap().owner.unwrap();
+        assert_eq!(
+            (owner.pid, owner.comm.as_str().into_owned()),
+            (4_000_000, "holder".into())
+        );
+    }
+
+    #[test]
+    fn a_pass_that_fails_part_way_keeps_what_it_read() {
+        let mut found = one_socket(7);
+        let read = find_owners(&mut found, None, |each| {
+            let _ = each(record(7, 4_000_000, "holder"));
+            Err("reading the iterator: a failure".into())
+        });
+        assert!(read.from_kernel && read.cut_short, "{read:?}");
+        assert!(read.failed.is_some());
+        let owner = found.iter().next().unwrap().owner;
+        assert_eq!(owner.map(|o| o.pid), Some(4_000_000), "not thrown away");
+    }
+
+    #[test]
+    fn no_pass_is_made_with_no_socket_file_to_look_for() {
+        // An orphan's socket has no file (inode 0).
+        let mut found = one_socket(0);
+        let read = find_owners(&mut found, None, |_| panic!("the kernel's pass ran"));
+        assert_eq!((read.sought, read.from_kernel), (0, false), "{read:?}");
+        let mut empty = OpenAtStart::default();
+        find_owners(&mut empty, None, |_| panic!("the kernel's pass ran"));
     }
 
     #[test]
