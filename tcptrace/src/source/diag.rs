@@ -223,6 +223,8 @@ struct Part<C> {
     whole: bool,
     /// A dump of it was flagged interrupted (`NLM_F_DUMP_INTR`): it may miss sockets.
     interrupted: bool,
+    /// Items in `found` that took room.
+    kept: usize,
 }
 
 /// What a backfill gathers from each namespace in turn.
@@ -253,11 +255,13 @@ impl<T> Part<Vec<T>> {
         let before = found.len();
         found.retain(|_| room.take());
         let skipped = before - found.len();
+        let kept = found.len();
         Part {
             found,
             skipped,
             whole: true,
             interrupted: false,
+            kept,
         }
     }
 }
@@ -276,6 +280,15 @@ impl Room {
         self.0
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// Gives back the room of `n` items taken and then not kept (a read that failed, or is
+    /// read again).
+    fn give(&self, n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |left| Some(left.saturating_add(n)));
     }
 }
 
@@ -413,62 +426,107 @@ const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1
 pub fn connections_everywhere(limit: usize, until: Option<Instant>) -> Backfill<OpenAtStart> {
     let mut b = everywhere(limit, until, BACKFILL_WORKERS, |ns, room| {
         let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
-        let mut part = Part {
-            found: OpenAtStart::default(),
-            skipped: 0,
-            whole: true,
-            interrupted: false,
-        };
-        let mut interrupted = false;
-        // Listeners are few, and what gives every connection its role (and accepted ones
-        // their owner): all are kept, outside the limit.
-        for l in &listeners.all {
-            part.found.push(&Existing {
-                netns: ns.inode,
-                local: l.local,
-                remote: l.remote,
-                state: l.state,
-                server: true,
-                inode: l.inode,
-            });
+        // A dump the kernel flags interrupted, or that fails for want of memory, is read
+        // again (its connections given back to the room first), up to DUMP_ATTEMPTS times.
+        let mut attempt = 1;
+        loop {
+            let read = connections_in(ns, &listeners, room, until);
+            let again = attempt < DUMP_ATTEMPTS
+                && match &read {
+                    Ok(part) => part.interrupted,
+                    Err(e) => matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)),
+                };
+            if !again {
+                return read;
+            }
+            if let Ok(part) = &read {
+                room.give(part.kept);
+            }
+            attempt += 1;
         }
-        let mut keep = |e: Existing| {
-            if room.take() {
-                part.found.push(&e);
-            } else {
-                part.skipped += 1;
-            }
-        };
-        // Streamed from the kernel's reply into what is kept (24 bytes a connection): a
-        // million sockets are never held twice.
-        let mut each = |s: StoredSocket| {
-            let s = s.socket;
-            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
-            // no connection's socket any more.
-            if s.timer != TIMER_TIMEWAIT {
-                keep(Existing {
-                    netns: ns.inode,
-                    local: s.local,
-                    remote: s.remote,
-                    state: s.state,
-                    server: listeners.on(s.local),
-                    inode: s.inode,
-                });
-            }
-        };
-        for family in FAMILIES {
-            let dumped = dump(family, OPEN_STATES, None, until, &mut each)?;
-            interrupted |= dumped.interrupted;
-            if !dumped.whole {
-                part.whole = false;
-                break;
-            }
-        }
-        part.interrupted = interrupted;
-        Ok(part)
     });
     b.found.sort();
     b
+}
+
+/// The connections of the namespace `ns` (this thread's) with its listeners (`listeners`),
+/// at most as many connections as `room` has: [`connections_everywhere`]'s read of one.
+/// On an error, the room its connections took is given back.
+fn connections_in(
+    ns: &Namespace,
+    listeners: &Listeners,
+    room: &Room,
+    until: Option<Instant>,
+) -> io::Result<Part<OpenAtStart>> {
+    let mut part = Part {
+        found: OpenAtStart::default(),
+        skipped: 0,
+        whole: true,
+        interrupted: false,
+        kept: 0,
+    };
+    // Listeners are few, and what gives every connection its role (and accepted ones
+    // their owner): all are kept, outside the limit.
+    for l in &listeners.all {
+        part.found.push(&Existing {
+            netns: ns.inode,
+            local: l.local,
+            remote: l.remote,
+            state: l.state,
+            server: true,
+            inode: l.inode,
+        });
+    }
+    let mut interrupted = false;
+    let mut whole = true;
+    let mut keep = |e: Existing| {
+        if room.take() {
+            part.found.push(&e);
+            part.kept += 1;
+        } else {
+            part.skipped += 1;
+        }
+    };
+    // Streamed from the kernel's reply into what is kept (24 bytes a connection): a
+    // million sockets are never held twice.
+    let mut each = |s: StoredSocket| {
+        let s = s.socket;
+        // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+        // no connection's socket any more.
+        if s.timer != TIMER_TIMEWAIT {
+            keep(Existing {
+                netns: ns.inode,
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                server: listeners.on(s.local),
+                inode: s.inode,
+            });
+        }
+    };
+    let mut error = None;
+    for family in FAMILIES {
+        match dump(family, OPEN_STATES, None, until, &mut each) {
+            Ok(dumped) => {
+                interrupted |= dumped.interrupted;
+                if !dumped.whole {
+                    whole = false;
+                    break;
+                }
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = error {
+        room.give(part.kept);
+        return Err(e);
+    }
+    part.whole = whole;
+    part.interrupted = interrupted;
+    Ok(part)
 }
 
 /// How the owners of the sockets open at start were found.
@@ -1227,6 +1285,18 @@ mod tests {
         );
         assert!(b.skipped >= 2, "both ends of the connection skipped: {b:?}");
         drop(client);
+    }
+
+    #[test]
+    fn room_given_back_is_taken_again() {
+        let room = Room::new(2);
+        assert!(room.take() && room.take());
+        assert!(!room.take(), "none left");
+        room.give(1);
+        assert!(room.take(), "what a failed read took is there for others");
+        assert!(!room.take());
+        let part = Part::within(vec![1, 2, 3], &Room::new(2));
+        assert_eq!((part.kept, part.skipped), (2, 1));
     }
 
     #[test]
