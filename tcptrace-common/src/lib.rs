@@ -488,19 +488,29 @@ pub struct OwnersOffsets {
     pub inode_mode: u16,
     /// `inode.i_ino` (an `unsigned long`).
     pub inode_ino: u16,
-    pub _pad: [u16; 3],
+    /// `task_struct.comm` (`char[TASK_COMM_LEN]`, 16 bytes).
+    pub task_comm: u16,
+    pub _pad: [u16; 2],
 }
 
+const _: () = assert!(core::mem::size_of::<OwnersOffsets>() == 16);
+
 /// One record of the socket owners' iterator: a socket file's inode and the process
-/// holding it.
+/// holding it, named (so that userspace reads no `/proc/PID/comm`). An internal contract
+/// between the iterator and its reader, built together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketOwner {
     /// The socket file's inode number (as sock_diag gives it).
     pub inode: u32,
-    /// The holding process (its tgid).
+    /// The holding process (its tgid, in the initial pid namespace).
     pub pid: u32,
+    /// The command of the task whose files held it (`task_struct.comm`: at most 15 bytes,
+    /// NUL-padded), as [`Owner::comm`].
+    pub comm: [u64; 2],
 }
+
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 24);
 
 /// Bits of [`Config::records`].
 pub mod records {

@@ -100,7 +100,8 @@ static CONFIG: Config = Config {
         file_inode: 0,
         inode_mode: 0,
         inode_ino: 0,
-        _pad: [0; 3],
+        task_comm: 0,
+        _pad: [0; 2],
     },
 };
 

@@ -1,5 +1,6 @@
 //! Which process holds each socket: an iterator over every task's open files
-//! (`iter/task_file`), run once at start. It writes one [`SocketOwner`] per socket file —
+//! (`iter/task_file`), run once at start. It writes one [`SocketOwner`] per socket file, its
+//! holder named by the task's own `comm` (no `/proc/PID/comm` to read after) —
 //! what `ss -p` learns by reading every `/proc/PID/fd` link, a system call a descriptor, and
 //! only for the processes it may look into. Threads that share their files are visited once.
 
@@ -63,12 +64,21 @@ unsafe fn try_socket_owners(ctx: *const *const u8) -> Result<(), ()> {
     if mode & MODE_TYPE_MASK != MODE_SOCKET {
         return Ok(());
     }
-    // SAFETY: typed loads of `inode.i_ino` and `task_struct.tgid` at their BTF offsets.
-    let (ino, tgid): (u64, i32) = unsafe { (field(inode, o.inode_ino), field(task, o.task_tgid)) };
+    // SAFETY: typed loads of `inode.i_ino` and `task_struct.tgid` at their BTF offsets, and
+    // of `task_struct.comm` (16 bytes) in two 8-byte halves, both within the array (which
+    // the verifier allows of an array of scalars).
+    let (ino, tgid, comm): (u64, i32, [u64; 2]) = unsafe {
+        (
+            field(inode, o.inode_ino),
+            field(task, o.task_tgid),
+            [field(task, o.task_comm), field(task, o.task_comm + 8)],
+        )
+    };
     let rec = SocketOwner {
         // Socket inode numbers are 32-bit, as sock_diag gives them.
         inode: ino as u32,
         pid: tgid as u32,
+        comm,
     };
     // SAFETY: `meta.seq` is the iterator's seq_file; the record is a local of the length
     // given.

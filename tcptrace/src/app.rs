@@ -488,6 +488,8 @@ fn stuck_watch(
     limit: usize,
 ) -> stuck::Watch {
     use std::os::fd::AsFd as _;
+    // Sockets the limit left out are said once at warning level, then at debug level.
+    let mut said = false;
     let scan = Box::new(move || {
         let map = map.as_deref().map(|f| f.as_fd());
         let b = diag::sitting_everywhere(stuck::STUCK_STATE_BITS, map, limit);
@@ -497,6 +499,19 @@ fn stuck_watch(
                 b.unreachable,
                 b.first_error.as_deref().unwrap_or("?")
             );
+        }
+        if b.skipped > 0 {
+            let level = if said {
+                log::Level::Debug
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
+                "stuck sockets: {} beyond --max-sockets {limit} were skipped by a scan",
+                b.skipped
+            );
+            said = true;
         }
         b.found
     });
@@ -773,7 +788,9 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::O
         b.namespaces,
         started.elapsed().as_millis(),
         owners.took.as_millis(),
-        if owners.from_kernel {
+        if owners.sought == 0 {
+            "none to look for"
+        } else if owners.from_kernel {
             "the kernel's iterator"
         } else {
             "/proc/*/fd"
@@ -788,15 +805,30 @@ fn sockets_at_start(limit: usize, probe: &mut Probe) -> crate::model::atstart::O
             b.first_error.as_deref().unwrap_or("")
         );
     }
+    if b.interrupted > 0 {
+        log::warn!(
+            "the kernel flagged the dump of open connections of {} network namespaces \
+             interrupted (their socket table changed under it): some may be missing",
+            b.interrupted
+        );
+    }
     if b.skipped > 0 {
         log::warn!(
-            "{} connections open at start beyond --max-sockets {limit} were left out (their \
-             closes have no role or owner)",
+            "{} connections open at start beyond --max-sockets {limit} were skipped (every \
+             listener is kept; the skipped connections' closes have no role or owner)",
             b.skipped
         );
     }
-    if b.out_of_time > 0 || unread > 0 || owners.cut_short {
-        let pass = if owners.cut_short {
+    if let Some(why) = &owners.failed {
+        log::warn!(
+            "the kernel's pass over every process's files for the owners of the sockets open \
+             at start failed part-way ({why}): the owners it had read are kept, the others' \
+             closes have no owner"
+        );
+    }
+    let out_of_time = owners.cut_short && owners.failed.is_none();
+    if b.out_of_time > 0 || unread > 0 || out_of_time {
+        let pass = if out_of_time {
             ", the kernel's pass over every process's files stopped part-way"
         } else {
             ""

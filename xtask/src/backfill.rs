@@ -45,10 +45,17 @@ pub struct HoldArgs {
     count: u64,
 }
 
+/// The most holder processes (each has its own listener port and source addresses).
+const MAX_HOLDERS: u64 = 250;
+
 /// What the backfill cost.
 pub struct Cost {
     /// Sockets open in the bench's namespace (both ends of each connection).
     pub sockets: u64,
+    /// Sockets asked for: more than `sockets` when this host could not hold them all.
+    pub asked: u64,
+    /// Why fewer were held than asked for.
+    pub short: Vec<String>,
     /// What tcptrace said of its backfill (its debug line).
     pub said: String,
     /// Start to tracing, without and with the sockets (ms).
@@ -90,7 +97,17 @@ impl Cost {
 
     /// One line for the bench's output.
     pub fn line(&self) -> String {
-        format!(
+        let short = if self.sockets < self.asked {
+            format!(
+                "\n  held {} of the {} sockets asked for (measured with those): {}",
+                self.sockets,
+                self.asked,
+                self.short.join("; ")
+            )
+        } else {
+            String::new()
+        };
+        let line = format!(
             "backfill at start, {} sockets open (each with its owner): +{:.0} ms to start \
              ({:.0} → {:.0} ms) — target ≤ {BACKFILL_MS_MAX:.0} ms: {}; peak RSS +{:.1} MiB \
              ({:.1} → {:.1} MiB) — target ≤ +{BACKFILL_RSS_MIB_MAX:.0} MiB: {}\n  tcptrace: {}",
@@ -104,34 +121,62 @@ impl Cost {
             self.peak_mib.1,
             crate::bench::verdict(self.mib() <= BACKFILL_RSS_MIB_MAX),
             self.said
-        )
+        );
+        line + &short
     }
 }
 
 /// Holds `sockets` open (rounded to whole holders), then starts `tcptrace report` with and
-/// without them.
+/// without them. A host that cannot hold them all (too few open files allowed, a holder
+/// that runs out of memory or ports) holds what it can: the cost is measured with those,
+/// and the line says how many and why.
 pub fn measure(bin: &Path, dir: &Path, sockets: u64) -> Result<Cost> {
     let without = start(bin, dir)?;
     let ns = Netns::new()?;
+    let mut short = Vec::new();
     // Both ends of each connection are the holder's, under the hard limit of open files
     // (which raising needs CAP_SYS_RESOURCE, not every root has).
     let per_holder = (nofile_hard().saturating_sub(SPARE_FDS) / 2).min(PORTS_PER_SOURCE);
-    if per_holder < 1_000 {
+    if per_holder == 0 {
         bail!("the hard limit of open files is too low to hold connections");
     }
-    let holders = (sockets / 2).div_ceil(per_holder);
-    if holders > 250 {
-        bail!("{holders} holders of {per_holder} connections: too many");
+    let mut holders = (sockets / 2).div_ceil(per_holder);
+    if holders > MAX_HOLDERS {
+        short.push(format!(
+            "at most {MAX_HOLDERS} holders of {per_holder} connections each (the hard limit \
+             of open files)"
+        ));
+        holders = MAX_HOLDERS;
+    }
+    let mut started = Vec::new();
+    let mut asked_of_holders = 0;
+    for index in 0..holders {
+        let count = per_holder.min(sockets / 2 - asked_of_holders);
+        match hold(&ns, index as u8, count) {
+            Ok(h) => started.push((h, count)),
+            Err(e) => {
+                short.push(format!("{e:#}"));
+                break;
+            }
+        }
+        asked_of_holders += count;
     }
     let mut held = Vec::new();
     let mut total = 0;
-    for index in 0..holders {
-        let count = per_holder.min(sockets / 2 - total);
-        held.push(hold(&ns, index as u8, count)?);
-        total += count;
+    for (mut h, count) in started {
+        match ready(&mut h) {
+            Ok((n, why)) => {
+                if n < count {
+                    short.push(format!("a holder held {n} of {count} connections ({why})"));
+                }
+                total += n;
+                held.push(h);
+            }
+            Err(e) => short.push(format!("{e:#}")),
+        }
     }
-    for h in &mut held {
-        ready(h)?;
+    if total == 0 {
+        bail!("no connection could be held: {}", short.join("; "));
     }
     let with = start(bin, dir)?;
     for h in &mut held {
@@ -145,6 +190,8 @@ pub fn measure(bin: &Path, dir: &Path, sockets: u64) -> Result<Cost> {
     drop(ns);
     Ok(Cost {
         sockets: 2 * total,
+        asked: 2 * (sockets / 2),
+        short,
         said: with.2,
         start_ms: (without.0, with.0),
         peak_mib: (without.1, with.1),
@@ -161,16 +208,19 @@ fn hold(ns: &Netns, index: u8, count: u64) -> Result<Reaped> {
     Ok(Reaped(Some(cmd.spawn().context("cannot start a holder")?)))
 }
 
-/// Waits for a holder's "holding N" line.
-fn ready(h: &mut Reaped) -> Result<()> {
+/// Waits for a holder's "holding N[ (why fewer)]" line: the connections it holds, and why
+/// fewer than asked, if so.
+fn ready(h: &mut Reaped) -> Result<(u64, String)> {
     let mut line = String::new();
     if let Some(out) = h.0.as_mut().and_then(|c| c.stdout.take()) {
         BufReader::new(out).read_line(&mut line)?;
     }
-    if !line.starts_with("holding") {
+    let Some(rest) = line.trim_end().strip_prefix("holding ") else {
         bail!("a holder failed to open its connections (see above)");
-    }
-    Ok(())
+    };
+    let (n, why) = rest.split_once(' ').unwrap_or((rest, ""));
+    let n = n.parse().context("a holder's line")?;
+    Ok((n, why.trim_matches(|c| c == '(' || c == ')').to_string()))
 }
 
 /// `tcptrace report` from spawn to tracing, then its peak RSS: (ms, MiB, its backfill line).
@@ -210,17 +260,30 @@ pub fn hold_open(a: &HoldArgs) -> Result<()> {
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
     let mut held: Vec<OwnedFd> = Vec::with_capacity(2 * a.count as usize);
+    // The connections it could open are held and said, with why it stopped short.
+    let mut stopped = None;
     for i in 0..a.count {
-        let source = u8::try_from(1 + i / PORTS_PER_SOURCE).context("too many connections")?;
-        let from = SocketAddrV4::new(
-            Ipv4Addr::new(127, 1, a.index, source),
-            FIRST_SOURCE_PORT + (i % PORTS_PER_SOURCE) as u16,
-        );
-        held.push(connect(from, to).with_context(|| format!("connecting from {from}"))?);
-        let (s, _) = listener.accept().context("accepting")?;
-        held.push(s.into());
+        let mut one = || -> Result<()> {
+            let source = u8::try_from(1 + i / PORTS_PER_SOURCE).context("too many connections")?;
+            let from = SocketAddrV4::new(
+                Ipv4Addr::new(127, 1, a.index, source),
+                FIRST_SOURCE_PORT + (i % PORTS_PER_SOURCE) as u16,
+            );
+            let c = connect(from, to).with_context(|| format!("connecting from {from}"))?;
+            let (s, _) = listener.accept().context("accepting")?;
+            held.push(c);
+            held.push(s.into());
+            Ok(())
+        };
+        if let Err(e) = one() {
+            stopped = Some(e);
+            break;
+        }
     }
-    println!("holding {}", a.count);
+    match stopped {
+        None => println!("holding {}", a.count),
+        Some(e) => println!("holding {} ({e:#})", held.len() / 2),
+    }
     std::io::stdout().flush()?;
     let _ = std::io::stdin().read(&mut [0u8; 1]);
     Ok(())

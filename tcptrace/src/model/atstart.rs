@@ -5,7 +5,8 @@
 //! Each connection takes 24 bytes (IPv4) or 48 (IPv6) in a vector sorted by its endpoints,
 //! found by binary search — against more than 200 in a hash map of socket addresses with
 //! owners. The process holding a socket is kept as its pid; each command name once per
-//! process.
+//! process. A connection taken out when it closes is marked, and the marked ones dropped
+//! once they outnumber those left: the table shrinks as the connections close.
 
 use std::{
     collections::HashMap,
@@ -141,12 +142,15 @@ impl<A: Addr> Key<A> {
 #[derive(Debug)]
 struct Table<A> {
     entries: Vec<Entry<A>>,
+    /// Entries marked taken, still in `entries`.
+    taken: usize,
 }
 
 impl<A> Default for Table<A> {
     fn default() -> Self {
         Table {
             entries: Vec::new(),
+            taken: 0,
         }
     }
 }
@@ -156,13 +160,44 @@ impl<A: Addr> Table<A> {
         self.entries.sort_unstable_by_key(|e| e.key);
         self.entries.dedup_by_key(|e| e.key);
         self.entries.shrink_to_fit();
+        self.taken = self
+            .entries
+            .iter()
+            .filter(|e| e.flags & entry_flag::TAKEN != 0)
+            .count();
     }
 
-    /// The entry of `key`, not taken yet.
-    fn find(&mut self, key: &Key<A>) -> Option<&mut Entry<A>> {
+    /// Takes the entry of `key`, not taken yet: (state, flags, holder). Once fewer than
+    /// half the entries are left, the taken ones are dropped and the memory given back:
+    /// each drop costs a pass over what is left, after as many takes as there are left,
+    /// so a take costs O(1) amortised (and the binary search's order stays).
+    fn take(&mut self, key: &Key<A>) -> Option<(u8, u8, u32)> {
         let i = self.entries.binary_search_by(|e| e.key.cmp(key)).ok()?;
         let e = &mut self.entries[i];
-        (e.flags & entry_flag::TAKEN == 0).then_some(e)
+        if e.flags & entry_flag::TAKEN != 0 {
+            return None;
+        }
+        e.flags |= entry_flag::TAKEN;
+        let got = (e.state, e.flags, e.holder);
+        self.taken += 1;
+        if 2 * self.taken > self.entries.len() {
+            self.compact();
+        }
+        Some(got)
+    }
+
+    /// Drops the taken entries.
+    fn compact(&mut self) {
+        self.entries.retain(|e| e.flags & entry_flag::TAKEN == 0);
+        self.entries.shrink_to_fit();
+        self.taken = 0;
+    }
+
+    /// The entries not taken.
+    fn live(&self) -> impl Iterator<Item = &Entry<A>> {
+        self.entries
+            .iter()
+            .filter(|e| e.flags & entry_flag::TAKEN == 0)
     }
 }
 
@@ -242,20 +277,28 @@ impl OpenAtStart {
         }
         each(&mut self.v4.entries, &pid_of);
         each(&mut self.v6.entries, &pid_of);
-        self.comms = comms.map(|(pid, c)| (pid, comm(c))).collect();
+        // Added to the names known already (a table appended, or owners set in passes).
+        self.comms.extend(comms.map(|(pid, c)| (pid, comm(c))));
     }
 
-    /// Takes in `more` (unsorted: [`Self::sort`] after the last).
+    /// Takes in `more`, its owners' names with it (unsorted: [`Self::sort`] after the
+    /// last).
     pub fn append(&mut self, mut more: OpenAtStart) {
-        fn add<A>(to: &mut Vec<Entry<A>>, more: &mut Vec<Entry<A>>) {
-            if to.is_empty() {
-                std::mem::swap(to, more);
+        fn add<A>(to: &mut Table<A>, more: &mut Table<A>) {
+            if to.entries.is_empty() {
+                std::mem::swap(&mut to.entries, &mut more.entries);
             } else {
-                to.append(more);
+                to.entries.append(&mut more.entries);
             }
+            to.taken += more.taken;
         }
-        add(&mut self.v4.entries, &mut more.v4.entries);
-        add(&mut self.v6.entries, &mut more.v6.entries);
+        add(&mut self.v4, &mut more.v4);
+        add(&mut self.v6, &mut more.v6);
+        if self.comms.is_empty() {
+            self.comms = more.comms;
+        } else {
+            self.comms.extend(more.comms);
+        }
         self.live += more.live;
     }
 
@@ -268,14 +311,9 @@ impl OpenAtStart {
     ) -> Option<Open> {
         let netns = netns?;
         let (state, flags, holder) = if let Some(key) = Key::of(netns, local, remote) {
-            let e = self.v4.find(&key)?;
-            e.flags |= entry_flag::TAKEN;
-            (e.state, e.flags, e.holder)
+            self.v4.take(&key)?
         } else {
-            let key = Key::of(netns, local, remote)?;
-            let e = self.v6.find(&key)?;
-            e.flags |= entry_flag::TAKEN;
-            (e.state, e.flags, e.holder)
+            self.v6.take(&Key::of(netns, local, remote)?)?
         };
         self.live -= 1;
         Some(self.open(netns, local, remote, state, flags, holder))
@@ -283,13 +321,8 @@ impl OpenAtStart {
 
     /// Every socket not taken.
     pub fn iter(&self) -> impl Iterator<Item = Open> + '_ {
-        fn live<A: Addr>(t: &Table<A>) -> impl Iterator<Item = &Entry<A>> {
-            t.entries
-                .iter()
-                .filter(|e| e.flags & entry_flag::TAKEN == 0)
-        }
-        let v4 = live(&self.v4).map(|e| self.entry(e));
-        let v6 = live(&self.v6).map(|e| self.entry(e));
+        let v4 = self.v4.live().map(|e| self.entry(e));
+        let v6 = self.v6.live().map(|e| self.entry(e));
         v4.chain(v6)
     }
 
@@ -302,6 +335,7 @@ impl OpenAtStart {
         v6.retain(|e| e.flags & entry_flag::TAKEN == 0 && keep(&self.entry(e)));
         v6.shrink_to_fit();
         (self.v4.entries, self.v6.entries) = (v4, v6);
+        (self.v4.taken, self.v6.taken) = (0, 0);
         self.live = self.v4.entries.len() + self.v6.entries.len();
     }
 
@@ -313,12 +347,8 @@ impl OpenAtStart {
             keep: &mut impl FnMut(&Open) -> bool,
         ) -> Table<A> {
             Table {
-                entries: t
-                    .entries
-                    .iter()
-                    .filter(|e| e.flags & entry_flag::TAKEN == 0 && keep(&all.entry(e)))
-                    .copied()
-                    .collect(),
+                entries: t.live().filter(|e| keep(&all.entry(e))).copied().collect(),
+                taken: 0,
             }
         }
         let (v4, v6) = (
@@ -495,6 +525,74 @@ mod tests {
         all.retain(|o| o.local.port() < 1010);
         assert_eq!(all.len(), 10);
         assert!(all.heap_bytes() >= 10 * 24);
+    }
+
+    #[test]
+    fn taken_entries_are_dropped_once_fewer_than_half_are_left() {
+        let conn = |p: u16| {
+            let local = format!("127.0.0.1:{}", 1000 + p);
+            existing(&local, "127.0.0.1:80", 1, false)
+        };
+        let mut all: OpenAtStart = (0..100u16).map(|p| (conn(p), owner(7, "c"))).collect();
+        let full = all.heap_bytes();
+        let take = |all: &mut OpenAtStart, p: u16| {
+            let e = conn(p);
+            all.take(Some(1), e.local, e.remote)
+        };
+        for p in 0..50 {
+            assert!(take(&mut all, p).is_some());
+        }
+        assert_eq!(
+            all.v4.entries.len(),
+            100,
+            "half left: marked, not dropped yet"
+        );
+        assert!(take(&mut all, 50).is_some());
+        assert_eq!(all.v4.entries.len(), 49, "fewer than half left: dropped");
+        assert!(all.heap_bytes() < full, "and the memory given back");
+        assert_eq!(all.len(), 49);
+        // Lookups still find what is left, and only that.
+        assert_eq!(take(&mut all, 10), None, "taken before the drop");
+        assert_eq!(take(&mut all, 99).unwrap().owner, owner(7, "c"));
+        let left: Vec<u16> = all.iter().map(|o| o.local.port() - 1000).collect();
+        assert_eq!(left, (51..99).collect::<Vec<_>>());
+        // Down to none: every take costs a constant amortised.
+        for p in 51..99 {
+            assert!(take(&mut all, p).is_some());
+        }
+        assert!(all.is_empty());
+        assert_eq!(all.v4.entries.capacity(), 0);
+    }
+
+    #[test]
+    fn appended_tables_keep_their_owners_names() {
+        let mut a: OpenAtStart = [(
+            existing("10.0.0.1:80", "10.0.0.2:5000", 7, true),
+            owner(10, "nginx"),
+        )]
+        .into_iter()
+        .collect();
+        let b: OpenAtStart = [(
+            existing("10.0.0.2:5000", "10.0.0.1:80", 8, false),
+            owner(11, "curl"),
+        )]
+        .into_iter()
+        .collect();
+        a.append(b);
+        a.sort();
+        let names: Vec<_> = a.iter().map(|o| o.owner).collect();
+        assert!(names.contains(&owner(10, "nginx")), "{names:?}");
+        assert!(names.contains(&owner(11, "curl")), "{names:?}");
+        // Owners set in a second pass add their names to those known.
+        a.push(&Existing {
+            inode: 99,
+            ..existing("10.0.0.3:1", "10.0.0.4:2", 9, false)
+        });
+        a.sort();
+        a.set_owners(|i| (i == 99).then_some(12), [(12, "redis")].into_iter());
+        let names: Vec<_> = a.iter().map(|o| o.owner).collect();
+        assert!(names.contains(&owner(10, "nginx")), "kept: {names:?}");
+        assert!(names.contains(&owner(12, "redis")), "{names:?}");
     }
 
     #[test]

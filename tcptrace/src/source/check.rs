@@ -227,15 +227,16 @@ fn load_and_attach() -> [Item; 2] {
 
 /// Whether the kernel's iterator over every task's files tells who holds each socket.
 fn socket_owners(p: &mut Probe) -> Result<String, String> {
-    let mut sockets = 0u64;
+    // Every socket file of every kind (TCP or not), once for each process holding it.
+    let mut held = 0u64;
     p.socket_owners(&mut |_| {
-        sockets += 1;
+        held += 1;
         std::ops::ControlFlow::Continue(())
     })
     .map(|()| {
         format!(
-            "the kernel's iterator over every task's files names the holders of {sockets} \
-                 sockets"
+            "the kernel's iterator over every task's files names the processes holding \
+             {held} socket descriptors (all kinds)"
         )
     })
     .map_err(|e| {

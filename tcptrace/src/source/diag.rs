@@ -209,6 +209,9 @@ pub struct Backfill<C> {
     pub skipped: usize,
     /// Namespaces not read, or read only in part, because the backfill's time ran out.
     pub out_of_time: usize,
+    /// Namespaces whose dump the kernel flagged interrupted (`NLM_F_DUMP_INTR`): read, but
+    /// possibly missing sockets.
+    pub interrupted: usize,
 }
 
 /// What reading one namespace gave.
@@ -218,6 +221,10 @@ struct Part<C> {
     skipped: usize,
     /// Read to the end (not cut short when the time ran out).
     whole: bool,
+    /// A dump of it was flagged interrupted (`NLM_F_DUMP_INTR`): it may miss sockets.
+    interrupted: bool,
+    /// Items in `found` that took room.
+    kept: usize,
 }
 
 /// What a backfill gathers from each namespace in turn.
@@ -248,10 +255,13 @@ impl<T> Part<Vec<T>> {
         let before = found.len();
         found.retain(|_| room.take());
         let skipped = before - found.len();
+        let kept = found.len();
         Part {
             found,
             skipped,
             whole: true,
+            interrupted: false,
+            kept,
         }
     }
 }
@@ -271,15 +281,37 @@ impl Room {
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
             .is_ok()
     }
+
+    /// Gives back the room of `n` items taken and then not kept (a read that failed, or is
+    /// read again).
+    fn give(&self, n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |left| Some(left.saturating_add(n)));
+    }
 }
 
+/// The most namespaces read at once by a backfill. Each sock_diag dump walks the host's
+/// whole socket table (every namespace's sockets share it) under its buckets' locks: past a
+/// few at once, more only contend for the same buckets and the CPUs the traced host needs.
+pub const BACKFILL_WORKERS: usize = 4;
+
+/// The namespaces read at once by `serve`'s periodic stuck-socket scan: it runs beside the
+/// traced host for the whole run, so it stays light.
+pub const SCAN_WORKERS: usize = 1;
+
 /// Runs `read` in every network namespace (this process's own without entering it: that
-/// needs no privilege), several at once (each walks the host's whole socket table in the
-/// kernel), and gathers at most `limit` items in the namespaces' order; `read` takes room
-/// for each item it keeps. Past `until`, the namespaces left are counted, not read.
+/// needs no privilege), up to `workers` at once (at most one per CPU), and gathers what
+/// each read. `read` takes room for each item it keeps that counts against the limit: the
+/// namespaces read at once share it, so when the limit binds, which items are kept
+/// depends on which namespace's reply reaches the room first (the namespaces are gathered
+/// in their order, but read concurrently). Past `until`, the namespaces left are counted,
+/// not read. A read that panics counts its namespace as unreachable.
 fn everywhere<C: Gather + Send>(
     limit: usize,
     until: Option<Instant>,
+    workers: usize,
     read: impl Fn(&Namespace, &Room) -> io::Result<Part<C>> + Sync,
 ) -> Backfill<C> {
     let namespaces = network_namespaces();
@@ -294,17 +326,25 @@ fn everywhere<C: Gather + Send>(
             };
             let part = if until.is_some_and(|u| Instant::now() >= u) {
                 None
-            } else if i == 0 {
-                Some(read(ns, &room))
             } else {
-                Some(in_namespace(ns, || read(ns, &room)))
+                // A panic (in `read`, or spawning the thread that enters the namespace)
+                // would take this worker's namespaces with it: it costs this one only.
+                let step = || {
+                    if i == 0 {
+                        read(ns, &room)
+                    } else {
+                        in_namespace(ns, || read(ns, &room))
+                    }
+                };
+                Some(
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step))
+                        .unwrap_or_else(|_| Err(io::Error::other("the backfill thread panicked"))),
+                )
             };
             done.push((i, part));
         }
     };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(namespaces.len());
+    let workers = workers_for(workers, namespaces.len());
     let mut parts: Vec<(usize, Option<io::Result<Part<C>>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers).map(|_| s.spawn(one)).collect();
         handles
@@ -320,14 +360,20 @@ fn everywhere<C: Gather + Send>(
         first_error: None,
         skipped: 0,
         out_of_time: 0,
+        interrupted: 0,
     };
+    // Namespaces a worker took but whose part was lost with it (it panicked outside a
+    // read): counted as unreachable, never silently dropped.
+    let mut answered = vec![false; namespaces.len()];
     for (i, part) in parts {
+        answered[i] = true;
         match part {
             None => b.out_of_time += 1,
             Some(Ok(part)) => {
                 b.namespaces += 1;
                 b.skipped += part.skipped;
                 b.out_of_time += usize::from(!part.whole);
+                b.interrupted += usize::from(part.interrupted);
                 b.found.gather(part.found);
             }
             // Deleted, or its last process exited, since it was listed: nothing to read.
@@ -339,12 +385,28 @@ fn everywhere<C: Gather + Send>(
             }
         }
     }
+    let lost = answered.iter().filter(|a| !**a).count();
+    if lost > 0 {
+        b.unreachable += lost;
+        b.first_error
+            .get_or_insert_with(|| format!("{lost} namespaces lost with a backfill thread"));
+    }
     b
+}
+
+/// The workers a backfill of `namespaces` runs: at most `asked`, one per CPU, one per
+/// namespace; at least one.
+fn workers_for(asked: usize, namespaces: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(asked)
+        .min(namespaces)
+        .max(1)
 }
 
 /// Every TIME_WAIT socket of every network namespace on the host (at most `limit`).
 pub fn time_wait_sockets_everywhere(limit: usize) -> Backfill<Vec<DiagTimewait>> {
-    everywhere(limit, None, |ns, room| {
+    everywhere(limit, None, BACKFILL_WORKERS, |ns, room| {
         let mut found = time_wait_sockets()?;
         for d in &mut found {
             d.netns = Some(ns.inode);
@@ -358,89 +420,174 @@ const OPEN_STATES: u32 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8 | 1
 
 /// Every connection open now in every network namespace on the host, each with its role
 /// from its namespace's listeners, and the listeners themselves (state LISTEN, `server`
-/// set): at most `limit` in all, sorted, each with its socket file's inode (owners are
-/// looked for next: [`socket_owners`]).
+/// set): at most `limit` connections (those beyond it counted in `skipped`; which are kept
+/// then is said at [`everywhere`]) and every listener, sorted, each with its socket file's
+/// inode (owners are looked for next: [`socket_owners`]).
 pub fn connections_everywhere(limit: usize, until: Option<Instant>) -> Backfill<OpenAtStart> {
-    let mut b = everywhere(limit, until, |ns, room| {
+    let mut b = everywhere(limit, until, BACKFILL_WORKERS, |ns, room| {
         let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
-        let mut part = Part {
-            found: OpenAtStart::default(),
-            skipped: 0,
-            whole: true,
-        };
-        let mut keep = |e: Existing| {
-            if room.take() {
-                part.found.push(&e);
-            } else {
-                part.skipped += 1;
+        // A dump the kernel flags interrupted, or that fails for want of memory, is read
+        // again (its connections given back to the room first), up to DUMP_ATTEMPTS times.
+        let mut attempt = 1;
+        loop {
+            let read = connections_in(ns, &listeners, room, until);
+            let again = attempt < DUMP_ATTEMPTS
+                && match &read {
+                    Ok(part) => part.interrupted,
+                    Err(e) => matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)),
+                };
+            if !again {
+                return read;
             }
-        };
-        for l in &listeners.all {
-            keep(Existing {
-                netns: ns.inode,
-                local: l.local,
-                remote: l.remote,
-                state: l.state,
-                server: true,
-                inode: l.inode,
-            });
+            if let Ok(part) = &read {
+                room.give(part.kept);
+            }
+            attempt += 1;
         }
-        // Streamed from the kernel's reply into what is kept (24 bytes a connection): a
-        // million sockets are never held twice.
-        let mut each = |s: StoredSocket| {
-            let s = s.socket;
-            // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
-            // no connection's socket any more.
-            if s.timer != TIMER_TIMEWAIT {
-                keep(Existing {
-                    netns: ns.inode,
-                    local: s.local,
-                    remote: s.remote,
-                    state: s.state,
-                    server: listeners.on(s.local),
-                    inode: s.inode,
-                });
-            }
-        };
-        for family in FAMILIES {
-            if !dump(family, OPEN_STATES, None, until, &mut each)? {
-                part.whole = false;
-                break;
-            }
-        }
-        Ok(part)
     });
     b.found.sort();
     b
 }
 
+/// The connections of the namespace `ns` (this thread's) with its listeners (`listeners`),
+/// at most as many connections as `room` has: [`connections_everywhere`]'s read of one.
+/// On an error, the room its connections took is given back.
+fn connections_in(
+    ns: &Namespace,
+    listeners: &Listeners,
+    room: &Room,
+    until: Option<Instant>,
+) -> io::Result<Part<OpenAtStart>> {
+    let mut part = Part {
+        found: OpenAtStart::default(),
+        skipped: 0,
+        whole: true,
+        interrupted: false,
+        kept: 0,
+    };
+    // Listeners are few, and what gives every connection its role (and accepted ones
+    // their owner): all are kept, outside the limit.
+    for l in &listeners.all {
+        part.found.push(&Existing {
+            netns: ns.inode,
+            local: l.local,
+            remote: l.remote,
+            state: l.state,
+            server: true,
+            inode: l.inode,
+        });
+    }
+    let mut interrupted = false;
+    let mut whole = true;
+    let mut keep = |e: Existing| {
+        if room.take() {
+            part.found.push(&e);
+            part.kept += 1;
+        } else {
+            part.skipped += 1;
+        }
+    };
+    // Streamed from the kernel's reply into what is kept (24 bytes a connection): a
+    // million sockets are never held twice.
+    let mut each = |s: StoredSocket| {
+        let s = s.socket;
+        // A timewait socket in FIN_WAIT2 (an orphan's) is listed in that state: it is
+        // no connection's socket any more.
+        if s.timer != TIMER_TIMEWAIT {
+            keep(Existing {
+                netns: ns.inode,
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                server: listeners.on(s.local),
+                inode: s.inode,
+            });
+        }
+    };
+    let mut error = None;
+    for family in FAMILIES {
+        match dump(family, OPEN_STATES, None, until, &mut each) {
+            Ok(dumped) => {
+                interrupted |= dumped.interrupted;
+                if !dumped.whole {
+                    whole = false;
+                    break;
+                }
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = error {
+        room.give(part.kept);
+        return Err(e);
+    }
+    part.whole = whole;
+    part.interrupted = interrupted;
+    Ok(part)
+}
+
 /// How the owners of the sockets open at start were found.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct OwnersRead {
+    /// Socket files whose holder was looked for (none: no pass was made).
+    pub sought: usize,
     /// Processes not looked into because the time ran out.
     pub unread: usize,
     /// How long looking took.
     pub took: std::time::Duration,
     /// Found by the kernel's iterator over every task's files (else from `/proc/*/fd`).
     pub from_kernel: bool,
-    /// The iterator's pass stopped part-way because the time ran out.
+    /// The iterator's pass stopped part-way: the time ran out, or a read failed (`failed`).
+    /// What it read before is kept.
     pub cut_short: bool,
+    /// Why the iterator's pass failed part-way, if it did.
+    pub failed: Option<String>,
 }
 
-/// Every connection and listener open now in every network namespace (at most `limit`),
-/// each with the process holding its socket: what every live view starts from. Past `until`
-/// what is left is not read.
+/// Every connection and listener open now in every network namespace (at most `limit`
+/// connections, and every listener), each with the process holding its socket: what every
+/// live view starts from. Past `until` what is left is not read. `kernel` runs the kernel's
+/// iterator over every task's files ([`Probe::socket_owners`]); where it cannot run (or
+/// fails before its first record) the owners are read from `/proc/*/fd`.
+///
+/// [`Probe::socket_owners`]: crate::source::probe::Probe::socket_owners
 pub fn open_everywhere(
     limit: usize,
     until: Option<Instant>,
     kernel: impl FnOnce(&mut dyn FnMut(SocketOwner) -> ControlFlow<()>) -> Result<(), String>,
 ) -> (Backfill<OpenAtStart>, OwnersRead) {
     let mut b = connections_everywhere(limit, until);
+    let read = find_owners(&mut b.found, until, kernel);
+    (b, read)
+}
+
+/// Sets the owners of `found`'s sockets: [`open_everywhere`]'s second step.
+fn find_owners(
+    found: &mut OpenAtStart,
+    until: Option<Instant>,
+    kernel: impl FnOnce(&mut dyn FnMut(SocketOwner) -> ControlFlow<()>) -> Result<(), String>,
+) -> OwnersRead {
     let started = Instant::now();
-    let inodes = b.found.inodes();
+    let inodes = found.inodes();
+    let mut read = OwnersRead {
+        sought: inodes.len(),
+        unread: 0,
+        took: std::time::Duration::ZERO,
+        from_kernel: false,
+        cut_short: false,
+        failed: None,
+    };
+    // No socket with a file to look for (none open, or all orphans): no pass to make.
+    if inodes.is_empty() {
+        return read;
+    }
     let mut pids = Vec::new();
+    let mut comms: HashMap<u32, String> = HashMap::new();
     let (mut seen, mut cut_short) = (0u64, false);
-    let read = kernel(&mut |o| {
+    let pass = kernel(&mut |o| {
         seen += 1;
         if seen % OWNERS_BETWEEN_CLOCK_READS == 0 && until.is_some_and(|u| Instant::now() >= u) {
             cut_short = true;
@@ -448,25 +595,41 @@ pub fn open_everywhere(
         }
         if inodes.binary_search(&o.inode).is_ok() {
             pids.push((o.inode, o.pid));
+            comms.entry(o.pid).or_insert_with(|| comm_name(o.comm));
         }
         ControlFlow::Continue(())
     });
-    let (owners, from_kernel) = match read {
-        Ok(()) => (SocketOwners::of(pids), true),
+    let owners = match pass {
+        Ok(()) => {
+            read.from_kernel = true;
+            SocketOwners::of(pids, comms)
+        }
+        // It ran, then failed: what it read stands (the processes it did not reach are
+        // not read again from /proc, which may not even see them).
+        Err(why) if seen > 0 => {
+            log::debug!("the socket owners' iterator failed after {seen} records: {why}");
+            read.from_kernel = true;
+            cut_short = true;
+            read.failed = Some(why);
+            SocketOwners::of(pids, comms)
+        }
         Err(why) => {
             log::debug!("socket owners read from /proc/*/fd: {why}");
-            (socket_owners(Some(&inodes), until), false)
+            socket_owners(Some(&inodes), until)
         }
     };
-    b.found
-        .set_owners(|inode| Some(owners.get(inode)?.0), owners.comms());
-    let read = OwnersRead {
-        unread: owners.unread,
-        took: started.elapsed(),
-        from_kernel,
-        cut_short,
-    };
-    (b, read)
+    found.set_owners(|inode| Some(owners.get(inode)?.0), owners.comms());
+    read.unread = owners.unread;
+    read.took = started.elapsed();
+    read.cut_short = cut_short;
+    read
+}
+
+/// A task's command as the kernel keeps it (NUL-padded bytes), as text.
+fn comm_name(comm: [u64; 2]) -> String {
+    let bytes: [u8; 16] = bytemuck::cast(comm);
+    let n = bytes.iter().position(|&c| c == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..n]).into_owned()
 }
 
 /// Owners read from the kernel's iterator between two looks at the clock.
@@ -500,7 +663,7 @@ pub fn sitting_everywhere(
     map: Option<BorrowedFd>,
     limit: usize,
 ) -> Backfill<Vec<Sitting>> {
-    everywhere(limit, None, |ns, room| {
+    everywhere(limit, None, SCAN_WORKERS, |ns, room| {
         let listeners = Listeners::new(sockets(1 << TCP_LISTEN)?);
         let found = stored_sockets(states, map)?;
         let found = found
@@ -584,18 +747,11 @@ impl SocketOwners {
         self.pids.is_empty()
     }
 
-    /// The owners of `pids` ((inode, pid) pairs), with their commands.
-    fn of(mut pids: Vec<(u32, u32)>) -> SocketOwners {
+    /// The owners of `pids` ((inode, pid) pairs), with their commands (`comms`, by pid).
+    fn of(mut pids: Vec<(u32, u32)>, comms: HashMap<u32, String>) -> SocketOwners {
         pids.sort_unstable();
         pids.dedup_by_key(|p| p.0);
-        let mut comms = HashMap::new();
-        for &(_, pid) in &pids {
-            comms.entry(pid).or_insert_with(|| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_default()
-            });
-        }
+        pids.shrink_to_fit();
         SocketOwners {
             pids,
             comms,
@@ -724,7 +880,11 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
+#[cfg(test)]
+const NLM_F_MULTI: u16 = 2;
 const NLM_F_DUMP: u16 = 0x300;
+/// The dump was inconsistent: the kernel's table changed under it.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_LISTEN: u32 = 10;
 /// `struct nlmsghdr`.
@@ -760,21 +920,43 @@ pub fn time_wait_sockets() -> io::Result<Vec<DiagTimewait>> {
 /// The TCP sockets (IPv4 and IPv6) of this network namespace in the states of `states`
 /// (bits `1 << state`).
 pub fn sockets(states: u32) -> io::Result<Vec<DiagSocket>> {
-    let mut out = Vec::new();
-    for family in FAMILIES {
-        dump(family, states, None, None, &mut |s| out.push(s.socket))?;
-    }
-    Ok(out)
+    collected(states, None, |s| s.socket)
 }
 
 /// [`sockets`], each with its value in the socket-storage map `map` (a map of
 /// [`SockStorage`]); the kernel lets a caller with CAP_BPF (or CAP_SYS_ADMIN) read it.
 pub fn stored_sockets(states: u32, map: Option<BorrowedFd>) -> io::Result<Vec<StoredSocket>> {
-    let mut out = Vec::new();
-    for family in FAMILIES {
-        dump(family, states, map, None, &mut |s| out.push(s))?;
+    collected(states, map, |s| s)
+}
+
+/// Dumps of a namespace's sockets tried, while the kernel flags them interrupted.
+const DUMP_ATTEMPTS: usize = 3;
+
+/// The sockets of both families in `states`, each as `pick` makes it: dumped again (up to
+/// [`DUMP_ATTEMPTS`] times) while the kernel flags a dump interrupted, since such a dump
+/// may have missed or repeated sockets.
+fn collected<T>(
+    states: u32,
+    map: Option<BorrowedFd>,
+    pick: impl Fn(StoredSocket) -> T,
+) -> io::Result<Vec<T>> {
+    let mut attempt = 1;
+    loop {
+        let mut out = Vec::new();
+        let mut interrupted = false;
+        for family in FAMILIES {
+            interrupted |= dump(family, states, map, None, &mut |s| out.push(pick(s)))?.interrupted;
+        }
+        if !interrupted || attempt == DUMP_ATTEMPTS {
+            if interrupted {
+                log::debug!(
+                    "sock_diag's dump was interrupted {DUMP_ATTEMPTS} times: kept the last"
+                );
+            }
+            return Ok(out);
+        }
+        attempt += 1;
     }
-    Ok(out)
 }
 
 /// The address families TCP sockets are dumped for.
@@ -815,16 +997,26 @@ fn request(family: u8, states: u32, map: Option<BorrowedFd>) -> Vec<u8> {
     req
 }
 
+/// How a dump ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Dumped {
+    /// Read to the end of the kernel's reply (false: cut short when `until` passed).
+    whole: bool,
+    /// A message of the reply carried `NLM_F_DUMP_INTR`: the table changed under the dump
+    /// in a way the kernel noticed, and sockets may have been missed or repeated. (The
+    /// inet_diag dumps of 6.x never set it; a kernel that does is heard.)
+    interrupted: bool,
+}
+
 /// Streams the sockets of `family` in the states of `states` (bits `1 << state`) to `each`,
-/// with their values in `map` when asked, until the kernel's reply ends (true) or `until`
-/// passes (false: cut short).
+/// with their values in `map` when asked, until the kernel's reply ends or `until` passes.
 fn dump(
     family: u8,
     states: u32,
     map: Option<BorrowedFd>,
     until: Option<Instant>,
     each: &mut dyn FnMut(StoredSocket),
-) -> io::Result<bool> {
+) -> io::Result<Dumped> {
     // SAFETY: a plain socket call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -847,36 +1039,58 @@ fn dump(
         return Err(io::Error::last_os_error());
     }
     let mut buf = vec![0u8; 64 << 10];
+    let mut dumped = Dumped::default();
     loop {
-        // SAFETY: receiving into our own buffer.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // SAFETY: receiving into our own buffer. MSG_TRUNC makes the call return the
+        // datagram's whole length, so one larger than the buffer is seen, not cut silently
+        // (the kernel sizes its dump datagrams at most 32 KiB).
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
+        let n = n as usize;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "sock_diag's reply ended before its end",
             ));
         }
-        if parse(&buf[..n as usize], each)? {
-            return Ok(true);
+        if n > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a sock_diag datagram of {n} bytes overran the buffer"),
+            ));
+        }
+        if parse(&buf[..n], each, &mut dumped.interrupted)? {
+            dumped.whole = true;
+            return Ok(dumped);
         }
         if until.is_some_and(|u| Instant::now() >= u) {
-            return Ok(false);
+            return Ok(dumped);
         }
     }
 }
 
-/// Parses one datagram of netlink messages; true once the dump is complete.
-fn parse(mut b: &[u8], each: &mut dyn FnMut(StoredSocket)) -> io::Result<bool> {
+/// Parses one datagram of netlink messages; true once the dump is complete. Sets
+/// `interrupted` when a message carries `NLM_F_DUMP_INTR`.
+fn parse(
+    mut b: &[u8],
+    each: &mut dyn FnMut(StoredSocket),
+    interrupted: &mut bool,
+) -> io::Result<bool> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
     while b.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes(b[0..4].try_into().map_err(|_| bad())?) as usize;
         let ty = u16::from_ne_bytes([b[4], b[5]]);
+        let flags = u16::from_ne_bytes([b[6], b[7]]);
         if len < NLMSG_HDR || len > b.len() {
             return Err(bad());
         }
+        *interrupted |= flags & NLM_F_DUMP_INTR != 0;
         let payload = &b[NLMSG_HDR..len];
         match ty {
             NLMSG_DONE => return Ok(true),
@@ -972,13 +1186,37 @@ mod tests {
         assert!(owners.unread >= 1, "this process at least");
     }
 
+    /// A table of one connection whose socket file is `inode`.
+    fn one_socket(inode: u32) -> OpenAtStart {
+        let mut t = OpenAtStart::default();
+        t.push(&Existing {
+            netns: 1,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+            state: 1,
+            server: false,
+            inode,
+        });
+        t.sort();
+        t
+    }
+
+    fn record(inode: u32, pid: u32, name: &str) -> SocketOwner {
+        SocketOwner {
+            inode,
+            pid,
+            comm: bytemuck::cast(crate::model::atstart::comm(name).0),
+        }
+    }
+
     #[test]
     fn the_kernels_pass_over_owners_stops_when_the_time_is_out() {
         let mut fed = 0u64;
-        let (_, read) = open_everywhere(1000, Some(Instant::now()), |each| {
+        let mut found = one_socket(7);
+        let read = find_owners(&mut found, Some(Instant::now()), |each| {
             for inode in 1..=100_000 {
                 fed += 1;
-                if each(SocketOwner { inode, pid: 1 }).is_break() {
+                if each(record(inode, 1, "x")).is_break() {
                     break;
                 }
             }
@@ -988,6 +1226,107 @@ mod tests {
         assert_eq!(
             fed, OWNERS_BETWEEN_CLOCK_READS,
             "stopped at the first look at the clock"
+        );
+    }
+
+    #[test]
+    fn owners_are_named_by_the_kernels_records() {
+        let mut found = one_socket(7);
+        // A pid no process has here: no /proc/PID/comm could name it.
+        let read = find_owners(&mut found, None, |each| {
+            let _ = each(record(8, 1, "other"));
+            let _ = each(record(7, 4_000_000, "holder"));
+            Ok(())
+        });
+        assert!(read.from_kernel && !read.cut_short, "{read:?}");
+        let owner = found.iter().next().unwrap().owner.unwrap();
+        assert_eq!(
+            (owner.pid, owner.comm.as_str().into_owned()),
+            (4_000_000, "holder".into())
+        );
+    }
+
+    #[test]
+    fn a_pass_that_fails_part_way_keeps_what_it_read() {
+        let mut found = one_socket(7);
+        let read = find_owners(&mut found, None, |each| {
+            let _ = each(record(7, 4_000_000, "holder"));
+            Err("reading the iterator: a failure".into())
+        });
+        assert!(read.from_kernel && read.cut_short, "{read:?}");
+        assert!(read.failed.is_some());
+        let owner = found.iter().next().unwrap().owner;
+        assert_eq!(owner.map(|o| o.pid), Some(4_000_000), "not thrown away");
+    }
+
+    #[test]
+    fn no_pass_is_made_with_no_socket_file_to_look_for() {
+        // An orphan's socket has no file (inode 0).
+        let mut found = one_socket(0);
+        let read = find_owners(&mut found, None, |_| panic!("the kernel's pass ran"));
+        assert_eq!((read.sought, read.from_kernel), (0, false), "{read:?}");
+        let mut empty = OpenAtStart::default();
+        find_owners(&mut empty, None, |_| panic!("the kernel's pass ran"));
+    }
+
+    #[test]
+    fn the_limit_leaves_listeners_in_and_counts_the_connections_it_skips() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let b = connections_everywhere(0, None);
+        let local = listener.local_addr().unwrap();
+        assert!(
+            b.found.iter().any(|o| o.listening() && o.local == local),
+            "the listener is kept with no room left"
+        );
+        assert!(
+            b.found.iter().all(|o| o.listening()),
+            "no connection fits in no room"
+        );
+        assert!(b.skipped >= 2, "both ends of the connection skipped: {b:?}");
+        drop(client);
+    }
+
+    #[test]
+    fn room_given_back_is_taken_again() {
+        let room = Room::new(2);
+        assert!(room.take() && room.take());
+        assert!(!room.take(), "none left");
+        room.give(1);
+        assert!(room.take(), "what a failed read took is there for others");
+        assert!(!room.take());
+        let part = Part::within(vec![1, 2, 3], &Room::new(2));
+        assert_eq!((part.kept, part.skipped), (2, 1));
+    }
+
+    #[test]
+    fn a_backfill_reads_a_few_namespaces_at_once() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(workers_for(BACKFILL_WORKERS, 1000), cpus.min(4));
+        assert_eq!(
+            workers_for(SCAN_WORKERS, 1000),
+            1,
+            "the periodic scan stays light"
+        );
+        assert_eq!(workers_for(BACKFILL_WORKERS, 1), 1);
+        assert_eq!(workers_for(BACKFILL_WORKERS, 0), 1);
+    }
+
+    #[test]
+    fn a_namespace_whose_read_panics_is_counted_not_lost() {
+        let b: Backfill<Vec<u8>> = everywhere(
+            10,
+            None,
+            BACKFILL_WORKERS,
+            |_, _| -> io::Result<Part<Vec<u8>>> { panic!("a reader's bug") },
+        );
+        assert!(b.unreachable >= 1, "{b:?}");
+        assert_eq!(b.namespaces, 0);
+        assert!(
+            b.first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("panicked")),
+            "{b:?}"
         );
     }
 
@@ -1048,8 +1387,10 @@ mod tests {
         done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
         let mut out = Vec::new();
-        assert!(!parse(&m, &mut |s| out.push(s)).unwrap());
-        assert!(parse(&done, &mut |s| out.push(s)).unwrap());
+        let mut interrupted = false;
+        assert!(!parse(&m, &mut |s| out.push(s), &mut interrupted).unwrap());
+        assert!(parse(&done, &mut |s| out.push(s), &mut interrupted).unwrap());
+        assert!(!interrupted);
         assert_eq!(out[0].storage, None);
         assert_eq!(
             out.iter().map(|s| s.socket).collect::<Vec<_>>(),
@@ -1063,8 +1404,14 @@ mod tests {
             }]
         );
         assert!(
-            parse(&m[..20], &mut |s| out.push(s)).is_err(),
+            parse(&m[..20], &mut |s| out.push(s), &mut interrupted).is_err(),
             "a truncated message is an error"
         );
+        // A message flagged NLM_F_DUMP_INTR: the dump is said to be interrupted.
+        let mut flagged = m.clone();
+        flagged[6..8].copy_from_slice(&(NLM_F_MULTI | NLM_F_DUMP_INTR).to_ne_bytes());
+        assert!(!parse(&flagged, &mut |s| out.push(s), &mut interrupted).unwrap());
+        assert!(interrupted, "flagged");
+        assert_eq!(out.len(), 2, "its socket is still read");
     }
 }

@@ -58,7 +58,8 @@ pub fn owners_offsets(btf: &Btf) -> Result<tcptrace_common::OwnersOffsets, Strin
         file_inode: at("file", "f_inode")?,
         inode_mode: at("inode", "i_mode")?,
         inode_ino: at("inode", "i_ino")?,
-        _pad: [0; 3],
+        task_comm: at("task_struct", "comm")?,
+        _pad: [0; 2],
     })
 }
 

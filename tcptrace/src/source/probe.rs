@@ -471,11 +471,14 @@ impl Probe {
             .count()
     }
 
-    /// Which process holds each socket file on the host (in tcptrace's pid namespace), from
-    /// the kernel's iterator over every task's open files: one pass in the kernel, where
-    /// reading `/proc/*/fd` takes a system call a descriptor and may not see other users'
-    /// processes. Each goes to `each` as it is read, until `each` breaks (the kernel's pass
-    /// stops when its file is closed). Err says why it cannot run here.
+    /// Which process holds each socket file on the host, from the kernel's iterator over
+    /// every task's open files: one pass in the kernel, where reading `/proc/*/fd` takes a
+    /// system call a descriptor and may not see other users' processes. Each record names
+    /// the process by its pid in the initial (host) pid namespace — not tcptrace's own,
+    /// when it runs in a container — and by its task's command. Each goes to `each` as it
+    /// is read, until `each` breaks (the kernel's pass stops when its file is closed). Err
+    /// says why it cannot run here, or why its pass stopped part-way: what went to `each`
+    /// before stands.
     pub fn socket_owners(
         &mut self,
         each: &mut dyn FnMut(tcptrace_common::SocketOwner) -> std::ops::ControlFlow<()>,
@@ -495,7 +498,21 @@ impl Probe {
         let mut buf = [0u8; 512 * RECORD_BYTES];
         let mut have = 0;
         loop {
-            let n = std::io::Read::read(&mut file, &mut buf[have..]).map_err(|e| e.to_string())?;
+            let n = match std::io::Read::read(&mut file, &mut buf[have..]) {
+                Ok(n) => n,
+                // A signal, or the kernel's pass having walked its most objects in one read
+                // without a record to show (`bpf_seq_read`'s EAGAIN): it resumes where it
+                // was.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(format!("reading the iterator: {e}")),
+            };
             if n == 0 {
                 return Ok(());
             }

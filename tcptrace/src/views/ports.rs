@@ -261,8 +261,11 @@ pub struct PortsCore {
     /// Connections come as records (their connects as transitions).
     records: bool,
     connects: FastMap<u64, Connect>,
-    /// Connections open at start (by namespace and endpoints) toward each destination.
+    /// Connections open at start (by namespace and endpoints), until they close.
     open_at_start: OpenAtStart,
+    /// How many of them are toward each destination: what each interval reads, so that
+    /// it walks the destinations, not every connection open at start (nor the closed).
+    open_at_start_by_dest: FastMap<Dest, u64>,
     /// TIME_WAIT sockets that existed at start, until they expire.
     timewait_at_start: Vec<(Option<u32>, SocketAddr, SocketAddr, u64)>,
     window: FastMap<Dest, Window>,
@@ -284,6 +287,7 @@ impl PortsCore {
             records: false,
             connects: FastMap::default(),
             open_at_start: OpenAtStart::default(),
+            open_at_start_by_dest: FastMap::default(),
             timewait_at_start: Vec::new(),
             window: FastMap::default(),
             failures_total: FastMap::default(),
@@ -319,6 +323,13 @@ impl PortsCore {
                 && keep(e.local, e.remote, netns)
                 && self.ranges.range(netns).contains(e.local.port())
         });
+        self.open_at_start_by_dest.clear();
+        for o in self.open_at_start.iter() {
+            *self
+                .open_at_start_by_dest
+                .entry(Dest::of(Some(o.netns), o.local, o.remote))
+                .or_default() += 1;
+        }
         for t in timewaits {
             if keep(t.local, t.remote, t.netns)
                 && self.ranges.range(t.netns).contains(t.local.port())
@@ -382,8 +393,16 @@ impl PortsCore {
                 self.window.entry(c.dest).or_default().failures += 1;
                 *self.failures_total.entry(c.dest).or_default() += 1;
             }
-        } else if !self.open_at_start.is_empty() {
-            self.open_at_start.take(t.netns, t.local, t.remote);
+        } else if !self.open_at_start.is_empty()
+            && let Some(o) = self.open_at_start.take(t.netns, t.local, t.remote)
+        {
+            let dest = Dest::of(Some(o.netns), o.local, o.remote);
+            if let Some(n) = self.open_at_start_by_dest.get_mut(&dest) {
+                *n -= 1;
+                if *n == 0 {
+                    self.open_at_start_by_dest.remove(&dest);
+                }
+            }
         }
     }
 
@@ -402,9 +421,8 @@ impl PortsCore {
         for c in self.connects.values().filter(|c| c.holds) {
             held.entry(c.dest).or_default().0 += 1;
         }
-        for o in self.open_at_start.iter() {
-            let dest = Dest::of(Some(o.netns), o.local, o.remote);
-            held.entry(dest).or_default().0 += 1;
+        for (dest, n) in &self.open_at_start_by_dest {
+            held.entry(*dest).or_default().0 += n;
         }
         let traced: std::collections::HashSet<_> = population.iter().copied().collect();
         self.timewait_at_start
