@@ -149,12 +149,16 @@ pub mod kind {
     /// A reset arrived for a socket of this host (`tcp:tcp_receive_reset`); `oldstate` =
     /// `newstate` = the socket's state.
     pub const RESET_RECEIVED: u8 = 4;
-    /// A timewait socket's timer was armed (`timer:timer_start` with `tw_timer_handler`):
-    /// `skaddr` = the timewait socket, `aux` = the timeout in jiffies, `oldstate` = its
-    /// substate (FIN_WAIT2 or TIME_WAIT), `newstate` = TIME_WAIT; addresses and ports set.
+    /// A timewait socket's timer was armed (`timer:timer_start` with `tw_timer_handler`, or
+    /// an fentry program on `__inet_twsk_schedule`): `skaddr` = the timewait socket, `aux` =
+    /// the timeout in jiffies, `oldstate` = its substate (FIN_WAIT2 or TIME_WAIT),
+    /// `newstate` = TIME_WAIT; addresses and ports set. With
+    /// [`TW_REARM`](super::flag::TW_REARM), the kernel said it re-arms a live one.
     pub const TW_ARMED: u8 = 5;
     /// A known timewait timer was cancelled (`timer:timer_cancel`): before a re-arm, before
     /// the expiry handler runs, or alone when the socket is killed early. Only `skaddr`.
+    /// From the fentry programs (`inet_twsk_deschedule_put`): the socket is being killed
+    /// early, and its [`TW_ENDED`] follows.
     pub const TW_CANCELLED: u8 = 6;
     /// A timewait timer fired (`timer:timer_expire_entry`): the 2MSL (or FIN_WAIT2) expiry.
     /// Only `skaddr`.
@@ -170,6 +174,11 @@ pub mod kind {
     /// record (a [`TRANSITION`] into CLOSE or TIME_WAIT, or a [`CONNECTION`] record), in the
     /// same reservation.
     pub const DETAILS: u8 = 10;
+    /// A timewait socket left the kernel's tables (an fentry program on `inet_twsk_kill`):
+    /// its end, killed early if a [`TW_CANCELLED`] for it came first (from
+    /// `inet_twsk_deschedule_put`), else expired (its timer's handler). `oldstate` = its
+    /// substate then, with [`SUBSTATE_AT_END`](super::flag::SUBSTATE_AT_END). Only `skaddr`.
+    pub const TW_ENDED: u8 = 11;
 }
 
 /// `aux` of a [`kind::RESET_SENT`] event on kernels whose tracepoint has no reason field.
@@ -193,6 +202,11 @@ pub mod flag {
     /// then (FIN_WAIT2 or TIME_WAIT), read at that moment (a peer's FIN can move it to
     /// TIME_WAIT without a timer event). Without this bit (older recordings) it says nothing.
     pub const SUBSTATE_AT_END: u8 = 1 << 5;
+    /// On a [`TW_ARMED`](super::kind::TW_ARMED) from `__inet_twsk_schedule`: the kernel
+    /// re-armed the timer of a live timewait socket (its `rearm` argument), even within the
+    /// same timer-wheel bucket, which no timer tracepoint shows. Without this bit (the timer
+    /// tracepoints, older recordings) a re-arm is told from a cancel before the arming.
+    pub const TW_REARM: u8 = 1 << 6;
 }
 
 /// One record in the ring buffer (and, unchanged, in a recording).

@@ -708,6 +708,7 @@ fn exported_families() -> BTreeSet<String> {
                 local: s,
                 remote: c,
                 netns: None,
+                rearm: false,
             },
         ),
         t(90, 0xb, s, c, FinWait2, TimeWait),

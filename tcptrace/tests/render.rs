@@ -174,6 +174,7 @@ fn client_timewait() -> Vec<RawEvent> {
         local: "10.0.0.5:41000".parse().unwrap(),
         remote: "10.0.0.9:8080".parse().unwrap(),
         netns: Some(CLIENT_NS),
+        rearm: false,
     };
     vec![
         timer(3 * SEC + 2_049_000, armed),

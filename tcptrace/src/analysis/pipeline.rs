@@ -594,6 +594,7 @@ mod tests {
                     local,
                     remote,
                     netns: None,
+                    rearm: false,
                 },
             )
         };

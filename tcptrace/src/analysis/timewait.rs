@@ -1,11 +1,19 @@
 //! The timewait socket's life: from the timer's arming to its expiry or early kill.
 //!
 //! The kernel replaces a closing socket by a separate timewait socket that never passes
-//! through `inet_sock_set_state`; its timer does. Per timer, `cancel` then `arm` is a re-arm
-//! (the peer's FIN arrived, or a retransmitted one), `cancel` then `expire` is the natural
-//! expiry (the timer is detached before its handler runs), and `cancel` alone is an early end
-//! (port reuse with `tcp_tw_reuse`, a reset, the namespace going away). Timewait sockets are
-//! reused from a slab, so a life is keyed by address *and* 4-tuple.
+//! through `inet_sock_set_state`. Its life comes from one of two sources:
+//!
+//! - the timewait functions themselves (fentry programs, where the kernel allows them):
+//!   every arming says whether it is a re-arm, even one the timer wheel keeps in the same
+//!   bucket; `inet_twsk_deschedule_put` (a cancel) is an early kill and the end
+//!   (`inet_twsk_kill`) that follows it concludes it as killed, while an end alone is the
+//!   timer's expiry;
+//! - its timer (the timer tracepoints): per timer, `cancel` then `arm` is a re-arm (the peer's
+//!   FIN arrived, or a retransmitted one), `cancel` then `expire` is the natural expiry (the
+//!   timer is detached before its handler runs), and `cancel` alone is an early end (port
+//!   reuse with `tcp_tw_reuse`, a reset, the namespace going away).
+//!
+//! Timewait sockets are reused from a slab, so a life is keyed by address *and* 4-tuple.
 
 use std::{collections::VecDeque, net::SocketAddr};
 
@@ -475,6 +483,7 @@ impl Timewaits {
                 local,
                 remote,
                 netns,
+                rearm,
             } => {
                 if let Some(life) = self.live.get_mut(&t.tw) {
                     if life.local == local && life.remote == remote {
@@ -487,7 +496,7 @@ impl Timewaits {
                                 substate: life.substate,
                             });
                         }
-                        if cancelled.is_some() || life.substate != substate {
+                        if rearm || cancelled.is_some() || life.substate != substate {
                             life.rearms += 1;
                         }
                         life.substate = substate;
@@ -541,6 +550,19 @@ impl Timewaits {
                     life.substate = t.substate_at_end.unwrap_or(life.substate);
                 }
                 out.extend(self.end(t.tw, t.ts_ns, End::Expired));
+            }
+            TimerOp::Ended => {
+                // `inet_twsk_kill`: from `inet_twsk_deschedule_put` (its cancel came first)
+                // or from the timer's handler.
+                let Some(life) = self.live.get_mut(&t.tw) else {
+                    return;
+                };
+                life.substate = t.substate_at_end.unwrap_or(life.substate);
+                let (at, end) = match life.cancelled_at.take() {
+                    Some(at) => (at, End::Killed),
+                    None => (t.ts_ns, End::Expired),
+                };
+                out.extend(self.end(t.tw, at, end));
             }
         }
     }
@@ -650,6 +672,7 @@ mod tests {
                 local: local.parse().unwrap(),
                 remote: S.parse().unwrap(),
                 netns: Some(4_026_532_000 + tw as u32),
+                rearm: false,
             },
         })
     }
@@ -826,6 +849,75 @@ mod tests {
             "the namespace, from the arming"
         );
         assert_eq!(e.cgroup, Some(55), "the cgroup, from the entry");
+    }
+
+    /// An arming as the programs on `__inet_twsk_schedule` report it, `rearm` as the
+    /// kernel said.
+    fn scheduled(ts: u64, tw: u64, substate: State, rearm: bool) -> Event {
+        let Event::Timer(mut t) = armed(ts, tw, substate, C) else {
+            unreachable!()
+        };
+        if let TimerOp::Armed { rearm: r, .. } = &mut t.op {
+            *r = rearm;
+        }
+        Event::Timer(t)
+    }
+
+    /// An end or cancel read with the socket's substate, as every program reports it now.
+    fn at_end(ts: u64, tw: u64, op: TimerOp, substate: State) -> Event {
+        Event::Timer(TimerEvent {
+            ts_ns: ts,
+            tw,
+            op,
+            substate_at_end: Some(substate),
+        })
+    }
+
+    #[test]
+    fn from_the_timewait_functions_every_rearm_counts_and_an_end_alone_is_an_expiry() {
+        // Created in FIN_WAIT2; the peer's FIN re-arms it into TIME_WAIT; a retransmitted
+        // FIN re-arms it again in the same timer-wheel bucket (same substate, no cancel: the
+        // timer tracepoints never showed that one); then `inet_twsk_kill` from the handler.
+        let out = run(&[
+            scheduled(SEC, 1, State::FinWait2, false),
+            entry(SEC + 10, C),
+            scheduled(3 * SEC, 1, State::TimeWait, true),
+            scheduled(4 * SEC, 1, State::TimeWait, true),
+            at_end(64 * SEC, 1, TimerOp::Ended, State::TimeWait),
+        ]);
+        assert_eq!(out.len(), 1);
+        let e = out[0];
+        assert_eq!(
+            (e.end, e.rearms, e.substate, e.residency_ns),
+            (End::Expired, 2, State::TimeWait, 63 * SEC)
+        );
+        assert_eq!(
+            e.owner.unwrap().pid,
+            7,
+            "the closing process, from the entry"
+        );
+    }
+
+    #[test]
+    fn from_the_timewait_functions_a_deschedule_then_the_end_is_a_kill_at_once() {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        for e in [
+            scheduled(SEC, 1, State::TimeWait, false),
+            at_end(2 * SEC, 1, TimerOp::Cancelled, State::TimeWait),
+            at_end(2 * SEC + 3, 1, TimerOp::Ended, State::TimeWait),
+        ] {
+            t.observe(&e, &mut out);
+        }
+        // Concluded by the end itself, not after the grace a lone cancel waits for.
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].end, out[0].residency_ns), (End::Killed, SEC));
+        assert_eq!(t.waiting_since(), None, "nothing left to conclude");
+        t.flush(&mut out);
+        assert_eq!(out.len(), 1, "no second end for the same socket");
+        // An end of a socket never armed (before the trace) is ignored.
+        let out = run(&[at_end(SEC, 5, TimerOp::Ended, State::TimeWait)]);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -167,11 +167,19 @@ pub enum TimerOp {
         /// The timewait socket's network namespace inode (None: unknown). Timewait sockets
         /// have no cgroup.
         netns: Option<u32>,
+        /// The kernel said this re-arms a live timewait socket (`__inet_twsk_schedule`'s
+        /// `rearm`). False from the timer tracepoints, which leave it to be told from a cancel
+        /// just before.
+        rearm: bool,
     },
-    /// Cancelled: before a re-arm, before the expiry handler, or alone (killed early).
+    /// Cancelled: before a re-arm, before the expiry handler, or alone (killed early). From
+    /// `inet_twsk_deschedule_put`: killed early, and [`TimerOp::Ended`] follows.
     Cancelled,
     /// The timer fired: the 2MSL (or FIN_WAIT2) timeout expired.
     Expired,
+    /// The timewait socket left the kernel's tables (`inet_twsk_kill`): killed early if a
+    /// [`TimerOp::Cancelled`] came first, else expired.
+    Ended,
 }
 
 /// An event of a timewait socket's timer.
@@ -336,6 +344,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     match raw.kind {
         kind::TW_CANCELLED => decode_timer(raw, TimerOp::Cancelled),
         kind::TW_EXPIRED => decode_timer(raw, TimerOp::Expired),
+        kind::TW_ENDED => decode_timer(raw, TimerOp::Ended),
         kind::CONNECTION_TAIL => decode_tail(raw),
         kind::DETAILS => Ok(Event::Details(bytemuck::cast(*raw))),
         kind::LOST => Ok(Event::Lost {
@@ -403,6 +412,7 @@ fn decode_armed(raw: &RawEvent) -> Result<Event, DecodeError> {
             local,
             remote,
             netns,
+            rearm: raw.flags & flag::TW_REARM != 0,
         },
     )
 }
@@ -540,17 +550,24 @@ pub fn encode_timer(t: &TimerEvent) -> RawEvent {
             local,
             remote,
             netns,
+            rearm,
         } => {
             raw.kind = kind::TW_ARMED;
             raw.oldstate = substate as u8;
             raw.aux = timeout_jiffies;
             raw.netns = netns.unwrap_or(0);
+            if rearm {
+                raw.flags |= flag::TW_REARM;
+            }
             set_endpoints(&mut raw, local, remote);
         }
         TimerOp::Cancelled => raw.kind = kind::TW_CANCELLED,
         TimerOp::Expired => raw.kind = kind::TW_EXPIRED,
+        TimerOp::Ended => raw.kind = kind::TW_ENDED,
     }
-    if let (Some(s), TimerOp::Cancelled | TimerOp::Expired) = (t.substate_at_end, t.op) {
+    if let (Some(s), TimerOp::Cancelled | TimerOp::Expired | TimerOp::Ended) =
+        (t.substate_at_end, t.op)
+    {
         raw.oldstate = s as u8;
         raw.flags |= flag::SUBSTATE_AT_END;
     }
@@ -687,6 +704,7 @@ mod tests {
                     local,
                     remote,
                     netns,
+                    rearm: false,
                 },
             };
             assert_eq!(decode(&encode_timer(&timer)).unwrap(), Event::Timer(timer));
@@ -721,6 +739,88 @@ mod tests {
             panic!("a reset")
         };
         assert_eq!((r.netns, r.cgroup), (None, None));
+    }
+
+    #[test]
+    fn timewait_records_of_every_version_decode_and_the_new_ones_round_trip() {
+        let (local, remote): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        // An arming as the timer programs (and every recording before the timewait
+        // functions' programs) write it: no re-arm bit, so no re-arm said.
+        let mut raw: RawEvent = bytemuck::Zeroable::zeroed();
+        (raw.ts_ns, raw.skaddr, raw.aux) = (5, 0xffff_0001, 15_000);
+        (raw.kind, raw.oldstate, raw.newstate) = (kind::TW_ARMED, 5, 6);
+        set_endpoints(&mut raw, local, remote);
+        let armed = TimerOp::Armed {
+            substate: State::FinWait2,
+            timeout_jiffies: 15_000,
+            local,
+            remote,
+            netns: None,
+            rearm: false,
+        };
+        let timer = |ts_ns, op, substate_at_end| {
+            Event::Timer(TimerEvent {
+                ts_ns,
+                tw: 0xffff_0001,
+                op,
+                substate_at_end,
+            })
+        };
+        assert_eq!(decode(&raw).unwrap(), timer(5, armed, None));
+        // The same from `__inet_twsk_schedule` with `rearm` set.
+        raw.flags = flag::TW_REARM;
+        let rearmed = TimerOp::Armed {
+            substate: State::FinWait2,
+            timeout_jiffies: 15_000,
+            local,
+            remote,
+            netns: None,
+            rearm: true,
+        };
+        assert_eq!(decode(&raw).unwrap(), timer(5, rearmed, None));
+        // Cancels and expiries, with and without the substate at the end (older recordings).
+        let mut end: RawEvent = bytemuck::Zeroable::zeroed();
+        (end.ts_ns, end.skaddr, end.oldstate, end.newstate) = (9, 0xffff_0001, 6, 6);
+        for (k, op) in [
+            (kind::TW_CANCELLED, TimerOp::Cancelled),
+            (kind::TW_EXPIRED, TimerOp::Expired),
+        ] {
+            end.kind = k;
+            end.flags = 0;
+            assert_eq!(decode(&end).unwrap(), timer(9, op, None));
+            end.flags = flag::SUBSTATE_AT_END;
+            assert_eq!(decode(&end).unwrap(), timer(9, op, Some(State::TimeWait)));
+        }
+        // `inet_twsk_kill`'s end, new.
+        end.kind = kind::TW_ENDED;
+        assert_eq!(
+            decode(&end).unwrap(),
+            timer(9, TimerOp::Ended, Some(State::TimeWait))
+        );
+        for op in [
+            armed,
+            rearmed,
+            TimerOp::Cancelled,
+            TimerOp::Expired,
+            TimerOp::Ended,
+        ] {
+            for substate_at_end in [None, Some(State::FinWait2)] {
+                let substate_at_end = match op {
+                    TimerOp::Armed { .. } => None,
+                    _ => substate_at_end,
+                };
+                let ev = TimerEvent {
+                    ts_ns: 3,
+                    tw: 4,
+                    op,
+                    substate_at_end,
+                };
+                assert_eq!(decode(&encode_timer(&ev)).unwrap(), Event::Timer(ev));
+            }
+        }
     }
 
     #[test]

@@ -162,9 +162,12 @@ impl CompiledFilter {
     /// the kernel already filtered the same way). Lost-event notices are always kept.
     pub fn kernel_keeps(&self, raw: &RawEvent) -> bool {
         use tcptrace_common::kind;
-        // Loss notices always pass; so do timer cancels and expiries, which the kernel only
+        // Loss notices always pass; so do timewait sockets' cancels and ends, which the kernel only
         // reports for timewait sockets whose arming passed the filter.
-        if matches!(raw.kind, kind::LOST | kind::TW_CANCELLED | kind::TW_EXPIRED) {
+        if matches!(
+            raw.kind,
+            kind::LOST | kind::TW_CANCELLED | kind::TW_EXPIRED | kind::TW_ENDED
+        ) {
             return true;
         }
         if raw.flags & tcptrace_common::flag::MPTCP != 0 && self.kernel.mptcp == 0 {

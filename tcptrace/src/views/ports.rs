@@ -735,6 +735,7 @@ mod tests {
                 local: SocketAddr::new("10.0.0.1".parse().unwrap(), lport),
                 remote: SERVER.parse().unwrap(),
                 netns: Some(7),
+                rearm: false,
             },
         })
     }

@@ -169,6 +169,7 @@ impl<W: Write> Population<W> {
                     local: d.local,
                     remote: d.remote,
                     netns,
+                    rearm: false,
                 },
             });
             let filter = self.pipe.filter();

@@ -1213,6 +1213,7 @@ mod tests {
                 local,
                 remote,
                 netns: None,
+                rearm: false,
             },
         });
         events.insert(4, armed);
