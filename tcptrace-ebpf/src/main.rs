@@ -1,8 +1,8 @@
-//! tcptrace's kernel side: fourteen programs on TCP's transitions (`inet_sock_set_state`),
+//! tcptrace's kernel side: seventeen programs on TCP's transitions (`inet_sock_set_state`),
 //! its resets (`tcp_send_reset`, `tcp_receive_reset`), the destruction of its sockets
-//! (`tcp_destroy_sock`) and timewait sockets' timers (`timer_start`, `timer_cancel`,
-//! `timer_expire_entry`), in two sets the loader never attaches together, and an iterator
-//! run once at start:
+//! (`tcp_destroy_sock`) and timewait sockets (their functions, or every timer's
+//! `timer_start`, `timer_cancel`, `timer_expire_entry`), in two sets the loader never
+//! attaches together, and an iterator run once at start:
 //!
 //! - eight BTF tracepoint programs, wherever the kernel has BTF and lets tracing programs
 //!   keep socket-local storage (Linux 5.11 on): [`transition`] (`btf_set_state`, its nested
@@ -14,6 +14,10 @@
 //!   knows of a socket lives in the socket itself ([`maps::SK_STATE`]): created at its first
 //!   transition, freed with it, never evicted, never confused with a later socket at the
 //!   same address.
+//! - with them, in place of the three timer programs where the kernel allows fentry, three
+//!   fentry programs on the timewait functions ([`twsk`]: `tw_schedule` on
+//!   `__inet_twsk_schedule`, `tw_deschedule` on `inet_twsk_deschedule_put`, `tw_kill` on
+//!   `inet_twsk_kill`), which run only for timewait sockets, not for every timer of the host.
 //! - six classic tracepoint programs, the fallback for other kernels, named after their
 //!   tracepoints ([`fallback`]: `inet_sock_set_state`, `tcp_send_reset`, `tcp_receive_reset`,
 //!   `timer_start`, `timer_cancel`, `timer_expire_entry`). They read the tracepoints' records
@@ -51,6 +55,7 @@ mod reset;
 mod sock;
 mod timewait;
 mod transition;
+mod twsk;
 
 /// Says through aya-log that the classic transition program could not read its record.
 /// Defined at the crate's root: aya-log writes the caller's module path and file into each

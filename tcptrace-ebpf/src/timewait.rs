@@ -1,5 +1,7 @@
 //! Timewait sockets' timers: armed, cancelled, fired. The BTF programs here, the classic
-//! ones in [`crate::fallback`]; both report through [`tw_armed`] and [`tw_timer_report`].
+//! ones in [`crate::fallback`]; both report through [`tw_armed`] and [`tw_timer_report`], as
+//! the fentry programs on the timewait functions ([`crate::twsk`]) do through
+//! [`tw_armed_at`] and [`tw_end_report`].
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
@@ -20,9 +22,16 @@ use crate::{
 
 /// A timewait socket's timer, armed for `timeout` jiffies: report the socket.
 pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
+    let tw = timer.wrapping_sub(config().timewait.tw_timer as u64);
+    tw_armed_at(tw, timeout, 0)
+}
+
+/// The timewait socket `tw` armed for `timeout` jiffies: report it, with `flags` (bits of
+/// [`flag`]: [`flag::TW_REARM`] when the kernel said it re-arms it).
+#[inline(always)]
+pub(crate) fn tw_armed_at(tw: u64, timeout: u64, flags: u8) -> Result<(), i32> {
     let cfg = config();
     let o = &cfg.timewait;
-    let tw = timer.wrapping_sub(o.tw_timer as u64);
     let Some(TwSock {
         family,
         sport,
@@ -50,7 +59,7 @@ pub(crate) fn tw_armed(timer: u64, timeout: u64) -> Result<(), i32> {
         kind: kind::TW_ARMED,
         old: substate,
         new: state::TIME_WAIT,
-        flags: 0,
+        flags,
         netns,
         // A timewait socket has no cgroup; userspace takes it from the entry transition.
         cgroup: 0,
@@ -113,10 +122,17 @@ fn tw_kept(cfg: &Config, tw: u64, netns: bool) -> Result<Option<TwSock>, i32> {
 
 /// Reports the end `k` of a timewait socket's timer, if the filters keep the socket.
 pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
+    let tw = timer.wrapping_sub(config().timewait.tw_timer as u64);
+    tw_end_report(tw, k)
+}
+
+/// Reports `k` (a cancel, an expiry or an end) of the timewait socket `tw`, with its
+/// substate now, if the filters keep the socket.
+#[inline(always)]
+pub(crate) fn tw_end_report(tw: u64, k: u8) -> Result<(), i32> {
     // No map remembers which timers were reported (an insert per arming cost more than the
     // rest of the program): with a filter, the socket is read again and judged the same way.
     let cfg = config();
-    let tw = timer.wrapping_sub(cfg.timewait.tw_timer as u64);
     if cfg.filters() && tw_kept(cfg, tw, false)?.is_none() {
         return Ok(());
     }
@@ -144,7 +160,7 @@ pub(crate) fn tw_timer_report(timer: u64, k: u8) -> Result<(), i32> {
         daddr: core::ptr::null(),
         len: 0,
     };
-    let slot = if k == kind::TW_EXPIRED {
+    let slot = if k == kind::TW_EXPIRED || k == kind::TW_ENDED {
         Slot::TimerExpire
     } else {
         Slot::TimerCancel

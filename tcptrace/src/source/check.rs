@@ -162,8 +162,9 @@ fn btf_extras() -> [Item; 3] {
     ]
 }
 
-/// What tracing TIME_WAIT exits needs: the timewait socket's layout, its timer's handler,
-/// and the timer tracepoints.
+/// What tracing TIME_WAIT exits needs: the timewait socket's layout; and, where the kernel
+/// refuses fentry programs on the timewait functions, its timer's handler and the timer
+/// tracepoints (which program set is used is said once loaded: [`load_and_attach`]).
 fn timewait_exits() -> [Item; 3] {
     [
         item(
@@ -182,7 +183,12 @@ fn timewait_exits() -> [Item; 3] {
             false,
             host::kallsyms_address("tw_timer_handler")
                 .map(|a| format!("at {a:#x} in /proc/kallsyms"))
-                .map_err(|e| format!("{e}: no TIME_WAIT exits (run as root, or add CAP_SYSLOG)")),
+                .map_err(|e| {
+                    format!(
+                        "{e}: no TIME_WAIT exits from the timer tracepoints (run as root, or add \
+                         CAP_SYSLOG); the timewait functions' programs need no address"
+                    )
+                }),
         ),
         item(
             "timer tracepoints",
@@ -190,20 +196,29 @@ fn timewait_exits() -> [Item; 3] {
             offsets::timewait_offsets()
                 .and_then(|mut o| tracefs::timer_format_offsets(&mut o))
                 .map(|()| "timer:timer_start, timer_cancel, timer_expire_entry".into())
-                .map_err(|e| format!("{e}: no TIME_WAIT exits")),
+                .map_err(|e| {
+                    format!(
+                        "{e}: no TIME_WAIT exits where fentry on the timewait functions is refused"
+                    )
+                }),
         ),
     ]
 }
 
 /// Loads and attaches the real programs for a moment, and asks the kernel's iterator who
 /// holds the sockets open now.
-fn load_and_attach() -> [Item; 2] {
+fn load_and_attach() -> [Item; 3] {
     let mut probe = Probe::start(&ProbeConfig::default());
     let owners = match &mut probe {
         Ok(p) => socket_owners(p),
         Err(e) => Err(format!("{e}")),
     };
+    let timewait = match &probe {
+        Ok(p) => timewait_source(p),
+        Err(e) => Err(format!("{e}")),
+    };
     [
+        item("TIME_WAIT exits", false, timewait),
         item(
             "load and attach",
             true,
@@ -223,6 +238,17 @@ fn load_and_attach() -> [Item; 2] {
         ),
         item("owners of the sockets open at start", false, owners),
     ]
+}
+
+/// Which programs follow timewait sockets, and why not the cheapest.
+fn timewait_source(p: &Probe) -> Result<String, String> {
+    let source = p
+        .timewait_source()
+        .map_err(|e| format!("{e}: no TIME_WAIT exits"))?;
+    Ok(match p.timewait_note() {
+        Some(why) => format!("from {} ({why})", source.describe()),
+        None => format!("from {}", source.describe()),
+    })
 }
 
 /// Whether the kernel's iterator over every task's files tells who holds each socket.

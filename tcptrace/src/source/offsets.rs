@@ -154,11 +154,19 @@ pub fn timewait_offsets() -> Result<TimewaitOffsets, String> {
 /// [`timer_format_offsets`]).
 pub(super) fn timewait_offsets_in(btf: &Btf) -> Result<TimewaitOffsets, String> {
     let handler = kallsyms_address("tw_timer_handler")?;
+    Ok(TimewaitOffsets {
+        handler,
+        ..timewait_layout(btf)?
+    })
+}
+
+/// The timewait socket's and its timer's fields, without the handler's address (0): all
+/// that the programs on the timewait functions need.
+pub(super) fn timewait_layout(btf: &Btf) -> Result<TimewaitOffsets, String> {
     let tw = |path: &str| offset16(btf, "inet_timewait_sock", path);
     let common = |m: &str| tw(&format!("__tw_common.{m}"));
     let timer = |m: &str| offset16(btf, "timer_list", m);
     Ok(TimewaitOffsets {
-        handler,
         tw_timer: tw("tw_timer")?,
         tw_substate: tw("tw_substate")?,
         skc_family: common("skc_family")?,

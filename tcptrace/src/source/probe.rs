@@ -1,6 +1,7 @@
 //! The live source: loads the embedded eBPF programs — the BTF tracepoint set where the kernel
 //! takes it, else the classic one — configures them, attaches them to TCP's transitions,
-//! resets and timewait timers, and drains their ring buffer in batches.
+//! resets and timewait sockets (their own functions where the kernel allows fentry, else
+//! their timers), and drains their ring buffer in batches.
 //!
 //! This is the only module that loads programs into the kernel. Everything it produces is a
 //! [`RawEvent`], exactly what a recording holds, so every view works the same live and on a
@@ -11,14 +12,14 @@ use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array as BpfArray, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, TracePoint},
 };
-use tcptrace_common::{Config, EVENT_SIZE, NsOffsets, records};
+use tcptrace_common::{Config, EVENT_SIZE, NsOffsets, TimewaitOffsets, records};
 
 use super::{
     btf::Btf,
-    host::{capabilities, monotonic_ns},
-    offsets::{ns_offsets, owners_offsets, sock_offsets, tcp_offsets, timewait_offsets_in},
+    host::{capabilities, kallsyms_address, monotonic_ns},
+    offsets::{ns_offsets, owners_offsets, sock_offsets, tcp_offsets, timewait_layout},
     tracefs::{
         parse_receive_reset_format, parse_send_reset_format, parse_set_state_format, read_format,
         timer_format_offsets,
@@ -119,6 +120,32 @@ impl KernelSide {
     }
 }
 
+/// Where a probe learns the lives of timewait sockets from (TIME_WAIT exits and residency).
+/// One source at a time: never two sets of programs for the same event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimewaitSource {
+    /// fentry programs on the timewait functions (`__inet_twsk_schedule`,
+    /// `inet_twsk_deschedule_put`, `inet_twsk_kill`): they run only for timewait sockets, and
+    /// see every re-arm.
+    Functions,
+    /// BTF tracepoint programs on every timer of the host (`timer_start`, `timer_cancel`,
+    /// `timer_expire_entry`), each leaving at once unless the timer is a timewait socket's.
+    BtfTimers,
+    /// Classic tracepoint programs on every timer of the host.
+    ClassicTimers,
+}
+
+impl TimewaitSource {
+    /// How `tcptrace check` and the logs name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TimewaitSource::Functions => "fentry programs on the timewait functions",
+            TimewaitSource::BtfTimers => "BTF tracepoints on every timer of the host",
+            TimewaitSource::ClassicTimers => "classic tracepoints on every timer of the host",
+        }
+    }
+}
+
 impl Default for ProbeConfig {
     fn default() -> Self {
         ProbeConfig {
@@ -201,7 +228,10 @@ pub struct Probe {
     /// The timer programs' descriptors.
     timer_progs: Vec<RawFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    timewait_traced: bool,
+    /// Where timewait sockets' lives come from, or why they are not traced.
+    timewait: Result<TimewaitSource, String>,
+    /// Why the timewait functions are not the source, when the timers are.
+    timewait_note: Option<String>,
     /// The kernel writes connection records.
     connections: bool,
     /// The programs write each connection's details before its end.
@@ -233,6 +263,13 @@ const NESTED_PROGRAM: &str = "btf_set_state_nested";
 /// The BTF program on socket destruction, which finds the ends no program ran for. Optional:
 /// without it (`tcp_destroy_sock` is Linux 5.3+) such ends go uncounted and have no record.
 const DESTROY_PROGRAM: (&str, &str) = ("tcp_destroy_sock", "btf_destroy_sock");
+/// The fentry programs on the timewait functions, by function: armed (or re-armed), killed
+/// early, ended. Tried first; the timer programs are the fallback.
+const TIMEWAIT_FUNCTIONS: [(&str, &str); 3] = [
+    ("__inet_twsk_schedule", "tw_schedule"),
+    ("inet_twsk_deschedule_put", "tw_deschedule"),
+    ("inet_twsk_kill", "tw_kill"),
+];
 /// The timer programs of each kernel side: timewait timers armed, cancelled, fired.
 const TIMER_PROGRAMS: [(&str, &str); 3] = [
     ("timer_start", "btf_timer_start"),
@@ -252,9 +289,9 @@ impl Probe {
         // The kernel's BTF, read once: struct offsets for TIME_WAIT exits, namespaces,
         // cgroups and the BTF programs.
         let btf = Btf::from_sys();
-        let kcfg = shared_config(cfg, &btf);
+        let (kcfg, handler) = shared_config(cfg, &btf);
         if cfg.tries_btf() {
-            match Probe::start_btf(cfg, kcfg, &btf) {
+            match Probe::start_btf(cfg, kcfg, &btf, &handler) {
                 Ok(p) => return Ok(p),
                 Err(e) => log::warn!(
                     "using the classic tracepoints: {e}; per-socket facts are then kept in a \
@@ -263,7 +300,7 @@ impl Probe {
                 ),
             }
         }
-        Probe::start_classic(cfg, kcfg)
+        Probe::start_classic(cfg, kcfg, handler)
     }
 
     /// The BTF tracepoint programs, with per-socket state in socket-local storage.
@@ -271,6 +308,7 @@ impl Probe {
         cfg: &ProbeConfig,
         mut kcfg: Config,
         btf: &Result<Btf, String>,
+        handler: &Result<u64, String>,
     ) -> Result<Probe, String> {
         let btf = btf.as_ref().map_err(|e| format!("no kernel BTF ({e})"))?;
         kcfg.sock = sock_offsets(btf)?;
@@ -309,28 +347,26 @@ impl Probe {
         if let Err(e) = attach_btf(&mut ebpf, name, tracepoint, &kernel_btf) {
             log::warn!("a connection end the kernel skips is not counted as lost: {name}: {e}");
         }
-        // The handler's address is only found when timewait sockets are to be traced.
-        let timewait_traced = kcfg.timewait.handler != 0
-            && TIMER_PROGRAMS.iter().all(|(tracepoint, name)| {
-                attach_btf(&mut ebpf, name, tracepoint, &kernel_btf)
-                    .map_err(|e| log::warn!("TIME_WAIT exits are not traced: {name}: {e}"))
-                    .is_ok()
-            });
+        let mut note = None;
+        let timewait = attach_timewait_btf(&mut ebpf, &kcfg, handler, &kernel_btf, &mut note);
         drop(kernel_btf);
         let tcp = TCP_PROGRAMS.map(|(_, btf)| btf);
-        let timers = TIMER_PROGRAMS.map(|(_, btf)| btf);
-        let names = if timewait_traced { &timers[..] } else { &[] };
-        let mut probe =
-            Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, names).map_err(|e| e.to_string())?;
+        let mut probe = Probe::assemble(ebpf, cfg, KernelSide::Btf, &tcp, timewait)
+            .map_err(|e| e.to_string())?;
         probe.connections = kcfg.records & records::CONNECTIONS != 0;
         probe.details = kcfg.records & records::DETAILS != 0;
         probe.owners = owners;
+        probe.timewait_note = note;
         Ok(probe)
     }
 
     /// The classic tracepoint programs: what kernels without BTF (or without socket storage
     /// for tracing programs) take.
-    fn start_classic(cfg: &ProbeConfig, mut kcfg: Config) -> Result<Probe, ProbeError> {
+    fn start_classic(
+        cfg: &ProbeConfig,
+        mut kcfg: Config,
+        handler: Result<u64, String>,
+    ) -> Result<Probe, ProbeError> {
         // The classic programs write every transition and reset, and no connection record.
         kcfg.records = 0;
         let text = read_format("sock", "inet_sock_set_state")?;
@@ -350,11 +386,19 @@ impl Probe {
         if let Some(o) = recv {
             kcfg.receive_reset = o;
         }
-        if kcfg.timewait.handler != 0
-            && let Err(e) = timer_format_offsets(&mut kcfg.timewait)
-        {
-            log::warn!("TIME_WAIT exits are not traced on this host: {e}");
-            kcfg.timewait.handler = 0;
+        // The timers are the classic side's only source: without the handler's address or
+        // their formats, tracing goes on without TIME_WAIT exits, and says so once.
+        if cfg.timewait && kcfg.timewait.tw_timer != 0 {
+            match handler.and_then(|h| {
+                kcfg.timewait.handler = h;
+                timer_format_offsets(&mut kcfg.timewait)
+            }) {
+                Ok(()) => {}
+                Err(e) => {
+                    log::warn!("TIME_WAIT exits are not traced on this host: {e}");
+                    kcfg.timewait.handler = 0;
+                }
+            }
         }
         let mut ebpf = load(cfg, &kcfg, cfg.max_sockets)?;
         let prog: &mut TracePoint = ebpf
@@ -374,26 +418,30 @@ impl Probe {
                 log::warn!("tcp:{name} is not traced ({e}); resets will show as `unknown`");
             }
         }
-        let timewait_traced = kcfg.timewait.handler != 0
-            && TIMER_PROGRAMS.iter().all(|(name, _)| {
-                attach_optional(&mut ebpf, "timer", name)
-                    .map_err(|e| log::warn!("TIME_WAIT exits are not traced: timer:{name}: {e}"))
-                    .is_ok()
-            });
+        let timewait = if kcfg.timewait.handler == 0 {
+            Err("the timer programs' needs are missing (said above)".to_string())
+        } else {
+            TIMER_PROGRAMS
+                .iter()
+                .try_for_each(|(name, _)| {
+                    attach_optional(&mut ebpf, "timer", name)
+                        .map_err(|e| format!("timer:{name}: {e}"))
+                })
+                .map(|()| TimewaitSource::ClassicTimers)
+                .inspect_err(|e| log::warn!("TIME_WAIT exits are not traced: {e}"))
+        };
         let tcp = TCP_PROGRAMS.map(|(classic, _)| classic);
-        let timers = TIMER_PROGRAMS.map(|(classic, _)| classic);
-        let names = if timewait_traced { &timers[..] } else { &[] };
-        Probe::assemble(ebpf, cfg, KernelSide::Classic, &tcp, names)
+        Probe::assemble(ebpf, cfg, KernelSide::Classic, &tcp, timewait)
     }
 
     /// The probe around loaded programs: its maps, and the descriptors of the programs whose
-    /// missed runs count as lost events.
+    /// missed runs count as lost events (the TCP programs, and those of `timewait`'s source).
     fn assemble(
         mut ebpf: Ebpf,
         cfg: &ProbeConfig,
         side: KernelSide,
         tcp: &[&str],
-        timers: &[&str],
+        timewait: Result<TimewaitSource, String>,
     ) -> Result<Probe, ProbeError> {
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         set_ports(&mut ebpf, &cfg.ports)?;
@@ -415,7 +463,10 @@ impl Probe {
                 .map(|fd| fd.as_fd().as_raw_fd())
                 .collect()
         };
-        let (tcp_progs, timer_progs) = (fds(tcp), fds(timers));
+        let timers = timewait
+            .as_ref()
+            .map_or(Vec::new(), |s| s.programs().to_vec());
+        let (tcp_progs, timer_progs) = (fds(tcp), fds(&timers));
         log::debug!("kernel side: {}", side.describe());
         Ok(Probe {
             ring,
@@ -427,7 +478,8 @@ impl Probe {
             tcp_progs,
             timer_progs,
             logger,
-            timewait_traced: !timers.is_empty(),
+            timewait,
+            timewait_note: None,
             owners: Err("it needs the BTF programs".into()),
             connections: false,
             details: false,
@@ -557,9 +609,19 @@ impl Probe {
         self.details
     }
 
-    /// Whether timewait sockets' timers are traced (TIME_WAIT exits and residency).
+    /// Whether timewait sockets are traced (TIME_WAIT exits and residency).
     pub fn timewait_traced(&self) -> bool {
-        self.timewait_traced
+        self.timewait.is_ok()
+    }
+
+    /// Where timewait sockets' lives come from, or why they are not traced.
+    pub fn timewait_source(&self) -> Result<TimewaitSource, &str> {
+        self.timewait.as_ref().copied().map_err(String::as_str)
+    }
+
+    /// Why the timewait functions are not the source, when the BTF side's timers are.
+    pub fn timewait_note(&self) -> Option<&str> {
+        self.timewait_note.as_deref()
     }
 
     /// The ring buffer's file descriptor, readable when the program has woken the reader.
@@ -656,8 +718,9 @@ impl Probe {
         per_cpu_sum(&self.forgotten)
     }
 
-    /// Timer events the kernel skipped (nested runs): each could hide a TIME_WAIT exit.
-    /// Most timers are not timewait sockets', so this overstates what was missed.
+    /// Timewait events the kernel skipped (nested runs): each could hide a TIME_WAIT exit.
+    /// With the timer programs, most timers are not timewait sockets', so this overstates
+    /// what was missed.
     pub fn timer_misses(&self) -> u64 {
         self.timer_progs
             .iter()
@@ -678,9 +741,10 @@ fn per_cpu_sum(map: &PerCpuArray<MapData, u64>) -> u64 {
 }
 
 /// The kernel-side configuration both program sets share: filters (from the command line),
-/// network namespace and cgroup offsets, and the timewait timers' (each missing part says so
-/// once and is reported as unknown).
-fn shared_config(cfg: &ProbeConfig, btf: &Result<Btf, String>) -> Config {
+/// network namespace and cgroup offsets, and the timewait socket's layout (each missing part
+/// says so once and is reported as unknown); with the timewait timer's handler's address, or
+/// why it cannot be found (only the timer programs need it, and only they say so).
+fn shared_config(cfg: &ProbeConfig, btf: &Result<Btf, String>) -> (Config, Result<u64, String>) {
     let mut kcfg = cfg.kernel;
     kcfg.ns = match btf {
         Ok(btf) => {
@@ -698,19 +762,114 @@ fn shared_config(cfg: &ProbeConfig, btf: &Result<Btf, String>) -> Config {
     if kcfg.netns_count > 0 && !kcfg.ns.netns_known() {
         log::warn!("--netns cannot match: this kernel's network namespaces are unknown");
     }
-    // TIME_WAIT exits come from the timewait socket's timer. Without the symbol, BTF or the
-    // timer tracepoints, tracing goes on without them, and says so once.
+    // TIME_WAIT exits come from the timewait socket's functions or its timer; both read the
+    // socket's layout from BTF. Without it, tracing goes on without them, and says so once.
+    let mut handler = Err("timewait sockets are not traced".to_string());
     if cfg.timewait {
         match btf
             .as_ref()
             .map_err(|e| format!("no kernel BTF ({e})"))
-            .and_then(timewait_offsets_in)
+            .and_then(timewait_layout)
         {
-            Ok(o) => kcfg.timewait = o,
+            Ok(o) => {
+                handler = kallsyms_address("tw_timer_handler");
+                // The timer programs' test (the programs on the functions need no address).
+                kcfg.timewait = TimewaitOffsets {
+                    handler: handler.as_ref().copied().unwrap_or(0),
+                    ..o
+                };
+            }
             Err(e) => log::warn!("TIME_WAIT exits are not traced on this host: {e}"),
         }
     }
-    kcfg
+    (kcfg, handler)
+}
+
+impl TimewaitSource {
+    /// The names of its programs.
+    fn programs(self) -> [&'static str; 3] {
+        match self {
+            TimewaitSource::Functions => TIMEWAIT_FUNCTIONS.map(|(_, prog)| prog),
+            TimewaitSource::BtfTimers => TIMER_PROGRAMS.map(|(_, btf)| btf),
+            TimewaitSource::ClassicTimers => TIMER_PROGRAMS.map(|(classic, _)| classic),
+        }
+    }
+}
+
+/// Attaches the BTF side's timewait programs: the fentry programs on the timewait functions
+/// where the kernel allows them, else the BTF timer programs (which need the timer handler's
+/// address, `handler`), with one warning saying why (also left in `note`); or none, with one
+/// warning. A set that attached only in part is unloaded before the next is tried.
+fn attach_timewait_btf(
+    ebpf: &mut Ebpf,
+    kcfg: &Config,
+    handler: &Result<u64, String>,
+    kernel_btf: &aya::Btf,
+    note: &mut Option<String>,
+) -> Result<TimewaitSource, String> {
+    if kcfg.timewait.tw_timer == 0 {
+        // Not asked for, or the layout is unknown (said already).
+        return Err("the timewait socket's layout is not known".into());
+    }
+    let functions = attach_all(ebpf, &TIMEWAIT_FUNCTIONS, |ebpf, function, prog| {
+        attach_fentry(ebpf, prog, function, kernel_btf)
+    });
+    let Err(refused) = functions else {
+        return Ok(TimewaitSource::Functions);
+    };
+    let why = format!("fentry on the timewait functions is refused ({refused})");
+    let timers = match handler {
+        Ok(_) => attach_all(ebpf, &TIMER_PROGRAMS, |ebpf, tp, prog| {
+            attach_btf(ebpf, prog, tp, kernel_btf)
+        }),
+        Err(e) => Err(e.clone()),
+    };
+    match timers {
+        Ok(()) => {
+            *note = Some(why.clone());
+            log::warn!(
+                "timewait sockets are followed through every timer of the host, which costs \
+                 more and misses re-arms within a timer-wheel bucket: {why}"
+            );
+            Ok(TimewaitSource::BtfTimers)
+        }
+        Err(e) => {
+            let why = format!("{why}; the timer tracepoints cannot be used: {e}");
+            log::warn!("TIME_WAIT exits are not traced: {why}");
+            Err(why)
+        }
+    }
+}
+
+/// Attaches each of `set`'s programs with `attach(ebpf, target, program)`; on the first
+/// failure, unloads those of the set that loaded (detaching them), and says why.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    set: &[(&str, &str)],
+    attach: impl Fn(&mut Ebpf, &str, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    for (target, prog) in set {
+        if let Err(e) = attach(ebpf, target, prog) {
+            for (_, p) in set {
+                if let Some(p) = ebpf.program_mut(p) {
+                    let _ = unload(p);
+                }
+            }
+            return Err(format!("{prog}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Unloads a program of the kinds the timewait sets use, detaching its links (a program not
+/// loaded is left as it is).
+fn unload(p: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    match p {
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::BtfTracePoint(p) => p.unload(),
+        aya::programs::Program::TracePoint(p) => p.unload(),
+        _ => Ok(()),
+    }
 }
 
 /// Loads the object with its configuration frozen in, and its maps sized: the ring buffer,
@@ -781,6 +940,24 @@ fn attach_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &aya::Btf) -> 
     p.load(tracepoint, btf)
         .map_err(|e| format!("{tracepoint}: {}", verifier_error(&e)))?;
     p.attach().map_err(|e| format!("{tracepoint}: {e:#}"))?;
+    Ok(())
+}
+
+/// Loads the fentry program `prog` for the kernel function `function` and attaches it.
+fn attach_fentry(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    function: &str,
+    btf: &aya::Btf,
+) -> Result<(), String> {
+    let p: &mut FEntry = ebpf
+        .program_mut(prog)
+        .ok_or("the program is missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(function, btf)
+        .map_err(|e| format!("{function}: {}", verifier_error(&e)))?;
+    p.attach().map_err(|e| format!("{function}: {e:#}"))?;
     Ok(())
 }
 
@@ -894,6 +1071,10 @@ fn verifier_error(e: &aya::programs::ProgramError) -> String {
     } = e
     {
         let log = verifier_log.to_string();
+        if log.trim().is_empty() {
+            // Refused before the verifier ran (EPERM for fentry on some kernels).
+            return io_error.to_string();
+        }
         let tail: Vec<&str> = log.lines().rev().take(8).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return format!("{io_error}; verifier said:\n{}", tail.join("\n"));
