@@ -63,6 +63,10 @@ pub struct Args {
     /// `tcptrace report`, one storm a round, medians.
     #[arg(long)]
     kernel_cost: bool,
+    /// Measure this tcptrace binary (built with the `test-knobs` feature) instead of building
+    /// the workspace's: an earlier build, for a before/after comparison.
+    #[arg(long, value_name = "PATH")]
+    pub tcptrace: Option<std::path::PathBuf>,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.
     #[arg(long)]
@@ -1494,10 +1498,39 @@ const KERNEL_NS_PER_CONNECTION_MAX: f64 = 4_000.0;
 /// Target: the transition program's time per run.
 const TRANSITION_NS_PER_RUN_MAX: f64 = 250.0;
 
-/// `(name, run_cnt, run_time_ns)` of tcptrace's loaded programs, from bpftool.
-fn program_stats() -> Result<Vec<(String, u64, u64)>> {
+/// The ids of the BPF programs process `pid` holds open (from `/proc/PID/fdinfo`): the
+/// tracer's own, not another tcptrace's that runs on the host meanwhile.
+fn programs_of(pid: u32) -> Result<std::collections::HashSet<u64>> {
+    let mut ids = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let fd = fd?;
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if target.to_string_lossy() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|v| v.trim().parse::<u64>().ok()),
+        );
+    }
+    Ok(ids)
+}
+
+/// `(name, run_cnt, run_time_ns)` of tcptrace's loaded programs, from bpftool: those of
+/// the tracer `pid` (every program named like tcptrace's when its descriptors cannot be
+/// read).
+fn program_stats(pid: Option<u32>) -> Result<Vec<(String, u64, u64)>> {
     let text = crate::capture(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let progs: serde_json::Value = serde_json::from_str(&text)?;
+    let mine = pid
+        .and_then(|p| programs_of(p).ok())
+        .filter(|ids| !ids.is_empty());
     Ok(progs
         .as_array()
         .map(|a| a.as_slice())
@@ -1505,15 +1538,23 @@ fn program_stats() -> Result<Vec<(String, u64, u64)>> {
         .iter()
         .filter_map(|p| {
             let name = p["name"].as_str()?;
-            let ours = name.starts_with("btf_")
-                || [
-                    "inet_sock_set_s",
-                    "tcp_send_reset",
-                    "tcp_receive_res",
-                    "timer_",
-                ]
-                .iter()
-                .any(|n| name.starts_with(n));
+            let ours = match &mine {
+                Some(ids) => ids.contains(&p["id"].as_u64()?),
+                None => {
+                    name.starts_with("btf_")
+                        || [
+                            "inet_sock_set_s",
+                            "tcp_send_reset",
+                            "tcp_receive_res",
+                            "timer_",
+                            "tw_",
+                        ]
+                        .iter()
+                        .any(|n| name.starts_with(n))
+                }
+            };
+            // The socket owners' iterator runs once, at start, not per connection.
+            let ours = ours && name != "socket_owners";
             ours.then(|| {
                 (
                     name.to_string(),
@@ -1540,9 +1581,10 @@ fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
         &b.dir.join("kernel-cost.out"),
     )?;
     std::fs::write(STATS, "1")?;
-    let before = program_stats()?;
+    let pid = tracer.pid();
+    let before = program_stats(pid)?;
     let run = storm(&ns, port, b.a.connections, b.a.workers, Closer::Client);
-    let after = program_stats();
+    let after = program_stats(pid);
     std::fs::write(STATS, was.trim())?;
     tracer.stop()?;
     run?;

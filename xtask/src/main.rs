@@ -109,9 +109,10 @@ fn main() -> ExitCode {
             println!("wrote the man pages into {}", dir.display());
             Ok(())
         }),
-        Cmd::Bench(args) => {
-            build_with(false, BENCH_FEATURES).and_then(|bin| bench::bench(&bin, &args))
-        }
+        Cmd::Bench(args) => match &args.tcptrace {
+            Some(bin) => bench::bench(bin, &args),
+            None => build_with(false, BENCH_FEATURES).and_then(|bin| bench::bench(&bin, &args)),
+        },
         Cmd::StormServer(args) => bench::server(&args),
         Cmd::StormClient(args) => bench::client(&args),
         Cmd::HoldOpen(args) => backfill::hold_open(&args),
