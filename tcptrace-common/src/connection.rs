@@ -116,6 +116,21 @@ pub const fn is_birth(old: u8, new: u8) -> bool {
     (old == state::CLOSE && new == state::LISTEN) || Evidence::birth_role(old, new).is_some()
 }
 
+/// Whether a transition is one of the middle steps of a connection's life that
+/// [`records::NO_MIDDLE`](crate::records::NO_MIDDLE) leaves out: SYN_SENT→ESTABLISHED,
+/// FIN_WAIT1→FIN_WAIT2, CLOSE_WAIT→LAST_ACK. Every other transition from their first state
+/// is kept, and a transition leaving their second state while the last one seen entered
+/// their first shows that they happened.
+#[inline(always)]
+pub const fn is_middle(old: u8, new: u8) -> bool {
+    matches!(
+        (old, new),
+        (state::SYN_SENT, state::ESTABLISHED)
+            | (state::FIN_WAIT1, state::FIN_WAIT2)
+            | (state::CLOSE_WAIT, state::LAST_ACK)
+    )
+}
+
 /// Whether a transition ends a connection (not a listener): its connection record is due.
 #[inline(always)]
 pub const fn ends_connection(old: u8, new: u8) -> bool {
@@ -147,17 +162,27 @@ impl SockLife {
 
     /// Whether a transition leaving `old` shows that the one before it was never folded in:
     /// the kernel ran no program for it (nothing else updates the storage), so it was lost.
+    /// `middle_left_out`: middle transitions are left out on purpose
+    /// ([`records::NO_MIDDLE`](crate::records::NO_MIDDLE)), and one of them is no loss.
     #[inline(always)]
-    pub fn missed_before(&self, old: u8) -> bool {
-        self.last_ts != 0 && self.last_state != old
+    pub fn missed_before(&self, old: u8, middle_left_out: bool) -> bool {
+        self.last_ts != 0 && !self.follows(old, middle_left_out)
     }
 
     /// Whether the transition `old`→… is not folded in yet: the last state seen is the one
-    /// it leaves. Right after the transition program ran for it, the last state is the one it
-    /// entered instead.
+    /// it leaves (or, with `middle_left_out`, the one a middle transition into it leaves).
+    /// Right after the transition program ran for it, the last state is the one it entered
+    /// instead.
     #[inline(always)]
-    pub fn awaits(&self, old: u8) -> bool {
-        self.last_ts != 0 && self.last_state == old
+    pub fn awaits(&self, old: u8, middle_left_out: bool) -> bool {
+        self.last_ts != 0 && self.follows(old, middle_left_out)
+    }
+
+    /// Whether a transition leaving `old` comes right after the last one seen: it leaves the
+    /// state that one entered, or one a middle transition left out leads to from there.
+    #[inline(always)]
+    fn follows(&self, old: u8, middle_left_out: bool) -> bool {
+        self.last_state == old || (middle_left_out && is_middle(self.last_state, old))
     }
 
     /// The state a socket that is being destroyed was last seen entering, when that is not
@@ -171,6 +196,21 @@ impl SockLife {
     /// when the transition into it was seen.
     #[inline(always)]
     pub fn on_transition(&mut self, ts: u64, old: u8, new: u8) -> Option<u64> {
+        self.on_transition_leaving_out(ts, old, new, false)
+    }
+
+    /// [`SockLife::on_transition`] where, with `middle_left_out`, the middle transitions
+    /// ([`is_middle`]) are never folded in: one that the transition `old`→`new` shows
+    /// happened (the last state seen leads to `old` through it) adds `old` to the states
+    /// entered, and is no gap; the time in `old` is then unknown.
+    #[inline(always)]
+    pub fn on_transition_leaving_out(
+        &mut self,
+        ts: u64,
+        old: u8,
+        new: u8,
+        middle_left_out: bool,
+    ) -> Option<u64> {
         if is_birth(old, new) {
             self.clear();
             self.born_ns = ts;
@@ -184,6 +224,9 @@ impl SockLife {
             if let Some(slot) = self.in_state_ns.get_mut(usize::from(old).wrapping_sub(1)) {
                 *slot = d;
             }
+        } else if middle_left_out && is_middle(self.last_state, old) {
+            // `old` < 16: a middle transition enters ESTABLISHED, FIN_WAIT2 or LAST_ACK.
+            self.entered |= 1 << old;
         } else {
             self.flags |= tail_flag::GAP;
         }
@@ -328,18 +371,83 @@ mod tests {
         let mut l = SockLife::default();
         // Nothing seen yet: no gap, nothing awaited, no end to infer (a socket older than
         // the trace, or one whose storage was never created).
-        assert!(!l.missed_before(ESTABLISHED) && !l.awaits(ESTABLISHED));
+        assert!(!l.missed_before(ESTABLISHED, false) && !l.awaits(ESTABLISHED, false));
         assert_eq!(l.unseen_end(), None);
         l.on_transition(10, CLOSE, SYN_SENT);
         l.on_transition(20, SYN_SENT, ESTABLISHED);
         // The next transition is awaited; one from elsewhere shows a missed one.
-        assert!(l.awaits(ESTABLISHED) && !l.missed_before(ESTABLISHED));
-        assert!(l.missed_before(CLOSE_WAIT) && !l.awaits(CLOSE_WAIT));
+        assert!(l.awaits(ESTABLISHED, false) && !l.missed_before(ESTABLISHED, false));
+        assert!(l.missed_before(CLOSE_WAIT, false) && !l.awaits(CLOSE_WAIT, false));
         // Destroyed now, it ended unseen from ESTABLISHED.
         assert_eq!(l.unseen_end(), Some(ESTABLISHED));
         l.on_transition(30, ESTABLISHED, CLOSE);
         assert_eq!(l.unseen_end(), None, "its end was seen");
-        assert!(!l.awaits(ESTABLISHED), "folded in: no longer awaited");
+        assert!(
+            !l.awaits(ESTABLISHED, false),
+            "folded in: no longer awaited"
+        );
+    }
+
+    #[test]
+    fn middle_transitions_left_out_are_inferred_not_gaps() {
+        let lives: [&[(u8, u8)]; 3] = [
+            // A client that closes first.
+            &[
+                (CLOSE, SYN_SENT),
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, FIN_WAIT1),
+                (FIN_WAIT1, FIN_WAIT2),
+                (FIN_WAIT2, CLOSE),
+            ],
+            // A server whose peer closes first.
+            &[
+                (LISTEN, SYN_RECV),
+                (SYN_RECV, ESTABLISHED),
+                (ESTABLISHED, CLOSE_WAIT),
+                (CLOSE_WAIT, LAST_ACK),
+                (LAST_ACK, CLOSE),
+            ],
+            // A client aborted once established.
+            &[
+                (CLOSE, SYN_SENT),
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, CLOSE),
+            ],
+        ];
+        for life in lives {
+            let (mut all, mut some) = (SockLife::default(), SockLife::default());
+            for (i, (old, new)) in life.iter().enumerate() {
+                let ts = 100 * (i as u64 + 1);
+                all.on_transition(ts, *old, *new);
+                if is_middle(*old, *new) {
+                    continue;
+                }
+                assert!(!some.missed_before(*old, true), "{old}->{new}");
+                assert!(some.last_ts == 0 || some.awaits(*old, true), "{old}->{new}");
+                some.on_transition_leaving_out(ts, *old, *new, true);
+            }
+            // The same path, birth, evidence and no gap; only times are missing.
+            let (a, b) = (all.tail(), some.tail());
+            assert_eq!(
+                (a.entered, a.first_from, a.evidence, a.flags, a.born_ns),
+                (b.entered, b.first_from, b.evidence, b.flags, b.born_ns),
+                "{life:?}"
+            );
+            assert_eq!(b.flags, 0);
+            assert_eq!(all.unseen_end(), some.unseen_end());
+        }
+        // Without leaving them out on purpose, a middle transition unseen is a loss.
+        let mut l = SockLife::default();
+        l.on_transition(10, CLOSE, SYN_SENT);
+        assert!(l.missed_before(ESTABLISHED, false) && !l.missed_before(ESTABLISHED, true));
+        l.on_transition(20, ESTABLISHED, FIN_WAIT1);
+        assert_eq!(l.flags, tail_flag::GAP);
+        // Left out on purpose, only a middle one is inferred: SYN_SENT→FIN_WAIT1 is a gap.
+        let mut l = SockLife::default();
+        l.on_transition_leaving_out(10, CLOSE, SYN_SENT, true);
+        assert!(l.missed_before(FIN_WAIT1, true));
+        l.on_transition_leaving_out(20, FIN_WAIT1, FIN_WAIT2, true);
+        assert_eq!(l.flags, tail_flag::GAP);
     }
 
     #[test]

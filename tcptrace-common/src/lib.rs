@@ -540,6 +540,12 @@ pub mod records {
     /// Write a [`Details`](super::details::Details) slot before each connection's end
     /// (BTF programs only, with [`Config::tcp`] known).
     pub const DETAILS: u32 = 1 << 3;
+    /// With [`NO_TRANSITIONS`], leave the middle transitions
+    /// ([`is_middle`](super::connection::is_middle)) at the transition program's first check:
+    /// no bookkeeping, no record. The socket's storage infers each from the transition after
+    /// it (its state counts as entered; no time in either state is known): for views that read
+    /// connections and show no time per state.
+    pub const NO_MIDDLE: u32 = 1 << 4;
 }
 
 impl Config {

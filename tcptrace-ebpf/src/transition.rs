@@ -20,7 +20,7 @@ use core::{
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tcptrace_common::{
     Config, IPPROTO_MPTCP, Owner,
-    connection::{ends_connection, is_birth, tail_flag},
+    connection::{ends_connection, is_birth, is_middle, tail_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
 };
@@ -53,6 +53,9 @@ pub fn btf_set_state(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_btf_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    if left_out(ctx) {
+        return Ok(());
+    }
     let Some(mark) = RUNNING.get_ptr_mut(0) else {
         return Ok(());
     };
@@ -92,6 +95,9 @@ pub fn btf_set_state_nested(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    if left_out(ctx) {
+        return Ok(());
+    }
     let Some(mark) = RUNNING.get_ptr(0) else {
         return Ok(());
     };
@@ -118,6 +124,24 @@ fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// Whether the loader asked to leave out middle transitions ([`records::NO_MIDDLE`]): the
+/// view shows no time per state, and the socket's storage infers them from the next one.
+#[inline(always)]
+fn middle_left_out(cfg: &Config) -> bool {
+    cfg.records & records::NO_MIDDLE != 0
+}
+
+/// Whether this transition is a middle one the loader asked to leave out: the programs'
+/// first check, before any map or socket is touched.
+#[inline(always)]
+fn left_out(ctx: &BtfTracePointContext) -> bool {
+    middle_left_out(config())
+        && is_middle(
+            ctx.arg::<u64>(OLD_STATE_ARG) as u8,
+            ctx.arg::<u64>(NEW_STATE_ARG) as u8,
+        )
+}
+
 /// Whether the socket's storage still awaits this transition (see [`btf_set_state_nested`]).
 #[inline(always)]
 fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
@@ -127,7 +151,7 @@ fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
     // as the socket, which is locked while it changes state.
     unsafe {
         let st = storage(sk, false, Slot::Nested);
-        !st.is_null() && (*st).life.awaits(old)
+        !st.is_null() && (*st).life.awaits(old, middle_left_out(config()))
     }
 }
 
@@ -170,7 +194,7 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: boo
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut rec = transition_record(sk, &ends, old, new);
     // SAFETY: `st` is the socket's storage or null; `spare` is a writable local.
-    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot) };
+    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot, middle_left_out(cfg)) };
     if unseen_end && !st.is_null() {
         // SAFETY: `st` is the socket's storage (not null), which this program alone writes
         // while the socket is locked.
@@ -342,12 +366,18 @@ unsafe fn write(
 /// system call drives the transition) and fills `rec`'s duration, flags, namespace and
 /// cgroup from it. Returns where the owner is: in the storage, or in `spare` when the socket
 /// has none. A transition that the storage shows was missed before this one is counted in
-/// `slot` of [`UNSEEN`].
+/// `slot` of [`UNSEEN`] (but for a middle one left out on purpose: `middle_left_out`).
 ///
 /// # Safety
 /// `st` is null or the socket's storage; `spare` is writable.
 #[inline(always)]
-unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record, slot: Slot) -> *mut Owner {
+unsafe fn life(
+    st: *mut SkState,
+    spare: *mut Owner,
+    rec: &mut Record,
+    slot: Slot,
+    middle_left_out: bool,
+) -> *mut Owner {
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
     if st.is_null() {
@@ -371,10 +401,13 @@ unsafe fn life(st: *mut SkState, spare: *mut Owner, rec: &mut Record, slot: Slot
             put(addr_of_mut!((*st).cgroup), 0);
             clear_owner(owner);
         }
-        if (*st).life.missed_before(old) {
+        if (*st).life.missed_before(old, middle_left_out) {
             count(&UNSEEN, slot);
         }
-        if let Some(d) = (*st).life.on_transition(rec.ts, old, new) {
+        if let Some(d) = (*st)
+            .life
+            .on_transition_leaving_out(rec.ts, old, new, middle_left_out)
+        {
             rec.in_from = d;
             rec.flags |= flag::DURATION_KNOWN;
         }

@@ -175,7 +175,7 @@ fn timewait(a: &TimewaitArgs, out: Out) -> Result<()> {
     let format = a.common.output.format();
     let interval = a.interval.as_nanos() as u64;
     let live = a.common.source.from.is_none();
-    let wants = (Reads::Connections, Counters::Skip);
+    let wants = (Reads::ConnectionsWithoutTimes, Counters::Skip);
     drive(&filter, &a.common.source, wants, |facts| {
         if !facts.timers {
             log::warn!("timewait timers are not traced: the population only grows");
@@ -610,6 +610,10 @@ enum Reads {
     Connections,
     /// The same, and each connect as it starts (views that count ports held).
     ConnectionsAndConnects,
+    /// Whole connections, without the time spent in each state (views that show none, and
+    /// no owner learnt from a passive close: `timewait`): the kernel leaves the middle
+    /// transitions out (see [`records::NO_MIDDLE`]).
+    ConnectionsWithoutTimes,
 }
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
@@ -674,6 +678,9 @@ fn kernel_records(reads: Reads, counters: Counters, recording: bool) -> u32 {
         (Reads::Connections, false) => records::CONNECTIONS | records::NO_TRANSITIONS,
         (Reads::ConnectionsAndConnects, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS
+        }
+        (Reads::ConnectionsWithoutTimes, false) => {
+            records::CONNECTIONS | records::NO_TRANSITIONS | records::NO_MIDDLE
         }
     }) | match counters {
         Counters::Read => records::DETAILS,

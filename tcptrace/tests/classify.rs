@@ -40,6 +40,8 @@ fn run(
     client: impl FnOnce(SocketAddr) + Send + 'static,
 ) -> (Vec<RawEvent>, Vec<Close>) {
     let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    // Beside it, what `tcptrace timewait` runs: no middle transitions.
+    let mut timeless = timeless_probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let addr = SocketAddr::new(if v6 { pair.b6 } else { pair.b4 }, port);
     let (tx, rx) = mpsc::channel();
     let srv = NetPair::run_in(&pair.b, move || {
@@ -58,7 +60,38 @@ fn run(
     cli.join().unwrap();
     srv.join().unwrap();
     let want = if listen { 2 } else { 1 };
-    collect_closes(&mut probe, want)
+    let (raw, closes) = collect_closes(&mut probe, want);
+    let without_middle = collect_record_closes(&mut timeless, want);
+    assert_eq!(
+        without_middle.iter().map(untimed).collect::<Vec<_>>(),
+        closes.iter().map(untimed).collect::<Vec<_>>(),
+        "closes without the middle transitions, then with them"
+    );
+    assert_eq!(
+        timeless.unseen_total(),
+        0,
+        "a middle transition left out is no transition lost"
+    );
+    (raw, closes)
+}
+
+/// A close but for what two probes cannot agree on or the timeless one leaves out: the times
+/// (each probe's programs read the clock on their own), and whether the owner was learnt
+/// from the listener or from its own close() — which a passive close tells with
+/// CLOSE_WAIT→LAST_ACK, a middle transition (its process is the same here).
+fn untimed(c: &Close) -> Close {
+    Close {
+        ts_ns: 0,
+        lifetime_ns: c.lifetime_ns.map(|_| 0),
+        details: c
+            .details
+            .map(|d| tcptrace::model::event::Details { ts_ns: 0, ..d }),
+        owner: c.owner.map(|o| tcptrace::model::event::Owner {
+            from_listener: false,
+            ..o
+        }),
+        ..*c
+    }
 }
 
 fn verdict(closes: &[Close], role: Role) -> Verdict {

@@ -110,6 +110,34 @@ pub fn recording_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
     probe
 }
 
+/// [`probe_for_ports`] whose kernel side writes only what views that show no time per state
+/// read (`tcptrace timewait`): connection records with counters, the middle transitions left
+/// out.
+pub fn timeless_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+    use tcptrace_common::records;
+    probe_built(
+        ports,
+        ring_bytes,
+        true,
+        Paths::Fast,
+        records::CONNECTIONS | records::NO_TRANSITIONS | records::NO_MIDDLE | records::DETAILS,
+    )
+}
+
+/// Drains until `want` closes are concluded from connection records (or 10 s pass).
+pub fn collect_record_closes(probe: &mut Probe, want: usize) -> Vec<Close> {
+    let mut folded = Folded::new(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while folded.closes.len() < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut raw = Vec::new();
+        probe.drain(&mut raw);
+        folded.feed(&raw, tcptrace::source::host::monotonic_ns());
+    }
+    folded.closes.sort_by_key(|c| c.skaddr);
+    folded.closes
+}
+
 /// [`probe_for_ports`] with the classic tracepoint programs, which kernels without BTF take:
 /// the fallback, checked the same way.
 pub fn portable_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
