@@ -67,6 +67,10 @@ pub struct Args {
     /// the workspace's: an earlier build, for a before/after comparison.
     #[arg(long, value_name = "PATH")]
     pub tcptrace: Option<std::path::PathBuf>,
+    /// The view --kernel-cost (and the comparison's kernel-time table) runs: `report` (per-state
+    /// times), or `timewait` (none: the middle transitions are left out in the kernel).
+    #[arg(long, default_value = "report", value_parser = ["report", "timewait"])]
+    kernel_cost_view: String,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.
     #[arg(long)]
@@ -1566,8 +1570,9 @@ fn program_stats(pid: Option<u32>) -> Result<Vec<(String, u64, u64)>> {
         .collect())
 }
 
-/// One client-closes-first storm under `tcptrace report` with the kernel's run statistics
-/// on: what each program costs per run, and all of them per connection.
+/// One client-closes-first storm under `tcptrace report` (or `--kernel-cost-view`) with the
+/// kernel's run statistics on: what each program costs per run, and all of them per
+/// connection.
 fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
     crate::soak::bpftool_ready()?;
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -1577,7 +1582,11 @@ fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
     let ns = Netns::new()?;
     let mut tracer = Tracer::start(
         b.bin,
-        &["report".into(), "--port".into(), port.to_string()],
+        &[
+            b.a.kernel_cost_view.clone(),
+            "--port".into(),
+            port.to_string(),
+        ],
         &b.dir.join("kernel-cost.out"),
     )?;
     std::fs::write(STATS, "1")?;
