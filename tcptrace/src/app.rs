@@ -340,7 +340,8 @@ fn top(a: &TopArgs) -> Result<()> {
     // `ports`, each connect as it starts (it holds a local port from then).
     let whole = filter.without_states();
     let mask = filter.compile().state_mask();
-    let wants = (Reads::ConnectionsAndConnects, Counters::Skip);
+    // It shows no time per state and no owner: the kernel leaves the middle transitions out.
+    let wants = (Reads::ConnectsWithoutTimes, Counters::Skip);
     drive(&whole, &a.source, wants, |facts| {
         if !facts.timers {
             log::warn!(
@@ -614,6 +615,8 @@ enum Reads {
     /// no owner learnt from a passive close: `timewait`): the kernel leaves the middle
     /// transitions out (see [`records::NO_MIDDLE`]).
     ConnectionsWithoutTimes,
+    /// [`Reads::ConnectionsAndConnects`] without the time spent in each state (`top`).
+    ConnectsWithoutTimes,
 }
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
@@ -681,6 +684,9 @@ fn kernel_records(reads: Reads, counters: Counters, recording: bool) -> u32 {
         }
         (Reads::ConnectionsWithoutTimes, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::NO_MIDDLE
+        }
+        (Reads::ConnectsWithoutTimes, false) => {
+            records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS | records::NO_MIDDLE
         }
     }) | match counters {
         Counters::Read => records::DETAILS,
@@ -1086,4 +1092,40 @@ fn say_totals(totals: &Totals, evicted: u64, forgotten: u64, timer_misses: u64) 
             String::new()
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_views_without_times_leave_the_middle_transitions_out() {
+        let all = [
+            Reads::Transitions,
+            Reads::Connections,
+            Reads::ConnectionsAndConnects,
+            Reads::ConnectionsWithoutTimes,
+            Reads::ConnectsWithoutTimes,
+        ];
+        for reads in all {
+            for counters in [Counters::Read, Counters::Skip] {
+                let without_times = matches!(
+                    reads,
+                    Reads::ConnectionsWithoutTimes | Reads::ConnectsWithoutTimes
+                );
+                let live = kernel_records(reads, counters, false);
+                assert_eq!(live & records::NO_MIDDLE != 0, without_times, "{reads:?}");
+                if without_times {
+                    // Only where no transition record is written, which a view would miss.
+                    assert_ne!(live & records::NO_TRANSITIONS, 0, "{reads:?}");
+                }
+                // A recording replays through every view, times included.
+                assert_eq!(
+                    kernel_records(reads, counters, true) & records::NO_MIDDLE,
+                    0,
+                    "{reads:?}"
+                );
+            }
+        }
+    }
 }
