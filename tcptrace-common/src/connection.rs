@@ -116,19 +116,24 @@ pub const fn is_birth(old: u8, new: u8) -> bool {
     (old == state::CLOSE && new == state::LISTEN) || Evidence::birth_role(old, new).is_some()
 }
 
-/// Whether a transition is one of the middle steps of a connection's life that
-/// [`records::NO_MIDDLE`](crate::records::NO_MIDDLE) leaves out: SYN_SENT→ESTABLISHED,
-/// FIN_WAIT1→FIN_WAIT2, CLOSE_WAIT→LAST_ACK. Every other transition from their first state
-/// is kept, and a transition leaving their second state while the last one seen entered
-/// their first shows that they happened.
+/// Whether `records` (bits of [`records`](crate::records)) leave the transition `old`→`new`
+/// out: a middle step of a connection's life — SYN_SENT→ESTABLISHED and FIN_WAIT1→FIN_WAIT2
+/// with [`NO_MIDDLE`](crate::records::NO_MIDDLE), CLOSE_WAIT→LAST_ACK with
+/// [`NO_PASSIVE_CLOSE`](crate::records::NO_PASSIVE_CLOSE). Every other transition from their
+/// first state is kept, and a transition leaving their second state while the last one seen
+/// entered their first shows that they happened.
 #[inline(always)]
-pub const fn is_middle(old: u8, new: u8) -> bool {
-    matches!(
-        (old, new),
-        (state::SYN_SENT, state::ESTABLISHED)
-            | (state::FIN_WAIT1, state::FIN_WAIT2)
-            | (state::CLOSE_WAIT, state::LAST_ACK)
-    )
+pub const fn left_out(records: u32, old: u8, new: u8) -> bool {
+    use crate::records::{NO_MIDDLE, NO_PASSIVE_CLOSE};
+    match (old, new) {
+        (state::SYN_SENT, state::ESTABLISHED) | (state::FIN_WAIT1, state::FIN_WAIT2) => {
+            records & NO_MIDDLE != 0
+        }
+        (state::CLOSE_WAIT, state::LAST_ACK) => {
+            records & (NO_MIDDLE | NO_PASSIVE_CLOSE) == NO_MIDDLE | NO_PASSIVE_CLOSE
+        }
+        _ => false,
+    }
 }
 
 /// Whether a transition ends a connection (not a listener): its connection record is due.
@@ -162,27 +167,27 @@ impl SockLife {
 
     /// Whether a transition leaving `old` shows that the one before it was never folded in:
     /// the kernel ran no program for it (nothing else updates the storage), so it was lost.
-    /// `middle_left_out`: middle transitions are left out on purpose
-    /// ([`records::NO_MIDDLE`](crate::records::NO_MIDDLE)), and one of them is no loss.
+    /// `records`: the loader's bits, which may leave middle transitions out on purpose
+    /// ([`left_out`]); one of those is no loss.
     #[inline(always)]
-    pub fn missed_before(&self, old: u8, middle_left_out: bool) -> bool {
-        self.last_ts != 0 && !self.follows(old, middle_left_out)
+    pub fn missed_before(&self, old: u8, records: u32) -> bool {
+        self.last_ts != 0 && !self.follows(old, records)
     }
 
     /// Whether the transition `old`→… is not folded in yet: the last state seen is the one
-    /// it leaves (or, with `middle_left_out`, the one a middle transition into it leaves).
-    /// Right after the transition program ran for it, the last state is the one it entered
+    /// it leaves (or the one a transition into it that `records` leave out leaves). Right
+    /// after the transition program ran for it, the last state is the one it entered
     /// instead.
     #[inline(always)]
-    pub fn awaits(&self, old: u8, middle_left_out: bool) -> bool {
-        self.last_ts != 0 && self.follows(old, middle_left_out)
+    pub fn awaits(&self, old: u8, records: u32) -> bool {
+        self.last_ts != 0 && self.follows(old, records)
     }
 
     /// Whether a transition leaving `old` comes right after the last one seen: it leaves the
-    /// state that one entered, or one a middle transition left out leads to from there.
+    /// state that one entered, or one a transition `records` leave out leads to from there.
     #[inline(always)]
-    fn follows(&self, old: u8, middle_left_out: bool) -> bool {
-        self.last_state == old || (middle_left_out && is_middle(self.last_state, old))
+    fn follows(&self, old: u8, records: u32) -> bool {
+        self.last_state == old || left_out(records, self.last_state, old)
     }
 
     /// The state a socket that is being destroyed was last seen entering, when that is not
@@ -196,20 +201,20 @@ impl SockLife {
     /// when the transition into it was seen.
     #[inline(always)]
     pub fn on_transition(&mut self, ts: u64, old: u8, new: u8) -> Option<u64> {
-        self.on_transition_leaving_out(ts, old, new, false)
+        self.on_transition_leaving_out(ts, old, new, 0)
     }
 
-    /// [`SockLife::on_transition`] where, with `middle_left_out`, the middle transitions
-    /// ([`is_middle`]) are never folded in: one that the transition `old`→`new` shows
-    /// happened (the last state seen leads to `old` through it) adds `old` to the states
-    /// entered, and is no gap; the time in `old` is then unknown.
+    /// [`SockLife::on_transition`] where the transitions `records` leave out ([`left_out`])
+    /// are never folded in: one that the transition `old`→`new` shows happened (the last
+    /// state seen leads to `old` through it) adds `old` to the states entered, and is no gap;
+    /// the time in `old` is then unknown.
     #[inline(always)]
     pub fn on_transition_leaving_out(
         &mut self,
         ts: u64,
         old: u8,
         new: u8,
-        middle_left_out: bool,
+        records: u32,
     ) -> Option<u64> {
         if is_birth(old, new) {
             self.clear();
@@ -224,7 +229,7 @@ impl SockLife {
             if let Some(slot) = self.in_state_ns.get_mut(usize::from(old).wrapping_sub(1)) {
                 *slot = d;
             }
-        } else if middle_left_out && is_middle(self.last_state, old) {
+        } else if left_out(records, self.last_state, old) {
             // `old` < 16: a middle transition enters ESTABLISHED, FIN_WAIT2 or LAST_ACK.
             self.entered |= 1 << old;
         } else {
@@ -371,25 +376,23 @@ mod tests {
         let mut l = SockLife::default();
         // Nothing seen yet: no gap, nothing awaited, no end to infer (a socket older than
         // the trace, or one whose storage was never created).
-        assert!(!l.missed_before(ESTABLISHED, false) && !l.awaits(ESTABLISHED, false));
+        assert!(!l.missed_before(ESTABLISHED, 0) && !l.awaits(ESTABLISHED, 0));
         assert_eq!(l.unseen_end(), None);
         l.on_transition(10, CLOSE, SYN_SENT);
         l.on_transition(20, SYN_SENT, ESTABLISHED);
         // The next transition is awaited; one from elsewhere shows a missed one.
-        assert!(l.awaits(ESTABLISHED, false) && !l.missed_before(ESTABLISHED, false));
-        assert!(l.missed_before(CLOSE_WAIT, false) && !l.awaits(CLOSE_WAIT, false));
+        assert!(l.awaits(ESTABLISHED, 0) && !l.missed_before(ESTABLISHED, 0));
+        assert!(l.missed_before(CLOSE_WAIT, 0) && !l.awaits(CLOSE_WAIT, 0));
         // Destroyed now, it ended unseen from ESTABLISHED.
         assert_eq!(l.unseen_end(), Some(ESTABLISHED));
         l.on_transition(30, ESTABLISHED, CLOSE);
         assert_eq!(l.unseen_end(), None, "its end was seen");
-        assert!(
-            !l.awaits(ESTABLISHED, false),
-            "folded in: no longer awaited"
-        );
+        assert!(!l.awaits(ESTABLISHED, 0), "folded in: no longer awaited");
     }
 
     #[test]
     fn middle_transitions_left_out_are_inferred_not_gaps() {
+        use crate::records::{NO_MIDDLE, NO_PASSIVE_CLOSE};
         let lives: [&[(u8, u8)]; 3] = [
             // A client that closes first.
             &[
@@ -414,39 +417,69 @@ mod tests {
                 (ESTABLISHED, CLOSE),
             ],
         ];
-        for life in lives {
-            let (mut all, mut some) = (SockLife::default(), SockLife::default());
-            for (i, (old, new)) in life.iter().enumerate() {
-                let ts = 100 * (i as u64 + 1);
-                all.on_transition(ts, *old, *new);
-                if is_middle(*old, *new) {
-                    continue;
+        for records in [NO_MIDDLE, NO_MIDDLE | NO_PASSIVE_CLOSE] {
+            for life in lives {
+                let (mut all, mut some) = (SockLife::default(), SockLife::default());
+                for (i, (old, new)) in life.iter().enumerate() {
+                    let ts = 100 * (i as u64 + 1);
+                    all.on_transition(ts, *old, *new);
+                    if left_out(records, *old, *new) {
+                        continue;
+                    }
+                    assert!(!some.missed_before(*old, records), "{old}->{new}");
+                    assert!(
+                        some.last_ts == 0 || some.awaits(*old, records),
+                        "{old}->{new}"
+                    );
+                    some.on_transition_leaving_out(ts, *old, *new, records);
                 }
-                assert!(!some.missed_before(*old, true), "{old}->{new}");
-                assert!(some.last_ts == 0 || some.awaits(*old, true), "{old}->{new}");
-                some.on_transition_leaving_out(ts, *old, *new, true);
+                // The same path, birth, evidence and no gap; only times are missing.
+                let (a, b) = (all.tail(), some.tail());
+                assert_eq!(
+                    (a.entered, a.first_from, a.evidence, a.flags, a.born_ns),
+                    (b.entered, b.first_from, b.evidence, b.flags, b.born_ns),
+                    "{life:?}"
+                );
+                assert_eq!(b.flags, 0);
+                assert_eq!(all.unseen_end(), some.unseen_end());
             }
-            // The same path, birth, evidence and no gap; only times are missing.
-            let (a, b) = (all.tail(), some.tail());
-            assert_eq!(
-                (a.entered, a.first_from, a.evidence, a.flags, a.born_ns),
-                (b.entered, b.first_from, b.evidence, b.flags, b.born_ns),
-                "{life:?}"
-            );
-            assert_eq!(b.flags, 0);
-            assert_eq!(all.unseen_end(), some.unseen_end());
+        }
+        // What each bit leaves out: NO_PASSIVE_CLOSE only with NO_MIDDLE.
+        for (records, ends, fin, close) in [
+            (0, false, false, false),
+            (NO_MIDDLE, true, true, false),
+            (NO_PASSIVE_CLOSE, false, false, false),
+            (NO_MIDDLE | NO_PASSIVE_CLOSE, true, true, true),
+        ] {
+            assert_eq!(left_out(records, SYN_SENT, ESTABLISHED), ends);
+            assert_eq!(left_out(records, FIN_WAIT1, FIN_WAIT2), fin);
+            assert_eq!(left_out(records, CLOSE_WAIT, LAST_ACK), close);
+            for old in 0..=MAX {
+                for new in 0..=MAX {
+                    let middle = matches!(
+                        (old, new),
+                        (SYN_SENT, ESTABLISHED) | (FIN_WAIT1, FIN_WAIT2) | (CLOSE_WAIT, LAST_ACK)
+                    );
+                    assert!(middle || !left_out(records, old, new), "{old}->{new}");
+                }
+            }
         }
         // Without leaving them out on purpose, a middle transition unseen is a loss.
         let mut l = SockLife::default();
         l.on_transition(10, CLOSE, SYN_SENT);
-        assert!(l.missed_before(ESTABLISHED, false) && !l.missed_before(ESTABLISHED, true));
+        assert!(l.missed_before(ESTABLISHED, 0) && !l.missed_before(ESTABLISHED, NO_MIDDLE));
         l.on_transition(20, ESTABLISHED, FIN_WAIT1);
         assert_eq!(l.flags, tail_flag::GAP);
+        // CLOSE_WAIT→LAST_ACK kept (NO_MIDDLE alone), its loss is one.
+        let mut l = SockLife::default();
+        l.on_transition_leaving_out(10, ESTABLISHED, CLOSE_WAIT, NO_MIDDLE);
+        assert!(l.missed_before(LAST_ACK, NO_MIDDLE));
+        assert!(!l.missed_before(LAST_ACK, NO_MIDDLE | NO_PASSIVE_CLOSE));
         // Left out on purpose, only a middle one is inferred: SYN_SENT→FIN_WAIT1 is a gap.
         let mut l = SockLife::default();
-        l.on_transition_leaving_out(10, CLOSE, SYN_SENT, true);
-        assert!(l.missed_before(FIN_WAIT1, true));
-        l.on_transition_leaving_out(20, FIN_WAIT1, FIN_WAIT2, true);
+        l.on_transition_leaving_out(10, CLOSE, SYN_SENT, NO_MIDDLE);
+        assert!(l.missed_before(FIN_WAIT1, NO_MIDDLE));
+        l.on_transition_leaving_out(20, FIN_WAIT1, FIN_WAIT2, NO_MIDDLE);
         assert_eq!(l.flags, tail_flag::GAP);
     }
 

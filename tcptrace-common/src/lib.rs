@@ -540,12 +540,17 @@ pub mod records {
     /// Write a [`Details`](super::details::Details) slot before each connection's end
     /// (BTF programs only, with [`Config::tcp`] known).
     pub const DETAILS: u32 = 1 << 3;
-    /// With [`NO_TRANSITIONS`], leave the middle transitions
-    /// ([`is_middle`](super::connection::is_middle)) at the transition program's first check:
+    /// With [`NO_TRANSITIONS`], leave the middle transitions that packets drive
+    /// (SYN_SENT→ESTABLISHED, FIN_WAIT1→FIN_WAIT2) at the transition program's first check:
     /// no bookkeeping, no record. The socket's storage infers each from the transition after
     /// it (its state counts as entered; no time in either state is known): for views that read
-    /// connections and show no time per state.
+    /// connections and show no time per state. See
+    /// [`left_out`](super::connection::left_out).
     pub const NO_MIDDLE: u32 = 1 << 4;
+    /// With [`NO_MIDDLE`], leave CLOSE_WAIT→LAST_ACK out too: a passive close's `close()`,
+    /// which also tells its owner (the one learnt before stays: the listener's, for an
+    /// accepted socket). For views that show no owner of such a close.
+    pub const NO_PASSIVE_CLOSE: u32 = 1 << 5;
 }
 
 impl Config {

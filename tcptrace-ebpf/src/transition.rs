@@ -20,7 +20,7 @@ use core::{
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tcptrace_common::{
     Config, IPPROTO_MPTCP, Owner,
-    connection::{ends_connection, is_birth, is_middle, tail_flag},
+    connection::{ends_connection, is_birth, left_out as left_out_by, tail_flag},
     driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
     socket_may_be_kept, state,
 };
@@ -124,19 +124,16 @@ fn try_btf_set_state_nested(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Whether the loader asked to leave out middle transitions ([`records::NO_MIDDLE`]): the
-/// view shows no time per state, and the socket's storage infers them from the next one.
-#[inline(always)]
-fn middle_left_out(cfg: &Config) -> bool {
-    cfg.records & records::NO_MIDDLE != 0
-}
-
-/// Whether this transition is a middle one the loader asked to leave out: the programs'
-/// first check, before any map or socket is touched.
+/// Whether this transition is a middle one the loader asked to leave out
+/// ([`records::NO_MIDDLE`], [`records::NO_PASSIVE_CLOSE`]: the view shows no time per state,
+/// and the socket's storage infers it from the next one): the programs' first check, before
+/// any map or socket is touched.
 #[inline(always)]
 fn left_out(ctx: &BtfTracePointContext) -> bool {
-    middle_left_out(config())
-        && is_middle(
+    let records = config().records;
+    records & records::NO_MIDDLE != 0
+        && left_out_by(
+            records,
             ctx.arg::<u64>(OLD_STATE_ARG) as u8,
             ctx.arg::<u64>(NEW_STATE_ARG) as u8,
         )
@@ -151,7 +148,7 @@ fn skipped_unmarked(ctx: &BtfTracePointContext) -> bool {
     // as the socket, which is locked while it changes state.
     unsafe {
         let st = storage(sk, false, Slot::Nested);
-        !st.is_null() && (*st).life.awaits(old, middle_left_out(config()))
+        !st.is_null() && (*st).life.awaits(old, config().records)
     }
 }
 
@@ -194,7 +191,7 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: boo
     let mut spare = MaybeUninit::<Owner>::uninit();
     let mut rec = transition_record(sk, &ends, old, new);
     // SAFETY: `st` is the socket's storage or null; `spare` is a writable local.
-    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot, middle_left_out(cfg)) };
+    let owner = unsafe { life(st, spare.as_mut_ptr(), &mut rec, slot, cfg.records) };
     if unseen_end && !st.is_null() {
         // SAFETY: `st` is the socket's storage (not null), which this program alone writes
         // while the socket is locked.
@@ -366,7 +363,7 @@ unsafe fn write(
 /// system call drives the transition) and fills `rec`'s duration, flags, namespace and
 /// cgroup from it. Returns where the owner is: in the storage, or in `spare` when the socket
 /// has none. A transition that the storage shows was missed before this one is counted in
-/// `slot` of [`UNSEEN`] (but for a middle one left out on purpose: `middle_left_out`).
+/// `slot` of [`UNSEEN`] (but for a middle one the loader's `records` leave out on purpose).
 ///
 /// # Safety
 /// `st` is null or the socket's storage; `spare` is writable.
@@ -376,7 +373,7 @@ unsafe fn life(
     spare: *mut Owner,
     rec: &mut Record,
     slot: Slot,
-    middle_left_out: bool,
+    records: u32,
 ) -> *mut Owner {
     let (old, new) = (rec.old, rec.new);
     let driven = driven_by_owner(old, new);
@@ -401,12 +398,12 @@ unsafe fn life(
             put(addr_of_mut!((*st).cgroup), 0);
             clear_owner(owner);
         }
-        if (*st).life.missed_before(old, middle_left_out) {
+        if (*st).life.missed_before(old, records) {
             count(&UNSEEN, slot);
         }
         if let Some(d) = (*st)
             .life
-            .on_transition_leaving_out(rec.ts, old, new, middle_left_out)
+            .on_transition_leaving_out(rec.ts, old, new, records)
         {
             rec.in_from = d;
             rec.flags |= flag::DURATION_KNOWN;

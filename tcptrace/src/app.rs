@@ -149,7 +149,9 @@ fn report(a: &ReportArgs, out: Out) -> Result<()> {
     let mask = filter.compile().state_mask();
     let format = a.common.output.format();
     let interval = a.interval.map(|d| d.as_nanos() as u64);
-    let wants = (Reads::Connections, Counters::Read);
+    // It shows no time per state: the kernel leaves the middle transitions that packets
+    // drive out (not a passive close's, whose close() tells a row's process).
+    let wants = (Reads::ConnectionsWithoutTimes, Counters::Read);
     drive(&whole, &a.common.source, wants, |facts| {
         Ok(Box::new(
             Report::new(
@@ -175,7 +177,9 @@ fn timewait(a: &TimewaitArgs, out: Out) -> Result<()> {
     let format = a.common.output.format();
     let interval = a.interval.as_nanos() as u64;
     let live = a.common.source.from.is_none();
-    let wants = (Reads::ConnectionsWithoutTimes, Counters::Skip);
+    // It shows no time per state, nor the owner of a passive close (which never enters
+    // TIME_WAIT): the kernel leaves the middle transitions out.
+    let wants = (Reads::ConnectionsWithoutTimesNorOwners, Counters::Skip);
     drive(&filter, &a.common.source, wants, |facts| {
         if !facts.timers {
             log::warn!("timewait timers are not traced: the population only grows");
@@ -341,7 +345,7 @@ fn top(a: &TopArgs) -> Result<()> {
     let whole = filter.without_states();
     let mask = filter.compile().state_mask();
     // It shows no time per state and no owner: the kernel leaves the middle transitions out.
-    let wants = (Reads::ConnectsWithoutTimes, Counters::Skip);
+    let wants = (Reads::ConnectsWithoutTimesNorOwners, Counters::Skip);
     drive(&whole, &a.source, wants, |facts| {
         if !facts.timers {
             log::warn!(
@@ -611,12 +615,16 @@ enum Reads {
     Connections,
     /// The same, and each connect as it starts (views that count ports held).
     ConnectionsAndConnects,
-    /// Whole connections, without the time spent in each state (views that show none, and
-    /// no owner learnt from a passive close: `timewait`): the kernel leaves the middle
-    /// transitions out (see [`records::NO_MIDDLE`]).
+    /// Whole connections, without the time spent in each state (views that show none:
+    /// `report`): the kernel leaves the middle transitions that packets drive out (see
+    /// [`records::NO_MIDDLE`]).
     ConnectionsWithoutTimes,
-    /// [`Reads::ConnectionsAndConnects`] without the time spent in each state (`top`).
-    ConnectsWithoutTimes,
+    /// The same, and no owner learnt at a passive close (`timewait`): the kernel leaves
+    /// CLOSE_WAIT→LAST_ACK out too ([`records::NO_PASSIVE_CLOSE`]).
+    ConnectionsWithoutTimesNorOwners,
+    /// [`Reads::ConnectionsAndConnects`] without the time spent in each state nor owners
+    /// (`top`).
+    ConnectsWithoutTimesNorOwners,
 }
 
 /// Feeds a view from the source the flags name: a recording, or the live probe configured
@@ -685,8 +693,18 @@ fn kernel_records(reads: Reads, counters: Counters, recording: bool) -> u32 {
         (Reads::ConnectionsWithoutTimes, false) => {
             records::CONNECTIONS | records::NO_TRANSITIONS | records::NO_MIDDLE
         }
-        (Reads::ConnectsWithoutTimes, false) => {
-            records::CONNECTIONS | records::NO_TRANSITIONS | records::CONNECTS | records::NO_MIDDLE
+        (Reads::ConnectionsWithoutTimesNorOwners, false) => {
+            records::CONNECTIONS
+                | records::NO_TRANSITIONS
+                | records::NO_MIDDLE
+                | records::NO_PASSIVE_CLOSE
+        }
+        (Reads::ConnectsWithoutTimesNorOwners, false) => {
+            records::CONNECTIONS
+                | records::NO_TRANSITIONS
+                | records::CONNECTS
+                | records::NO_MIDDLE
+                | records::NO_PASSIVE_CLOSE
         }
     }) | match counters {
         Counters::Read => records::DETAILS,
@@ -1105,16 +1123,28 @@ mod tests {
             Reads::Connections,
             Reads::ConnectionsAndConnects,
             Reads::ConnectionsWithoutTimes,
-            Reads::ConnectsWithoutTimes,
+            Reads::ConnectionsWithoutTimesNorOwners,
+            Reads::ConnectsWithoutTimesNorOwners,
         ];
         for reads in all {
             for counters in [Counters::Read, Counters::Skip] {
                 let without_times = matches!(
                     reads,
-                    Reads::ConnectionsWithoutTimes | Reads::ConnectsWithoutTimes
+                    Reads::ConnectionsWithoutTimes
+                        | Reads::ConnectionsWithoutTimesNorOwners
+                        | Reads::ConnectsWithoutTimesNorOwners
+                );
+                let without_owners = matches!(
+                    reads,
+                    Reads::ConnectionsWithoutTimesNorOwners | Reads::ConnectsWithoutTimesNorOwners
                 );
                 let live = kernel_records(reads, counters, false);
                 assert_eq!(live & records::NO_MIDDLE != 0, without_times, "{reads:?}");
+                assert_eq!(
+                    live & records::NO_PASSIVE_CLOSE != 0,
+                    without_owners,
+                    "{reads:?}"
+                );
                 if without_times {
                     // Only where no transition record is written, which a view would miss.
                     assert_ne!(live & records::NO_TRANSITIONS, 0, "{reads:?}");

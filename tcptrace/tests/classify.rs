@@ -40,8 +40,9 @@ fn run(
     client: impl FnOnce(SocketAddr) + Send + 'static,
 ) -> (Vec<RawEvent>, Vec<Close>) {
     let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
-    // Beside it, what `tcptrace timewait` runs: no middle transitions.
-    let mut timeless = timeless_probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    // Beside it, what `tcptrace report` and `tcptrace timewait` run: no middle transitions.
+    let report_like = timeless_probe_for_ports(&[port], DEFAULT_RING_BYTES, false);
+    let timewait_like = timeless_probe_for_ports(&[port], DEFAULT_RING_BYTES, true);
     let addr = SocketAddr::new(if v6 { pair.b6 } else { pair.b4 }, port);
     let (tx, rx) = mpsc::channel();
     let srv = NetPair::run_in(&pair.b, move || {
@@ -61,25 +62,29 @@ fn run(
     srv.join().unwrap();
     let want = if listen { 2 } else { 1 };
     let (raw, closes) = collect_closes(&mut probe, want);
-    let without_middle = collect_record_closes(&mut timeless, want);
-    assert_eq!(
-        without_middle.iter().map(untimed).collect::<Vec<_>>(),
-        closes.iter().map(untimed).collect::<Vec<_>>(),
-        "closes without the middle transitions, then with them"
-    );
-    assert_eq!(
-        timeless.unseen_total(),
-        0,
-        "a middle transition left out is no transition lost"
-    );
+    for (mut timeless, passive_close) in [(report_like, false), (timewait_like, true)] {
+        let without_middle = collect_record_closes(&mut timeless, want);
+        let untimed = |c: &Close| untimed(c, passive_close);
+        assert_eq!(
+            without_middle.iter().map(untimed).collect::<Vec<_>>(),
+            closes.iter().map(untimed).collect::<Vec<_>>(),
+            "closes without the middle transitions (and the passive close: {passive_close}), \
+             then with them"
+        );
+        assert_eq!(
+            timeless.unseen_total(),
+            0,
+            "a middle transition left out is no transition lost"
+        );
+    }
     (raw, closes)
 }
 
-/// A close but for what two probes cannot agree on or the timeless one leaves out: the times
-/// (each probe's programs read the clock on their own), and whether the owner was learnt
+/// A close but for what two probes cannot agree on: the times (each probe's programs read
+/// the clock on their own); with `passive_close` (left out), whether the owner was learnt
 /// from the listener or from its own close() — which a passive close tells with
-/// CLOSE_WAIT→LAST_ACK, a middle transition (its process is the same here).
-fn untimed(c: &Close) -> Close {
+/// CLOSE_WAIT→LAST_ACK (its process is the same here).
+fn untimed(c: &Close, passive_close: bool) -> Close {
     Close {
         ts_ns: 0,
         lifetime_ns: c.lifetime_ns.map(|_| 0),
@@ -87,7 +92,7 @@ fn untimed(c: &Close) -> Close {
             .details
             .map(|d| tcptrace::model::event::Details { ts_ns: 0, ..d }),
         owner: c.owner.map(|o| tcptrace::model::event::Owner {
-            from_listener: false,
+            from_listener: o.from_listener && !passive_close,
             ..o
         }),
         ..*c

@@ -1186,13 +1186,13 @@ mod tests {
     /// folded as the BTF programs fold it ([`SockLife`]), one connection record at each end,
     /// and only the transitions and resets no record holds.
     fn as_kernel_records(events: &[Event]) -> Vec<Event> {
-        as_kernel_records_leaving_out(events, false)
+        as_kernel_records_leaving_out(events, 0)
     }
 
     /// [`as_kernel_records`], with the middle transitions left out as the kernel leaves them
-    /// out for views that show no time per state (`middle_left_out`: `records::NO_MIDDLE`).
-    fn as_kernel_records_leaving_out(events: &[Event], middle_left_out: bool) -> Vec<Event> {
-        use tcptrace_common::connection::{SockLife, ends_connection, is_middle};
+    /// out for views that show no time per state (`records`: `NO_MIDDLE`, `NO_PASSIVE_CLOSE`).
+    fn as_kernel_records_leaving_out(events: &[Event], records: u32) -> Vec<Event> {
+        use tcptrace_common::connection::{SockLife, ends_connection, left_out};
         let raw_to = |t: &Transition| match t.to {
             State::TimeWait => State::Close as u8,
             s => s as u8,
@@ -1204,10 +1204,10 @@ mod tests {
                 Event::Transition(t) => {
                     let life = lives.entry(t.skaddr).or_default();
                     let (old, new) = (t.from as u8, raw_to(t));
-                    if middle_left_out && is_middle(old, new) {
+                    if left_out(records, old, new) {
                         continue;
                     }
-                    life.on_transition_leaving_out(t.ts_ns, old, new, middle_left_out);
+                    life.on_transition_leaving_out(t.ts_ns, old, new, records);
                     let listener =
                         t.to == State::Listen || t.from == State::Listen && t.to == State::Close;
                     let crossing = (t.from, t.to) == (State::FinWait1, State::Closing);
@@ -1353,14 +1353,18 @@ mod tests {
             // same closes — verdicts, roles, lifetimes, states passed. One exception: a
             // socket met mid-life at a middle transition is met at the next one instead, and
             // the state it was in before is not among its states.
-            let without_middle = closes_of(&as_kernel_records_leaving_out(&events, true), true);
-            prop_assert_eq!(from_transitions.len(), without_middle.len());
-            for (all, some) in from_transitions.iter().zip(&without_middle) {
-                if all.midlife {
-                    prop_assert_eq!(some.states & !all.states, 0);
-                    prop_assert_eq!(all, &super::Close { states: all.states, ..*some });
-                } else {
-                    prop_assert_eq!(all, some);
+            use tcptrace_common::records::{NO_MIDDLE, NO_PASSIVE_CLOSE};
+            for records in [NO_MIDDLE, NO_MIDDLE | NO_PASSIVE_CLOSE] {
+                let without_middle =
+                    closes_of(&as_kernel_records_leaving_out(&events, records), true);
+                prop_assert_eq!(from_transitions.len(), without_middle.len());
+                for (all, some) in from_transitions.iter().zip(&without_middle) {
+                    if all.midlife {
+                        prop_assert_eq!(some.states & !all.states, 0);
+                        prop_assert_eq!(all, &super::Close { states: all.states, ..*some });
+                    } else {
+                        prop_assert_eq!(all, some);
+                    }
                 }
             }
         }

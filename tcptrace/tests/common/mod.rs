@@ -111,17 +111,20 @@ pub fn recording_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
 }
 
 /// [`probe_for_ports`] whose kernel side writes only what views that show no time per state
-/// read (`tcptrace timewait`): connection records with counters, the middle transitions left
-/// out.
-pub fn timeless_probe_for_ports(ports: &[u16], ring_bytes: u32) -> Probe {
+/// read: connection records with counters, the middle transitions left out — with
+/// `passive_close`, CLOSE_WAIT→LAST_ACK too (`tcptrace timewait`), else not (`report`).
+pub fn timeless_probe_for_ports(ports: &[u16], ring_bytes: u32, passive_close: bool) -> Probe {
     use tcptrace_common::records;
-    probe_built(
-        ports,
-        ring_bytes,
-        true,
-        Paths::Fast,
-        records::CONNECTIONS | records::NO_TRANSITIONS | records::NO_MIDDLE | records::DETAILS,
-    )
+    let records = records::CONNECTIONS
+        | records::NO_TRANSITIONS
+        | records::NO_MIDDLE
+        | records::DETAILS
+        | if passive_close {
+            records::NO_PASSIVE_CLOSE
+        } else {
+            0
+        };
+    probe_built(ports, ring_bytes, true, Paths::Fast, records)
 }
 
 /// Drains until `want` closes are concluded from connection records (or 10 s pass).
