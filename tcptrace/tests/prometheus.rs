@@ -188,7 +188,7 @@ fn exporter_for(port: u16) -> (Reaped, SocketAddr) {
         if line.starts_with("Tracing") {
             break;
         }
-        assert!(!line.contains("error"), "{line}");
+        assert!(!common::says_error(&line), "{line}");
     }
     let tracer = Reaped(tracer);
     let exporter = exporter.expect("serve printed its address");

@@ -413,7 +413,7 @@ impl Binary {
             if line.contains(ready) {
                 break;
             }
-            assert!(!line.contains("error"), "{line}");
+            assert!(!common::says_error(&line), "{line}");
         }
         std::thread::spawn(move || lines.for_each(drop));
         Binary {

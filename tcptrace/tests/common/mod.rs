@@ -406,6 +406,12 @@ pub fn sysctl(ns: &str, key: &str, value: &str) {
     assert!(st.success(), "sysctl {key}={value} in {ns}");
 }
 
+/// Whether a line of the tracer's stderr reports an error: its fatal `tcptrace: error: …`
+/// or a logged `[ERROR …]`. A warning may quote the system's own words ("os error 1").
+pub fn says_error(line: &str) -> bool {
+    line.starts_with("[ERROR") || line.contains("error:")
+}
+
 /// Waits until the tracer `child` (stderr piped) says its probes are attached, past any
 /// warning before (another test's namespace may vanish while it looks at them all); its
 /// stderr stays readable after.
