@@ -167,18 +167,21 @@ fn prometheus_scrapes_the_counts_of_a_workload() {
 
 /// `tcptrace serve` on a free port, counting only `port`'s connections, and its address.
 fn exporter_for(port: u16) -> (Reaped, SocketAddr) {
-    let mut tracer = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--port",
-            &port.to_string(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(tracer.stderr.take().unwrap()).lines();
+    // Reaped at once: a failed check below must not leave the tracer running.
+    let mut tracer = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--port",
+                &port.to_string(),
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(tracer.0.stderr.take().unwrap()).lines();
     let mut exporter: Option<SocketAddr> = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -190,7 +193,6 @@ fn exporter_for(port: u16) -> (Reaped, SocketAddr) {
         }
         assert!(!common::says_error(&line), "{line}");
     }
-    let tracer = Reaped(tracer);
     let exporter = exporter.expect("serve printed its address");
     // Keep reading its stderr so that it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));

@@ -413,12 +413,14 @@ impl Binary {
             if line.contains(ready) {
                 break;
             }
-            assert!(!common::says_error(&line), "{line}");
+            if common::says_error(&line) {
+                stop_and_fail(child, &line);
+            }
         }
         std::thread::spawn(move || lines.for_each(drop));
-        Binary {
-            child,
-            addr: addr.expect("serve printed its https address"),
+        match addr {
+            Some(addr) => Binary { child, addr },
+            None => stop_and_fail(child, "serve printed no https address"),
         }
     }
 
@@ -710,4 +712,11 @@ fn live_tracing_is_served_over_tls() {
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.contains("tcptrace_lost_events_total"), "{}", r.body);
     assert_eq!(https_get(server.addr, client, None).unwrap().status, 401);
+}
+
+/// Ends the failing test without leaving `child` (a tracer) running.
+fn stop_and_fail(mut child: std::process::Child, why: &str) -> ! {
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{why}");
 }
