@@ -51,6 +51,10 @@ pub struct Args {
     /// functions.
     #[arg(long)]
     profile: bool,
+    /// Instead of the comparison: only profile `tcptrace VIEW` (`--json`, `report`, `hist`,
+    /// `timewait`, `serve`) during one storm, as --profile does.
+    #[arg(long, value_name = "VIEW", value_parser = ["--json", "report", "hist", "timewait", "serve"])]
+    profile_only: Option<String>,
     /// Instead of the comparison: storms without pause for --minutes under `tcptrace report`,
     /// sampling its memory and the kernel maps' entries; then a SYN flood to a closed port
     /// and a half-open flood, under a small --max-sockets.
@@ -68,8 +72,9 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub tcptrace: Option<std::path::PathBuf>,
     /// The view --kernel-cost (and the comparison's kernel-time table) runs: `report` (per-state
-    /// times), or `timewait` (none: the middle transitions are left out in the kernel).
-    #[arg(long, default_value = "report", value_parser = ["report", "timewait"])]
+    /// times), `timewait` (none: the middle transitions are left out in the kernel), or
+    /// `idle` (`report` with every program returning at once: what being called costs).
+    #[arg(long, default_value = "report", value_parser = ["report", "timewait", "idle"])]
     kernel_cost_view: String,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.
@@ -1041,6 +1046,16 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if a.kernel_cost {
         return kernel_cost_only(bin, a, &dir);
     }
+    if let Some(view) = &a.profile_only {
+        let mut b = Bench {
+            bin,
+            a,
+            dir,
+            port: 20_000,
+        };
+        profile(&mut b, view)?;
+        return Ok(());
+    }
     let variants = variants_compared(a);
     let mut b = Bench {
         bin,
@@ -1069,7 +1084,7 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     results.insert("rounds".into(), json!(a.rounds));
     results.insert("missed".into(), json!(misses));
     if a.profile {
-        results.insert("profile".into(), json!(profile(&mut b)?));
+        results.insert("profile".into(), json!(profile(&mut b, "--json")?));
     }
     let path = dir.join("result.json");
     std::fs::write(
@@ -1338,15 +1353,15 @@ fn memory_1m(bin: &Path, dir: &Path) -> Result<f64> {
     Ok(ru.ru_maxrss as f64 / 1024.0)
 }
 
-/// Profiles `tcptrace --json` with perf during one storm; returns its hottest functions.
-fn profile(b: &mut Bench) -> Result<Vec<String>> {
+/// Profiles `tcptrace VIEW` with perf during one storm; returns its hottest functions.
+fn profile(b: &mut Bench, view: &str) -> Result<Vec<String>> {
     b.port += 1;
     let port = b.port;
     let ns = Netns::new()?;
     let out = b.dir.join("profile.out");
     let mut t = Tracer::start(
         b.bin,
-        &["--json".into(), "--port".into(), port.to_string()],
+        &[view.into(), "--port".into(), port.to_string()],
         &out,
     )?;
     let pid = t.pid().context("tracer pid")?;
@@ -1384,7 +1399,7 @@ fn profile(b: &mut Bench) -> Result<Vec<String>> {
         .take(25)
         .collect();
     println!(
-        "\nhottest functions of `tcptrace --json` (perf, {} connections):",
+        "\nhottest functions of `tcptrace {view}` (perf, {} connections):",
         b.a.connections
     );
     for l in &top {
@@ -1580,15 +1595,12 @@ fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
     b.port += 1;
     let port = b.port;
     let ns = Netns::new()?;
-    let mut tracer = Tracer::start(
-        b.bin,
-        &[
-            b.a.kernel_cost_view.clone(),
-            "--port".into(),
-            port.to_string(),
-        ],
-        &b.dir.join("kernel-cost.out"),
-    )?;
+    let mut args = match b.a.kernel_cost_view.as_str() {
+        "idle" => vec!["report".to_string(), "--idle-probes".into()],
+        view => vec![view.to_string()],
+    };
+    args.extend(["--port".into(), port.to_string()]);
+    let mut tracer = Tracer::start(b.bin, &args, &b.dir.join("kernel-cost.out"))?;
     std::fs::write(STATS, "1")?;
     let pid = tracer.pid();
     let before = program_stats(pid)?;
