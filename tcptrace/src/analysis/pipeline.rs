@@ -15,7 +15,7 @@ use tcptrace_common::kind;
 use crate::{
     analysis::{
         closes::{Close, How, Role, Tracker},
-        timewait::{Exit, OverflowProof, Timewaits},
+        timewait::{Exit, MadeBy, OverflowProof, Timewaits},
     },
     model::{
         event::{Event, Part, RawEvent, State, Transition, decode},
@@ -231,6 +231,13 @@ impl Pipeline {
                 Event::Connection(c) if self.records => tw.connection(c, &mut self.exits),
                 Event::Transition(_) if self.records => {}
                 _ => tw.observe(ev, &mut self.exits),
+            }
+            for c in self.closes[closes..].iter().filter(|c| c.timewait) {
+                let made_by = MadeBy {
+                    role: c.role,
+                    states: c.states,
+                };
+                tw.made_by(c.local, c.remote, made_by);
             }
             self.fates.hold(&mut self.closes, closes, tw, ev.ts_ns());
             self.fates
@@ -549,6 +556,69 @@ mod tests {
         assert!(close.timewait);
         assert_eq!(tracked.undecodable(), 1);
         assert_eq!(tracked.tracked(), 0, "the socket's life ended");
+    }
+
+    /// A timewait socket's exit names the connection whose close made it (its role and
+    /// states), which the views count it under; one whose close was not seen names none.
+    #[test]
+    fn a_timewait_exit_names_the_connection_that_made_it() {
+        use crate::model::event::{Event, TimerEvent, TimerOp};
+        use State::*;
+        let timer = |ts: u64, tw: u64, op| {
+            Event::Timer(TimerEvent {
+                ts_ns: ts,
+                tw,
+                op,
+                substate_at_end: Some(TimeWait),
+            })
+        };
+        let armed = |ts, tw, local: &str| {
+            timer(
+                ts,
+                tw,
+                TimerOp::Armed {
+                    substate: TimeWait,
+                    timeout_jiffies: 15_000,
+                    local: local.parse().unwrap(),
+                    remote: "10.0.0.2:80".parse().unwrap(),
+                    netns: None,
+                    rearm: false,
+                },
+            )
+        };
+        let mut pipe = Pipeline::new(Filter::default().compile())
+            .tracking()
+            .timewaits(true);
+        let mut events: Vec<Event> = Vec::new();
+        for (i, raw) in client_closes_first().iter().enumerate() {
+            if i == 4 {
+                events.push(armed(4_999, 1, "10.0.0.1:40000"));
+            }
+            events.push(pipe.decode(raw).expect("decodes"));
+        }
+        // Another timewait socket, of a connection older than the trace.
+        events.push(armed(6_000, 2, "10.0.0.1:40001"));
+        events.push(timer(7_000, 1, TimerOp::Expired));
+        events.push(timer(7_001, 2, TimerOp::Expired));
+        for e in &events {
+            pipe.fold(e);
+        }
+        pipe.finish();
+        let made_by: Vec<MadeBy> = pipe.exits.iter().map(|x| x.made_by).collect();
+        let passed = [SynSent, Established, FinWait1, FinWait2, TimeWait]
+            .iter()
+            .fold(0u16, |m, s| m | 1 << *s as u16);
+        assert_eq!(made_by.len(), 2);
+        assert_eq!(made_by[0].role, Role::Client);
+        assert_eq!(
+            made_by[0].states & passed,
+            passed,
+            "{:#x}",
+            made_by[0].states
+        );
+        assert_eq!(made_by[1], MadeBy::UNKNOWN);
+        let x = &pipe.exits[0];
+        assert_eq!(x.made_by.service_port(x.local, x.remote), 80);
     }
 
     /// A server whose orphan entered a timewait socket in FIN_WAIT2 (its client had not

@@ -18,6 +18,7 @@
 use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
+    analysis::closes::Role,
     model::{
         event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
         filter::CompiledFilter,
@@ -77,6 +78,31 @@ pub struct Exit {
     /// The cgroup2 id of the socket whose close created it, from the entry into TIME_WAIT
     /// (a timewait socket has none of its own); None when unknown.
     pub cgroup: Option<u64>,
+    /// The connection whose close created it (its role and states: none when unknown), so
+    /// that a view counts the exit under that connection's service without a map of its own.
+    pub made_by: MadeBy,
+}
+
+/// What is known of the connection whose close created a timewait socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MadeBy {
+    /// Its role.
+    pub role: Role,
+    /// Bit `1 << state` for every state it was seen in; 0 when its close was not seen.
+    pub states: u16,
+}
+
+impl MadeBy {
+    /// Nothing known: a timewait socket whose close was not seen (or not followed).
+    pub const UNKNOWN: MadeBy = MadeBy {
+        role: Role::Unknown,
+        states: 0,
+    };
+
+    /// The service port of the connection at (local, remote).
+    pub fn service_port(&self, local: SocketAddr, remote: SocketAddr) -> u16 {
+        crate::analysis::closes::service_port(self.role, local, remote)
+    }
 }
 
 /// A live timewait socket.
@@ -102,6 +128,8 @@ pub struct Life {
     pub netns: Option<u32>,
     /// The cgroup2 id of the socket whose close created it (None: unknown).
     pub cgroup: Option<u64>,
+    /// The connection whose close created it.
+    pub made_by: MadeBy,
     /// A cancel seen, not yet explained by a re-arm or an expiry.
     cancelled_at: Option<u64>,
     /// The last re-arm that followed a cancel, and the life as it was before: a connection
@@ -239,7 +267,7 @@ pub struct Timewaits {
     live: FastMap<u64, Life>,
     by_tuple: FastMap<(SocketAddr, SocketAddr), u64>,
     /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
-    expected: Vec<(u64, Transition)>,
+    expected: Vec<(u64, Transition, MadeBy)>,
     /// Cancels in time order, (when, timewait socket): the only lives `expire` looks at.
     /// An entry is stale once its life was re-armed or ended.
     cancels: VecDeque<(u64, u64)>,
@@ -435,6 +463,7 @@ impl Timewaits {
             owner: life.owner,
             netns: life.netns,
             cgroup: life.cgroup,
+            made_by: life.made_by,
         });
         life.since_ns = r.armed_at;
         life.rearms = life.rearms.saturating_sub(r.rearms + 1);
@@ -470,8 +499,27 @@ impl Timewaits {
                 life.cgroup = life.cgroup.or(t.cgroup);
                 life.netns = life.netns.or(t.netns);
             }
-            None if self.traced => self.expected.push((t.ts_ns, *t)),
+            None if self.traced => self.expected.push((t.ts_ns, *t, MadeBy::UNKNOWN)),
             None => {}
+        }
+    }
+
+    /// Names the connection whose close made the timewait socket at (local, remote) — or
+    /// the one expected there — for its exit.
+    pub fn made_by(&mut self, local: SocketAddr, remote: SocketAddr, made_by: MadeBy) {
+        if let Some(life) = self
+            .by_tuple
+            .get(&(local, remote))
+            .and_then(|tw| self.live.get_mut(tw))
+        {
+            life.made_by = made_by;
+        } else if let Some((_, _, m)) = self
+            .expected
+            .iter_mut()
+            .rev()
+            .find(|(_, e, _)| e.local == local && e.remote == remote)
+        {
+            *m = made_by;
         }
     }
 
@@ -511,8 +559,10 @@ impl Timewaits {
                 let entry = self
                     .expected
                     .iter()
-                    .position(|(_, e)| e.local == local && e.remote == remote)
-                    .map(|i| self.expected.remove(i).1);
+                    .position(|(_, e, _)| e.local == local && e.remote == remote)
+                    .map(|i| self.expected.remove(i));
+                let made_by = entry.map_or(MadeBy::UNKNOWN, |(_, _, m)| m);
+                let entry = entry.map(|(_, e, _)| e);
                 let owner = entry.and_then(|e| e.owner);
                 let cgroup = entry.and_then(|e| e.cgroup);
                 self.make_room();
@@ -531,6 +581,7 @@ impl Timewaits {
                         owner,
                         netns: netns.or(entry.and_then(|e| e.netns)),
                         cgroup,
+                        made_by,
                         cancelled_at: None,
                         after_cancel: None,
                     },
@@ -584,6 +635,7 @@ impl Timewaits {
             owner: life.owner,
             netns: life.netns,
             cgroup: life.cgroup,
+            made_by: life.made_by,
         })
     }
 
@@ -596,7 +648,7 @@ impl Timewaits {
             .iter()
             .find(|(at, tw)| self.live.get(tw).and_then(|l| l.cancelled_at) == Some(*at))
             .map(|(at, _)| *at);
-        let entry = self.expected.iter().map(|(at, _)| *at).min();
+        let entry = self.expected.iter().map(|(at, _, _)| *at).min();
         cancel.into_iter().chain(entry).min()
     }
 
@@ -616,7 +668,7 @@ impl Timewaits {
                 out.extend(self.end(tw, at, End::Killed));
             }
         }
-        while let Some((at, t)) = self.expected.first().copied() {
+        while let Some((at, t, made_by)) = self.expected.first().copied() {
             if now_ns.saturating_sub(at) <= ARM_GRACE_NS {
                 break;
             }
@@ -641,6 +693,7 @@ impl Timewaits {
                 owner: t.owner,
                 netns: t.netns,
                 cgroup: t.cgroup,
+                made_by,
             });
         }
     }

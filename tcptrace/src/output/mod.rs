@@ -816,6 +816,7 @@ mod tests {
                 owner: busy_owner(),
                 netns: None,
                 cgroup: None,
+                made_by: crate::analysis::timewait::MadeBy::UNKNOWN,
             };
             r.timewait_exit(out, &x).unwrap();
         }

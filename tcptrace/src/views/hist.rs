@@ -10,8 +10,6 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use std::net::SocketAddr;
-
 use crate::{
     analysis::{
         closes::{Close, service_port},
@@ -23,7 +21,6 @@ use crate::{
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns},
-    shared::FastMap,
     views::{Flow, View},
 };
 
@@ -205,8 +202,6 @@ pub struct Hist<W: Write> {
     hists: BTreeMap<Key, Histogram<u64>>,
     out: W,
     format: Format,
-    /// The service port of each connection now in TIME_WAIT (with `--by port`).
-    tw_ports: FastMap<(SocketAddr, SocketAddr), u16>,
 }
 
 impl<W: Write> Hist<W> {
@@ -231,7 +226,6 @@ impl<W: Write> Hist<W> {
             hists: BTreeMap::new(),
             out,
             format,
-            tw_ports: FastMap::default(),
         };
         hist.timers(true)
     }
@@ -315,31 +309,22 @@ impl<W: Write> Hist<W> {
             if x.end == End::NotCreated || !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
-            let port =
-                match self.by {
-                    By::State => None,
-                    By::Port => Some(self.tw_ports.remove(&(x.local, x.remote)).unwrap_or_else(
-                        || service_port(crate::analysis::closes::Role::Unknown, x.local, x.remote),
-                    )),
-                };
+            let port = match self.by {
+                By::State => None,
+                By::Port => Some(x.made_by.service_port(x.local, x.remote)),
+            };
             self.record((Series::State(State::TimeWait), port, None), x.residency_ns);
         }
         self.pipe.exits = exits;
     }
 
-    /// With `--by port`: the service port of each connection that entered TIME_WAIT, for its
-    /// exit. Bounded like the sockets: an exit never seen (lost, evicted) must not leave its
-    /// entry here forever.
-    fn note_timewait_ports(&mut self) {
+    /// Takes the closes concluded: each one's samples of a per-connection metric. (A
+    /// TIME_WAIT exit names its connection's service itself.)
+    fn take_closes(&mut self) {
         let mut closes = std::mem::take(&mut self.pipe.closes);
         for c in closes.drain(..) {
             if self.metric != Metric::State {
                 self.record_close(&c);
-            } else if c.timewait {
-                if self.tw_ports.len() >= self.pipe.cap() {
-                    self.tw_ports.clear();
-                }
-                self.tw_ports.insert((c.local, c.remote), c.service_port());
             }
         }
         self.pipe.closes = closes;
@@ -488,7 +473,7 @@ impl<W: Write> View for Hist<W> {
             };
             self.pipe.fold(&ev);
             self.record_steps();
-            self.note_timewait_ports();
+            self.take_closes();
             self.record_exits();
         }
         Ok(Flow::More)
@@ -502,7 +487,7 @@ impl<W: Write> View for Hist<W> {
 
     fn finish(&mut self) -> io::Result<()> {
         self.pipe.finish();
-        self.note_timewait_ports();
+        self.take_closes();
         self.record_exits();
         let summaries = self.summaries();
         match self.format {

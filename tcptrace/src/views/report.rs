@@ -6,8 +6,6 @@ use std::io::{self, Write};
 use comfy_table::{CellAlignment, Table, presets};
 use serde::Serialize;
 
-use std::net::SocketAddr;
-
 use crate::{
     analysis::{
         closes::{Close, How, Initiator, Role, service_port},
@@ -326,8 +324,6 @@ pub struct Report<W: Write> {
     window_start: Option<u64>,
     last_ts: u64,
     lost: u64,
-    /// The row of each connection now in TIME_WAIT.
-    tw_rows: FastMap<(SocketAddr, SocketAddr), (u16, Way)>,
     /// The kernel's names of reset reasons.
     reset_names: ResetNames,
 }
@@ -355,7 +351,6 @@ impl<W: Write> Report<W> {
             window_start: None,
             last_ts: 0,
             lost: 0,
-            tw_rows: FastMap::default(),
             reset_names: ResetNames::default(),
         }
     }
@@ -407,10 +402,14 @@ impl<W: Write> Report<W> {
             if !self.pipe.filter().keeps_exit(&x) {
                 continue;
             }
-            let key = self.tw_rows.remove(&(x.local, x.remote));
-            let (port, way) = key
-                .unwrap_or_else(|| (service_port(Role::Unknown, x.local, x.remote), Way::Unknown));
-            let row = self.row(port, way);
+            // Counted under the connection whose close made it, unless that close was left
+            // out of the report (its states did not match).
+            let states = u32::from(x.made_by.states);
+            if self.state_mask != 0 && states != 0 && states & self.state_mask == 0 {
+                continue;
+            }
+            let port = x.made_by.service_port(x.local, x.remote);
+            let row = self.row(port, Way::of(x.made_by.role));
             if x.end == End::NotCreated {
                 row.timewait_not_created += 1;
             } else {
@@ -440,17 +439,7 @@ impl<W: Write> Report<W> {
             if self.state_mask != 0 && u32::from(c.states) & self.state_mask == 0 {
                 continue;
             }
-            let way = Way::of(c.role);
-            let port = c.service_port();
-            if c.timewait && self.pipe.timewaits_traced() {
-                // Bounded like the sockets: an exit never seen (lost, evicted) must not
-                // leave its entry here forever.
-                if self.tw_rows.len() >= self.pipe.cap() {
-                    self.tw_rows.clear();
-                }
-                self.tw_rows.insert((c.local, c.remote), (port, way));
-            }
-            self.row(port, way).add(&c, &names);
+            self.row(c.service_port(), Way::of(c.role)).add(&c, &names);
         }
         self.pipe.closes = closes;
     }
