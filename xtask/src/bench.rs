@@ -664,10 +664,17 @@ fn delivered_by_tcpstates(mut r: Reaped, out: &Path, port: u16) -> Result<u64> {
         .count() as u64)
 }
 
-/// The number in `text` just before `word` (e.g. "200002 transitions").
+/// The number in `text` just before `word` (e.g. "200002 transitions"), read in the tracer's
+/// closing totals line when `text` has one.
 pub(crate) fn number_before(text: &str, word: &str) -> Option<u64> {
-    let i = text.find(word)?;
-    text[..i].split_whitespace().last()?.parse().ok()
+    // The closing totals line, when there is one: a warning before it may use the words.
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("tcptrace: ") && l.contains(" events read"))
+        .unwrap_or(text);
+    let i = line.find(word)?;
+    line[..i].split_whitespace().last()?.parse().ok()
 }
 
 struct Bench<'a> {
@@ -1673,5 +1680,12 @@ mod tests {
         let s = "tcptrace: 2 transitions, 40000 connection records and 0 other events read";
         assert_eq!(number_before(s, " transitions"), Some(2));
         assert_eq!(number_before(s, " connection records"), Some(40_000));
+        let s =
+            "[WARN] 3 lost to a full map\ntcptrace: 5 transitions and 0 other events read, 0 lost";
+        assert_eq!(
+            number_before(s, " lost"),
+            Some(0),
+            "the totals line's, not the warning's"
+        );
     }
 }
