@@ -81,7 +81,9 @@ pub(crate) struct Mark {
 pub(crate) static RUNNING: PerCpuArray<Mark> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: transitions [`btf_set_state_nested`] took over, each of which the kernel counted
-/// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses.
+/// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses. Slot
+/// [`Slot::Nested`] holds those it handled, slot [`Slot::Transition`] the middle ones the
+/// loader leaves out (nothing to do).
 ///
 /// [`btf_set_state`]: crate::transition::btf_set_state
 /// [`btf_set_state_nested`]: crate::transition::btf_set_state_nested

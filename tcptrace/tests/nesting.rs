@@ -42,6 +42,10 @@ const THREADS: u64 = 4;
 /// At most this many rounds, until one saw the kernel skip a nested run.
 const ROUNDS: usize = 4;
 
+/// Held by each test for its whole run: two storms at once would load the host twice over,
+/// and the judges count what each tracer's programs did while the other's ran too.
+static ONE_STORM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Spreads a device's receive processing over every CPU (best effort: a kernel without RPS
 /// simply nests less often).
 fn rps_on(ns: &str, dev: &str) {
@@ -101,6 +105,10 @@ fn nested_transitions_are_delivered_or_counted_exactly() {
     if !root_or_skip("nested_transitions_are_delivered_or_counted_exactly") {
         return;
     }
+    // A test that failed while holding it poisons it: the next one runs all the same.
+    let _alone = ONE_STORM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The kernel counts the transition program's runs only while its statistics are on.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .expect("the kernel's BPF run statistics turn on (BPF_ENABLE_STATS, Linux 5.8+)");
@@ -163,6 +171,52 @@ fn nested_transitions_are_delivered_or_counted_exactly() {
     panic!(
         "no run was nested in {ROUNDS} rounds of {CONNS} connections: the exact counts held, \
          but the kernel's skipping was not provoked, so the nested copy was not tested"
+    );
+}
+
+/// The views that show no time per state leave the middle transitions out in the kernel
+/// (`report`, `timewait`): those are the packet-driven ones, the likeliest to arrive in a
+/// softirq on top of a task's transition. One the kernel skipped there was left out anyway:
+/// its miss is taken over (by doing nothing), never reported lost — and every connection's
+/// record still comes, both sides.
+#[test]
+fn nested_middle_transitions_left_out_are_no_loss() {
+    if !root_or_skip("nested_middle_transitions_left_out_are_no_loss") {
+        return;
+    }
+    // A test that failed while holding it poisons it: the next one runs all the same.
+    let _alone = ONE_STORM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pair = NetPair::new();
+    rps_on(&pair.a, &pair.dev_a);
+    rps_on(&pair.b, &pair.dev_b);
+    for round in 0..ROUNDS {
+        let port = 23_000 + round as u16 + (std::process::id() % 1000) as u16;
+        let mut probe = common::timeless_probe_for_ports(&[port], 16 << 20, false);
+        storm(&pair, port);
+        settle(&pair, port);
+        let records = common::collect_record_closes(&mut probe, 2 * CONNS as usize).len();
+        let (nested, caught) = (probe.missed_runs(), probe.caught_total());
+        let left_out = probe.caught_left_out();
+        eprintln!(
+            "round {round}: {records} of {} connection records; {nested} runs skipped by the \
+             kernel as nested, {caught} taken over ({left_out} of them left out); {} lost",
+            2 * CONNS,
+            probe.lost_total()
+        );
+        assert!(caught <= nested, "only skipped runs are taken over");
+        // What stays uncounted is what the nested copy cannot tell from a run: a skip in the
+        // kernel's own entry or exit around a run (no mark yet, or no more), of a left-out
+        // transition or of a socket with no storage yet. Before the left-out ones were taken
+        // over, about a third of the skips here were reported lost; now a few in a hundred.
+        if left_out > 0 {
+            return;
+        }
+    }
+    panic!(
+        "no left-out transition was nested in {ROUNDS} rounds of {CONNS} connections: their \
+         misses were not provoked"
     );
 }
 

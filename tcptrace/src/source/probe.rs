@@ -705,6 +705,14 @@ impl Probe {
         self.btf.as_ref().map_or(0, |b| per_cpu_sum(&b.caught))
     }
 
+    /// Of [`Probe::caught_total`], the middle transitions the loader leaves out: skipped in
+    /// the transition program, taken over by doing nothing.
+    pub fn caught_left_out(&self) -> u64 {
+        self.btf
+            .as_ref()
+            .map_or(0, |b| per_cpu_slot(&b.caught, LEFT_OUT_CAUGHT_SLOT))
+    }
+
     /// Transitions the kernel ran no program for and counted no miss for, found afterwards
     /// in their socket's storage (BTF side only): part of [`Probe::lost_total`].
     pub fn unseen_total(&self) -> u64 {
@@ -730,6 +738,15 @@ impl Probe {
 }
 
 const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
+
+/// One slot of a per-CPU counter, summed over every CPU (0 when it cannot be read).
+fn per_cpu_slot(map: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    map.get(&slot, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
+}
+
+/// The slot of `CAUGHT` where the nested copy counts the left-out middle transitions it took
+/// over (the kernel side's `Slot::Transition`).
+const LEFT_OUT_CAUGHT_SLOT: u32 = 0;
 
 /// The sum of a per-CPU counter over every slot (one per program) and CPU (a slot that
 /// cannot be read counts 0).
