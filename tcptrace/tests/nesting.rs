@@ -46,6 +46,22 @@ const ROUNDS: usize = 4;
 /// and the judges count what each tracer's programs did while the other's ran too.
 static ONE_STORM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What both tests start with (None when `test` is skipped): their turn, and a pair of
+/// namespaces whose receive work is spread over every CPU.
+fn storm_pair(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, NetPair)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    // A test that failed while holding it poisons it: the next one runs all the same.
+    let alone = ONE_STORM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pair = NetPair::new();
+    rps_on(&pair.a, &pair.dev_a);
+    rps_on(&pair.b, &pair.dev_b);
+    Some((alone, pair))
+}
+
 /// Spreads a device's receive processing over every CPU (best effort: a kernel without RPS
 /// simply nests less often).
 fn rps_on(ns: &str, dev: &str) {
@@ -102,19 +118,13 @@ fn storm(pair: &NetPair, port: u16) {
 
 #[test]
 fn nested_transitions_are_delivered_or_counted_exactly() {
-    if !root_or_skip("nested_transitions_are_delivered_or_counted_exactly") {
+    let Some((_alone, pair)) = storm_pair("nested_transitions_are_delivered_or_counted_exactly")
+    else {
         return;
-    }
-    // A test that failed while holding it poisons it: the next one runs all the same.
-    let _alone = ONE_STORM_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    };
     // The kernel counts the transition program's runs only while its statistics are on.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .expect("the kernel's BPF run statistics turn on (BPF_ENABLE_STATS, Linux 5.8+)");
-    let pair = NetPair::new();
-    rps_on(&pair.a, &pair.dev_a);
-    rps_on(&pair.b, &pair.dev_b);
     for round in 0..ROUNDS {
         let port = 21_000 + round as u16 + (std::process::id() % 1000) as u16;
         // Every port (the judge below counts every run of the program), without the
@@ -177,20 +187,12 @@ fn nested_transitions_are_delivered_or_counted_exactly() {
 /// The views that show no time per state leave the middle transitions out in the kernel
 /// (`report`, `timewait`): those are the packet-driven ones, the likeliest to arrive in a
 /// softirq on top of a task's transition. One the kernel skipped there was left out anyway:
-/// its miss is taken over (by doing nothing), never reported lost — and every connection's
-/// record still comes, both sides.
+/// its miss is taken over (by doing nothing), never reported lost.
 #[test]
 fn nested_middle_transitions_left_out_are_no_loss() {
-    if !root_or_skip("nested_middle_transitions_left_out_are_no_loss") {
+    let Some((_alone, pair)) = storm_pair("nested_middle_transitions_left_out_are_no_loss") else {
         return;
-    }
-    // A test that failed while holding it poisons it: the next one runs all the same.
-    let _alone = ONE_STORM_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let pair = NetPair::new();
-    rps_on(&pair.a, &pair.dev_a);
-    rps_on(&pair.b, &pair.dev_b);
+    };
     for round in 0..ROUNDS {
         let port = 23_000 + round as u16 + (std::process::id() % 1000) as u16;
         let mut probe = common::timeless_probe_for_ports(&[port], 16 << 20, false);
