@@ -469,6 +469,8 @@ impl Timewaits {
         life.rearms = life.rearms.saturating_sub(r.rearms + 1);
         life.owner = None;
         life.cgroup = None;
+        // The new connection's close names itself, if it is the one that made it.
+        life.made_by = MadeBy::UNKNOWN;
         life.after_cancel = None;
         self.created += 1;
     }
@@ -840,14 +842,27 @@ mod tests {
         assert_eq!(summary(run(&from_transitions)), expected);
         let mut t = Timewaits::new(true);
         let mut out = Vec::new();
+        // A's close names its connection (as the pipeline does for a close into TIME_WAIT);
+        // B's does not here: A's name must not be left on B's socket.
+        let a_made = MadeBy {
+            role: Role::Client,
+            states: 1 << State::TimeWait as u16,
+        };
         for e in &from_records {
             match e {
-                Event::Connection(c) => t.connection(c, &mut out),
+                Event::Connection(c) => {
+                    t.connection(c, &mut out);
+                    if c.end.ts_ns == 2 * SEC {
+                        t.made_by(c.end.local, c.end.remote, a_made);
+                    }
+                }
                 e => t.observe(e, &mut out),
             }
         }
         t.flush(&mut out);
         assert_eq!(t.created(), 2);
+        let made: Vec<MadeBy> = out.iter().map(|x| x.made_by).collect();
+        assert_eq!(made, [a_made, MadeBy::UNKNOWN]);
         assert_eq!(summary(out), expected);
     }
 
