@@ -1064,23 +1064,17 @@ pub fn bench(bin: &Path, a: &Args) -> Result<()> {
     if a.kernel_cost {
         return kernel_cost_only(bin, a, &dir);
     }
-    if let Some(view) = &a.profile_only {
-        let mut b = Bench {
-            bin,
-            a,
-            dir,
-            port: 20_000,
-        };
-        profile(&mut b, view)?;
-        return Ok(());
-    }
-    let variants = variants_compared(a);
     let mut b = Bench {
         bin,
         a,
         dir: dir.clone(),
         port: 20_000,
     };
+    if let Some(view) = &a.profile_only {
+        profile(&mut b, view)?;
+        return Ok(());
+    }
+    let variants = variants_compared(a);
     let mut results = serde_json::Map::new();
     let mut table = String::new();
     if !a.only.is_empty() {
@@ -1629,11 +1623,10 @@ fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
     b.port += 1;
     let port = b.port;
     let ns = Netns::new()?;
-    let mut args = match b.a.kernel_cost_view.as_str() {
-        "idle" => vec!["report".to_string(), "--idle-probes".into()],
-        view => vec![view.to_string()],
+    let args = match b.a.kernel_cost_view.as_str() {
+        "idle" => tcptrace_args(Variant::Idle, port)?,
+        view => vec![view.to_string(), "--port".into(), port.to_string()],
     };
-    args.extend(["--port".into(), port.to_string()]);
     let mut tracer = Tracer::start(b.bin, &args, &b.dir.join("kernel-cost.out"))?;
     std::fs::write(STATS, "1")?;
     let pid = tracer.pid();

@@ -404,8 +404,7 @@ impl<W: Write> Report<W> {
             }
             // Counted under the connection whose close made it, unless that close was left
             // out of the report (its states did not match).
-            let states = u32::from(x.made_by.states);
-            if self.state_mask != 0 && states != 0 && states & self.state_mask == 0 {
+            if x.made_by.states != 0 && !self.keeps_states(x.made_by.states) {
                 continue;
             }
             let port = x.made_by.service_port(x.local, x.remote);
@@ -427,6 +426,11 @@ impl<W: Write> Report<W> {
         self.out
     }
 
+    /// Whether a connection that was seen in `states` (bits `1 << state`) is reported.
+    fn keeps_states(&self, states: u16) -> bool {
+        self.state_mask == 0 || u32::from(states) & self.state_mask != 0
+    }
+
     fn tally(&mut self) {
         // Drained in place: the buffer keeps its capacity, no allocation per batch.
         let mut closes = std::mem::take(&mut self.pipe.closes);
@@ -436,7 +440,7 @@ impl<W: Write> Report<W> {
             if !self.pipe.filter().keeps_close(&c) {
                 continue;
             }
-            if self.state_mask != 0 && u32::from(c.states) & self.state_mask == 0 {
+            if !self.keeps_states(c.states) {
                 continue;
             }
             self.row(c.service_port(), Way::of(c.role)).add(&c, &names);
