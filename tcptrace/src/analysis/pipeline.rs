@@ -8,7 +8,11 @@
 //! as connection records, each a whole life ([`Pipeline::from_records`]): the closes, and
 //! the transitions rebuilt from them ([`Pipeline::steps`]), are the same either way.
 
-use std::net::SocketAddr;
+use std::{
+    collections::{VecDeque, hash_map::Entry},
+    hash::BuildHasher,
+    net::SocketAddr,
+};
 
 use tcptrace_common::kind;
 
@@ -306,7 +310,7 @@ impl Pipeline {
     /// that may be a kill): one may yet come out dated then. None when none waits.
     pub fn waiting_since(&self) -> Option<u64> {
         let aborts = self.tracker.as_ref().and_then(Tracker::waiting_since);
-        let fates = self.fates.held.values().map(|(c, _)| c.ts_ns).min();
+        let fates = self.fates.oldest_ns();
         let exits = self.timewaits.as_ref().and_then(Timewaits::waiting_since);
         aborts.into_iter().chain(fates).chain(exits).min()
     }
@@ -374,17 +378,23 @@ const FATE_GRACE_NS: u64 = 300 * NS_PER_MS;
 /// briefly to tell which, whatever order the events come in.
 #[derive(Debug, Default)]
 struct Fates {
-    /// By namespace and 4-tuple: the close, and the number it was held under.
-    held: FastMap<Tuple, (Close, u64)>,
-    /// When each held close stops waiting, in order, with its number (an entry whose close
-    /// has gone, or was replaced by a later one on the same 4-tuple, is stale).
-    order: std::collections::VecDeque<(u64, Tuple, u64)>,
-    /// Closes held so far: each one's number.
-    count: u64,
+    /// The held closes in the order they were held, each with when it stops waiting (a
+    /// close taken out early leaves `None`): a storm holds one close per connection, read
+    /// back in order, so they queue rather than sit in a table.
+    queue: VecDeque<(u64, Option<Close>)>,
+    /// Each held close's number (its position in `queue` plus `first`), by the digest of
+    /// its namespace and 4-tuple ([`fate_key`]).
+    index: FastMap<u64, u64>,
+    /// The number of `queue`'s front.
+    first: u64,
 }
 
-/// A connection's network namespace and endpoints (local, remote).
-type Tuple = (Option<u32>, SocketAddr, SocketAddr);
+/// A digest of a connection's network namespace and endpoints, for [`Fates`]' index (two
+/// connections with the same digest, one chance in 2^64, leave the older one released at
+/// the end of its wait rather than by its fate).
+fn fate_key(netns: Option<u32>, local: SocketAddr, remote: SocketAddr) -> u64 {
+    foldhash::fast::FixedState::default().hash_one((netns, local, remote))
+}
 
 impl Fates {
     /// Moves the closes from `closes[from..]` whose timewait socket is in FIN_WAIT2 to
@@ -401,33 +411,70 @@ impl Fates {
                     Some(l) => l.substate == State::FinWait2,
                     None => tw.traced(),
                 };
-            if undecided {
-                let c = closes.remove(i);
-                let key = (c.netns, c.local, c.remote);
-                self.count += 1;
-                self.order
-                    .push_back((now_ns.saturating_add(FATE_GRACE_NS), key, self.count));
-                // The 4-tuple taken again before the last close on it was decided (no
-                // timewait socket holds it): that one goes out as it was, first.
-                if let Some((earlier, _)) = self.held.insert(key, (c, self.count)) {
-                    closes.insert(i, earlier);
-                    i += 1;
-                }
-            } else {
+            if !undecided {
+                i += 1;
+                continue;
+            }
+            let c = closes.remove(i);
+            // The 4-tuple taken again before the last close on it was decided (no timewait
+            // socket holds it): that one goes out as it was, first.
+            if let Some(earlier) = self.take(c.netns, c.local, c.remote) {
+                closes.insert(i, earlier);
                 i += 1;
             }
+            self.push(now_ns.saturating_add(FATE_GRACE_NS), c);
         }
+    }
+
+    /// Holds `c` until `until_ns`.
+    fn push(&mut self, until_ns: u64, c: Close) {
+        let n = self.first + self.queue.len() as u64;
+        self.index.insert(fate_key(c.netns, c.local, c.remote), n);
+        self.queue.push_back((until_ns, Some(c)));
+    }
+
+    /// The close held for (netns, local, remote), taken out.
+    fn take(&mut self, netns: Option<u32>, local: SocketAddr, remote: SocketAddr) -> Option<Close> {
+        let Entry::Occupied(at) = self.index.entry(fate_key(netns, local, remote)) else {
+            return None;
+        };
+        let slot = &mut self
+            .queue
+            .get_mut(at.get().checked_sub(self.first)? as usize)?
+            .1;
+        if slot
+            .as_ref()
+            .is_none_or(|c| (c.netns, c.local, c.remote) != (netns, local, remote))
+        {
+            return None;
+        }
+        at.remove();
+        slot.take()
+    }
+
+    /// Whether no close is held.
+    fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// When the oldest close held ended.
+    fn oldest_ns(&self) -> Option<u64> {
+        self.queue
+            .iter()
+            .filter_map(|(_, c)| c.as_ref())
+            .map(|c| c.ts_ns)
+            .min()
     }
 
     /// A reset this side sent on the 4-tuple of a held close (by its timewait socket or by
     /// the closed socket itself): the connection ended there, with no TIME_WAIT to come.
     fn note_reset(&mut self, ev: &Event, out: &mut Vec<Close>) {
-        if self.held.is_empty() {
+        if self.is_empty() {
             return;
         }
         if let Event::Reset(r) = ev
             && r.direction == crate::model::event::Direction::Sent
-            && let Some((mut c, _)) = self.held.remove(&(r.netns, r.local, r.remote))
+            && let Some(mut c) = self.take(r.netns, r.local, r.remote)
         {
             c.timewait = false;
             c.how = How::RstSent;
@@ -438,7 +485,7 @@ impl Fates {
 
     /// Releases what `ev` (and the `exits` it caused) settles.
     fn settle(&mut self, ev: &Event, exits: &[Exit], tw: &Timewaits, out: &mut Vec<Close>) {
-        if self.held.is_empty() {
+        if self.is_empty() {
             return;
         }
         self.settled_by(exits, out);
@@ -451,7 +498,7 @@ impl Fates {
                 netns,
                 ..
             } = t.op
-            && let Some((c, _)) = self.held.remove(&(netns, local, remote))
+            && let Some(c) = self.take(netns, local, remote)
         {
             out.push(c);
         }
@@ -462,7 +509,7 @@ impl Fates {
     /// FIN_WAIT2 never held TIME_WAIT.
     fn settled_by(&mut self, exits: &[Exit], out: &mut Vec<Close>) {
         for x in exits {
-            let Some((mut c, _)) = self.held.remove(&(x.netns, x.local, x.remote)) else {
+            let Some(mut c) = self.take(x.netns, x.local, x.remote) else {
                 continue;
             };
             c.timewait = x.substate != State::FinWait2;
@@ -473,20 +520,29 @@ impl Fates {
     /// Releases the closes whose grace ended by `now_ns` — as they were: their timewait
     /// socket most likely moved to TIME_WAIT silently — unless it is being killed now.
     fn expire(&mut self, now_ns: u64, tw: &Timewaits, out: &mut Vec<Close>) {
-        while let Some(&(at, key, n)) = self.order.front() {
-            if at > now_ns {
+        while let Some(&(until, _)) = self.queue.front() {
+            if until > now_ns {
                 break;
             }
-            self.order.pop_front();
-            if self.held.get(&key).is_none_or(|(_, held)| *held != n) {
+            let Some((_, held)) = self.queue.pop_front() else {
+                break;
+            };
+            self.first += 1;
+            let Some(c) = held else {
                 continue;
-            }
-            let dying = tw.of(key.1, key.2).is_some_and(|l| l.cancelled());
+            };
+            let key = fate_key(c.netns, c.local, c.remote);
+            // Most hosts cancel no timewait timer for seconds: no lookup then.
+            let dying =
+                tw.any_cancelled() && tw.of(c.local, c.remote).is_some_and(|l| l.cancelled());
             if dying && now_ns != u64::MAX {
-                self.order.push_back((now_ns + FATE_GRACE_NS, key, n));
+                self.push(now_ns + FATE_GRACE_NS, c);
                 continue;
             }
-            out.extend(self.held.remove(&key).map(|(c, _)| c));
+            if self.index.get(&key) == Some(&(self.first - 1)) {
+                self.index.remove(&key);
+            }
+            out.push(c);
         }
     }
 }

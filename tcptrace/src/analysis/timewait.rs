@@ -15,7 +15,9 @@
 //!
 //! Timewait sockets are reused from a slab, so a life is keyed by address *and* 4-tuple.
 
-use std::{collections::VecDeque, net::SocketAddr};
+use std::{collections::VecDeque, hash::BuildHasher, net::SocketAddr};
+
+use slab::Slab;
 
 use crate::{
     analysis::closes::Role,
@@ -108,6 +110,8 @@ impl MadeBy {
 /// A live timewait socket.
 #[derive(Clone, Copy, Debug)]
 pub struct Life {
+    /// Its kernel address.
+    pub tw: u64,
     /// When it was created.
     pub since_ns: u64,
     /// When its timer was last armed, and for how long (jiffies).
@@ -243,6 +247,13 @@ struct Rearm {
     substate: State,
 }
 
+/// A digest of the 4-tuple (local, remote): what [`Timewaits`] finds a life by, in eight
+/// bytes rather than the 64 of two addresses (two 4-tuples with the same digest, one chance
+/// in 2^64 per pair, leave the older one found only by its address).
+fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
+    foldhash::fast::FixedState::default().hash_one((local, remote))
+}
+
 /// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
 const CANCEL_GRACE_NS: u64 = 100 * NS_PER_MS;
 /// How long an entry into TIME_WAIT waits for its timewait socket's arming.
@@ -264,8 +275,14 @@ impl CompiledFilter {
 /// Follows timewait sockets.
 #[derive(Debug, Default)]
 pub struct Timewaits {
-    live: FastMap<u64, Life>,
-    by_tuple: FastMap<(SocketAddr, SocketAddr), u64>,
+    /// The lives followed. A storm makes and ends one per connection: kept in place, with
+    /// the two indexes below holding only their position, no table moves a life around.
+    lives: Slab<Life>,
+    /// Each life's position, by kernel address.
+    by_tw: FastMap<u64, usize>,
+    /// Each life's position, by the digest of its 4-tuple ([`tuple_key`]): the life
+    /// there is checked for the 4-tuple itself.
+    by_tuple: FastMap<u64, usize>,
     /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
     expected: Vec<(u64, Transition, MadeBy)>,
     /// Cancels in time order, (when, timewait socket): the only lives `expire` looks at.
@@ -351,27 +368,74 @@ impl Timewaits {
             0 => DEFAULT_MAX_SOCKETS,
             n => n,
         };
-        let len = self.live.len();
+        let len = self.lives.len();
         if len < cap {
             return;
         }
-        let sample = self.live.values().take(1024).map(|l| l.since_ns).collect();
+        let sample = self
+            .lives
+            .iter()
+            .take(1024)
+            .map(|(_, l)| l.since_ns)
+            .collect();
         let threshold = eviction_threshold(sample, (cap / 16).max(1), len);
         self.forget(|l| l.since_ns <= threshold);
     }
 
     /// Forgets the lives `stale` picks, without reporting an end for them; counts them.
     fn forget(&mut self, stale: impl Fn(&Life) -> bool) {
-        let before = self.live.len();
-        let by_tuple = &mut self.by_tuple;
-        self.live.retain(|tw, l| {
-            let gone = stale(l);
-            if gone && by_tuple.get(&(l.local, l.remote)) == Some(tw) {
-                by_tuple.remove(&(l.local, l.remote));
-            }
-            !gone
-        });
-        self.evicted += (before - self.live.len()) as u64;
+        let gone: Vec<u64> = self
+            .lives
+            .iter()
+            .filter(|(_, l)| stale(l))
+            .map(|(_, l)| l.tw)
+            .collect();
+        for tw in &gone {
+            self.remove(*tw);
+        }
+        self.evicted += gone.len() as u64;
+    }
+
+    /// Follows `life`, found again by its address and its 4-tuple (a later life on the same
+    /// 4-tuple takes that over).
+    fn insert(&mut self, life: Life) {
+        let key = tuple_key(life.local, life.remote);
+        let i = self.lives.insert(life);
+        self.by_tw.insert(life.tw, i);
+        self.by_tuple.insert(key, i);
+    }
+
+    /// Stops following the life at `tw`; returns it.
+    fn remove(&mut self, tw: u64) -> Option<Life> {
+        let i = self.by_tw.remove(&tw)?;
+        let life = self.lives.remove(i);
+        let key = tuple_key(life.local, life.remote);
+        if self.by_tuple.get(&key) == Some(&i) {
+            self.by_tuple.remove(&key);
+        }
+        Some(life)
+    }
+
+    /// The position of the life at `tw`.
+    fn index(&self, tw: u64) -> Option<usize> {
+        self.by_tw.get(&tw).copied()
+    }
+
+    /// The position of the life on the 4-tuple (local, remote).
+    fn index_of(&self, local: SocketAddr, remote: SocketAddr) -> Option<usize> {
+        let i = *self.by_tuple.get(&tuple_key(local, remote))?;
+        let l = &self.lives[i];
+        (l.local == local && l.remote == remote).then_some(i)
+    }
+
+    /// The life at `tw`, to change.
+    fn at_mut(&mut self, tw: u64) -> Option<&mut Life> {
+        self.index(tw).map(|i| &mut self.lives[i])
+    }
+
+    /// The life on the 4-tuple (local, remote), to change.
+    fn of_mut(&mut self, local: SocketAddr, remote: SocketAddr) -> Option<&mut Life> {
+        self.index_of(local, remote).map(|i| &mut self.lives[i])
     }
 
     /// Timewait sockets created since the start.
@@ -381,19 +445,23 @@ impl Timewaits {
 
     /// The timewait sockets alive now.
     pub fn population(&self) -> impl Iterator<Item = &Life> {
-        self.live.values()
+        self.lives.iter().map(|(_, l)| l)
     }
 
     /// The timewait socket at kernel address `tw`, if followed.
     pub fn at(&self, tw: u64) -> Option<&Life> {
-        self.live.get(&tw)
+        self.index(tw).map(|i| &self.lives[i])
     }
 
     /// The timewait socket of the 4-tuple (local, remote), if followed.
     pub fn of(&self, local: SocketAddr, remote: SocketAddr) -> Option<&Life> {
-        self.by_tuple
-            .get(&(local, remote))
-            .and_then(|tw| self.live.get(tw))
+        self.index_of(local, remote).map(|i| &self.lives[i])
+    }
+
+    /// Whether a timewait socket's timer was cancelled and neither re-armed nor ended since
+    /// (see [`Life::cancelled`]): none is when this says no, without a lookup.
+    pub fn any_cancelled(&self) -> bool {
+        !self.cancels.is_empty()
     }
 
     /// Feeds one event; appends the timewait sockets it ends to `out`.
@@ -439,12 +507,10 @@ impl Timewaits {
     /// address — what [`Timewaits::handshake`] tells at once from transitions, told late from
     /// a connection record that comes at the connection's end.
     fn split_if_reused(&mut self, t: &Transition, born_ns: u64, out: &mut Vec<Exit>) {
-        let Some(&tw) = self.by_tuple.get(&(t.local, t.remote)) else {
+        let Some(life) = self.of_mut(t.local, t.remote) else {
             return;
         };
-        let Some(life) = self.live.get_mut(&tw) else {
-            return;
-        };
+        let tw = life.tw;
         let Some(r) = life.after_cancel else {
             return;
         };
@@ -482,26 +548,23 @@ impl Timewaits {
     /// handshake (its first transitions with both ports), not on every transition: a storm
     /// makes ten per connection.
     fn handshake(&mut self, t: &Transition, out: &mut Vec<Exit>) {
-        if let Some(&tw) = self.by_tuple.get(&(t.local, t.remote))
-            && let Some(at) = self.live.get(&tw).and_then(|l| l.cancelled_at)
+        if let Some(l) = self.of(t.local, t.remote)
+            && let Some(at) = l.cancelled_at
         {
-            out.extend(self.end(tw, at, End::Killed));
+            out.extend(self.end(l.tw, at, End::Killed));
         }
     }
 
     fn entry(&mut self, t: &Transition) {
         // The timewait socket is armed just before the full socket's transition is logged.
-        match self
-            .by_tuple
-            .get(&(t.local, t.remote))
-            .and_then(|tw| self.live.get_mut(tw))
-        {
+        let traced = self.traced;
+        match self.of_mut(t.local, t.remote) {
             Some(life) => {
                 life.owner = life.owner.or(t.owner);
                 life.cgroup = life.cgroup.or(t.cgroup);
                 life.netns = life.netns.or(t.netns);
             }
-            None if self.traced => self.expected.push((t.ts_ns, *t, MadeBy::UNKNOWN)),
+            None if traced => self.expected.push((t.ts_ns, *t, MadeBy::UNKNOWN)),
             None => {}
         }
     }
@@ -509,11 +572,7 @@ impl Timewaits {
     /// Names the connection whose close made the timewait socket at (local, remote) — or
     /// the one expected there — for its exit.
     pub fn made_by(&mut self, local: SocketAddr, remote: SocketAddr, made_by: MadeBy) {
-        if let Some(life) = self
-            .by_tuple
-            .get(&(local, remote))
-            .and_then(|tw| self.live.get_mut(tw))
-        {
+        if let Some(life) = self.of_mut(local, remote) {
             life.made_by = made_by;
         } else if let Some((_, _, m)) = self
             .expected
@@ -535,7 +594,7 @@ impl Timewaits {
                 netns,
                 rearm,
             } => {
-                if let Some(life) = self.live.get_mut(&t.tw) {
+                if let Some(life) = self.at_mut(t.tw) {
                     if life.local == local && life.remote == remote {
                         let cancelled = life.cancelled_at.take();
                         if let Some(at) = cancelled {
@@ -568,29 +627,26 @@ impl Timewaits {
                 let owner = entry.and_then(|e| e.owner);
                 let cgroup = entry.and_then(|e| e.cgroup);
                 self.make_room();
-                self.by_tuple.insert((local, remote), t.tw);
                 self.created += 1;
-                self.live.insert(
-                    t.tw,
-                    Life {
-                        since_ns: t.ts_ns,
-                        armed_ns: t.ts_ns,
-                        timeout_jiffies,
-                        rearms: 0,
-                        substate,
-                        local,
-                        remote,
-                        owner,
-                        netns: netns.or(entry.and_then(|e| e.netns)),
-                        cgroup,
-                        made_by,
-                        cancelled_at: None,
-                        after_cancel: None,
-                    },
-                );
+                self.insert(Life {
+                    tw: t.tw,
+                    since_ns: t.ts_ns,
+                    armed_ns: t.ts_ns,
+                    timeout_jiffies,
+                    rearms: 0,
+                    substate,
+                    local,
+                    remote,
+                    owner,
+                    netns: netns.or(entry.and_then(|e| e.netns)),
+                    cgroup,
+                    made_by,
+                    cancelled_at: None,
+                    after_cancel: None,
+                });
             }
             TimerOp::Cancelled => {
-                if let Some(life) = self.live.get_mut(&t.tw) {
+                if let Some(life) = self.at_mut(t.tw) {
                     // Read as it is cancelled: a peer's FIN may have moved it to TIME_WAIT
                     // without a timer event of its own.
                     life.substate = t.substate_at_end.unwrap_or(life.substate);
@@ -599,7 +655,7 @@ impl Timewaits {
                 }
             }
             TimerOp::Expired => {
-                if let Some(life) = self.live.get_mut(&t.tw) {
+                if let Some(life) = self.at_mut(t.tw) {
                     life.substate = t.substate_at_end.unwrap_or(life.substate);
                 }
                 out.extend(self.end(t.tw, t.ts_ns, End::Expired));
@@ -607,7 +663,7 @@ impl Timewaits {
             TimerOp::Ended => {
                 // `inet_twsk_kill`: from `inet_twsk_deschedule_put` (its cancel came first)
                 // or from the timer's handler.
-                let Some(life) = self.live.get_mut(&t.tw) else {
+                let Some(life) = self.at_mut(t.tw) else {
                     return;
                 };
                 life.substate = t.substate_at_end.unwrap_or(life.substate);
@@ -621,10 +677,7 @@ impl Timewaits {
     }
 
     fn end(&mut self, tw: u64, ts_ns: u64, end: End) -> Option<Exit> {
-        let life = self.live.remove(&tw)?;
-        if self.by_tuple.get(&(life.local, life.remote)) == Some(&tw) {
-            self.by_tuple.remove(&(life.local, life.remote));
-        }
+        let life = self.remove(tw)?;
         Some(Exit {
             ts_ns,
             tw,
@@ -648,7 +701,7 @@ impl Timewaits {
         let cancel = self
             .cancels
             .iter()
-            .find(|(at, tw)| self.live.get(tw).and_then(|l| l.cancelled_at) == Some(*at))
+            .find(|(at, tw)| self.at(*tw).and_then(|l| l.cancelled_at) == Some(*at))
             .map(|(at, _)| *at);
         let entry = self.expected.iter().map(|(at, _, _)| *at).min();
         cancel.into_iter().chain(entry).min()
@@ -666,7 +719,7 @@ impl Timewaits {
                 break;
             }
             self.cancels.pop_front();
-            if self.live.get(&tw).and_then(|l| l.cancelled_at) == Some(at) {
+            if self.at(tw).and_then(|l| l.cancelled_at) == Some(at) {
                 out.extend(self.end(tw, at, End::Killed));
             }
         }
