@@ -165,7 +165,10 @@ pub mod kind {
     pub const TW_EXPIRED: u8 = 7;
     /// A connection ended: its whole life in one record of two slots, this one (the end
     /// transition, as a [`TRANSITION`] record has it) and a
-    /// [`ConnectionTail`](super::connection::ConnectionTail) right after it.
+    /// [`ConnectionTail`](super::connection::ConnectionTail) right after it. For an entry
+    /// into TIME_WAIT, `aux` = the timewait socket armed for it on that CPU just before,
+    /// as its [`TW_ARMED`] has it in `skaddr` (0: none, or recorded before tcptrace named
+    /// it; userspace checks its 4-tuple).
     pub const CONNECTION: u8 = 8;
     /// The second slot of a [`CONNECTION`] record.
     pub const CONNECTION_TAIL: u8 = 9;

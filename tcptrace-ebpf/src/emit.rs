@@ -23,6 +23,7 @@ use crate::{
 };
 
 /// The scalar fields of one event.
+#[derive(Clone, Copy)]
 pub(crate) struct Record {
     pub(crate) ts: u64,
     pub(crate) skaddr: u64,

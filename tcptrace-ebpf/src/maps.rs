@@ -80,6 +80,14 @@ pub(crate) struct Mark {
 #[map]
 pub(crate) static RUNNING: PerCpuArray<Mark> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU: the timewait socket whose arming was last reported there, until a connection
+/// record names it. The kernel arms a closing socket's timewait socket right before it
+/// logs the socket's entry into TIME_WAIT, on the same CPU: the connection record that
+/// entry writes names it, so userspace finds the timewait socket by address rather than
+/// by 4-tuple (it checks the 4-tuple; 0 when none waits).
+#[map]
+pub(crate) static ARMED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per CPU: transitions [`btf_set_state_nested`] took over, each of which the kernel counted
 /// as a missed run of [`btf_set_state`]: userspace subtracts them from the misses. Slot
 /// [`Slot::Nested`] holds those it handled, slot [`Slot::Transition`] the middle ones the

@@ -13,8 +13,8 @@ use tcptrace_common::{AF_INET, AF_INET6, Config, filter_keeps, flag, kind, netns
 use crate::{
     config::{config, idle},
     emit::{Addrs, Record, emit},
-    maps::{Slot, port_bits},
-    mem::{field, kread},
+    maps::{ARMED, Slot, port_bits},
+    mem::{field, kread, put},
     net::{IPV4_ADDR_BYTES, IPV6_ADDR_BYTES},
     owner::NO_OWNER,
     sock::sock_netns_at as sock_netns,
@@ -70,7 +70,27 @@ pub(crate) fn tw_armed_at(tw: u64, timeout: u64, flags: u8) -> Result<(), i32> {
         len,
     };
     emit(Slot::TimerStart, cfg.wakeup_bytes, &rec, &addrs, &NO_OWNER);
+    if let Some(armed) = ARMED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of ARMED; a program nested in this one may write it too
+        // (its own arming, reported after this one: the newer), and the reader checks.
+        unsafe { put(armed, tw) };
+    }
     Ok(())
+}
+
+/// The timewait socket whose arming this CPU reported last, taken (0: none), for the
+/// connection record of the socket that just entered TIME_WAIT.
+#[inline(always)]
+pub(crate) fn take_armed() -> u64 {
+    let Some(armed) = ARMED.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot of ARMED, a live map value.
+    unsafe {
+        let tw = core::ptr::read_volatile(armed);
+        put(armed, 0);
+        tw
+    }
 }
 
 /// What the filters look at in a timewait socket.

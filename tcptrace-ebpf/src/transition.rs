@@ -21,8 +21,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfT
 use tcptrace_common::{
     Config, IPPROTO_MPTCP, Owner,
     connection::{ends_connection, is_birth, left_out as left_out_by, tail_flag},
-    driven_by_owner, filter_keeps, flag, kind, netns_keeps, ports_keep, records,
-    socket_may_be_kept, state,
+    driven_by_owner, effective_new_state, filter_keeps, flag, kind, netns_keeps, ports_keep,
+    records, socket_may_be_kept, state,
 };
 
 use crate::{
@@ -32,6 +32,7 @@ use crate::{
     mem::put,
     owner::{clear_owner, current_owner, inherit_listener, listener},
     sock::{Ends, full_addrs, full_ends, sock_cgroup, sock_netns, storage, tcp_sock},
+    timewait::take_armed,
 };
 
 /// The positions of `inet_sock_set_state(sk, oldstate, newstate)`'s arguments, and of
@@ -356,6 +357,15 @@ unsafe fn write(
         // SAFETY: with `connection`, `st` is the socket's storage (not null), alive while
         // the socket is.
         let life = unsafe { &(*st).life };
+        // An entry into TIME_WAIT names the timewait socket armed for it just before.
+        let rec = &Record {
+            aux: if effective_new_state(rec.old, rec.new, rec.flags) == state::TIME_WAIT {
+                take_armed()
+            } else {
+                0
+            },
+            ..*rec
+        };
         if tp.is_null() {
             emit_connection(slot, wakeup_bytes, rec, &addrs, owner, life);
         } else {

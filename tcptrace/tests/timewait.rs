@@ -12,13 +12,20 @@ use std::{
 
 use common::*;
 use tcptrace::{
-    analysis::timewait::{End, Exit, OverflowProof, Timewaits},
-    model::event::{Event, State, TimerEvent, TimerOp, decode},
+    analysis::{
+        pipeline::Pipeline,
+        timewait::{End, Exit, OverflowProof, Timewaits},
+    },
+    model::{
+        event::{Event, State, TimerEvent, TimerOp, decode},
+        filter::Filter,
+    },
     source::{
         host::monotonic_ns,
         probe::{DEFAULT_RING_BYTES, Probe},
     },
 };
+use tcptrace_common::{effective_new_state, kind, state};
 
 /// A server in namespace b that accepts `n` connections and closes each after the client.
 fn server(pair: &NetPair, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
@@ -280,6 +287,83 @@ fn tw_reuse_kill(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
         1,
         "the second connection's TIME_WAIT lives on"
     );
+}
+
+/// tcp_tw_reuse's kill read from connection records, as `report`, `hist`, `timewait` and
+/// `serve` read it: each record into TIME_WAIT names the timewait socket armed for it just
+/// before (so the views find it by address, not by 4-tuple), and the exits are the ones the
+/// transitions tell.
+#[test]
+fn tcp_tw_reuse_kills_read_the_same_from_connection_records() {
+    if !root_or_skip("tcp_tw_reuse_kills_read_the_same_from_connection_records") {
+        return;
+    }
+    let pair = NetPair::new();
+    sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
+    let port = 24_000 + (std::process::id() % 500) as u16;
+    let from = 25_000 + (std::process::id() % 500) as u16;
+    let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let srv_addr = SocketAddr::new(pair.b4, port);
+    let srv = server(&pair, srv_addr, 2);
+    let first = client(&pair, srv_addr, from);
+    // tcp_tw_reuse waits for a timestamp older than tcp_tw_reuse_delay (1 s by default).
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = client(&pair, srv_addr, from);
+    assert_eq!(first, second, "the same 4-tuple");
+    srv.join().unwrap();
+
+    let mut pipes = [false, true].map(|records| {
+        Pipeline::new(Filter::default().compile())
+            .from_records(records)
+            .tracking()
+            .timewaits(true)
+    });
+    let mut raw_all = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && pipes.iter().any(|p| p.exits.is_empty()) {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut raw = Vec::new();
+        probe.drain(&mut raw);
+        for p in &mut pipes {
+            for r in &raw {
+                if let Some(ev) = p.decode(r) {
+                    p.fold(&ev);
+                }
+            }
+            p.tick(monotonic_ns());
+        }
+        raw_all.extend(raw);
+    }
+    let exits = pipes.map(|p| {
+        p.exits
+            .iter()
+            .map(|x| (x.ts_ns, x.end, x.local, x.remote, x.residency_ns))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(exits[0].len(), 1, "one kill: {:#?}", exits[0]);
+    assert_eq!((exits[0][0].1, exits[0][0].2), (End::Killed, first));
+    assert_eq!(exits[1], exits[0], "from records, then from transitions");
+    // Every connection record into TIME_WAIT names a timewait socket armed on its 4-tuple.
+    let armed: Vec<(u64, u16, u16)> = raw_all
+        .iter()
+        .filter(|r| r.kind == kind::TW_ARMED)
+        .map(|r| (r.skaddr, r.sport, r.dport))
+        .collect();
+    let entries: Vec<_> = raw_all
+        .iter()
+        .filter(|r| {
+            r.kind == kind::CONNECTION
+                && effective_new_state(r.oldstate, r.newstate, r.flags) == state::TIME_WAIT
+        })
+        .collect();
+    assert_eq!(entries.len(), 2, "both connections entered TIME_WAIT");
+    for r in entries {
+        assert!(
+            armed.contains(&(r.aux, r.sport, r.dport)),
+            "names {:#x}, armed: {armed:#x?}",
+            r.aux
+        );
+    }
 }
 
 #[test]

@@ -1218,6 +1218,7 @@ mod tests {
                         out.push(Event::Connection(Connection {
                             end: *t,
                             tail: life.tail(),
+                            tw: None,
                         }));
                     }
                 }

@@ -41,7 +41,7 @@ pub struct Pipeline {
     records: bool,
     /// The first slot of a connection record, waiting for its second: `Some(None)` when
     /// the filter dropped it (the second goes with it).
-    head: Option<Option<Transition>>,
+    head: Option<Option<(Transition, Option<u64>)>>,
     /// Whether [`Pipeline::steps`] is filled.
     keep_steps: bool,
     /// The proof of refused timewait sockets, until timewait sockets are followed.
@@ -179,8 +179,8 @@ impl Pipeline {
             return None;
         }
         match decode(raw) {
-            Ok(Event::Part(Part::Head(t))) => {
-                self.take_head(Some(t));
+            Ok(Event::Part(Part::Head(t, tw))) => {
+                self.take_head(Some((t, tw)));
                 None
             }
             Ok(ev) => Some(ev),
@@ -192,7 +192,7 @@ impl Pipeline {
     }
 
     /// Keeps a connection record's first slot (None: filtered out) for its second.
-    fn take_head(&mut self, head: Option<Transition>) {
+    fn take_head(&mut self, head: Option<(Transition, Option<u64>)>) {
         // A first slot whose second never came is counted once the next one shows.
         if self.head.replace(head).is_some() {
             self.undecodable += 1;
@@ -203,10 +203,11 @@ impl Pipeline {
     fn join_tail(&mut self, raw: &RawEvent) -> Option<Event> {
         let (head, tail) = (self.head.take(), decode(raw));
         match (head, tail) {
-            (Some(Some(end)), Ok(Event::Part(Part::Tail(tail)))) => {
+            (Some(Some((end, tw))), Ok(Event::Part(Part::Tail(tail)))) => {
                 Some(Event::Connection(crate::model::event::Connection {
                     end,
                     tail,
+                    tw,
                 }))
             }
             // Its first slot was filtered out.

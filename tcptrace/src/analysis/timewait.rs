@@ -254,6 +254,10 @@ fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
     foldhash::fast::FixedState::default().hash_one((local, remote))
 }
 
+/// How many of the lives armed last a connection record that names no timewait socket
+/// looks among (the records of every CPU interleave between an arming and its record).
+const RECENT_LIVES: usize = 256;
+
 /// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
 const CANCEL_GRACE_NS: u64 = 100 * NS_PER_MS;
 /// How long an entry into TIME_WAIT waits for its timewait socket's arming.
@@ -281,8 +285,19 @@ pub struct Timewaits {
     /// Each life's position, by kernel address.
     by_tw: FastMap<u64, usize>,
     /// Each life's position, by the digest of its 4-tuple ([`tuple_key`]): the life
-    /// there is checked for the 4-tuple itself.
+    /// there is checked for the 4-tuple itself. Every life is, until the source names the
+    /// timewait socket of each entry into TIME_WAIT ([`Connection::tw`]); from then on only
+    /// lives whose timer was cancelled are (what a new connection on their 4-tuple looks
+    /// for), the rest found by address.
     by_tuple: FastMap<u64, usize>,
+    /// Whether the source names timewait sockets (see `by_tuple`).
+    named: bool,
+    /// Once it does: the lives armed last (address, 4-tuple digest), newest at the back,
+    /// where a record that names none (a nested arming took the kernel's slot) looks.
+    recent: VecDeque<(u64, u64)>,
+    /// The life the last connection record entered, with its 4-tuple: the close classified
+    /// from that record asks for it next.
+    last: Option<(u64, SocketAddr, SocketAddr)>,
     /// Entries into TIME_WAIT whose timewait socket has not been seen yet.
     expected: Vec<(u64, Transition, MadeBy)>,
     /// Cancels in time order, (when, timewait socket): the only lives `expire` looks at.
@@ -402,7 +417,14 @@ impl Timewaits {
         let key = tuple_key(life.local, life.remote);
         let i = self.lives.insert(life);
         self.by_tw.insert(life.tw, i);
-        self.by_tuple.insert(key, i);
+        if !self.named {
+            self.by_tuple.insert(key, i);
+            return;
+        }
+        if self.recent.len() == RECENT_LIVES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((life.tw, key));
     }
 
     /// Stops following the life at `tw`; returns it.
@@ -428,6 +450,41 @@ impl Timewaits {
         (l.local == local && l.remote == remote).then_some(i)
     }
 
+    /// The position of the life on the 4-tuple (local, remote): the last connection
+    /// record's, or one indexed by 4-tuple.
+    fn find(&self, local: SocketAddr, remote: SocketAddr) -> Option<usize> {
+        if let Some((tw, l, r)) = self.last
+            && (l, r) == (local, remote)
+            && let Some(i) = self.index(tw)
+            && (self.lives[i].local, self.lives[i].remote) == (l, r)
+        {
+            return Some(i);
+        }
+        self.index_of(local, remote)
+    }
+
+    /// The timewait socket the connection record `c` entered: the one it names, else the
+    /// one its 4-tuple finds, else the last armed there.
+    fn entered(&self, c: &Connection) -> Option<u64> {
+        let (local, remote) = (c.end.local, c.end.remote);
+        let same = |tw: u64| {
+            self.at(tw)
+                .is_some_and(|l| (l.local, l.remote) == (local, remote))
+        };
+        if let Some(tw) = c.tw.filter(|tw| same(*tw)) {
+            return Some(tw);
+        }
+        if let Some(i) = self.index_of(local, remote) {
+            return Some(self.lives[i].tw);
+        }
+        let key = tuple_key(local, remote);
+        self.recent
+            .iter()
+            .rev()
+            .find(|(tw, k)| *k == key && same(*tw))
+            .map(|(tw, _)| *tw)
+    }
+
     /// The life at `tw`, to change.
     fn at_mut(&mut self, tw: u64) -> Option<&mut Life> {
         self.index(tw).map(|i| &mut self.lives[i])
@@ -435,7 +492,7 @@ impl Timewaits {
 
     /// The life on the 4-tuple (local, remote), to change.
     fn of_mut(&mut self, local: SocketAddr, remote: SocketAddr) -> Option<&mut Life> {
-        self.index_of(local, remote).map(|i| &mut self.lives[i])
+        self.find(local, remote).map(|i| &mut self.lives[i])
     }
 
     /// Timewait sockets created since the start.
@@ -455,7 +512,7 @@ impl Timewaits {
 
     /// The timewait socket of the 4-tuple (local, remote), if followed.
     pub fn of(&self, local: SocketAddr, remote: SocketAddr) -> Option<&Life> {
-        self.index_of(local, remote).map(|i| &self.lives[i])
+        self.find(local, remote).map(|i| &self.lives[i])
     }
 
     /// Whether a timewait socket's timer was cancelled and neither re-armed nor ended since
@@ -483,6 +540,8 @@ impl Timewaits {
 
     /// Feeds a connection record: what its transitions would tell, looked at once.
     pub fn connection(&mut self, c: &Connection, out: &mut Vec<Exit>) {
+        self.named |= c.tw.is_some();
+        self.last = None;
         let handshake = [State::SynSent, State::SynRecv]
             .iter()
             .any(|s| c.tail.entered & (1 << *s as u16) != 0)
@@ -496,7 +555,9 @@ impl Timewaits {
             }
         }
         if c.end.to == State::TimeWait {
-            self.entry(&c.end);
+            let tw = self.entered(c);
+            self.last = tw.map(|tw| (tw, c.end.local, c.end.remote));
+            self.entry_at(&c.end, tw);
         }
         self.expire(c.end.ts_ns, out);
     }
@@ -555,10 +616,17 @@ impl Timewaits {
         }
     }
 
+    /// An entry into TIME_WAIT (a transition), its timewait socket found by 4-tuple.
     fn entry(&mut self, t: &Transition) {
         // The timewait socket is armed just before the full socket's transition is logged.
+        let tw = self.of(t.local, t.remote).map(|l| l.tw);
+        self.entry_at(t, tw);
+    }
+
+    /// An entry into TIME_WAIT whose timewait socket is `tw` (None: not seen yet).
+    fn entry_at(&mut self, t: &Transition, tw: Option<u64>) {
         let traced = self.traced;
-        match self.of_mut(t.local, t.remote) {
+        match tw.and_then(|tw| self.at_mut(tw)) {
             Some(life) => {
                 life.owner = life.owner.or(t.owner);
                 life.cgroup = life.cgroup.or(t.cgroup);
@@ -646,12 +714,19 @@ impl Timewaits {
                 });
             }
             TimerOp::Cancelled => {
-                if let Some(life) = self.at_mut(t.tw) {
-                    // Read as it is cancelled: a peer's FIN may have moved it to TIME_WAIT
-                    // without a timer event of its own.
-                    life.substate = t.substate_at_end.unwrap_or(life.substate);
-                    life.cancelled_at = Some(t.ts_ns);
-                    self.cancels.push_back((t.ts_ns, t.tw));
+                let Some(i) = self.index(t.tw) else {
+                    return;
+                };
+                let life = &mut self.lives[i];
+                // Read as it is cancelled: a peer's FIN may have moved it to TIME_WAIT
+                // without a timer event of its own.
+                life.substate = t.substate_at_end.unwrap_or(life.substate);
+                life.cancelled_at = Some(t.ts_ns);
+                self.cancels.push_back((t.ts_ns, t.tw));
+                // A new connection on its 4-tuple may be what kills it: found by it.
+                if self.named {
+                    let key = tuple_key(life.local, life.remote);
+                    self.by_tuple.insert(key, i);
                 }
             }
             TimerOp::Expired => {
@@ -861,6 +936,7 @@ mod tests {
         let record = Event::Connection(Connection {
             end,
             tail: life.tail(),
+            tw: None,
         });
         (transitions, record)
     }
@@ -893,30 +969,88 @@ mod tests {
             (64 * SEC, End::Expired, 60 * SEC + 5, 0, true),
         ];
         assert_eq!(summary(run(&from_transitions)), expected);
-        let mut t = Timewaits::new(true);
-        let mut out = Vec::new();
         // A's close names its connection (as the pipeline does for a close into TIME_WAIT);
         // B's does not here: A's name must not be left on B's socket.
         let a_made = MadeBy {
             role: Role::Client,
             states: 1 << State::TimeWait as u16,
         };
-        for e in &from_records {
-            match e {
-                Event::Connection(c) => {
-                    t.connection(c, &mut out);
-                    if c.end.ts_ns == 2 * SEC {
-                        t.made_by(c.end.local, c.end.remote, a_made);
+        // From records that name their timewait socket (this kernel side's), and from
+        // records that do not (recordings made before it did).
+        for named in [false, true] {
+            let mut t = Timewaits::new(true);
+            let mut out = Vec::new();
+            for e in &from_records {
+                match e {
+                    Event::Connection(c) => {
+                        let c = Connection {
+                            tw: named.then_some(1),
+                            ..*c
+                        };
+                        t.connection(&c, &mut out);
+                        if c.end.ts_ns == 2 * SEC {
+                            t.made_by(c.end.local, c.end.remote, a_made);
+                        }
                     }
+                    e => t.observe(e, &mut out),
                 }
-                e => t.observe(e, &mut out),
             }
+            t.flush(&mut out);
+            assert_eq!(t.created(), 2, "named: {named}");
+            let made: Vec<MadeBy> = out.iter().map(|x| x.made_by).collect();
+            assert_eq!(made, [a_made, MadeBy::UNKNOWN], "named: {named}");
+            assert_eq!(summary(out), expected, "named: {named}");
         }
-        t.flush(&mut out);
-        assert_eq!(t.created(), 2);
-        let made: Vec<MadeBy> = out.iter().map(|x| x.made_by).collect();
-        assert_eq!(made, [a_made, MadeBy::UNKNOWN]);
-        assert_eq!(summary(out), expected);
+    }
+
+    /// From records that name their timewait socket, a life is found by its address: only
+    /// one whose timer was cancelled is indexed by its 4-tuple, and a record that names none
+    /// (or another socket) still finds the life armed for it.
+    #[test]
+    fn records_that_name_their_timewait_socket_find_it_by_address() {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        let record = |born: u64, end: u64, local: &str, tw: Option<u64>| {
+            let (_, Event::Connection(mut c)) = client_life(born, end) else {
+                unreachable!()
+            };
+            c.end.local = local.parse().unwrap();
+            c.tw = tw;
+            c
+        };
+        let locals = ["10.0.0.1:40000", "10.0.0.1:40001", "10.0.0.1:40002"];
+        // Named; named wrongly (a nested arming took the kernel's slot); not named.
+        let names = [Some(1), Some(1), None];
+        for (i, (local, tw)) in locals.iter().zip(names).enumerate() {
+            let at = (i as u64 + 1) * SEC;
+            t.observe(&armed(at, i as u64 + 1, State::TimeWait, local), &mut out);
+            t.connection(&record(at - SEC / 2, at + 1, local, tw), &mut out);
+            let life = t.of(local.parse().unwrap(), S.parse().unwrap());
+            assert_eq!(life.map(|l| l.tw), Some(i as u64 + 1), "{local}");
+            assert!(
+                life.is_some_and(|l| l.owner.is_some()),
+                "the entry's owner: {local}"
+            );
+        }
+        assert!(
+            t.expected.is_empty(),
+            "every entry found its timewait socket"
+        );
+        // The first was armed before a record named one: indexed, as every life then.
+        assert_eq!(t.by_tuple.len(), 1, "no later life indexed by 4-tuple");
+        t.observe(&op(4 * SEC, 2, TimerOp::Cancelled), &mut out);
+        assert_eq!(t.by_tuple.len(), 2, "a cancelled life is");
+        // A new connection on its 4-tuple: the cancel was a kill.
+        let (mut next, _) = client_life(4 * SEC + 1, 5 * SEC);
+        let Event::Transition(handshake) = &mut next[1] else {
+            unreachable!()
+        };
+        handshake.local = locals[1].parse().unwrap();
+        t.observe(&next[1], &mut out);
+        assert_eq!(
+            out.iter().map(|x| (x.tw, x.end)).collect::<Vec<_>>(),
+            [(2, End::Killed)]
+        );
     }
 
     #[test]

@@ -233,7 +233,7 @@ impl Event {
             Event::Lost { ts_ns, .. } => *ts_ns,
             Event::Connection(c) => c.end.ts_ns,
             Event::Details(d) => d.ts_ns,
-            Event::Part(Part::Head(t)) => t.ts_ns,
+            Event::Part(Part::Head(t, _)) => t.ts_ns,
             Event::Part(Part::Tail(_)) => 0,
         }
     }
@@ -246,13 +246,18 @@ pub struct Connection {
     pub end: Transition,
     /// Its evidence, the time it spent in each state, its birth.
     pub tail: ConnectionTail,
+    /// For an entry into TIME_WAIT, the timewait socket the kernel armed for it (its
+    /// address), when the kernel named it (None: recordings made before it did, kernels
+    /// without the BTF programs, or none armed).
+    pub tw: Option<u64>,
 }
 
 /// A slot of a connection record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
-    /// The first: the end transition.
-    Head(Transition),
+    /// The first: the end transition, and the timewait socket named (see
+    /// [`Connection::tw`]).
+    Head(Transition, Option<u64>),
     /// The second.
     Tail(ConnectionTail),
 }
@@ -464,7 +469,7 @@ fn decode_transition(raw: &RawEvent) -> Result<Event, DecodeError> {
         cgroup: (raw.cgroup != 0).then_some(raw.cgroup),
     };
     Ok(if raw.kind == kind::CONNECTION {
-        Event::Part(Part::Head(t))
+        Event::Part(Part::Head(t, (raw.aux != 0).then_some(raw.aux)))
     } else {
         Event::Transition(t)
     })
@@ -488,9 +493,11 @@ pub fn encode_details(d: &Details) -> RawEvent {
 }
 
 /// Encodes a connection record's two slots (for tests and fakes).
-pub fn encode_connection(end: &Transition, tail: &ConnectionTail) -> [RawEvent; 2] {
+pub fn encode_connection(c: &Connection) -> [RawEvent; 2] {
+    let (end, tail) = (&c.end, &c.tail);
     let mut head = encode(end);
     head.kind = kind::CONNECTION;
+    head.aux = c.tw.unwrap_or(0);
     [head, bytemuck::cast(*tail)]
 }
 

@@ -5,8 +5,9 @@
 //! flags, the recording host's boot id — then fixed-size 112-byte [`RawEvent`] records
 //! exactly as the kernel wrote them (plus the lost-events records userspace adds). A
 //! connection record takes two consecutive records (kinds `CONNECTION` and
-//! `CONNECTION_TAIL`); the header's [`header_flag::CONNECTIONS`] says they are there. A
-//! connection's details (kind `DETAILS`: bytes, segments, retransmissions, round-trip
+//! `CONNECTION_TAIL`); the header's [`header_flag::CONNECTIONS`] says they are there. One
+//! into TIME_WAIT names its timewait socket in `aux` (0 in recordings made before it did,
+//! read the same). A connection's details (kind `DETAILS`: bytes, segments, retransmissions, round-trip
 //! times at its end) take one record right before its end transition or connection record;
 //! [`header_flag::DETAILS`] says they are there.
 //!
