@@ -250,7 +250,7 @@ struct Rearm {
 /// A digest of the 4-tuple (local, remote): what [`Timewaits`] finds a life by, in eight
 /// bytes rather than the 64 of two addresses (two 4-tuples with the same digest, one chance
 /// in 2^64 per pair, leave the older one found only by its address).
-fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
+pub fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
     foldhash::fast::FixedState::default().hash_one((local, remote))
 }
 

@@ -11,7 +11,7 @@
 //! (`--label-port`), and at most `--max-port-labels` of them; everything else is `other`.
 //! Namespace labels (`--label-netns`) are capped the same way.
 
-use std::{io, net::SocketAddr, ops::RangeInclusive};
+use std::{io, ops::RangeInclusive};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
@@ -21,7 +21,7 @@ use prometheus_client::{
 
 use crate::{
     analysis::{
-        closes::{Role, service_port},
+        closes::{How, Initiator, Role, service_port},
         pipeline::Pipeline,
         timewait,
         timewait::End,
@@ -551,7 +551,8 @@ pub struct Metrics {
     families: Families,
     labels: Labeller,
     /// The labels of each connection now in TIME_WAIT, and when it entered.
-    tw_labels: FastMap<(SocketAddr, SocketAddr), (PortLabels, u64)>,
+    /// By the digest of its 4-tuple ([`timewait::tuple_key`]).
+    tw_labels: FastMap<u64, (PortLabels, u64)>,
     last_sweep_ns: u64,
     evicted_seen: u64,
     /// Handles on the per-transition series, so that the hot path is one small-key lookup
@@ -560,6 +561,11 @@ pub struct Metrics {
     hot_durations: FastMap<(State, NsLabel), Histogram>,
     /// The same for the per-connection counters' series, by port, role and namespace.
     hot_details: FastMap<(PortLabel, &'static str, NsLabel), DetailSeries>,
+    hot_closes: FastMap<(PortLabel, Role, Initiator, How, NsLabel), Counter>,
+    hot_tw_entries: FastMap<PortLabels, Counter>,
+    hot_tw_sockets: FastMap<PortLabels, Gauge>,
+    hot_exits: FastMap<(PortLabel, End, NsLabel), Counter>,
+    hot_residency: FastMap<(State, NsLabel), Histogram>,
     /// Ports held per destination.
     ports: crate::views::ports::PortsCore,
     /// The destinations labelled now (the fullest, up to the port labels' cap).
@@ -632,6 +638,11 @@ impl Metrics {
             hot_transitions: FastMap::default(),
             hot_durations: FastMap::default(),
             hot_details: FastMap::default(),
+            hot_closes: FastMap::default(),
+            hot_tw_entries: FastMap::default(),
+            hot_tw_sockets: FastMap::default(),
+            hot_exits: FastMap::default(),
+            hot_residency: FastMap::default(),
             ports: crate::views::ports::PortsCore::new(
                 Box::new(crate::views::ports::HostRanges::default()),
                 0,
@@ -896,14 +907,17 @@ impl Metrics {
             }
             let port = self.labels.port(c.service_port(), c.role == Role::Server);
             let netns = self.labels.netns(c.netns);
-            self.families
-                .closes
-                .get_or_create(&CloseLabels {
-                    port,
-                    role: c.role.name(),
-                    initiator: c.initiator.name(),
-                    how: c.how.name(),
-                    netns,
+            let families = &self.families;
+            self.hot_closes
+                .entry((port, c.role, c.initiator, c.how, netns))
+                .or_insert_with(|| {
+                    families.closes.get_or_create_owned(&CloseLabels {
+                        port,
+                        role: c.role.name(),
+                        initiator: c.initiator.name(),
+                        how: c.how.name(),
+                        netns,
+                    })
                 })
                 .inc();
             if let Some(d) = &c.details {
@@ -911,15 +925,20 @@ impl Metrics {
             }
             if c.timewait {
                 let key = PortLabels { port, netns };
-                self.families.tw_entries.get_or_create(&key).inc();
+                let families = &self.families;
+                self.hot_tw_entries
+                    .entry(key.clone())
+                    .or_insert_with(|| families.tw_entries.get_or_create_owned(&key))
+                    .inc();
                 if self.pipe.timewaits_traced() {
                     if self.tw_labels.len() >= self.pipe.cap() {
                         // Bounded like the sockets; the sweep keeps this rare.
                         self.forget_timewaits(|_| true);
                     }
-                    self.families.tw_sockets.get_or_create(&key).inc();
-                    if let Some((old, _)) =
-                        self.tw_labels.insert((c.local, c.remote), (key, c.ts_ns))
+                    self.tw_sockets(&key).inc();
+                    if let Some((old, _)) = self
+                        .tw_labels
+                        .insert(timewait::tuple_key(c.local, c.remote), (key, c.ts_ns))
                     {
                         // The same 4-tuple entered again before its end was seen.
                         self.families.tw_sockets.get_or_create(&old).dec();
@@ -928,6 +947,14 @@ impl Metrics {
             }
         }
         self.pipe.closes = closes;
+    }
+
+    /// The series of a service port's TIME_WAIT population.
+    fn tw_sockets(&mut self, key: &PortLabels) -> &Gauge {
+        let families = &self.families;
+        self.hot_tw_sockets
+            .entry(key.clone())
+            .or_insert_with(|| families.tw_sockets.get_or_create_owned(key))
     }
 
     /// Adds a close's counters to its port's and role's series.
@@ -958,9 +985,12 @@ impl Metrics {
                 let ephemeral = self.ports.ephemeral(x.netns, x.local.port());
                 collector.exit(&x, ephemeral);
             }
-            let key = match self.tw_labels.remove(&(x.local, x.remote)) {
+            let key = match self
+                .tw_labels
+                .remove(&timewait::tuple_key(x.local, x.remote))
+            {
                 Some((key, _)) => {
-                    self.families.tw_sockets.get_or_create(&key).dec();
+                    self.tw_sockets(&key).dec();
                     key
                 }
                 None => PortLabels {
@@ -970,20 +1000,25 @@ impl Metrics {
                     netns: self.labels.netns(x.netns),
                 },
             };
-            self.families
-                .tw_exits
-                .get_or_create(&ExitLabels {
-                    port: key.port,
-                    end: x.end.name(),
-                    netns: key.netns,
+            let families = &self.families;
+            self.hot_exits
+                .entry((key.port, x.end, key.netns))
+                .or_insert_with(|| {
+                    families.tw_exits.get_or_create_owned(&ExitLabels {
+                        port: key.port,
+                        end: x.end.name(),
+                        netns: key.netns,
+                    })
                 })
                 .inc();
             if x.end != End::NotCreated {
-                self.families
-                    .tw_residency
-                    .get_or_create(&ResidencyLabels {
-                        substate: x.substate.name(),
-                        netns: key.netns,
+                self.hot_residency
+                    .entry((x.substate, key.netns))
+                    .or_insert_with(|| {
+                        families.tw_residency.get_or_create_owned(&ResidencyLabels {
+                            substate: x.substate.name(),
+                            netns: key.netns,
+                        })
                     })
                     .observe(ns_to_secs(x.residency_ns));
             }
@@ -1163,6 +1198,8 @@ impl prometheus_client::collector::Collector for ProcessCollector {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
     use crate::model::{
         event::{Transition, encode},
