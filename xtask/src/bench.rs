@@ -76,9 +76,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub tcptrace: Option<std::path::PathBuf>,
     /// The view --kernel-cost (and the comparison's kernel-time table) runs: `report` (per-state
-    /// times), `timewait` (none: the middle transitions are left out in the kernel), or
-    /// `idle` (`report` with every program returning at once: what being called costs).
-    #[arg(long, default_value = "report", value_parser = ["report", "timewait", "idle"])]
+    /// times), `hist` (every state's time), `timewait` (none: the middle transitions are
+    /// left out in the kernel), or `idle` (`report` with every program returning at once:
+    /// what being called costs).
+    #[arg(long, default_value = "report", value_parser = ["report", "hist", "timewait", "idle"])]
     kernel_cost_view: String,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.

@@ -134,7 +134,7 @@ pub struct Rtt {
 
 /// A histogram of two significant digits from `low` up, growing as needed: ~20 KiB, where
 /// three digits from 1 took ~250 KiB (and a report can have many rows).
-fn two_digit_histogram(low: u64) -> hdrhistogram::Histogram<u64> {
+pub(crate) fn two_digit_histogram(low: u64) -> hdrhistogram::Histogram<u64> {
     let mut h = hdrhistogram::Histogram::new_with_bounds(low, 1 << 40, 2).expect("valid bounds");
     h.auto(true);
     h
