@@ -300,8 +300,8 @@ fn tcp_tw_reuse_kills_read_the_same_from_connection_records() {
     }
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
-    let port = 24_000 + (std::process::id() % 500) as u16;
-    let from = 25_000 + (std::process::id() % 500) as u16;
+    let port = 26_000 + (std::process::id() % 500) as u16;
+    let from = 26_500 + (std::process::id() % 500) as u16;
     let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);

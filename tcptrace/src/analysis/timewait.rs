@@ -254,9 +254,8 @@ pub fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
     foldhash::fast::FixedState::default().hash_one((local, remote))
 }
 
-/// How many of the lives armed last a connection record that names no timewait socket
-/// looks among (the records of every CPU interleave between an arming and its record).
-const RECENT_LIVES: usize = 256;
+/// Lives looked at to judge which are the oldest when the cap is reached.
+const EVICTION_SAMPLE: usize = 1024;
 
 /// How long a cancel waits for the re-arm or expiry that follows it in the same code path.
 const CANCEL_GRACE_NS: u64 = 100 * NS_PER_MS;
@@ -292,9 +291,11 @@ pub struct Timewaits {
     by_tuple: FastMap<u64, usize>,
     /// Whether the source names timewait sockets (see `by_tuple`).
     named: bool,
-    /// Once it does: the lives armed last (address, 4-tuple digest), newest at the back,
-    /// where a record that names none (a nested arming took the kernel's slot) looks.
-    recent: VecDeque<(u64, u64)>,
+    /// Once it does: the lives armed in the last [`ARM_GRACE_NS`] (when, 4-tuple digest,
+    /// address), in arming order, where a record that names none or another socket looks
+    /// (its arming and its entry on different CPUs, or another arming in between: the
+    /// kernel's slot holds one). Searched only then: no table to keep per arming.
+    recent: VecDeque<(u64, u64, u64)>,
     /// The life the last connection record entered, with its 4-tuple: the close classified
     /// from that record asks for it next.
     last: Option<(u64, SocketAddr, SocketAddr)>,
@@ -387,11 +388,13 @@ impl Timewaits {
         if len < cap {
             return;
         }
-        let sample = self
-            .lives
-            .iter()
-            .take(1024)
-            .map(|(_, l)| l.since_ns)
+        // Spread over every slot: the slab's first ones hold its oldest lives, or, reused
+        // after a sweep, its youngest.
+        let span = self.lives.capacity().max(1);
+        let sample = (0..span)
+            .step_by((span / EVICTION_SAMPLE).max(1))
+            .filter_map(|i| self.lives.get(i))
+            .map(|l| l.since_ns)
             .collect();
         let threshold = eviction_threshold(sample, (cap / 16).max(1), len);
         self.forget(|l| l.since_ns <= threshold);
@@ -421,10 +424,13 @@ impl Timewaits {
             self.by_tuple.insert(key, i);
             return;
         }
-        if self.recent.len() == RECENT_LIVES {
+        self.recent.push_back((life.since_ns, key, life.tw));
+        while let Some(&(at, _, _)) = self.recent.front() {
+            if life.since_ns.saturating_sub(at) <= ARM_GRACE_NS {
+                break;
+            }
             self.recent.pop_front();
         }
-        self.recent.push_back((life.tw, key));
     }
 
     /// Stops following the life at `tw`; returns it.
@@ -464,7 +470,7 @@ impl Timewaits {
     }
 
     /// The timewait socket the connection record `c` entered: the one it names, else the
-    /// one its 4-tuple finds, else the last armed there.
+    /// last armed on its 4-tuple lately, else the one its 4-tuple finds.
     fn entered(&self, c: &Connection) -> Option<u64> {
         let (local, remote) = (c.end.local, c.end.remote);
         let same = |tw: u64| {
@@ -474,15 +480,16 @@ impl Timewaits {
         if let Some(tw) = c.tw.filter(|tw| same(*tw)) {
             return Some(tw);
         }
-        if let Some(i) = self.index_of(local, remote) {
-            return Some(self.lives[i].tw);
-        }
         let key = tuple_key(local, remote);
-        self.recent
+        if let Some(&(_, _, tw)) = self
+            .recent
             .iter()
             .rev()
-            .find(|(tw, k)| *k == key && same(*tw))
-            .map(|(tw, _)| *tw)
+            .find(|(_, k, tw)| *k == key && same(*tw))
+        {
+            return Some(tw);
+        }
+        self.index_of(local, remote).map(|i| self.lives[i].tw)
     }
 
     /// The life at `tw`, to change.
@@ -1051,6 +1058,56 @@ mod tests {
             out.iter().map(|x| (x.tw, x.end)).collect::<Vec<_>>(),
             [(2, End::Killed)]
         );
+    }
+
+    /// A record that names no timewait socket finds the one armed for it lately however
+    /// many were armed in between (its arming and its entry on different CPUs).
+    #[test]
+    fn a_record_naming_none_finds_its_socket_among_many_armed_since() {
+        let mut t = Timewaits::new(true);
+        let mut out = Vec::new();
+        let record = |end: u64, local: &str, tw: Option<u64>| {
+            let (_, Event::Connection(mut c)) = client_life(end - SEC / 2, end) else {
+                unreachable!()
+            };
+            c.end.local = local.parse().unwrap();
+            c.tw = tw;
+            c
+        };
+        // A first named record: the source names timewait sockets.
+        t.observe(&armed(SEC, 1, State::TimeWait, "10.0.0.1:1000"), &mut out);
+        t.connection(&record(SEC + 1, "10.0.0.1:1000", Some(1)), &mut out);
+        t.observe(&armed(2 * SEC, 2, State::TimeWait, C), &mut out);
+        for i in 0..1_000u64 {
+            let local = format!("10.0.0.1:{}", 2_000 + i);
+            t.observe(
+                &armed(2 * SEC + 1 + i, 10 + i, State::TimeWait, &local),
+                &mut out,
+            );
+        }
+        t.connection(&record(2 * SEC + 2_000, C, None), &mut out);
+        assert!(t.expected.is_empty(), "its entry found its timewait socket");
+        let life = t.of(C.parse().unwrap(), S.parse().unwrap());
+        assert_eq!(life.map(|l| (l.tw, l.owner.is_some())), Some((2, true)));
+    }
+
+    /// At the cap, about the oldest sixteenth is forgotten, whichever slots they sit in.
+    #[test]
+    fn the_cap_forgets_the_oldest_sixteenth() {
+        const CAP: usize = 4096;
+        let mut t = Timewaits::new(true).with_cap(CAP);
+        let mut out = Vec::new();
+        for i in 0..=CAP as u64 {
+            let local = format!("10.0.0.{}:{}", 1 + i / 50_000, 1_000 + i % 50_000);
+            t.observe(&armed(SEC + i, 1 + i, State::TimeWait, &local), &mut out);
+        }
+        let evicted = t.evicted() as usize;
+        assert!(
+            (CAP / 32..=CAP / 8).contains(&evicted),
+            "{evicted} forgotten of {CAP}"
+        );
+        let oldest_kept = t.population().map(|l| l.since_ns).min().unwrap();
+        assert_eq!(oldest_kept, SEC + evicted as u64, "the oldest went");
     }
 
     #[test]
