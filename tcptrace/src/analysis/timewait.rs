@@ -508,7 +508,7 @@ impl Timewaits {
     }
 
     /// The timewait sockets alive now.
-    pub fn population(&self) -> impl Iterator<Item = &Life> {
+    pub fn population(&self) -> impl ExactSizeIterator<Item = &Life> {
         self.lives.iter().map(|(_, l)| l)
     }
 

@@ -424,9 +424,15 @@ impl PortsCore {
         for (dest, n) in &self.open_at_start_by_dest {
             held.entry(*dest).or_default().0 += n;
         }
-        let traced: std::collections::HashSet<_> = population.iter().copied().collect();
-        self.timewait_at_start
-            .retain(|(n, l, r, exp)| *exp > now && !traced.contains(&(*n, *l, *r)));
+        self.timewait_at_start.retain(|(_, _, _, exp)| *exp > now);
+        // Those found at start and traced since count once. Compared only while any is
+        // left (a minute after start none is): the population can be a minute of
+        // connections, and this runs every second.
+        if !self.timewait_at_start.is_empty() {
+            let traced: std::collections::HashSet<_> = population.iter().copied().collect();
+            self.timewait_at_start
+                .retain(|(n, l, r, _)| !traced.contains(&(*n, *l, *r)));
+        }
         let seeded: Vec<TimewaitTuple> = self
             .timewait_at_start
             .iter()
@@ -514,14 +520,16 @@ impl PortsCore {
 
 /// The traced timewait sockets of a pipeline that its filter keeps, as the ports count them.
 pub fn timewait_tuples(pipe: &Pipeline) -> Vec<TimewaitTuple> {
-    pipe.timewait_sockets()
-        .map(|t| {
-            t.population()
-                .filter(|l| pipe.filter().keeps_life(l))
-                .map(|l| (l.netns, l.local, l.remote))
-                .collect()
-        })
-        .unwrap_or_default()
+    let Some(t) = pipe.timewait_sockets() else {
+        return Vec::new();
+    };
+    let mut tuples = Vec::with_capacity(t.population().len());
+    tuples.extend(
+        t.population()
+            .filter(|l| pipe.filter().keeps_life(l))
+            .map(|l| (l.netns, l.local, l.remote)),
+    );
+    tuples
 }
 
 /// The view.
