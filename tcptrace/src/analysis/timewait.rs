@@ -278,8 +278,8 @@ impl CompiledFilter {
 /// Follows timewait sockets.
 #[derive(Debug, Default)]
 pub struct Timewaits {
-    /// The lives followed. A storm makes and ends one per connection: kept in place, with
-    /// the two indexes below holding only their position, no table moves a life around.
+    /// The lives followed (a storm makes one per connection), each at a stable position
+    /// that the two indexes below hold: growing an index moves 16-byte entries, not lives.
     lives: Slab<Life>,
     /// Each life's position, by kernel address.
     by_tw: FastMap<u64, usize>,
