@@ -1,12 +1,13 @@
 //! The one path every view's events take: kernel-side filter (for recordings made without
 //! it) → decode (joining a connection record's two slots) → fold into connection lifecycles
 //! ([`Tracker`]: closes) and timewait sockets ([`Timewaits`]: exits). Views hold a
-//! [`Pipeline`], act on each event it decodes, then let it fold the event, and read the
-//! closes, exits and steps it concluded.
+//! [`Pipeline`], act on each event it decodes (and on the transitions it stands for,
+//! [`Pipeline::each_step`]), then let it fold the event, and read the closes and exits it
+//! concluded.
 //!
 //! Connections come either as transitions, folded here, or — from kernels that write them —
 //! as connection records, each a whole life ([`Pipeline::from_records`]): the closes, and
-//! the transitions rebuilt from them ([`Pipeline::steps`]), are the same either way.
+//! the transitions rebuilt from them ([`Pipeline::each_step`]), are the same either way.
 
 use std::{
     collections::{VecDeque, hash_map::Entry},
@@ -42,15 +43,10 @@ pub struct Pipeline {
     /// The first slot of a connection record, waiting for its second: `Some(None)` when
     /// the filter dropped it (the second goes with it).
     head: Option<Option<(Transition, Option<u64>)>>,
-    /// Whether [`Pipeline::steps`] is filled.
-    keep_steps: bool,
     /// The proof of refused timewait sockets, until timewait sockets are followed.
     proof: Option<OverflowProof>,
     /// Closes whose timewait socket was created in FIN_WAIT2, until its fate shows.
     fates: Fates,
-    /// Transitions folded and not yet taken by the view, each with its socket's role:
-    /// decoded ones, or those rebuilt from a connection record.
-    pub steps: Vec<(Transition, Role)>,
     /// Closes concluded and not yet taken by the view.
     pub closes: Vec<Close>,
     /// Timewait ends concluded and not yet taken by the view.
@@ -68,10 +64,8 @@ impl Pipeline {
             undecodable: 0,
             records: false,
             head: None,
-            keep_steps: false,
             proof: None,
             fates: Fates::default(),
-            steps: Vec::new(),
             closes: Vec::new(),
             exits: Vec::new(),
         }
@@ -103,12 +97,6 @@ impl Pipeline {
     /// Whether connections come from their records.
     pub fn uses_records(&self) -> bool {
         self.records
-    }
-
-    /// Also lists every transition folded in [`Pipeline::steps`].
-    pub fn with_steps(mut self) -> Pipeline {
-        self.keep_steps = true;
-        self
     }
 
     /// Also follows timewait sockets (`traced`: their timers are traced, so their ends are).
@@ -221,9 +209,6 @@ impl Pipeline {
 
     /// Folds a decoded event into the lifecycles and timewait sockets followed.
     pub fn fold(&mut self, ev: &Event) {
-        if self.keep_steps {
-            self.note_steps(ev);
-        }
         let (closes, exits) = (self.closes.len(), self.exits.len());
         if let Some(tr) = &mut self.tracker {
             tr.observe(ev, &mut self.closes);
@@ -250,8 +235,11 @@ impl Pipeline {
         }
     }
 
-    /// Lists the transitions `ev` stands for, from the source that carries connections.
-    fn note_steps(&mut self, ev: &Event) {
+    /// Hands `each` the transitions `ev` stands for, from the source that carries
+    /// connections — decoded ones, or those rebuilt from a connection record — each with its
+    /// socket's role. Asked before `ev` is folded (a transition's role is its socket's so
+    /// far); nothing is copied or kept.
+    pub fn each_step(&self, ev: &Event, mut each: impl FnMut(&Transition, Role)) {
         match ev {
             Event::Transition(t) if !self.records => {
                 let role = self
@@ -259,17 +247,17 @@ impl Pipeline {
                     .as_ref()
                     .and_then(|tr| tr.role(t.skaddr))
                     .unwrap_or(Role::Unknown);
-                self.steps.push((*t, role));
+                each(t, role);
             }
             Event::Connection(c) if self.records => {
                 let role = c.evidence().role();
-                c.transitions(|t| self.steps.push((*t, role)));
+                c.transitions(|t| each(t, role));
             }
             // A listener's start and end come as transitions: they are no connection's.
             Event::Transition(t)
                 if t.to == State::Listen || t.from == State::Listen && t.to == State::Close =>
             {
-                self.steps.push((*t, Role::Unknown));
+                each(t, Role::Unknown);
             }
             _ => {}
         }

@@ -14,7 +14,7 @@ use crate::{
         timewait::End,
     },
     model::{
-        event::{Details, RawEvent, State},
+        event::{Details, Event, RawEvent, State},
         filter::CompiledFilter,
     },
     output::{Format, human_bytes, human_ns},
@@ -210,7 +210,7 @@ impl<W: Write> Hist<W> {
         } else {
             states.to_vec()
         };
-        let pipe = Pipeline::new(filter).with_steps();
+        let pipe = Pipeline::new(filter);
         let pipe = if by == By::Port {
             pipe.tracking()
         } else {
@@ -261,32 +261,28 @@ impl<W: Write> Hist<W> {
         self
     }
 
-    /// Records the time spent in each state left, from the transitions folded.
-    fn record_steps(&mut self) {
+    /// Records the time spent in each state `ev` leaves (before it is folded).
+    fn record_steps(&mut self, ev: &Event) {
         if self.metric != Metric::State {
-            self.pipe.steps.clear();
             return;
         }
-        let mut steps = std::mem::take(&mut self.pipe.steps);
-        for (t, role) in steps.drain(..) {
-            let Some(d) = t.in_from_ns else { continue };
-            if !self.states.contains(&t.from) || !self.pipe.filter().keeps(&t) {
-                continue;
+        let (pipe, hists, states, by) = (&self.pipe, &mut self.hists, &self.states, self.by);
+        pipe.each_step(ev, |t, role| {
+            let Some(d) = t.in_from_ns else { return };
+            if !states.contains(&t.from) || !pipe.filter().keeps(t) {
+                return;
             }
-            let port = match self.by {
+            let port = match by {
                 By::State => None,
                 By::Port => Some(service_port(role, t.local, t.remote)),
             };
-            // Three significant digits, auto-resizing: `record` grows the range (the
-            // saturating variant would clamp to it).
-            self.record((Series::State(t.from), port, None), d);
-        }
-        self.pipe.steps = steps;
+            record(hists, (Series::State(t.from), port, None), d);
+        });
     }
 
     /// One sample.
     fn record(&mut self, key: Key, v: u64) {
-        self.hists.entry(key).or_insert_with(Samples::new).record(v);
+        record(&mut self.hists, key, v);
     }
 
     /// The writer (for tests).
@@ -391,6 +387,11 @@ fn power_buckets(h: &Histogram<u64>) -> Vec<(u64, u64, u64)> {
     buckets
 }
 
+/// Adds sample `v` to the series `key`.
+fn record(hists: &mut FastMap<Key, Samples>, key: Key, v: u64) {
+    hists.entry(key).or_insert_with(Samples::new).record(v);
+}
+
 /// One series' samples: their histogram, and their exact maximum.
 struct Samples {
     /// Two significant digits (1 %): a sample lands in one of 256 counts per power of two,
@@ -489,8 +490,8 @@ impl<W: Write> View for Hist<W> {
             let Some(ev) = self.pipe.decode(raw) else {
                 continue;
             };
+            self.record_steps(&ev);
             self.pipe.fold(&ev);
-            self.record_steps();
             self.take_closes();
             self.record_exits();
         }

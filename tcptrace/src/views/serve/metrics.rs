@@ -620,10 +620,7 @@ impl Metrics {
         let families = Families::new();
         families.register(registry.sub_registry_with_prefix("tcptrace"));
         Metrics {
-            pipe: Pipeline::new(filter)
-                .tracking()
-                .timewaits(false)
-                .with_steps(),
+            pipe: Pipeline::new(filter).tracking().timewaits(false),
             families,
             labels: Labeller {
                 policy: labels.ports,
@@ -856,21 +853,22 @@ impl Metrics {
         self
     }
 
-    /// Counts the transitions folded, and times the states they left.
-    fn tally_steps(&mut self) {
-        let mut steps = std::mem::take(&mut self.pipe.steps);
-        for (t, _) in steps.drain(..) {
-            if !self.pipe.filter().keeps(&t) {
-                continue;
+    /// Counts the transitions `ev` stands for (before it is folded), and times the states
+    /// they leave.
+    fn tally_steps(&mut self, ev: &Event) {
+        let (pipe, labels, families) = (&self.pipe, &mut self.labels, &self.families);
+        let (transitions, durations) = (&mut self.hot_transitions, &mut self.hot_durations);
+        pipe.each_step(ev, |t, _| {
+            if !pipe.filter().keeps(t) {
+                return;
             }
             if t.from == State::Listen || t.to == State::Listen {
                 // A listener (or a connection accepted from one): its port is a service of
                 // this host.
-                self.labels.port(t.local.port(), true);
+                labels.port(t.local.port(), true);
             }
-            let netns = self.labels.netns(t.netns);
-            let families = &self.families;
-            self.hot_transitions
+            let netns = labels.netns(t.netns);
+            transitions
                 .entry((t.from, t.to, netns))
                 .or_insert_with(|| {
                     families.transitions.get_or_create_owned(&TransitionLabels {
@@ -881,7 +879,7 @@ impl Metrics {
                 })
                 .inc();
             if let Some(d) = t.in_from_ns {
-                self.hot_durations
+                durations
                     .entry((t.from, netns))
                     .or_insert_with(|| {
                         families.durations.get_or_create_owned(&StateLabels {
@@ -891,8 +889,7 @@ impl Metrics {
                     })
                     .observe(ns_to_secs(d));
             }
-        }
-        self.pipe.steps = steps;
+        });
     }
 
     fn tally_closes(&mut self) {
@@ -1087,8 +1084,8 @@ impl View for Metrics {
                 }
                 _ => {}
             }
+            self.tally_steps(&ev);
             self.pipe.fold(&ev);
-            self.tally_steps();
             self.tally_closes();
             self.tally_exits();
         }
