@@ -10,6 +10,14 @@ use std::collections::HashMap;
 /// crafted remote addresses from colliding on purpose.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Eight bytes that stand for `value` (the same in every run): a table keyed by them
+/// hashes and compares a word instead of, say, two socket addresses. Two values share one
+/// with a chance of 2^-64; who keys by it says what that costs.
+pub fn digest(value: impl std::hash::Hash) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(value)
+}
+
 /// The default number of sockets followed at once (`--max-sockets`).
 pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
 

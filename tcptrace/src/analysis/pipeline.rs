@@ -11,7 +11,6 @@
 
 use std::{
     collections::{VecDeque, hash_map::Entry},
-    hash::BuildHasher,
     net::SocketAddr,
 };
 
@@ -26,7 +25,7 @@ use crate::{
         event::{Event, Part, RawEvent, State, Transition, decode},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, digest},
 };
 
 /// Decode, filter, closes and timewait sockets, once.
@@ -382,7 +381,7 @@ struct Fates {
 /// connections with the same digest, one chance in 2^64, leave the older one released at
 /// the end of its wait rather than by its fate).
 fn fate_key(netns: Option<u32>, local: SocketAddr, remote: SocketAddr) -> u64 {
-    foldhash::fast::FixedState::default().hash_one((netns, local, remote))
+    digest((netns, local, remote))
 }
 
 impl Fates {

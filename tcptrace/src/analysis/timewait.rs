@@ -15,7 +15,7 @@
 //!
 //! Timewait sockets are reused from a slab, so a life is keyed by address *and* 4-tuple.
 
-use std::{collections::VecDeque, hash::BuildHasher, net::SocketAddr};
+use std::{collections::VecDeque, net::SocketAddr};
 
 use slab::Slab;
 
@@ -25,7 +25,7 @@ use crate::{
         event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, eviction_threshold},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, digest, eviction_threshold},
 };
 
 /// How a timewait socket ended.
@@ -251,7 +251,7 @@ struct Rearm {
 /// bytes rather than the 64 of two addresses (two 4-tuples with the same digest, one chance
 /// in 2^64 per pair, leave the older one found only by its address).
 pub fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
-    foldhash::fast::FixedState::default().hash_one((local, remote))
+    digest((local, remote))
 }
 
 /// Lives looked at to judge which are the oldest when the cap is reached.

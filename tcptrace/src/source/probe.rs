@@ -751,10 +751,7 @@ const LEFT_OUT_CAUGHT_SLOT: u32 = 0;
 /// The sum of a per-CPU counter over every slot (one per program) and CPU (a slot that
 /// cannot be read counts 0).
 fn per_cpu_sum(map: &PerCpuArray<MapData, u64>) -> u64 {
-    (0..map.len())
-        .filter_map(|slot| map.get(&slot, 0).ok())
-        .map(|per_cpu| per_cpu.iter().sum::<u64>())
-        .sum()
+    (0..map.len()).map(|slot| per_cpu_slot(map, slot)).sum()
 }
 
 /// The kernel-side configuration both program sets share: filters (from the command line),

@@ -15,7 +15,12 @@ use std::{io, ops::RangeInclusive};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::{Registry, Unit},
 };
 
@@ -544,6 +549,25 @@ impl Families {
     }
 }
 
+/// The series of `family` whose labels `labels` makes, through `hot`: handles by a small key,
+/// so that the hot path is one lookup and an atomic add rather than the family's lock and
+/// label hashing (no series of these families is ever removed, so a handle stays its).
+fn series<'a, K, S, M, C>(
+    hot: &'a mut FastMap<K, M>,
+    key: K,
+    family: &Family<S, M, C>,
+    labels: impl FnOnce() -> S,
+) -> &'a M
+where
+    K: std::hash::Hash + Eq,
+    S: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    hot.entry(key)
+        .or_insert_with(|| family.get_or_create_owned(&labels()))
+}
+
 /// The exporter's view: events in, metric families updated.
 pub struct Metrics {
     /// Tracks every socket, follows timewait sockets.
@@ -868,26 +892,23 @@ impl Metrics {
                 labels.port(t.local.port(), true);
             }
             let netns = labels.netns(t.netns);
-            transitions
-                .entry((t.from, t.to, netns))
-                .or_insert_with(|| {
-                    families.transitions.get_or_create_owned(&TransitionLabels {
-                        from: t.from.name(),
-                        to: t.to.name(),
-                        netns,
-                    })
-                })
-                .inc();
+            let key = (t.from, t.to, netns);
+            series(transitions, key, &families.transitions, || {
+                TransitionLabels {
+                    from: t.from.name(),
+                    to: t.to.name(),
+                    netns,
+                }
+            })
+            .inc();
             if let Some(d) = t.in_from_ns {
-                durations
-                    .entry((t.from, netns))
-                    .or_insert_with(|| {
-                        families.durations.get_or_create_owned(&StateLabels {
-                            state: t.from.name(),
-                            netns,
-                        })
-                    })
-                    .observe(ns_to_secs(d));
+                series(durations, (t.from, netns), &families.durations, || {
+                    StateLabels {
+                        state: t.from.name(),
+                        netns,
+                    }
+                })
+                .observe(ns_to_secs(d));
             }
         });
     }
@@ -904,29 +925,27 @@ impl Metrics {
             }
             let port = self.labels.port(c.service_port(), c.role == Role::Server);
             let netns = self.labels.netns(c.netns);
-            let families = &self.families;
-            self.hot_closes
-                .entry((port, c.role, c.initiator, c.how, netns))
-                .or_insert_with(|| {
-                    families.closes.get_or_create_owned(&CloseLabels {
-                        port,
-                        role: c.role.name(),
-                        initiator: c.initiator.name(),
-                        how: c.how.name(),
-                        netns,
-                    })
-                })
-                .inc();
+            let key = (port, c.role, c.initiator, c.how, netns);
+            series(&mut self.hot_closes, key, &self.families.closes, || {
+                CloseLabels {
+                    port,
+                    role: c.role.name(),
+                    initiator: c.initiator.name(),
+                    how: c.how.name(),
+                    netns,
+                }
+            })
+            .inc();
             if let Some(d) = &c.details {
                 self.count_details(d, port, c.role.name(), netns);
             }
             if c.timewait {
                 let key = PortLabels { port, netns };
-                let families = &self.families;
-                self.hot_tw_entries
-                    .entry(key.clone())
-                    .or_insert_with(|| families.tw_entries.get_or_create_owned(&key))
-                    .inc();
+                let entries = &self.families.tw_entries;
+                series(&mut self.hot_tw_entries, key.clone(), entries, || {
+                    key.clone()
+                })
+                .inc();
                 if self.pipe.timewaits_traced() {
                     if self.tw_labels.len() >= self.pipe.cap() {
                         // Bounded like the sockets; the sweep keeps this rare.
@@ -938,7 +957,7 @@ impl Metrics {
                         .insert(timewait::tuple_key(c.local, c.remote), (key, c.ts_ns))
                     {
                         // The same 4-tuple entered again before its end was seen.
-                        self.families.tw_sockets.get_or_create(&old).dec();
+                        self.tw_sockets(&old).dec();
                     }
                 }
             }
@@ -948,10 +967,10 @@ impl Metrics {
 
     /// The series of a service port's TIME_WAIT population.
     fn tw_sockets(&mut self, key: &PortLabels) -> &Gauge {
-        let families = &self.families;
-        self.hot_tw_sockets
-            .entry(key.clone())
-            .or_insert_with(|| families.tw_sockets.get_or_create_owned(key))
+        let sockets = &self.families.tw_sockets;
+        series(&mut self.hot_tw_sockets, key.clone(), sockets, || {
+            key.clone()
+        })
     }
 
     /// Adds a close's counters to its port's and role's series.
@@ -998,26 +1017,27 @@ impl Metrics {
                 },
             };
             let families = &self.families;
-            self.hot_exits
-                .entry((key.port, x.end, key.netns))
-                .or_insert_with(|| {
-                    families.tw_exits.get_or_create_owned(&ExitLabels {
-                        port: key.port,
-                        end: x.end.name(),
-                        netns: key.netns,
-                    })
-                })
-                .inc();
+            let exit = (key.port, x.end, key.netns);
+            series(&mut self.hot_exits, exit, &families.tw_exits, || {
+                ExitLabels {
+                    port: key.port,
+                    end: x.end.name(),
+                    netns: key.netns,
+                }
+            })
+            .inc();
             if x.end != End::NotCreated {
-                self.hot_residency
-                    .entry((x.substate, key.netns))
-                    .or_insert_with(|| {
-                        families.tw_residency.get_or_create_owned(&ResidencyLabels {
-                            substate: x.substate.name(),
-                            netns: key.netns,
-                        })
-                    })
-                    .observe(ns_to_secs(x.residency_ns));
+                let residency = (x.substate, key.netns);
+                series(
+                    &mut self.hot_residency,
+                    residency,
+                    &families.tw_residency,
+                    || ResidencyLabels {
+                        substate: x.substate.name(),
+                        netns: key.netns,
+                    },
+                )
+                .observe(ns_to_secs(x.residency_ns));
             }
         }
         self.pipe.exits = exits;
