@@ -39,9 +39,9 @@ fn ours() -> HashSet<u32> {
         .collect()
 }
 
-/// Our loaded programs once none of `mine` is left, or after 2 s.
+/// Our loaded programs once none of `mine` is left, or after 10 s.
 fn unloaded(mine: &HashSet<u32>) -> HashSet<u32> {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = ours();
         if mine.is_disjoint(&now) || Instant::now() > deadline {

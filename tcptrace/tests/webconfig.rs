@@ -540,7 +540,7 @@ fn a_scrape_gets_through_a_thousand_stalled_connections() {
     );
     // Before, 64 slots held 10 s each kept a scrape waiting 15 s; now it does not wait for
     // any stalled connection to time out (3 s).
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < NOT_WAITING_FOR_A_STALLED_ONE, "{took:?}");
     assert!(threads_held <= threads + 1, "{threads} -> {threads_held}");
     assert!(
         rss_held_kb < rss_kb + 64 * 1024,
@@ -552,6 +552,11 @@ fn a_scrape_gets_through_a_thousand_stalled_connections() {
     let closed = held.iter().filter(|s| closed_by_peer(s)).count();
     assert_eq!(closed, HELD_CONNECTIONS, "closed after the deadline");
 }
+
+/// Well under the header deadline that a scrape waiting for a stalled connection would
+/// take, and loose enough for a dropped SYN's retransmission (1 s) beside the other suites.
+const NOT_WAITING_FOR_A_STALLED_ONE: Duration =
+    tcptrace::views::serve::http::HEADER_TIMEOUT.saturating_sub(Duration::from_millis(800));
 
 /// True when the other end closed `s` (EOF or reset), false when it is still open.
 fn closed_by_peer(s: &TcpStream) -> bool {
@@ -583,7 +588,7 @@ fn past_the_cap_the_stalest_connections_are_shed() {
     let r = parse_reply(&raw).unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.contains("webconfig_test_total 42"));
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < NOT_WAITING_FOR_A_STALLED_ONE, "{took:?}");
     // The first ones were shed at once, well before their deadline.
     let shed = held[..100].iter().filter(|s| closed_by_peer(s)).count();
     assert_eq!(shed, 100, "the stalest were shed");

@@ -440,8 +440,10 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
     let mut from_transitions = Folded::new(false);
     let mut from_records = Folded::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (from_transitions.closes.len() < want || from_records.closes.len() < want)
-        && Instant::now() < deadline
+    let short = |t: &Folded, r: &Folded, unseen: u64| {
+        r.closes.len() < want || (t.closes.len() as u64 + unseen) < want as u64
+    };
+    while short(&from_transitions, &from_records, probe.unseen_total()) && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(50));
         let mut raw = Vec::new();
@@ -454,11 +456,36 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
     let (mut a, mut b) = (from_transitions.closes, from_records.closes);
     a.sort_by_key(|c| c.skaddr);
     b.sort_by_key(|c| c.skaddr);
+    // An end that no program ran for (rare, on a busy host) is counted by the kernel as
+    // unseen and reported as lost; its connection's record is written when the socket is
+    // destroyed, so only the records hold that close.
+    let only_in_records: Vec<&Close> = b
+        .iter()
+        .filter(|r| !a.iter().any(|t| t.skaddr == r.skaddr))
+        .collect();
+    let unseen = probe.unseen_total();
+    assert!(
+        only_in_records.len() as u64 <= unseen,
+        "closes only in connection records beyond the {unseen} ends the kernel counted \
+         unseen: {only_in_records:#?}\nfrom transitions: {a:#?}"
+    );
+    if !only_in_records.is_empty() {
+        eprintln!(
+            "{} end(s) unseen by the transition programs (the kernel counted {unseen}), \
+             closed from their records at destruction",
+            only_in_records.len()
+        );
+    }
+    let seen_by_both: Vec<Close> = b
+        .iter()
+        .filter(|r| a.iter().any(|t| t.skaddr == r.skaddr))
+        .copied()
+        .collect();
     assert_eq!(
-        a, b,
+        a, seen_by_both,
         "closes from transitions, then from connection records"
     );
-    (raw_all, a)
+    (raw_all, b)
 }
 
 /// Closes concluded from one kind of record.
