@@ -3,19 +3,35 @@
 //!
 //! Uses nothing else in the crate; every layer may use it.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::OnceLock,
+};
 
 /// A hash map with a fast, per-process randomly seeded hasher (foldhash): the analysis
 /// looks up every event, and SipHash was a tenth of the stream's CPU time; the seed keeps
 /// crafted remote addresses from colliding on purpose.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Eight bytes that stand for `value` (the same in every run): a table keyed by them
-/// hashes and compares a word instead of, say, two socket addresses. Two values share one
-/// with a chance of 2^-64; who keys by it says what that costs.
-pub fn digest(value: impl std::hash::Hash) -> u64 {
+/// Eight bytes that stand for a connection: its 4-tuple in namespace `netns` (0: none
+/// known). The addresses are hashed as integers — one per address, IPv4 in its IPv6-mapped
+/// form, and one for both ports and the namespace — not through `SocketAddr`'s `Hash` (a
+/// discriminant, a length-prefixed byte slice and a port each), which took most of a
+/// lookup's time. Seeded once per process, as [`FastMap`] is, so that crafted addresses
+/// cannot be made to collide on purpose; two connections share a digest with a chance of
+/// 2^-64, and who keys by it checks the connection itself on use.
+pub fn tuple_digest(netns: u32, local: SocketAddr, remote: SocketAddr) -> u64 {
     use std::hash::BuildHasher;
-    foldhash::fast::FixedState::default().hash_one(value)
+    static SEED: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    let bits = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(ip) => ip.to_ipv6_mapped().to_bits(),
+        IpAddr::V6(ip) => ip.to_bits(),
+    };
+    let rest =
+        (u64::from(netns) << 32) | (u64::from(local.port()) << 16) | u64::from(remote.port());
+    SEED.get_or_init(Default::default)
+        .hash_one((bits(local), bits(remote), rest))
 }
 
 /// The default number of sockets followed at once (`--max-sockets`).
@@ -41,4 +57,26 @@ pub const NS_PER_SEC: u64 = 1_000_000_000;
 /// `ns` in seconds, for rates and for metrics in seconds.
 pub fn ns_to_secs(ns: u64) -> f64 {
     ns as f64 / NS_PER_SEC as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_digest_tells_apart_what_a_table_keys_on() {
+        let a: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let key = tuple_digest(7, a, b);
+        assert_eq!(key, tuple_digest(7, a, b), "the same every time");
+        assert_ne!(key, tuple_digest(7, b, a), "the direction");
+        assert_ne!(key, tuple_digest(8, a, b), "the namespace");
+        let other_port: SocketAddr = "10.0.0.1:40001".parse().unwrap();
+        assert_ne!(key, tuple_digest(7, other_port, b), "a port");
+        let v6: SocketAddr = "[fd00::1]:40000".parse().unwrap();
+        assert_ne!(key, tuple_digest(7, v6, b), "another address");
+        // An IPv4 peer of a dual-stack socket is the same endpoint as its mapped form.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:40000".parse().unwrap();
+        assert_eq!(key, tuple_digest(7, mapped, b));
+    }
 }

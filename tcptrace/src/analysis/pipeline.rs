@@ -25,7 +25,7 @@ use crate::{
         event::{Event, Part, RawEvent, State, Transition, decode},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, digest},
+    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, tuple_digest},
 };
 
 /// Decode, filter, closes and timewait sockets, once.
@@ -366,10 +366,10 @@ const FATE_GRACE_NS: u64 = 300 * NS_PER_MS;
 /// briefly to tell which, whatever order the events come in.
 #[derive(Debug, Default)]
 struct Fates {
-    /// The held closes in the order they were held, each with when it stops waiting (a
-    /// close taken out early leaves `None`): a storm holds one close per connection, read
-    /// back in order, so they queue rather than sit in a table.
-    queue: VecDeque<(u64, Option<Close>)>,
+    /// The held closes in the order they were held, each with when it stops waiting and
+    /// its [`fate_key`] (a close taken out early leaves `None`): a storm holds one close per
+    /// connection, read back in order, so they queue rather than sit in a table.
+    queue: VecDeque<(u64, u64, Option<Close>)>,
     /// Each held close's number (its position in `queue` plus `first`), by the digest of
     /// its namespace and 4-tuple ([`fate_key`]).
     index: FastMap<u64, u64>,
@@ -381,7 +381,7 @@ struct Fates {
 /// connections with the same digest, one chance in 2^64, leave the older one released at
 /// the end of its wait rather than by its fate).
 fn fate_key(netns: Option<u32>, local: SocketAddr, remote: SocketAddr) -> u64 {
-    digest((netns, local, remote))
+    tuple_digest(netns.unwrap_or(0), local, remote)
 }
 
 impl Fates {
@@ -416,9 +416,14 @@ impl Fates {
 
     /// Holds `c` until `until_ns`.
     fn push(&mut self, until_ns: u64, c: Close) {
+        self.push_keyed(until_ns, fate_key(c.netns, c.local, c.remote), c);
+    }
+
+    /// Holds `c`, whose [`fate_key`] is `key`, until `until_ns`.
+    fn push_keyed(&mut self, until_ns: u64, key: u64, c: Close) {
         let n = self.first + self.queue.len() as u64;
-        self.index.insert(fate_key(c.netns, c.local, c.remote), n);
-        self.queue.push_back((until_ns, Some(c)));
+        self.index.insert(key, n);
+        self.queue.push_back((until_ns, key, Some(c)));
     }
 
     /// The close held for (netns, local, remote), taken out.
@@ -429,7 +434,7 @@ impl Fates {
         let slot = &mut self
             .queue
             .get_mut(at.get().checked_sub(self.first)? as usize)?
-            .1;
+            .2;
         if slot
             .as_ref()
             .is_none_or(|c| (c.netns, c.local, c.remote) != (netns, local, remote))
@@ -449,7 +454,7 @@ impl Fates {
     fn oldest_ns(&self) -> Option<u64> {
         self.queue
             .iter()
-            .filter_map(|(_, c)| c.as_ref())
+            .filter_map(|(_, _, c)| c.as_ref())
             .map(|c| c.ts_ns)
             .min()
     }
@@ -508,23 +513,22 @@ impl Fates {
     /// Releases the closes whose grace ended by `now_ns` — as they were: their timewait
     /// socket most likely moved to TIME_WAIT silently — unless it is being killed now.
     fn expire(&mut self, now_ns: u64, tw: &Timewaits, out: &mut Vec<Close>) {
-        while let Some(&(until, _)) = self.queue.front() {
+        while let Some(&(until, _, _)) = self.queue.front() {
             if until > now_ns {
                 break;
             }
-            let Some((_, held)) = self.queue.pop_front() else {
+            let Some((_, key, held)) = self.queue.pop_front() else {
                 break;
             };
             self.first += 1;
             let Some(c) = held else {
                 continue;
             };
-            let key = fate_key(c.netns, c.local, c.remote);
             // Most hosts cancel no timewait timer for seconds: no lookup then.
             let dying =
                 tw.any_cancelled() && tw.of(c.local, c.remote).is_some_and(|l| l.cancelled());
             if dying && now_ns != u64::MAX {
-                self.push(now_ns + FATE_GRACE_NS, c);
+                self.push_keyed(now_ns + FATE_GRACE_NS, key, c);
                 continue;
             }
             if self.index.get(&key) == Some(&(self.first - 1)) {

@@ -25,7 +25,9 @@ use crate::{
         event::{Connection, Event, Owner, State, TimerEvent, TimerOp, Transition},
         filter::CompiledFilter,
     },
-    shared::{DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, digest, eviction_threshold},
+    shared::{
+        DEFAULT_MAX_SOCKETS, FastMap, NS_PER_MS, NS_PER_SEC, eviction_threshold, tuple_digest,
+    },
 };
 
 /// How a timewait socket ended.
@@ -251,7 +253,7 @@ struct Rearm {
 /// bytes rather than the 64 of two addresses (two 4-tuples with the same digest, one chance
 /// in 2^64 per pair, leave the older one found only by its address).
 pub fn tuple_key(local: SocketAddr, remote: SocketAddr) -> u64 {
-    digest((local, remote))
+    tuple_digest(0, local, remote)
 }
 
 /// Lives looked at to judge which are the oldest when the cap is reached.
