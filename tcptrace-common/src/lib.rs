@@ -444,6 +444,14 @@ pub mod port_filter {
     pub const ANY: u8 = 1 << 2;
 }
 
+/// What `cargo xtask bench` may switch off in the kernel side to show what it costs
+/// ([`Config::bench`]); never set outside builds with the `test-knobs` feature.
+pub mod bench {
+    /// No socket gets socket-local storage: every transition finds none (no durations, no
+    /// owners, no connection records). What creating it costs, for the bench's kernel time.
+    pub const NO_STORAGE: u32 = 1 << 0;
+}
+
 /// The program's configuration, written by the loader into a read-only global before the
 /// program is loaded, so the verifier sees it as constant.
 #[repr(C)]
@@ -452,7 +460,9 @@ pub struct Config {
     pub offsets: SetStateOffsets,
     pub send_reset: SendResetOffsets,
     pub receive_reset: ReceiveResetOffsets,
-    pub _pad0: u32,
+    /// Bits of [`bench`]: what the benchmark switches off to price it (0 but in builds with
+    /// the `test-knobs` feature).
+    pub bench: u32,
     pub timewait: TimewaitOffsets,
     /// Keep only this address family (0: both).
     pub family: u16,

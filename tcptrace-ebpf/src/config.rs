@@ -41,7 +41,7 @@ static CONFIG: Config = Config {
         saddr_v6: 0,
         daddr_v6: 0,
     },
-    _pad0: 0,
+    bench: 0,
     timewait: TimewaitOffsets {
         handler: 0,
         start_timer: 0,

@@ -720,6 +720,12 @@ fn start_probe(filter: &Filter, source: &SourceArgs, records: u32) -> Result<Pro
             wakeup_bytes: probe::DEFAULT_WAKEUP_BYTES,
             #[cfg(feature = "test-knobs")]
             idle: source.idle_probes.into(),
+            #[cfg(feature = "test-knobs")]
+            bench: if source.bench_without_storage {
+                tcptrace_common::bench::NO_STORAGE
+            } else {
+                0
+            },
             records,
             ..kernel
         },

@@ -77,9 +77,10 @@ pub struct Args {
     pub tcptrace: Option<std::path::PathBuf>,
     /// The view --kernel-cost (and the comparison's kernel-time table) runs: `report` (per-state
     /// times), `hist` (every state's time), `timewait` (none: the middle transitions are
-    /// left out in the kernel), or `idle` (`report` with every program returning at once:
-    /// what being called costs).
-    #[arg(long, default_value = "report", value_parser = ["report", "hist", "timewait", "idle"])]
+    /// left out in the kernel), `idle` (`report` with every program returning at once:
+    /// what being called costs), or `report-without-storage` (`report` with no socket given
+    /// socket-local storage: what creating it costs, against `report`).
+    #[arg(long, default_value = "report", value_parser = ["report", "hist", "timewait", "idle", "report-without-storage"])]
     kernel_cost_view: String,
     /// Instead of the comparison: only what reading the sockets open at start costs, with
     /// --backfill-sockets held open.
@@ -1626,6 +1627,12 @@ fn kernel_cost(b: &mut Bench) -> Result<KernelCost> {
     let ns = Netns::new()?;
     let args = match b.a.kernel_cost_view.as_str() {
         "idle" => tcptrace_args(Variant::Idle, port)?,
+        "report-without-storage" => vec![
+            "report".into(),
+            "--port".into(),
+            port.to_string(),
+            "--bench-without-storage".into(),
+        ],
         view => vec![view.to_string(), "--port".into(), port.to_string()],
     };
     let mut tracer = Tracer::start(b.bin, &args, &b.dir.join("kernel-cost.out"))?;
