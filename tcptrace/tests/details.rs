@@ -267,6 +267,10 @@ fn ended(ending: Ending) -> (Close, String) {
             NetPair::run_in(&pair.a, move || {
                 let mut c = TcpStream::connect(addr).unwrap();
                 c.write_all(b"never read").unwrap();
+                // The server's reset ends the read; bounded, in case it was dropped from a
+                // full backlog beside the other suites (a reset is never retransmitted).
+                c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .unwrap();
                 let mut rest = Vec::new();
                 let _ = c.read_to_end(&mut rest);
             })
