@@ -19,7 +19,7 @@ use core::{
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tcptrace_common::{
-    Config, IPPROTO_MPTCP, Owner, bench,
+    Config, IPPROTO_MPTCP, Owner,
     connection::{ends_connection, is_birth, left_out as left_out_by, tail_flag},
     driven_by_owner, effective_new_state, filter_keeps, flag, kind, netns_keeps, ports_keep,
     records, socket_may_be_kept, state,
@@ -192,10 +192,8 @@ unsafe fn set_state(sk: *const u8, old: u8, new: u8, slot: Slot, unseen_end: boo
     };
     let cfg = config();
     // A socket the family and port filters can never keep gets no storage (creating it is
-    // most of this program's cost): its transitions are bookkept for nothing. Nor does any
-    // when the bench prices that cost.
-    let wanted = socket_may_be_kept(cfg, ends.family, ends.sport, ends.dport, port_bits)
-        && cfg.bench & bench::NO_STORAGE == 0;
+    // most of this program's cost): its transitions are bookkept for nothing.
+    let wanted = socket_may_be_kept(cfg, ends.family, ends.sport, ends.dport, port_bits);
     // SAFETY: `sk` is the full socket the tracepoint handed over (this function's contract).
     let st = unsafe { storage(sk, wanted, slot) };
     let mut spare = MaybeUninit::<Owner>::uninit();

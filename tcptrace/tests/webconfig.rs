@@ -514,6 +514,7 @@ fn a_scrape_gets_through_a_thousand_stalled_connections() {
     assert_eq!(scrape().unwrap().status, 200);
     let (threads, rss_kb) = (server.status("Threads"), server.status("VmRSS"));
 
+    let opened = Instant::now();
     let held = hold(
         server.addr,
         HELD_CONNECTIONS,
@@ -523,6 +524,15 @@ fn a_scrape_gets_through_a_thousand_stalled_connections() {
     let start = Instant::now();
     let r = scrape().unwrap();
     let took = start.elapsed();
+    // A scrape that waited for a stalled connection would end past the first one's deadline
+    // (HEADER_TIMEOUT after it was opened): told apart unless opening them took long.
+    let opening = start.duration_since(opened);
+    let deadline = tcptrace::views::serve::http::HEADER_TIMEOUT;
+    assert!(
+        opened.elapsed() < deadline || opening >= deadline - NOT_WAITING_FOR_A_STALLED_ONE,
+        "the scrape ended past the first stalled connection's deadline: {took:?} after \
+         {opening:?} of opening"
+    );
     assert_eq!(r.status, 200, "{r:?}");
     assert!(
         r.body.contains("process_resident_memory_bytes"),

@@ -719,6 +719,14 @@ impl Probe {
         self.btf.as_ref().map_or(0, |b| per_cpu_sum(&b.unseen))
     }
 
+    /// Of [`Probe::unseen_total`], the connections' ends: sockets destroyed in a state other
+    /// than CLOSE, whose connection record the destruction wrote (marked with a gap).
+    pub fn unseen_ends(&self) -> u64 {
+        self.btf
+            .as_ref()
+            .map_or(0, |b| per_cpu_slot(&b.unseen, DESTROY_SLOT))
+    }
+
     /// Facts the kernel side could not keep since the probe started: listeners that found
     /// their map full (their accepted sockets get no owner), sockets whose storage the kernel
     /// could not allocate (their transitions get no duration or owner).
@@ -747,6 +755,10 @@ fn per_cpu_slot(map: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
 /// The slot of `CAUGHT` where the nested copy counts the left-out middle transitions it took
 /// over (the kernel side's `Slot::Transition`).
 const LEFT_OUT_CAUGHT_SLOT: u32 = 0;
+
+/// The slot of the BTF side's counters where the program on socket destruction counts (the
+/// kernel side's `Slot::Destroy`).
+const DESTROY_SLOT: u32 = 7;
 
 /// The sum of a per-CPU counter over every slot (one per program) and CPU (a slot that
 /// cannot be read counts 0).
