@@ -447,8 +447,9 @@ pub mod port_filter {
 /// What `cargo xtask bench` may switch off in the kernel side to show what it costs
 /// ([`Config::bench`]); never set outside builds with the `test-knobs` feature.
 pub mod bench {
-    /// No socket gets socket-local storage: every transition finds none (no durations, no
-    /// owners, no connection records). What creating it costs, for the bench's kernel time.
+    /// No socket gets socket-local storage, whichever program asks: every transition finds
+    /// none (no durations, no owners, no connection records). What the storage and its use
+    /// cost, for the bench's kernel time.
     pub const NO_STORAGE: u32 = 1 << 0;
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, Config, INET_SPAN_BYTES, IPPROTO_MPTCP, IPPROTO_TCP, NsOffsets,
-    records,
+    bench, records,
 };
 
 use crate::{
@@ -24,13 +24,16 @@ use crate::{
     net::{U64_BYTES, v4_mapped},
 };
 
-/// The socket's storage, created (zeroed) if `create` and it has none; null when the kernel
-/// could not allocate it (counted) or, without `create`, when it has none.
+/// The socket's storage, created (zeroed) if `create` and it has none (never when the bench
+/// prices it: [`bench::NO_STORAGE`]); null when the kernel could not allocate it (counted)
+/// or, without `create`, when it has none.
 ///
 /// # Safety
 /// `sk` must be a full socket handed to the program (a request socket maps to its listener).
 #[inline(always)]
 pub(crate) unsafe fn storage(sk: *const u8, create: bool, slot: Slot) -> *mut SkState {
+    // The bench's switch that prices the storage: none is created, whoever asks.
+    let create = create && config().bench & bench::NO_STORAGE == 0;
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {

@@ -79,7 +79,7 @@ pub struct Args {
     /// times), `hist` (every state's time), `timewait` (none: the middle transitions are
     /// left out in the kernel), `idle` (`report` with every program returning at once:
     /// what being called costs), or `report-without-storage` (`report` with no socket given
-    /// socket-local storage: what creating it costs, against `report`).
+    /// socket-local storage: what the storage and its use cost, against `report`).
     #[arg(long, default_value = "report", value_parser = ["report", "hist", "timewait", "idle", "report-without-storage"])]
     kernel_cost_view: String,
     /// Instead of the comparison: only what reading the sockets open at start costs, with

@@ -319,7 +319,7 @@ pub struct SourceArgs {
     pub idle_probes: bool,
     /// Trace, but give no socket its socket-local storage (no durations, owners or
     /// connection records): `cargo xtask bench --kernel-cost-view report-without-storage`
-    /// prices creating it (feature `test-knobs`).
+    /// prices the storage and its use (feature `test-knobs`).
     #[cfg(feature = "test-knobs")]
     #[arg(long, hide = true, conflicts_with = "from")]
     pub bench_without_storage: bool,
