@@ -444,6 +444,29 @@ pub mod port_filter {
     pub const ANY: u8 = 1 << 2;
 }
 
+/// Which program counts, in the kernel side's per-CPU counters (`LOST`, `FORGOTTEN`,
+/// `UNSEEN`, `CAUGHT`), which userspace reads slot by slot. Each program has its own slot:
+/// the kernel never runs a program inside itself on a CPU, so no two increments of one slot
+/// interleave (one program interrupting another while it counts would otherwise lose an
+/// increment, and the BPF target offers Rust no atomic add).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CounterSlot {
+    Transition = 0,
+    /// The BTF transition program's nested copy.
+    Nested = 1,
+    ResetSent = 2,
+    ResetReceived = 3,
+    TimerStart = 4,
+    TimerCancel = 5,
+    TimerExpire = 6,
+    /// The BTF program on socket destruction. The last: [`COUNTER_SLOTS`] counts from it.
+    Destroy = 7,
+}
+
+/// Slots of the per-CPU counters: one per [`CounterSlot`].
+pub const COUNTER_SLOTS: u32 = CounterSlot::Destroy as u32 + 1;
+
 /// What `cargo xtask bench` may switch off in the kernel side to show what it costs
 /// ([`Config::bench`]); never set outside builds with the `test-knobs` feature.
 pub mod bench {

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tcptrace_common::{ListenKey, Owner, connection::SockStorage};
+use tcptrace_common::{COUNTER_SLOTS, ListenKey, Owner, connection::SockStorage};
 
 use crate::{fallback::SockInfo, mem::put};
 
@@ -98,33 +98,14 @@ pub(crate) static ARMED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub(crate) static CAUGHT: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Slots of the per-CPU counters: one per [`Slot`].
-pub(crate) const COUNTER_SLOTS: u32 = Slot::Destroy as u32 + 1;
-
 /// Counts one fact not kept, in the counting program's slot.
 #[inline(always)]
 pub(crate) fn forgot(slot: Slot) {
     count(&FORGOTTEN, slot);
 }
 
-/// Which program counts. Each has its own slot in the per-CPU counters: the kernel never
-/// runs a program inside itself on a CPU, so no two increments of one slot interleave (one
-/// program interrupting another while it counts would otherwise lose an increment, and the
-/// BPF target offers Rust no atomic add).
-#[derive(Clone, Copy)]
-#[repr(u32)]
-pub(crate) enum Slot {
-    Transition = 0,
-    /// The BTF transition program's nested copy.
-    Nested = 1,
-    ResetSent = 2,
-    ResetReceived = 3,
-    TimerStart = 4,
-    TimerCancel = 5,
-    TimerExpire = 6,
-    /// The BTF program on socket destruction. The last: [`COUNTER_SLOTS`] counts from it.
-    Destroy = 7,
-}
+/// Which program counts: its slot in the per-CPU counters, defined with userspace.
+pub(crate) use tcptrace_common::CounterSlot as Slot;
 
 /// Adds one to `slot` of a per-CPU counter (userspace sums every slot of every CPU).
 #[inline(always)]

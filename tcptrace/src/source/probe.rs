@@ -14,7 +14,7 @@ use aya::{
     maps::{Array as BpfArray, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, TracePoint},
 };
-use tcptrace_common::{Config, EVENT_SIZE, NsOffsets, TimewaitOffsets, records};
+use tcptrace_common::{Config, CounterSlot, EVENT_SIZE, NsOffsets, TimewaitOffsets, records};
 
 use super::{
     btf::Btf,
@@ -708,9 +708,9 @@ impl Probe {
     /// Of [`Probe::caught_total`], the middle transitions the loader leaves out: skipped in
     /// the transition program, taken over by doing nothing.
     pub fn caught_left_out(&self) -> u64 {
-        self.btf
-            .as_ref()
-            .map_or(0, |b| per_cpu_slot(&b.caught, LEFT_OUT_CAUGHT_SLOT))
+        self.btf.as_ref().map_or(0, |b| {
+            per_cpu_slot(&b.caught, CounterSlot::Transition as u32)
+        })
     }
 
     /// Transitions the kernel ran no program for and counted no miss for, found afterwards
@@ -724,7 +724,7 @@ impl Probe {
     pub fn unseen_ends(&self) -> u64 {
         self.btf
             .as_ref()
-            .map_or(0, |b| per_cpu_slot(&b.unseen, DESTROY_SLOT))
+            .map_or(0, |b| per_cpu_slot(&b.unseen, CounterSlot::Destroy as u32))
     }
 
     /// Facts the kernel side could not keep since the probe started: listeners that found
@@ -751,14 +751,6 @@ const _: () = assert!(EVENT_SIZE == std::mem::size_of::<RawEvent>());
 fn per_cpu_slot(map: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     map.get(&slot, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
 }
-
-/// The slot of `CAUGHT` where the nested copy counts the left-out middle transitions it took
-/// over (the kernel side's `Slot::Transition`).
-const LEFT_OUT_CAUGHT_SLOT: u32 = 0;
-
-/// The slot of the BTF side's counters where the program on socket destruction counts (the
-/// kernel side's `Slot::Destroy`).
-const DESTROY_SLOT: u32 = 7;
 
 /// The sum of a per-CPU counter over every slot (one per program) and CPU (a slot that
 /// cannot be read counts 0).
