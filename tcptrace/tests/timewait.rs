@@ -300,8 +300,10 @@ fn tcp_tw_reuse_kills_read_the_same_from_connection_records() {
     }
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
-    let port = 26_000 + (std::process::id() % 500) as u16;
-    let from = 26_500 + (std::process::id() % 500) as u16;
+    // A range of its own: this file's tests share one process id, and the probes follow a
+    // port in every namespace (26_000.. is the two-namespace test's second port).
+    let port = 28_000 + (std::process::id() % 500) as u16;
+    let from = 28_500 + (std::process::id() % 500) as u16;
     let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);
