@@ -459,10 +459,9 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
     // An end that no program ran for (rare, on a busy host) is counted by the kernel as
     // unseen and reported as lost; its connection's record is written when the socket is
     // destroyed, marked with a gap, so only the records hold that close.
-    let only_in_records: Vec<&Close> = b
+    let (seen_by_both, only_in_records): (Vec<Close>, Vec<Close>) = b
         .iter()
-        .filter(|r| !a.iter().any(|t| t.skaddr == r.skaddr))
-        .collect();
+        .partition(|r| a.iter().any(|t| t.skaddr == r.skaddr));
     let unseen = probe.unseen_ends();
     assert!(
         only_in_records.len() as u64 <= unseen
@@ -479,11 +478,6 @@ pub fn collect_closes(probe: &mut Probe, want: usize) -> (Vec<RawEvent>, Vec<Clo
             only_in_records.len()
         );
     }
-    let seen_by_both: Vec<Close> = b
-        .iter()
-        .filter(|r| a.iter().any(|t| t.skaddr == r.skaddr))
-        .copied()
-        .collect();
     assert_eq!(
         a, seen_by_both,
         "closes from transitions, then from connection records"
