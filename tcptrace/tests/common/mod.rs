@@ -129,6 +129,11 @@ pub fn timeless_probe_for_ports(ports: &[u16], ring_bytes: u32, passive_close: b
 
 /// Drains until `want` closes are concluded from connection records (or 10 s pass).
 pub fn collect_record_closes(probe: &mut Probe, want: usize) -> Vec<Close> {
+    collect_record_closes_and_gaps(probe, want).0
+}
+
+/// [`collect_record_closes`], with the sockets whose record is marked with a gap.
+pub fn collect_record_closes_and_gaps(probe: &mut Probe, want: usize) -> (Vec<Close>, Vec<u64>) {
     let mut folded = Folded::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
     while folded.closes.len() < want && Instant::now() < deadline {
@@ -138,7 +143,7 @@ pub fn collect_record_closes(probe: &mut Probe, want: usize) -> Vec<Close> {
         folded.feed(&raw, tcptrace::source::host::monotonic_ns());
     }
     folded.closes.sort_by_key(|c| c.skaddr);
-    folded.closes
+    (folded.closes, folded.gaps)
 }
 
 /// [`probe_for_ports`] with the classic tracepoint programs, which kernels without BTF take:
