@@ -174,7 +174,7 @@ fn client_in_cgroup(procs: &Path, port: u16) -> libc::pid_t {
 fn one_connection_from_cgroup(listener: &TcpListener, procs: &Path, port: u16) {
     use std::io::Read as _;
     let child = client_in_cgroup(procs, port);
-    let (mut s, _) = listener.accept().unwrap();
+    let (mut s, peer) = listener.accept().unwrap();
     let mut b = [0u8; 1];
     assert_eq!(s.read(&mut b).unwrap(), 0, "the client closes first");
     let mut status = 0;
@@ -184,6 +184,21 @@ fn one_connection_from_cgroup(listener: &TcpListener, procs: &Path, port: u16) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "the client in the cgroup failed (status {status})"
     );
+    drop(s);
+    // The client's last two transitions come with the server's FIN and its answer: the
+    // tracer must not stop before the kernel lists the client in TIME_WAIT (a CI run beside
+    // storms caught only its first three).
+    let listed = || {
+        let out = std::process::Command::new("ss")
+            .args(["-Htn", "state", "time-wait"])
+            .output()
+            .expect("ss (iproute2) runs");
+        String::from_utf8_lossy(&out.stdout).contains(&peer.to_string())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !listed() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
