@@ -799,6 +799,20 @@ pub const fn driven_by_owner(old: u8, new: u8) -> bool {
     )
 }
 
+/// Whether the task running a transition becomes the socket's owner: its own system call
+/// drives the transition ([`driven_by_owner`]) and `owner_flags` (the socket's owner so far)
+/// name no process that drove one before. The first such process keeps the socket: whoever
+/// drops a descriptor's last reference runs its `close()`, and that may be a child that
+/// inherited it by `fork()` — a child that execs (closing its copies of `O_CLOEXEC`
+/// descriptors) or exits after its parent closed. An owner only inherited from the listener
+/// gives way to the process that closes the accepted socket (a worker of a shared listener).
+#[inline(always)]
+pub const fn takes_owner(old: u8, new: u8, owner_flags: u32) -> bool {
+    let known = owner_flags & flag::OWNER_KNOWN as u32 != 0;
+    let inherited = owner_flags & flag::OWNER_FROM_LISTENER as u32 != 0;
+    driven_by_owner(old, new) && (!known || inherited)
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of them are #[repr(C)] with explicit padding and only integer fields
@@ -872,6 +886,23 @@ mod tests {
         for old in 1..=MAX {
             for new in 1..=MAX {
                 assert_eq!(driven_by_owner(old, new), driven.contains(&(old, new)));
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_process_to_drive_a_transition_keeps_the_socket() {
+        let (known, inherited) = (flag::OWNER_KNOWN as u32, flag::OWNER_FROM_LISTENER as u32);
+        for old in 1..=MAX {
+            for new in 1..=MAX {
+                let driven = driven_by_owner(old, new);
+                assert_eq!(takes_owner(old, new, 0), driven, "{old}->{new}: none known");
+                assert_eq!(
+                    takes_owner(old, new, known | inherited),
+                    driven,
+                    "{old}->{new}: only the listener's"
+                );
+                assert!(!takes_owner(old, new, known), "{old}->{new}: its own known");
             }
         }
     }

@@ -22,7 +22,7 @@ use tcptrace_common::{
     Config, IPPROTO_MPTCP, Owner,
     connection::{ends_connection, is_birth, left_out as left_out_by, tail_flag},
     driven_by_owner, effective_new_state, filter_keeps, flag, kind, netns_keeps, ports_keep,
-    records, socket_may_be_kept, state,
+    records, socket_may_be_kept, state, takes_owner,
 };
 
 use crate::{
@@ -425,7 +425,7 @@ unsafe fn life(
             rec.in_from = d;
             rec.flags |= flag::DURATION_KNOWN;
         }
-        if driven {
+        if takes_owner(old, new, (*owner).flags) {
             current_owner(owner);
         }
         rec.flags |= (*st).flags as u8;

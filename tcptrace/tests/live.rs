@@ -14,7 +14,10 @@ use std::{
 use common::*;
 use tcptrace::{
     model::event::{Event, State, decode},
-    source::probe::{DEFAULT_RING_BYTES, Probe},
+    source::{
+        host::monotonic_ns,
+        probe::{DEFAULT_RING_BYTES, Probe},
+    },
 };
 
 /// In a forked child (another process, so attribution can be told apart): connect to
@@ -124,6 +127,89 @@ fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
     }
     let accepted = ts.iter().find(|t| t.skaddr == server_sk).unwrap();
     assert!(accepted.owner.unwrap().from_listener, "{accepted:?}");
+}
+
+/// How long the forked child below keeps the descriptors it inherited.
+const CHILD_HOLDS_NS: u64 = 400_000_000;
+
+#[test]
+fn a_child_that_closes_an_inherited_socket_last_does_not_own_it() {
+    if !root_or_skip("a_child_that_closes_an_inherited_socket_last_does_not_own_it") {
+        return;
+    }
+    closed_last_by_a_child(probe_for_ports);
+}
+
+#[test]
+fn a_child_that_closes_an_inherited_socket_last_does_not_own_it_through_the_portable_paths() {
+    if !root_or_skip(
+        "a_child_that_closes_an_inherited_socket_last_does_not_own_it_through_the_portable_paths",
+    ) {
+        return;
+    }
+    closed_last_by_a_child(portable_probe_for_ports);
+}
+
+/// The test's client and listener close first here, but a child forked meanwhile still
+/// holds both, so the kernel runs their `close()` in the child as it exits — as a child that
+/// execs does for `O_CLOEXEC` descriptors. Every event still names the test's process, the
+/// first to drive a transition of each socket.
+fn closed_last_by_a_child(probe_for_ports: fn(&[u16], u32) -> Probe) {
+    let _alone = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_port();
+    let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let peer = client.local_addr().unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    // SAFETY: the child only sleeps and _exit()s (async-signal-safe).
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let hold = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: CHILD_HOLDS_NS as libc::c_long,
+            };
+            libc::nanosleep(&hold, std::ptr::null_mut());
+            libc::_exit(0);
+        }
+        pid
+    };
+    let dropped_at = monotonic_ns();
+    drop(client);
+    drop(listener);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    let mut b = [0u8; 1];
+    assert_eq!(conn.read(&mut b).unwrap(), 0, "the client closed first");
+    drop(conn);
+
+    let ts = collect(&mut probe, Duration::from_secs(3), |ts| ts.len() >= 12);
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    let client_sk = socket_with(&ts, State::SynSent, State::Established, peer).expect("client");
+    let listen_sk = socket_with(&ts, State::Close, State::Listen, server).expect("listener");
+    assert_eq!(path(&ts, client_sk), ACTIVE_CLIENT, "{ts:#?}");
+    // The child really ran both closes: not before it had held them.
+    for (sk, from, to) in [
+        (client_sk, State::Established, State::FinWait1),
+        (listen_sk, State::Listen, State::Close),
+    ] {
+        let close = ts
+            .iter()
+            .find(|t| t.skaddr == sk && t.from == from && t.to == to)
+            .unwrap_or_else(|| panic!("{from:?}->{to:?} in {ts:#?}"));
+        assert!(
+            close.ts_ns >= dropped_at + CHILD_HOLDS_NS / 2,
+            "closed by the child after it held the socket: {close:?}, dropped at {dropped_at}"
+        );
+    }
+    assert_eq!(ts.len(), 12, "nothing else: {ts:#?}");
+    let me = std::process::id();
+    for t in &ts {
+        assert_eq!(t.owner.map(|o| o.pid), Some(me), "{t:?}");
+    }
 }
 
 /// One connection across the veth pair: client in namespace a, server in namespace b.

@@ -8,7 +8,7 @@ use core::{
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use tcptrace_common::{
     Config, IPPROTO_MPTCP, Owner, SetStateOffsets, driven_by_owner, filter_keeps, flag, kind,
-    netns_keeps, state,
+    netns_keeps, state, takes_owner,
 };
 
 use super::{K, SockInfo, load, read, record_addrs};
@@ -241,7 +241,7 @@ unsafe fn known_socket(
             facts.in_from = now.wrapping_sub((*info).last_ts);
             facts.flags |= flag::DURATION_KNOWN;
         }
-        if driven_by_owner(t.old, t.new) {
+        if takes_owner(t.old, t.new, (*info).owner.flags) {
             current_owner(addr_of_mut!((*info).owner));
         }
         (*info).last_ts = now;
