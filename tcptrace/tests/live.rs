@@ -59,7 +59,8 @@ fn loopback_client_close_through_the_portable_paths() {
 }
 
 /// Held while a test forks: a child forked by one test would inherit the other's sockets,
-/// and whichever process drops a socket's last reference is the one its close is logged for.
+/// and whichever process drops a socket's last reference runs its close, which names the
+/// owner of an accepted socket.
 static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
@@ -80,7 +81,8 @@ fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
     conn.write_all(b"y").unwrap();
     assert_eq!(conn.read(&mut b).unwrap(), 0, "the client closes first");
     // Reap the child before closing the listener: it inherited the listener's descriptor,
-    // and whichever process drops the last reference is the one that closes it.
+    // and whichever process drops the last reference is the one that closes it (the owner
+    // stays the process that listened; `closed_last_by_a_child` checks that).
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(child, &mut status, 0) };

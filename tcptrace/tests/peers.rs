@@ -156,22 +156,35 @@ fn reset_in_time_wait() {
     );
 }
 
+/// How many times `fin_in_the_same_bucket` plays its scenario for one silent re-arm.
+const SAME_BUCKET_TRIES: usize = 3;
+
 /// The timewait socket is created in FIN_WAIT2 and moved to TIME_WAIT with no timer event:
-/// its substate, read when it ends, says TIME_WAIT.
+/// its substate, read when it ends, says TIME_WAIT. The peer's FIN follows the ACK at once,
+/// but a bucket 2 s wide still has an edge: the few times the re-arm crosses one, the kernel
+/// reports it (`rearms` 1, what the other tests check) and the scenario is played again.
 #[test]
 fn fin_in_the_same_bucket() {
-    let Some((records, in_tw)) = scenario("fin_in_the_same_bucket") else {
-        return;
-    };
-    let (close, exit) = server_side(&records);
-    assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
-    assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
-    let exit = exit.unwrap_or_else(|| panic!("the reset's kill: {records:#?}"));
-    assert_eq!(
-        (&exit["end"], &exit["substate"], exit["rearms"].as_u64()),
-        (&"killed".into(), &"TIME_WAIT".into(), Some(0)),
-        "moved to TIME_WAIT silently: {exit}"
-    );
+    for _ in 0..SAME_BUCKET_TRIES {
+        let Some((records, in_tw)) = scenario("fin_in_the_same_bucket") else {
+            return;
+        };
+        let (close, exit) = server_side(&records);
+        assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
+        assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
+        let exit = exit.unwrap_or_else(|| panic!("the reset's kill: {records:#?}"));
+        assert_eq!(
+            (&exit["end"], &exit["substate"]),
+            (&"killed".into(), &"TIME_WAIT".into()),
+            "{exit}"
+        );
+        match exit["rearms"].as_u64() {
+            Some(0) => return,
+            Some(1) => eprintln!("the re-arm crossed a bucket edge, played again: {exit}"),
+            _ => panic!("one re-arm at most: {exit}"),
+        }
+    }
+    panic!("no re-arm in {SAME_BUCKET_TRIES} tries stayed in its bucket");
 }
 
 #[test]
