@@ -146,14 +146,22 @@ fn reset_in_time_wait() {
     let Some((records, in_tw)) = scenario("reset_in_time_wait") else {
         return;
     };
-    let (close, exit) = server_side(&records);
+    killed_in_time_wait(&records, in_tw);
+}
+
+/// Checks that the server closed first into TIME_WAIT (sock_diag listed it) and that the
+/// peer's reset killed its timewait socket in TIME_WAIT; returns that socket's record.
+fn killed_in_time_wait(records: &[serde_json::Value], in_tw: bool) -> &serde_json::Value {
+    let (close, exit) = server_side(records);
     assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
     assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
     let exit = exit.unwrap_or_else(|| panic!("the reset's kill: {records:#?}"));
     assert_eq!(
         (&exit["end"], &exit["substate"]),
-        (&"killed".into(), &"TIME_WAIT".into())
+        (&"killed".into(), &"TIME_WAIT".into()),
+        "{exit}"
     );
+    exit
 }
 
 /// How many times `fin_in_the_same_bucket` plays its scenario for one silent re-arm.
@@ -169,15 +177,7 @@ fn fin_in_the_same_bucket() {
         let Some((records, in_tw)) = scenario("fin_in_the_same_bucket") else {
             return;
         };
-        let (close, exit) = server_side(&records);
-        assert!(in_tw, "sock_diag listed the TIME_WAIT socket");
-        assert_eq!(verdict(close), ("local", "fin", true), "{records:#?}");
-        let exit = exit.unwrap_or_else(|| panic!("the reset's kill: {records:#?}"));
-        assert_eq!(
-            (&exit["end"], &exit["substate"]),
-            (&"killed".into(), &"TIME_WAIT".into()),
-            "{exit}"
-        );
+        let exit = killed_in_time_wait(&records, in_tw);
         match exit["rearms"].as_u64() {
             Some(0) => return,
             Some(1) => eprintln!("the re-arm crossed a bucket edge, played again: {exit}"),
