@@ -27,6 +27,15 @@ use tcptrace::{
 };
 use tcptrace_common::{effective_new_state, kind, state};
 
+/// A fixed port of this binary's: `base` plus this process's id modulo `span`. The binary
+/// runs beside the other test binaries (xtask's `WAITING_TESTS`), and probes follow a port
+/// in every namespace. So each test here takes its own slice of 10_000..18_000: a range
+/// that no other test binary uses and that no namespace's ephemeral ports (from 32_768)
+/// reach. Its tests share one process id, so their slices must not overlap either.
+fn own_port(base: u16, span: u16) -> u16 {
+    base + (std::process::id() % u32::from(span)) as u16
+}
+
 /// A server in namespace b that accepts `n` connections and closes each after the client.
 fn server(pair: &NetPair, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
     let (tx, rx) = mpsc::channel();
@@ -144,7 +153,7 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
         return;
     }
     let pair = NetPair::new();
-    let port = 21_000 + (std::process::id() % 1000) as u16;
+    let port = own_port(10_000, 1000);
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     assert!(
         probe.timewait_traced(),
@@ -234,14 +243,14 @@ fn tcp_tw_reuse_kills_time_wait_early_through_the_portable_paths() {
 fn tw_reuse_kill(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
-    let port = 22_000 + shift + (std::process::id() % 500) as u16;
-    let from = 23_000 + shift + (std::process::id() % 500) as u16;
+    let port = own_port(11_000 + shift, 500);
+    let from = own_port(12_000 + shift, 500);
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);
     // The same on a port the probe does not follow (no other test's probe does either).
-    let other = 52_000 + shift + (std::process::id() % 500) as u16;
-    let other_from = 53_000 + shift + (std::process::id() % 500) as u16;
+    let other = own_port(13_000 + shift, 500);
+    let other_from = own_port(14_000 + shift, 500);
     let other_addr = SocketAddr::new(pair.b4, other);
     let other_srv = server(&pair, other_addr, 2);
     let first = client(&pair, srv_addr, from);
@@ -300,10 +309,8 @@ fn tcp_tw_reuse_kills_read_the_same_from_connection_records() {
     }
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_tw_reuse", "1");
-    // A range of its own: this file's tests share one process id, and the probes follow a
-    // port in every namespace (26_000.. is the two-namespace test's second port).
-    let port = 28_000 + (std::process::id() % 500) as u16;
-    let from = 28_500 + (std::process::id() % 500) as u16;
+    let port = own_port(15_000, 500);
+    let from = own_port(15_500, 500);
     let mut probe = recording_probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, srv_addr, 2);
@@ -375,7 +382,7 @@ fn a_full_tw_bucket_table_is_reported() {
     }
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "0");
-    let port = 24_000 + (std::process::id() % 1000) as u16;
+    let port = own_port(16_000, 500);
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     let srv_addr = SocketAddr::new(pair.b4, port);
     // The proof: the client's namespace's own count of refused timewait sockets.
@@ -419,7 +426,18 @@ fn the_stream_claims_a_refused_timewait_socket_with_the_kernels_count() {
     let port = free_port();
     let srv_addr = SocketAddr::new(pair.b4, port);
     let p = port.to_string();
-    let tracer = start_tracer(&["--json", "--port", &p, "--duration", "5m"]);
+    // The test's namespaces only: this binary runs beside the others, and the scale test's
+    // clients bind ports across the range free_port() picks from.
+    let namespaces = format!("{},{}", pair.a, pair.b);
+    let tracer = start_tracer(&[
+        "--json",
+        "--port",
+        &p,
+        "--netns",
+        &namespaces,
+        "--duration",
+        "5m",
+    ]);
     let srv = server(&pair, srv_addr, 1);
     let local = client(&pair, srv_addr, 0);
     srv.join().unwrap();
@@ -437,8 +455,8 @@ fn two_namespaces_populations_are_counted_and_none_is_seeded_from_ours() {
         return;
     }
     let pair = NetPair::new();
-    let p1 = 25_000 + (std::process::id() % 1000) as u16;
-    let p2 = p1 + 1000;
+    let p1 = own_port(16_500, 500);
+    let p2 = p1 + 500;
     let bin = env!("CARGO_BIN_EXE_tcptrace");
     let ports = format!("{p1},{p2}");
     let mut tracer = std::process::Command::new(bin)
@@ -535,7 +553,7 @@ fn time_wait_sockets_of_every_namespace_are_counted_from_the_start() {
         return;
     }
     let pair = NetPair::new();
-    let port = 27_000 + (std::process::id() % 1000) as u16;
+    let port = own_port(17_500, 500);
     // Three TIME_WAIT sockets in namespace a (its clients close first), before tracing.
     let in_b = SocketAddr::new(pair.b4, port);
     let srv = server(&pair, in_b, 3);
