@@ -187,6 +187,21 @@ struct Ports {
 }
 
 impl Ports {
+    /// Ports of this binary's own, from 61_000 up, spread by process id: it runs beside the
+    /// other test binaries (xtask's `WAITING_TESTS`), whose probes follow a port in every
+    /// namespace; none of them uses these, and no ephemeral port (up to 60_999 by default)
+    /// reaches them. Its servers run in the test's own namespace, where every port is free.
+    fn own() -> Ports {
+        let base = 61_000 + (std::process::id() % 800) as u16 * 5;
+        Ports {
+            http: base,
+            denied: base + 1,
+            redis: base + 2,
+            refused: base + 3,
+            half: base + 4,
+        }
+    }
+
     fn all(&self) -> Vec<u16> {
         vec![self.http, self.denied, self.redis, self.refused, self.half]
     }
@@ -294,13 +309,7 @@ fn real_servers_and_clients_agree_with_sock_diag() {
     let pair = NetPair::new();
     let dir = TempDir(std::env::temp_dir().join(format!("tcptrace-sw-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let p = Ports {
-        http: free_port(),
-        denied: free_port(),
-        redis: free_port(),
-        refused: free_port(),
-        half: free_port(),
-    };
+    let p = Ports::own();
     let http = SocketAddr::new(pair.b4, p.http);
     let _nginx = nginx(&pair.b, &dir.0, http);
     let _denied = redis(&pair.b, &dir.0, p.denied, None);
