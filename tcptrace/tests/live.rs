@@ -58,9 +58,9 @@ fn loopback_client_close_through_the_portable_paths() {
     loopback_client_close(portable_probe_for_ports);
 }
 
-/// Held while a test forks: a child forked by one test would inherit the other's sockets,
-/// and whichever process drops a socket's last reference runs its close, which names the
-/// owner of an accepted socket.
+/// Held while a test forks, and while a test checks who closed its accepted sockets: a
+/// child forked by one test inherits the other's sockets, and whichever process drops a
+/// socket's last reference runs its close, which names the owner of an accepted socket.
 static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn loopback_client_close(probe_for_ports: fn(&[u16], u32) -> Probe) {
@@ -164,6 +164,8 @@ fn closed_last_by_a_child(probe_for_ports: fn(&[u16], u32) -> Probe) {
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let peer = client.local_addr().unwrap();
     let (mut conn, _) = listener.accept().unwrap();
+    // Before the fork: the child's exit, whatever the scheduler does, is later by its hold.
+    let forked_at = monotonic_ns();
     // SAFETY: the child only sleeps and _exit()s (async-signal-safe).
     let child = unsafe {
         let pid = libc::fork();
@@ -178,7 +180,6 @@ fn closed_last_by_a_child(probe_for_ports: fn(&[u16], u32) -> Probe) {
         }
         pid
     };
-    let dropped_at = monotonic_ns();
     drop(client);
     drop(listener);
     let mut status = 0;
@@ -203,8 +204,8 @@ fn closed_last_by_a_child(probe_for_ports: fn(&[u16], u32) -> Probe) {
             .find(|t| t.skaddr == sk && t.from == from && t.to == to)
             .unwrap_or_else(|| panic!("{from:?}->{to:?} in {ts:#?}"));
         assert!(
-            close.ts_ns >= dropped_at + CHILD_HOLDS_NS / 2,
-            "closed by the child after it held the socket: {close:?}, dropped at {dropped_at}"
+            close.ts_ns >= forked_at + CHILD_HOLDS_NS / 2,
+            "closed by the child after it held the socket: {close:?}, forked at {forked_at}"
         );
     }
     assert_eq!(ts.len(), 12, "nothing else: {ts:#?}");
@@ -280,6 +281,7 @@ fn veth_namespaces_through_the_classic_tracepoints() {
 
 /// `shift` keeps two such tests running at once off each other's ports.
 fn veth_both_families(probe_for_ports: fn(&[u16], u32) -> Probe, shift: u16) {
+    let _alone = FORKING.lock().unwrap_or_else(|e| e.into_inner());
     let pair = NetPair::new();
     let port = 18_000 + shift + (std::process::id() % 500) as u16;
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
