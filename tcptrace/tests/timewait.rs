@@ -147,13 +147,17 @@ fn ss_addr(a: SocketAddr) -> String {
     }
 }
 
+/// How soon after the close the entry into TIME_WAIT must be seen: at once, but for the
+/// retransmissions of a server FIN that the backlog dropped (200 ms, then 400 ms, ...).
+const ENTRY_WITHIN_NS: u64 = 3_000_000_000;
+
 #[test]
 fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
     if !root_or_skip("time_wait_expires_after_2msl_and_sock_diag_agrees") {
         return;
     }
     let pair = NetPair::new();
-    let port = own_port(10_000, 1000);
+    let port = own_port(10_000, 500);
     let mut probe = probe_for_ports(&[port], DEFAULT_RING_BYTES);
     assert!(
         probe.timewait_traced(),
@@ -169,24 +173,26 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
     let (mut exits, mut saw_entry) = (Vec::new(), false);
     let mut timers = Vec::new();
     // When sock_diag last listed it (the start of that query) and when it first did not
-    // (the end of that query): the kernel dropped it in between. Under load (the other
-    // suites run meanwhile) a query may take long; the bracket says by how much.
-    let (mut listed_at, mut vanished_at) = (monotonic_ns(), None);
+    // (the end of that query), once it had: the kernel dropped it in between. Under load
+    // (the other suites run meanwhile) a query may take long; the bracket says by how much.
+    // Until the server's FIN arrives (a retransmission, if the backlog dropped it) the
+    // client is in FIN_WAIT2, not listed yet.
+    let (mut listed_at, mut vanished_at) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(70);
     while Instant::now() < deadline && (exits.is_empty() || vanished_at.is_none()) {
         follow(&mut probe, &mut tw, &mut exits, &mut saw_entry, &mut timers);
         if !saw_entry {
             assert!(
-                monotonic_ns() - closed_at < 2_000_000_000,
+                monotonic_ns() - closed_at < ENTRY_WITHIN_NS,
                 "the entry is seen at once"
             );
         }
         if vanished_at.is_none() {
             let asked = monotonic_ns();
             if in_sock_diag(&pair.a, local, srv_addr) {
-                listed_at = asked;
-            } else {
-                vanished_at = Some((listed_at, monotonic_ns()));
+                listed_at = Some(asked);
+            } else if let Some(listed) = listed_at {
+                vanished_at = Some((listed, monotonic_ns()));
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -213,7 +219,8 @@ fn time_wait_expires_after_2msl_and_sock_diag_agrees() {
         "2MSL plus timer-wheel rounding: {secs} s"
     );
     assert_eq!(x.owner.map(|o| o.pid), Some(std::process::id()));
-    let (listed, gone) = vanished_at.expect("the socket left sock_diag");
+    let (listed, gone) =
+        vanished_at.expect("sock_diag listed the socket in TIME_WAIT, then did not");
     const HALF_SECOND_NS: u64 = 500_000_000;
     assert!(
         (listed.saturating_sub(HALF_SECOND_NS)..=gone + HALF_SECOND_NS).contains(&x.ts_ns),
@@ -423,11 +430,10 @@ fn the_stream_claims_a_refused_timewait_socket_with_the_kernels_count() {
     }
     let pair = NetPair::new();
     sysctl(&pair.a, "net.ipv4.tcp_max_tw_buckets", "0");
-    let port = free_port();
+    let port = own_port(10_500, 500);
     let srv_addr = SocketAddr::new(pair.b4, port);
     let p = port.to_string();
-    // The test's namespaces only: this binary runs beside the others, and the scale test's
-    // clients bind ports across the range free_port() picks from.
+    // The test's namespaces only, as a user watches a container's.
     let namespaces = format!("{},{}", pair.a, pair.b);
     let tracer = start_tracer(&[
         "--json",
