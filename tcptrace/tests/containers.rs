@@ -195,10 +195,8 @@ fn one_connection_from_cgroup(listener: &TcpListener, procs: &Path, port: u16) {
             .expect("ss (iproute2) runs");
         String::from_utf8_lossy(&out.stdout).contains(&peer.to_string())
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !listed() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // Not asserted here: the transitions checked next say what was missed.
+    let _ = soon(listed);
 }
 
 #[test]

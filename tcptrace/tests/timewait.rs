@@ -126,20 +126,6 @@ fn in_sock_diag(ns: &str, local: SocketAddr, remote: SocketAddr) -> bool {
         .any(|line| line.contains(&l) && line.contains(&r))
 }
 
-/// Whether `cond` holds within 15 s (asked every 10 ms, and once more after the deadline).
-/// Generous: beside the other suites' storms a veth packet can be dropped from a full
-/// backlog and wait for a retransmission, and each `ip netns exec ss` can take long.
-fn soon(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    cond()
-}
-
 fn ss_addr(a: SocketAddr) -> String {
     match a {
         SocketAddr::V4(a) => a.to_string(),

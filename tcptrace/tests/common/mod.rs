@@ -655,6 +655,20 @@ impl Drop for LoggedTracer {
     }
 }
 
+/// Whether `cond` holds within 15 s (asked every 10 ms, and once more after the deadline).
+/// Generous: beside the other suites' storms a veth packet can be dropped from a full
+/// backlog and wait for a retransmission, and each `ss` can take long.
+pub fn soon(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
 /// What `ss ARGS` prints in namespace `ns` (sock_diag, the kernel's own list): one line per
 /// socket with `-H`. Fails the test when `ss` fails, rather than reading it as no sockets.
 pub fn ss(ns: &str, args: &[&str]) -> String {
